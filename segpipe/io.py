@@ -1,0 +1,127 @@
+"""File I/O shared by every stage: NIfTI volumes with their geometry, and atomic writes.
+
+Everything the pipeline writes (checkpoints, caches, predictions, tables) goes through a
+temporary file in the destination folder followed by ``os.replace``, so a crash leaves either
+the old file or the new one, never a half-written file that a later run would trust.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    """A NIfTI volume and the geometry needed to write a result back into its space."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing_mm(self) -> tuple[float, ...]:
+        """Voxel size along the first three array axes, from the affine's column norms."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``case_001.nii.gz`` -> ``case_001``; names without a NIfTI suffix are returned unchanged."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_nifti(path: str | os.PathLike, *, dtype: Any = None) -> Volume:
+    """Read a NIfTI file (``.nii`` or ``.nii.gz``) into an array with its affine.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable NIfTI image (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {path}")
+    try:
+        image = nib.load(str(path))
+        array = np.asarray(image.dataobj)
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise ValueError(f"Cannot read NIfTI file {path}: {exc}") from exc
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    The temporary name keeps the final suffix (``.nii.gz``, ``.npy``, ``.keras``) because several
+    writers choose their format from it. On error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``array`` with ``affine`` as NIfTI, atomically. The dtype of ``array`` is kept."""
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(np.asarray(array).dtype)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a parse error names the file and the position."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Invalid JSON in {path}: {exc}") from exc
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Save a ``.npy`` array atomically."""
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")

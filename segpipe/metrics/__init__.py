@@ -1,0 +1,1 @@
+"""Overlap and surface metrics (NumPy) for evaluation; streaming Keras metrics for training."""
