@@ -51,7 +51,7 @@ def make_phantom_case(index: int, settings: PhantomSettings) -> tuple[np.ndarray
 
     # Organ: a randomly rotated ellipsoid, lumpy through a smooth radial perturbation.
     # Radii as fractions of the field of view put the foreground at roughly 3-10% of the voxels.
-    radii = extent_mm.min() * rng.uniform(0.16, 0.24, size=3)
+    radii = extent_mm.min() * rng.uniform(0.20, 0.26, size=3)
     centre = extent_mm * rng.uniform(0.38, 0.62, size=3)
     rotation = Rotation.random(random_state=rng).as_matrix()
     local = (coords - centre) @ rotation

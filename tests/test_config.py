@@ -1,0 +1,100 @@
+import pytest
+
+from segpipe.config import ConfigError, load_config, read_yaml_with_extends, to_yaml
+
+import yaml
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_mappings_and_child_wins(tmp_path):
+    write(tmp_path / "base.yaml", "seed: 1\ntrain: {epochs: 5, learning_rate: 0.01}\nmodel: {depth: 3}\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\ntrain: {epochs: 7}\n")
+    config = load_config(child)
+    assert config.train.epochs == 7
+    assert config.train.learning_rate == 0.01  # kept from the parent
+    assert config.model.depth == 3
+    assert config.seed == 1
+    assert config.name == "child"  # defaults to the file stem
+
+
+def test_extends_chain_and_list(tmp_path):
+    write(tmp_path / "a.yaml", "seed: 1\nmodel: {base_filters: 8}\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\nseed: 2\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    write(sub / "c.yaml", "model: {depth: 2}\n")
+    top = write(sub / "top.yaml", "extends: [../b.yaml, c.yaml]\n")  # relative to the child
+    config = load_config(top)
+    assert (config.seed, config.model.base_filters, config.model.depth) == (2, 8, 2)
+
+
+def test_loss_section_is_replaced_not_merged(tmp_path):
+    write(tmp_path / "base.yaml", "loss: {name: dice, squared_pred: true}\n")
+    child = write(tmp_path / "c.yaml", "extends: base.yaml\nloss: {name: tversky, alpha: 0.3}\n")
+    assert load_config(child).loss == {"name": "tversky", "alpha": 0.3}
+
+
+def test_cyclic_extends_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        read_yaml_with_extends(tmp_path / "a.yaml")
+
+
+def test_dotted_overrides_parse_yaml_values():
+    config = load_config(None, ["train.epochs=3", "loss.name=tversky", "data.patch_size=[16, 16, 16]", "name=x"])
+    assert config.train.epochs == 3
+    assert config.loss["name"] == "tversky"
+    assert config.data.patch_size == [16, 16, 16]
+    assert config.name == "x"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.epoch=3"], "Unknown config key 'train.epoch'. Did you mean 'train.epochs'?"),
+        (["trian.epochs=3"], "Unknown config key 'trian'. Did you mean 'train'?"),
+        (["train.epochs=-1"], "train.epochs: expected >= 1. Received: -1"),
+        (["train.epochs=2.5"], "train.epochs: expected an integer. Received: 2.5"),
+        (["train.learning_rate=abc"], "train.learning_rate: expected a number. Received: 'abc'"),
+        (["model.norm=bach"], "model.norm: expected one of ['batch', 'instance', 'none']. Received: 'bach'. Did you mean 'batch'?"),
+        (["model.deep_supervision=1"], "model.deep_supervision: expected true or false. Received: 1"),
+        (["data.val_fraction=1.5"], "data.val_fraction: expected <= 1. Received: 1.5"),
+        (["data.patch_size=[30, 32, 32]"], "Nearest valid: [32, 32, 32]"),
+        (["data.patch_size=[32, 32]"], "data.patch_size: expected 3 sizes"),
+        (["loss=dice"], "loss: expected a mapping"),
+        (["train.epochs"], "Expected an override of the form key.sub=value"),
+    ],
+)
+def test_errors_name_key_expected_and_received(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_file_is_reported(tmp_path):
+    path = write(tmp_path / "x.yaml", "model:\n  filters: 8\n")
+    with pytest.raises(ConfigError, match="Unknown config key 'model.filters'. Did you mean 'model.max_filters'"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = load_config(None, ["train.epochs=3", "data.phantoms={num_cases: 4}"])
+    path = write(tmp_path / "resolved.yaml", to_yaml(config))
+    again = load_config(path)
+    assert again.to_dict() == config.to_dict()
+    assert yaml.safe_load(path.read_text())["data"]["phantoms"]["num_cases"] == 4
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    paths = sorted(root.rglob("*.yaml"))
+    assert paths, "no configs shipped"
+    for path in paths:
+        load_config(path)
