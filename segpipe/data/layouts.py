@@ -1,19 +1,46 @@
 """Dataset layouts: find the cases of a dataset folder and its class and channel names.
 
 Every layout is read into the same :class:`Dataset` description, so the later stages never look
-at folder conventions again.
+at folder conventions again. Three layouts are understood:
+
+``msd``
+    Medical Segmentation Decathlon: ``dataset.json`` with ``modality`` (index -> name), ``labels``
+    (value -> name) and ``training`` (list of ``{"image": ..., "label": ...}``). One image file per
+    case; several modalities sit on its last axis.
+``nnunet``
+    nnU-Net v2 raw: ``dataset.json`` with ``channel_names`` (index -> name), ``labels``
+    (name -> value) and ``file_ending``; one file per channel ``imagesTr/CASE_0000.nii.gz``, ...,
+    labels ``labelsTr/CASE.nii.gz``.
+``folders``
+    ``images/`` and ``labels/`` matched by file name (``.nii`` and ``.nii.gz`` both). Classes come
+    from the ``labels`` argument, an optional ``labels.json`` (value -> name), or else from the label
+    maps themselves.
+
+Reading a case into channels-last arrays (:func:`read_case_image`, :func:`read_case_label`) also
+lives here, because how channels are stored (one 4-D file or one file per channel) is a layout
+convention.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
-from segpipe.io import read_json, strip_nifti_suffix
+import numpy as np
+
+from segpipe.io import NIFTI_SUFFIXES, Volume, read_json, read_nifti, strip_nifti_suffix
+
+LAYOUTS = ("msd", "nnunet", "folders")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One training case: its id, one image file per input channel, and its label map."""
+    """One training case: its id, one image file per input channel, and its label map.
+
+    ``label_path`` is where the label is expected; it may not exist (the integrity check reports
+    that). ``None`` means the layout declares no label for the case.
+    """
 
     case_id: str
     image_paths: tuple[Path, ...]
@@ -29,6 +56,8 @@ class Dataset:
     cases: list[Case]
     labels: dict[int, str]  # label value -> class name, background (0) included
     channel_names: list[str] = field(default_factory=list)
+    # Label files that belong to no case (label without image); reported by the integrity check.
+    orphan_labels: list[Path] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -39,6 +68,11 @@ class Dataset:
         """Names indexed by label value; unnamed values in between get ``class_<v>``."""
         return [self.labels.get(v, f"class_{v}") for v in range(self.num_classes)]
 
+    @property
+    def num_channels(self) -> int:
+        """Declared number of input channels (1 when the layout does not say)."""
+        return max(1, len(self.channel_names))
+
     def case(self, case_id: str) -> Case:
         for case in self.cases:
             if case.case_id == case_id:
@@ -46,13 +80,63 @@ class Dataset:
         raise KeyError(f"Case {case_id!r} is not in dataset {self.root}")
 
 
-def load_dataset(root: str | Path) -> Dataset:
-    """Read a dataset folder in Medical Segmentation Decathlon layout.
+def detect_layout(root: str | Path) -> str:
+    """Name the layout of ``root``: ``msd``, ``nnunet`` or ``folders``.
 
-    Expects ``root/dataset.json`` with ``labels`` (value -> name), ``modality`` (index -> name) and
-    ``training`` (list of ``{"image": ..., "label": ...}`` paths relative to ``root``).
+    Raises:
+        FileNotFoundError: ``root`` matches no layout (the message lists what each one needs).
     """
     root = Path(root)
+    meta_path = root / "dataset.json"
+    if meta_path.is_file():
+        meta = read_json(meta_path)
+        if "channel_names" in meta or "file_ending" in meta:
+            return "nnunet"
+        if "training" in meta or "modality" in meta:
+            return "msd"
+        raise ValueError(
+            f"{meta_path}: cannot tell the layout. Expected 'training'/'modality' (MSD) or "
+            f"'channel_names'/'file_ending' (nnU-Net v2). Received keys: {sorted(meta)}"
+        )
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return "folders"
+    raise FileNotFoundError(
+        f"Expected a dataset folder with dataset.json (MSD or nnU-Net v2 layout) or with images/ and "
+        f"labels/ subfolders. Received: {root} "
+        f"({'folder exists' if root.is_dir() else 'no such folder'}, neither found)"
+    )
+
+
+def load_dataset(
+    root: str | Path, layout: str | None = None, *, labels: Mapping[int | str, str] | None = None
+) -> Dataset:
+    """Read a dataset folder through its layout.
+
+    Args:
+        root: the dataset folder.
+        layout: ``"msd"``, ``"nnunet"``, ``"folders"``, or ``None``/``"auto"`` to detect it.
+        labels: value -> class name; overrides the classes a layout declares (needed by ``folders``
+            datasets without ``labels.json`` unless the classes may be read from the label maps).
+    """
+    root = Path(root)
+    if layout in (None, "auto"):
+        layout = detect_layout(root)
+    readers = {"msd": _load_msd, "nnunet": _load_nnunet, "folders": _load_folders}
+    if layout not in readers:
+        raise ValueError(f"Invalid value for argument `layout`. Expected one of {('auto', *LAYOUTS)}. Received: layout={layout!r}")
+    dataset = readers[layout](root)
+    if labels is not None:
+        dataset.labels = _labels_by_value(dict(labels), "argument `labels`")
+    elif not dataset.labels:  # folders without labels.json
+        dataset.labels = _labels_from_maps(dataset)
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout readers
+
+
+def _load_msd(root: Path) -> Dataset:
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise FileNotFoundError(
@@ -63,11 +147,9 @@ def load_dataset(root: str | Path) -> Dataset:
     for key in ("labels", "training"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing required key {key!r}")
-    labels = {int(v): str(name) for v, name in meta["labels"].items()}
-    if 0 not in labels:
-        raise ValueError(f"{meta_path}: 'labels' must declare the background value 0. Received: {labels}")
+    labels = _labels_by_value(meta["labels"], str(meta_path))
     modality = meta.get("modality", {"0": "image"})
-    channel_names = [modality[k] for k in sorted(modality, key=int)]
+    channel_names = [str(modality[k]) for k in sorted(modality, key=int)]
     cases = []
     for i, entry in enumerate(meta["training"]):
         if not isinstance(entry, dict) or "image" not in entry:
@@ -75,4 +157,153 @@ def load_dataset(root: str | Path) -> Dataset:
         image = root / entry["image"]
         label = root / entry["label"] if entry.get("label") else None
         cases.append(Case(strip_nifti_suffix(image.name), (image,), label))
-    return Dataset(root=root, layout="msd", cases=cases, labels=labels, channel_names=channel_names)
+    # Label files that no training entry names.
+    named = {c.label_path.resolve() for c in cases if c.label_path is not None}
+    orphans = [p for p in _nifti_files(root / "labelsTr") if p.resolve() not in named]
+    return Dataset(root=root, layout="msd", cases=cases, labels=labels, channel_names=channel_names,
+                   orphan_labels=orphans)
+
+
+def _load_nnunet(root: Path) -> Dataset:
+    meta_path = root / "dataset.json"
+    meta = read_json(meta_path)
+    for key in ("labels", "channel_names"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing required key {key!r}")
+    # nnU-Net v2 writes labels as name -> value; region-based training (lists of values) is not supported.
+    by_value: dict[int, str] = {}
+    for name, value in meta["labels"].items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"{meta_path}: labels[{name!r}] must be an integer label value. Received: {value!r} "
+                f"(region-based labels are not supported)"
+            )
+        by_value[value] = str(name)
+    labels = _labels_by_value(by_value, str(meta_path))
+    channels = meta["channel_names"]
+    channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
+    ending = meta.get("file_ending", ".nii.gz")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
+    case_ids = sorted({m["case"] for p in _listdir(images_dir) if (m := pattern.match(p.name))})
+    cases = [
+        Case(
+            case_id,
+            tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names))),
+            labels_dir / f"{case_id}{ending}",
+        )
+        for case_id in case_ids
+    ]
+    known = set(case_ids)
+    orphans = [p for p in _listdir(labels_dir) if p.name.endswith(ending) and p.name[: -len(ending)] not in known]
+    return Dataset(root=root, layout="nnunet", cases=cases, labels=labels, channel_names=channel_names,
+                   orphan_labels=orphans)
+
+
+def _load_folders(root: Path) -> Dataset:
+    images = {strip_nifti_suffix(p.name): p for p in _nifti_files(root / "images")}
+    label_files = {strip_nifti_suffix(p.name): p for p in _nifti_files(root / "labels")}
+    cases = []
+    for case_id in sorted(images):
+        image = images[case_id]
+        # A missing label is expected beside the image's name, so the check can say where.
+        label = label_files.get(case_id, root / "labels" / image.name)
+        cases.append(Case(case_id, (image,), label))
+    orphans = [label_files[k] for k in sorted(label_files) if k not in images]
+    labels_json = root / "labels.json"
+    labels = _labels_by_value(read_json(labels_json), str(labels_json)) if labels_json.is_file() else {}
+    return Dataset(root=root, layout="folders", cases=cases, labels=labels, channel_names=[],
+                   orphan_labels=orphans)
+
+
+def _listdir(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    # Skip hidden files: macOS "._x.nii.gz" resource forks and our own atomic-write temp files.
+    return [p for p in _listdir(folder) if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")]
+
+
+def _labels_by_value(raw: Mapping, where: str) -> dict[int, str]:
+    try:
+        labels = {int(v): str(name) for v, name in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: labels must map integer values to names. Received: {dict(raw)!r}") from exc
+    if 0 not in labels:
+        raise ValueError(f"{where}: labels must declare the background value 0. Received: {labels}")
+    if min(labels) < 0 or max(labels) > 255:
+        raise ValueError(f"{where}: label values must be in 0..255. Received: {sorted(labels)}")
+    return labels
+
+
+def _labels_from_maps(dataset: Dataset) -> dict[int, str]:
+    """Classes of a dataset that declares none: every value found in its label maps."""
+    values: set[int] = {0}
+    for case in dataset.cases:
+        if case.label_path is not None and case.label_path.is_file():
+            try:
+                values |= {int(v) for v in np.unique(read_case_label(case))}
+            except ValueError:
+                continue  # unreadable or non-integer label: the integrity check reports it
+    names = {0: "background"}
+    return _labels_by_value({v: names.get(v, f"class_{v}") for v in sorted(values)}, str(dataset.root))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a case
+
+
+def squeeze_trailing(array: np.ndarray) -> np.ndarray:
+    """Drop singleton axes after the three spatial ones: (X, Y, Z, 1) and (X, Y, Z, 1, C) (ITK vectors)."""
+    while array.ndim > 3 and array.shape[3] == 1:
+        array = array.reshape(array.shape[:3] + array.shape[4:])
+    return array
+
+
+def read_case_image(case: Case, *, dtype=np.float32) -> Volume:
+    """Read a case's image as channels-last (X, Y, Z, C), with the affine of its first channel file.
+
+    One 4-D file supplies its channels on the last axis; several files are stacked in order.
+
+    Raises:
+        ValueError: a file is unreadable, not 3-D/4-D, or the channel files disagree in shape.
+    """
+    arrays, affine = [], None
+    for path in case.image_paths:
+        volume = read_nifti(path, dtype=dtype)
+        array = squeeze_trailing(volume.array)
+        if array.ndim == 3:
+            array = array[..., None]
+        if array.ndim != 4:
+            raise ValueError(f"Expected a 3-D or 4-D image in {path}. Received: shape {volume.array.shape}")
+        if arrays and array.shape[:3] != arrays[0].shape[:3]:
+            raise ValueError(
+                f"Channels of case {case.case_id} disagree in shape. Expected {arrays[0].shape[:3]} "
+                f"(as {case.image_paths[0].name}). Received: {array.shape[:3]} in {path.name}"
+            )
+        affine = volume.affine if affine is None else affine
+        arrays.append(array)
+    image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
+    return Volume(array=image, affine=affine)
+
+
+def read_case_label(case: Case) -> np.ndarray:
+    """Read a case's label map as a 3-D integer array (uint8 when the values fit, else int64).
+
+    Raises:
+        ValueError: no label, an unreadable file, a map that is not 3-D, or non-integer values.
+    """
+    if case.label_path is None:
+        raise ValueError(f"Case {case.case_id} has no label")
+    volume = read_nifti(case.label_path)
+    array = squeeze_trailing(volume.array)
+    if array.ndim != 3:
+        raise ValueError(f"Expected a 3-D label map in {case.label_path}. Received: shape {volume.array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        # Some datasets store labels as float with exact integer values (MSD hippocampus does).
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise ValueError(f"Expected integer label values in {case.label_path}. Received: dtype {array.dtype} with non-integer values")
+    if array.min(initial=0) >= 0 and array.max(initial=0) <= 255:
+        return array.astype(np.uint8)
+    return array.astype(np.int64)

@@ -1,0 +1,222 @@
+"""On-disk cache of preprocessed cases: ``CACHE_DIR/<case_id>/{image,label,locations}.npy + meta.json``.
+
+A cached case is trusted only if its ``meta.json`` exists, carries the key computed now from the
+preprocessing settings and the source files (path, size and modification time, or a content hash),
+and its arrays open with the shapes and dtypes the meta records. Every file is written atomically
+(temporary file + rename, :mod:`segpipe.io`); a case is rebuilt by first deleting its meta and
+writing the meta last, so an interrupted run can leave stale or temporary files behind but never a
+case that passes the check with the wrong arrays.
+
+Arrays: image (X, Y, Z, C) float32, label (X, Y, Z) uint8, locations (N, 4) int32
+``[class, x, y, z]`` (see :func:`segpipe.data.sampling.class_locations`). Arrays are opened with
+memory mapping, so many large cases cost no RAM until patches are read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from segpipe.data.layouts import Case, Dataset
+from segpipe.data.preprocess import PreprocessSettings, preprocess_case
+from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
+from segpipe.io import read_json, save_npy, write_json
+
+CACHE_VERSION = 1  # bump when the cached format or the preprocessing code changes meaning
+_ARRAYS = {"image": (np.float32, 4), "label": (np.uint8, 3), "locations": (np.int32, 2)}
+
+
+@dataclass
+class CachedCase:
+    """A preprocessed case in the cache; arrays are opened on demand (memory-mapped by default)."""
+
+    case_id: str
+    directory: Path
+    meta: dict[str, Any]
+    _locations: dict[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.npy"
+
+    def load_image(self, *, mmap: bool = True) -> np.ndarray:
+        """Image (X, Y, Z, C) float32."""
+        return np.load(self.path("image"), mmap_mode="r" if mmap else None)
+
+    def load_label(self, *, mmap: bool = True) -> np.ndarray:
+        """Label map (X, Y, Z) uint8."""
+        return np.load(self.path("label"), mmap_mode="r" if mmap else None)
+
+    @property
+    def locations(self) -> dict[int, np.ndarray]:
+        """Stored foreground voxel indices per class (read once, then kept: they are small)."""
+        if self._locations is None:
+            self._locations = unpack_locations(np.load(self.path("locations")))
+        return self._locations
+
+
+def build_cache(
+    dataset: Dataset,
+    cache_dir: str | os.PathLike,
+    settings: PreprocessSettings,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    hash_contents: bool = False,
+    max_locations_per_class: int = 10_000,
+) -> list[CachedCase]:
+    """Preprocess every case of ``dataset`` into ``cache_dir``, reusing cases whose key still matches.
+
+    Args:
+        dataset: the dataset (every case needs a label).
+        cache_dir: the cache folder for this dataset (created if needed).
+        settings: the preprocessing settings; any change re-preprocesses every case.
+        workers: processes preprocessing in parallel. Defaults to 1 (in this process).
+        progress: show a progress bar over the cases being (re)built.
+        hash_contents: key source files by a SHA-256 of their content instead of size and mtime.
+        max_locations_per_class: foreground voxel locations stored per class for sampling.
+
+    Returns:
+        The cached cases, in the dataset's order.
+
+    Raises:
+        ValueError: cases that failed to preprocess, all listed at once.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cache_dir / "settings.json", {"cache_version": CACHE_VERSION, "settings": settings.to_dict(),
+                                             "dataset": str(dataset.root)})  # for people; never trusted
+    extra = {"max_locations_per_class": max_locations_per_class}
+    cached: dict[str, CachedCase] = {}
+    jobs = []
+    for case in dataset.cases:
+        if case.label_path is None:
+            raise ValueError(f"Expected a label for every case to cache. Received: case {case.case_id} without label")
+        key = case_key(case, settings, hash_contents=hash_contents, extra=extra)
+        directory = cache_dir / case.case_id
+        found = load_cached_case(directory, key=key)
+        if found is not None:
+            cached[case.case_id] = found
+        else:
+            jobs.append((case, settings, directory, key, max_locations_per_class))
+    results = parallel_map(_build_case_job, jobs, workers=workers, progress=progress, desc="preprocessing")
+    failures = [f"{job[0].case_id}: {result}" for job, result in zip(jobs, results) if isinstance(result, str)]
+    if failures:
+        raise ValueError(f"Preprocessing failed for {len(failures)} case(s):\n  " + "\n  ".join(failures))
+    for result in results:
+        cached[result.case_id] = result
+    return [cached[case.case_id] for case in dataset.cases]
+
+
+def load_cached_case(directory: str | os.PathLike, *, key: str | None = None) -> CachedCase | None:
+    """The cached case in ``directory`` if it is complete (and has ``key``, when given), else ``None``."""
+    directory = Path(directory)
+    try:
+        meta = read_json(directory / "meta.json")
+    except (OSError, ValueError):
+        return None
+    if meta.get("cache_version") != CACHE_VERSION or (key is not None and meta.get("key") != key):
+        return None
+    for name, (dtype, ndim) in _ARRAYS.items():
+        try:
+            array = np.load(directory / f"{name}.npy", mmap_mode="r")  # reads the header only
+        except (OSError, ValueError):
+            return None
+        if array.dtype != dtype or array.ndim != ndim or list(array.shape) != meta.get("arrays", {}).get(name):
+            return None
+    return CachedCase(case_id=meta["case_id"], directory=directory, meta=meta)
+
+
+def case_key(
+    case: Case, settings: PreprocessSettings, *, hash_contents: bool = False, extra: dict[str, Any] | None = None
+) -> str:
+    """Hex digest over the cache version, settings, ``extra`` and each source file's identity."""
+    files = []
+    for path in (*case.image_paths, case.label_path):
+        path = Path(path).resolve()
+        stat = path.stat()
+        identity: list[Any] = [str(path), stat.st_size]
+        identity.append(_file_sha256(path) if hash_contents else stat.st_mtime_ns)
+        files.append(identity)
+    blob = json.dumps({"version": CACHE_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
+                       "extra": extra or {}, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def parallel_map(fn: Callable[[Any], Any], jobs: Sequence[Any], *, workers: int = 1, progress: bool = False,
+                 desc: str = "") -> list[Any]:
+    """``[fn(job) for job in jobs]`` in ``workers`` processes (when more than one), with a progress bar.
+
+    Processes are spawned, not forked: the caller may already run TensorFlow threads, which a fork
+    can deadlock. ``fn`` must be a module-level function.
+    """
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs, unit="case")
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            results = []
+            for job in jobs:
+                results.append(fn(job))
+                bar.update()
+            return results
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+            results = []
+            for result in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
+                results.append(result)
+                bar.update()
+            return results
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _build_case_job(job: tuple) -> CachedCase | str:
+    """Build one case; returns the error message instead of raising, so all failures are reported."""
+    case, settings, directory, key, max_locations = job
+    try:
+        return _build_case(case, settings, Path(directory), key, max_locations)
+    except Exception as exc:  # noqa: BLE001 - reported with the case id by build_cache
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _build_case(case: Case, settings: PreprocessSettings, directory: Path, key: str, max_locations: int) -> CachedCase:
+    directory.mkdir(parents=True, exist_ok=True)
+    # Invalidate first: from here until the new meta lands, the case is never trusted.
+    (directory / "meta.json").unlink(missing_ok=True)
+    for stale in directory.glob(".*.tmp*"):  # temporary files of an interrupted earlier run
+        stale.unlink(missing_ok=True)
+    result = preprocess_case(case, settings)
+    # A seed from the case id, so the stored subsample is the same on every machine and run.
+    seed = int.from_bytes(hashlib.sha256(case.case_id.encode()).digest()[:4], "little")
+    locations = pack_locations(class_locations(result.label, max_per_class=max_locations, seed=seed))
+    arrays = {"image": result.image, "label": result.label, "locations": locations}
+    for name, array in arrays.items():
+        save_npy(directory / f"{name}.npy", array)
+    meta = dict(result.meta)
+    meta.update(
+        case_id=case.case_id,
+        cache_version=CACHE_VERSION,
+        key=key,
+        source={"images": [str(p) for p in case.image_paths], "label": str(case.label_path)},
+        arrays={name: list(array.shape) for name, array in arrays.items()},
+        class_voxels={str(k): int(np.count_nonzero(result.label == k)) for k in np.unique(result.label)},
+    )
+    write_json(directory / "meta.json", meta)  # last: its presence marks the case complete
+    return CachedCase(case_id=case.case_id, directory=directory, meta=meta)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,246 @@
+"""Dataset integrity check: every problem of every case, listed at once, before any training.
+
+:func:`check_dataset` reads each case (or only the NIfTI headers with ``read_data=False``) and
+returns a list of :class:`Problem`; an empty list means the dataset is clean. Each problem names
+the file, what was expected and what was received, so one pass over the output fixes the dataset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import nibabel as nib
+import numpy as np
+
+from segpipe.data.layouts import Case, Dataset, squeeze_trailing
+from segpipe.data.cache import parallel_map
+
+# Problem kinds, each with the severity it is reported with.
+KINDS = {
+    "missing-file": "error",  # an image channel file that does not exist
+    "unreadable": "error",  # not a readable NIfTI file (corrupt, truncated, wrong format)
+    "missing-label": "error",  # image without label
+    "orphan-label": "error",  # label without image
+    "duplicate-case": "error",  # two cases with the same id
+    "dimensions": "error",  # image not 3-D/4-D, label not 3-D
+    "channel-count": "error",  # number of channels differs from the declared (or usual) one
+    "channel-shape": "error",  # channel files of one case disagree in shape
+    "channel-affine": "error",  # channel files of one case disagree in geometry
+    "shape-mismatch": "error",  # image and label shapes differ
+    "affine-mismatch": "error",  # image and label geometry differ beyond the tolerance
+    "non-finite": "error",  # NaN or inf intensities
+    "non-integer-label": "error",  # fractional, NaN or inf label values
+    "undeclared-label": "error",  # label values outside the declared classes
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in one file: what was expected and what was received."""
+
+    kind: str
+    path: Path | None
+    expected: str
+    received: str
+    case_id: str | None = None
+
+    @property
+    def severity(self) -> str:
+        return KINDS[self.kind]
+
+    def format(self, root: Path | None = None) -> str:
+        """One line: ``ERROR [kind] file: Expected ... Received: ...`` (path relative to ``root``)."""
+        where = "-"
+        if self.path is not None:
+            where = str(self.path)
+            if root is not None:
+                try:
+                    where = str(Path(self.path).resolve().relative_to(Path(root).resolve()))
+                except ValueError:
+                    pass
+        return f"{self.severity.upper()} [{self.kind}] {where}: Expected {self.expected}. Received: {self.received}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def check_dataset(
+    dataset: Dataset,
+    *,
+    read_data: bool = True,
+    affine_tolerance_mm: float = 1e-3,
+    workers: int = 1,
+    progress: bool = False,
+) -> list[Problem]:
+    """Check every case of ``dataset`` and return all problems found (empty when clean).
+
+    Args:
+        dataset: the dataset, as read by :func:`segpipe.data.layouts.load_dataset`.
+        read_data: read the voxels too (label values, NaN/inf, corrupt data). ``False`` checks
+            only what the headers say (existence, shapes, geometry, channels): the fast pre-training
+            check.
+        affine_tolerance_mm: largest absolute difference allowed between the affines of an image
+            and its label (or between channel files). Defaults to 1e-3 mm.
+        workers: processes reading cases in parallel. Defaults to 1 (in this process).
+        progress: show a progress bar.
+    """
+    problems: list[Problem] = []
+    declared = set(dataset.labels)
+    seen: dict[str, Case] = {}
+    for case in dataset.cases:
+        if case.case_id in seen:
+            problems.append(Problem(
+                "duplicate-case", case.image_paths[0], f"one case per id ({seen[case.case_id].image_paths[0]} has the same id)",
+                f"a second case {case.case_id!r}", case.case_id))
+        seen[case.case_id] = case
+    for path in dataset.orphan_labels:
+        problems.append(Problem("orphan-label", path, "an image for every label file", "a label with no image"))
+
+    jobs = [(case, declared, read_data, affine_tolerance_mm) for case in dataset.cases]
+    results = parallel_map(_check_case_job, jobs, workers=workers, progress=progress, desc="checking")
+    channel_counts = {}
+    for case, (case_problems, channels) in zip(dataset.cases, results):
+        problems.extend(case_problems)
+        if channels is not None:
+            channel_counts[case.case_id] = channels
+    problems.extend(_check_channel_counts(dataset, channel_counts))
+    return problems
+
+
+def check_case(
+    case: Case, declared_labels: Iterable[int], *, read_data: bool = True, affine_tolerance_mm: float = 1e-3
+) -> list[Problem]:
+    """Check one case: its files, shapes, geometry and (with ``read_data``) voxel values."""
+    return _check_case(case, set(declared_labels), read_data, affine_tolerance_mm)[0]
+
+
+def errors(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems that must stop training."""
+    return [p for p in problems if p.severity == "error"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_case_job(job: tuple) -> tuple[list[Problem], int | None]:
+    return _check_case(*job)
+
+
+def _check_case(case: Case, declared: set[int], read_data: bool, tol: float) -> tuple[list[Problem], int | None]:
+    problems: list[Problem] = []
+
+    def add(kind: str, path: Path | None, expected: str, received: str) -> None:
+        problems.append(Problem(kind, path, expected, received, case.case_id))
+
+    # Image channels: existence, readability, dimensions, agreement with each other.
+    channels = 0
+    ref_shape = ref_affine = None
+    ref_path = None
+    for path in case.image_paths:
+        if not Path(path).is_file():
+            add("missing-file", path, "an image file", "no such file")
+            continue
+        loaded = _load(path, read_data)
+        if isinstance(loaded, str):
+            add("unreadable", path, "a readable NIfTI image", loaded)
+            continue
+        shape, affine, array = loaded
+        if len(shape) not in (3, 4):
+            add("dimensions", path, "a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C)", f"shape {shape}")
+            continue
+        channels += 1 if len(shape) == 3 else shape[3]
+        if ref_shape is None:
+            ref_shape, ref_affine, ref_path = shape[:3], affine, path
+        else:
+            if shape[:3] != ref_shape:
+                add("channel-shape", path, f"shape {ref_shape} as {Path(ref_path).name}", f"shape {shape[:3]}")
+            elif not _close(affine, ref_affine, tol):
+                add("channel-affine", path, f"the affine of {Path(ref_path).name} (tolerance {tol} mm)",
+                    f"max difference {np.abs(affine - ref_affine).max():.3g}")
+        if array is not None and np.issubdtype(array.dtype, np.floating):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            if bad:
+                add("non-finite", path, "finite intensities", f"{bad} NaN/inf voxels")
+    image_ok = ref_shape is not None and len(problems) == 0
+
+    # Label: existence, readability, dimensions, geometry against the image, values.
+    label = case.label_path
+    if label is None or not Path(label).is_file():
+        add("missing-label", label if label is not None else case.image_paths[0],
+            f"a label map{'' if label is None else ' at this path'}", "no such file")
+        return problems, channels if image_ok else None
+    loaded = _load(label, read_data)
+    if isinstance(loaded, str):
+        add("unreadable", label, "a readable NIfTI label map", loaded)
+        return problems, channels if image_ok else None
+    shape, affine, array = loaded
+    if len(shape) != 3:
+        add("dimensions", label, "a 3-D label map (X, Y, Z)", f"shape {shape}")
+    elif ref_shape is not None:
+        if shape != ref_shape:
+            add("shape-mismatch", label, f"the image shape {ref_shape}", f"shape {shape}")
+        elif not _close(affine, ref_affine, tol):
+            add("affine-mismatch", label, f"the image affine (tolerance {tol} mm)",
+                f"max difference {np.abs(affine - ref_affine).max():.3g} mm "
+                f"(image {_fmt_affine(ref_affine)}, label {_fmt_affine(affine)})")
+    if array is not None:
+        if not np.issubdtype(array.dtype, np.integer):
+            finite = np.isfinite(array)
+            fractional = ~finite | (array != np.round(np.where(finite, array, 0)))
+            count = int(np.count_nonzero(fractional))
+            if count:
+                examples = sorted({str(v) for v in array[fractional][:1000].tolist()})[:5]
+                add("non-integer-label", label, "integer label values",
+                    f"{count} voxels with values like {', '.join(examples)} (dtype {array.dtype})")
+                return problems, channels if image_ok else None
+        values = {int(v) for v in np.unique(array)}
+        outside = values - declared
+        if outside:
+            add("undeclared-label", label, f"values among the declared classes {sorted(declared)}",
+                f"values {sorted(values)} (undeclared: {sorted(outside)})")
+    return problems, channels if image_ok else None
+
+
+def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.ndarray | None] | str:
+    """Shape (trailing singletons squeezed), affine and optionally voxels; a message if unreadable."""
+    try:
+        image = nib.load(str(path))
+        shape = tuple(int(s) for s in image.shape)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        array = None
+        if read_data:
+            array = squeeze_trailing(np.asanyarray(image.dataobj))
+            shape = array.shape
+        else:
+            while len(shape) > 3 and shape[3] == 1:
+                shape = shape[:3] + shape[4:]
+    except Exception as exc:  # nibabel and zlib raise many types for corrupt files
+        return f"{type(exc).__name__}: {exc}".strip()[:200]
+    return shape, affine, array
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
+    return bool(np.all(np.abs(a - b) <= tol))
+
+
+def _fmt_affine(affine: np.ndarray) -> str:
+    return np.array2string(affine[:3], precision=4, suppress_small=True, separator=",").replace("\n", "")
+
+
+def _check_channel_counts(dataset: Dataset, counts: dict[str, int]) -> list[Problem]:
+    """Every case must have the declared number of channels (or, undeclared, the most common one)."""
+    if not counts:
+        return []
+    if dataset.channel_names:
+        expected, source = len(dataset.channel_names), f"declared channels {dataset.channel_names}"
+    else:
+        values, freq = np.unique(list(counts.values()), return_counts=True)
+        expected, source = int(values[np.argmax(freq)]), "the channel count of most cases"
+    problems = []
+    for case in dataset.cases:
+        n = counts.get(case.case_id)
+        if n is not None and n != expected:
+            problems.append(Problem("channel-count", case.image_paths[0], f"{expected} channel(s) ({source})",
+                                    f"{n} channel(s)", case.case_id))
+    return problems

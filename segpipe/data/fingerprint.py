@@ -1,0 +1,184 @@
+"""Dataset fingerprint: spacings, shapes, foreground intensities and class frequencies.
+
+Computed once per dataset and written as JSON; the config takes defaults from it (target spacing,
+patch size hint, CT normalisation statistics). Spacings and shapes are given in RAS axis order, the
+order preprocessing works in. Following nnU-Net, intensities are pooled from a random sample of
+foreground voxels of every case (10,000 per case by default).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from segpipe.data.cache import parallel_map
+from segpipe.data.layouts import Case, Dataset, read_case_image, read_case_label
+from segpipe.io import read_json, write_json
+
+FINGERPRINT_VERSION = 1
+_RAS = axcodes2ornt(("R", "A", "S"))
+
+
+def compute_fingerprint(
+    dataset: Dataset,
+    *,
+    samples_per_case: int = 10_000,
+    anisotropy_threshold: float = 3.0,
+    patch_divisor: int = 8,
+    max_patch_size: int = 128,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Read every case once and summarise the dataset.
+
+    Returns a JSON-ready dict with ``cases`` (per case: spacing, shape, cropped shape, class voxel
+    counts), ``median_spacing_mm``, ``target_spacing_mm`` (see :func:`suggest_target_spacing`),
+    ``median_shape``, ``median_shape_at_target``, ``patch_size_hint``, ``intensity`` (one dict per
+    channel: mean, std, min, max, median, percentile_00_5, percentile_99_5 of foreground voxels) and
+    ``classes`` (voxel fraction and number of cases containing each class).
+    """
+    jobs = [(case, samples_per_case) for case in dataset.cases]
+    per_case = parallel_map(_case_stats_job, jobs, workers=workers, progress=progress, desc="fingerprint")
+    spacings = np.array([c["spacing_mm"] for c in per_case])
+    cropped = np.array([c["cropped_shape"] for c in per_case])
+    target = suggest_target_spacing(spacings, cropped, anisotropy_threshold=anisotropy_threshold)
+    at_target = np.median(cropped * spacings / np.asarray(target), axis=0)
+
+    channels = max(len(c["samples"]) for c in per_case)
+    intensity = []
+    for ch in range(channels):
+        pooled = np.concatenate([np.asarray(c["samples"][ch], dtype=np.float64) for c in per_case if len(c["samples"]) > ch])
+        intensity.append(_intensity_stats(pooled))
+
+    totals: dict[int, int] = {}
+    present: dict[int, int] = {}
+    for c in per_case:
+        for value, count in c["class_voxels"].items():
+            totals[int(value)] = totals.get(int(value), 0) + count
+            present[int(value)] = present.get(int(value), 0) + (count > 0)
+    all_voxels = sum(totals.values()) or 1
+    classes = {str(v): {"name": dataset.labels.get(v, f"class_{v}"), "voxel_fraction": totals.get(v, 0) / all_voxels,
+                        "cases_present": present.get(v, 0)} for v in sorted(set(dataset.labels) | set(totals))}
+    return {
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "key": dataset_key(dataset),
+        "dataset": str(dataset.root),
+        "num_cases": len(per_case),
+        "channel_names": dataset.channel_names,
+        "median_spacing_mm": np.median(spacings, axis=0).tolist(),
+        "target_spacing_mm": list(target),
+        "median_shape": np.median(cropped, axis=0).tolist(),
+        "median_shape_at_target": at_target.tolist(),
+        "patch_size_hint": suggest_patch_size(at_target, divisor=patch_divisor, max_size=max_patch_size),
+        "intensity": intensity,
+        "classes": classes,
+        "cases": {c["case_id"]: {k: c[k] for k in ("spacing_mm", "shape", "cropped_shape", "class_voxels")} for c in per_case},
+    }
+
+
+def load_or_compute_fingerprint(dataset: Dataset, path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """The fingerprint at ``path`` if it was computed from the same files, else compute and write it."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            stored = read_json(path)
+        except ValueError:
+            stored = {}
+        if stored.get("fingerprint_version") == FINGERPRINT_VERSION and stored.get("key") == dataset_key(dataset):
+            return stored
+    fingerprint = compute_fingerprint(dataset, **kwargs)
+    write_json(path, fingerprint)
+    return fingerprint
+
+
+def dataset_key(dataset: Dataset) -> str:
+    """Hex digest over every source file's path, size and modification time."""
+    files = []
+    for case in dataset.cases:
+        for p in (*case.image_paths, case.label_path):
+            if p is not None:
+                st = Path(p).stat()
+                files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def suggest_target_spacing(
+    spacings: np.ndarray, shapes: np.ndarray | None = None, *, anisotropy_threshold: float = 3.0
+) -> list[float]:
+    """The median spacing; for strongly anisotropic data, a finer coarse axis (nnU-Net's rule).
+
+    If the coarsest median spacing is more than ``anisotropy_threshold`` times the finest and (when
+    ``shapes`` are given) that axis also has less than 1/threshold of the voxels of the others, the
+    coarse axis takes the 10th percentile of its spacings (never finer than the other axes), so
+    thick-slice cases are not interpolated into many invented slices.
+    """
+    spacings = np.asarray(spacings, dtype=np.float64)
+    target = np.median(spacings, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(3) if a != worst]
+    aniso_spacing = target[worst] > anisotropy_threshold * min(target[others])
+    aniso_voxels = True
+    if shapes is not None:
+        size_at_target = np.median(np.asarray(shapes) * spacings / target, axis=0)
+        aniso_voxels = size_at_target[worst] * anisotropy_threshold < min(size_at_target[others])
+    if aniso_spacing and aniso_voxels:
+        coarse = float(np.percentile(spacings[:, worst], 10))
+        target[worst] = max(coarse, max(target[others]) + 1e-5)
+    return [float(s) for s in target]
+
+
+def suggest_patch_size(shape: Sequence[float], *, divisor: int = 8, max_size: int = 128) -> list[int]:
+    """Median case shape rounded up to a multiple of ``divisor`` (the U-Net's total downsampling), capped."""
+    cap = max(divisor, max_size // divisor * divisor)
+    return [int(min(cap, max(divisor, math.ceil(s / divisor) * divisor))) for s in shape]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _case_stats_job(job: tuple) -> dict[str, Any]:
+    case, samples = job
+    return _case_stats(case, samples)
+
+
+def _case_stats(case: Case, samples_per_case: int) -> dict[str, Any]:
+    image = read_case_image(case)
+    label = read_case_label(case)
+    # RAS axis order without moving data: permute the spacing and shape like the reorientation would.
+    ornt = ornt_transform(io_orientation(image.affine), _RAS)
+    order = np.argsort(ornt[:, 0])  # source axis of each RAS axis
+    spacing = np.asarray(image.spacing_mm)[order]
+    shape = np.asarray(image.array.shape[:3])[order]
+    mask = np.any(image.array != 0, axis=-1) | (label > 0)
+    cropped = shape
+    if mask.any():
+        cropped = np.array([np.ptp(np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))) + 1 for a in range(3)])[order]
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case.case_id.encode()).digest()[:4], "little"))
+    foreground = np.flatnonzero(label.reshape(-1) > 0)
+    if foreground.size > samples_per_case:
+        foreground = rng.choice(foreground, samples_per_case, replace=False)
+    flat = image.array.reshape(-1, image.array.shape[-1])
+    values, counts = np.unique(label, return_counts=True)
+    return {
+        "case_id": case.case_id,
+        "spacing_mm": spacing.tolist(),
+        "shape": shape.tolist(),
+        "cropped_shape": cropped.tolist(),
+        "class_voxels": {int(v): int(n) for v, n in zip(values, counts)},
+        "samples": [flat[foreground, c].astype(np.float64).tolist() for c in range(flat.shape[1])],
+    }
+
+
+def _intensity_stats(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {k: float("nan") for k in ("mean", "std", "min", "max", "median", "percentile_00_5", "percentile_99_5")}
+    p005, p50, p995 = np.percentile(values, [0.5, 50.0, 99.5])
+    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+            "max": float(values.max()), "median": float(p50), "percentile_00_5": float(p005),
+            "percentile_99_5": float(p995)}
