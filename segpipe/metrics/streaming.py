@@ -1,0 +1,117 @@
+"""Streaming Keras metrics for training and validation logs.
+
+:class:`PerClassDice` accumulates hard TP/FP/FN counts per class over an epoch (``argmax`` of the
+prediction against ``argmax`` of the one-hot reference) and reports the Dice of each class plus the
+foreground mean. Its ``result()`` is a dict, which Keras 3 flattens into the logs, so with
+validation data ``model.fit`` logs ``val_dice_<class>`` and ``val_dice_fg_mean`` (History,
+``CSVLogger``, TensorBoard).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+__all__ = ["PerClassDice"]
+
+
+@keras.saving.register_keras_serializable(package="segpipe")
+class PerClassDice(keras.metrics.Metric):
+    """Per-class hard Dice accumulated over the epoch, ``2 TP / (2 TP + FP + FN)`` per class.
+
+    Counts are summed over all voxels of all batches since the last ``reset_state()`` (a
+    "global" Dice per class, not the mean of per-case Dice).
+
+    Empty-class policy: a class absent from both the reference and the prediction over the whole
+    epoch (TP + FP + FN = 0) scores 1.0 (the model correctly predicts nothing), so every value is
+    finite and safe to monitor. A class that is only predicted, or only in the reference, scores 0.
+
+    ``result()`` returns ``{f"{name}_{class}": dice_c, ..., f"{name}_fg_mean": mean}``; the
+    per-class entries cover the foreground classes (and the background with
+    ``include_background=True``); ``fg_mean`` is always the plain mean over the foreground classes
+    (channels 1..C-1) of the values reported, and is what "best checkpoint" should monitor.
+
+    Args:
+        class_names: one name per output channel, background (channel 0) first, e.g. the labels of
+            ``dataset.json``. Characters other than letters, digits, ``_``, ``-`` and ``.`` are
+            replaced by ``_`` in the log keys.
+        include_background: also report channel 0. Defaults to False.
+        name: prefix of the log keys. Defaults to "dice".
+
+    ``update_state(y_true, y_pred)`` takes one-hot ``y_true`` and probabilities/logits ``y_pred``
+    of the same shape (channels last, any rank >= 3). If ``y_pred`` (or ``y_true``) is a list or
+    tuple, e.g. deep-supervision outputs, only the first (full-resolution) element is used.
+    ``sample_weight`` is not supported.
+    """
+
+    def __init__(self, class_names: Sequence[str], include_background: bool = False,
+                 name: str = "dice", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        if isinstance(class_names, str) or not isinstance(class_names, Sequence) or len(
+                class_names) < 2 or not all(isinstance(c, str) and c for c in class_names):
+            raise ValueError("Expected `class_names` to be a list of at least 2 non-empty names, "
+                             f"background first. Received: class_names={class_names!r}")
+        keys = [re.sub(r"[^A-Za-z0-9_.\-]", "_", c) for c in class_names]
+        if len(set(keys)) != len(keys) or "fg_mean" in keys:
+            raise ValueError("Expected distinct class names (after replacing special characters) "
+                             f"other than 'fg_mean'. Received: class_names={list(class_names)}")
+        if not isinstance(include_background, bool):
+            raise ValueError("Expected `include_background` to be a boolean. "
+                             f"Received: include_background={include_background!r}")
+        self.class_names = list(class_names)
+        self.include_background = include_background
+        self._keys = keys
+        n = len(class_names)
+        # float64 counts stay exact far beyond the 2^24 voxels where float32 would start rounding.
+        self.true_positives, self.false_positives, self.false_negatives = (
+            self.add_variable(shape=(n,), initializer="zeros", dtype="float64", name=var)
+            for var in ("true_positives", "false_positives", "false_negatives"))
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError("PerClassDice does not support `sample_weight`. "
+                             "Received: sample_weight is not None")
+        if isinstance(y_pred, (list, tuple)):
+            y_pred = y_pred[0]
+        if isinstance(y_true, (list, tuple)):
+            y_true = y_true[0]
+        y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        n = len(self.class_names)
+        if (len(y_true.shape) != len(y_pred.shape) or y_pred.shape[-1] != n
+                or y_true.shape[-1] != n):
+            raise ValueError(f"Expected one-hot `y_true` and `y_pred` with {n} channels (one per "
+                             f"class name), channels last. Received: y_true.shape={y_true.shape}, "
+                             f"y_pred.shape={y_pred.shape}")
+        true_1h = ops.one_hot(ops.argmax(y_true, axis=-1), n, dtype="int32")
+        pred_1h = ops.one_hot(ops.argmax(y_pred, axis=-1), n, dtype="int32")
+        axes = tuple(range(len(true_1h.shape) - 1))
+        tp = ops.sum(true_1h * pred_1h, axis=axes)
+        n_pred, n_true = ops.sum(pred_1h, axis=axes), ops.sum(true_1h, axis=axes)
+        self.true_positives.assign_add(ops.cast(tp, "float64"))
+        self.false_positives.assign_add(ops.cast(n_pred - tp, "float64"))
+        self.false_negatives.assign_add(ops.cast(n_true - tp, "float64"))
+
+    def per_class(self):
+        """Dice per channel (all C, background included), 1.0 where TP + FP + FN = 0."""
+        tp = self.true_positives
+        denominator = 2.0 * tp + self.false_positives + self.false_negatives
+        safe = ops.where(denominator > 0, denominator, ops.ones_like(denominator))
+        return ops.cast(ops.where(denominator > 0, 2.0 * tp / safe, ops.ones_like(tp)), self.dtype)
+
+    def result(self) -> dict[str, Any]:
+        dice = self.per_class()
+        first = 0 if self.include_background else 1
+        out = {f"{self.name}_{self._keys[c]}": dice[c] for c in range(first, len(self._keys))}
+        out[f"{self.name}_fg_mean"] = ops.mean(dice[1:])
+        return out
+
+    def reset_state(self):
+        for variable in (self.true_positives, self.false_positives, self.false_negatives):
+            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_names": self.class_names,
+                "include_background": self.include_background}
