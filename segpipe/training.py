@@ -94,15 +94,27 @@ def build_optimizer(config: Config):
     return keras.optimizers.Adam(lr, weight_decay=t.weight_decay or None)
 
 
+def build_loss(config: Config, num_classes: int):
+    """The configured loss, checked against the dataset's classes (before any data is loaded)."""
+    from segpipe.losses import DeepSupervisionLoss, get_loss
+
+    try:
+        loss = get_loss(config.loss, num_classes=num_classes)
+    except ValueError as exc:
+        raise ConfigError(f"loss: {exc}") from exc
+    if config.model.deep_supervision:
+        # one output per decoder level except the lowest, full resolution first
+        return DeepSupervisionLoss(loss, num_outputs=max(1, config.model.depth - 1))
+    return loss
+
+
 def compile_model(model, config: Config, class_names: list[str]) -> None:
-    from segpipe.losses import get_loss
     from segpipe.metrics.streaming import PerClassDice
 
-    model.compile(
-        optimizer=build_optimizer(config),
-        loss=get_loss(config.loss),
-        metrics=[PerClassDice(class_names, name="dice")],
-    )
+    dice = PerClassDice(class_names, name="dice")
+    # with deep supervision, the Dice metric watches the full-resolution output only
+    metrics = [[dice]] + [[] for _ in model.outputs[1:]] if len(model.outputs) > 1 else [dice]
+    model.compile(optimizer=build_optimizer(config), loss=build_loss(config, len(class_names)), metrics=metrics)
 
 
 def run_dir_of(config: Config) -> Path:
@@ -143,6 +155,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
 
     dataset = prepare_dataset(config)
     check_patch_size(config.data.patch_size, config.model.depth)
+    build_loss(config, dataset.num_classes)  # a bad loss option fails here, not mid-training
     splits_path = run_dir / "splits.json"
     split = read_json(splits_path) if splits_path.is_file() else make_split(
         [c.case_id for c in dataset.cases], config.data.val_fraction, config.seed

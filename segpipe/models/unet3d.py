@@ -11,9 +11,27 @@ each next one at half the previous resolution (all decoder levels except the low
 from __future__ import annotations
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 NORMS = ("batch", "instance", "none")
+
+
+@keras.saving.register_keras_serializable(package="segpipe")
+class DeepSupervisionModel(keras.Model):
+    """A functional model with several outputs whose compiled loss sees all of them at once.
+
+    Keras applies a compiled loss output by output; a deep-supervision loss
+    (``segpipe.losses.DeepSupervisionLoss``) instead takes the full-resolution target and the whole
+    list of outputs, so this model hands them over unchanged.
+    """
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if sample_weight is not None:
+            raise ValueError("Expected no sample weights with deep supervision. Received: sample_weight")
+        loss = self.loss(y, y_pred)
+        if self.losses:  # regularisation terms added by layers
+            loss = loss + ops.sum(self.losses)
+        return loss
 
 
 def _norm(x, norm: str, name: str):
@@ -83,7 +101,9 @@ def build_unet3d(
     if depth == 1:
         outputs.append(_head(x, num_classes, "out0"))
     outputs.reverse()  # full resolution first
-    return keras.Model(inputs, outputs if deep_supervision else outputs[0], name=name)
+    if deep_supervision:
+        return DeepSupervisionModel(inputs, outputs, name=name)
+    return keras.Model(inputs, outputs[0], name=name)
 
 
 def _head(x, num_classes: int, name: str):
