@@ -1,0 +1,96 @@
+"""Score segmentations: per-class overlap and surface metrics, per case and summarised.
+
+Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--dataset-json PATH]
+                                 [--out DIR] [--tolerance-mm X | LABEL=X ...] [--workers N]
+Run mode:     python evaluate.py RUN_DIR   (predicts the run's validation cases, then scores them)
+
+Writes per_case.csv and summary.json into --out (default: PRED/evaluation, or RUN_DIR/evaluation)
+and prints the summary as a Markdown table. Metric definitions: docs/metrics.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line), evaluate, print the table; return 0 or 1."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument("run_dir", nargs="?", type=Path, help="trained run folder (run mode)")
+    parser.add_argument("--pred", type=Path, help="folder of predicted label maps (folder mode)")
+    parser.add_argument("--ref", type=Path, help="folder of reference label maps (folder mode)")
+    parser.add_argument("--labels", type=int, nargs="+", help="label values to score "
+                        "(default: from --dataset-json, else every value in the references but 0)")
+    parser.add_argument("--dataset-json", type=Path,
+                        help="dataset.json (or its folder) for class names and default labels")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--tolerance-mm", nargs="+", default=["1.0"], metavar="X",
+                        help="NSD tolerance in mm: one value, or LABEL=X per class (default 1.0)")
+    parser.add_argument("--workers", type=int, help="parallel processes (default: available cores)")
+    args = parser.parse_args(argv)
+
+    if args.run_dir is not None and (args.pred or args.ref):
+        parser.error("give either RUN_DIR or --pred and --ref, not both")
+    if args.run_dir is None and not (args.pred and args.ref):
+        parser.error("give RUN_DIR, or both --pred and --ref")
+    try:
+        tolerance_mm = _parse_tolerance(args.tolerance_mm)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    from segpipe.evaluation import evaluate_folders, format_summary_markdown
+
+    labels, class_names = args.labels, None
+    try:
+        if args.dataset_json is not None:
+            from segpipe.data.layouts import load_dataset
+
+            root = args.dataset_json.parent if args.dataset_json.is_file() else args.dataset_json
+            dataset = load_dataset(root)
+            class_names = dataset.labels
+            if labels is None:
+                labels = sorted(v for v in dataset.labels if v != 0)
+        if args.run_dir is not None:
+            # Imports TensorFlow (seconds), so only in run mode.
+            from segpipe.inference import predict_run
+
+            pred_dir, ref_dir, run_labels, run_names = predict_run(args.run_dir)
+            labels = labels if labels is not None else run_labels
+            class_names = class_names if class_names is not None else run_names
+            out_dir = args.out or args.run_dir / "evaluation"
+        else:
+            pred_dir, ref_dir = args.pred, args.ref
+            out_dir = args.out or args.pred / "evaluation"
+        summary = evaluate_folders(
+            pred_dir, ref_dir, out_dir,
+            labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary_markdown(summary))
+    print(f"\nWrote {out_dir / 'per_case.csv'} and {out_dir / 'summary.json'}")
+    return 0
+
+
+def _parse_tolerance(values: list[str]) -> float | dict[int, float]:
+    """``["2"]`` -> 2.0; ``["1=2", "2=0.5"]`` -> {1: 2.0, 2: 0.5}."""
+    try:
+        if len(values) == 1 and "=" not in values[0]:
+            return float(values[0])
+        pairs = [v.split("=", 1) for v in values]
+        return {int(label): float(mm) for label, mm in pairs}
+    except ValueError:
+        raise ValueError(
+            f"Expected --tolerance-mm as one number or LABEL=MM pairs. Received: {' '.join(values)}"
+        ) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

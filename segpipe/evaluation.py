@@ -1,0 +1,606 @@
+"""Folder evaluation: score every prediction against its reference, per case and per class.
+
+:func:`evaluate_folders` matches the label maps of two folders by file name, checks that each pair
+has the same shape and affine, scores all cases in parallel with
+:func:`segpipe.metrics.case_metrics`, and writes
+
+- ``per_case.csv``: one row per (case, class) with every metric and the case's image diagonal;
+- ``summary.json``: per class the mean, std and median of each metric, the counts of missed and
+  spurious structures, distance statistics with NaN replaced by the worst value, and the
+  foreground mean over classes (see :func:`summarize`).
+
+:func:`format_summary_markdown` turns the summary into the table the CLI prints.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import multiprocessing
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix, write_json, write_text
+from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
+from segpipe.metrics.surface import SurfaceDistances
+
+__all__ = [
+    "CaseResult",
+    "evaluate_case",
+    "evaluate_folders",
+    "summarize",
+    "format_summary_markdown",
+    "SUMMARY_METRICS",
+    "DISTANCE_METRICS",
+]
+
+# Metrics summarised per class (raw voxel counts stay in per_case.csv only).
+SUMMARY_METRICS = (
+    "dice", "iou", "precision", "recall", "specificity", "volume_similarity", "hd", "hd95", "assd",
+    "nsd", "vol_ref_ml", "vol_pred_ml",
+)  # fmt: skip
+# NaN when exactly one mask is empty; the summary also reports them filled with the worst value.
+DISTANCE_METRICS = ("hd", "hd95", "assd")
+# Quality metrics averaged over the foreground classes (volumes are not a quality).
+_FOREGROUND_METRICS = SUMMARY_METRICS[:10]
+
+# Affines agree if every entry is within atol + rtol * |ref entry| (mm; float32 header rounding).
+AFFINE_ATOL_MM = 1e-3
+AFFINE_RTOL = 1e-5
+
+HD95_DEFINITION = (
+    "max of the two directed 95th percentiles (linear interpolation) of surface-voxel distances; "
+    "surface = voxels with a 6-neighbour outside the mask, image border counts as outside"
+)
+WORST_VALUE_DEFINITION = "image diagonal in mm: sqrt(sum((shape * spacing_mm) ** 2)) of the case"
+
+
+@dataclass
+class CaseResult:
+    """Metrics of one case: ``metrics[label]`` is a row of :func:`case_metrics`."""
+
+    case_id: str
+    metrics: dict[int, dict[str, Any]]
+    n_voxels: int
+    spacing_mm: tuple[float, ...]
+    image_diagonal_mm: float
+
+
+def evaluate_case(
+    pred_path: str | os.PathLike,
+    ref_path: str | os.PathLike,
+    *,
+    labels: Iterable[int] | None = None,
+    tolerance_mm: float | Mapping[int, float] = 1.0,
+    case_id: str | None = None,
+) -> CaseResult:
+    """Read one prediction/reference pair of NIfTI label maps and score it.
+
+    Parameters
+    ----------
+    pred_path, ref_path : path-like
+        NIfTI label maps (``.nii`` or ``.nii.gz``) of the same shape and affine. Float files are
+        accepted if they hold whole numbers.
+    labels : iterable of int, optional
+        Label values to score. Defaults to every non-zero value present in either map.
+    tolerance_mm : float or dict of int to float, optional
+        NSD tolerance in mm, for all classes or per label. Defaults to 1 mm.
+    case_id : str, optional
+        Name of the case. Defaults to the reference file name without its NIfTI suffix.
+
+    Returns
+    -------
+    result : CaseResult
+        Metrics per label, with the spacing (from the reference's affine) and image diagonal.
+    """
+    ref_vol = read_nifti(ref_path)
+    pred_vol = read_nifti(pred_path)
+    pred = _as_label_map(pred_vol.array, pred_path)
+    ref = _as_label_map(ref_vol.array, ref_path)
+    if pred.shape != ref.shape:
+        raise ValueError(
+            f"Expected prediction {pred_path} to have the shape of reference {ref_path}. "
+            f"Received: {pred.shape} vs {ref.shape}"
+        )
+    spacing_mm = ref_vol.spacing_mm
+    metrics = case_metrics(
+        pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
+    )
+    extent_mm = np.asarray(ref.shape, dtype=np.float64) * np.asarray(spacing_mm)
+    return CaseResult(
+        case_id=case_id or strip_nifti_suffix(Path(ref_path).name),
+        metrics=metrics,
+        n_voxels=int(ref.size),
+        spacing_mm=tuple(spacing_mm),
+        image_diagonal_mm=float(np.sqrt(np.sum(extent_mm**2))),
+    )
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    ref_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Iterable[int] | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    tolerance_mm: float | Mapping[int, float] = 1.0,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Score every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
+
+    Parameters
+    ----------
+    pred_dir, ref_dir : path-like
+        Folders of NIfTI label maps, matched by file name without the ``.nii``/``.nii.gz``
+        suffix. Every reference needs a prediction; predictions without a reference are ignored
+        (with a warning).
+    out_dir : path-like
+        Folder for ``per_case.csv`` and ``summary.json`` (created if needed).
+    labels : iterable of int, optional
+        Label values to score. Defaults to the union of the values found in the references,
+        minus 0.
+    class_names : list of str (indexed by label value) or dict of int to str, optional
+        Names for the tables, e.g. from ``dataset.json``. Defaults to ``class_<value>``.
+    tolerance_mm : float or dict of int to float, optional
+        NSD tolerance in mm, for all classes or per label. Defaults to 1 mm.
+    workers : int, optional
+        Parallel processes. Defaults to the CPU cores available to this process; 1 runs in
+        this process.
+
+    Returns
+    -------
+    summary : dict
+        What :func:`summarize` returns (also written to ``summary.json``).
+
+    Raises
+    ------
+    FileNotFoundError
+        A folder does not exist, or predictions are missing (lists the missing cases).
+    ValueError
+        No reference files, or pairs whose shape or affine differ (one line per pair).
+
+    Examples
+    --------
+    >>> summary = evaluate_folders("preds", "labelsTr", "eval", labels=[1, 2])  # doctest: +SKIP
+    >>> print(format_summary_markdown(summary))  # doctest: +SKIP
+    """
+    pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
+    refs = _list_label_files(ref_dir, "ref_dir")
+    preds = _list_label_files(pred_dir, "pred_dir")
+    if not refs:
+        raise ValueError(
+            f"Expected NIfTI reference files (.nii, .nii.gz) in ref_dir. "
+            f"Received: {ref_dir} has none"
+        )
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise FileNotFoundError(
+            f"Expected a prediction for every reference case. Received: {pred_dir} lacks "
+            f"{len(missing)} of {len(refs)}: {_short_list(missing)}"
+        )
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        warnings.warn(
+            f"Ignoring {len(extra)} predictions without a reference in {ref_dir}: "
+            f"{_short_list(extra)}",
+            stacklevel=2,
+        )
+    case_ids = sorted(refs)
+    _check_geometry({c: (preds[c], refs[c]) for c in case_ids})
+    if labels is not None:
+        labels = sorted({int(v) for v in labels})
+
+    results = _run_cases(
+        [(c, preds[c], refs[c]) for c in case_ids],
+        labels=labels,
+        tolerance_mm=tolerance_mm,
+        workers=workers,
+    )
+
+    if labels is None:
+        labels = sorted({c for r in results for c, m in r.metrics.items() if m["n_ref"] > 0})
+        if not labels:
+            raise ValueError(
+                f"Expected foreground labels (values > 0) in the references. Received: every file "
+                f"in {ref_dir} is background only; pass labels= to score the predictions anyway"
+            )
+        pred_only = sorted({c for r in results for c in r.metrics} - set(labels))
+        if pred_only:
+            warnings.warn(
+                f"Label values {pred_only} occur only in predictions and are not scored; pass "
+                f"labels= to score them",
+                stacklevel=2,
+            )
+    rows = _rows(results, labels, class_names, tolerance_mm)
+    summary = summarize(rows, labels=labels, class_names=class_names)
+    summary["tolerance_mm"] = {str(c): _tolerance(tolerance_mm, c) for c in labels}
+    summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
+    write_text(out_dir / "per_case.csv", _to_csv(rows))
+    write_json(out_dir / "summary.json", _json_safe(summary))
+    return summary
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    labels: Iterable[int] | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """Per-class statistics of per-case rows, never dropping empty-mask cases silently.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        One dict per (case, class) with ``case``, ``class``, the keys of ``METRIC_NAMES`` and
+        ``image_diagonal_mm`` (the rows of ``per_case.csv``).
+    labels : iterable of int, optional
+        Classes to summarise. Defaults to the classes in ``rows``.
+    class_names : list of str or dict of int to str, optional
+        Names of the classes. Defaults to the ``class_name`` of the rows, else ``class_<value>``.
+
+    Returns
+    -------
+    summary : dict
+        ``{"n_cases", "labels", "class_names", "definitions", "per_class", "foreground_mean"}``.
+        ``per_class[str(label)]`` holds ``name``, ``n_cases``, ``missed`` (reference non-empty,
+        prediction empty), ``spurious`` (reference empty, prediction non-empty), ``both_empty``,
+        ``metrics[name] = {"mean", "std", "median", "n"}`` over the cases where the metric is
+        defined (``n`` of them; NaN distances of one-empty cases are left out here) and
+        ``distances_worst_filled[name]`` for hd/hd95/assd with NaN replaced by the case's image
+        diagonal. ``foreground_mean`` averages the class means of the quality metrics, plus
+        ``<distance>_worst_filled``. Undefined statistics are NaN (``null`` in JSON).
+
+    Examples
+    --------
+    >>> rows = [{"case": "a", "class": 1, "dice": 0.0, "hd95": float("nan"),
+    ...          "n_ref": 5, "n_pred": 0, "image_diagonal_mm": 100.0}]
+    >>> s = summarize(rows)
+    >>> s["per_class"]["1"]["missed"], s["per_class"]["1"]["distances_worst_filled"]["hd95"]["mean"]
+    (1, 100.0)
+    """
+    if labels is None:
+        labels = sorted({int(r["class"]) for r in rows})
+    labels = [int(c) for c in labels]
+    names = {c: _class_name(class_names, c, rows) for c in labels}
+    per_class: dict[str, Any] = {}
+    for c in labels:
+        class_rows = [r for r in rows if int(r["class"]) == c]
+        n_ref = np.array([r["n_ref"] for r in class_rows])
+        n_pred = np.array([r["n_pred"] for r in class_rows])
+        stats = {
+            name: _stats([float(r[name]) for r in class_rows])
+            for name in SUMMARY_METRICS
+            if class_rows and name in class_rows[0]
+        }
+        worst = {
+            name: _stats([
+                float(r["image_diagonal_mm"]) if math.isnan(float(r[name])) else float(r[name])
+                for r in class_rows
+            ])
+            for name in DISTANCE_METRICS
+            if class_rows and name in class_rows[0]
+        }
+        per_class[str(c)] = {
+            "name": names[c],
+            "n_cases": len(class_rows),
+            "missed": int(np.sum((n_ref > 0) & (n_pred == 0))),
+            "spurious": int(np.sum((n_ref == 0) & (n_pred > 0))),
+            "both_empty": int(np.sum((n_ref == 0) & (n_pred == 0))),
+            "metrics": stats,
+            "distances_worst_filled": worst,
+        }
+    foreground: dict[str, float] = {}
+    for name in _FOREGROUND_METRICS:
+        foreground[name] = _mean_of_means([p["metrics"].get(name) for p in per_class.values()])
+    for name in DISTANCE_METRICS:
+        foreground[f"{name}_worst_filled"] = _mean_of_means(
+            [p["distances_worst_filled"].get(name) for p in per_class.values()]
+        )
+    return {
+        "n_cases": len({r["case"] for r in rows}),
+        "labels": labels,
+        "class_names": {str(c): names[c] for c in labels},
+        "definitions": {
+            "hd95": HD95_DEFINITION,
+            "worst_value": WORST_VALUE_DEFINITION,
+            "std": "population standard deviation (ddof=0) over cases",
+            "metrics": "mean/std/median over the cases where the metric is defined (n of them)",
+        },
+        "per_class": per_class,
+        "foreground_mean": foreground,
+    }
+
+
+def format_summary_markdown(summary: Mapping[str, Any]) -> str:
+    """A Markdown table of the main metrics per class (mean ± std) and the foreground mean.
+
+    Parameters
+    ----------
+    summary : dict
+        What :func:`evaluate_folders` or :func:`summarize` returns.
+
+    Returns
+    -------
+    table : str
+        The table plus a legend line.
+    """
+    header = (
+        "| class | name | dice | iou | hd95 (mm) | hd95, NaN = worst (mm) | assd (mm) | nsd "
+        "| missed | spurious |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for value, entry in summary["per_class"].items():
+        m, w = entry["metrics"], entry["distances_worst_filled"]
+        cells = [
+            value,
+            entry["name"],
+            _mean_std(m.get("dice"), 4),
+            _mean_std(m.get("iou"), 4),
+            _mean_std(m.get("hd95"), 2, show_n=entry["n_cases"]),
+            _mean_std(w.get("hd95"), 2),
+            _mean_std(m.get("assd"), 2, show_n=entry["n_cases"]),
+            _mean_std(m.get("nsd"), 4),
+            str(entry["missed"]),
+            str(entry["spurious"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    fg = summary["foreground_mean"]
+    columns = (
+        ("dice", 4), ("iou", 4), ("hd95", 2), ("hd95_worst_filled", 2), ("assd", 2), ("nsd", 4)
+    )
+    cells = ["fg", "**foreground mean**", *(_number(fg.get(k), d) for k, d in columns), "", ""]
+    lines.append("| " + " | ".join(cells) + " |")
+    tolerance = summary.get("tolerance_mm")
+    tau = f"NSD at tolerance_mm={_compact(tolerance)}; " if tolerance else ""
+    lines.append("")
+    lines.append(
+        f"{summary['n_cases']} cases, mean ± std. {tau}hd95 = max of the two directed 95th "
+        f"percentiles. (k/n): mean over the k of n cases where both masks are non-empty; "
+        f"'NaN = worst' counts the others as the image diagonal."
+    )
+    return "\n".join(lines)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _score_case(case_id: str, pred_path: Path, ref_path: Path, labels, tolerance_mm) -> CaseResult:
+    """Worker entry point: evaluate_case with the case named in any error."""
+    try:
+        return evaluate_case(
+            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id
+        )
+    except Exception as exc:
+        # Exceptions cross the process boundary without their traceback: name the case here.
+        message = f"Case {case_id!r} (pred {pred_path}, ref {ref_path}): {exc}"
+        try:
+            wrapped = type(exc)(message)
+        except Exception:  # exception types whose constructor wants other arguments
+            wrapped = RuntimeError(message)
+        raise wrapped from exc
+
+
+def _run_cases(jobs, *, labels, tolerance_mm, workers) -> list[CaseResult]:
+    if workers is None:
+        workers = _available_cores()
+    workers = max(1, min(int(workers), len(jobs)))
+    progress = tqdm(total=len(jobs), desc="Evaluating", unit="case")
+    results = []
+    try:
+        if workers == 1:
+            for job in jobs:
+                results.append(_score_case(*job, labels, tolerance_mm))
+                progress.update()
+        else:
+            # "spawn": the parent may have imported TensorFlow (run mode), whose threads make
+            # fork unsafe.
+            context = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            try:
+                futures = [pool.submit(_score_case, *job, labels, tolerance_mm) for job in jobs]
+                for future in as_completed(futures):
+                    results.append(future.result())
+                    progress.update()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        progress.close()
+    return sorted(results, key=lambda r: r.case_id)
+
+
+def _rows(results: list[CaseResult], labels, class_names, tolerance_mm) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        for c in labels:
+            metrics = result.metrics.get(c)
+            if metrics is None:
+                # Absent from both maps (labels were inferred after scoring): the both-empty row.
+                metrics = label_metrics(
+                    ConfusionCounts(tp=0, fp=0, fn=0, tn=result.n_voxels),
+                    SurfaceDistances.empty(),
+                    voxel_volume_ml=float(np.prod(result.spacing_mm)) / 1000.0,
+                    tolerance_mm=_tolerance(tolerance_mm, c),
+                )
+            rows.append({
+                "case": result.case_id,
+                "class": c,
+                "class_name": _class_name(class_names, c),
+                **metrics,
+                "image_diagonal_mm": result.image_diagonal_mm,
+            })
+    return rows
+
+
+def _list_label_files(folder: Path, argument: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Expected a folder of NIfTI label maps for {argument}. "
+            f"Received: {folder} (no such folder)"
+        )
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        # Dot-files include the temporary files of atomic writes in progress.
+        if path.name.startswith(".") or not path.name.endswith(NIFTI_SUFFIXES):
+            continue
+        if not path.is_file():
+            continue
+        case_id = strip_nifti_suffix(path.name)
+        if case_id in files:
+            raise ValueError(
+                f"Expected one file per case in {argument}. Received: {files[case_id].name} and "
+                f"{path.name} in {folder}"
+            )
+        files[case_id] = path
+    return files
+
+
+def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
+    """Compare shape and affine of every pair from the headers alone, before any voxel is read."""
+    problems = []
+    for case_id, (pred_path, ref_path) in pairs.items():
+        # Header only (nibabel loads voxel data lazily); segpipe.io.read_nifti would read all.
+        pred_img, ref_img = nib.load(str(pred_path)), nib.load(str(ref_path))
+        pred_shape, ref_shape = _spatial_shape(pred_img.shape), _spatial_shape(ref_img.shape)
+        if pred_shape != ref_shape:
+            problems.append(f"  {case_id}: shape pred {pred_img.shape} vs ref {ref_img.shape}")
+            continue
+        pred_affine, ref_affine = np.asarray(pred_img.affine), np.asarray(ref_img.affine)
+        if not np.allclose(pred_affine, ref_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
+            diff = float(np.max(np.abs(pred_affine - ref_affine)))
+            problems.append(
+                f"  {case_id}: affine differs by up to {diff:.4g} mm "
+                f"(pred {_affine_text(pred_affine)} vs ref {_affine_text(ref_affine)})"
+            )
+    if problems:
+        raise ValueError(
+            f"Expected each prediction to have the shape and affine of its reference (affine "
+            f"tolerance {AFFINE_ATOL_MM} mm + {AFFINE_RTOL} relative). Received {len(problems)} "
+            f"mismatching pair(s):\n" + "\n".join(problems)
+        )
+
+
+def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # A trailing singleton axis (x, y, z, 1) is a 3-D label map written as 4-D.
+    return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
+
+
+def _as_label_map(array: np.ndarray, path) -> np.ndarray:
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(f"Expected a 3-D label map in {path}. Received: shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        rounded = np.rint(array)
+        if not np.array_equal(rounded, array) or (rounded.size and rounded.min() < 0):
+            raise ValueError(
+                f"Expected whole non-negative label values in {path}. Received: dtype "
+                f"{array.dtype} with fractional or negative values (is this a probability map?)"
+            )
+        array = rounded.astype(np.min_scalar_type(int(rounded.max(initial=0))))
+    return array
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    defined = array[~np.isnan(array)]
+    if defined.size == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0}
+    return {
+        "mean": float(defined.mean()),
+        "std": float(defined.std()),
+        "median": float(np.median(defined)),
+        "n": int(defined.size),
+    }
+
+
+def _mean_of_means(stats: list[Mapping[str, float] | None]) -> float:
+    means = [s["mean"] for s in stats if s is not None and not math.isnan(s["mean"])]
+    return float(np.mean(means)) if means else math.nan
+
+
+def _class_name(class_names, value: int, rows: Sequence[Mapping[str, Any]] = ()) -> str:
+    if isinstance(class_names, Mapping):
+        if value in class_names:
+            return str(class_names[value])
+        if str(value) in class_names:
+            return str(class_names[str(value)])
+    elif class_names is not None and 0 <= value < len(class_names):
+        return str(class_names[value])
+    for row in rows:
+        if int(row["class"]) == value and row.get("class_name"):
+            return str(row["class_name"])
+    return f"class_{value}"
+
+
+def _tolerance(tolerance_mm, value: int) -> float:
+    if isinstance(tolerance_mm, Mapping):
+        return float(tolerance_mm[value])
+    return float(tolerance_mm)
+
+
+def _to_csv(rows: list[dict[str, Any]]) -> str:
+    columns = ["case", "class", "class_name", *METRIC_NAMES, "image_diagonal_mm"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in columns})  # floats in repr form, NaN as "nan"
+    return buffer.getvalue()
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf become null: strict JSON has no such numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _short_list(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _affine_text(affine: np.ndarray) -> str:
+    text = np.array2string(affine[:3], precision=4, suppress_small=True, separator=",")
+    return text.replace("\n", "")
+
+
+def _mean_std(stats: Mapping[str, float] | None, digits: int, *, show_n: int | None = None) -> str:
+    if stats is None or stats["n"] == 0:
+        return "n/a"
+    text = f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    if show_n is not None and stats["n"] != show_n:
+        text += f" ({stats['n']}/{show_n})"
+    return text
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _compact(tolerance: Mapping[str, float]) -> str:
+    values = set(tolerance.values())
+    if len(values) == 1:
+        return f"{values.pop():g}"
+    return ", ".join(f"{k}: {v:g}" for k, v in tolerance.items())
