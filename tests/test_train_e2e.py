@@ -1,0 +1,91 @@
+"""A tiny end-to-end run: train.py -> run directory -> evaluate.py; resume after a crash."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import evaluate
+import train
+from segpipe.checkpoints import RunCheckpoint
+from segpipe.config import load_config
+from segpipe.io import read_nifti
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_then_evaluate(tiny_overrides, tmp_path, phantom_root):
+    assert train.main(["--set", *tiny_overrides, "name=e2e"]) == 0
+    run_dir = tmp_path / "runs" / "e2e"
+    for name in ("config.yaml", "splits.json", "history.csv", "model.keras", "checkpoints/best.keras",
+                 "checkpoints/last/model.keras", "checkpoints/last/state.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard" / "train").iterdir())
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished"}
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.train.epochs == 2 and resolved.data.patch_size == [16, 16, 16]
+
+    history = read_history(run_dir)
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    for column in ("loss", "val_loss", "val_dice_organ", "val_dice_lesion", "val_dice_fg_mean"):
+        assert column in history[0], column
+
+    split = json.loads((run_dir / "splits.json").read_text())
+    assert len(split["val"]) == 2 and len(split["train"]) == 4
+    assert not set(split["val"]) & set(split["train"])
+
+    # a finished run is not trained again
+    assert train.main(["--set", *tiny_overrides, "name=e2e"]) == 0
+    assert len(read_history(run_dir)) == 2
+
+    assert evaluate.main([str(run_dir)]) == 0
+    for case_id in split["val"]:
+        prediction = read_nifti(run_dir / "predictions" / f"{case_id}.nii.gz")
+        image = read_nifti(phantom_root / "imagesTr" / f"{case_id}.nii.gz")
+        assert prediction.array.shape == image.array.shape
+        np.testing.assert_allclose(prediction.affine, image.affine)
+        assert np.issubdtype(prediction.array.dtype, np.integer)
+    with open(run_dir / "evaluation" / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["case"] for row in rows} == set(split["val"])
+    assert all(0.0 <= float(row["dice"]) <= 1.0 for row in rows)
+    assert (run_dir / "evaluation" / "summary.json").is_file()
+
+
+def test_unfinished_run_needs_resume_or_overwrite(tiny_overrides, tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text('{"status": "running"}')
+    assert train.main(["--set", *tiny_overrides, "name=x"]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_overrides, tmp_path, monkeypatch):
+    assert train.main(["--set", *tiny_overrides, "name=straight"]) == 0
+
+    original = RunCheckpoint.on_epoch_end
+
+    def crash_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated crash after the first checkpoint")
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--set", *tiny_overrides, "name=crashed"])
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", original)
+    crashed = tmp_path / "runs" / "crashed"
+    assert json.loads((crashed / "status.json").read_text())["status"] == "running"
+    assert len(read_history(crashed)) == 1
+
+    assert train.main(["--resume", str(crashed)]) == 0
+    straight = read_history(tmp_path / "runs" / "straight")
+    resumed = read_history(crashed)
+    assert [r["epoch"] for r in resumed] == ["1", "2"]  # no duplicated or missing epochs
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "val_loss", "val_dice_fg_mean"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
