@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from segpipe.metrics.surface import SurfaceDistances, surface_distances, surface_metrics
+from segpipe.metrics.surface import SurfaceDistances, _check_spacing, surface_distances, surface_metrics
 
 __all__ = [
     "ConfusionCounts",
@@ -339,16 +339,6 @@ def _check_labels(labels: Iterable[int]) -> list[int]:
             f"Expected distinct positive label values (0 is background). Received: labels={values}"
         )
     return values
-
-
-def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
-    spacing = tuple(float(s) for s in np.atleast_1d(spacing_mm))
-    if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(
-            f"Expected spacing_mm with {ndim} positive finite values (one per array axis). "
-            f"Received: spacing_mm={spacing_mm}"
-        )
-    return spacing
 
 
 def _check_tolerance(
