@@ -228,6 +228,34 @@ def evaluate_folders(
     return summary
 
 
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    tolerance_mm: float | Mapping[int, float] = 1.0,
+    workers: int | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Predict a trained run's validation cases and score them; returns (summary, output folder).
+
+    Predictions go to ``RUN_DIR/predictions``, scores to ``out_dir`` (default ``RUN_DIR/evaluation``).
+    Imports TensorFlow (seconds), so only call it when a model must run.
+    """
+    from segpipe.inference import predict_run
+
+    run_dir = Path(run_dir)
+    pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    summary = evaluate_folders(
+        pred_dir, ref_dir, out,
+        labels=labels if labels is not None else run_labels,
+        class_names=class_names if class_names is not None else run_names,
+        tolerance_mm=tolerance_mm, workers=workers,
+    )
+    return summary, out
+
+
 def summarize(
     rows: Sequence[Mapping[str, Any]],
     *,

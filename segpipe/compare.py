@@ -1,0 +1,371 @@
+"""Compare several trained runs on the same cases: tables, paired statistics, plots, a report.
+
+Runs are grouped by configuration (a run named ``<config>_fold<k>`` belongs to ``<config>``), and
+each group's per-case tables are pooled over its folds, so with k-fold training every case is
+scored once, out of fold. Comparisons are paired by (case, class): runs must have been trained on
+the same dataset with the same splits, or the comparison is refused.
+
+Statistics, per class and metric, of every configuration against a reference configuration:
+the Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided; zero differences dropped, as
+in Wilcoxon's original test; exact distribution for small samples), the number of cases where each
+side is better, and Holm's step-down correction over all the comparisons of the report.
+Distances (HD95, ASSD) of cases where one mask is empty are undefined (NaN); for the statistics
+they count as the worst possible value, the case's image diagonal in mm, so missing a structure
+is never rewarded.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from segpipe.io import read_json, write_json, write_text
+
+METRICS = ("dice", "iou", "hd95", "assd", "nsd")
+LOWER_IS_BETTER = {"hd95", "assd"}
+DISTANCES = {"hd95", "assd"}
+FOLD_SUFFIX = re.compile(r"_fold(\d+)$")
+
+
+class ComparisonError(ValueError):
+    """Runs that cannot be compared pairwise (different data or splits), or nothing to compare."""
+
+
+@dataclass
+class ConfigRuns:
+    """The runs of one configuration (one per fold) and their pooled per-case rows."""
+
+    name: str
+    run_dirs: list[Path]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, metric: str, label: int) -> dict[str, float]:
+        """case id -> value of ``metric`` for class ``label``; distances NaN -> image diagonal."""
+        out = {}
+        for row in self.rows:
+            if row["class"] == label:
+                value = row[metric]
+                if metric in DISTANCES and math.isnan(value):
+                    value = row["image_diagonal_mm"]
+                out[row["case"]] = value
+        return out
+
+
+# ---------------------------------------------------------------- finding and checking runs
+
+
+def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders among ``paths``: each path is a run (has config.yaml) or an experiment folder of runs."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "config.yaml").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            runs += sorted(p for p in path.iterdir() if (p / "config.yaml").is_file())
+        else:
+            raise ComparisonError(f"Expected a run folder or an experiment folder of runs. Received: {path} (not found)")
+    if not runs:
+        raise ComparisonError(f"Expected run folders (with config.yaml) in {[str(p) for p in paths]}. Found none")
+    return runs
+
+
+def group_runs(run_dirs: Sequence[Path]) -> list[ConfigRuns]:
+    """Group run folders by configuration name, in order of first appearance."""
+    groups: dict[str, ConfigRuns] = {}
+    for run_dir in run_dirs:
+        name = FOLD_SUFFIX.sub("", run_dir.name)
+        groups.setdefault(name, ConfigRuns(name, [])).run_dirs.append(run_dir)
+    return list(groups.values())
+
+
+def _run_identity(run_dir: Path) -> tuple[str, int | None, str]:
+    """(dataset root, fold, split as canonical JSON) of a run, for the pairing check."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = config.get("data", {})
+    split_path = run_dir / "splits.json"
+    if not split_path.is_file():
+        raise ComparisonError(f"{run_dir}: no splits.json; it is not a trained run")
+    split = read_json(split_path)
+    root = str(Path(data.get("root", "")).resolve())
+    return root, data.get("fold"), yaml.safe_dump(split, sort_keys=True)
+
+
+def check_comparable(groups: Sequence[ConfigRuns]) -> None:
+    """Refuse runs that did not see the same dataset and the same splits, naming the offenders."""
+    reference = groups[0]
+    ref_ids = {}
+    for run_dir in reference.run_dirs:
+        root, fold, split = _run_identity(run_dir)
+        ref_ids[fold] = (root, split, run_dir)
+    problems = []
+    for group in groups[1:]:
+        folds_seen = set()
+        for run_dir in group.run_dirs:
+            root, fold, split = _run_identity(run_dir)
+            folds_seen.add(fold)
+            if fold not in ref_ids:
+                problems.append(f"{run_dir} is fold {fold}, which {reference.name} does not have")
+                continue
+            ref_root, ref_split, ref_dir = ref_ids[fold]
+            if root != ref_root:
+                problems.append(f"{run_dir} used dataset {root}, {ref_dir} used {ref_root}")
+            elif split != ref_split:
+                problems.append(f"{run_dir} and {ref_dir} have different splits (splits.json)")
+        if folds_seen != set(ref_ids):
+            problems.append(f"{group.name} has folds {sorted(map(str, folds_seen))}, {reference.name} has {sorted(map(str, ref_ids))}")
+    if problems:
+        raise ComparisonError(
+            "Cannot compare these runs pairwise: they must use the same dataset and the same splits.\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def load_per_case(path: Path) -> list[dict[str, Any]]:
+    """Rows of an evaluation's per_case.csv with numbers parsed (NaN kept)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["class"] = int(row["class"])
+        for key in (*METRICS, "image_diagonal_mm"):
+            row[key] = float(row[key]) if row[key] not in ("", "nan", "NaN") else float("nan")
+    return rows
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def paired_test(reference: Sequence[float], other: Sequence[float], *, lower_is_better: bool = False) -> dict[str, Any]:
+    """Wilcoxon signed-rank test of ``other`` against ``reference`` (paired, two-sided).
+
+    Returns ``n`` (pairs), ``wins`` / ``losses`` / ``ties`` (cases where ``other`` is better /
+    worse / equal), ``statistic`` and ``p`` (1.0 when every difference is zero).
+
+    >>> paired_test([0.5] * 6, [0.6, 0.7, 0.8, 0.9, 1.0, 1.1])["p"]
+    0.03125
+    """
+    from scipy import stats
+
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"Expected paired samples of equal length. Received: {a.shape} and {b.shape}")
+    diff = b - a
+    better = diff < 0 if lower_is_better else diff > 0
+    worse = diff > 0 if lower_is_better else diff < 0
+    result = {"n": int(a.size), "wins": int(better.sum()), "losses": int(worse.sum()), "ties": int((diff == 0).sum())}
+    if not np.any(diff != 0):
+        return {**result, "statistic": 0.0, "p": 1.0}
+    test = stats.wilcoxon(b, a, zero_method="wilcox", alternative="two-sided")
+    return {**result, "statistic": float(test.statistic), "p": float(test.pvalue)}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order.
+
+    >>> holm([0.01, 0.04, 0.03])
+    [0.03, 0.06, 0.06]
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return [round(float(v), 12) for v in out]
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def compare(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names: dict[int, str]) -> dict[str, Any]:
+    """Summary per class/metric/config and paired tests of every config against the first."""
+    summary = []
+    for label in labels:
+        for metric in METRICS:
+            for group in groups:
+                values = np.array(list(group.values(metric, label).values()), dtype=np.float64)
+                raw = np.array([r[metric] for r in group.rows if r["class"] == label], dtype=np.float64)
+                summary.append({
+                    "class": label, "class_name": class_names.get(label, str(label)), "metric": metric,
+                    "config": group.name, "n": int(values.size),
+                    "mean": float(np.mean(values)) if values.size else float("nan"),
+                    "std": float(np.std(values)) if values.size else float("nan"),
+                    "median": float(np.median(values)) if values.size else float("nan"),
+                    "undefined": int(np.isnan(raw).sum()),  # distances counted at the worst value
+                })
+    tests = []
+    reference = groups[0]
+    for group in groups[1:]:
+        for label in labels:
+            for metric in METRICS:
+                ref_values, values = reference.values(metric, label), group.values(metric, label)
+                cases = sorted(set(ref_values) & set(values))
+                if set(ref_values) != set(values):
+                    raise ComparisonError(
+                        f"{group.name} and {reference.name} scored different cases for class {label}: "
+                        f"only in {reference.name}: {sorted(set(ref_values) - set(values))}, "
+                        f"only in {group.name}: {sorted(set(values) - set(ref_values))}"
+                    )
+                result = paired_test([ref_values[c] for c in cases], [values[c] for c in cases],
+                                     lower_is_better=metric in LOWER_IS_BETTER)
+                tests.append({"config": group.name, "reference": reference.name, "class": label,
+                              "class_name": class_names.get(label, str(label)), "metric": metric, **result})
+    for test, p_holm in zip(tests, holm([t["p"] for t in tests]) if tests else []):
+        test["p_holm"] = p_holm
+    return {"reference": reference.name, "configs": [g.name for g in groups], "summary": summary, "tests": tests}
+
+
+def _fmt(value: float, metric: str) -> str:
+    return "n/a" if math.isnan(value) else (f"{value:.2f}" if metric in DISTANCES else f"{value:.4f}")
+
+
+def markdown_tables(result: dict[str, Any], labels: Sequence[int], class_names: dict[int, str]) -> str:
+    """One table per class (configs × metrics, mean ± std (median), best bold), then the foreground mean and tests."""
+    lines = []
+    summary = result["summary"]
+    for label in [*labels, "fg"]:
+        title = "foreground mean" if label == "fg" else f"class {label} ({class_names.get(label, label)})"
+        lines += [f"### {title}", "", "| config | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        cells: dict[tuple[str, str], float] = {}
+        for config in result["configs"]:
+            for metric in METRICS:
+                rows = [s for s in summary if s["config"] == config and s["metric"] == metric
+                        and (label == "fg" or s["class"] == label)]
+                cells[config, metric] = float(np.mean([r["mean"] for r in rows]))
+        best = {m: (min if m in LOWER_IS_BETTER else max)(cells[c, m] for c in result["configs"]) for m in METRICS}
+        for config in result["configs"]:
+            row = [config]
+            for metric in METRICS:
+                text = _fmt(cells[config, metric], metric)
+                if label != "fg":
+                    (s,) = [s for s in summary if s["config"] == config and s["metric"] == metric and s["class"] == label]
+                    text = f"{text} ± {_fmt(s['std'], metric)} ({_fmt(s['median'], metric)})"
+                row.append(f"**{text}**" if cells[config, metric] == best[metric] else text)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if result["tests"]:
+        lines += [f"### Paired tests against `{result['reference']}`", "",
+                  "Wilcoxon signed-rank over cases, two-sided; wins/losses = cases where the config is better/worse "
+                  "than the reference; p (Holm) corrected over all rows of this table.", "",
+                  "| config | class | metric | n | wins | losses | ties | p | p (Holm) |", "|---" * 9 + "|"]
+        for t in result["tests"]:
+            lines.append(f"| {t['config']} | {t['class_name']} | {t['metric']} | {t['n']} | {t['wins']} | "
+                         f"{t['losses']} | {t['ties']} | {t['p']:.4g} | {t['p_holm']:.4g} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_boxes(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names: dict[int, str], metric: str, path: Path) -> None:
+    """Box plots of ``metric`` per class (one panel each) and configuration (one box each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(labels), figsize=(1.2 + 1.4 * len(groups) * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        data = [list(g.values(metric, label).values()) for g in groups]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(groups) + 1), [g.name for g in groups], rotation=30, ha="right")
+        ax.set_title(class_names.get(label, str(label)))
+        ax.set_ylabel(f"{metric} (mm)" if metric in DISTANCES else metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, str], labels: Sequence[int], path: Path) -> None:
+    """Training loss, validation loss and validation Dice per class of every run, on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["loss", "val_loss"] + [f"val_dice_{class_names.get(v, v)}" for v in labels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, group in enumerate(groups):
+        for j, run_dir in enumerate(group.run_dirs):
+            history = _read_history(run_dir / "history.csv")
+            for ax, key in zip(axes[0], panels):
+                if history and key in history[0]:
+                    ax.plot([float(r["epoch"]) for r in history], [float(r[key]) for r in history],
+                            color=colors[i % len(colors)], alpha=0.9, label=group.name if j == 0 else None)
+    for ax, key in zip(axes[0], panels):
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from segpipe.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the whole report
+
+
+def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: dict[int, str]) -> dict[str, Any]:
+    """Write report.md, comparison.csv, comparison.json and the PNG plots into ``out_dir``."""
+    labels = sorted({r["class"] for g in groups for r in g.rows})
+    result = compare(groups, labels, class_names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_boxes(groups, labels, class_names, "dice", out_dir / "boxplot_dice.png")
+    plot_boxes(groups, labels, class_names, "hd95", out_dir / "boxplot_hd95.png")
+    plot_training_curves(groups, class_names, labels, out_dir / "training_curves.png")
+
+    columns = ["config", "run", "case", "class", "class_name", *METRICS, "image_diagonal_mm"]
+    lines = [",".join(columns)]
+    for group in groups:
+        for row in group.rows:
+            lines.append(",".join(str({**row, "config": group.name}.get(c, "")) for c in columns))
+    write_text(out_dir / "comparison.csv", "\n".join(lines) + "\n")
+    write_json(out_dir / "comparison.json", _nan_to_none(result))
+
+    tables = markdown_tables(result, labels, class_names)
+    runs = "\n".join(f"- `{g.name}`: " + ", ".join(f"`{d}`" for d in g.run_dirs) for g in groups)
+    report = (
+        "# Comparison\n\n"
+        f"Configurations (reference first):\n{runs}\n\n"
+        "Per class: mean ± std (median) over cases; best mean in bold. HD95/ASSD in mm, with undefined "
+        "distances (one mask empty) counted as the image diagonal.\n\n"
+        f"{tables}\n"
+        "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n![Training curves](training_curves.png)\n"
+    )
+    write_text(out_dir / "report.md", report)
+    result["markdown"] = tables
+    return result
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
