@@ -58,3 +58,20 @@ def test_refuses_to_overwrite(tmp_path):
     (tmp_path / "ds").mkdir()
     with pytest.raises(FileExistsError, match="ds"):
         write_phantom_dataset(tmp_path / "ds", PhantomSettings(num_cases=2, shape=(8, 8, 8)))
+
+
+def test_command_line_script(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "data_prep" / "make_phantoms.py"
+    args = [sys.executable, str(script), str(tmp_path / "ds"), "--num-cases", "2", "--shape", "12", "12", "8",
+            "--spacing-mm", "1", "1", "2.5", "--seed", "5"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    dataset = load_dataset(tmp_path / "ds")
+    assert len(dataset.cases) == 2
+    assert read_nifti(dataset.cases[0].image_paths[0]).spacing_mm == (1.0, 1.0, 2.5)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "exists" in again.stderr
