@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Segment NIfTI scans with an exported bundle, or export a bundle from a trained run.
+
+    python predict.py --model runs/default/bundle --input scans/ --output predictions/
+    python predict.py --model BUNDLE --input scan.nii.gz --output out/ --format savedmodel --no-mirror
+    python predict.py export runs/default [--checkpoint best|last|final] [--out DIR] [--onnx]
+
+See docs/inference.md.
+"""
+from __future__ import annotations
+
+import sys
+
+import segpipe  # noqa: F401  (sets TensorFlow's environment before it is imported)
+from segpipe.cli import predict_main as main
+
+if __name__ == "__main__":
+    sys.exit(main())

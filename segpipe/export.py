@@ -1,0 +1,615 @@
+"""Deployable model bundles: write one from a trained model or run, read and check one, load its network.
+
+A bundle is a folder with everything prediction on a new scan needs and nothing from the training
+run (no run directory, no dataset)::
+
+    BUNDLE/
+      bundle.json    classes, input channels, preprocessing (target spacing, normalisation and its
+                     statistics, cropping), orientation, patch size, inference settings, versions,
+                     the training config, and the files below
+      model.keras    the network with a single full-resolution softmax output (deep-supervision
+                     heads dropped); only standard Keras layers, loads in safe mode
+      savedmodel/    TensorFlow SavedModel; signature ``serving_default``: input ``image`` float32
+                     (B, X, Y, Z, Cin), any spatial size the network divides, output ``output_0``
+                     probabilities (B, X, Y, Z, C)
+      model.onnx     optional (``onnx=True``, needs ``pip install "segpipe[onnx]"``); same input and output
+
+The folder is written under a temporary name and renamed into place, and ``bundle.json`` is written
+last, so a crash never leaves a bundle that looks complete. After writing, the SavedModel and ONNX
+files are loaded back and checked against the Keras model on a random patch (max abs probability
+difference ≤ ``VERIFY_TOLERANCE``); the differences are recorded in ``bundle.json``.
+
+:func:`read_bundle` validates ``bundle.json`` and the files it names and raises :class:`BundleError`
+naming the file or key that is wrong. :func:`load_predictor` turns a bundle into a
+``predict_fn`` for :func:`segpipe.sliding_window.sliding_window_predict`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import segpipe
+from segpipe.data.preprocess import PreprocessSettings
+from segpipe.io import read_json, write_json
+from segpipe.sliding_window import PredictFn, keras_predict_fn
+
+BUNDLE_FORMAT = "segpipe-bundle"
+BUNDLE_VERSION = 1
+FORMATS = ("keras", "savedmodel", "onnx")
+FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx"}
+SIGNATURE = "serving_default"
+INPUT_NAME = "image"
+VERIFY_TOLERANCE = 1e-4
+CHECKPOINTS = ("best", "last", "final")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file or key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a bundle predicts a volume (stored in ``bundle.json``; each may be overridden per call).
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
+        mirror_axes: spatial axes mirrored for test-time augmentation (every subset is averaged);
+            ``()`` switches mirroring off.
+        batch_size: windows per network call (2 is 10-30 % faster than 1 on 2 CPU cores).
+        sigma_scale: σ of the Gaussian window weighting as a fraction of the window side.
+        postprocess_largest_component: label values for which only the largest connected component
+            is kept.
+    """
+
+    overlap: float = 0.5
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 2
+    sigma_scale: float = 0.125
+    postprocess_largest_component: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)) or not 0 <= self.overlap < 1:
+            raise ValueError(f"Invalid value for `overlap`. Expected a number in [0, 1). Received: overlap={self.overlap!r}")
+        axes = tuple(self.mirror_axes)
+        if len(set(axes)) != len(axes) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in axes):
+            raise ValueError(f"Invalid value for `mirror_axes`. Expected distinct axes out of (0, 1, 2). Received: mirror_axes={list(axes)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"Invalid value for `batch_size`. Expected an integer >= 1. Received: batch_size={self.batch_size!r}")
+        if isinstance(self.sigma_scale, bool) or not isinstance(self.sigma_scale, (int, float)) or self.sigma_scale <= 0:
+            raise ValueError(f"Invalid value for `sigma_scale`. Expected a number > 0. Received: sigma_scale={self.sigma_scale!r}")
+        classes = tuple(self.postprocess_largest_component)
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255 for c in classes):
+            raise ValueError(
+                f"Invalid value for `postprocess_largest_component`. Expected label values in 1..255. "
+                f"Received: postprocess_largest_component={list(classes)}"
+            )
+        object.__setattr__(self, "overlap", float(self.overlap))
+        object.__setattr__(self, "mirror_axes", tuple(sorted(axes)))
+        object.__setattr__(self, "sigma_scale", float(self.sigma_scale))
+        object.__setattr__(self, "postprocess_largest_component", tuple(sorted(set(classes))))
+
+    @classmethod
+    def from_object(cls, source: Any) -> "InferenceSettings":
+        """Build from a mapping or any object with these attribute names (e.g. a config section)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(source, Mapping):
+            unknown = sorted(set(source) - set(names))
+            if unknown:
+                raise ValueError(f"Unknown inference setting(s) {unknown}. Expected keys out of {names}")
+            values = dict(source)
+        else:
+            values = {n: getattr(source, n) for n in names if hasattr(source, n)}
+        for key in ("mirror_axes", "postprocess_largest_component"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle folder (see :func:`read_bundle`)."""
+
+    path: Path
+    class_names: tuple[str, ...]  # indexed by label value = output channel
+    input_channels: int
+    channel_names: tuple[str, ...]
+    preprocessing: PreprocessSettings
+    orientation: str
+    patch_size: tuple[int, int, int]
+    inference: InferenceSettings
+    files: dict[str, str]  # format -> path relative to the bundle
+    versions: dict[str, str]
+    training_config: dict[str, Any] = field(repr=False)
+    meta: dict[str, Any] = field(repr=False)  # the whole bundle.json
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def file(self, fmt: str) -> Path:
+        """Path of the model file of format ``fmt`` (``keras``, ``savedmodel``, ``onnx``)."""
+        if fmt not in FORMATS:
+            raise ValueError(f"Invalid value for `format`. Expected one of {FORMATS}. Received: format={fmt!r}")
+        if fmt not in self.files:
+            hint = " (export with onnx=True / --onnx)" if fmt == "onnx" else ""
+            raise BundleError(f"{self.path / 'bundle.json'}: files: expected a '{fmt}' model{hint}. Received: {sorted(self.files)}")
+        return self.path / self.files[fmt]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def inference_model(model):
+    """The network with one output, the full-resolution softmax, as a plain functional Keras model.
+
+    A deep-supervision model lists its full-resolution output first; the lower heads only serve the
+    training loss. The result shares the layers (and weights) of ``model``.
+    """
+    import keras
+
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
+        raise ValueError(f"Expected a functional Keras model (with inputs and outputs). Received: {type(model).__name__}")
+    return keras.Model(model.inputs, model.outputs[0], name=model.name)
+
+
+def write_bundle(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    class_names: Sequence[str],
+    preprocessing: PreprocessSettings,
+    patch_size: Sequence[int],
+    channel_names: Sequence[str] | None = None,
+    inference: InferenceSettings | Mapping[str, Any] | None = None,
+    training_config: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+    onnx: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle for ``model`` (a trained segpipe U-Net, deep supervision or not) to ``out_dir``.
+
+    Args:
+        model: the trained Keras model (softmax output(s), channels-last input).
+        out_dir: the bundle folder to create.
+        class_names: names indexed by label value; one per output channel.
+        preprocessing: the resolved preprocessing of training (target spacing, normalisation
+            statistics); new scans go through exactly this.
+        patch_size: the training patch size, used as the sliding window.
+        channel_names: names of the input channels (defaults to ``channel_<i>``).
+        inference: default inference settings stored in the bundle.
+        training_config: the run's resolved config (stored for provenance).
+        source: free-form provenance (run directory, checkpoint).
+        onnx: also write ``model.onnx`` (needs tf2onnx).
+        verify: load the SavedModel (and ONNX) back and check it against Keras.
+        overwrite: replace an existing ``out_dir``.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        ImportError: ``onnx=True`` without tf2onnx installed.
+        BundleError: an exported format disagrees with Keras by more than ``VERIFY_TOLERANCE``.
+    """
+    import tensorflow as tf
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"Bundle folder {out_dir} exists. Use overwrite=True (--overwrite) or another folder.")
+    if onnx and importlib.util.find_spec("tf2onnx") is None:
+        raise ImportError('ONNX export needs tf2onnx. Install the onnx extra: pip install "segpipe[onnx]"')
+    if not isinstance(preprocessing, PreprocessSettings):
+        raise TypeError(f"Expected preprocessing to be a PreprocessSettings. Received: {type(preprocessing).__name__}")
+    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_object(inference or {})
+    patch_size = tuple(int(s) for s in patch_size)
+    if len(patch_size) != 3 or min(patch_size) < 1:
+        raise ValueError(f"Expected patch_size of 3 positive sizes. Received: patch_size={list(patch_size)}")
+
+    net = inference_model(model)
+    in_channels, num_classes = int(net.inputs[0].shape[-1]), int(net.outputs[0].shape[-1])
+    class_names = [str(n) for n in class_names]
+    if len(class_names) != num_classes:
+        raise ValueError(f"Expected one class name per model output channel ({num_classes}). Received: {len(class_names)} names {class_names}")
+    channel_names = [str(n) for n in channel_names] if channel_names else [f"channel_{i}" for i in range(in_channels)]
+    if len(channel_names) != in_channels:
+        raise ValueError(f"Expected one channel name per model input channel ({in_channels}). Received: {channel_names}")
+    bad = [c for c in inference.postprocess_largest_component if c >= num_classes]
+    if bad:
+        raise ValueError(f"Expected postprocess_largest_component values below the class count {num_classes}. Received: {bad}")
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = {"keras": FILES["keras"], "savedmodel": FILES["savedmodel"]}
+        net.save(tmp / FILES["keras"])
+        signature = [tf.TensorSpec((None, None, None, None, in_channels), tf.float32, name=INPUT_NAME)]
+        net.export(str(tmp / FILES["savedmodel"]), format="tf_saved_model", input_signature=signature, verbose=False)
+        if onnx:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # numpy 2 deprecations inside tf2onnx
+                net.export(str(tmp / FILES["onnx"]), format="onnx", input_signature=signature, verbose=False)
+            files["onnx"] = FILES["onnx"]
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "classes": [{"value": v, "name": n} for v, n in enumerate(class_names)],
+            "input_channels": in_channels,
+            "channel_names": channel_names,
+            "orientation": "RAS",
+            "preprocessing": preprocessing.to_dict(),
+            "patch_size": list(patch_size),
+            "inference": inference.to_dict(),
+            "files": files,
+            "signature": {"name": SIGNATURE, "input": INPUT_NAME},
+            "versions": _versions(onnx),
+            "source": dict(source or {}),
+            "training_config": dict(training_config or {}),
+        }
+        if verify:
+            meta["verification"] = _verify(net, tmp, files, patch_size, in_channels)
+        write_json(tmp / "bundle.json", meta)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    checkpoint: str = "best",
+    onnx: bool = False,
+    overwrite: bool = False,
+    inference: InferenceSettings | Mapping[str, Any] | None = None,
+    preprocessing: PreprocessSettings | None = None,
+    class_names: Sequence[str] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write the bundle of a trained run (default ``RUN_DIR/bundle``).
+
+    Args:
+        run_dir: the run directory (``config.yaml``, ``preprocessing.json``, checkpoints).
+        out_dir: bundle folder; defaults to ``RUN_DIR/bundle``.
+        checkpoint: ``"best"`` (``checkpoints/best.keras``), ``"last"`` (the last finished epoch),
+            ``"final"`` (``model.keras``), or a path to a ``.keras`` file.
+        onnx: also write ``model.onnx``.
+        overwrite: replace an existing bundle folder.
+        inference: inference settings; default: the run config's ``inference`` section if it has
+            one, else :class:`InferenceSettings` defaults.
+        preprocessing: defaults to ``RUN_DIR/preprocessing.json`` (written at training time).
+        class_names: defaults to the classes of the run's dataset (``data.root``); ``class_<v>`` if
+            that folder is not readable.
+        verify: check the SavedModel/ONNX against Keras after writing.
+    """
+    import keras
+
+    from segpipe.checkpoints import find_last_checkpoint
+    from segpipe.training import load_run_config
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    model_path = _checkpoint_path(run_dir, checkpoint, find_last_checkpoint)
+    if preprocessing is None:
+        preprocessing = read_preprocessing(run_dir / "preprocessing.json")
+    try:
+        model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
+    except Exception as exc:
+        raise ValueError(f"Cannot load model {model_path}: {exc}") from exc
+    num_classes = int(inference_model(model).outputs[0].shape[-1])
+    channel_names = None
+    if class_names is None:
+        class_names, channel_names = _dataset_names(config.data.root, num_classes)
+    if inference is None:
+        inference = InferenceSettings.from_object(getattr(config, "inference", None) or {})
+    return write_bundle(
+        model,
+        Path(out_dir) if out_dir is not None else run_dir / "bundle",
+        class_names=class_names,
+        preprocessing=preprocessing,
+        patch_size=config.data.patch_size,
+        channel_names=channel_names,
+        inference=inference,
+        training_config=config.to_dict(),
+        source={"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint, "model_file": str(model_path.resolve())},
+        onnx=onnx,
+        verify=verify,
+        overwrite=overwrite,
+    )
+
+
+def read_preprocessing(path: str | os.PathLike) -> PreprocessSettings:
+    """Rebuild :class:`PreprocessSettings` from a JSON dict (``dataclasses.asdict`` of it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Expected the run's resolved preprocessing in {path} (written at training time). "
+            f"Received: no such file; pass preprocessing=PreprocessSettings(...) to export an older run"
+        )
+    return _preprocessing_from_dict(read_json(path), str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """Read and validate a bundle folder (or its ``bundle.json``).
+
+    Raises:
+        BundleError: the folder or ``bundle.json`` is missing, the JSON is invalid, a key is missing
+            or has a wrong type or value, the format version is not supported, or a model file it
+            names is missing. The message names the file or key.
+    """
+    path = Path(path)
+    if path.name == "bundle.json" and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise BundleError(f"Expected a bundle folder. Received: {path} (no such folder)")
+    json_path = path / "bundle.json"
+    if not json_path.is_file():
+        raise BundleError(f"Expected {json_path} in the bundle. Received: no such file (incomplete bundle?)")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"Invalid JSON in {json_path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{json_path}: expected a JSON object. Received: {type(meta).__name__}")
+    where = str(json_path)
+
+    def get(key: str, kind: type | tuple[type, ...], description: str) -> Any:
+        if key not in meta:
+            raise BundleError(f"{where}: missing required key '{key}' ({description})")
+        value = meta[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise BundleError(f"{where}: '{key}': expected {description}. Received: {value!r}")
+        return value
+
+    if get("format", str, f"the string {BUNDLE_FORMAT!r}") != BUNDLE_FORMAT:
+        raise BundleError(f"{where}: 'format': expected {BUNDLE_FORMAT!r}. Received: {meta['format']!r} (not a segpipe bundle)")
+    version = get("format_version", int, f"the integer {BUNDLE_VERSION}")
+    if version != BUNDLE_VERSION:
+        newer = " (written by a newer segpipe; upgrade segpipe)" if version > BUNDLE_VERSION else ""
+        raise BundleError(f"{where}: 'format_version': expected {BUNDLE_VERSION}. Received: {version}{newer}")
+
+    classes = get("classes", list, "a list of {'value': int, 'name': str}")
+    if len(classes) < 2 or any(
+        not isinstance(c, dict) or c.get("value") != i or not isinstance(c.get("name"), str) for i, c in enumerate(classes)
+    ):
+        raise BundleError(f"{where}: 'classes': expected at least 2 entries {{'value': i, 'name': str}} with values 0, 1, 2, ... in order. Received: {classes!r}")
+    input_channels = get("input_channels", int, "a positive integer")
+    if input_channels < 1:
+        raise BundleError(f"{where}: 'input_channels': expected a positive integer. Received: {input_channels}")
+    channel_names = meta.get("channel_names") or [f"channel_{i}" for i in range(input_channels)]
+    if not isinstance(channel_names, list) or len(channel_names) != input_channels:
+        raise BundleError(f"{where}: 'channel_names': expected {input_channels} names. Received: {channel_names!r}")
+    orientation = get("orientation", str, "'RAS'")
+    if orientation != "RAS":
+        raise BundleError(f"{where}: 'orientation': expected 'RAS' (the only one preprocessing produces). Received: {orientation!r}")
+    preprocessing = _preprocessing_from_dict(get("preprocessing", dict, "the preprocessing settings"), f"{where}: 'preprocessing'", BundleError)
+    patch_size = get("patch_size", list, "3 positive sizes")
+    if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
+        raise BundleError(f"{where}: 'patch_size': expected 3 positive integers. Received: {patch_size!r}")
+    try:
+        inference = InferenceSettings.from_object(get("inference", dict, "the inference settings"))
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{where}: 'inference': {exc}") from exc
+    files = get("files", dict, "a mapping format -> file")
+    unknown = sorted(set(files) - set(FORMATS))
+    if "keras" not in files or unknown:
+        raise BundleError(f"{where}: 'files': expected 'keras' (and optionally 'savedmodel', 'onnx'). Received: {sorted(files)}")
+    for fmt, name in files.items():
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{where}: 'files.{fmt}': expected a path inside the bundle. Received: {name!r}")
+        target = path / name
+        marker = target / "saved_model.pb" if fmt == "savedmodel" else target
+        if not marker.is_file():
+            raise BundleError(f"Bundle {path}: missing file {marker.relative_to(path)} (listed as files.{fmt} in bundle.json; incomplete bundle?)")
+    versions = get("versions", dict, "a mapping package -> version")
+    _warn_on_version_change(versions)
+    return Bundle(
+        path=path,
+        class_names=tuple(c["name"] for c in classes),
+        input_channels=input_channels,
+        channel_names=tuple(str(n) for n in channel_names),
+        preprocessing=preprocessing,
+        orientation=orientation,
+        patch_size=tuple(patch_size),
+        inference=inference,
+        files=dict(files),
+        versions={str(k): str(v) for k, v in versions.items()},
+        training_config=dict(meta.get("training_config") or {}),
+        meta=meta,
+    )
+
+
+def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras") -> PredictFn:
+    """A ``predict_fn`` (float32 (B, X, Y, Z, Cin) -> probabilities (B, X, Y, Z, C)) from a bundle.
+
+    ``keras`` loads ``model.keras`` in safe mode, ``savedmodel`` the serving signature, ``onnx``
+    an onnxruntime CPU session. The network's input channels and classes are checked against
+    ``bundle.json``.
+
+    Raises:
+        BundleError: the model file is missing, unreadable or does not match ``bundle.json``.
+        ImportError: ``onnx`` without onnxruntime installed.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    path = bundle.file(format)
+    expected = (bundle.input_channels, bundle.num_classes)
+    if format == "keras":
+        import keras
+
+        try:
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise BundleError(f"Cannot load {path}: {exc}") from exc
+        _check_io(path, (model.inputs[0].shape[-1], model.outputs[0].shape[-1]), expected)
+        return keras_predict_fn(model)
+    if format == "savedmodel":
+        import tensorflow as tf
+
+        try:
+            signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+        except Exception as exc:
+            raise BundleError(f"Cannot load the SavedModel {path} (signature {SIGNATURE!r}): {exc}") from exc
+        (input_spec,) = signature.structured_input_signature[1].values()
+        (output_name, output_spec), = signature.structured_outputs.items()
+        _check_io(path, (input_spec.shape[-1], output_spec.shape[-1]), expected)
+
+        def predict_savedmodel(x: np.ndarray) -> np.ndarray:
+            return signature(**{INPUT_NAME: tf.constant(x, tf.float32)})[output_name].numpy()
+
+        return predict_savedmodel
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ImportError('Predicting with format="onnx" needs onnxruntime. Install the onnx extra: pip install "segpipe[onnx]"')
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BundleError(f"Cannot load {path}: {exc}") from exc
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    _check_io(path, (session.get_inputs()[0].shape[-1], session.get_outputs()[0].shape[-1]), expected)
+
+    def predict_onnx(x: np.ndarray) -> np.ndarray:
+        return session.run([output_name], {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return predict_onnx
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _preprocessing_from_dict(data: Any, where: str, error: type[Exception] = ValueError) -> PreprocessSettings:
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a JSON object of preprocessing settings. Received: {data!r}")
+    names = {f.name for f in dataclasses.fields(PreprocessSettings)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise error(f"{where}: unknown preprocessing setting(s) {unknown}. Expected keys out of {sorted(names)}")
+    try:
+        return PreprocessSettings(**data)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{where}: {exc}") from exc
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: str, find_last_checkpoint) -> Path:
+    if checkpoint == "best":
+        path = run_dir / "checkpoints" / "best.keras"
+    elif checkpoint == "final":
+        path = run_dir / "model.keras"
+    elif checkpoint == "last":
+        folder = find_last_checkpoint(run_dir / "checkpoints" / "last")
+        path = folder / "model.keras" if folder else run_dir / "checkpoints" / "last" / "model.keras"
+    else:
+        path = Path(checkpoint)
+        if path.suffix != ".keras":
+            raise ValueError(f"Invalid value for `checkpoint`. Expected one of {CHECKPOINTS} or a .keras file. Received: checkpoint={checkpoint!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected the {checkpoint!r} checkpoint at {path}. Received: no such file")
+    return path
+
+
+def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
+    """Class and channel names from the run's dataset; generic names if it cannot be read."""
+    from segpipe.data.layouts import load_dataset
+
+    try:
+        dataset = load_dataset(root)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"Cannot read the run's dataset {root} for class names ({exc}); using class_<value>", stacklevel=3)
+        return [f"class_{v}" if v else "background" for v in range(num_classes)], None
+    names = dataset.class_names
+    if len(names) != num_classes:
+        raise ValueError(f"Expected the dataset {root} to have the model's {num_classes} classes. Received: {len(names)} ({names})")
+    return names, list(dataset.channel_names) or None
+
+
+def _versions(onnx: bool) -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    versions = {
+        "segpipe": segpipe.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    if onnx:
+        import onnx as onnx_module
+        import tf2onnx
+
+        versions.update(onnx=onnx_module.__version__, tf2onnx=tf2onnx.__version__)
+    return versions
+
+
+def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...], in_channels: int) -> dict[str, float]:
+    """Max abs probability difference of each exported format against Keras on a random patch."""
+    x = np.random.default_rng(0).normal(size=(1, *patch_size, in_channels)).astype(np.float32)
+    reference = np.asarray(net.predict_on_batch(x))
+    stub = Bundle(folder, ("",) * reference.shape[-1], in_channels, (), PreprocessSettings(), "RAS",
+                  patch_size, InferenceSettings(), files, {}, {}, {})
+    report = {}
+    for fmt in files:
+        if fmt == "keras":
+            continue
+        if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+            continue  # written, but cannot be checked here
+        diff = float(np.abs(load_predictor(stub, fmt)(x) - reference).max())
+        if not diff <= VERIFY_TOLERANCE:
+            raise BundleError(f"Exported {fmt} model disagrees with Keras: max abs probability difference {diff:.3g}. Expected <= {VERIFY_TOLERANCE}")
+        report[f"{fmt}_max_abs_diff"] = diff
+    return report
+
+
+def _check_io(path: Path, found: tuple[Any, Any], expected: tuple[int, int]) -> None:
+    found = tuple(int(v) if isinstance(v, (int, np.integer)) else v for v in found)
+    if found != expected:
+        raise BundleError(
+            f"{path}: expected a network with {expected[0]} input channel(s) and {expected[1]} classes (from bundle.json). "
+            f"Received: {found[0]} input channel(s), {found[1]} output channel(s)"
+        )
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` folder onto ``out_dir``; an old bundle is removed only afterwards."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _warn_on_version_change(versions: Mapping[str, Any]) -> None:
+    """Warn when the bundle's Keras major version differs (read without importing TensorFlow)."""
+    import importlib.metadata
+
+    written = str(versions.get("keras", ""))
+    try:
+        installed = importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if written and written.split(".")[0] != installed.split(".")[0]:
+        warnings.warn(f"Bundle written with Keras {written}; this is Keras {installed}", stacklevel=3)

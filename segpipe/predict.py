@@ -1,0 +1,210 @@
+"""Segment raw NIfTI scans: preprocessing, sliding window, back to the scan's own grid, label map.
+
+Per scan (:func:`segment_volume`):
+
+1. :func:`segpipe.data.preprocess.preprocess_volume` with the training preprocessing (reorient to
+   RAS, crop to non-zero, normalise, resample to the target spacing);
+2. :func:`segpipe.sliding_window.sliding_window_predict` (Gaussian-weighted windows of the patch
+   size, mirroring test-time augmentation);
+3. :func:`segpipe.data.preprocess.restore_to_original` of the *probabilities* (linear
+   interpolation; outside the crop box is background), so resampling never blurs a label map;
+4. argmax, then optionally :func:`segpipe.postprocess.keep_largest_component` per class.
+
+The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
+this for files or folders using only a bundle (:mod:`segpipe.export`); ``predict.py`` is its CLI.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from segpipe.data.layouts import Case, read_case_image
+from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, restore_to_original
+from segpipe.export import Bundle, InferenceSettings, load_predictor, read_bundle
+from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
+from segpipe.postprocess import keep_largest_component
+from segpipe.sliding_window import PredictFn, sliding_window_predict
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass
+class Segmentation:
+    """A segmented scan on its own grid: labels (X, Y, Z) uint8, optional probabilities (X, Y, Z, C)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    affine: np.ndarray
+
+
+def segment_volume(
+    predict_fn: PredictFn,
+    image: np.ndarray,
+    affine: np.ndarray,
+    *,
+    preprocessing: PreprocessSettings,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    mirror_axes: Sequence[int] = (0, 1, 2),
+    batch_size: int = 2,
+    sigma_scale: float = 0.125,
+    postprocess_largest_component: Sequence[int] = (),
+    return_probabilities: bool = False,
+    progress: bool = False,
+) -> Segmentation:
+    """Segment one scan given as arrays: image (X, Y, Z) or (X, Y, Z, Cin) and its affine.
+
+    Args:
+        predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
+            e.g. :func:`segpipe.sliding_window.keras_predict_fn` or :func:`segpipe.export.load_predictor`.
+        image: the raw scan, in its own orientation and spacing.
+        affine: its voxel-to-world affine.
+        preprocessing: the training preprocessing.
+        patch_size: the sliding window (the training patch size).
+        overlap, mirror_axes, batch_size, sigma_scale: see
+            :func:`segpipe.sliding_window.sliding_window_predict`.
+        postprocess_largest_component: label values that keep only their largest component.
+        return_probabilities: also return the probabilities on the scan's grid.
+        progress: progress bar over the windows.
+
+    Returns:
+        A :class:`Segmentation` whose arrays have the scan's spatial shape.
+    """
+    case = preprocess_volume(image, affine, None, preprocessing)
+    probabilities = sliding_window_predict(
+        predict_fn, case.image, patch_size, overlap=overlap, mirror_axes=mirror_axes,
+        batch_size=batch_size, sigma_scale=sigma_scale, progress=progress,
+    )
+    num_classes = probabilities.shape[-1]
+    background = np.eye(num_classes, dtype=np.float32)[0]  # outside the crop box: certain background
+    probabilities = restore_to_original(probabilities, case.meta, order=1, fill_value=background)
+    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    if postprocess_largest_component:
+        labels = keep_largest_component(labels, postprocess_largest_component)
+    return Segmentation(labels, probabilities if return_probabilities else None, np.asarray(affine, dtype=np.float64))
+
+
+def segment_case(
+    bundle: Bundle, predict_fn: PredictFn, case: Case, *, settings: InferenceSettings | None = None,
+    return_probabilities: bool = False, progress: bool = False,
+) -> Segmentation:
+    """Read a case's image file(s) and segment it with a bundle's preprocessing and settings."""
+    volume = read_case_image(case)
+    if volume.array.shape[-1] != bundle.input_channels:
+        raise ValueError(
+            f"Expected {bundle.input_channels} input channel(s) {list(bundle.channel_names)} for case "
+            f"{case.case_id}. Received: {volume.array.shape[-1]} in {', '.join(p.name for p in case.image_paths)}"
+        )
+    s = settings or bundle.inference
+    return segment_volume(
+        predict_fn, volume.array, volume.affine, preprocessing=bundle.preprocessing, patch_size=bundle.patch_size,
+        overlap=s.overlap, mirror_axes=s.mirror_axes, batch_size=s.batch_size, sigma_scale=s.sigma_scale,
+        postprocess_largest_component=s.postprocess_largest_component,
+        return_probabilities=return_probabilities, progress=progress,
+    )
+
+
+def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_channels: int = 1) -> list[Case]:
+    """The scans to segment from files and/or folders of NIfTI files.
+
+    Each file is one case named after the file, except that with ``input_channels`` > 1 files named
+    ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... (nnU-Net's convention) form one case ``CASE``
+    when exactly channels 0..C-1 are present; a single 4-D file per case works too. With one
+    channel, ``CASE_0000.nii.gz`` is also named ``CASE``.
+    """
+    paths: list[Path] = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
+        item = Path(item)
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"Expected a NIfTI file or a folder of them. Received: {item} (no such file or folder)")
+    if not paths:
+        raise FileNotFoundError(f"Expected NIfTI files (.nii, .nii.gz). Received: none in {inputs}")
+
+    groups: dict[str, dict[int, Path]] = {}
+    singles: list[Path] = []
+    for path in paths:
+        match = _CHANNEL_FILE.match(strip_nifti_suffix(path.name))
+        if match:
+            groups.setdefault(match["case"], {})[int(match["channel"])] = path
+        else:
+            singles.append(path)
+    cases = [Case(strip_nifti_suffix(p.name), (p,), None) for p in singles]
+    for case_id, channels in groups.items():
+        if sorted(channels) == list(range(input_channels)):
+            cases.append(Case(case_id, tuple(channels[c] for c in range(input_channels)), None))
+        else:  # not a channel set after all (e.g. "scan_2024.nii.gz"): one case per file
+            cases += [Case(strip_nifti_suffix(p.name), (p,), None) for p in channels.values()]
+    ids = [c.case_id for c in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"Expected one input per case name. Received: several files for {duplicates} (e.g. x.nii and x.nii.gz)")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def predict_files(
+    bundle: Bundle | str | os.PathLike,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    format: str = "keras",
+    overlap: float | None = None,
+    mirror_axes: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    postprocess_largest_component: Sequence[int] | None = None,
+    save_probabilities: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
+
+    Args:
+        bundle: a bundle folder or a :class:`segpipe.export.Bundle`.
+        inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
+        output_dir: where label maps go; must not be an input folder.
+        format: ``"keras"``, ``"savedmodel"`` or ``"onnx"``.
+        overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
+            inference settings (``None`` keeps them).
+        save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.
+        progress: progress bars over cases and windows.
+
+    Returns:
+        The label map files written, in case order.
+    """
+    from tqdm import tqdm
+
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    cases = find_cases(inputs, bundle.input_channels)
+    output_dir = Path(output_dir)
+    sources = {p.parent.resolve() for c in cases for p in c.image_paths}
+    if output_dir.resolve() in sources:
+        raise ValueError(f"Expected an output folder other than the input folder (outputs would replace inputs). Received: --output {output_dir}")
+    overrides: dict[str, Any] = {
+        "overlap": overlap, "mirror_axes": mirror_axes, "batch_size": batch_size,
+        "postprocess_largest_component": postprocess_largest_component,
+    }
+    settings = InferenceSettings.from_object(
+        {**bundle.inference.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+    )
+    bad = [c for c in settings.postprocess_largest_component if c >= bundle.num_classes]
+    if bad:
+        raise ValueError(f"Expected postprocess classes below the bundle's {bundle.num_classes} classes. Received: {bad}")
+    predict_fn = load_predictor(bundle, format)
+
+    written = []
+    for case in tqdm(cases, desc="Segmenting", unit="scan", disable=not progress):
+        result = segment_case(bundle, predict_fn, case, settings=settings,
+                              return_probabilities=save_probabilities, progress=progress)
+        path = output_dir / f"{case.case_id}.nii.gz"
+        write_nifti(path, result.labels, result.affine)
+        if save_probabilities:
+            write_nifti(output_dir / f"{case.case_id}_probabilities.nii.gz", result.probabilities, result.affine)
+        written.append(path)
+    return written
