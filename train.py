@@ -4,6 +4,9 @@
     python train.py                                  # configs/default.yaml (generated phantoms)
     python train.py --config configs/x.yaml --set train.epochs=3 loss.name=tversky
     python train.py --resume runs/default            # continue an interrupted run
+
+Ctrl-C (or SIGTERM) stops after the current step and saves a checkpoint (exit code 130 / 143);
+press it twice to abort at once. Several GPUs or machines: train.distribute (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
     args = parser.parse_args(argv)
 
+    from segpipe.checkpoints import StorageError
+    from segpipe.interrupts import TrainingInterrupted
     from segpipe.training import load_run_config, train
 
     try:
@@ -45,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_dir = train(config, resume=bool(args.resume), overwrite=args.overwrite)
             print(f"Run directory: {run_dir}")
-        except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved; skip the other configs
+            print(f"{config.name}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except (ConfigError, StorageError, FileExistsError, FileNotFoundError, ValueError) as exc:
             print(f"error: {config.name}: {exc}", file=sys.stderr)
             failed.append(config.name)
     return 1 if failed else 0

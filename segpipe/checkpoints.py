@@ -1,44 +1,154 @@
-"""Crash-safe checkpoints of a training run.
+"""Crash-safe checkpoints of a training run, and early checks that the run directory can hold them.
 
-The "last" checkpoint is a folder holding ``model.keras`` (weights and optimizer state) and
-``state.json`` (epoch, best monitored value, history rows). It is written as a new folder and then
-swapped in by renames, so at every moment either the previous or the new checkpoint is complete:
+The "last" checkpoint is a folder holding ``model.keras`` (weights and optimizer state, including
+the step counter that drives the learning-rate schedule) and ``state.json``: finished epochs,
+finished steps of the next epoch (a stop request checkpoints mid-epoch), that epoch's metric
+accumulators, the data RNG position (samples are a function of ``(seed, index)``, so the next
+sample index *is* the RNG state), the best monitored value and the history rows. It is written as
+a new folder, flushed to disk, and then swapped in by renames, so at every moment either the
+previous or the new checkpoint is complete:
 
-    last.tmp/ written  ->  last/ renamed to last.old/  ->  last.tmp/ renamed to last/  ->  last.old/ removed
+    last.tmp/ written + fsynced  ->  last/ renamed to last.old/  ->  last.tmp/ renamed to last/  ->  last.old/ removed
 
 :func:`find_last_checkpoint` falls back to ``last.old`` when a crash happened between the renames.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import keras
+import numpy as np
 
 from segpipe.io import atomic_path, read_json, write_json, write_text
+
+# Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+CHECKPOINT_COPIES = 5  # last, last.tmp while swapping, best.keras (+ its temporary file), model.keras
+SPACE_MARGIN_BYTES = 16 * 2**20  # history, TensorBoard, state.json
+
+
+class StorageError(OSError):
+    """The run directory cannot be written (full disk, read-only, a file in the way); names the path."""
+
+
+# ---------------------------------------------------------------- early checks
+
+
+def check_writable(run_dir: str | os.PathLike) -> Path:
+    """Fail before any work if ``run_dir`` could not be created and written.
+
+    Nothing is created: a temporary file is written (and removed) in the nearest existing folder.
+    Returns that folder (where free space is measured).
+    """
+    run_dir = Path(run_dir).absolute()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise StorageError(
+            f"output_dir: cannot create the run directory {run_dir}: {existing} is a file. "
+            f"Expected a writable directory. Received: {existing} (not a directory)"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"segpipe")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise StorageError(
+            f"output_dir: cannot write the run directory {run_dir}: {exc.strerror or exc}. "
+            f"Expected a writable directory. Received: {existing}"
+        ) from exc
+    return existing
+
+
+def checkpoint_bytes(model: keras.Model) -> int:
+    """Bytes of the model's weights and optimizer state (what one checkpoint holds)."""
+    variables = list(model.weights) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+    return int(sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def check_free_space(run_dir: str | os.PathLike, model: keras.Model) -> None:
+    """Fail before training if the disk cannot hold the run's checkpoints."""
+    folder = check_writable(run_dir)
+    required = CHECKPOINT_COPIES * checkpoint_bytes(model) + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < required:
+        raise StorageError(
+            f"output_dir: not enough free disk space for the checkpoints of {run_dir}. Expected at least "
+            f"{required / 2**20:.0f} MiB ({CHECKPOINT_COPIES} copies of weights + optimizer state). "
+            f"Received: {free / 2**20:.0f} MiB free on {folder}"
+        )
+
+
+@contextlib.contextmanager
+def explain_storage_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk (or a folder that became read-only) while writing ``path`` into a clear message."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        full = exc.errno in STORAGE_ERRNOS or "No space left" in str(exc)
+        if not full:
+            raise
+        raise StorageError(
+            f"Cannot write {path}: {exc.strerror or exc}. The last complete checkpoint is kept; free space "
+            "(or fix the folder) and continue with --resume."
+        ) from exc
+
+
+# ---------------------------------------------------------------- writing
 
 
 def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> None:
     """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
-    with atomic_path(path) as tmp:
+    with explain_storage_errors(Path(path)), atomic_path(path) as tmp:
         model.save(tmp)
+        _fsync_file(tmp)
 
 
 def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> None:
     """Write ``folder/model.keras`` and ``folder/state.json`` so that ``folder`` is never partial."""
+    folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save(tmp / "model.keras")
-    write_json(tmp / "state.json", state)
-    if folder.exists():
+    with explain_storage_errors(folder):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            model.save(tmp / "model.keras")
+            write_json(tmp / "state.json", state)
+            for path in (tmp / "model.keras", tmp / "state.json", tmp):
+                _fsync_file(path)  # the data is on disk before the rename makes it "the" checkpoint
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_file(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; a no-op where the platform cannot."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # e.g. folders on some file systems
+    finally:
+        os.close(fd)
 
 
 def find_last_checkpoint(folder: Path) -> Path | None:
@@ -47,6 +157,10 @@ def find_last_checkpoint(folder: Path) -> Path | None:
         if (candidate / "model.keras").is_file() and (candidate / "state.json").is_file():
             return candidate
     return None
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return read_json(checkpoint / "state.json")
 
 
 def history_csv(rows: list[dict[str, Any]]) -> str:
@@ -71,9 +185,17 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     ``history.csv`` is rewritten from the rows stored in the checkpoint state, so after a resume it
     has exactly one row per finished epoch, none duplicated and none missing.
+
+    Args:
+        run_dir: where to write (the run directory; a temporary folder on a non-chief worker).
+        monitor: the log value that selects ``best.keras``.
+        state: the state of the checkpoint resumed from (history rows, best value), or None.
+        seed, samples_per_step, steps_per_epoch: record the data RNG position in the state
+            (``next_sample_index``); optional.
     """
 
-    def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None):
+    def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None, *,
+                 seed: int | None = None, samples_per_step: int | None = None, steps_per_epoch: int | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.monitor = monitor
@@ -81,6 +203,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         state = state or {}
         self.rows: list[dict[str, Any]] = list(state.get("history", []))
         self.best = state.get("best")
+        self.seed, self.samples_per_step, self.steps_per_epoch = seed, samples_per_step, steps_per_epoch
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -94,10 +217,21 @@ class RunCheckpoint(keras.callbacks.Callback):
         if improved and not math.isnan(value):
             self.best = value
             save_model_atomic(self.model, self.run_dir / "checkpoints" / "best.keras")
-        state = {"epoch": epoch + 1, "monitor": self.monitor, "best": self.best, "history": self.rows}
-        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, state)
-        write_text(self.run_dir / "history.csv", history_csv(self.rows))
+        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.state(epoch + 1, 0))
+        with explain_storage_errors(self.run_dir / "history.csv"):
+            write_text(self.run_dir / "history.csv", history_csv(self.rows))
 
+    def save_partial(self, epoch: int, step: int, metrics: dict[str, list]) -> None:
+        """Checkpoint after ``step`` steps of epoch ``epoch`` (0-based), with its metric accumulators."""
+        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.state(epoch, step, metrics))
 
-def read_state(checkpoint: Path) -> dict[str, Any]:
-    return read_json(checkpoint / "state.json")
+    def state(self, epoch: int, step: int, metrics: dict[str, list] | None = None) -> dict[str, Any]:
+        """The ``state.json`` of a checkpoint after ``epoch`` finished epochs and ``step`` more steps."""
+        state: dict[str, Any] = {"epoch": epoch, "step": step, "monitor": self.monitor, "best": self.best,
+                                 "history": self.rows}
+        if metrics is not None:
+            state["metrics"] = metrics
+        if None not in (self.seed, self.samples_per_step, self.steps_per_epoch):
+            state["rng"] = {"seed": self.seed,
+                            "next_sample_index": (epoch * self.steps_per_epoch + step) * self.samples_per_step}
+        return state

@@ -47,9 +47,28 @@ class PhantomConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/phantoms"  # dataset folder (MSD layout); relative paths are relative to the working dir
+    """The dataset, its preprocessing and cache, the split, and the patch loader (docs/data.md)."""
+
+    root: str = "data/phantoms"  # dataset folder; relative paths are relative to the working dir
     phantoms: PhantomConfig | None = None  # if set and ``root`` does not exist, generate phantoms there
+    layout: Literal["auto", "msd", "nnunet", "folders"] = "auto"
+    check: Literal["full", "headers", "off"] = "headers"  # integrity check before training
+    # Dataset cache folder (fingerprint, splits, preprocessed-<settings hash>/); None: under output_dir.
+    cache_dir: str | None = None
+    preprocess_workers: int = field(default=2, metadata=_range(1))  # processes for check/fingerprint/cache
+    # Preprocessing (segpipe.data.preprocess.PreprocessSettings); None spacing: the fingerprint's.
+    target_spacing_mm: list[float] | None = field(default=None, metadata=_range(0, exclusive_min=True))
+    normalization: str | list[str] = "zscore"  # one scheme, or one per channel
+    crop_to_nonzero: bool = True
+    image_order: int = field(default=3, metadata=_range(0, 5))
+    label_interpolation: Literal["onehot_linear", "nearest"] = "onehot_linear"
+    augment: dict[str, Any] = field(default_factory=dict)  # segpipe.data.augment.AugmentSettings; {} = defaults
+    # Split: a seeded fraction, or k-fold (fold ``fold`` of ``folds``); saved once per dataset.
     val_fraction: float = field(default=0.2, metadata=_range(0, 1, exclusive_min=True))
+    folds: int | None = field(default=None, metadata=_range(2))
+    fold: int = field(default=0, metadata=_range(0))
+    validation: Literal["whole", "patches"] = "whole"  # whole preprocessed cases, or fixed patches
+    val_patches_per_case: int = field(default=4, metadata=_range(1))  # validation: patches only
     patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(4))
     batch_size: int = field(default=2, metadata=_range(1))
     foreground_fraction: float = field(default=0.33, metadata=_range(0, 1))
@@ -76,6 +95,11 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_range(0))
     momentum: float = field(default=0.99, metadata=_range(0, 1))  # sgd only
     monitor: str = "val_dice_fg_mean"  # what "best checkpoint" maximises (or minimises, for a loss)
+    # tf.distribute (docs/distributed.md): none | mirrored (the GPUs of one machine) | multi_worker
+    # (several machines, cluster from TF_CONFIG). data.batch_size is the global batch, split over replicas.
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
+    deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
 
 
 @dataclass
@@ -188,11 +212,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:
+            return _convert(value, alternatives[0], key)
+        for alternative in alternatives:  # e.g. str | list[str]: the first that fits
+            try:
+                return _convert(value, alternative, key)
+            except ConfigError:
+                continue
+        raise ConfigError(_expected(key, " or ".join(_describe(a) for a in alternatives), value))
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, {} if value is None else value, prefix=f"{key}.")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean: map it back
+            value = next((a for a in args if isinstance(a, str) and yaml.safe_load(a) is value), value)
         if value not in args:
             raise ConfigError(_expected(key, f"one of {list(args)}", value, suggest=[str(a) for a in args]))
         return value
@@ -221,6 +254,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(_expected(key, "a string", value))
         return value
     raise TypeError(f"Unsupported config type {tp!r} for {key}")  # a bug in this module, not in the config
+
+
+def _describe(tp: Any) -> str:
+    """``str`` -> 'a string', ``list[str]`` -> 'a list of str' (for union error messages)."""
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
@@ -256,15 +296,86 @@ def _unknown_key(prefix: str, key: str, valid: list[str]) -> str:
 def validate(config: Config) -> None:
     """Checks that involve several keys (single keys are checked while converting)."""
     data = config.data
+    validate_data(data)
+    check_patch_size(data.patch_size, config.model.depth)
+    if not isinstance(config.loss, dict) or not ("name" in config.loss or "terms" in config.loss):
+        raise ConfigError(_expected("loss", "a mapping with 'name' (or 'terms' for a compound loss)", config.loss))
+    if config.train.sync_batch_norm and config.model.norm != "batch":
+        raise ConfigError("train.sync_batch_norm: expected model.norm: batch (only batch norm has statistics "
+                          f"to synchronise). Received: true with model.norm={config.model.norm!r}")
+
+
+def validate_data(data: DataConfig) -> None:
+    """Checks of the ``data`` section beyond single-key types and ranges."""
+    from segpipe.data.preprocess import NORMALIZATIONS
+
     if len(data.patch_size) != 3:
         raise ConfigError(_expected("data.patch_size", "3 sizes [x, y, z]", data.patch_size))
     if data.phantoms is not None and len(data.phantoms.shape) != 3:
         raise ConfigError(_expected("data.phantoms.shape", "3 sizes [x, y, z]", data.phantoms.shape))
     if data.phantoms is not None and len(data.phantoms.spacing_mm) != 3:
         raise ConfigError(_expected("data.phantoms.spacing_mm", "3 spacings [x, y, z]", data.phantoms.spacing_mm))
-    check_patch_size(data.patch_size, config.model.depth)
-    if not isinstance(config.loss, dict) or not ("name" in config.loss or "terms" in config.loss):
-        raise ConfigError(_expected("loss", "a mapping with 'name' (or 'terms' for a compound loss)", config.loss))
+    if data.target_spacing_mm is not None and len(data.target_spacing_mm) != 3:
+        raise ConfigError(_expected("data.target_spacing_mm", "3 spacings [x, y, z] in mm (RAS order) or null",
+                                    data.target_spacing_mm))
+    schemes = [data.normalization] if isinstance(data.normalization, str) else data.normalization
+    for i, scheme in enumerate(schemes):
+        if scheme not in NORMALIZATIONS:
+            key = "data.normalization" if isinstance(data.normalization, str) else f"data.normalization[{i}]"
+            raise ConfigError(_expected(key, f"one of {list(NORMALIZATIONS)}", scheme, suggest=list(NORMALIZATIONS)))
+    if not schemes:
+        raise ConfigError(_expected("data.normalization", "a scheme or a list with one per channel", data.normalization))
+    if data.folds is None and data.fold != 0:
+        raise ConfigError(_expected("data.fold", "0 when data.folds is null (no k-fold split)", data.fold))
+    if data.folds is not None and data.fold >= data.folds:
+        raise ConfigError(_expected("data.fold", f"a fold in 0..{data.folds - 1} (data.folds={data.folds})", data.fold))
+    validate_augment(data.augment)
+
+
+def validate_augment(augment: dict[str, Any]) -> None:
+    """Check ``data.augment`` entry by entry, so an error names ``data.augment.<transform>.<key>``."""
+    from segpipe.data.augment import AugmentSettings
+
+    kinds = {f.name: f for f in dataclasses.fields(AugmentSettings)}
+    for name, spec in augment.items():
+        if name not in kinds:
+            raise ConfigError(_unknown_key("data.augment.", str(name), list(kinds)))
+        key = f"data.augment.{name}"
+        if name == "order":
+            if isinstance(spec, bool) or not isinstance(spec, int):
+                raise ConfigError(_expected(key, "an integer spline order in 0..5", spec))
+        elif not isinstance(spec, dict):
+            raise ConfigError(_expected(key, "a mapping like {p: 0.2, ...}", spec))
+        else:
+            defaults = kinds[name].default_factory()
+            allowed = [f.name for f in dataclasses.fields(defaults)]
+            for sub, value in spec.items():
+                if sub not in allowed:
+                    raise ConfigError(_unknown_key(f"{key}.", str(sub), allowed))
+                _check_augment_type(value, getattr(defaults, sub), f"{key}.{sub}")
+                _build_augment({name: {sub: value}}, f"{key}.{sub}")
+        _build_augment({name: spec}, key)
+
+
+def _check_augment_type(value: Any, default: Any, key: str) -> None:
+    """A number where the default is a number, a list of numbers where it is a tuple."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(number(v) for v in value):
+            raise ConfigError(_expected(key, f"a list of numbers like {list(default)}", value))
+    elif not number(value):
+        raise ConfigError(_expected(key, f"a number like {default}", value))
+
+
+def _build_augment(entry: dict[str, Any], key: str) -> None:
+    from segpipe.data.augment import AugmentSettings
+
+    try:
+        AugmentSettings.from_dict(entry)
+    except (TypeError, ValueError) as exc:  # from_dict says what was expected and received
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def check_patch_size(patch_size: list[int], depth: int) -> None:

@@ -1,13 +1,15 @@
-"""Build everything a run needs from its config and train it with ``model.fit``.
+"""Build everything a run needs from its config and train it (``segpipe.loop``, under ``train.distribute``).
 
 A run directory (``<output_dir>/<name>/``) describes itself:
 
     config.yaml        the fully resolved config
-    splits.json        the train/validation case ids
-    status.json        "running" or "finished"
+    splits.json        the train/validation case ids (a copy of the dataset's split)
+    preprocessing.json the resolved preprocessing settings (segpipe.data.pipeline)
+    status.json        "running", "interrupted" (stopped by a signal, after a checkpoint) or "finished"
+    run_info.json      seed, resolved config, split, distribution, versions, git commit (segpipe.runinfo)
     history.csv        one row per finished epoch (loss, val_loss, per-class Dice, ...)
     tensorboard/       TensorBoard logs
-    checkpoints/last/  model.keras + state.json of the last finished epoch (crash-safe, see checkpoints.py)
+    checkpoints/last/  model.keras + state.json of the last finished epoch or stop (crash-safe, see checkpoints.py)
     checkpoints/best.keras   the epoch with the best ``train.monitor`` value
     model.keras        the final model
 """
@@ -16,49 +18,18 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from segpipe.config import Config, ConfigError, check_patch_size, load_config, to_yaml
-from segpipe.data.layouts import Dataset, load_dataset
-from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
+from segpipe.data.pipeline import open_dataset, prepare_data, read_run_settings, read_run_split, write_run_files
 from segpipe.io import read_json, write_json, write_text
 
+if TYPE_CHECKING:
+    import tensorflow as tf
 
-def prepare_dataset(config: Config) -> Dataset:
-    """Open ``data.root``; generate phantoms there first if ``data.phantoms`` is set and it is missing."""
-    root = Path(config.data.root)
-    phantoms = config.data.phantoms
-    if phantoms is not None:
-        settings = PhantomSettings(
-            num_cases=phantoms.num_cases,
-            shape=tuple(phantoms.shape),
-            spacing_mm=tuple(phantoms.spacing_mm),
-            seed=phantoms.seed,
-            noise_std=phantoms.noise_std,
-        )
-        if not root.exists():
-            print(f"Generating {settings.num_cases} phantom cases into {root}")
-            write_phantom_dataset(root, settings)
-        else:
-            found = read_json(root / "dataset.json").get("segpipe_phantom_settings")
-            wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}
-            if found != wanted:
-                raise ConfigError(
-                    f"data.root: {root} holds a dataset made with other phantom settings. "
-                    f"Expected: {wanted}. Received: {found}. Delete the folder or choose another data.root."
-                )
-    return load_dataset(root)
-
-
-def make_split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """A seeded random split; at least one case on each side."""
-    if len(case_ids) < 2:
-        raise ValueError(f"Expected at least 2 cases to split into training and validation. Received: {len(case_ids)}")
-    order = np.random.default_rng(seed).permutation(sorted(case_ids))
-    n_val = min(max(1, round(len(case_ids) * val_fraction)), len(case_ids) - 1)
-    return {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
+    from segpipe.data.pipeline import PreparedData
+    from segpipe.distributed import ShardSpec, WorkerInfo
+    from segpipe.loop import LoopPosition
 
 
 def build_model(config: Config, in_channels: int, num_classes: int):
@@ -73,6 +44,7 @@ def build_model(config: Config, in_channels: int, num_classes: int):
         max_filters=m.max_filters,
         norm=m.norm,
         deep_supervision=m.deep_supervision,
+        sync_batch_norm=config.train.sync_batch_norm,
     )
 
 
@@ -130,17 +102,29 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     """Train the run described by ``config``; returns its run directory.
 
     A finished run is left alone (unless ``overwrite``); an unfinished one needs ``resume`` (continue
-    from its last checkpoint) or ``overwrite`` (start again).
-    """
-    import keras
+    from its last checkpoint) or ``overwrite`` (start again). Under ``train.distribute:
+    multi_worker`` every worker calls this; only the chief writes the run directory.
 
-    from segpipe.checkpoints import RunCheckpoint, find_last_checkpoint, read_state, save_model_atomic
-    from segpipe.data.loader import PatchSampler, load_cases, train_dataset, validation_dataset
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
+        StorageError: the run directory cannot be written (checked before any work).
+    """
+    from segpipe import distributed
+    from segpipe.checkpoints import check_writable, find_last_checkpoint, read_state
+    from segpipe.runinfo import enable_determinism
+
+    # multi_worker: the strategy must be set up before TensorFlow runs anything else
+    distributed.warn_if_tf_config_unused(config.train.distribute)
+    strategy = distributed.make_strategy(config.train.distribute)
+    worker = distributed.worker_info(strategy)
+    distributed.per_replica_batch(config.data.batch_size, strategy.num_replicas_in_sync)
+    enable_determinism(config.train.deterministic)
 
     run_dir = run_dir_of(config)
     status = run_status(run_dir)
     if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
+        if worker.is_chief:
+            shutil.rmtree(run_dir)
         status = None
     elif status == "finished":
         print(f"Run {run_dir} has already finished; nothing to do (use --overwrite to train it again).")
@@ -150,56 +134,119 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
             f"Run directory {run_dir} holds an unfinished run. Use --resume to continue it, "
             f"--overwrite to start again, or --set name=... for a new run."
         )
+    if worker.is_chief:  # the others write to a temporary folder
+        check_writable(run_dir)
+    distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
     checkpoint = find_last_checkpoint(run_dir / "checkpoints" / "last") if resume else None
     state: dict[str, Any] = read_state(checkpoint) if checkpoint else {}
+    distributed.check_same_on_all_workers(
+        strategy, worker, [state.get("epoch", 0), state.get("step", 0)], "checkpoint (epoch, step)")
 
-    dataset = prepare_dataset(config)
+    dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
     check_patch_size(config.data.patch_size, config.model.depth)
     build_loss(config, dataset.num_classes)  # a bad loss option fails here, not mid-training
-    splits_path = run_dir / "splits.json"
-    split = read_json(splits_path) if splits_path.is_file() else make_split(
-        [c.case_id for c in dataset.cases], config.data.val_fraction, config.seed
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", to_yaml(config))
-    write_json(splits_path, split)
-    write_json(run_dir / "status.json", {"status": "running"})
-
-    keras.utils.set_random_seed(config.seed)
-    model = build_model(config, len(dataset.channel_names), dataset.num_classes)
-    compile_model(model, config, dataset.class_names)
-    initial_epoch = int(state.get("epoch", 0))
-    if checkpoint is not None:
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(checkpoint / "model.keras")  # weights and optimizer state
-        print(f"Resuming {run_dir} after epoch {initial_epoch}")
-
-    train_cases = load_cases(dataset, split["train"])
-    val_cases = load_cases(dataset, split["val"])
-    d = config.data
-    sampler = PatchSampler(train_cases, d.patch_size, d.batch_size, d.foreground_fraction, config.seed)
-    start = initial_epoch * config.train.steps_per_epoch * d.batch_size
-    train_ds = train_dataset(sampler, dataset.num_classes, start_index=start, num_workers=d.num_workers)
-    val_ds = validation_dataset(val_cases, dataset.num_classes, divisor=2 ** (config.model.depth - 1))
-
-    callbacks = [
-        RunCheckpoint(run_dir, config.train.monitor, state),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False),
-    ]
-    if initial_epoch < config.train.epochs:
-        model.fit(
-            train_ds,
-            epochs=config.train.epochs,
-            steps_per_epoch=config.train.steps_per_epoch,
-            initial_epoch=initial_epoch,
-            validation_data=val_ds,
-            callbacks=callbacks,
-            shuffle=False,  # the sampler draws random patches itself
-            verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
-        )
-    save_model_atomic(model, run_dir / "model.keras")
-    write_json(run_dir / "status.json", {"status": "finished"})
+    # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
+    # With several workers the chief fills the cache first and the others reuse it.
+    prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
+        config, dataset=dataset, split=read_run_split(run_dir), settings=read_run_settings(run_dir)))
+    out_dir = distributed.write_dir(run_dir, worker)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", to_yaml(config))
+        write_run_files(out_dir, prepared)
+        write_json(out_dir / "status.json", {"status": "running"})
+        _train_model(config, prepared, strategy, worker, run_dir, out_dir, checkpoint, state, verbose)
+        write_json(out_dir / "status.json", {"status": "finished"})
+    finally:
+        distributed.remove_worker_dir(out_dir, worker)
     return run_dir
+
+
+def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
+                 run_dir: Path, out_dir: Path, checkpoint: Path | None, state: dict[str, Any],
+                 verbose: int | None) -> None:
+    """Build (or restore) the model under the strategy, train it with the project's loop, save it."""
+    import keras
+
+    from segpipe import distributed
+    from segpipe.checkpoints import RunCheckpoint, check_free_space, save_model_atomic
+    from segpipe.interrupts import StopRequest, TrainingInterrupted
+    from segpipe.loop import LoopPosition, TrainingLoop
+    from segpipe.runinfo import write_run_info
+
+    t = config.train
+    model = _build_or_restore_model(config, prepared, strategy, checkpoint)
+    position = LoopPosition(int(state.get("epoch", 0)), int(state.get("step", 0)), state.get("metrics"))
+    if checkpoint is not None:
+        print(f"Resuming {run_dir} after epoch {position.epoch}" + (f", step {position.step}" if position.step else ""))
+    check_free_space(out_dir, model)
+    print(distributed.describe(t.distribute, strategy, worker, config.data.batch_size))
+    write_run_info(out_dir / "run_info.json", config, prepared.split, _distribution(config, strategy, worker),
+                   resumed_from=(position.epoch, position.step) if checkpoint is not None else None)
+    train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
+
+    run_checkpoint = RunCheckpoint(out_dir, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
+                                   steps_per_epoch=t.steps_per_epoch)
+    callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False)]
+    verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
+    with StopRequest() as stop:
+        loop = TrainingLoop(model, strategy, worker, prepared.dataset.class_names, verbose=verbose, stop=stop)
+        stopped = loop.fit(train_input, val_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch,
+                           start=position, callbacks=callbacks, checkpoint=run_checkpoint)
+    if stopped is not None:
+        write_json(out_dir / "status.json", {"status": "interrupted"})
+        raise TrainingInterrupted(run_dir, stop.signal_number, stopped.epoch, stopped.step)
+    save_model_atomic(model, out_dir / "model.keras")
+
+
+def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
+                            checkpoint: Path | None):
+    """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``."""
+    import keras
+
+    with strategy.scope():
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
+        compile_model(model, config, prepared.dataset.class_names)
+        model.optimizer.build(model.trainable_variables)  # optimizer variables cannot be made in strategy.run
+        if checkpoint is not None:
+            model.load_weights(checkpoint / "model.keras")  # weights and optimizer state (step -> LR schedule)
+    return model
+
+
+def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
+            position: "LoopPosition"):
+    """The distributed training input from ``position`` on (samples already seen: the data RNG position), and the
+    validation dataset."""
+    from segpipe import distributed
+    from segpipe.data.loader import make_datasets
+
+    batch = config.data.batch_size
+    start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
+    train_ds, val_ds = make_datasets(prepared, config.data, seed=config.seed,
+                                     divisor=2 ** (config.model.depth - 1), start_index=start)
+    train_input = distributed.distribute_train_data(
+        strategy, worker, train_ds, lambda spec: _worker_train_dataset(prepared, config, spec),
+        global_batch=batch, base=start)
+    return train_input, val_ds
+
+
+def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "WorkerInfo") -> dict[str, Any]:
+    """How the run is spread over devices and workers (for run_info.json)."""
+    replicas = strategy.num_replicas_in_sync
+    return {"strategy": config.train.distribute, "num_replicas": replicas, "num_workers": worker.num_workers,
+            "global_batch": config.data.batch_size, "per_replica_batch": config.data.batch_size // replicas,
+            "sync_batch_norm": config.train.sync_batch_norm}
+
+
+def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
+    """multi_worker: this worker's training batches, its disjoint share of every global batch (the run's
+    training sampler seen through :class:`segpipe.distributed.ShardedSampler`)."""
+    from segpipe.data.loader import train_dataset, train_sampler
+    from segpipe.distributed import ShardedSampler
+
+    sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
+    return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -1,71 +1,84 @@
+"""The tf.data loader over the cached cases: shapes, dtypes, one-hot, determinism, validation modes."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from segpipe.data.layouts import load_dataset
-from segpipe.data.loader import PatchSampler, load_cases, train_dataset, validation_dataset, zscore
+from segpipe.config import load_config
+from segpipe.data.augment import Augmenter
+from segpipe.data.loader import make_datasets, train_dataset, validation_dataset, validation_patch_dataset
+from segpipe.data.pipeline import prepare_data
+from segpipe.data.sampling import PatchSampler
 
 
 @pytest.fixture(scope="module")
-def cases(phantom_root):
-    dataset = load_dataset(phantom_root)
-    return dataset, load_cases(dataset, [c.case_id for c in dataset.cases])
+def prepared(phantom_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loader")
+    config = load_config(None, [f"data.root={phantom_root}", f"output_dir={out}", "data.preprocess_workers=1",
+                                "data.val_fraction=0.34", "model.depth=2"])
+    return config, prepare_data(config, progress=False)
 
 
-def test_zscore_per_channel():
-    rng = np.random.default_rng(0)
-    image = np.stack([rng.normal(5, 2, (8, 8, 8)), rng.normal(-3, 0.5, (8, 8, 8))], -1)
-    out = zscore(image)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-5)
-    np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1, atol=1e-4)
-
-
-def test_train_batches_shapes_dtypes_and_one_hot(cases):
-    dataset, loaded = cases
-    sampler = PatchSampler(loaded, (16, 16, 8), batch_size=3, foreground_fraction=0.33, seed=0)
-    images, labels = next(iter(train_dataset(sampler, dataset.num_classes)))
+def test_train_batches_shapes_dtypes_and_one_hot(prepared):
+    _, data = prepared
+    sampler = PatchSampler(data.subset("train"), (16, 16, 8), batch_size=3, augmenter=Augmenter(), seed=0)
+    images, labels = next(iter(train_dataset(sampler, data.dataset.num_classes)))
     assert images.shape == (3, 16, 16, 8, 1) and images.dtype.name == "float32"
     assert labels.shape == (3, 16, 16, 8, 3) and labels.dtype.name == "float32"
     labels = labels.numpy()
     np.testing.assert_array_equal(labels.sum(-1), 1.0)  # exactly one class per voxel
     assert set(np.unique(labels)) == {0.0, 1.0}
+    assert np.isfinite(images.numpy()).all()
 
 
-def test_patches_larger_than_the_volume_are_padded(cases):
-    dataset, loaded = cases
-    sampler = PatchSampler(loaded, (32, 32, 32), batch_size=2, foreground_fraction=0.5, seed=0)
-    image, label = sampler.sample(1)
-    assert image.shape == (32, 32, 32, 1) and label.shape == (32, 32, 32)
-    assert (label[24:] == 0).all() and (image[24:] == 0).all()
+def test_a_batch_depends_only_on_seed_and_index(prepared):
+    """What --resume relies on: starting at sample k gives the batches an unbroken run gives from k."""
+    _, data = prepared
+
+    def batches(start, count):
+        sampler = PatchSampler(data.subset("train"), (8, 8, 8), batch_size=2, augmenter=Augmenter(), seed=5)
+        ds = train_dataset(sampler, data.dataset.num_classes, start_index=start, num_workers=2)
+        return [b[0].numpy() for b in ds.take(count)]
+
+    straight, resumed = batches(0, 4), batches(4, 2)  # 2 batches of 2 samples skipped
+    for a, b in zip(straight[2:], resumed):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(straight[0], straight[1])
 
 
-def test_sampling_is_a_function_of_seed_and_index(cases):
-    _, loaded = cases
-    a = PatchSampler(loaded, (8, 8, 8), batch_size=2, foreground_fraction=0.5, seed=4)
-    b = PatchSampler(loaded, (8, 8, 8), batch_size=2, foreground_fraction=0.5, seed=4)
-    for index in (0, 1, 17):
-        np.testing.assert_array_equal(a.sample(index)[0], b.sample(index)[0])
-    assert not np.array_equal(a.sample(0)[0], a.sample(2)[0])
-
-
-def test_foreground_share_follows_the_batch_rule(cases):
-    _, loaded = cases
-    # batch 3 with fraction 1/3: sample 2 of every batch is centred on foreground
-    sampler = PatchSampler(loaded, (8, 8, 8), batch_size=3, foreground_fraction=1 / 3, seed=0)
-    forced = [sampler.sample(i)[1] for i in range(2, 300, 3)]
-    assert all((label[4, 4, 4] > 0) or (label > 0).any() for label in forced)
-    centred = np.mean([label[4, 4, 4] > 0 for label in forced])
-    assert centred > 0.9  # centred on a foreground voxel unless clipped at the border
-    # uniformly placed patches of this size rarely contain foreground at their centre
-    free = np.mean([sampler.sample(i)[1][4, 4, 4] > 0 for i in range(0, 300, 3)])
-    assert free < 0.3
-
-
-def test_validation_yields_whole_padded_cases(cases):
-    dataset, loaded = cases
-    batches = list(validation_dataset(loaded[:2], dataset.num_classes, divisor=8))
-    assert len(batches) == 2
+def test_validation_yields_whole_padded_cases(prepared):
+    _, data = prepared
+    cases = data.subset("val")
+    batches = list(validation_dataset(cases, data.dataset.num_classes, divisor=8))
+    assert len(batches) == len(cases) == 2
     image, label = batches[0]
-    assert image.shape == (1, 24, 24, 16, 1) and label.shape == (1, 24, 24, 16, 3)
-    batches = list(validation_dataset(loaded[:1], dataset.num_classes, divisor=32))
-    assert batches[0][0].shape == (1, 32, 32, 32, 1)
+    shape = cases[0].meta["shape"]
+    assert image.shape == (1, *(-(-n // 8) * 8 for n in shape), 1) and label.shape[-1] == 3
+    np.testing.assert_array_equal(label.numpy()[0, : shape[0], : shape[1], : shape[2]].argmax(-1), cases[0].load_label())
+    np.testing.assert_array_equal(label.numpy().sum(-1), 1.0)  # the padding is background
+    assert list(validation_dataset(cases[:1], 3, divisor=32))[0][0].shape == (1, 32, 32, 32, 1)
+
+
+def test_validation_patches_are_fixed(prepared):
+    _, data = prepared
+
+    def patches():
+        ds = validation_patch_dataset(data.subset("val"), 3, (16, 16, 8), patches_per_case=3, batch_size=2,
+                                      foreground_fraction=0.5, seed=0)
+        return [b[0].numpy() for b in ds]
+
+    first, second = patches(), patches()
+    assert [b.shape[0] for b in first] == [2, 2, 2]  # 2 cases x 3 patches
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["whole", "patches"])
+def test_make_datasets_follows_the_config(prepared, mode):
+    config, data = prepared
+    data_config = dataclasses.replace(config.data, validation=mode, patch_size=[16, 16, 8])
+    train, val = make_datasets(data, data_config, seed=0, divisor=2)
+    images, labels = next(iter(train))
+    assert images.shape == (2, 16, 16, 8, 1) and labels.shape == (2, 16, 16, 8, 3)
+    val_images, _ = next(iter(val))
+    assert val_images.shape[1:4] == ((16, 16, 8) if mode == "patches" else tuple(data.subset("val")[0].meta["shape"]))

@@ -7,7 +7,8 @@ import pytest
 import train
 from segpipe.config import ConfigError, load_config
 from segpipe.data.layouts import load_dataset
-from segpipe.data.loader import PatchSampler, load_cases
+from segpipe.data.preprocess import preprocess_case
+from segpipe.data.sampling import ArrayCase, PatchSampler
 from segpipe.training import build_model, compile_model
 
 LOSS_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "losses").glob("*.yaml"))
@@ -16,9 +17,10 @@ LOSS_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "los
 @pytest.fixture(scope="module")
 def fixed_batch(phantom_root):
     dataset = load_dataset(phantom_root)
-    cases = load_cases(dataset, [c.case_id for c in dataset.cases[:3]])
+    cases = [preprocess_case(case) for case in dataset.cases[:3]]  # z-scored, as the loader sees them
+    cases = [ArrayCase.from_arrays(c.image, c.label) for c in cases]
     sampler = PatchSampler(cases, (16, 16, 16), batch_size=2, foreground_fraction=1.0, seed=0)
-    pairs = [sampler.sample(i) for i in range(2)]
+    pairs = [sampler(i) for i in range(2)]
     images = np.stack([p[0] for p in pairs])
     labels = np.eye(dataset.num_classes, dtype=np.float32)[np.stack([p[1] for p in pairs])]
     return dataset, images, labels

@@ -1,145 +1,166 @@
-"""tf.data input pipeline: random training patches and whole validation cases.
+"""tf.data input pipeline over the preprocessed cache: training patches and validation data.
 
-Every training sample is a pure function of ``(seed, sample index)``: the sampler draws its random
-numbers from ``np.random.default_rng([seed, index])``. A resumed run therefore continues with the
-exact samples it would have seen, by starting the index at ``epoch * steps * batch``.
+Training batches come from :class:`segpipe.data.sampling.PatchSampler` (foreground oversampling and
+:class:`segpipe.data.augment.Augmenter`) reading memory-mapped cached cases, run in a parallel,
+deterministic ``tf.data`` map over ``tf.numpy_function`` and prefetched. Every sample is a pure
+function of ``(seed, sample index)``, so a resumed run continues with exactly the samples it would
+have seen, by starting the index at ``epoch * steps * batch``.
+
+Validation uses whole preprocessed cases (padded at the end to a size the network divides) or fixed
+patches (the same ones every epoch). Labels are one-hot encoded in TensorFlow, not in NumPy, so a
+large validation case costs one uint8 map in Python instead of a float32 volume per class.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from segpipe.data.layouts import Case, Dataset
-from segpipe.io import read_nifti
+from segpipe.data.augment import Augmenter, AugmentSettings
+from segpipe.data.sampling import PatchSampler, SamplingCase
 
-MAX_FOREGROUND_POINTS = 20_000  # per class and case; enough to centre patches, cheap to keep
+if TYPE_CHECKING:
+    import tensorflow as tf
 
-
-@dataclass
-class LoadedCase:
-    """A case in memory: z-scored image (X, Y, Z, C) float32, label (X, Y, Z) uint8, and its affine."""
-
-    case_id: str
-    image: np.ndarray
-    label: np.ndarray
-    foreground: dict[int, np.ndarray]  # class value -> (N, 3) voxel coordinates (subsampled)
-    affine: np.ndarray
+    from segpipe.config import DataConfig
+    from segpipe.data.pipeline import PreparedData
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
-    """Per-channel z-score normalisation of a channels-last image."""
-    axes = tuple(range(image.ndim - 1))
-    mean = image.mean(axis=axes, keepdims=True)
-    std = image.std(axis=axes, keepdims=True)
-    return ((image - mean) / np.maximum(std, 1e-8)).astype(np.float32)
+def make_datasets(
+    prepared: "PreparedData", data: "DataConfig", *, seed: int, divisor: int, start_index: int = 0
+) -> tuple["tf.data.Dataset", "tf.data.Dataset"]:
+    """The training and validation datasets of a run, as ``data`` configures them.
 
-
-def load_case(case: Case, num_classes: int, rng_seed: int = 0) -> LoadedCase:
-    """Read, normalise and index one case for patch sampling."""
-    volumes = [read_nifti(path, dtype=np.float32) for path in case.image_paths]
-    image = np.stack([v.array for v in volumes], axis=-1)
-    label = read_nifti(case.label_path).array
-    if label.shape != image.shape[:3]:
-        raise ValueError(
-            f"Expected label shape to equal image shape for case {case.case_id}. "
-            f"Received: image {image.shape[:3]} ({case.image_paths[0]}), label {label.shape} ({case.label_path})"
+    Args:
+        prepared: cached cases and split (:func:`segpipe.data.pipeline.prepare_data`).
+        data: the config's ``data`` section (patch and batch size, augmentation, validation mode).
+        seed: the run's seed; training sample ``i`` depends only on ``(seed, i)``.
+        divisor: every side of a whole validation case is padded to a multiple of it.
+        start_index: the first training sample (``epoch * steps_per_epoch * batch_size`` on resume).
+    """
+    num_classes = prepared.dataset.num_classes
+    train = train_dataset(train_sampler(prepared, data, seed=seed), num_classes, start_index=start_index,
+                          num_workers=data.num_workers)
+    val_cases = prepared.subset("val")
+    if data.validation == "patches":
+        val = validation_patch_dataset(
+            val_cases, num_classes, data.patch_size, patches_per_case=data.val_patches_per_case,
+            batch_size=data.batch_size, foreground_fraction=data.foreground_fraction, seed=seed,
+            num_workers=data.num_workers,
         )
-    label = label.astype(np.uint8)
-    rng = np.random.default_rng(rng_seed)
-    foreground = {}
-    for c in range(1, num_classes):
-        points = np.argwhere(label == c)
-        if len(points) > MAX_FOREGROUND_POINTS:
-            points = points[rng.choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
-        if len(points):
-            foreground[c] = points
-    return LoadedCase(case.case_id, zscore(image), label, foreground, volumes[0].affine)
+    else:
+        val = validation_dataset(val_cases, num_classes, divisor=divisor)
+    return train, val
 
 
-def load_cases(dataset: Dataset, case_ids: list[str]) -> list[LoadedCase]:
-    from tqdm import tqdm
+def train_sampler(prepared: "PreparedData", data: "DataConfig", *, seed: int) -> PatchSampler:
+    """The training sampler ``data`` configures: patches of the training cases, augmented, slot rule per batch."""
+    return PatchSampler(
+        prepared.subset("train"), data.patch_size, foreground_fraction=data.foreground_fraction,
+        batch_size=data.batch_size, augmenter=Augmenter(AugmentSettings.from_dict(data.augment)), seed=seed,
+    )
 
-    return [load_case(dataset.case(cid), dataset.num_classes) for cid in tqdm(case_ids, desc="Loading cases", unit="case")]
+
+def train_dataset(
+    sampler: PatchSampler, num_classes: int, *, start_index: int = 0, num_workers: int = 2
+) -> "tf.data.Dataset":
+    """Endless batches of (image (B, X, Y, Z, C) float32, one-hot (B, X, Y, Z, num_classes) float32).
+
+    Sample ``start_index + i`` is the ``i``-th element; ``sampler.batch_size`` is the batch size.
+    """
+    import tensorflow as tf
+
+    if not sampler.batch_size:
+        raise ValueError(f"Expected a sampler with a batch_size (its foreground slot rule). Received: {sampler.batch_size!r}")
+    ds = tf.data.Dataset.range(start_index, np.iinfo(np.int64).max)
+    ds = ds.map(_patch_map(sampler, num_classes), num_parallel_calls=num_workers, deterministic=True)
+    return ds.batch(sampler.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def pad_to(image: np.ndarray, label: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Pad image (with 0, the z-scored mean) and label (with background) at the end to at least ``shape``."""
+def validation_patch_dataset(
+    cases: Sequence[SamplingCase],
+    num_classes: int,
+    patch_size: Sequence[int],
+    *,
+    patches_per_case: int,
+    batch_size: int,
+    foreground_fraction: float,
+    seed: int,
+    num_workers: int = 2,
+) -> "tf.data.Dataset":
+    """``patches_per_case`` fixed, unaugmented patches of every case, the same ones every epoch.
+
+    Each patch is foreground-centred with probability ``foreground_fraction`` (drawn per patch, so
+    every case gets both kinds, whatever the batch size).
+    """
+    import tensorflow as tf
+
+    sampler = PatchSampler(cases, patch_size, foreground_fraction=foreground_fraction, batch_size=None,
+                           augmenter=None, seed=seed, cycle_cases=True)
+    ds = tf.data.Dataset.range(len(cases) * patches_per_case)
+    ds = ds.map(_patch_map(sampler, num_classes), num_parallel_calls=num_workers, deterministic=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
+def validation_dataset(cases: Sequence[SamplingCase], num_classes: int, divisor: int) -> "tf.data.Dataset":
+    """Whole cases, one per batch, padded at the end so each side is divisible by ``divisor``."""
+    import tensorflow as tf
+
+    if not cases:
+        raise ValueError("Expected at least one validation case. Received: 0 cases")
+    channels = _channels(cases[0])
+
+    def generate():
+        for case in cases:
+            label = np.asarray(case.load_label())
+            shape = tuple(-(-n // divisor) * divisor for n in label.shape)
+            image, label = pad_to(np.asarray(case.load_image()), label, shape)
+            yield image[None], label[None]
+
+    signature = (
+        tf.TensorSpec((1, None, None, None, channels), tf.float32),
+        tf.TensorSpec((1, None, None, None), tf.uint8),
+    )
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.map(lambda image, label: (image, _one_hot(label, num_classes)))
+    return ds.apply(tf.data.experimental.assert_cardinality(len(cases))).prefetch(2)
+
+
+def pad_to(image: np.ndarray, label: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pad image (with 0) and label (with background) at the end to at least ``shape``."""
     pad = [(0, max(0, s - n)) for s, n in zip(shape, label.shape)]
     if not any(p for _, p in pad):
         return image, label
     return np.pad(image, pad + [(0, 0)]), np.pad(label, pad)
 
 
-class PatchSampler:
-    """Draws patches; a fixed share of each batch is centred on foreground (nnU-Net's rule).
-
-    Sample ``j`` of a batch (``j = index % batch_size``) is forced to contain foreground when
-    ``j >= round(batch_size * (1 - foreground_fraction))``: it is centred on a random voxel of a
-    randomly chosen class present in the case. The other samples are placed uniformly.
-    """
-
-    def __init__(self, cases: list[LoadedCase], patch_size, batch_size: int, foreground_fraction: float, seed: int):
-        if not cases:
-            raise ValueError("Expected at least one training case. Received: an empty list")
-        self.cases = cases
-        self.patch_size = tuple(int(s) for s in patch_size)
-        self.batch_size = batch_size
-        self.first_forced = round(batch_size * (1.0 - foreground_fraction))
-        self.seed = seed
-
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, int(index)])
-        case = self.cases[rng.integers(len(self.cases))]
-        image, label = pad_to(case.image, case.label, self.patch_size)
-        limits = np.asarray(label.shape) - self.patch_size  # valid start corners: 0..limit
-        if int(index) % self.batch_size >= self.first_forced and case.foreground:
-            classes = sorted(case.foreground)
-            points = case.foreground[classes[rng.integers(len(classes))]]
-            centre = points[rng.integers(len(points))]
-            start = np.clip(centre - np.asarray(self.patch_size) // 2, 0, limits)
-        else:
-            start = np.array([rng.integers(lim + 1) for lim in limits])
-        window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
-        return image[window], label[window]
+# ----------------------------------------------------------------------------------------------
 
 
-def train_dataset(sampler: PatchSampler, num_classes: int, *, start_index: int = 0, num_workers: int = 2):
-    """Infinite batches of (image (B, X, Y, Z, C) float32, one-hot (B, X, Y, Z, num_classes) float32)."""
+def _patch_map(sampler: PatchSampler, num_classes: int):
+    """A tf.data map: sample index -> (image patch float32, one-hot label patch float32)."""
     import tensorflow as tf
 
-    channels = sampler.cases[0].image.shape[-1]
+    channels = _channels(sampler.cases[0])
 
-    def _sample(index):
-        image, label = sampler.sample(int(index))
-        return image, label
+    def sample(index):
+        return sampler(int(index))
 
-    def _map(index):
-        image, label = tf.numpy_function(_sample, [index], [tf.float32, tf.uint8], stateful=False)
+    def map_fn(index):
+        # stateful=False: the output depends on the index only, which lets tf.data run calls in parallel.
+        image, label = tf.numpy_function(sample, [index], [tf.float32, tf.uint8], stateful=False)
         image.set_shape((*sampler.patch_size, channels))
         label.set_shape(sampler.patch_size)
-        return image, tf.one_hot(tf.cast(label, tf.int32), num_classes, dtype=tf.float32)
+        return image, _one_hot(label, num_classes)
 
-    ds = tf.data.Dataset.range(start_index, np.iinfo(np.int64).max)
-    ds = ds.map(_map, num_parallel_calls=num_workers, deterministic=True)
-    return ds.batch(sampler.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return map_fn
 
 
-def validation_dataset(cases: list[LoadedCase], num_classes: int, divisor: int):
-    """Whole cases, one per batch, padded at the end so each side is divisible by ``divisor``."""
+def _one_hot(label: "tf.Tensor", num_classes: int) -> "tf.Tensor":
     import tensorflow as tf
 
-    channels = cases[0].image.shape[-1]
+    return tf.one_hot(tf.cast(label, tf.int32), num_classes, dtype=tf.float32)
 
-    def _generate():
-        for case in cases:
-            shape = tuple(-(-n // divisor) * divisor for n in case.label.shape)
-            image, label = pad_to(case.image, case.label, shape)
-            yield image[None], np.eye(num_classes, dtype=np.float32)[label][None]
 
-    signature = (
-        tf.TensorSpec((1, None, None, None, channels), tf.float32),
-        tf.TensorSpec((1, None, None, None, num_classes), tf.float32),
-    )
-    ds = tf.data.Dataset.from_generator(_generate, output_signature=signature)
-    return ds.apply(tf.data.experimental.assert_cardinality(len(cases))).prefetch(2)
+def _channels(case: SamplingCase) -> int:
+    return int(case.load_image().shape[-1])  # a memory map: reads the header only

@@ -34,19 +34,20 @@ class DeepSupervisionModel(keras.Model):
         return loss
 
 
-def _norm(x, norm: str, name: str):
+def _norm(x, norm: str, name: str, sync_batch_norm: bool = False):
     if norm == "batch":
-        return layers.BatchNormalization(name=f"{name}_bn")(x)
+        # synchronized: statistics over the global batch under tf.distribute (one all-reduce per layer)
+        return layers.BatchNormalization(synchronized=sync_batch_norm, name=f"{name}_bn")(x)
     if norm == "instance":
         # GroupNormalization with one group per channel is instance normalisation.
         return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in")(x)
     return x
 
 
-def _conv_block(x, filters: int, norm: str, name: str, first_stride: int = 1):
+def _conv_block(x, filters: int, norm: str, name: str, first_stride: int = 1, sync_batch_norm: bool = False):
     for i, stride in enumerate((first_stride, 1)):
         x = layers.Conv3D(filters, 3, strides=stride, padding="same", use_bias=norm == "none", name=f"{name}_conv{i}")(x)
-        x = _norm(x, norm, f"{name}_{i}")
+        x = _norm(x, norm, f"{name}_{i}", sync_batch_norm)
         x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act{i}")(x)
     return x
 
@@ -60,6 +61,7 @@ def build_unet3d(
     max_filters: int = 320,
     norm: str = "batch",
     deep_supervision: bool = False,
+    sync_batch_norm: bool = False,
     name: str = "unet3d",
 ) -> keras.Model:
     """Build a 3D U-Net taking (B, X, Y, Z, in_channels) and returning softmax (B, X, Y, Z, num_classes).
@@ -73,6 +75,9 @@ def build_unet3d(
         base_filters: filters at full resolution; doubled per level up to ``max_filters``.
         norm: "batch", "instance" or "none".
         deep_supervision: also return softmax outputs of the lower decoder levels.
+        sync_batch_norm: with norm="batch", compute batch statistics over all replicas of a
+            tf.distribute strategy (``BatchNormalization(synchronized=True)``); without it each
+            replica normalises with the statistics of its own slice of the batch.
     """
     if norm not in NORMS:
         raise ValueError(f"Expected norm to be one of {NORMS}. Received: norm={norm!r}")
@@ -87,14 +92,14 @@ def build_unet3d(
     skips = []
     x = inputs
     for level, f in enumerate(filters):
-        x = _conv_block(x, f, norm, f"enc{level}", first_stride=1 if level == 0 else 2)
+        x = _conv_block(x, f, norm, f"enc{level}", first_stride=1 if level == 0 else 2, sync_batch_norm=sync_batch_norm)
         skips.append(x)
 
     outputs = []
     for level in reversed(range(depth - 1)):
         x = layers.Conv3DTranspose(filters[level], 2, strides=2, name=f"up{level}")(x)
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = _conv_block(x, filters[level], norm, f"dec{level}")
+        x = _conv_block(x, filters[level], norm, f"dec{level}", sync_batch_norm=sync_batch_norm)
         if deep_supervision or level == 0:
             outputs.append(_head(x, num_classes, f"out{level}"))
 

@@ -1,0 +1,312 @@
+"""From a config to cached, split cases: the data preparation that training and inference share.
+
+:func:`prepare_data` runs the stages of ``segpipe.data`` in order:
+
+1. open the dataset (``data.root`` through ``data.layout``; phantoms are generated first if
+   ``data.phantoms`` is set and the folder is missing);
+2. the integrity check (``data.check``): every error is listed at once and nothing starts;
+3. the fingerprint (once per dataset, recomputed when a source file changes);
+4. the preprocessing settings, resolved from the config and the fingerprint;
+5. the cache (parallel, with a progress bar): cases whose key still matches are reused;
+6. the split, saved once per dataset and reused by every run on it.
+
+Everything a dataset accumulates lives in one *dataset cache folder* (``data.cache_dir``, default
+``<output_dir>/.cache/<dataset name>-<hash of its path>/``)::
+
+    fingerprint.json
+    splits.json                      every split asked for, keyed by seed and val_fraction / folds
+    preprocessed-<settings hash>/    one folder per preprocessing setting: CASE/{image,label,locations}.npy, meta.json
+
+A run directory gets copies of what it used: ``splits.json`` (its train/val ids) and
+``preprocessing.json`` (the resolved :class:`PreprocessSettings` as a dict, the input of
+``PreprocessSettings(**...)``), so resuming, predicting and exporting use exactly the same data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from segpipe.data.cache import CachedCase, build_cache
+from segpipe.data.checks import check_dataset, errors
+from segpipe.data.fingerprint import load_or_compute_fingerprint
+from segpipe.data.layouts import Dataset, load_dataset
+from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
+from segpipe.data.preprocess import PreprocessSettings
+from segpipe.io import read_json, write_json
+
+if TYPE_CHECKING:  # config imports this package lazily; keep the import one-way at run time
+    from segpipe.config import Config, DataConfig
+
+SPLITS_VERSION = 1
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on (integrity errors); the message lists every problem."""
+
+
+@dataclass
+class PreparedData:
+    """A dataset ready for the loader: its cached cases, the settings that made them, and the split.
+
+    Attributes:
+        dataset: the dataset as read through its layout.
+        settings: the resolved preprocessing settings (target spacing and intensity statistics filled in).
+        cases: case id -> cached case (memory-mapped arrays and the meta of the inverse mapping).
+        split: ``{"train": [...], "val": [...]}`` plus ``"split"`` (its key) and, for k-fold, ``"fold"``.
+        cache_dir: the preprocessed folder of these settings.
+        fingerprint: the dataset fingerprint.
+    """
+
+    dataset: Dataset
+    settings: PreprocessSettings
+    cases: dict[str, CachedCase]
+    split: dict[str, Any]
+    cache_dir: Path
+    fingerprint: dict[str, Any]
+
+    @property
+    def num_channels(self) -> int:
+        """Input channels of the preprocessed images."""
+        return int(next(iter(self.cases.values())).meta["channels"])
+
+    def subset(self, name: str) -> list[CachedCase]:
+        """The cached cases of ``split[name]`` (``"train"`` or ``"val"``), in split order."""
+        return [self.cases[case_id] for case_id in self.split[name]]
+
+
+def prepare_data(
+    config: "Config",
+    *,
+    dataset: Dataset | None = None,
+    settings: PreprocessSettings | None = None,
+    split: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> PreparedData:
+    """Open, check, fingerprint, cache and split the dataset of ``config``.
+
+    Args:
+        config: the run's config (``data`` section, ``seed``, ``output_dir``).
+        dataset: the dataset if already opened (see :func:`open_dataset`).
+        settings: preprocessing settings to use instead of resolving them from the config (a run's
+            ``preprocessing.json``, so a resumed run or its inference preprocesses as it trained).
+        split: a split to use instead of the dataset's (a run's ``splits.json``).
+        progress: show progress bars.
+
+    Raises:
+        DataError: the integrity check found errors (all listed).
+        ConfigError: settings that do not fit the dataset (names the key).
+    """
+    data = config.data
+    dataset = dataset if dataset is not None else open_dataset(data)
+    run_integrity_check(dataset, data.check, workers=data.preprocess_workers, progress=progress)
+    root = dataset_cache_dir(config, dataset)
+    fingerprint = load_or_compute_fingerprint(dataset, root / "fingerprint.json",
+                                              workers=data.preprocess_workers, progress=progress)
+    settings = settings if settings is not None else resolve_settings(data, fingerprint)
+    folder = root / f"preprocessed-{settings_hash(settings)}"
+    cached = build_cache(dataset, folder, settings, workers=data.preprocess_workers, progress=progress)
+    case_ids = [case.case_id for case in dataset.cases]
+    if split is None:
+        split = load_or_make_split(root / "splits.json", case_ids, seed=config.seed,
+                                   val_fraction=data.val_fraction, folds=data.folds, fold=data.fold)
+    _check_split(split, case_ids)
+    return PreparedData(dataset, settings, {c.case_id: c for c in cached}, split, folder, fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset, check, cache location, settings
+
+
+def open_dataset(data: "DataConfig") -> Dataset:
+    """Open ``data.root`` through ``data.layout``; generate phantoms there first if configured and missing."""
+    root = Path(data.root)
+    if data.phantoms is not None:
+        _ensure_phantoms(root, data.phantoms)
+    return load_dataset(root, data.layout)
+
+
+def _ensure_phantoms(root: Path, phantoms: Any) -> None:
+    from segpipe.config import ConfigError
+
+    settings = PhantomSettings(num_cases=phantoms.num_cases, shape=tuple(phantoms.shape),
+                               spacing_mm=tuple(phantoms.spacing_mm), seed=phantoms.seed,
+                               noise_std=phantoms.noise_std)
+    if not root.exists():
+        print(f"Generating {settings.num_cases} phantom cases into {root}")
+        write_phantom_dataset(root, settings)
+        return
+    found = read_json(root / "dataset.json").get("segpipe_phantom_settings")
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}
+    if found != wanted:
+        raise ConfigError(
+            f"data.root: {root} holds a dataset made with other phantom settings. "
+            f"Expected: {wanted}. Received: {found}. Delete the folder or choose another data.root."
+        )
+
+
+def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progress: bool = False) -> None:
+    """``data.check``: ``full`` reads every voxel, ``headers`` only the headers, ``off`` skips.
+
+    Raises:
+        DataError: listing every error, one line each, naming the file.
+    """
+    if mode == "off":
+        return
+    full = mode == "full"
+    # Header checks take milliseconds per case: processes would cost more to start than they save.
+    problems = check_dataset(dataset, read_data=full, workers=workers if full else 1, progress=progress and full)
+    found = errors(problems)
+    for problem in problems:
+        if problem not in found:
+            print(problem.format(dataset.root), file=sys.stderr)
+    if found:
+        lines = "\n  ".join(p.format(dataset.root) for p in found)
+        raise DataError(
+            f"Expected a dataset without integrity errors (data.check: {mode}). Received: {len(found)} error(s) "
+            f"in {dataset.root}:\n  {lines}"
+        )
+
+
+def dataset_cache_dir(config: "Config", dataset: Dataset) -> Path:
+    """``data.cache_dir``, or ``<output_dir>/.cache/<dataset name>-<8 hex of its resolved path>``."""
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir)
+    root = Path(dataset.root).resolve()
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return Path(config.output_dir) / ".cache" / f"{root.name}-{digest}"
+
+
+def resolve_settings(data: "DataConfig", fingerprint: dict[str, Any]) -> PreprocessSettings:
+    """The preprocessing settings of ``data``, with the fingerprint's target spacing if none is set.
+
+    The fingerprint's foreground intensity statistics are always included (``ct`` needs them, and an
+    exported model documents them).
+    """
+    from segpipe.config import ConfigError
+
+    channels = len(fingerprint["intensity"])
+    if not isinstance(data.normalization, str) and len(data.normalization) != channels:
+        raise ConfigError(f"data.normalization: expected one scheme, or one per channel ({channels} in "
+                          f"{fingerprint['dataset']}). Received: {data.normalization}")
+    spacing = data.target_spacing_mm if data.target_spacing_mm is not None else fingerprint["target_spacing_mm"]
+    return PreprocessSettings(
+        target_spacing_mm=tuple(spacing),
+        normalization=data.normalization if isinstance(data.normalization, str) else tuple(data.normalization),
+        crop_to_nonzero=data.crop_to_nonzero,
+        image_order=data.image_order,
+        label_interpolation=data.label_interpolation,
+        intensity_stats=tuple(fingerprint["intensity"]),
+    )
+
+
+def settings_hash(settings: PreprocessSettings) -> str:
+    """12 hex digits naming the cache folder of ``settings`` (different settings, different folders)."""
+    blob = json.dumps(settings.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+def split_key(*, seed: int, val_fraction: float, folds: int | None) -> str:
+    """The name of a split in the dataset's ``splits.json``."""
+    return f"seed={seed},folds={folds}" if folds else f"seed={seed},val_fraction={val_fraction:g}"
+
+
+def make_split(case_ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded random split with ``round(n * val_fraction)`` validation cases, at least one on each side."""
+    _need_cases(case_ids, 2, "a train/validation split")
+    order = np.random.default_rng(seed).permutation(sorted(case_ids))
+    n_val = min(max(1, round(len(case_ids) * val_fraction)), len(case_ids) - 1)
+    return {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
+
+
+def make_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """``folds`` seeded folds: every case validates in exactly one of them (fold sizes differ by at most 1)."""
+    _need_cases(case_ids, folds, f"{folds} folds (data.folds)")
+    order = np.random.default_rng(seed).permutation(sorted(case_ids))
+    parts = [set(p.tolist()) for p in np.array_split(order, folds)]
+    return [{"train": sorted(set(case_ids) - part), "val": sorted(part)} for part in parts]
+
+
+def load_or_make_split(
+    path: str | os.PathLike, case_ids: Sequence[str], *, seed: int, val_fraction: float,
+    folds: int | None = None, fold: int = 0,
+) -> dict[str, Any]:
+    """The split stored in ``path`` under its key, made and stored first if missing.
+
+    A stored split that does not cover exactly ``case_ids`` (cases added or removed) is remade,
+    with a warning. Returns ``{"train", "val", "split": key}`` (and ``"fold"`` for k-fold).
+    """
+    path = Path(path)
+    key = split_key(seed=seed, val_fraction=val_fraction, folds=folds)
+    stored = read_json(path) if path.is_file() else {}
+    splits = dict(stored.get("splits", {})) if stored.get("splits_version") == SPLITS_VERSION else {}
+    entry = splits.get(key)
+    if entry is not None and _covered(entry) != set(case_ids):
+        print(f"warning: {path}: split {key} does not match the dataset's cases any more; making it anew",
+              file=sys.stderr)
+        entry = None
+    if entry is None:
+        entry = make_folds(case_ids, folds, seed) if folds else make_split(case_ids, val_fraction, seed)
+        splits[key] = entry
+        # Deterministic in (cases, key): two runs writing at once write the same entry.
+        write_json(path, {"splits_version": SPLITS_VERSION, "splits": splits})
+    chosen = entry[fold] if folds else entry
+    return {"train": list(chosen["train"]), "val": list(chosen["val"]), "split": key,
+            **({"fold": fold} if folds else {})}
+
+
+def _covered(entry: dict | list) -> set[str]:
+    parts = entry if isinstance(entry, list) else [entry]
+    return {case_id for part in parts for name in ("train", "val") for case_id in part[name]}
+
+
+def _need_cases(case_ids: Sequence[str], minimum: int, purpose: str) -> None:
+    if len(case_ids) < minimum:
+        raise ValueError(f"Expected at least {minimum} cases for {purpose}. Received: {len(case_ids)} case(s)")
+
+
+def _check_split(split: dict[str, Any], case_ids: Sequence[str]) -> None:
+    unknown = sorted((set(split["train"]) | set(split["val"])) - set(case_ids))
+    if unknown:
+        raise ValueError(f"Expected split cases that are in the dataset. Received unknown case ids: {unknown[:10]}")
+    if not split["train"] or not split["val"]:
+        raise ValueError(f"Expected training and validation cases. Received: {len(split['train'])} training, "
+                         f"{len(split['val'])} validation")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory files
+
+
+def write_run_files(run_dir: str | os.PathLike, prepared: PreparedData) -> None:
+    """``RUN_DIR/splits.json`` (the run's split) and ``RUN_DIR/preprocessing.json`` (resolved settings)."""
+    run_dir = Path(run_dir)
+    write_json(run_dir / "splits.json", prepared.split)
+    write_json(run_dir / "preprocessing.json", prepared.settings.to_dict())
+
+
+def read_run_split(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The split a run was trained with, or ``None`` if it has none yet."""
+    path = Path(run_dir) / "splits.json"
+    return read_json(path) if path.is_file() else None
+
+
+def read_run_settings(run_dir: str | os.PathLike) -> PreprocessSettings | None:
+    """The preprocessing settings a run was trained with, or ``None`` if it has none yet."""
+    path = Path(run_dir) / "preprocessing.json"
+    if not path.is_file():
+        return None
+    try:
+        return PreprocessSettings(**read_json(path))
+    except TypeError as exc:
+        raise ValueError(f"Expected PreprocessSettings fields in {path}. Received: {exc}") from exc

@@ -1,0 +1,193 @@
+"""The training loop: ``strategy.run`` on a train step, validation, Keras callbacks, stop requests.
+
+Why not ``model.fit``: with Keras 3.15 ``fit`` fails under ``MultiWorkerMirroredStrategy`` (Keras
+issue #20585, then an error reducing scalar logs), and under ``MirroredStrategy`` it trains with the
+wrong gradient scale for segpipe's losses: they return a scalar already averaged over the batch,
+which Keras does not divide by the number of replicas, so the summed gradients are ``R`` times too
+large and the logged loss ``R`` times too high. This loop is the one code path for every strategy
+(``none`` included) and gives the same history as ``fit`` on one process (tests/test_distributed.py).
+
+A step, in each replica: forward pass with ``training=True``, ``model.compute_loss`` (the compiled
+loss, or ``DeepSupervisionModel.compute_loss`` for the list of deep-supervision outputs), divided by
+the number of replicas because the optimizer *sums* the replicas' gradients, then
+``optimizer.apply_gradients``; the loss and the per-class Dice metric are accumulated in
+replica-local metric variables that TensorFlow sums when they are read.
+
+Validation runs on every worker over all validation cases, outside ``strategy.run``: whole
+volumes of different sizes need no splitting, and every worker then logs the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from segpipe.checkpoints import RunCheckpoint
+from segpipe.distributed import WorkerInfo, any_worker
+from segpipe.interrupts import StopRequest
+from segpipe.metrics.streaming import PerClassDice
+
+
+@dataclass
+class LoopPosition:
+    """Where training stands: finished epochs, finished steps of the next epoch, and that epoch's
+    metric accumulators (``{metric name: [variable values]}``) when it is partly done."""
+
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, list] | None = None
+
+
+class TrainingLoop:
+    """Train ``model`` (compiled, built in ``strategy.scope()``) under ``strategy``.
+
+    Args:
+        model: the compiled model; its optimizer must already be built (``optimizer.build``), because
+            optimizer variables cannot be created inside ``strategy.run``.
+        strategy: the run's strategy (the default strategy for ``train.distribute: none``).
+        worker: this process's role; several workers agree on stop requests every step.
+        class_names: one per output channel, background first (keys of the Dice logs).
+        verbose: 0 silent, 1 progress bar, 2 one line per epoch (as ``fit``).
+        stop: a :class:`StopRequest` checked after every step, or None.
+    """
+
+    def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, worker: WorkerInfo,
+                 class_names: list[str], *, verbose: int = 2, stop: StopRequest | None = None):
+        self.model, self.strategy, self.worker = model, strategy, worker
+        self.verbose, self.stop = verbose, stop
+        with strategy.scope():  # replica-local accumulators, summed on read
+            self.train_metrics = _loss_and_dice(class_names)
+        self.val_metrics = _loss_and_dice(class_names)  # plain variables: validation is not distributed
+        self._train_step = tf.function(self._distributed_step)
+        self._eval_step = tf.function(self._eval_batch, reduce_retracing=True)
+
+    # ------------------------------------------------------------ steps
+
+    def _distributed_step(self, batch: tuple) -> None:
+        self.strategy.run(self._replica_step, args=tuple(batch))
+
+    def _replica_step(self, x: tf.Tensor, y: tf.Tensor) -> None:
+        model = self.model
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            # The loss is this replica's batch mean; apply_gradients sums over replicas, so this averages.
+            scaled = model.optimizer.scale_loss(loss / replicas)
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        loss_metric, dice = self.train_metrics
+        loss_metric.update_state(loss, sample_weight=tf.shape(x)[0])
+        dice.update_state(y, y_pred)
+
+    def _eval_batch(self, x: tf.Tensor, y: tf.Tensor) -> None:
+        y_pred = self.model(x, training=False)
+        loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+        loss_metric, dice = self.val_metrics
+        loss_metric.update_state(loss, sample_weight=tf.shape(x)[0])
+        dice.update_state(y, y_pred)
+
+    # ------------------------------------------------------------ epochs
+
+    def fit(self, train_data: Iterable, val_data: Iterable, *, epochs: int, steps_per_epoch: int,
+            start: LoopPosition, callbacks: list[keras.callbacks.Callback],
+            checkpoint: RunCheckpoint) -> LoopPosition | None:
+        """Train from ``start`` to ``epochs``; returns None when done, or the position where a stop
+        request ended training (after ``checkpoint`` saved it)."""
+        callback_list = keras.callbacks.CallbackList(
+            callbacks, add_progbar=self.verbose > 0, model=self.model,
+            verbose=self.verbose, epochs=epochs, steps=steps_per_epoch,
+        )
+        iterator = iter(train_data)
+        self.model.stop_training = False
+        callback_list.on_train_begin()
+        logs: dict[str, float] = {}
+        for epoch in range(start.epoch, epochs):
+            first_step = start.step if epoch == start.epoch else 0
+            stopped_after = self._train_epoch(epoch, first_step, steps_per_epoch, iterator, callback_list, checkpoint,
+                                              start.metrics if first_step else None)
+            if stopped_after is not None:
+                callback_list.on_train_end(logs)  # closes the TensorBoard writers
+                return LoopPosition(epoch, stopped_after)
+            logs = self._epoch_logs(val_data, callback_list)
+            callback_list.on_epoch_end(epoch, logs)  # RunCheckpoint saves the epoch here
+            if self._stop_requested() and epoch + 1 < epochs:
+                callback_list.on_train_end(logs)
+                return LoopPosition(epoch + 1, 0)
+            if self.model.stop_training:
+                break
+        callback_list.on_train_end(logs)
+        return None
+
+    def _train_epoch(self, epoch: int, first_step: int, steps: int, iterator: Iterator,
+                     callback_list: keras.callbacks.CallbackList, checkpoint: RunCheckpoint,
+                     metrics: dict[str, list] | None) -> int | None:
+        """Steps ``first_step..steps-1`` of ``epoch`` (its metrics restored from ``metrics`` when resuming
+        mid-epoch); the number of finished steps if a stop request ended it early (checkpoint saved)."""
+        self._reset_or_restore(metrics)
+        callback_list.on_epoch_begin(epoch)
+        for step in range(first_step, steps):
+            callback_list.on_train_batch_begin(step)
+            self._train_step(next(iterator))
+            callback_list.on_train_batch_end(step, self._batch_logs())
+            if self._stop_requested():
+                checkpoint.save_partial(epoch, step + 1, self.metric_state())
+                return step + 1
+        return None
+
+    def evaluate(self, val_data: Iterable) -> dict[str, float]:
+        """Loss and Dice over all of ``val_data`` (unprefixed keys)."""
+        for metric in self.val_metrics:
+            metric.reset_state()
+        for x, y in val_data:
+            self._eval_step(x, y)
+        return _results(self.val_metrics)
+
+    def _epoch_logs(self, val_data: Iterable, callback_list: keras.callbacks.CallbackList) -> dict[str, float]:
+        logs = _results(self.train_metrics)
+        callback_list.on_test_begin()
+        val_logs = self.evaluate(val_data)
+        callback_list.on_test_end(val_logs)
+        return {**logs, **{f"val_{k}": v for k, v in val_logs.items()}}
+
+    def _batch_logs(self) -> dict[str, float] | None:
+        # Reading the metrics is a collective operation with several workers, and their verbosity may
+        # differ, so only a single worker with a progress bar reads them every step.
+        if self.verbose == 1 and self.worker.num_workers == 1:
+            return _results(self.train_metrics)
+        return None
+
+    def _stop_requested(self) -> bool:
+        local = self.stop is not None and self.stop.requested
+        return any_worker(self.strategy, self.worker, local)
+
+    # ------------------------------------------------------------ metric state
+
+    def metric_state(self) -> dict[str, list]:
+        """The training metrics' accumulators (summed over replicas), for a mid-epoch checkpoint."""
+        return {m.name: [np.asarray(v.numpy()).tolist() for v in m.variables] for m in self.train_metrics}
+
+    def _reset_or_restore(self, state: dict[str, list] | None) -> None:
+        for metric in self.train_metrics:
+            if state is None:
+                metric.reset_state()
+                continue
+            # Assigning a replica-local (SUM) variable outside a replica splits the value over the replicas.
+            for variable, value in zip(metric.variables, state[metric.name]):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def _loss_and_dice(class_names: list[str]) -> list[keras.metrics.Metric]:
+    return [keras.metrics.Mean(name="loss"), PerClassDice(class_names, name="dice")]
+
+
+def _results(metrics: list[keras.metrics.Metric]) -> dict[str, float]:
+    """Flat float logs in ``fit``'s order and names: ``loss``, then ``dice_<class>``, ``dice_fg_mean``."""
+    logs: dict[str, Any] = {}
+    for metric in metrics:
+        result = metric.result()
+        logs.update(result if isinstance(result, dict) else {metric.name: result})
+    return {k: float(v) for k, v in logs.items()}
