@@ -64,7 +64,7 @@ def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"{where}: expected the cluster and this worker's task in the TF_CONFIG environment variable, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
-            "(docs/distributed.md). Received: TF_CONFIG unset"
+            "(README.md, 'Several GPUs, several machines'). Received: TF_CONFIG unset"
         )
     try:
         tf_config = json.loads(raw)
