@@ -18,18 +18,6 @@ def dataset(tmp_path):
     return load_dataset(make_dataset(tmp_path / "raw", "msd", num_cases=3))
 
 
-@pytest.fixture
-def count_preprocessing(monkeypatch):
-    calls = []
-
-    def counting(case, settings):
-        calls.append(case.case_id)
-        return preprocess_case(case, settings)
-
-    monkeypatch.setattr(cache_module, "preprocess_case", counting)
-    return calls
-
-
 def test_cache_writes_arrays_meta_and_locations(dataset, tmp_path, count_preprocessing):
     cached = build_cache(dataset, tmp_path / "cache", SETTINGS, progress=False)
     assert [c.case_id for c in cached] == ["case_000", "case_001", "case_002"]

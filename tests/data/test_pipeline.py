@@ -33,18 +33,6 @@ def config_for(root: Path, out: Path, *extra: str):
                               "model.depth=2", "data.patch_size=[8, 8, 8]", *extra])
 
 
-@pytest.fixture
-def count_preprocessing(monkeypatch):
-    calls = []
-
-    def counting(case, settings):
-        calls.append(case.case_id)
-        return preprocess_case(case, settings)
-
-    monkeypatch.setattr(cache_module, "preprocess_case", counting)
-    return calls
-
-
 # ------------------------------------------------------------------------------------ integrity
 
 
