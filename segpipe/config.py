@@ -100,6 +100,21 @@ class TrainConfig:
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
     deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
+    # At the end of training the chief writes the deployable bundle (segpipe.export) into RUN_DIR/bundle,
+    # from the best checkpoint (else model.keras); export_onnx adds model.onnx (needs the onnx extra).
+    export_bundle: bool = True
+    export_onnx: bool = False
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window prediction (docs/inference.md): ``evaluate.py RUN_DIR`` and the defaults of the run's bundle."""
+
+    overlap: float = field(default=0.5, metadata=_range(0, 0.95))  # fraction of a window shared with a neighbour
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_range(0, 2))  # [] = no mirroring
+    batch_size: int = field(default=2, metadata=_range(1))  # windows per network call
+    # label values that keep only their largest connected component ([] = none)
+    postprocess_largest_component: list[int] = field(default_factory=list, metadata=_range(1, 255))
 
 
 @dataclass
@@ -107,10 +122,12 @@ class Config:
     name: str | None = None  # run name; defaults to the config file's stem
     seed: int = 0
     output_dir: str = "runs"
+    experiment: str | None = None  # runs go to <output_dir>/<experiment>/<name> (a sweep's folder)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "dice"})
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,6 +320,37 @@ def validate(config: Config) -> None:
     if config.train.sync_batch_norm and config.model.norm != "batch":
         raise ConfigError("train.sync_batch_norm: expected model.norm: batch (only batch norm has statistics "
                           f"to synchronise). Received: true with model.norm={config.model.norm!r}")
+    if config.train.export_onnx and not config.train.export_bundle:
+        raise ConfigError("train.export_onnx: expected train.export_bundle: true (model.onnx is part of the bundle). "
+                          "Received: true with train.export_bundle=false")
+    for key in ("name", "experiment"):
+        check_folder_name(getattr(config, key), key)
+    validate_inference(config.inference)
+
+
+def check_folder_name(value: str | None, key: str) -> None:
+    """``name`` and ``experiment`` become folder names: one non-empty path component."""
+    if value is not None and (not value or value in (".", "..") or "/" in value or "\\" in value):
+        raise ConfigError(_expected(key, "a folder name (no '/' or '\\', not '.' or '..')", value))
+
+
+def validate_inference(inference: InferenceConfig) -> None:
+    """Checks of the ``inference`` section beyond single-key types and ranges."""
+    axes = inference.mirror_axes
+    if len(set(axes)) != len(axes):
+        raise ConfigError(_expected("inference.mirror_axes", "distinct axes out of [0, 1, 2] ([] = no mirroring)", axes))
+    classes = inference.postprocess_largest_component
+    if len(set(classes)) != len(classes):
+        raise ConfigError(_expected("inference.postprocess_largest_component", "distinct label values", classes))
+
+
+def check_inference_classes(inference: InferenceConfig, num_classes: int) -> None:
+    """``inference.postprocess_largest_component`` must name foreground labels of the dataset (checked before training)."""
+    bad = [c for c in inference.postprocess_largest_component if c >= num_classes]
+    if bad:
+        raise ConfigError(_expected("inference.postprocess_largest_component",
+                                    f"foreground label values of the dataset (1..{num_classes - 1})",
+                                    inference.postprocess_largest_component))
 
 
 def validate_data(data: DataConfig) -> None:

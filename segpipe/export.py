@@ -294,8 +294,7 @@ def export_run(
             ``"final"`` (``model.keras``), or a path to a ``.keras`` file.
         onnx: also write ``model.onnx``.
         overwrite: replace an existing bundle folder.
-        inference: inference settings; default: the run config's ``inference`` section if it has
-            one, else :class:`InferenceSettings` defaults.
+        inference: inference settings; default: the run config's ``inference`` section.
         preprocessing: defaults to ``RUN_DIR/preprocessing.json`` (written at training time).
         class_names: defaults to the classes of the run's dataset (``data.root``); ``class_<v>`` if
             that folder is not readable.
@@ -320,7 +319,7 @@ def export_run(
     if class_names is None:
         class_names, channel_names = _dataset_names(config.data.root, num_classes)
     if inference is None:
-        inference = InferenceSettings.from_object(getattr(config, "inference", None) or {})
+        inference = InferenceSettings.from_object(config.inference)
     return write_bundle(
         model,
         Path(out_dir) if out_dir is not None else run_dir / "bundle",

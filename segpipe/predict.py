@@ -76,17 +76,62 @@ def segment_volume(
         A :class:`Segmentation` whose arrays have the scan's spatial shape.
     """
     case = preprocess_volume(image, affine, None, preprocessing)
+    return segment_preprocessed(
+        predict_fn, case.image, case.meta, patch_size=patch_size, overlap=overlap, mirror_axes=mirror_axes,
+        batch_size=batch_size, sigma_scale=sigma_scale, postprocess_largest_component=postprocess_largest_component,
+        return_probabilities=return_probabilities, progress=progress,
+    )
+
+
+def segment_preprocessed(
+    predict_fn: PredictFn,
+    image: np.ndarray,
+    meta: dict[str, Any],
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    mirror_axes: Sequence[int] = (0, 1, 2),
+    batch_size: int = 2,
+    sigma_scale: float = 0.125,
+    postprocess_largest_component: Sequence[int] = (),
+    return_probabilities: bool = False,
+    progress: bool = False,
+) -> Segmentation:
+    """Steps 2-4 of :func:`segment_volume` for an image already preprocessed (e.g. a cached training case).
+
+    Args:
+        predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C).
+        image: the preprocessed image (X, Y, Z, Cin) the network sees.
+        meta: its preprocessing record (``PreprocessedCase.meta`` / the cache's ``meta.json``), which
+            maps it back to the original grid.
+        patch_size, overlap, mirror_axes, batch_size, sigma_scale, postprocess_largest_component,
+        return_probabilities, progress: see :func:`segment_volume`.
+
+    Returns:
+        A :class:`Segmentation` on the original grid, with the original affine.
+    """
     probabilities = sliding_window_predict(
-        predict_fn, case.image, patch_size, overlap=overlap, mirror_axes=mirror_axes,
+        predict_fn, image, patch_size, overlap=overlap, mirror_axes=mirror_axes,
         batch_size=batch_size, sigma_scale=sigma_scale, progress=progress,
     )
-    num_classes = probabilities.shape[-1]
-    background = np.eye(num_classes, dtype=np.float32)[0]  # outside the crop box: certain background
-    probabilities = restore_to_original(probabilities, case.meta, order=1, fill_value=background)
+    probabilities = restore_probabilities(probabilities, meta)
     labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
     if postprocess_largest_component:
         labels = keep_largest_component(labels, postprocess_largest_component)
-    return Segmentation(labels, probabilities if return_probabilities else None, np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(meta["original_affine"], dtype=np.float64)
+    return Segmentation(labels, probabilities if return_probabilities else None, affine)
+
+
+def restore_probabilities(probabilities: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Probabilities (X, Y, Z, C) on the preprocessed grid mapped back onto the original grid.
+
+    :func:`segpipe.data.preprocess.restore_to_original` with linear interpolation: the
+    probabilities, not the labels, are resampled, so class borders fall between voxels of the grid
+    the network saw; outside the crop box is certain background.
+    """
+    num_classes = probabilities.shape[-1]
+    background = np.eye(num_classes, dtype=np.float32)[0]
+    return restore_to_original(probabilities.astype(np.float32, copy=False), meta, order=1, fill_value=background)
 
 
 def segment_case(

@@ -1,6 +1,6 @@
 """Build everything a run needs from its config and train it (``segpipe.loop``, under ``train.distribute``).
 
-A run directory (``<output_dir>/<name>/``) describes itself:
+A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>/``) describes itself:
 
     config.yaml        the fully resolved config
     splits.json        the train/validation case ids (a copy of the dataset's split)
@@ -12,15 +12,17 @@ A run directory (``<output_dir>/<name>/``) describes itself:
     checkpoints/last/  model.keras + state.json of the last finished epoch or stop (crash-safe, see checkpoints.py)
     checkpoints/best.keras   the epoch with the best ``train.monitor`` value
     model.keras        the final model
+    bundle/            the deployable bundle of the best checkpoint (``train.export_bundle``; segpipe.export)
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segpipe.config import Config, ConfigError, check_patch_size, load_config, to_yaml
+from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size, load_config, to_yaml
 from segpipe.data.pipeline import open_dataset, prepare_data, read_run_settings, read_run_split, write_run_files
 from segpipe.io import read_json, write_json, write_text
 
@@ -90,7 +92,8 @@ def compile_model(model, config: Config, class_names: list[str]) -> None:
 
 
 def run_dir_of(config: Config) -> Path:
-    return Path(config.output_dir) / str(config.name)
+    """``<output_dir>/<name>``, or ``<output_dir>/<experiment>/<name>`` when the run belongs to an experiment."""
+    return Path(config.output_dir) / (config.experiment or "") / str(config.name)
 
 
 def run_status(run_dir: Path) -> str | None:
@@ -102,8 +105,10 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     """Train the run described by ``config``; returns its run directory.
 
     A finished run is left alone (unless ``overwrite``); an unfinished one needs ``resume`` (continue
-    from its last checkpoint) or ``overwrite`` (start again). Under ``train.distribute:
-    multi_worker`` every worker calls this; only the chief writes the run directory.
+    from its last checkpoint, with the config it was started with) or ``overwrite`` (start again).
+    Under ``train.distribute: multi_worker`` every worker calls this; only the chief writes the run
+    directory. With ``train.export_bundle`` the chief writes ``RUN_DIR/bundle`` after the final
+    model, before the run is marked finished (a failed export leaves the run resumable).
 
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
@@ -134,6 +139,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
             f"Run directory {run_dir} holds an unfinished run. Use --resume to continue it, "
             f"--overwrite to start again, or --set name=... for a new run."
         )
+    elif resume:
+        check_resumed_config(run_dir, config)
     if worker.is_chief:  # the others write to a temporary folder
         check_writable(run_dir)
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
@@ -145,6 +152,10 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
     check_patch_size(config.data.patch_size, config.model.depth)
     build_loss(config, dataset.num_classes)  # a bad loss option fails here, not mid-training
+    check_inference_classes(config.inference, dataset.num_classes)  # used by the bundle at the end
+    if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
+        raise ConfigError('train.export_onnx: expected tf2onnx installed (pip install "segpipe[onnx]"). '
+                          "Received: true, tf2onnx not importable")
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
@@ -156,6 +167,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         write_run_files(out_dir, prepared)
         write_json(out_dir / "status.json", {"status": "running"})
         _train_model(config, prepared, strategy, worker, run_dir, out_dir, checkpoint, state, verbose)
+        if config.train.export_bundle and worker.is_chief:
+            export_bundle(run_dir, onnx=config.train.export_onnx)
         write_json(out_dir / "status.json", {"status": "finished"})
     finally:
         distributed.remove_worker_dir(out_dir, worker)
@@ -197,6 +210,17 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
         write_json(out_dir / "status.json", {"status": "interrupted"})
         raise TrainingInterrupted(run_dir, stop.signal_number, stopped.epoch, stopped.step)
     save_model_atomic(model, out_dir / "model.keras")
+
+
+def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
+    """Write the run's deployable bundle into ``RUN_DIR/bundle`` (replacing an older one), from the model
+    ``evaluate.py RUN_DIR`` uses (:func:`segpipe.inference.run_model`: the best checkpoint, else model.keras)."""
+    from segpipe.export import export_run
+    from segpipe.inference import run_model
+
+    bundle = export_run(run_dir, run_dir / "bundle", checkpoint=run_model(run_dir)[0], onnx=onnx, overwrite=True)
+    print(f"Wrote bundle {bundle}")
+    return bundle
 
 
 def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
@@ -247,6 +271,28 @@ def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "Shard
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
     return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+
+
+def check_resumed_config(run_dir: Path, config: Config) -> None:
+    """A run is resumed only with the config it was started with (a sweep re-run with an edited file
+    would otherwise continue old weights under new settings)."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return  # not started yet, or stopped before writing its config: nothing to continue
+    saved = load_run_config(run_dir).to_dict()
+    changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config.to_dict())]
+    if changes:
+        raise ConfigError(
+            f"Cannot resume {run_dir}: expected the config it was started with ({Path(run_dir) / 'config.yaml'}). "
+            f"Received changes: {'; '.join(changes)}. Undo them, or use --overwrite to train it again with the new config"
+        )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of every leaf that differs between two config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from segpipe.config import ConfigError, load_config, read_yaml_with_extends, to_yaml
@@ -98,3 +100,53 @@ def test_shipped_configs_load():
     assert paths, "no configs shipped"
     for path in paths:
         load_config(path)
+
+
+def test_inference_section_defaults_and_overrides():
+    config = load_config(None, [])
+    assert (config.inference.overlap, config.inference.mirror_axes, config.inference.batch_size,
+            config.inference.postprocess_largest_component) == (0.5, [0, 1, 2], 2, [])
+    config = load_config(None, ["inference.overlap=0.25", "inference.mirror_axes=[]",
+                                "inference.postprocess_largest_component=[1]"])
+    assert (config.inference.overlap, config.inference.mirror_axes, config.inference.postprocess_largest_component) == (0.25, [], [1])
+    base = load_config(Path(__file__).resolve().parent.parent / "configs" / "base.yaml")
+    assert base.inference == load_config(None, []).inference  # base.yaml lists the defaults
+    assert (base.train.export_bundle, base.train.export_onnx, base.experiment) == (True, False, None)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["inference.overlap=0.96"], "inference.overlap: expected <= 0.95. Received: 0.96"),
+        (["inference.overlap=-0.1"], "inference.overlap: expected >= 0. Received: -0.1"),
+        (["inference.mirror_axes=[0, 3]"], "inference.mirror_axes: expected <= 2. Received: [0, 3]"),
+        (["inference.mirror_axes=[1, 1]"], "inference.mirror_axes: expected distinct axes out of [0, 1, 2]"),
+        (["inference.mirror_axes=2"], "inference.mirror_axes: expected a list of int. Received: 2"),
+        (["inference.batch_size=0"], "inference.batch_size: expected >= 1. Received: 0"),
+        (["inference.postprocess_largest_component=[0]"], "inference.postprocess_largest_component: expected >= 1"),
+        (["inference.postprocess_largest_component=[2, 2]"], "expected distinct label values"),
+        (["inference.overlaps=0.5"], "Unknown config key 'inference.overlaps'. Did you mean 'inference.overlap'?"),
+        (["train.export_bundle=yes please"], "train.export_bundle: expected true or false"),
+        (["train.export_onnx=true", "train.export_bundle=false"], "train.export_onnx: expected train.export_bundle: true"),
+        (["experiment=a/b"], "experiment: expected a folder name"),
+        (["name=.."], "name: expected a folder name"),
+    ],
+)
+def test_inference_export_and_experiment_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert message in str(info.value)
+
+
+def test_inference_config_feeds_the_bundle_settings():
+    from segpipe.config import check_inference_classes
+    from segpipe.export import InferenceSettings
+
+    config = load_config(None, ["inference.overlap=0.25", "inference.mirror_axes=[2, 0]", "inference.batch_size=4",
+                                "inference.postprocess_largest_component=[1]"])
+    settings = InferenceSettings.from_object(config.inference)
+    assert settings == InferenceSettings(overlap=0.25, mirror_axes=(0, 2), batch_size=4, postprocess_largest_component=(1,))
+    assert InferenceSettings.from_object(load_config(None, []).inference) == InferenceSettings()
+    check_inference_classes(config.inference, 2)
+    with pytest.raises(ConfigError, match=r"foreground label values of the dataset \(1..2\). Received: \[1, 3\]"):
+        check_inference_classes(load_config(None, ["inference.postprocess_largest_component=[1, 3]"]).inference, 3)

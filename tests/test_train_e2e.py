@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import evaluate
+import predict
 import train
 from segpipe.checkpoints import RunCheckpoint
 from segpipe.config import load_config
@@ -22,7 +23,8 @@ def test_train_then_evaluate(tiny_overrides, tmp_path, phantom_root):
     assert train.main(["--set", *tiny_overrides, "name=e2e"]) == 0
     run_dir = tmp_path / "runs" / "e2e"
     for name in ("config.yaml", "splits.json", "history.csv", "model.keras", "checkpoints/best.keras",
-                 "checkpoints/last/model.keras", "checkpoints/last/state.json"):
+                 "checkpoints/last/model.keras", "checkpoints/last/state.json", "bundle/bundle.json",
+                 "bundle/model.keras", "bundle/savedmodel/saved_model.pb"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard" / "train").iterdir())
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished"}
@@ -54,6 +56,19 @@ def test_train_then_evaluate(tiny_overrides, tmp_path, phantom_root):
     assert {row["case"] for row in rows} == set(split["val"])
     assert all(0.0 <= float(row["dice"]) <= 1.0 for row in rows)
     assert (run_dir / "evaluation" / "summary.json").is_file()
+
+    # the bundle written at the end of training segments a raw scan as evaluate.py's predict_run did
+    bundle = json.loads((run_dir / "bundle" / "bundle.json").read_text())
+    assert bundle["source"]["checkpoint"] == "best" and bundle["patch_size"] == [16, 16, 16]
+    assert bundle["inference"]["mirror_axes"] == [0, 1, 2] and bundle["inference"]["overlap"] == 0.5
+    case_id = split["val"][0]
+    out = tmp_path / "bundle_predictions"
+    assert predict.main(["--model", str(run_dir / "bundle"), "--input", str(phantom_root / "imagesTr" / f"{case_id}.nii.gz"),
+                         "--output", str(out), "--quiet"]) == 0
+    from_bundle = read_nifti(out / f"{case_id}.nii.gz")
+    from_run = read_nifti(run_dir / "predictions" / f"{case_id}.nii.gz")
+    np.testing.assert_array_equal(from_bundle.array, from_run.array)
+    np.testing.assert_allclose(from_bundle.affine, from_run.affine)
 
 
 def test_unfinished_run_needs_resume_or_overwrite(tiny_overrides, tmp_path, capsys):
