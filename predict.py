@@ -5,7 +5,7 @@
     python predict.py --model BUNDLE --input scan.nii.gz --output out/ --format savedmodel --no-mirror
     python predict.py export runs/default [--checkpoint best|last|final] [--out DIR] [--onnx]
 
-See docs/inference.md.
+See README.md, "Inference and export".
 """
 from __future__ import annotations
 

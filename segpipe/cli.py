@@ -32,7 +32,7 @@ reported and the sweep goes on, and a summary ends it (exit code 1 if any run fa
 command again, with --resume, to continue an interrupted sweep, interrupted runs included.
 
 Ctrl-C (or SIGTERM) stops after the current step and saves a checkpoint (exit code 130 / 143);
-press it twice to abort at once. Several GPUs or machines: train.distribute (docs/distributed.md).
+press it twice to abort at once. Several GPUs or machines: train.distribute (README.md, "Several GPUs").
 """
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.

@@ -95,7 +95,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_range(0))
     momentum: float = field(default=0.99, metadata=_range(0, 1))  # sgd only
     monitor: str = "val_dice_fg_mean"  # what "best checkpoint" maximises (or minimises, for a loss)
-    # tf.distribute (docs/distributed.md): none | mirrored (the GPUs of one machine) | multi_worker
+    # tf.distribute (README.md, "Several GPUs"): none | mirrored (the GPUs of one machine) | multi_worker
     # (several machines, cluster from TF_CONFIG). data.batch_size is the global batch, split over replicas.
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
@@ -108,7 +108,7 @@ class TrainConfig:
 
 @dataclass
 class InferenceConfig:
-    """Sliding-window prediction (docs/inference.md): ``evaluate.py RUN_DIR`` and the defaults of the run's bundle."""
+    """Sliding-window prediction (README.md, "Inference and export"): ``evaluate.py RUN_DIR`` and the defaults of the run's bundle."""
 
     overlap: float = field(default=0.5, metadata=_range(0, 0.95))  # fraction of a window shared with a neighbour
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_range(0, 2))  # [] = no mirroring
