@@ -49,7 +49,8 @@ class PhantomConfig:
 class DataConfig:
     """The dataset, its preprocessing and cache, the split, and the patch loader (docs/data.md)."""
 
-    root: str = "data/phantoms"  # dataset folder; relative paths are relative to the working dir
+    # dataset folder, relative to the working dir; null in a config file means "give it on the command line"
+    root: str | None = "data/phantoms"
     phantoms: PhantomConfig | None = None  # if set and ``root`` does not exist, generate phantoms there
     layout: Literal["auto", "msd", "nnunet", "folders"] = "auto"
     check: Literal["full", "headers", "off"] = "headers"  # integrity check before training
@@ -313,6 +314,11 @@ def _unknown_key(prefix: str, key: str, valid: list[str]) -> str:
 def validate(config: Config) -> None:
     """Checks that involve several keys (single keys are checked while converting)."""
     data = config.data
+    if data.root is None:
+        raise ConfigError(
+            "data.root: expected the dataset folder, which this config leaves to the command line. "
+            "Received: null. Add --set data.root=PATH/TO/DATASET"
+        )
     validate_data(data)
     check_patch_size(data.patch_size, config.model.depth)
     if not isinstance(config.loss, dict) or not ("name" in config.loss or "terms" in config.loss):
