@@ -39,7 +39,7 @@ EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, p
 
 Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--dataset-json PATH]
                                  [--out DIR] [--tolerance-mm X | LABEL=X ...] [--workers N]
-Run mode:     python evaluate.py RUN_DIR   (predicts the run's validation cases, then scores them)
+Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
 Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
               Wilcoxon tests with Holm correction, box plots, training curves, report.md)
@@ -152,6 +152,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance-mm", nargs="+", default=["1.0"], metavar="X",
                         help="NSD tolerance in mm: one value, or LABEL=X per class (default 1.0)")
     parser.add_argument("--workers", type=int, help="parallel processes (default: available cores)")
+    parser.add_argument("--model", choices=["best", "final"],
+                        help="run mode: the best checkpoint (chosen on these validation cases; the default) "
+                             "or the final model")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
                         help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
@@ -165,6 +168,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         parser.error("give either RUN_DIR or --pred and --ref, not both")
     if args.run_dir is None and not (args.pred and args.ref):
         parser.error("give RUN_DIR, or both --pred and --ref")
+    if args.model and args.run_dir is None:
+        parser.error("--model chooses the model of RUN_DIR (run mode)")
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
     except ValueError as exc:
@@ -188,6 +193,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             summary, out_dir = evaluate_run(
                 args.run_dir, args.out,
                 labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
+                model=args.model,
             )
         else:
             out_dir = args.out or args.pred / "evaluation"

@@ -91,7 +91,8 @@ def _run_identity(run_dir: Path) -> tuple[str, int | None, str]:
     split_path = run_dir / "splits.json"
     if not split_path.is_file():
         raise ComparisonError(f"{run_dir}: no splits.json; it is not a trained run")
-    split = read_json(split_path)
+    # the case ids only: the same split may be named differently (seeded, or from data.split_file)
+    split = {part: sorted(read_json(split_path).get(part, [])) for part in ("train", "val")}
     root = str(Path(data.get("root", "")).resolve())
     return root, data.get("fold"), yaml.safe_dump(split, sort_keys=True)
 

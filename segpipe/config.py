@@ -68,6 +68,9 @@ class DataConfig:
     val_fraction: float = field(default=0.2, metadata=_range(0, 1, exclusive_min=True))
     folds: int | None = field(default=None, metadata=_range(2))
     fold: int = field(default=0, metadata=_range(0))
+    # A fixed split instead: a JSON file {"train": [case ids], "val": [case ids]} (a run's splits.json
+    # works), relative to the working dir; val_fraction and folds are then unused.
+    split_file: str | None = None
     validation: Literal["whole", "patches"] = "whole"  # whole preprocessed cases, or fixed patches
     val_patches_per_case: int = field(default=4, metadata=_range(1))  # validation: patches only
     patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(4))
@@ -379,6 +382,8 @@ def validate_data(data: DataConfig) -> None:
             raise ConfigError(_expected(key, f"one of {list(NORMALIZATIONS)}", scheme, suggest=list(NORMALIZATIONS)))
     if not schemes:
         raise ConfigError(_expected("data.normalization", "a scheme or a list with one per channel", data.normalization))
+    if data.split_file is not None and data.folds is not None:
+        raise ConfigError(_expected("data.folds", "null with data.split_file (the file fixes the split)", data.folds))
     if data.folds is None and data.fold != 0:
         raise ConfigError(_expected("data.fold", "0 when data.folds is null (no k-fold split)", data.fold))
     if data.folds is not None and data.fold >= data.folds:

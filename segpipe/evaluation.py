@@ -236,16 +236,18 @@ def evaluate_run(
     class_names: Sequence[str] | Mapping[int, str] | None = None,
     tolerance_mm: float | Mapping[int, float] = 1.0,
     workers: int | None = None,
+    model: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Predict a trained run's validation cases and score them; returns (summary, output folder).
 
     Predictions go to ``RUN_DIR/predictions``, scores to ``out_dir`` (default ``RUN_DIR/evaluation``).
+    ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one).
     Imports TensorFlow (seconds), so only call it when a model must run.
     """
     from segpipe.inference import predict_run
 
     run_dir = Path(run_dir)
-    pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir)
+    pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
     out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
     summary = evaluate_folders(
         pred_dir, ref_dir, out,

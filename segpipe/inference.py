@@ -15,7 +15,7 @@ import numpy as np
 from segpipe.io import write_nifti
 
 
-def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None):
+def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, model: str | None = None):
     """Predict the validation cases of a trained run into ``out_dir`` (default ``RUN_DIR/predictions``).
 
     Each case is predicted on its preprocessed (cached) image, with the run's own preprocessing
@@ -23,7 +23,8 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     settings (overlap, mirroring, batch size); the probabilities are mapped back onto the original
     image grid (linear interpolation, outside the crop box background), and the argmax there, after
     ``inference.postprocess_largest_component``, is written as a NIfTI label map with the original
-    shape and affine. The model is the best checkpoint, else the final model (:func:`run_model`).
+    shape and affine. The model is the best checkpoint, else the final model (:func:`run_model`);
+    ``model="best"`` or ``"final"`` insists on one of them.
 
     Returns ``(pred_dir, ref_dir, labels, class_names)``: the predictions, a folder of links to the
     reference label maps of the same cases, the foreground label values, and the class names
@@ -44,7 +45,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if split is None:
         raise FileNotFoundError(f"Expected the run's split in {run_dir / 'splits.json'}; found none")
     prepared = prepare_data(config, split=split, settings=read_run_settings(run_dir))
-    model = keras.models.load_model(run_model(run_dir)[1], compile=False)  # safe_mode stays on
+    model = keras.models.load_model(run_model(run_dir, model)[1], compile=False)  # safe_mode stays on
     predict_fn = keras_predict_fn(model)
     settings = InferenceSettings.from_object(config.inference)
 
@@ -65,14 +66,23 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     return pred_dir, ref_dir, labels, dataset.class_names
 
 
-def run_model(run_dir: str | os.PathLike) -> tuple[str, Path]:
+def run_model(run_dir: str | os.PathLike, which: str | None = None) -> tuple[str, Path]:
     """The model a run is evaluated and exported with: ``("best", checkpoints/best.keras)``, else
-    ``("final", model.keras)`` (names as :func:`segpipe.export.export_run` takes them)."""
+    ``("final", model.keras)`` (names as :func:`segpipe.export.export_run` takes them).
+
+    ``which="best"`` or ``"final"`` asks for that one (an error if the run has none). The best
+    checkpoint was chosen on the validation cases, so scores of the final model on them are the
+    ones free of that selection.
+    """
     run_dir = Path(run_dir)
-    for name, path in (("best", run_dir / "checkpoints" / "best.keras"), ("final", run_dir / "model.keras")):
-        if path.is_file():
+    candidates = {"best": run_dir / "checkpoints" / "best.keras", "final": run_dir / "model.keras"}
+    if which is not None and which not in candidates:
+        raise ValueError(f"Expected model 'best' or 'final'. Received: model={which!r}")
+    for name, path in candidates.items():
+        if which in (None, name) and path.is_file():
             return name, path
-    raise FileNotFoundError(f"Expected a trained model in {run_dir} (checkpoints/best.keras or model.keras); found none")
+    wanted = candidates[which].relative_to(run_dir) if which else "checkpoints/best.keras or model.keras"
+    raise FileNotFoundError(f"Expected a trained model in {run_dir} ({wanted}); found none")
 
 
 def _link(link: Path, target: Path) -> None:

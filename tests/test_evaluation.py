@@ -236,13 +236,32 @@ def test_cli_run_mode_uses_predict_run(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "runs" / "r1"
     calls = []
 
-    def predict_run(path):
-        calls.append(Path(path))
+    def predict_run(path, model=None):
+        calls.append((Path(path), model))
         return pred_dir, ref_dir, [1, 2], ["background", "liver", "tumour"]
 
     monkeypatch.setitem(sys.modules, "segpipe.inference", types.SimpleNamespace(predict_run=predict_run))
     assert evaluate.main([str(run_dir), "--workers", "1"]) == 0
-    assert calls == [run_dir]
+    assert evaluate.main([str(run_dir), "--workers", "1", "--model", "final"]) == 0
+    assert calls == [(run_dir, None), (run_dir, "final")]
     summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
     assert summary["class_names"] == {"1": "liver", "2": "tumour"}
     assert "| 2 | tumour |" in capsys.readouterr().out
+
+
+def test_run_model_prefers_the_best_checkpoint_and_can_be_told_which(tmp_path):
+    from segpipe.inference import run_model
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="checkpoints/best.keras or model.keras"):
+        run_model(run_dir)
+    (run_dir / "model.keras").write_text("final")
+    assert run_model(run_dir) == ("final", run_dir / "model.keras")
+    with pytest.raises(FileNotFoundError, match="checkpoints/best.keras"):
+        run_model(run_dir, "best")
+    (run_dir / "checkpoints" / "best.keras").write_text("best")
+    assert run_model(run_dir) == ("best", run_dir / "checkpoints" / "best.keras")
+    assert run_model(run_dir, "final") == ("final", run_dir / "model.keras")
+    with pytest.raises(ValueError, match="Expected model 'best' or 'final'. Received: model='last'"):
+        run_model(run_dir, "last")

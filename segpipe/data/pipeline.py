@@ -113,6 +113,8 @@ def prepare_data(
     folder = root / f"preprocessed-{settings_hash(settings)}"
     cached = build_cache(dataset, folder, settings, workers=data.preprocess_workers, progress=progress)
     case_ids = [case.case_id for case in dataset.cases]
+    if split is None and data.split_file is not None:
+        split = read_split_file(data.split_file)
     if split is None:
         split = load_or_make_split(root / "splits.json", case_ids, seed=config.seed,
                                    val_fraction=data.val_fraction, folds=data.folds, fold=data.fold)
@@ -263,6 +265,34 @@ def load_or_make_split(
     chosen = entry[fold] if folds else entry
     return {"train": list(chosen["train"]), "val": list(chosen["val"]), "split": key,
             **({"fold": fold} if folds else {})}
+
+
+def read_split_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A fixed split from a JSON file ``{"train": [case ids], "val": [case ids]}`` (``data.split_file``).
+
+    Other keys (a run's ``splits.json`` also has ``split``) are ignored. Returns ``{"train", "val",
+    "split": "file:<path>"}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.split_file: expected a JSON file with train/val case ids. Received: {path} "
+                                "(not found)")
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: expected JSON with train/val case ids. Received: invalid JSON ({exc})") from exc
+    parts = {}
+    for name in ("train", "val"):
+        ids = stored.get(name) if isinstance(stored, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{path}: expected key {name!r} with a list of case ids. "
+                             f"Received: {type(ids).__name__ if ids is not None else 'no such key'}")
+        parts[name] = list(ids)
+    overlap = sorted(set(parts["train"]) & set(parts["val"]))
+    if overlap:
+        raise ValueError(f"{path}: expected disjoint train and val cases. Received: {len(overlap)} in both, "
+                         f"e.g. {overlap[:5]}")
+    return {**parts, "split": f"file:{path.as_posix()}"}
 
 
 def _covered(entry: dict | list) -> set[str]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import train
-from segpipe.config import load_config
+from segpipe.config import ConfigError, load_config
 from segpipe.data import cache as cache_module
 from segpipe.data.cache import build_cache
 from segpipe.data.layouts import load_dataset, read_case_label
@@ -18,6 +18,7 @@ from segpipe.data.pipeline import (
     make_folds,
     open_dataset,
     prepare_data,
+    read_split_file,
     run_integrity_check,
 )
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
@@ -172,6 +173,37 @@ def test_splits_file_keeps_every_key_and_remakes_a_stale_one(tmp_path, capsys):
     grown = load_or_make_split(path, ids + ["c10"], seed=0, val_fraction=0.2)
     assert "c10" in grown["train"] + grown["val"]
     assert "does not match the dataset's cases" in capsys.readouterr().err
+
+
+def test_split_file_fixes_the_split_and_bad_files_are_named(phantom_root, tmp_path):
+    fixed = {"train": ["phantom_000", "phantom_002", "phantom_003"], "val": ["phantom_005", "phantom_001"]}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(fixed))
+    for seed in (0, 7):  # the seed no longer matters
+        config = config_for(phantom_root, tmp_path, f"data.split_file={path}", f"seed={seed}", "data.check=off")
+        split = prepare_data(config, progress=False).split
+        assert split["train"] == fixed["train"] and split["val"] == fixed["val"]
+        assert split["split"] == f"file:{path.as_posix()}"
+
+    with pytest.raises(FileNotFoundError, match="data.split_file.*nope.json"):
+        read_split_file(tmp_path / "nope.json")
+    for content, message in [("{", "invalid JSON"), ('{"train": ["a"]}', "key 'val'.*no such key"),
+                             ('{"train": "a", "val": []}', "key 'train'.*Received: str"),
+                             ('{"train": ["a", "b"], "val": ["b"]}', "disjoint.*1 in both")]:
+        path.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            read_split_file(path)
+    path.write_text(json.dumps({"train": ["phantom_000"], "val": ["ghost"]}))
+    with pytest.raises(ValueError, match="unknown case ids: \\['ghost'\\]"):
+        prepare_data(config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.check=off"), progress=False)
+    with pytest.raises(ConfigError, match="data.folds"):
+        config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.folds=3")
+
+
+def test_the_recipe_split_file_is_160_training_and_40_validation_cases():
+    split = read_split_file(Path(__file__).resolve().parents[2] / "configs" / "splits" / "hippocampus.json")
+    assert len(split["train"]) == 160 and len(split["val"]) == 40
+    assert len(set(split["train"]) | set(split["val"])) == 200
 
 
 # ------------------------------------------------------------------------------------ inference

@@ -1,0 +1,90 @@
+"""Ablation of the hippocampus recipe: train short variants of it in turn and tabulate Dice and time.
+
+    python benchmarks/hippocampus_ablation.py                       # every variant, 800 steps each
+    python benchmarks/hippocampus_ablation.py --only base depth3    # some of them
+    python benchmarks/hippocampus_ablation.py --table               # print the table of finished variants
+
+Each variant is ``configs/hippocampus_recipe.yaml`` with a few ``--set`` overrides and a shorter
+schedule (``--steps`` training steps at batch 2; variants with a costlier step get fewer steps so
+that each trains for about the same wall time). A variant trains into ``runs/hippocampus_ablation/<name>``
+and is then evaluated like the recipe (sliding window, mirroring) on the same 40 validation cases.
+Wall times (training incl. per-epoch validation, and evaluation) are written next to the run in
+``ablation_time.json``; the table (docs/hippocampus.md) is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "hippocampus_recipe.yaml"
+EXPERIMENT = "hippocampus_ablation"
+
+# name -> (what changes, overrides, step-cost factor relative to the recipe's step; measured with
+# bench_train_step.py: batch 4 0.95 s, 32 filters 1.67 s against 0.50 s for the recipe)
+VARIANTS: dict[str, tuple[str, list[str], float]] = {
+    "base": ("recipe settings (Dice + CE, batch norm, depth 4, 16 filters, batch 2, nnU-Net-style augmentation)", [], 1.0),
+    "loss_dice": ("loss: Dice only", ["loss={name: dice, include_background: false}"], 1.0),
+    "norm_instance": ("instance norm instead of batch norm", ["model.norm=instance"], 1.0),
+    "depth3": ("3 levels instead of 4", ["model.depth=3"], 1.0),
+    "aug_mirror_only": ("augmentation: mirroring only", [
+        f"data.augment.{t}.p=0.0" for t in ("rotation", "scaling", "gamma", "brightness", "contrast", "noise", "blur")], 1.0),
+    "lr_3e-3": ("learning rate 3e-3 instead of 1e-3", ["train.learning_rate=0.003"], 1.0),
+    "batch4": ("batch 4 (same wall time: half the steps)", ["data.batch_size=4"], 2.0),
+    "filters32": ("32 base filters (same wall time: 0.3× the steps)", ["model.base_filters=32"], 3.3),
+}
+
+
+def run_variant(name: str, steps: int, epochs: int, output_dir: str) -> None:
+    what, overrides, cost = VARIANTS[name]
+    run_dir = Path(output_dir) / EXPERIMENT / name
+    per_epoch = max(1, round(steps / cost / epochs))
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(CONFIG), "--experiment", EXPERIMENT,
+           "--set", f"name={name}", f"output_dir={output_dir}", f"train.epochs={epochs}",
+           f"train.steps_per_epoch={per_epoch}", *overrides]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    t1 = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(run_dir)], check=True)
+    t2 = time.perf_counter()
+    timing = {"train_s": t1 - t0, "evaluate_s": t2 - t1, "steps": per_epoch * epochs, "overrides": overrides}
+    (run_dir / "ablation_time.json").write_text(json.dumps(timing, indent=2))
+
+
+def table(output_dir: str) -> str:
+    lines = ["| variant | change | steps | train min | Dice anterior | Dice posterior | Dice fg mean |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (what, _, _) in VARIANTS.items():
+        run_dir = Path(output_dir) / EXPERIMENT / name
+        timing_file, summary_file = run_dir / "ablation_time.json", run_dir / "evaluation" / "summary.json"
+        if not (timing_file.exists() and summary_file.exists()):
+            continue
+        timing, summary = json.loads(timing_file.read_text()), json.loads(summary_file.read_text())
+        per_class = summary["per_class"]
+        dice = {k: v["metrics"]["dice"]["mean"] for k, v in per_class.items()}
+        fg = sum(dice.values()) / len(dice)
+        cells = " | ".join(f"{d:.3f}" for d in dice.values())
+        lines.append(f"| {name} | {what} | {timing['steps']} | {timing['train_s'] / 60:.1f} | {cells} | {fg:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to run (default: all)")
+    parser.add_argument("--steps", type=int, default=800, help="training steps of a cost-1 variant")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--output-dir", default="runs")
+    parser.add_argument("--table", action="store_true", help="only print the table of finished variants")
+    args = parser.parse_args()
+    if not args.table:
+        for name in args.only or list(VARIANTS):
+            run_variant(name, args.steps, args.epochs, args.output_dir)
+    print(table(args.output_dir))
+
+
+if __name__ == "__main__":
+    main()
