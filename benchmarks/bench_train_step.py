@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [
     ("64³ × 2, 16 filters, 4 levels", (64, 64, 64), 2, 16, 4),
     ("32³ × 2, 16 filters, 4 levels (default config)", (32, 32, 32), 2, 16, 4),
-    ("40×56×40 × 4, 32 filters, 4 levels (hippocampus-sized)", (40, 56, 40), 4, 32, 4),
+    ("32×48×32 × 2, 16 filters, 4 levels (hippocampus recipe)", (32, 48, 32), 2, 16, 4),
+    ("40×56×40 × 4, 32 filters, 4 levels (nnU-Net-sized hippocampus)", (40, 56, 40), 4, 32, 4),
 ]
 
 
