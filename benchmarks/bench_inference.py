@@ -27,6 +27,7 @@ import numpy as np
 
 import segpipe  # noqa: F401  (TensorFlow environment)
 from segpipe.data.preprocess import PreprocessSettings
+from segpipe.export import InferenceSettings
 from segpipe.predict import segment_volume
 from segpipe.sliding_window import mirror_combinations, pad_to_window, window_slices
 
@@ -62,7 +63,7 @@ def seconds_per_call(predict_fn, patch: int, batch_size: int, calls: int = 5) ->
 def run(predict_fn, image: np.ndarray, patch: int, mirror: tuple[int, ...], args) -> float:
     start = time.perf_counter()
     segment_volume(predict_fn, image, np.eye(4), preprocessing=SETTINGS, patch_size=(patch,) * 3,
-                   overlap=args.overlap, mirror_axes=mirror, batch_size=args.batch_size)
+                   settings=InferenceSettings(overlap=args.overlap, mirror_axes=mirror, batch_size=args.batch_size))
     return time.perf_counter() - start
 
 

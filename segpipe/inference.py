@@ -55,8 +55,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     for cached in tqdm(prepared.subset("val"), desc="Predicting", unit="case"):
         result = segment_preprocessed(
             predict_fn, np.asarray(cached.load_image()), cached.meta, patch_size=config.data.patch_size,
-            overlap=settings.overlap, mirror_axes=settings.mirror_axes, batch_size=settings.batch_size,
-            sigma_scale=settings.sigma_scale, postprocess_largest_component=settings.postprocess_largest_component,
+            settings=settings,
         )
         name = f"{cached.case_id}.nii.gz"
         write_nifti(pred_dir / name, result.labels, result.affine)

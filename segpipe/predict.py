@@ -49,11 +49,7 @@ def segment_volume(
     *,
     preprocessing: PreprocessSettings,
     patch_size: Sequence[int],
-    overlap: float = 0.5,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    batch_size: int = 2,
-    sigma_scale: float = 0.125,
-    postprocess_largest_component: Sequence[int] = (),
+    settings: InferenceSettings = InferenceSettings(),
     return_probabilities: bool = False,
     progress: bool = False,
 ) -> Segmentation:
@@ -66,9 +62,9 @@ def segment_volume(
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
         patch_size: the sliding window (the training patch size).
-        overlap, mirror_axes, batch_size, sigma_scale: see
-            :func:`segpipe.sliding_window.sliding_window_predict`.
-        postprocess_largest_component: label values that keep only their largest component.
+        settings: overlap, mirroring, windows per call, Gaussian σ (see
+            :func:`segpipe.sliding_window.sliding_window_predict`) and the label values that keep
+            only their largest component.
         return_probabilities: also return the probabilities on the scan's grid.
         progress: progress bar over the windows.
 
@@ -76,11 +72,8 @@ def segment_volume(
         A :class:`Segmentation` whose arrays have the scan's spatial shape.
     """
     case = preprocess_volume(image, affine, None, preprocessing)
-    return segment_preprocessed(
-        predict_fn, case.image, case.meta, patch_size=patch_size, overlap=overlap, mirror_axes=mirror_axes,
-        batch_size=batch_size, sigma_scale=sigma_scale, postprocess_largest_component=postprocess_largest_component,
-        return_probabilities=return_probabilities, progress=progress,
-    )
+    return segment_preprocessed(predict_fn, case.image, case.meta, patch_size=patch_size, settings=settings,
+                                return_probabilities=return_probabilities, progress=progress)
 
 
 def segment_preprocessed(
@@ -89,11 +82,7 @@ def segment_preprocessed(
     meta: dict[str, Any],
     *,
     patch_size: Sequence[int],
-    overlap: float = 0.5,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    batch_size: int = 2,
-    sigma_scale: float = 0.125,
-    postprocess_largest_component: Sequence[int] = (),
+    settings: InferenceSettings = InferenceSettings(),
     return_probabilities: bool = False,
     progress: bool = False,
 ) -> Segmentation:
@@ -104,20 +93,19 @@ def segment_preprocessed(
         image: the preprocessed image (X, Y, Z, Cin) the network sees.
         meta: its preprocessing record (``PreprocessedCase.meta`` / the cache's ``meta.json``), which
             maps it back to the original grid.
-        patch_size, overlap, mirror_axes, batch_size, sigma_scale, postprocess_largest_component,
-        return_probabilities, progress: see :func:`segment_volume`.
+        patch_size, settings, return_probabilities, progress: see :func:`segment_volume`.
 
     Returns:
         A :class:`Segmentation` on the original grid, with the original affine.
     """
     probabilities = sliding_window_predict(
-        predict_fn, image, patch_size, overlap=overlap, mirror_axes=mirror_axes,
-        batch_size=batch_size, sigma_scale=sigma_scale, progress=progress,
+        predict_fn, image, patch_size, overlap=settings.overlap, mirror_axes=settings.mirror_axes,
+        batch_size=settings.batch_size, sigma_scale=settings.sigma_scale, progress=progress,
     )
     probabilities = restore_probabilities(probabilities, meta)
     labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
-    if postprocess_largest_component:
-        labels = keep_largest_component(labels, postprocess_largest_component)
+    if settings.postprocess_largest_component:
+        labels = keep_largest_component(labels, settings.postprocess_largest_component)
     affine = np.asarray(meta["original_affine"], dtype=np.float64)
     return Segmentation(labels, probabilities if return_probabilities else None, affine)
 
@@ -145,12 +133,9 @@ def segment_case(
             f"Expected {bundle.input_channels} input channel(s) {list(bundle.channel_names)} for case "
             f"{case.case_id}. Received: {volume.array.shape[-1]} in {', '.join(p.name for p in case.image_paths)}"
         )
-    s = settings or bundle.inference
     return segment_volume(
         predict_fn, volume.array, volume.affine, preprocessing=bundle.preprocessing, patch_size=bundle.patch_size,
-        overlap=s.overlap, mirror_axes=s.mirror_axes, batch_size=s.batch_size, sigma_scale=s.sigma_scale,
-        postprocess_largest_component=s.postprocess_largest_component,
-        return_probabilities=return_probabilities, progress=progress,
+        settings=settings or bundle.inference, return_probabilities=return_probabilities, progress=progress,
     )
 
 

@@ -8,7 +8,7 @@ from nibabel.orientations import aff2axcodes
 
 import predict
 from segpipe.data.preprocess import PreprocessSettings
-from segpipe.export import write_bundle
+from segpipe.export import InferenceSettings, write_bundle
 from segpipe.io import read_nifti
 from segpipe.postprocess import keep_largest_component
 from segpipe.predict import find_cases, segment_volume
@@ -140,7 +140,9 @@ def test_postprocessing_is_applied_to_predictions(tmp_path):
     image[2:10, 2:10, 2:10] = 300
     image[16:19, 10:13, 10:13] = 300
     settings = PreprocessSettings(normalization="none", crop_to_nonzero=False)
-    kwargs = dict(preprocessing=settings, patch_size=(8, 8, 8), mirror_axes=())
-    plain = segment_volume(threshold_network, image, np.eye(4), **kwargs).labels
-    kept = segment_volume(threshold_network, image, np.eye(4), postprocess_largest_component=[1], **kwargs).labels
+    kwargs = dict(preprocessing=settings, patch_size=(8, 8, 8))
+    plain = segment_volume(threshold_network, image, np.eye(4), settings=InferenceSettings(mirror_axes=()),
+                           **kwargs).labels
+    kept = segment_volume(threshold_network, image, np.eye(4), **kwargs,
+                          settings=InferenceSettings(mirror_axes=(), postprocess_largest_component=(1,))).labels
     assert (plain == 1).sum() == 8**3 + 3**3 and (kept == 1).sum() == 8**3
