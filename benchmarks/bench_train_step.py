@@ -52,7 +52,8 @@ def forward_flops(patch, in_channels: int, num_classes: int, base: int, depth: i
     return flops
 
 
-def _time(fn, warmup: int, repeats: int) -> list[float]:
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -63,22 +64,29 @@ def _time(fn, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def worker_tf(patch, batch, base, depth, warmup, repeats) -> dict:
+def compiled_unet_and_batch(patch, batch: int, base: int, depth: int, norm: str = "batch"):
+    """segpipe's U-Net (1 channel in, 3 classes) compiled with Adam + cross-entropy, and a random
+    batch (x, one-hot y) for it. Imports TensorFlow: call it in a worker process."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
     import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
     import keras
 
-    from segpipe.models.unet3d import build_unet3d
+    from segpipe.models import unet3d
 
-    model = build_unet3d(1, 3, depth=depth, base_filters=base, norm="batch")
+    model = unet3d.build_unet3d(1, 3, depth=depth, base_filters=base, norm=norm)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *patch, 1)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, (batch, *patch))]
-    step = _time(lambda: model.train_on_batch(x, y), warmup, repeats)
-    fwd = _time(lambda: model.predict_on_batch(x), warmup, repeats)
+    return model, x, y
+
+
+def worker_tf(patch, batch, base, depth, warmup, repeats) -> dict:
+    model, x, y = compiled_unet_and_batch(patch, batch, base, depth)
+    step = time_calls(lambda: model.train_on_batch(x, y), warmup, repeats)
+    fwd = time_calls(lambda: model.predict_on_batch(x), warmup, repeats)
     return {"step": step, "forward": fwd, "params": model.count_params()}
 
 
@@ -129,9 +137,9 @@ def worker_torch(patch, batch, base, depth, warmup, repeats) -> dict:
             torch.softmax(model(x), 1)
 
     model.train()
-    step_times = _time(step, warmup, repeats)
+    step_times = time_calls(step, warmup, repeats)
     model.eval()
-    fwd_times = _time(forward, warmup, repeats)
+    fwd_times = time_calls(forward, warmup, repeats)
     return {"step": step_times, "forward": fwd_times, "params": sum(p.numel() for p in model.parameters())}
 
 

@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,27 +83,14 @@ def worker(variant: str, patch, batch: int, base: int, depth: int, warmup: int, 
         tf.config.threading.set_inter_op_parallelism_threads(1)
     elif variant == "threads_intra1":
         tf.config.threading.set_intra_op_parallelism_threads(1)
-    import keras
-    import numpy as np
-
     import segpipe.models.unet3d as unet3d
+    from bench_train_step import compiled_unet_and_batch, time_calls
 
-    unet3d.layers = _patched_layers(variant)
+    unet3d.layers = _patched_layers(variant)  # build_unet3d looks its layer classes up here
     norm = {"norm_none": "none", "norm_instance": "instance"}.get(variant, "batch")
-    model = unet3d.build_unet3d(1, 3, depth=depth, base_filters=base, norm=norm)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, *patch, 1)).astype("float32")
-    y = np.eye(3, dtype="float32")[rng.integers(0, 3, (batch, *patch))]
+    model, x, y = compiled_unet_and_batch(patch, batch, base, depth, norm=norm)
     fn = (lambda: model.predict_on_batch(x)) if variant == "forward_only" else (lambda: model.train_on_batch(x, y))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"times": times, "params": model.count_params()}
+    return {"times": time_calls(fn, warmup, repeats), "params": model.count_params()}
 
 
 def main() -> None:
