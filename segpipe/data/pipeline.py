@@ -277,10 +277,7 @@ def read_split_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"data.split_file: expected a JSON file with train/val case ids. Received: {path} "
                                 "(not found)")
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: expected JSON with train/val case ids. Received: invalid JSON ({exc})") from exc
+    stored = read_json(path)  # a parse error names the file and the position
     parts = {}
     for name in ("train", "val"):
         ids = stored.get(name) if isinstance(stored, dict) else None

@@ -187,7 +187,7 @@ def test_split_file_fixes_the_split_and_bad_files_are_named(phantom_root, tmp_pa
 
     with pytest.raises(FileNotFoundError, match="data.split_file.*nope.json"):
         read_split_file(tmp_path / "nope.json")
-    for content, message in [("{", "invalid JSON"), ('{"train": ["a"]}', "key 'val'.*no such key"),
+    for content, message in [("{", "Invalid JSON in .*split.json"), ('{"train": ["a"]}', "key 'val'.*no such key"),
                              ('{"train": "a", "val": []}', "key 'train'.*Received: str"),
                              ('{"train": ["a", "b"], "val": ["b"]}', "disjoint.*1 in both")]:
         path.write_text(content)
