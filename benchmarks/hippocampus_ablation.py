@@ -4,9 +4,10 @@
     python benchmarks/hippocampus_ablation.py --only base depth3    # some of them
     python benchmarks/hippocampus_ablation.py --table               # print the table of finished variants
 
-Each variant is ``configs/hippocampus_recipe.yaml`` turned back into the starting point (``BASE``) plus
-a few ``--set`` overrides of its own, with a shorter schedule (``--steps`` training steps at batch 2; variants with a costlier step get fewer steps so
-that each trains for about the same wall time). A variant trains into ``runs/hippocampus_ablation/<name>``
+Each variant is ``configs/hippocampus_recipe.yaml`` turned back into the starting point (``BASE``)
+plus a few ``--set`` overrides of its own, with a shorter schedule (``--steps`` training steps at
+batch 2; variants with a costlier step get fewer steps so that each trains for about the same wall
+time). A variant trains into ``runs/hippocampus_ablation/<name>``
 and is then evaluated like the recipe (sliding window, mirroring) on the same 40 validation cases.
 Wall times (training incl. per-epoch validation, and evaluation) are written next to the run in
 ``ablation_time.json``; the table (docs/hippocampus.md) is printed at the end.
@@ -14,13 +15,15 @@ Wall times (training incl. per-epoch validation, and evaluation) are written nex
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from segpipe.io import read_json, write_json  # noqa: E402  (no TensorFlow: the runs are subprocesses)
+
 CONFIG = ROOT / "configs" / "hippocampus_recipe.yaml"
 EXPERIMENT = "hippocampus_ablation"
 
@@ -67,7 +70,7 @@ def run_variant(name: str, steps: int, epochs: int, output_dir: str) -> None:
     subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(run_dir)], check=True)
     t2 = time.perf_counter()
     timing = {"train_s": t1 - t0, "evaluate_s": t2 - t1, "steps": per_epoch * epochs, "overrides": overrides}
-    (run_dir / "ablation_time.json").write_text(json.dumps(timing, indent=2))
+    write_json(run_dir / "ablation_time.json", timing)
 
 
 def table(output_dir: str) -> str:
@@ -78,7 +81,7 @@ def table(output_dir: str) -> str:
         timing_file, summary_file = run_dir / "ablation_time.json", run_dir / "evaluation" / "summary.json"
         if not (timing_file.exists() and summary_file.exists()):
             continue
-        timing, summary = json.loads(timing_file.read_text()), json.loads(summary_file.read_text())
+        timing, summary = read_json(timing_file), read_json(summary_file)
         per_class = summary["per_class"].values()
         dice = [c["metrics"]["dice"]["mean"] for c in per_class]
         hd95 = " / ".join(f"{c['metrics']['hd95']['mean']:.2f}" for c in per_class)
