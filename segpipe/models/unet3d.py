@@ -7,6 +7,12 @@ softmax over the classes, computed in float32 so mixed-precision training stays 
 
 With ``deep_supervision`` the model returns a list of softmax outputs, full resolution first and
 each next one at half the previous resolution (all decoder levels except the lowest).
+
+For planned (anisotropic) networks the builder also takes per-stage ``strides`` and
+``kernel_sizes`` (e.g. stride 2×2×1 and kernel 3×3×1 while the slices are much thicker than the
+in-plane spacing), ``features`` and ``convs_per_stage``, He initialisation (``init="he_normal"``),
+and a residual encoder (``blocks_per_stage``; see ``segpipe.models.resenc_unet``). Left at their
+defaults, these options build exactly the network (layers, names and initial weights) built before.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import keras
 from keras import layers, ops
 
 NORMS = ("batch", "instance", "none")
+INITS = ("glorot_uniform", "he_normal")
 
 
 @keras.saving.register_keras_serializable(package="segpipe")
@@ -44,12 +51,56 @@ def _norm(x, norm: str, name: str, sync_batch_norm: bool = False):
     return x
 
 
-def _conv_block(x, filters: int, norm: str, name: str, first_stride: int = 1, sync_batch_norm: bool = False):
-    for i, stride in enumerate((first_stride, 1)):
-        x = layers.Conv3D(filters, 3, strides=stride, padding="same", use_bias=norm == "none", name=f"{name}_conv{i}")(x)
+def _conv_block(x, filters: int, norm: str, name: str, first_stride=1, sync_batch_norm: bool = False, *,
+                kernel_size=3, convs: int = 2, init: dict | None = None):
+    """``convs`` × (convolution, normalisation, LeakyReLU); the first convolution has ``first_stride``."""
+    for i in range(convs):
+        stride = first_stride if i == 0 else 1
+        x = layers.Conv3D(filters, kernel_size, strides=stride, padding="same", use_bias=norm == "none",
+                          name=f"{name}_conv{i}", **(init or {}))(x)
         x = _norm(x, norm, f"{name}_{i}", sync_batch_norm)
         x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act{i}")(x)
     return x
+
+
+def _residual_stage(x, filters: int, norm: str, name: str, stride, sync_batch_norm: bool, *, kernel_size,
+                    blocks: int, init: dict | None, stem: bool):
+    """A stage of basic residual blocks (conv-norm-act-conv-norm + skip, then act), nnU-Net ResEnc style.
+
+    The first block carries the stage's stride; its skip is a strided 1×1×1 convolution + norm where
+    the shape or width changes. Stage 0 starts with a stem convolution to ``filters`` channels.
+    """
+    if stem:
+        x = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{name}_stem", **(init or {}))(x)
+        x = _norm(x, norm, f"{name}_stem", sync_batch_norm)
+        x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_stem_act")(x)
+    for b in range(blocks):
+        block = f"{name}_block{b}"
+        s = stride if b == 0 else 1
+        y = layers.Conv3D(filters, kernel_size, strides=s, padding="same", use_bias=norm == "none", name=f"{block}_conv0", **(init or {}))(x)
+        y = _norm(y, norm, f"{block}_0", sync_batch_norm)
+        y = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act0")(y)
+        y = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{block}_conv1", **(init or {}))(y)
+        y = _norm(y, norm, f"{block}_1", sync_batch_norm)
+        skip = x
+        if s not in (1, (1, 1, 1)) or x.shape[-1] != filters:
+            skip = layers.Conv3D(filters, 1, strides=s, use_bias=False, name=f"{block}_skip", **(init or {}))(x)
+            skip = _norm(skip, norm, f"{block}_skip", sync_batch_norm)
+        x = layers.Add(name=f"{block}_add")([y, skip])
+        x = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act1")(x)
+    return x
+
+
+def _triples(values, depth: int, key: str, allowed: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Check a per-stage list of per-axis sizes (``strides`` / ``kernel_sizes``)."""
+    try:
+        out = [tuple(int(v) for v in t) for t in values]
+    except TypeError:
+        out = []
+    if len(out) != depth or any(len(t) != 3 or any(v not in allowed for v in t) for t in out):
+        raise ValueError(f"Expected `{key}` to hold {depth} triples (one per stage) of values in {list(allowed)}. "
+                         f"Received: {key}={values!r}")
+    return out
 
 
 def build_unet3d(
@@ -63,10 +114,18 @@ def build_unet3d(
     deep_supervision: bool = False,
     sync_batch_norm: bool = False,
     name: str = "unet3d",
+    strides=None,
+    kernel_sizes=None,
+    features=None,
+    convs_per_stage: int = 2,
+    decoder_convs: int | None = None,
+    blocks_per_stage=None,
+    init: str = "glorot_uniform",
 ) -> keras.Model:
     """Build a 3D U-Net taking (B, X, Y, Z, in_channels) and returning softmax (B, X, Y, Z, num_classes).
 
-    Spatial sizes are dynamic; each must be divisible by ``2 ** (depth - 1)``.
+    Spatial sizes are dynamic; each must be divisible by ``2 ** (depth - 1)`` (with ``strides``: by
+    the product of that axis's strides).
 
     Args:
         in_channels: input channels (modalities).
@@ -78,6 +137,18 @@ def build_unet3d(
         sync_batch_norm: with norm="batch", compute batch statistics over all replicas of a
             tf.distribute strategy (``BatchNormalization(synchronized=True)``); without it each
             replica normalises with the statistics of its own slice of the batch.
+        strides: per stage, the stride (1 or 2) per axis of its first convolution; stage 0 must be
+            [1, 1, 1]. Defaults to 2 along every axis from stage 1 on. Each input side must then be
+            divisible by the product of its axis's strides.
+        kernel_sizes: per stage, the kernel size (1, 3 or 5) per axis. Defaults to 3.
+        features: per stage, the number of filters. Defaults to ``base_filters * 2**stage`` capped
+            at ``max_filters``.
+        convs_per_stage: convolutions per encoder stage (plain encoder). Defaults to 2.
+        decoder_convs: convolutions per decoder stage. Defaults to ``convs_per_stage``.
+        blocks_per_stage: residual encoder (nnU-Net ResEnc): basic residual blocks per stage;
+            None keeps the plain encoder.
+        init: "glorot_uniform" (Keras's default) or "he_normal" (He et al. 2015, nnU-Net's choice
+            for LeakyReLU networks) for the convolution kernels of encoder and decoder.
     """
     if norm not in NORMS:
         raise ValueError(f"Expected norm to be one of {NORMS}. Received: norm={norm!r}")
@@ -86,20 +157,48 @@ def build_unet3d(
             "Expected depth >= 1, in_channels >= 1, num_classes >= 2, base_filters >= 1. "
             f"Received: depth={depth}, in_channels={in_channels}, num_classes={num_classes}, base_filters={base_filters}"
         )
-    filters = [min(base_filters * 2**i, max_filters) for i in range(depth)]
+    if init not in INITS:
+        raise ValueError(f"Expected init to be one of {INITS}. Received: init={init!r}")
+    if convs_per_stage < 1 or (decoder_convs is not None and decoder_convs < 1):
+        raise ValueError(f"Expected convs_per_stage >= 1 and decoder_convs >= 1. "
+                         f"Received: convs_per_stage={convs_per_stage}, decoder_convs={decoder_convs}")
+    if features is None:
+        filters = [min(base_filters * 2**i, max_filters) for i in range(depth)]
+    else:
+        filters = [int(f) for f in features]
+        if len(filters) != depth or min(filters) < 1:
+            raise ValueError(f"Expected `features` to hold {depth} positive filter counts (one per stage). Received: features={features!r}")
+    # None keeps the scalar stride / kernel of the original network (identical layers and weights)
+    stage_strides = [1] + [2] * (depth - 1) if strides is None else _triples(strides, depth, "strides", (1, 2))
+    if strides is not None and stage_strides[0] != (1, 1, 1):
+        raise ValueError(f"Expected stage 0 of `strides` to be [1, 1, 1] (full resolution). Received: strides={strides!r}")
+    kernels = [3] * depth if kernel_sizes is None else _triples(kernel_sizes, depth, "kernel_sizes", (1, 3, 5))
+    if blocks_per_stage is not None:
+        blocks = [int(b) for b in blocks_per_stage]
+        if len(blocks) != depth or min(blocks) < 1:
+            raise ValueError(f"Expected `blocks_per_stage` to hold {depth} block counts >= 1. Received: blocks_per_stage={blocks_per_stage!r}")
+    kernel_init = {} if init == "glorot_uniform" else {"kernel_initializer": keras.initializers.HeNormal()}
+    dec_convs = convs_per_stage if decoder_convs is None else decoder_convs
     inputs = keras.Input(shape=(None, None, None, in_channels), name="image")
 
     skips = []
     x = inputs
     for level, f in enumerate(filters):
-        x = _conv_block(x, f, norm, f"enc{level}", first_stride=1 if level == 0 else 2, sync_batch_norm=sync_batch_norm)
+        if blocks_per_stage is None:
+            x = _conv_block(x, f, norm, f"enc{level}", first_stride=stage_strides[level], sync_batch_norm=sync_batch_norm,
+                            kernel_size=kernels[level], convs=convs_per_stage, init=kernel_init)
+        else:
+            x = _residual_stage(x, f, norm, f"enc{level}", stage_strides[level], sync_batch_norm,
+                                kernel_size=kernels[level], blocks=blocks[level], init=kernel_init, stem=level == 0)
         skips.append(x)
 
     outputs = []
     for level in reversed(range(depth - 1)):
-        x = layers.Conv3DTranspose(filters[level], 2, strides=2, name=f"up{level}")(x)
+        up = 2 if strides is None else stage_strides[level + 1]  # transposed conv undoes the stage's stride
+        x = layers.Conv3DTranspose(filters[level], up, strides=up, name=f"up{level}", **kernel_init)(x)
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = _conv_block(x, filters[level], norm, f"dec{level}", sync_batch_norm=sync_batch_norm)
+        x = _conv_block(x, filters[level], norm, f"dec{level}", sync_batch_norm=sync_batch_norm,
+                        kernel_size=kernels[level], convs=dec_convs, init=kernel_init)
         if deep_supervision or level == 0:
             outputs.append(_head(x, num_classes, f"out{level}"))
 

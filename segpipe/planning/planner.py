@@ -1,0 +1,281 @@
+"""Assemble a plan from a dataset fingerprint, the hardware and an optional time budget.
+
+:func:`make_plan` applies the rules of :mod:`segpipe.planning.rules` in order (spacing, patch and
+topology under the memory budget, batch, normalisation, sampling, loss) and, given a time budget
+and a step timer, times real training steps of the planned network and fits the schedule and the
+inference settings into the budget. The result is a :class:`Plan`: every choice with its reason
+and the config keys it sets. Nothing here imports TensorFlow; the timer is passed in
+(:mod:`segpipe.planning.timing` provides the real one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from segpipe.planning import rules
+from segpipe.planning.rules import Choice
+
+PLAN_VERSION = 1
+MODELS = ("unet3d", "resenc_unet")
+# nnU-Net's residual-encoder presets: residual blocks per encoder stage
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6)
+MIN_TOTAL_STEPS = 1000  # a time budget shrinks the patch until at least this many training steps fit
+FINAL_EVAL_SHARE = 0.15  # of the budget for the final sliding-window evaluation of the validation cases
+MARGIN_SECONDS = 120.0  # start-up, preprocessing of a cached dataset, export: kept free in the budget
+WHOLE_VALIDATION_MAX_RATIO = 8.0  # whole-volume validation while a median case is at most 8 patches
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machine a plan is made for."""
+
+    device: str  # "cpu" or "gpu"
+    memory_bytes: int  # the training memory budget (RAM share on CPU, device memory on GPU)
+    cores: int = 1
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"Expected device 'cpu' or 'gpu'. Received: device={self.device!r}")
+        if self.memory_bytes <= 0:
+            raise ValueError(f"Expected a positive memory budget. Received: memory_bytes={self.memory_bytes}")
+
+
+@dataclass
+class Plan:
+    """Every choice (value + reason) and the config keys the plan sets (dotted key -> value)."""
+
+    choices: dict[str, Choice] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""
+    fingerprint_key: str = ""
+    hardware: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan_version": PLAN_VERSION,
+            "dataset": self.dataset,
+            "fingerprint_key": self.fingerprint_key,
+            "hardware": self.hardware,
+            "choices": {k: {"value": _jsonable(c.value), "reason": c.reason} for k, c in self.choices.items()},
+            "config": {k: _jsonable(v) for k, v in self.config.items()},
+            "predicted": _jsonable(self.predicted),
+            "measured": _jsonable(self.measured),
+        }
+
+    def table(self) -> str:
+        """The printed table: one row per choice with its reason."""
+        width = max(len(k) for k in self.choices) if self.choices else 0
+        lines = []
+        for key, choice in self.choices.items():
+            reason = choice.reason.split("\n")
+            lines.append(f"{key.ljust(width)}  {reason[0]}")
+            lines.extend(f"{' ' * width}  {r}" for r in reason[1:])
+        return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+StepTimer = Callable[[dict[str, Any]], dict[str, float]]
+"""Takes the plan's config keys (dotted) plus ``_in_channels``/``_num_classes`` and returns
+``{"step_seconds", "window_seconds", "peak_bytes", "baseline_bytes"}`` measured on this machine."""
+
+
+def make_plan(
+    fingerprint: dict[str, Any],
+    *,
+    hardware: Hardware,
+    model: str = "unet3d",
+    time_budget_minutes: float | None = None,
+    step_timer: StepTimer | None = None,
+    num_val_cases: int | None = None,
+    val_fraction: float = 0.2,
+    max_stages: int = 6,
+    base_features: int | None = None,
+) -> Plan:
+    """Plan a training run for the dataset described by ``fingerprint`` on ``hardware``.
+
+    Parameters
+    ----------
+    fingerprint : from :func:`segpipe.data.fingerprint.compute_fingerprint` (``cases`` with spacing,
+        cropped shape and class voxels; ``channel_names``; ``classes``; ``intensity``).
+    hardware : device and memory budget (:func:`segpipe.planning.hardware.detect_hardware`).
+    model : ``unet3d`` (plain, nnU-Net's default) or ``resenc_unet`` (residual encoder).
+    time_budget_minutes : if given (with ``step_timer``), the schedule and inference settings fit it.
+    step_timer : measures the planned network's training step on this machine.
+    num_val_cases : validation cases (default: ``round(num_cases * val_fraction)``, at least 1).
+    """
+    if model not in MODELS:
+        raise ValueError(f"Expected model to be one of {MODELS}. Received: model={model!r}")
+    if time_budget_minutes is not None and time_budget_minutes <= 0:
+        raise ValueError(f"Expected a positive time budget. Received: time_budget_minutes={time_budget_minutes}")
+    cases = fingerprint.get("cases") or {}
+    if not cases:
+        raise ValueError(f"Expected a fingerprint with per-case entries. Received: no 'cases' in the fingerprint of {fingerprint.get('dataset')}")
+    spacings = np.array([c["spacing_mm"] for c in cases.values()], dtype=np.float64)
+    shapes = np.array([c.get("cropped_shape", c["shape"]) for c in cases.values()], dtype=np.float64)
+    channel_names = list(fingerprint.get("channel_names") or [])
+    in_channels = max(1, len(channel_names), len(fingerprint.get("intensity") or []))
+    classes = fingerprint.get("classes") or {}
+    num_classes = max(int(k) for k in classes) + 1 if classes else 2
+    num_cases = len(cases)
+    n_val = num_val_cases if num_val_cases is not None else min(num_cases - 1, max(1, round(num_cases * val_fraction)))
+
+    plan = Plan(dataset=str(fingerprint.get("dataset", "")), fingerprint_key=str(fingerprint.get("key", "")),
+                hardware={"device": hardware.device, "memory_budget_bytes": hardware.memory_bytes,
+                          "cores": hardware.cores, "description": hardware.description})
+    c = plan.choices
+
+    # 1. spacing and the median shape at that spacing
+    c["spacing"] = rules.plan_target_spacing(spacings, shapes)
+    spacing = c["spacing"].value
+    median = rules.shape_at_spacing(shapes, spacings, spacing)
+
+    # 2. network width (the hardware's rule), patch + topology under the memory budget
+    cpu = hardware.device == "cpu"
+    base = base_features or (16 if cpu else 32)
+    width_reason = ("CPU: 16 (32 costs 3.3× the step time here, docs/hippocampus.md)" if cpu and not base_features
+                    else "nnU-Net's 32" if not base_features else "given")
+    blocks = RESENC_BLOCKS if model == "resenc_unet" else None
+    budget = hardware.memory_bytes
+    budget_text = f"{budget / 2**30:.1f} GiB"
+    patch_plan = rules.fit_patch(spacing, median, in_channels=in_channels, num_classes=num_classes,
+                                 budget_bytes=budget, base_features=base, max_stages=max_stages,
+                                 blocks_per_stage=blocks, budget_text=budget_text)
+
+    # 3. a time budget: calibrate seconds per FLOP on a small reference network, then shrink the
+    # patch further until MIN_TOTAL_STEPS predicted steps fit; the final network is timed again
+    timed = None
+    if time_budget_minutes is not None and step_timer is not None:
+        train_seconds = time_budget_minutes * 60 * (1 - FINAL_EVAL_SHARE) - MARGIN_SECONDS
+        max_step = max(train_seconds, 1.0) / MIN_TOTAL_STEPS
+        ref_topo = rules.pool_and_kernels([32, 32, 32], [1.0, 1.0, 1.0], max_stages=4)
+        ref_spec = rules.unet_spec(ref_topo, in_channels, num_classes, base=16)
+        ref = step_timer({**_config_keys(rules.PatchPlan(ref_topo, ref_spec, 0), [1.0, 1.0, 1.0], "unet3d", None, batch=2),
+                          "_in_channels": in_channels, "_num_classes": num_classes})
+        seconds_per_flop = ref["step_seconds"] / (2 * rules.training_flops(ref_topo, ref_spec))
+        plan.measured["reference"] = {"network": "unet3d 32³ × 2, 16 base features, 4 stages", **ref}
+        plan.predicted["seconds_per_flop"] = seconds_per_flop
+
+        def fast_enough(topo: rules.Topology, spec: rules.NetworkSpec) -> bool:
+            return 2 * rules.training_flops(topo, spec) * seconds_per_flop <= max_step
+
+        patch_plan = rules.fit_patch(spacing, median, in_channels=in_channels, num_classes=num_classes,
+                                     budget_bytes=budget, base_features=base, max_stages=max_stages,
+                                     blocks_per_stage=blocks, fits=fast_enough,
+                                     budget_text=f"{budget_text} and {MIN_TOTAL_STEPS} steps in "
+                                                 f"{time_budget_minutes:g} min")
+        timed = step_timer({**_config_keys(patch_plan, spacing, model, blocks, batch=2),
+                            "_in_channels": in_channels, "_num_classes": num_classes})
+    topo, spec = patch_plan.topology, patch_plan.spec
+    c["patch_size"] = Choice(list(topo.patch_size), patch_plan.reason)
+    c["stages"] = Choice(topo.num_stages, f"{topo.num_stages}: the axes pool while they have >= {2 * rules.MIN_EDGE} "
+                                          f"voxels (pools per axis {_x(topo.pools_per_axis)}), at most {max_stages}")
+    c["strides"] = Choice([list(s) for s in topo.strides], "per stage; an axis halves while its spacing is within 2× of the finest")
+    c["kernel_sizes"] = Choice([list(k) for k in topo.kernel_sizes], "\n".join(rules.topology_reasons(topo, spacing)))
+    c["features"] = Choice(list(spec.features), f"{base}·2^stage capped at 320; base {width_reason}")
+    if model == "resenc_unet":
+        c["blocks_per_stage"] = Choice(list(blocks[: topo.num_stages]),
+                                       "nnU-Net ResEnc presets: residual blocks per encoder stage, one conv block per decoder stage")
+
+    # 4. batch
+    patch_voxels = int(np.prod(topo.patch_size))
+    dataset_voxels = float(np.prod(median)) * num_cases
+    c["batch_size"] = rules.plan_batch_size(
+        lambda b: rules.estimate_training_memory(topo, spec, b), budget, patch_voxels=patch_voxels,
+        dataset_voxels=dataset_voxels, max_batch=2 if cpu else None,
+        max_batch_reason="CPU: compute-bound, a larger batch lengthens every step by as much")
+    batch = c["batch_size"].value
+    memory = rules.estimate_training_memory(topo, spec, batch)
+    plan.predicted["memory_bytes"] = memory
+    plan.predicted["memory_bytes_batch2"] = rules.estimate_training_memory(topo, spec, 2)  # what the timer runs
+    plan.predicted["activation_units"] = rules.activation_units(topo, spec)
+    plan.predicted["parameters"] = rules.parameter_count(topo, spec)
+    plan.predicted["training_flops_per_sample"] = rules.training_flops(topo, spec)
+    c["memory"] = Choice(memory, f"{memory / 2**30:.2f} GiB estimated for a training step of batch {batch} "
+                                 f"(budget {budget_text})")
+
+    # 5. data: normalisation, sampling, validation, loss
+    c["normalization"] = rules.plan_normalization(channel_names or ["image"] * in_channels)
+    c["foreground_fraction"] = rules.plan_foreground_fraction(classes)
+    ratio = float(np.prod(median)) / patch_voxels
+    if ratio <= WHOLE_VALIDATION_MAX_RATIO:
+        c["validation"] = Choice("whole", f"whole: a median case is {ratio:.1f} patches, cheap to predict whole each epoch")
+    else:
+        c["validation"] = Choice("patches", f"patches: a median case is {ratio:.0f} patches, too slow and large to predict "
+                                            f"whole every epoch; whole volumes only in the final evaluation")
+    c["loss"] = rules.plan_loss(classes)
+
+    # 6. time: schedule and inference settings
+    if timed is not None:
+        batch_ratio = batch / 2
+        step_seconds = timed["step_seconds"] * batch_ratio
+        window = timed["window_seconds"]
+        if c["validation"].value == "whole":
+            val_seconds = n_val * max(1.0, ratio) * window
+        else:
+            val_seconds = n_val * 4 * window  # val_patches_per_case
+        overlap, mirror, final_seconds = rules.plan_inference(
+            median_shape=median, patch=topo.patch_size, num_cases=n_val, window_seconds=window,
+            budget_seconds=time_budget_minutes * 60 * FINAL_EVAL_SHARE)
+        c["inference_overlap"], c["inference_mirror_axes"] = overlap, mirror
+        c["schedule"] = rules.plan_schedule(budget_minutes=time_budget_minutes, step_seconds=step_seconds,
+                                            validation_seconds=val_seconds, final_seconds=final_seconds,
+                                            overhead_seconds=MARGIN_SECONDS)
+        plan.predicted.update(step_seconds=2 * rules.training_flops(topo, spec) * plan.predicted["seconds_per_flop"],
+                              validation_seconds=val_seconds, final_evaluation_seconds=final_seconds)
+        plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes") if k in timed})
+        plan.measured["patch_size"] = list(topo.patch_size)
+    elif time_budget_minutes is not None:
+        raise ValueError("Expected a step timer with a time budget (the schedule is fitted to measured steps). "
+                         "Received: step_timer=None")
+
+    plan.config = _config_keys(patch_plan, spacing, model, blocks, batch=batch)
+    plan.config.update({
+        "data.normalization": c["normalization"].value,
+        "data.foreground_fraction": c["foreground_fraction"].value,
+        "data.validation": c["validation"].value,
+        "loss": c["loss"].value,
+    })
+    if "schedule" in c:
+        plan.config["train.epochs"] = c["schedule"].value["epochs"]
+        plan.config["train.steps_per_epoch"] = c["schedule"].value["steps_per_epoch"]
+        plan.config["inference.overlap"] = c["inference_overlap"].value
+        plan.config["inference.mirror_axes"] = c["inference_mirror_axes"].value
+    return plan
+
+
+def _x(values: Sequence[int]) -> str:
+    return "×".join(str(v) for v in values)
+
+
+def _config_keys(patch_plan: rules.PatchPlan, spacing: Sequence[float], model: str, blocks: Sequence[int] | None,
+                 *, batch: int) -> dict[str, Any]:
+    topo, spec = patch_plan.topology, patch_plan.spec
+    keys: dict[str, Any] = {
+        "data.target_spacing_mm": list(spacing),
+        "data.patch_size": list(topo.patch_size),
+        "data.batch_size": batch,
+        "model.name": model,
+        "model.depth": topo.num_stages,
+        "model.base_filters": spec.features[0],
+        "model.max_filters": 320,
+        "model.strides": [list(s) for s in topo.strides],
+        "model.kernel_sizes": [list(k) for k in topo.kernel_sizes],
+        "model.init": "he_normal",
+    }
+    if blocks is not None:
+        keys["model.blocks_per_stage"] = list(blocks[: topo.num_stages])
+    return keys
