@@ -104,6 +104,9 @@ def make_plan(
     val_fraction: float = 0.2,
     max_stages: int = 6,
     base_features: int | None = None,
+    spacing_mm: Sequence[float] | None = None,
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
 ) -> Plan:
     """Plan a training run for the dataset described by ``fingerprint`` on ``hardware``.
 
@@ -116,6 +119,9 @@ def make_plan(
     time_budget_minutes : if given (with ``step_timer``), the schedule and inference settings fit it.
     step_timer : measures the planned network's training step on this machine.
     num_val_cases : validation cases (default: ``round(num_cases * val_fraction)``, at least 1).
+    max_stages, base_features : caps of the topology and the width (default: 16 on a CPU, else 32).
+    spacing_mm, patch_size, batch_size : values the user fixed; the dependent choices follow them
+        (a fixed patch gets the deepest topology that divides it; a fixed batch is costed as is).
     """
     if model not in MODELS:
         raise ValueError(f"Expected model to be one of {MODELS}. Received: model={model!r}")
@@ -140,6 +146,8 @@ def make_plan(
 
     # 1. spacing and the median shape at that spacing
     c["spacing"] = rules.plan_target_spacing(spacings, shapes)
+    if spacing_mm is not None:
+        c["spacing"] = Choice([float(v) for v in spacing_mm], f"{_x(spacing_mm)} mm: given (data.target_spacing_mm)")
     spacing = c["spacing"].value
     median = rules.shape_at_spacing(shapes, spacings, spacing)
 
@@ -154,6 +162,9 @@ def make_plan(
     patch_plan = rules.fit_patch(spacing, median, in_channels=in_channels, num_classes=num_classes,
                                  budget_bytes=budget, base_features=base, max_stages=max_stages,
                                  blocks_per_stage=blocks, budget_text=budget_text)
+
+    if patch_size is not None:
+        patch_plan = _fixed_patch(patch_size, spacing, in_channels, num_classes, base, max_stages, blocks)
 
     # 3. a time budget: calibrate seconds per FLOP on a small reference network, then shrink the
     # patch further until MIN_TOTAL_STEPS predicted steps fit; the final network is timed again
@@ -172,12 +183,13 @@ def make_plan(
         def fast_enough(topo: rules.Topology, spec: rules.NetworkSpec) -> bool:
             return 2 * rules.training_flops(topo, spec) * seconds_per_flop <= max_step
 
-        patch_plan = rules.fit_patch(spacing, median, in_channels=in_channels, num_classes=num_classes,
+        if patch_size is None:
+            patch_plan = rules.fit_patch(spacing, median, in_channels=in_channels, num_classes=num_classes,
                                      budget_bytes=budget, base_features=base, max_stages=max_stages,
                                      blocks_per_stage=blocks, fits=fast_enough,
                                      budget_text=f"{budget_text} and {MIN_TOTAL_STEPS} steps in "
                                                  f"{time_budget_minutes:g} min")
-        timed = step_timer({**_config_keys(patch_plan, spacing, model, blocks, batch=2),
+        timed = step_timer({**_config_keys(patch_plan, spacing, model, blocks, batch=batch_size or 2),
                             "_in_channels": in_channels, "_num_classes": num_classes})
     topo, spec = patch_plan.topology, patch_plan.spec
     c["patch_size"] = Choice(list(topo.patch_size), patch_plan.reason)
@@ -197,6 +209,8 @@ def make_plan(
         lambda b: rules.estimate_training_memory(topo, spec, b), budget, patch_voxels=patch_voxels,
         dataset_voxels=dataset_voxels, max_batch=2 if cpu else None,
         max_batch_reason="CPU: compute-bound, a larger batch lengthens every step by as much")
+    if batch_size is not None:
+        c["batch_size"] = Choice(int(batch_size), f"{batch_size}: given (data.batch_size)")
     batch = c["batch_size"].value
     memory = rules.estimate_training_memory(topo, spec, batch)
     plan.predicted["memory_bytes"] = memory
@@ -220,8 +234,7 @@ def make_plan(
 
     # 6. time: schedule and inference settings
     if timed is not None:
-        batch_ratio = batch / 2
-        step_seconds = timed["step_seconds"] * batch_ratio
+        step_seconds = timed["step_seconds"] * batch / (batch_size or 2)  # the timer ran batch_size or 2
         window = timed["window_seconds"]
         if c["validation"].value == "whole":
             val_seconds = n_val * max(1.0, ratio) * window
@@ -234,7 +247,7 @@ def make_plan(
         c["schedule"] = rules.plan_schedule(budget_minutes=time_budget_minutes, step_seconds=step_seconds,
                                             validation_seconds=val_seconds, final_seconds=final_seconds,
                                             overhead_seconds=MARGIN_SECONDS)
-        plan.predicted.update(step_seconds=2 * rules.training_flops(topo, spec) * plan.predicted["seconds_per_flop"],
+        plan.predicted.update(step_seconds=(batch_size or 2) * rules.training_flops(topo, spec) * plan.predicted["seconds_per_flop"],
                               validation_seconds=val_seconds, final_evaluation_seconds=final_seconds)
         plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes") if k in timed})
         plan.measured["patch_size"] = list(topo.patch_size)
@@ -255,6 +268,18 @@ def make_plan(
         plan.config["inference.overlap"] = c["inference_overlap"].value
         plan.config["inference.mirror_axes"] = c["inference_mirror_axes"].value
     return plan
+
+
+def _fixed_patch(patch_size: Sequence[int], spacing: Sequence[float], in_channels: int, num_classes: int,
+                 base: int, max_stages: int, blocks: Sequence[int] | None) -> rules.PatchPlan:
+    """The deepest topology (at most ``max_stages``) whose padded patch is the given patch itself."""
+    for stages in range(max_stages, 0, -1):
+        topo = rules.pool_and_kernels(patch_size, spacing, max_stages=stages)
+        if list(topo.patch_size) == [int(p) for p in patch_size]:
+            spec = rules.unet_spec(topo, in_channels, num_classes, base=base, blocks_per_stage=blocks)
+            return rules.PatchPlan(topo, spec, rules.estimate_training_memory(topo, spec, 2), (),
+                                   f"{_x(patch_size)}: given (data.patch_size); {stages} stages divide it")
+    raise AssertionError("one stage divides any patch")  # unreachable: 1 stage has divisor 1
 
 
 def _x(values: Sequence[int]) -> str:

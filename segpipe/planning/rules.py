@@ -17,11 +17,13 @@ import numpy as np
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 MIN_EDGE = 4  # smallest feature-map edge in the bottleneck: an axis pools while it has >= 2 * MIN_EDGE voxels
 BYTES_PER_FLOAT = 4
-# Tensors of one feature-map size a training step keeps per convolution output: the convolution,
-# normalisation and activation outputs (kept for the backward pass) and one gradient of that size.
-# Calibrated against the measured peak memory of timed steps (docs/planning.md, "Memory").
-TENSORS_PER_UNIT = 4.0
-FIXED_OVERHEAD_BYTES = 512 * 2**20  # TensorFlow runtime, graph and the loader's buffers (measured, rounded up)
+# Memory of a training step = batch × activation units × 4 B × TENSORS_PER_UNIT + 16 B × parameters
+# + FIXED_OVERHEAD_BYTES. Fitted to the peak resident memory of timed CPU steps (docs/planning.md,
+# "Memory"): 2.6 tensors per unit (convolution, normalisation and activation outputs kept for the
+# backward pass, minus what TensorFlow frees early) and ~740 MiB of runtime, weights and traced
+# graphs; both rounded up so the estimate errs on the safe side.
+TENSORS_PER_UNIT = 3.0
+FIXED_OVERHEAD_BYTES = 768 * 2**20
 
 
 @dataclass(frozen=True)

@@ -173,8 +173,11 @@ def test_one_huge_volume():
     # isotropic: the shrinking keeps the patch near-cubic (axes differ by at most one divisor step)
     assert max(patch) - min(patch) <= 32
     assert all(s % 2 ** (plan.choices["stages"].value - 1) == 0 for s in patch)
-    # x shrank to 80 first (most out of proportion at equal ratios): 80 -> 40 -> 20 -> 10 -> 5 pools 4 times
-    assert patch == [80, 96, 96] and plan.choices["stages"].value == 5
+    # 256³ shrinks x, y, z in turn by 32 (the divisor of 5 pools) down to 128³, then by 16 (4 pools):
+    # 96 -> 48 -> 24 -> 12 -> 6 pools 4 times, 5 stages
+    assert patch == [96, 96, 96] and plan.choices["stages"].value == 5
+    t = rules.pool_and_kernels([96, 96, 112], [0.7] * 3)  # the patch before the last step did not fit
+    assert rules.estimate_training_memory(t, rules.unet_spec(t, 1, 2, base=16), 2) > budget
     # one case of 512³ is hundreds of patches: validate on patches, whole volumes only at the end
     assert plan.config["data.validation"] == "patches"
     assert plan.choices["batch_size"].value == 2

@@ -1,0 +1,58 @@
+"""plan_config on a generated thick-slice dataset: fingerprint, plan, explicit keys, plan.json and plan.yaml."""
+import json
+
+import pytest
+import yaml
+
+from segpipe.config import read_yaml_with_extends
+from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
+from segpipe.planning.run import flatten, plan_config
+
+THICK = PhantomSettings(num_cases=4, shape=(32, 32, 8), spacing_mm=(0.8, 0.8, 3.0), seed=5)
+
+
+@pytest.fixture(scope="module")
+def thick_root(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("thick") / "ds", THICK)
+
+
+def base_config(root, tmp_path):
+    config = read_yaml_with_extends("configs/base.yaml")
+    config["data"].update(root=str(root), phantoms=None, preprocess_workers=1)
+    config["output_dir"] = str(tmp_path / "runs")
+    return config
+
+
+def test_plan_files_for_a_thick_slice_dataset(thick_root, tmp_path):
+    result = plan_config(base_config(thick_root, tmp_path), explicit={"data.root"}, out_dir=tmp_path / "plan",
+                         device="cpu", memory_gib=2, progress=False)
+    plan = result.plan
+    # 0.8×0.8×3 mm: the z spacing is 3.75× the in-plane spacing: kernel 3×3×1 and no z pooling at stage 1
+    assert plan.config["data.target_spacing_mm"] == pytest.approx([0.8, 0.8, 3.0])
+    assert plan.config["model.kernel_sizes"][0] == [3, 3, 1]
+    assert plan.config["model.strides"][1] == [2, 2, 1]
+    meta = json.loads(result.json_path.read_text())
+    assert meta["plan_version"] == 1 and meta["hardware"]["device"] == "cpu"
+    assert all(c["reason"] for c in meta["choices"].values())
+    text = result.yaml_path.read_text()
+    assert "# planned: 0.800×0.800×3.000 mm" in text and "kernel 3×3×1" in text
+    reloaded = yaml.safe_load(text)
+    assert reloaded["model"]["kernel_sizes"][0] == [3, 3, 1]
+    assert reloaded["data"]["root"] == str(thick_root)
+    # every planned key is in the written config
+    flat = flatten(reloaded)
+    for key, value in plan.config.items():
+        assert flat[key] == value, key
+
+
+def test_explicit_keys_win_and_dependent_choices_follow(thick_root, tmp_path):
+    config = base_config(thick_root, tmp_path)
+    config["data"]["patch_size"] = [16, 16, 8]
+    config["data"]["batch_size"] = 3
+    result = plan_config(config, explicit={"data.root", "data.patch_size", "data.batch_size"},
+                         out_dir=tmp_path / "plan", device="cpu", memory_gib=2, progress=False)
+    assert result.config["data"]["patch_size"] == [16, 16, 8] and result.config["data"]["batch_size"] == 3
+    # the topology divides the given patch: 16,16,8 -> 8,8,8 (x, y only) -> 4,4,4
+    assert result.config["model"]["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 2]]
+    assert result.config["model"]["depth"] == 3
+    assert "given" in result.plan.choices["patch_size"].reason
