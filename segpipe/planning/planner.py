@@ -24,6 +24,7 @@ RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6)
 MIN_TOTAL_STEPS = 1000  # a time budget shrinks the patch until at least this many training steps fit
 FINAL_EVAL_SHARE = 0.15  # of the budget for the final sliding-window evaluation of the validation cases
 MARGIN_SECONDS = 120.0  # start-up, preprocessing of a cached dataset, export: kept free in the budget
+EPOCH_OVERHEAD_SECONDS = 2.0  # per epoch: checkpoint, history row, loader restart
 WHOLE_VALIDATION_MAX_RATIO = 8.0  # whole-volume validation while a median case is at most 8 patches
 
 
@@ -240,6 +241,7 @@ def make_plan(
             val_seconds = n_val * max(1.0, ratio) * window
         else:
             val_seconds = n_val * 4 * window  # val_patches_per_case
+        val_seconds += EPOCH_OVERHEAD_SECONDS
         overlap, mirror, final_seconds = rules.plan_inference(
             median_shape=median, patch=topo.patch_size, num_cases=n_val, window_seconds=window,
             budget_seconds=time_budget_minutes * 60 * FINAL_EVAL_SHARE)

@@ -399,16 +399,18 @@ def plan_batch_size(
     batch = min_batch
     while memory_for_batch(batch + 1) <= budget_bytes and batch < 4096:
         batch += 1
-    reason = f"{batch}: largest batch whose estimated memory fits the budget"
+    if batch == min_batch:
+        fits = memory_for_batch(min_batch) <= budget_bytes
+        reason = (f"{min_batch}: the minimum (nnU-Net's); a larger batch would exceed the memory budget" if fits
+                  else f"{min_batch}: the minimum (nnU-Net's), although its estimate exceeds the memory budget")
+    else:
+        reason = f"{batch}: the largest batch whose estimated memory fits the budget"
     cap = max(min_batch, int(round(dataset_voxels * max_dataset_fraction / patch_voxels)))
     if batch > cap:
         batch, reason = cap, f"{cap}: one batch covers at most {max_dataset_fraction:.0%} of the dataset's voxels"
     if max_batch is not None and batch > max(min_batch, max_batch):
-        batch, reason = max(min_batch, max_batch), f"{max(min_batch, max_batch)}: {max_batch_reason or 'the hardware cap'}"
-    if batch == min_batch and memory_for_batch(min_batch) > budget_bytes:
-        reason = f"{min_batch}: the minimum (nnU-Net's), although the estimate exceeds the budget"
-    elif batch == min_batch and "cap" not in reason and "covers" not in reason:
-        reason = f"{min_batch}: the minimum; a larger batch would exceed the memory budget"
+        batch = max(min_batch, max_batch)
+        reason = f"{batch}: {max_batch_reason or 'the hardware cap'} (memory would allow more)"
     return Choice(batch, reason)
 
 
