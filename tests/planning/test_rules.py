@@ -304,3 +304,14 @@ def test_time_budget_schedule_fits_and_shrinks_the_patch():
     assert step * MIN_TOTAL_STEPS <= train_seconds
     assert plan.config["train.epochs"] == sched["epochs"] and "inference.mirror_axes" in plan.config
     assert all(key in plan.table() for key in ("schedule", "inference_overlap", "inference_mirror_axes"))
+
+
+def test_resenc_activation_units_by_hand():
+    t = rules.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
+    spec = rules.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3, 4, 6, 6])
+    v, f, b = [89600, 11200, 1400, 175], [16, 32, 64, 128], [1, 3, 4, 6]
+    # per stage: 2 convs per block + stem/projection, + 1 kept sum per block; decoder: 1 conv per stage
+    expected = v[0] + sum((3 * b[s] + 1) * v[s] * f[s] for s in range(4)) + sum(4 * v[s] * f[s] for s in range(3)) + 6 * v[0]
+    assert rules.activation_units(t, spec) == expected
+    with pytest.raises(ValueError, match="Expected a block count for each of 4 stages"):
+        rules.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3])
