@@ -244,11 +244,12 @@ def evaluate_run(
     ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one).
     Imports TensorFlow (seconds), so only call it when a model must run.
     """
-    from segpipe.inference import predict_run
+    from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
+    from segpipe.runs.rundir import RunDir
 
     run_dir = Path(run_dir)
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
-    out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
     summary = evaluate_folders(
         pred_dir, ref_dir, out,
         labels=labels if labels is not None else run_labels,
