@@ -125,3 +125,23 @@ def test_folder_evaluation_never_imports_tensorflow(tmp_path):
             f"assert main(['--pred', r'{tmp_path / 'pred'}', '--ref', r'{tmp_path / 'ref'}', '--workers', '1']) == 0")
     assert not _imports_tensorflow_after(code)
     assert _imports_tensorflow_after("import segpipe.models.unet3d")  # the check can see TensorFlow
+
+
+def _documented_tree() -> set[str]:
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    block = text.split("<!-- tree:", 1)[1].split("```", 2)[1]
+    files: set[str] = set()
+    for line in block.splitlines()[1:]:
+        if not line.strip() or line.strip() == "segpipe/":
+            continue
+        first, *rest = line.split()
+        if first.endswith("/"):
+            files |= {f"{first}{name}" for name in rest}
+        else:
+            files.add(first)
+    return files
+
+
+def test_the_tree_in_docs_architecture_matches_the_package():
+    on_disk = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert _documented_tree() == on_disk
