@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import Case, Dataset, squeeze_trailing
-from segpipe.data.cache import parallel_map
+from segpipe.parallel import parallel_map
 
 # Problem kinds, each with the severity it is reported with.
 KINDS = {
@@ -32,7 +32,13 @@ KINDS = {
     "non-finite": "error",  # NaN or inf intensities
     "non-integer-label": "error",  # fractional, NaN or inf label values
     "undeclared-label": "error",  # label values outside the declared classes
+    # from the per-case label values (check_labels; the fingerprint has them, no file is read again)
+    "rare-label": "warning",  # a declared label value present in only a few cases
+    "label-gaps": "warning",  # label values that are not 0..N-1: unused network outputs
+    "absent-class": "warning",  # a declared class that occurs in no case
 }
+RARE_FRACTION = 0.1  # "a few cases": at most 10 % of them (at least 1), in datasets of >= 10 cases
+MIN_CASES_FOR_RARE = 10
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,64 @@ def check_case(
 ) -> list[Problem]:
     """Check one case: its files, shapes, geometry and (with ``read_data``) voxel values."""
     return _check_case(case, set(declared_labels), read_data, affine_tolerance_mm)[0]
+
+
+def check_labels(
+    dataset: Dataset, class_voxels: Mapping[str, Mapping[Any, int]], *, declared: bool | None = None,
+) -> list[Problem]:
+    """Label-value problems across the dataset, from each case's voxel count per label value.
+
+    ``class_voxels``: case id -> {label value: voxels} (the fingerprint's ``cases[id]["class_voxels"]``).
+    ``declared``: whether the dataset declares its classes (dataset.json, labels.json); default: all
+    layouts but ``folders`` without ``labels.json``, whose classes were read from the maps themselves.
+
+    * ``undeclared-label`` (error): a value the dataset does not declare, naming each file and in how
+      many cases it occurs — e.g. one map with 7 in a dataset whose other maps hold 0–2. With
+      classes read from the maps, a value in only a few cases counts as undeclared (declare it in
+      labels.json if it is real).
+    * ``rare-label`` (warning): a declared value in only a few cases (at most 10 %, datasets of >= 10).
+    * ``label-gaps`` (warning): values that are not 0..N-1 (the network gets unused outputs).
+    * ``absent-class`` (warning): a declared class that occurs in no case.
+    """
+    if declared is None:
+        declared = not (dataset.layout == "folders" and not (Path(dataset.root) / "labels.json").is_file())
+    by_id = {c.case_id: c for c in dataset.cases}
+    present: dict[int, list[str]] = {}
+    for case_id, counts in class_voxels.items():
+        for value, voxels in counts.items():
+            if int(voxels) > 0:
+                present.setdefault(int(value), []).append(case_id)
+    n = len(class_voxels)
+    few = max(1, int(RARE_FRACTION * n)) if n >= MIN_CASES_FOR_RARE else 0
+    declared_values = set(dataset.labels) if declared else set()
+    problems: list[Problem] = []
+    meta = Path(dataset.root) / ("labels.json" if dataset.layout == "folders" else "dataset.json")
+    for value, cases in sorted(present.items()):
+        if value == 0:
+            continue
+        where = f"{len(cases)} of {n} cases"
+        if declared and value not in declared_values:
+            for case_id in cases:
+                problems.append(Problem("undeclared-label", by_id[case_id].label_path if case_id in by_id else None,
+                                        f"label values declared in {meta.name} ({sorted(declared_values)})",
+                                        f"value {value} (in {where})", case_id))
+        elif len(cases) <= few:
+            kind = "rare-label" if declared else "undeclared-label"
+            hint = "check these maps" if declared else "add labels.json to declare it if it is a real class"
+            for case_id in cases:
+                problems.append(Problem(kind, by_id[case_id].label_path if case_id in by_id else None,
+                                        f"every label value in more than {few} of {n} cases ({hint})",
+                                        f"value {value} only in {where}", case_id))
+    values = sorted(set(present) | declared_values | {0})
+    if values != list(range(len(values))):
+        missing = sorted(set(range(values[-1] + 1)) - set(values))
+        problems.append(Problem("label-gaps", meta if declared else Path(dataset.root),
+                                f"label values 0..{len(values) - 1} (one network output each)",
+                                f"values {values}: {missing} never occur, {len(missing)} of {values[-1] + 1} outputs unused"))
+    for value in sorted(declared_values - set(present) - {0}):
+        problems.append(Problem("absent-class", meta, f"every declared class in at least one case",
+                                f"class {value} ({dataset.labels[value]!r}) in none of {n} cases"))
+    return problems
 
 
 def errors(problems: Iterable[Problem]) -> list[Problem]:

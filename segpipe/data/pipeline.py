@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from segpipe.data.cache import CachedCase, build_cache
-from segpipe.data.checks import check_dataset, errors
-from segpipe.data.fingerprint import load_or_compute_fingerprint
+from segpipe.data.checks import check_dataset, check_labels, errors
+from segpipe.planning.fingerprint import load_or_compute_fingerprint
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings
+from segpipe.errors import expected
 from segpipe.io import read_json, write_json
 
 if TYPE_CHECKING:  # config imports this package lazily; keep the import one-way at run time
@@ -109,6 +110,7 @@ def prepare_data(
     root = dataset_cache_dir(config, dataset)
     fingerprint = load_or_compute_fingerprint(dataset, root / "fingerprint.json",
                                               workers=data.preprocess_workers, progress=progress)
+    run_label_check(dataset, fingerprint, data.check)
     settings = settings if settings is not None else resolve_settings(data, fingerprint)
     folder = root / f"preprocessed-{settings_hash(settings)}"
     cached = build_cache(dataset, folder, settings, workers=data.preprocess_workers, progress=progress)
@@ -144,7 +146,10 @@ def _ensure_phantoms(root: Path, phantoms: Any) -> None:
         print(f"Generating {settings.num_cases} phantom cases into {root}")
         write_phantom_dataset(root, settings)
         return
-    found = read_json(root / "dataset.json").get("segpipe_phantom_settings")
+    meta = root / "dataset.json"
+    found = read_json(meta).get("segpipe_phantom_settings") if meta.is_file() else None
+    if found is None:  # not a phantom dataset: the user's own data at data.root, opened as it is
+        return
     wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}
     if found != wanted:
         raise ConfigError(
@@ -176,6 +181,24 @@ def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progre
         )
 
 
+def run_label_check(dataset: Dataset, fingerprint: dict[str, Any], mode: str) -> None:
+    """Label values across cases (from the fingerprint, so no file is read again), unless ``data.check: off``.
+
+    Raises:
+        DataError: a label value the dataset does not declare (each file named); warnings are printed.
+    """
+    if mode == "off":
+        return
+    problems = check_labels(dataset, {k: c["class_voxels"] for k, c in fingerprint["cases"].items()})
+    found = errors(problems)
+    for problem in problems:
+        if problem not in found:
+            print(problem.format(dataset.root), file=sys.stderr)
+    if found:
+        lines = "\n  ".join(p.format(dataset.root) for p in found)
+        raise DataError(f"Expected only declared label values. Received: {len(found)} error(s) in {dataset.root}:\n  {lines}")
+
+
 def dataset_cache_dir(config: "Config", dataset: Dataset) -> Path:
     """``data.cache_dir``, or ``<output_dir>/.cache/<dataset name>-<8 hex of its resolved path>``."""
     if config.data.cache_dir:
@@ -195,8 +218,8 @@ def resolve_settings(data: "DataConfig", fingerprint: dict[str, Any]) -> Preproc
 
     channels = len(fingerprint["intensity"])
     if not isinstance(data.normalization, str) and len(data.normalization) != channels:
-        raise ConfigError(f"data.normalization: expected one scheme, or one per channel ({channels} in "
-                          f"{fingerprint['dataset']}). Received: {data.normalization}")
+        raise ConfigError(expected(f"one scheme, or one per channel ({channels} in {fingerprint['dataset']})",
+                                   key="data.normalization", received=data.normalization))
     spacing = data.target_spacing_mm if data.target_spacing_mm is not None else fingerprint["target_spacing_mm"]
     return PreprocessSettings(
         target_spacing_mm=tuple(spacing),
@@ -309,31 +332,3 @@ def _check_split(split: dict[str, Any], case_ids: Sequence[str]) -> None:
     if not split["train"] or not split["val"]:
         raise ValueError(f"Expected training and validation cases. Received: {len(split['train'])} training, "
                          f"{len(split['val'])} validation")
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directory files
-
-
-def write_run_files(run_dir: str | os.PathLike, prepared: PreparedData) -> None:
-    """``RUN_DIR/splits.json`` (the run's split) and ``RUN_DIR/preprocessing.json`` (resolved settings)."""
-    run_dir = Path(run_dir)
-    write_json(run_dir / "splits.json", prepared.split)
-    write_json(run_dir / "preprocessing.json", prepared.settings.to_dict())
-
-
-def read_run_split(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The split a run was trained with, or ``None`` if it has none yet."""
-    path = Path(run_dir) / "splits.json"
-    return read_json(path) if path.is_file() else None
-
-
-def read_run_settings(run_dir: str | os.PathLike) -> PreprocessSettings | None:
-    """The preprocessing settings a run was trained with, or ``None`` if it has none yet."""
-    path = Path(run_dir) / "preprocessing.json"
-    if not path.is_file():
-        return None
-    try:
-        return PreprocessSettings(**read_json(path))
-    except TypeError as exc:
-        raise ValueError(f"Expected PreprocessSettings fields in {path}. Received: {exc}") from exc

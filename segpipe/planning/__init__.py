@@ -1,6 +1,7 @@
-"""Self-configuration: a plan of spacing, patch, network, batch and schedule from the dataset fingerprint.
+"""Experiment planning: the dataset fingerprint and the plan of a run made from it.
 
-``rules`` holds the pure rules, ``planner`` assembles them into a :class:`~segpipe.planning.planner.Plan`,
-``hardware`` describes the machine, ``timing`` measures training steps (in a subprocess) and
-``output`` writes plan.json and the editable YAML config. docs/planning.md lists every rule and its source.
+``fingerprint`` summarises the dataset; ``rules`` holds the pure planning rules, ``planner``
+assembles them into a :class:`~segpipe.planning.planner.Plan`, ``hardware`` describes the machine,
+``timing`` measures training steps (in a subprocess), ``output`` writes plan.json and the editable
+YAML config, and ``run`` does all of it for a config. docs/planning.md lists every rule and its source.
 """

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from segpipe.config import Config, from_dict
+from segpipe.data.pipeline import dataset_cache_dir, open_dataset, read_split_file
+from segpipe.planning.fingerprint import load_or_compute_fingerprint
+from segpipe.planning.hardware import detect_hardware
 from segpipe.planning.output import apply_plan, write_plan
 from segpipe.planning.planner import Plan, make_plan
+from segpipe.planning.timing import time_steps
 
 
 @dataclass
@@ -62,11 +67,6 @@ def plan_config(
     ``train.time_budget_minutes`` set, real training steps are timed (``step_timer`` or
     :func:`segpipe.planning.timing.time_steps`).
     """
-    from segpipe.config import Config, from_dict
-    from segpipe.data.fingerprint import load_or_compute_fingerprint
-    from segpipe.data.pipeline import dataset_cache_dir, open_dataset, read_split_file
-    from segpipe.planning.hardware import detect_hardware
-
     explicit = set(explicit)
     light = {k: config[k] for k in ("data", "output_dir", "seed") if k in config}
     base = from_dict(Config, light)  # only the sections opening the dataset needs
@@ -84,7 +84,7 @@ def plan_config(
     budget = _get(config, "train.time_budget_minutes")
     timer = step_timer
     if budget is not None and timer is None:
-        from segpipe.planning.timing import time_steps as timer
+        timer = time_steps
     hardware = detect_hardware(memory_gib=memory_gib, device=device)
     plan = make_plan(
         fingerprint, hardware=hardware, model=_get(config, "model.name", "unet3d"),

@@ -24,6 +24,7 @@ WARMUP = 2
 
 def build_from_keys(keys: dict[str, Any], in_channels: int, num_classes: int):
     """The network the plan's ``model.*`` keys describe (imports Keras)."""
+    # function-level: the planning process itself never loads TensorFlow, only the timing worker
     from segpipe.models.resenc_unet import build_resenc_unet
     from segpipe.models.unet3d import build_unet3d
 
@@ -58,6 +59,7 @@ def worker(keys: dict[str, Any]) -> dict[str, Any]:
     import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
     import keras
 
+    # function-level: TensorFlow only in the worker subprocess
     from segpipe.losses import get_loss
 
     in_channels, num_classes = int(keys["_in_channels"]), int(keys["_num_classes"])
