@@ -17,6 +17,14 @@ TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in 
     python train.py --config configs/losses/*.yaml --experiment losses [--folds 5]
                                                      # a sweep into runs/losses/<config>[_fold<k>]/
     python evaluate.py --compare runs/losses         # compare the runs of that experiment
+    python train.py --set data.root=PATH/TO/DATASET  # your own data: plan for this machine, then train
+    python train.py --set data.root=DIR train.time_budget_minutes=60   # ... fitted to a time budget
+    python train.py --plan-only --set data.root=DIR  # only write and print the plan (segpipe-plan DIR)
+
+Your own data (docs/planning.md): without --config, a data.root given on the command line is
+planned from its fingerprint (spacing, patch, network, batch, schedule); keys given with --set
+win over the plan. A config with train.time_budget_minutes is planned too; --no-plan trains the
+configs exactly as written.
 
 A sweep trains each config (on each fold) in turn: finished runs are skipped, a failed run is
 reported and the sweep goes on, and a summary ends it (exit code 1 if any run failed). Run the same
@@ -47,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue an interrupted run (its own config) from its last checkpoint; without "
                              "RUN_DIR, continue the unfinished runs of the configs given")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
+    parser.add_argument("--plan-only", action="store_true", help="write and print the plan (plan.json, plan.yaml), do not train")
+    parser.add_argument("--no-plan", action="store_true", help="never plan: train the configs as written")
     args = parser.parse_args(argv)
 
+    from segpipe.cli.plan import planned_config, report
     from segpipe.config import ConfigError, load_config
+    from segpipe.data.pipeline import DataError
     from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
     from segpipe.runs.rundir import RunDir
 
@@ -64,14 +76,32 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*args.set, *([f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else [])]
             paths = _config_paths(args.config) if args.config else [str(default_config_path())]
             configs = [load_config(p, overrides) for p in paths]
+            if _wants_plan(args, configs):
+                if len(paths) > 1:
+                    parser.error("planning takes one config (or none); pass --no-plan to train several as written")
+                result = planned_config(paths[0] if args.config else None, overrides)
+                print(report(result))
+                if args.plan_only:
+                    return 0
+                configs = [load_config(result.yaml_path)]
             runs = plan_runs(configs, folds=args.folds, only_folds=args.fold)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     warning = comparability_warning(runs) if len(runs) > 1 else None
     if warning:
         print(warning, file=sys.stderr)
     return run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite)[1]
+
+
+def _wants_plan(args: argparse.Namespace, configs: list) -> bool:
+    """--plan-only; or (unless --no-plan) a data.root given without --config, or a time budget."""
+    if args.plan_only:
+        return True
+    if args.no_plan:
+        return False
+    own_data = not args.config and any(item.partition("=")[0] == "data.root" for item in args.set)
+    return own_data or any(c.train.time_budget_minutes is not None for c in configs)
 
 
 def default_config_path() -> Path:
