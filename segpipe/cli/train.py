@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 configs = [load_config(result.yaml_path)]
             runs = plan_runs(configs, folds=args.folds, only_folds=args.fold)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except DataError as exc:  # found while planning: the run fails as it would have in training
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     warning = comparability_warning(runs) if len(runs) > 1 else None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from segpipe.config import Config, from_dict
-from segpipe.data.pipeline import dataset_cache_dir, open_dataset, read_split_file
+from segpipe.data.pipeline import dataset_cache_dir, open_dataset, read_split_file, run_integrity_check, run_label_check
 from segpipe.planning.fingerprint import load_or_compute_fingerprint
 from segpipe.planning.hardware import detect_hardware
 from segpipe.planning.output import apply_plan, write_plan
@@ -71,9 +71,12 @@ def plan_config(
     light = {k: config[k] for k in ("data", "output_dir", "seed") if k in config}
     base = from_dict(Config, light)  # only the sections opening the dataset needs
     dataset = open_dataset(base.data)
+    # the checks training would run, before anything is read into the cache
+    run_integrity_check(dataset, base.data.check, workers=base.data.preprocess_workers, progress=progress)
     cache = dataset_cache_dir(base, dataset)
     fingerprint = load_or_compute_fingerprint(dataset, cache / "fingerprint.json",
                                               workers=base.data.preprocess_workers, progress=progress)
+    run_label_check(dataset, fingerprint, base.data.check)
     n_val = None
     if base.data.split_file is not None:
         n_val = len(read_split_file(base.data.split_file)["val"])
