@@ -29,7 +29,8 @@ def apply_plan(config: dict[str, Any], plan: Plan, *, keep: set[str] = frozenset
     """``config`` (a nested dict) with the plan's keys set, except the dotted keys in ``keep`` (explicit settings win)."""
     out = _copy(config)
     for key, value in plan.config.items():
-        if key in keep or any(key.startswith(k + ".") for k in keep):
+        # an explicit key wins over a planned key it lies in or under (loss.name=... keeps the user's loss)
+        if key in keep or any(key.startswith(k + ".") or k.startswith(key + ".") for k in keep):
             continue
         *parents, leaf = key.split(".")
         node = out

@@ -56,3 +56,12 @@ def test_explicit_keys_win_and_dependent_choices_follow(thick_root, tmp_path):
     assert result.config["model"]["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 2]]
     assert result.config["model"]["depth"] == 3
     assert "given" in result.plan.choices["patch_size"].reason
+
+
+def test_an_explicit_key_inside_a_planned_section_keeps_the_users_section(thick_root, tmp_path):
+    config = base_config(thick_root, tmp_path)
+    config["loss"] = {"name": "tversky", "alpha": 0.7}
+    result = plan_config(config, explicit={"data.root", "loss.name"}, out_dir=tmp_path / "plan",
+                         device="cpu", memory_gib=2, progress=False)
+    assert result.config["loss"] == {"name": "tversky", "alpha": 0.7}
+    assert "loss" in result.plan.config  # planned, but not applied
