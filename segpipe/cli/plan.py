@@ -107,3 +107,7 @@ def run(config_path: str | None, overrides: list[str], **kwargs: Any) -> int:
 def console() -> None:
     """Console script ``segpipe-plan``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()
