@@ -21,16 +21,27 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def nvidia_gpus() -> int:
+    """NVIDIA GPUs the driver lists (``/proc/driver/nvidia/gpus``), limited by ``CUDA_VISIBLE_DEVICES``.
+
+    Read without TensorFlow: a multi-worker run must create its strategy before TensorFlow does
+    anything else, and planning must not be what starts it.
+    """
+    folder = Path("/proc/driver/nvidia/gpus")
+    found = len(list(folder.iterdir())) if folder.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        found = min(found, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
+    return found
+
+
 def detect_hardware(*, memory_gib: float | None = None, device: str | None = None) -> Hardware:
-    """This machine: a GPU if TensorFlow sees one, else the CPU with half the available RAM (at most 8 GiB).
+    """This machine: a GPU if the NVIDIA driver lists one, else the CPU with half the available RAM (at most 8 GiB).
 
     ``memory_gib`` overrides the budget, ``device`` ("cpu"/"gpu") the detection.
     """
     if device is None:
-        # TensorFlow only here: planning without a time budget never needs it
-        import tensorflow as tf
-
-        device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+        device = "gpu" if nvidia_gpus() else "cpu"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if memory_gib is not None:
         budget = int(memory_gib * GIB)
