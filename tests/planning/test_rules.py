@@ -315,3 +315,23 @@ def test_resenc_activation_units_by_hand():
     assert rules.activation_units(t, spec) == expected
     with pytest.raises(ValueError, match="Expected a block count for each of 4 stages"):
         rules.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3])
+
+
+def test_a_step_slower_than_predicted_re_plans_with_the_measured_rate():
+    fp = fingerprint([[0.8, 0.8, 3.0]] * 20, [[256, 256, 48]] * 20)
+    fast, _ = flop_timer(20.0)
+    slow, _ = flop_timer(10.0)  # the planned networks run at half the reference's FLOP rate
+
+    def timer(keys):
+        return fast(keys) if keys["data.patch_size"] == [32, 32, 32] and keys["model.depth"] == 4 else slow(keys)
+
+    plan = make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=30, step_timer=timer)
+    attempts = plan.measured["attempts"]
+    max_step = (30 * 60 * 0.85 - MARGIN_SECONDS) / MIN_TOTAL_STEPS
+    assert len(attempts) == 2
+    assert attempts[0]["step_seconds"] == pytest.approx(2 * attempts[0]["predicted_step_seconds"])
+    assert attempts[0]["step_seconds"] > 1.1 * max_step
+    assert attempts[1]["step_seconds"] == pytest.approx(attempts[1]["predicted_step_seconds"])
+    assert attempts[1]["step_seconds"] <= max_step
+    assert np.prod(attempts[1]["patch_size"]) < np.prod(attempts[0]["patch_size"])
+    assert plan.measured["step_seconds"] == attempts[1]["step_seconds"]
