@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import Case, Dataset, squeeze_trailing
+from segpipe.io import affine_text
 from segpipe.parallel import parallel_map
 
 # Problem kinds, each with the severity it is reported with.
@@ -183,7 +184,7 @@ def _check_case(case: Case, declared: set[int], read_data: bool, tol: float) -> 
         elif not _close(affine, ref_affine, tol):
             add("affine-mismatch", label, f"the image affine (tolerance {tol} mm)",
                 f"max difference {np.abs(affine - ref_affine).max():.3g} mm "
-                f"(image {_fmt_affine(ref_affine)}, label {_fmt_affine(affine)})")
+                f"(image {affine_text(ref_affine)}, label {affine_text(affine)})")
     if array is not None:
         if not np.issubdtype(array.dtype, np.integer):
             finite = np.isfinite(array)
@@ -222,10 +223,6 @@ def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.
 
 def _close(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
     return bool(np.all(np.abs(a - b) <= tol))
-
-
-def _fmt_affine(affine: np.ndarray) -> str:
-    return np.array2string(affine[:3], precision=4, suppress_small=True, separator=",").replace("\n", "")
 
 
 def _check_channel_counts(dataset: Dataset, counts: dict[str, int]) -> list[Problem]:

@@ -33,12 +33,14 @@ from nibabel.orientations import (
 )
 from scipy import ndimage
 
+from segpipe.arrays import bounding_box
 from segpipe.errors import expected
 from segpipe.data.layouts import Case, read_case_image, read_case_label
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 LABEL_INTERPOLATIONS = ("nearest", "onehot_linear")
-_RAS = axcodes2ornt(("R", "A", "S"))
+ORIENTATION = "RAS"  # the orientation preprocessing produces (and bundles expect)
+RAS_ORNT = axcodes2ornt(tuple(ORIENTATION))
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def preprocess_volume(
     original_shape = image.shape[:3]
 
     # 1. Reorient to RAS: only axis permutations and flips, so no voxel value changes.
-    ornt = ornt_transform(io_orientation(affine), _RAS)
+    ornt = ornt_transform(io_orientation(affine), RAS_ORNT)
     image = apply_orientation(image, ornt)
     label = apply_orientation(label, ornt) if label is not None else None
     ras_affine = affine @ inv_ornt_aff(ornt, original_shape)
@@ -170,10 +172,11 @@ def preprocess_volume(
 
     # 2. Crop to the non-zero bounding box (labelled voxels always kept).
     nonzero = np.any(image != 0, axis=-1)
-    box = _bounding_box(nonzero | (label > 0) if label is not None else nonzero)
-    if not settings.crop_to_nonzero or box is None:
-        box = [(0, n) for n in ras_shape]
-    crop = tuple(slice(lo, hi) for lo, hi in box)
+    found = bounding_box(nonzero | (label > 0) if label is not None else nonzero)
+    if not settings.crop_to_nonzero or found is None:
+        found = tuple(slice(0, n) for n in ras_shape)
+    box = [(s.start, s.stop) for s in found]
+    crop = tuple(found)
     image, nonzero = image[crop], nonzero[crop]
     label = label[crop] if label is not None else None
     cropped_affine = ras_affine.copy()
@@ -244,7 +247,7 @@ def restore_to_original(
     out[...] = np.asarray(fill_value, dtype=array.dtype) if array.ndim == 4 else fill_value
     out[tuple(slice(lo, hi) for lo, hi in meta["crop_box"])] = array
     original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
-    back = ornt_transform(_RAS, io_orientation(original_affine))
+    back = ornt_transform(RAS_ORNT, io_orientation(original_affine))
     return np.ascontiguousarray(apply_orientation(out, back))
 
 
@@ -306,17 +309,6 @@ def _grid_map(factors: np.ndarray) -> np.ndarray:
     m[:3, :3] = np.diag(factors)
     m[:3, 3] = 0.5 * factors - 0.5
     return m
-
-
-def _bounding_box(mask: np.ndarray) -> list[tuple[int, int]] | None:
-    """Half-open index ranges of the ``True`` voxels per axis, or ``None`` for an empty mask."""
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append((int(hits[0]), int(hits[-1]) + 1))
-    return box
 
 
 def _normalize(image: np.ndarray, nonzero: np.ndarray, settings: PreprocessSettings) -> tuple[np.ndarray, list[dict]]:

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.parallel import parallel_map
-from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix, write_json, write_text
+from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
 
@@ -222,7 +222,7 @@ def evaluate_folders(
     summary["tolerance_mm"] = {str(c): _tolerance(tolerance_mm, c) for c in labels}
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
     write_text(out_dir / "per_case.csv", _to_csv(rows))
-    write_json(out_dir / "summary.json", _json_safe(summary))
+    write_json(out_dir / "summary.json", json_safe(summary))
     return summary
 
 
@@ -485,7 +485,7 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
             diff = float(np.max(np.abs(pred_affine - ref_affine)))
             problems.append(
                 f"  {case_id}: affine differs by up to {diff:.4g} mm "
-                f"(pred {_affine_text(pred_affine)} vs ref {_affine_text(ref_affine)})"
+                f"(pred {affine_text(pred_affine)} vs ref {affine_text(ref_affine)})"
             )
     if problems:
         raise ValueError(
@@ -564,27 +564,9 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and inf become null: strict JSON has no such numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def _short_list(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _affine_text(affine: np.ndarray) -> str:
-    text = np.array2string(affine[:3], precision=4, suppress_small=True, separator=",")
-    return text.replace("\n", "")
 
 
 def _mean_std(stats: Mapping[str, float] | None, digits: int, *, show_n: int | None = None) -> str:
