@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
 from segpipe.parallel import parallel_map
 from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
@@ -476,7 +477,7 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
     for case_id, (pred_path, ref_path) in pairs.items():
         # Header only (nibabel loads voxel data lazily); segpipe.io.read_nifti would read all.
         pred_img, ref_img = nib.load(str(pred_path)), nib.load(str(ref_path))
-        pred_shape, ref_shape = _spatial_shape(pred_img.shape), _spatial_shape(ref_img.shape)
+        pred_shape, ref_shape = squeeze_trailing_shape(pred_img.shape), squeeze_trailing_shape(ref_img.shape)
         if pred_shape != ref_shape:
             problems.append(f"  {case_id}: shape pred {pred_img.shape} vs ref {ref_img.shape}")
             continue
@@ -495,14 +496,8 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
         )
 
 
-def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    # A trailing singleton axis (x, y, z, 1) is a 3-D label map written as 4-D.
-    return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
-
-
 def _as_label_map(array: np.ndarray, path) -> np.ndarray:
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
+    array = squeeze_trailing(array)
     if array.ndim != 3:
         raise ValueError(f"Expected a 3-D label map in {path}. Received: shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
