@@ -151,15 +151,7 @@ def preprocess_volume(
     This is what inference runs on a new image (without label) before prediction.
     """
     settings = _settings(settings, kwargs)
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        image = image[..., None]
-    if image.ndim != 4:
-        raise ValueError(f"Expected an image of shape (X, Y, Z) or (X, Y, Z, C). Received: shape {image.shape}")
-    if label is not None and label.shape != image.shape[:3]:
-        raise ValueError(f"Expected a label of the image's shape {image.shape[:3]}. Received: shape {label.shape}")
-    if label is not None and label.size and (label.min() < 0 or label.max() > 255):
-        raise ValueError(f"Expected label values in 0..255 (stored as uint8). Received: {label.min()}..{label.max()}")
+    image, label = _checked_arrays(image, label)
     affine = np.asarray(affine, dtype=np.float64)
     original_shape = image.shape[:3]
 
@@ -172,15 +164,13 @@ def preprocess_volume(
 
     # 2. Crop to the non-zero bounding box (labelled voxels always kept).
     nonzero = np.any(image != 0, axis=-1)
-    found = bounding_box(nonzero | (label > 0) if label is not None else nonzero)
-    if not settings.crop_to_nonzero or found is None:
-        found = tuple(slice(0, n) for n in ras_shape)
-    box = [(s.start, s.stop) for s in found]
-    crop = tuple(found)
+    crop = bounding_box(nonzero | (label > 0) if label is not None else nonzero)
+    if not settings.crop_to_nonzero or crop is None:
+        crop = tuple(slice(0, n) for n in ras_shape)
     image, nonzero = image[crop], nonzero[crop]
     label = label[crop] if label is not None else None
     cropped_affine = ras_affine.copy()
-    cropped_affine[:3, 3] = ras_affine[:3, :3] @ [lo for lo, _ in box] + ras_affine[:3, 3]
+    cropped_affine[:3, 3] = ras_affine[:3, :3] @ [s.start for s in crop] + ras_affine[:3, 3]
     cropped_shape = image.shape[:3]
 
     # 3. Normalise each channel.
@@ -195,7 +185,6 @@ def preprocess_volume(
             label = (resample(label, shape, order=0) if settings.label_interpolation == "nearest"
                      else resample_labels_onehot(label, shape))
     factors = np.asarray(cropped_shape, float) / np.asarray(shape, float)
-    final_affine = cropped_affine @ _grid_map(factors)
 
     meta = {
         "original_shape": list(original_shape),
@@ -203,12 +192,12 @@ def preprocess_volume(
         "original_spacing_mm": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "original_orientation": "".join(aff2axcodes(affine)),
         "ras_shape": list(ras_shape),
-        "crop_box": [[int(lo), int(hi)] for lo, hi in box],
+        "crop_box": [[int(s.start), int(s.stop)] for s in crop],
         "cropped_shape": list(cropped_shape),
         "target_spacing_mm": list(settings.target_spacing_mm) if settings.target_spacing_mm else None,
         "shape": list(shape),
         "spacing_mm": (spacing * factors).tolist(),
-        "affine": final_affine.tolist(),
+        "affine": (cropped_affine @ _grid_map(factors)).tolist(),
         "channels": int(image.shape[-1]),
         "normalization": norm_meta,
     }
@@ -216,6 +205,20 @@ def preprocess_volume(
     if label is not None:
         label = np.ascontiguousarray(label, dtype=np.uint8)
     return PreprocessedCase(image=image, label=label, meta=meta)
+
+
+def _checked_arrays(image: np.ndarray, label: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image as float32 (X, Y, Z, C) and the label, or a ValueError naming what is wrong."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise ValueError(f"Expected an image of shape (X, Y, Z) or (X, Y, Z, C). Received: shape {image.shape}")
+    if label is not None and label.shape != image.shape[:3]:
+        raise ValueError(f"Expected a label of the image's shape {image.shape[:3]}. Received: shape {label.shape}")
+    if label is not None and label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"Expected label values in 0..255 (stored as uint8). Received: {label.min()}..{label.max()}")
+    return image, label
 
 
 def restore_to_original(
