@@ -19,7 +19,7 @@ Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--refer
               Wilcoxon tests with Holm correction, box plots, training curves, report.md)
 
 Writes per_case.csv and summary.json into --out (default: PRED/evaluation, or RUN_DIR/evaluation)
-and prints the summary as a Markdown table. Metric definitions: README.md, "Evaluation".
+and prints the summary as a Markdown table. Metric definitions: docs/evaluation.md.
 """
 
 
