@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.cli import prog_name
+from segpipe.config import ConfigError, apply_overrides, read_yaml_with_extends
+from segpipe.data.pipeline import DataError
+from segpipe.planning.run import PlanResult, flatten, plan_config
 
 
 def base_config_path() -> Path:
@@ -30,15 +33,12 @@ def base_config_path() -> Path:
 
 
 def planned_config(config_path: str | None, overrides: list[str], *, out_dir: str | Path | None = None,
-                   memory_gib: float | None = None, device: str | None = None, progress: bool = True):
+                   memory_gib: float | None = None, device: str | None = None, progress: bool = True) -> PlanResult:
     """Plan the dataset of ``config_path`` (default: configs/base.yaml) with ``overrides``; returns a PlanResult.
 
     Explicit keys: every ``--set`` key, and every key of the config file whose value differs from
     configs/base.yaml. Without an explicit ``name`` the run is named after the dataset folder.
     """
-    from segpipe.config import apply_overrides, read_yaml_with_extends
-    from segpipe.planning.run import flatten, plan_config
-
     base = read_yaml_with_extends(base_config_path())
     explicit = {item.partition("=")[0] for item in overrides}
     data: dict[str, Any] = base
@@ -54,7 +54,7 @@ def planned_config(config_path: str | None, overrides: list[str], *, out_dir: st
                        progress=progress)
 
 
-def report(result) -> str:
+def report(result: PlanResult) -> str:
     """The printed summary: the table of choices and where the files are."""
     lines = [f"Plan for {result.plan.dataset} ({result.plan.hardware.get('description', '')}):", "",
              result.plan.table(), ""]
@@ -92,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config_path: str | None, overrides: list[str], **kwargs: Any) -> int:
     """Plan and print; the exit code (0 written, 2 a config, dataset or budget error)."""
-    from segpipe.config import ConfigError
-    from segpipe.data.pipeline import DataError
-
     try:
         result = planned_config(config_path, overrides, **kwargs)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:

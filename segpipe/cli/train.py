@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.cli.plan import planned_config, report
+from segpipe.config import ConfigError, load_config
+from segpipe.data.pipeline import DataError
+from segpipe.runs.rundir import RunDir
+from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
@@ -58,12 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-only", action="store_true", help="write and print the plan (plan.json, plan.yaml), do not train")
     parser.add_argument("--no-plan", action="store_true", help="never plan: train the configs as written")
     args = parser.parse_args(argv)
-
-    from segpipe.cli.plan import planned_config, report
-    from segpipe.config import ConfigError, load_config
-    from segpipe.data.pipeline import DataError
-    from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
-    from segpipe.runs.rundir import RunDir
 
     try:
         if isinstance(args.resume, str):
