@@ -24,9 +24,8 @@ WARMUP = 2
 
 def build_from_keys(keys: dict[str, Any], in_channels: int, num_classes: int):
     """The network the plan's ``model.*`` keys describe (imports Keras)."""
-    # function-level: the planning process itself never loads TensorFlow, only the timing worker
-    from segpipe.models.resenc_unet import build_resenc_unet
-    from segpipe.models.unet3d import build_unet3d
+    from segpipe.models.resenc_unet import build_resenc_unet  # TensorFlow: only in the timing worker
+    from segpipe.models.unet3d import build_unet3d  # TensorFlow: only in the timing worker
 
     kwargs = dict(depth=keys["model.depth"], base_filters=keys["model.base_filters"],
                   max_filters=keys.get("model.max_filters", 320), norm=keys.get("model.norm", "batch"),
@@ -59,8 +58,7 @@ def worker(keys: dict[str, Any]) -> dict[str, Any]:
     import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
     import keras
 
-    # function-level: TensorFlow only in the worker subprocess
-    from segpipe.losses import get_loss
+    from segpipe.losses import get_loss  # TensorFlow: only in the timing worker
 
     in_channels, num_classes = int(keys["_in_channels"]), int(keys["_num_classes"])
     patch, batch = [int(p) for p in keys["data.patch_size"]], int(keys["data.batch_size"])
