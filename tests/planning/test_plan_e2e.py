@@ -65,3 +65,19 @@ def test_train_with_only_data_root_plans_trains_and_predicts_on_the_original_gri
     assert prediction.array.shape == image.array.shape == THICK.shape
     np.testing.assert_allclose(prediction.affine, image.affine)
     assert set(np.unique(prediction.array)) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("layout, channels", [("nnunet", 2), ("folders", 1)])
+def test_only_data_root_plans_and_trains_other_layouts(layout, channels, tmp_path):
+    from data import make_dataset  # tests/data: tiny datasets in each layout
+
+    root = make_dataset(tmp_path / f"ds_{layout}", layout, num_cases=4, shape=(24, 20, 16), channels=channels)
+    runs = tmp_path / "runs"
+    assert train.main(["--set", f"data.root={root}", f"output_dir={runs}", "model.base_filters=4", "train.epochs=1",
+                       "train.steps_per_epoch=2", "data.preprocess_workers=1", "data.val_fraction=0.25",
+                       "train.export_bundle=false"]) == 0
+    config = load_config(runs / f"ds_{layout}" / "config.yaml")
+    # cropped 23×20×16 (a zero slab at x = 0): two pools per axis, padded to multiples of 4
+    assert config.model.init == "he_normal" and config.data.patch_size == [24, 20, 16]
+    assert config.data.normalization == (["zscore"] * 2 if channels == 2 else "zscore")
+    assert (runs / f"ds_{layout}" / "model.keras").is_file()
