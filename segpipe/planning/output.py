@@ -64,12 +64,17 @@ def render_yaml(config: dict[str, Any], plan: Plan) -> str:
             path = path[:indent] + [key]
             dotted = ".".join(path)
             choice = KEY_REASONS.get(dotted)
-            if dotted in plan.config and choice in plan.choices and not stripped.endswith(":"):
-                line = f"{line}  # planned: {plan.choices[choice].reason.splitlines()[0]}"
-            elif dotted in plan.config and choice in plan.choices:
+            if dotted in plan.config and choice in plan.choices and _value_of(config, dotted) == plan.config[dotted]:
                 line = f"{line}  # planned: {plan.choices[choice].reason.splitlines()[0]}"
         out.append(line)
     return "\n".join(header + out) + "\n"
+
+
+def _value_of(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def write_plan(folder: str | Path, plan: Plan, config: dict[str, Any]) -> tuple[Path, Path]:
