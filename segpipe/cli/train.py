@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from segpipe.cli import prog_name
+from segpipe.cli import evaluate, prog_name
 from segpipe.cli.plan import planned_config, report
 from segpipe.config import ConfigError, load_config
 from segpipe.data.pipeline import DataError
@@ -28,8 +28,8 @@ TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in 
 
 Your own data (docs/planning.md): without --config, a data.root given on the command line is
 planned from its fingerprint (spacing, patch, network, batch, schedule); keys given with --set
-win over the plan. A config with train.time_budget_minutes is planned too; --no-plan trains the
-configs exactly as written.
+win over the plan. A config with train.time_budget_minutes is planned too, and its run is evaluated
+(evaluate.py RUN_DIR) right after training, inside the budget; --no-plan trains the configs as written.
 
 A sweep trains each config (on each fold) in turn: finished runs are skipped, a failed run is
 reported and the sweep goes on, and a summary ends it (exit code 1 if any run failed). Run the same
@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     warning = comparability_warning(runs) if len(runs) > 1 else None
     if warning:
         print(warning, file=sys.stderr)
-    return run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite)[1]
+    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite)[1]
+    budgeted = [c for c in runs if c.train.time_budget_minutes is not None]
+    if code == 0 and budgeted and not isinstance(args.resume, str):
+        # the budget covers the final evaluation of the validation cases: run it now
+        for config in budgeted:
+            code = max(code, evaluate.main([str(RunDir.of(config).path), "--model", "best"]))
+    return code
 
 
 def _wants_plan(args: argparse.Namespace, configs: list) -> bool:
