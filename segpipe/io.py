@@ -18,6 +18,8 @@ from typing import Any, Iterator, Mapping
 import nibabel as nib
 import numpy as np
 
+from segpipe.errors import Received, expected
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -51,12 +53,13 @@ def read_nifti(path: str | os.PathLike, *, dtype: Any = None) -> Volume:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file not found: {path}")
+        raise FileNotFoundError(expected("an existing NIfTI file", key="path", received=str(path)))
     try:
         image = nib.load(str(path))
         array = np.asarray(image.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
-        raise ValueError(f"Cannot read NIfTI file {path}: {exc}") from exc
+        raise ValueError(expected("a readable NIfTI image", key="contents", received=Received(f"unreadable ({exc})"),
+                                  where=str(path))) from exc
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
@@ -128,7 +131,8 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"Invalid JSON in {path}: {exc}") from exc
+        raise ValueError(expected("valid JSON", key="contents", received=Received(f"invalid JSON ({exc})"),
+                                  where=str(path))) from exc
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -144,4 +148,5 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")
+    raise TypeError(expected("a JSON-serialisable value (number, string, list, mapping, numpy value or path)",
+                             key="value", received=Received(f"an object of type {type(value).__name__}")))
