@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.errors import Received, expected
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
 
@@ -114,10 +115,11 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         if args.reference is not None:
             names = [g.name for g in groups]
             if args.reference not in names:
-                raise ComparisonError(f"Expected --reference to be one of {names}. Received: {args.reference!r}")
+                raise ComparisonError(expected(f"one of the configurations {names}", key="--reference", received=args.reference))
             groups.sort(key=lambda g: g.name != args.reference)  # stable: reference first
         if len(groups) < 2:
-            raise ComparisonError(f"Expected at least two configurations to compare. Received: {[g.name for g in groups]}")
+            raise ComparisonError(expected("at least two configurations to compare", key="--compare",
+                                           received=Received(f"{[g.name for g in groups]}")))
         check_comparable(groups)  # refuse before spending time on predictions
         for group in groups:
             for run_dir in group.run_dirs:
@@ -148,9 +150,8 @@ def _parse_tolerance(values: list[str]) -> float | dict[int, float]:
         pairs = [v.split("=", 1) for v in values]
         return {int(label): float(mm) for label, mm in pairs}
     except ValueError:
-        raise ValueError(
-            f"Expected --tolerance-mm as one number or LABEL=MM pairs. Received: {' '.join(values)}"
-        ) from None
+        raise ValueError(expected("one number or LABEL=MM pairs", key="--tolerance-mm",
+                                  received=Received(" ".join(values)))) from None
 
 
 def console() -> None:

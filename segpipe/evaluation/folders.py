@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
+from segpipe.errors import Received, expected
 from segpipe.parallel import parallel_map
 from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
@@ -105,10 +106,8 @@ def evaluate_case(
     pred = _as_label_map(pred_vol.array, pred_path)
     ref = _as_label_map(ref_vol.array, ref_path)
     if pred.shape != ref.shape:
-        raise ValueError(
-            f"Expected prediction {pred_path} to have the shape of reference {ref_path}. "
-            f"Received: {pred.shape} vs {ref.shape}"
-        )
+        raise ValueError(expected(f"the shape {ref.shape} of the reference {ref_path}", key="shape",
+                                  received=pred.shape, where=str(pred_path)))
     spacing_mm = ref_vol.spacing_mm
     metrics = case_metrics(
         pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
@@ -364,16 +363,12 @@ def _match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
     refs = _list_label_files(ref_dir, "ref_dir")
     preds = _list_label_files(pred_dir, "pred_dir")
     if not refs:
-        raise ValueError(
-            f"Expected NIfTI reference files (.nii, .nii.gz) in ref_dir. "
-            f"Received: {ref_dir} has none"
-        )
+        raise ValueError(expected("NIfTI reference files (.nii, .nii.gz)", key="ref_dir",
+                                  received=Received(f"{ref_dir} (has none)")))
     missing = sorted(set(refs) - set(preds))
     if missing:
-        raise FileNotFoundError(
-            f"Expected a prediction for every reference case. Received: {pred_dir} lacks "
-            f"{len(missing)} of {len(refs)}: {_short_list(missing)}"
-        )
+        raise FileNotFoundError(expected("a prediction for every reference case", key="pred_dir", received=Received(
+            f"{pred_dir} (lacks {len(missing)} of {len(refs)}: {_short_list(missing)})")))
     extra = sorted(set(preds) - set(refs))
     if extra:
         warnings.warn(
@@ -388,10 +383,9 @@ def _labels_found(results: list[CaseResult], ref_dir: Path) -> list[int]:
     """The foreground labels of the references (labels only in predictions are not scored: a warning)."""
     labels = sorted({c for r in results for c, m in r.metrics.items() if m["n_ref"] > 0})
     if not labels:
-        raise ValueError(
-            f"Expected foreground labels (values > 0) in the references. Received: every file "
-            f"in {ref_dir} is background only; pass labels= to score the predictions anyway"
-        )
+        raise ValueError(expected("foreground labels (values > 0) in the references", key="ref_dir",
+                                  received=Received(f"{ref_dir} (every file is background only)"),
+                                  hint="Pass labels= to score the predictions anyway."))
     pred_only = sorted({c for r in results for c in r.metrics} - set(labels))
     if pred_only:
         warnings.warn(
@@ -450,10 +444,8 @@ def _rows(results: list[CaseResult], labels, class_names, tolerance_mm) -> list[
 
 def _list_label_files(folder: Path, argument: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Expected a folder of NIfTI label maps for {argument}. "
-            f"Received: {folder} (no such folder)"
-        )
+        raise FileNotFoundError(expected("a folder of NIfTI label maps", key=argument,
+                                         received=Received(f"{folder} (no such folder)")))
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         # Dot-files include the temporary files of atomic writes in progress.
@@ -463,10 +455,8 @@ def _list_label_files(folder: Path, argument: str) -> dict[str, Path]:
             continue
         case_id = strip_nifti_suffix(path.name)
         if case_id in files:
-            raise ValueError(
-                f"Expected one file per case in {argument}. Received: {files[case_id].name} and "
-                f"{path.name} in {folder}"
-            )
+            raise ValueError(expected("one file per case", key=argument, received=Received(
+                f"{folder} (with {files[case_id].name} and {path.name})")))
         files[case_id] = path
     return files
 
@@ -489,24 +479,24 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
                 f"(pred {affine_text(pred_affine)} vs ref {affine_text(ref_affine)})"
             )
     if problems:
-        raise ValueError(
-            f"Expected each prediction to have the shape and affine of its reference (affine "
-            f"tolerance {AFFINE_ATOL_MM} mm + {AFFINE_RTOL} relative). Received {len(problems)} "
-            f"mismatching pair(s):\n" + "\n".join(problems)
-        )
+        raise ValueError(expected(
+            f"each prediction to have the shape and affine of its reference (affine tolerance "
+            f"{AFFINE_ATOL_MM} mm + {AFFINE_RTOL} relative)", key="pred_dir",
+            received=Received(f"{len(problems)} mismatching pair(s)"),
+        ) + "\n" + "\n".join(problems))
 
 
 def _as_label_map(array: np.ndarray, path) -> np.ndarray:
     array = squeeze_trailing(array)
     if array.ndim != 3:
-        raise ValueError(f"Expected a 3-D label map in {path}. Received: shape {array.shape}")
+        raise ValueError(expected("a 3-D label map", key="shape", received=array.shape, where=str(path)))
     if np.issubdtype(array.dtype, np.floating):
         rounded = np.rint(array)
         if not np.array_equal(rounded, array) or (rounded.size and rounded.min() < 0):
-            raise ValueError(
-                f"Expected whole non-negative label values in {path}. Received: dtype "
-                f"{array.dtype} with fractional or negative values (is this a probability map?)"
-            )
+            raise ValueError(expected(
+                "whole non-negative label values", key="dtype", where=str(path),
+                received=Received(f"{array.dtype} with fractional or negative values"), hint="Is this a probability map?",
+            ))
         array = rounded.astype(np.min_scalar_type(int(rounded.max(initial=0))))
     return array
 
