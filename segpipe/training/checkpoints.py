@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from segpipe.io import atomic_path, read_json, write_json, write_text
+from segpipe.errors import Received, expected
 from segpipe.runs.rundir import RunDir
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
@@ -53,20 +54,16 @@ def check_writable(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir).absolute()
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir():
-        raise StorageError(
-            f"output_dir: cannot create the run directory {run_dir}: {existing} is a file. "
-            f"Expected a writable directory. Received: {existing} (not a directory)"
-        )
+        raise StorageError(expected("a writable directory for the run", key="output_dir",
+                                    received=Received(f"{run_dir} (cannot be created: {existing} is a file)")))
     try:
         with tempfile.TemporaryFile(dir=existing) as probe:
             probe.write(b"segpipe")
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        raise StorageError(
-            f"output_dir: cannot write the run directory {run_dir}: {exc.strerror or exc}. "
-            f"Expected a writable directory. Received: {existing}"
-        ) from exc
+        raise StorageError(expected("a writable directory for the run", key="output_dir",
+                                    received=Received(f"{run_dir} (cannot write {existing}: {exc.strerror or exc})"))) from exc
     return existing
 
 
@@ -82,11 +79,11 @@ def check_free_space(run_dir: str | os.PathLike, model: keras.Model) -> None:
     required = CHECKPOINT_COPIES * checkpoint_bytes(model) + SPACE_MARGIN_BYTES
     free = shutil.disk_usage(folder).free
     if free < required:
-        raise StorageError(
-            f"output_dir: not enough free disk space for the checkpoints of {run_dir}. Expected at least "
-            f"{required / 2**20:.0f} MiB ({CHECKPOINT_COPIES} copies of weights + optimizer state). "
-            f"Received: {free / 2**20:.0f} MiB free on {folder}"
-        )
+        raise StorageError(expected(
+            f"at least {required / 2**20:.0f} MiB of free disk space for the checkpoints ({CHECKPOINT_COPIES} copies "
+            f"of weights + optimizer state)", key="output_dir",
+            received=Received(f"{run_dir} ({free / 2**20:.0f} MiB free on {folder})"),
+        ))
 
 
 @contextlib.contextmanager
@@ -100,10 +97,10 @@ def explain_storage_errors(path: Path) -> Iterator[None]:
         full = exc.errno in STORAGE_ERRNOS or "No space left" in str(exc)
         if not full:
             raise
-        raise StorageError(
-            f"Cannot write {path}: {exc.strerror or exc}. The last complete checkpoint is kept; free space "
-            "(or fix the folder) and continue with --resume."
-        ) from exc
+        raise StorageError(expected(
+            "space to write the checkpoint", key="output_dir", received=Received(f"{path} ({exc.strerror or exc})"),
+            hint="The last complete checkpoint is kept; free space (or fix the folder) and continue with --resume.",
+        )) from exc
 
 
 # ---------------------------------------------------------------- writing
@@ -206,9 +203,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.rows.append({"epoch": epoch + 1, **logs})
         value = logs.get(self.monitor)
         if value is None:
-            raise KeyError(
-                f"train.monitor: expected one of the logged values {sorted(logs)}. Received: {self.monitor!r}"
-            )
+            raise KeyError(expected(f"one of the logged values {sorted(logs)}", key="train.monitor", received=self.monitor))
         improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if improved and not math.isnan(value):
             self.best = value

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
 from segpipe.data.pipeline import open_dataset, prepare_data
 from segpipe.export.bundle import export_run
-from segpipe.errors import expected
+from segpipe.errors import Received, SettingError, expected
 from segpipe.runs.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ def build_loss(config: Config, num_classes: int):
 
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
+    except SettingError as exc:  # keyed by the loss option: add the section's path once
+        raise ConfigError(str(exc.with_prefix("loss."))) from exc
     except ValueError as exc:
         raise ConfigError(f"loss: {exc}") from exc
     if config.model.deep_supervision:
@@ -150,10 +152,10 @@ def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is
     if run.status() == "finished":
         return False
     if run.path.exists() and any(run.path.iterdir()) and not resume:
-        raise FileExistsError(
-            f"Run directory {run.path} holds an unfinished run. Use --resume to continue it, "
-            f"--overwrite to start again, or --set name=... for a new run."
-        )
+        raise FileExistsError(expected(
+            "a new or finished run directory", key="run_dir", received=Received(f"{run.path} (holds an unfinished run)"),
+            hint="Use --resume to continue it, --overwrite to start again, or --set name=... for a new run.",
+        ))
     if resume:
         check_resumed_config(run.path, config)
     return True
@@ -274,10 +276,11 @@ def check_resumed_config(run_dir: Path, config: Config) -> None:
     saved = run.config().to_dict()
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config.to_dict())]
     if changes:
-        raise ConfigError(
-            f"Cannot resume {run_dir}: expected the config it was started with ({run.config_yaml}). "
-            f"Received changes: {'; '.join(changes)}. Undo them, or use --overwrite to train it again with the new config"
-        )
+        raise ConfigError(expected(
+            f"the config the run was started with ({run.config_yaml}), to resume it", key="config",
+            received=Received(f"changes {'; '.join(changes)}"), where=str(run_dir),
+            hint="Undo them, or use --overwrite to train it again with the new config.",
+        ))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
