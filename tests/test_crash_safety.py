@@ -12,7 +12,7 @@ import pytest
 
 import train
 from segpipe.runs.rundir import find_last_checkpoint
-from segpipe.training.checkpoints import (RunCheckpoint, StorageError, check_free_space, read_state,
+from segpipe.training.checkpoints import (CHECKPOINT_COPIES, RunCheckpoint, StorageError, check_free_space, read_state,
                                  save_checkpoint)
 from process_helpers import (TRAIN, assert_same_history, checkpoint_state, read_history, running, shared_cache_dir,
                              start, wait_until)
@@ -151,5 +151,5 @@ def test_too_little_disk_space_fails_before_training(tiny_model, tmp_path, monke
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
-    with pytest.raises(StorageError, match=r"^Expected at least \d+ MiB of free disk space for the checkpoints \(3 copies .*\)\. Received: output_dir=.*/run \(1 MiB free on """):
+    with pytest.raises(StorageError, match=rf"^Expected at least \d+ MiB of free disk space for the checkpoints \({CHECKPOINT_COPIES} copies of weights \+ optimizer state\)\. Received: output_dir=.*/run \(1 MiB free on "):
         check_free_space(tmp_path / "run", tiny_model)
