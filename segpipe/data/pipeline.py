@@ -281,9 +281,8 @@ def read_split_file(path: str | os.PathLike) -> dict[str, Any]:
     for name in ("train", "val"):
         ids = stored.get(name) if isinstance(stored, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            got = stored.get(name) if isinstance(stored, dict) else None
-            shown = ("<missing>" if got is None else "a list with non-string items" if isinstance(got, list)
-                     else f"a {type(got).__name__}")
+            shown = ("<missing>" if ids is None else "a list with non-string items" if isinstance(ids, list)
+                     else f"a {type(ids).__name__}")
             raise ValueError(expected("a list of case ids", key=name, received=Received(shown), where=str(path)))
         parts[name] = list(ids)
     overlap = sorted(set(parts["train"]) & set(parts["val"]))
