@@ -18,7 +18,7 @@ import numpy as np
 
 from segpipe.data.augment import Augmenter, AugmentSettings
 from segpipe.data.sampling import PatchSampler, SamplingCase
-from segpipe.errors import Received, expected
+from segpipe.errors import expected
 
 if TYPE_CHECKING:
     import tensorflow as tf

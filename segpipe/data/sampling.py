@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import numpy as np
 
 from segpipe.data.spatial import extract_patch, warp
-from segpipe.errors import Received, expected
+from segpipe.errors import expected
 
 if TYPE_CHECKING:
     from segpipe.data.augment import Augmenter

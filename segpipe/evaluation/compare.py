@@ -28,6 +28,7 @@ import numpy as np
 
 from segpipe.io import json_safe, write_json, write_text
 from segpipe.errors import Received, expected
+from segpipe.io import atomic_path
 from segpipe.runs.rundir import RunDir
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
@@ -315,8 +316,6 @@ def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, st
 
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
-
-    from segpipe.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -27,10 +27,11 @@ import numpy as np
 
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
 from segpipe.errors import Received, expected
-from segpipe.parallel import parallel_map
 from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
+from segpipe.parallel import parallel_map
+from segpipe.runs.rundir import RunDir
 
 __all__ = [
     "CaseResult",
@@ -205,8 +206,6 @@ def evaluate_run(
     Imports TensorFlow (seconds), so only call it when a model must run.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
-    from segpipe.runs.rundir import RunDir
-
     run_dir = Path(run_dir)
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir

@@ -29,17 +29,13 @@ import keras
 import numpy as np
 
 from segpipe.io import atomic_path, read_json, write_json, write_text
-from segpipe.errors import Received, expected
+from segpipe.errors import Received, StorageError, expected
 from segpipe.runs.rundir import RunDir
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 CHECKPOINT_COPIES = 5  # last, last.tmp while swapping, best.keras (+ its temporary file), model.keras
 SPACE_MARGIN_BYTES = 16 * 2**20  # history, TensorBoard, state.json
-
-
-class StorageError(OSError):
-    """The run directory cannot be written (full disk, read-only, a file in the way); names the path."""
 
 
 # ---------------------------------------------------------------- early checks
