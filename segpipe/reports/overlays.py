@@ -234,15 +234,16 @@ def render_overlay(
         background = plane(image) if image is not None else np.zeros(plane(ref_mask).shape)
         ax.imshow(background, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest",
                   aspect=slice_aspect(spacing_mm, vertical_axis=vertical, horizontal_axis=horizontal))
-        for mask, color in ((ref_mask, REFERENCE_COLOR), (pred_mask, PREDICTION_COLOR)):
-            _contour(ax, plane(mask), color)
+        # The reference wider and underneath, so a perfect prediction still shows both colours.
+        _contour(ax, plane(ref_mask), REFERENCE_COLOR, linewidth=2.8)
+        _contour(ax, plane(pred_mask), PREDICTION_COLOR, linewidth=1.3)
         n_error = int(np.sum(ref_mask[_slice_of(axis, index)] ^ pred_mask[_slice_of(axis, index)]))
         ax.set_title(f"{names[axis]}, slice {index + 1}/{ref_mask.shape[axis]}\n{n_error} voxels wrong",
                      fontsize="small")
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Line2D([], [], color=REFERENCE_COLOR, linewidth=2, label="reference"),
-               Line2D([], [], color=PREDICTION_COLOR, linewidth=2, label="prediction")]
+    handles = [Line2D([], [], color=REFERENCE_COLOR, linewidth=2.8, label="reference"),
+               Line2D([], [], color=PREDICTION_COLOR, linewidth=1.3, label="prediction")]
     fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize="small")
     note = "" if image is not None else " (no image: contours on black)"
     fig.suptitle(caption + note, fontsize="medium")
@@ -310,14 +311,14 @@ def _slice_of(axis: int, index: int) -> tuple[slice | int, ...]:
     return tuple(index if b == axis else slice(None) for b in range(3))
 
 
-def _contour(ax, mask2d: np.ndarray, color: str) -> None:
+def _contour(ax, mask2d: np.ndarray, color: str, *, linewidth: float) -> None:
     if not mask2d.any():
         return
     # A zero border closes contours of masks that reach the edge of the view.
     padded = np.pad(mask2d.astype(np.float32), 1)
     rows, cols = padded.shape
     ax.contour(np.arange(-1, cols - 1), np.arange(-1, rows - 1), padded, levels=[0.5],
-               colors=[color], linewidths=1.6)
+               colors=[color], linewidths=linewidth)
 
 
 def _pyplot():
