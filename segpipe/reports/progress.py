@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 
 from segpipe.io import atomic_path
@@ -105,7 +106,7 @@ def progress_figure(
     epoch_seconds: Mapping[str, Sequence[float]] | None = None,
     title: str | None = None,
 ):
-    """The progress picture of ``history`` as a Matplotlib figure (close it after use).
+    """The progress picture of ``history`` as a Matplotlib figure (not registered with pyplot).
 
     Parameters
     ----------
@@ -123,12 +124,13 @@ def progress_figure(
     fig : matplotlib.figure.Figure
         Axes: loss, Dice, learning rate (and its twin, seconds per epoch).
     """
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # no pyplot: no global figure registry, no GUI backend
+
     if "epoch" not in history:
         raise ValueError(f"Expected an 'epoch' column in the history. Received: {sorted(history)}")
     epochs = np.asarray(history["epoch"], dtype=np.float64)
-    fig, (ax_loss, ax_dice, ax_lr) = plt.subplots(3, 1, figsize=(8.5, 9.5), sharex=True,
-                                                  gridspec_kw={"height_ratios": [1.0, 1.3, 0.8]})
+    fig = Figure(figsize=(8.5, 9.5))
+    ax_loss, ax_dice, ax_lr = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [1.0, 1.3, 0.8]})
     style = {"marker": "." if epochs.size <= 60 else None, "linewidth": 1.4}
 
     _plot_if(ax_loss, history, "loss", epochs, label="training", color="tab:blue", **style)
@@ -137,7 +139,7 @@ def progress_figure(
     ax_loss.set_title("Loss")
 
     classes = _dice_classes(history)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(classes):
         color = colors[i % len(colors)]
         _plot_if(ax_dice, history, f"val_dice_{name}", epochs, label=f"{name} (val)", color=color, **style)
@@ -190,7 +192,8 @@ def progress_figure(
         ax_lr.set_xlim(0.5, max(last, 1.0) + 0.5)
         ax_lr.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title or "Training progress", fontsize="large")
-    fig.tight_layout()
+    # Fixed margins: tight_layout would draw the figure twice (this runs after every epoch).
+    fig.subplots_adjust(left=0.1, right=0.9, bottom=0.06, top=0.93, hspace=0.28)
     return fig
 
 
@@ -227,22 +230,9 @@ def _plot_if(ax, history, key: str, epochs: np.ndarray, **kwargs) -> None:
         ax.plot(epochs, np.asarray(history[key], dtype=np.float64), **kwargs)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window (training runs on servers)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike, dpi: int = 90) -> None:
-    plt = _pyplot()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
+def _save(fig, path: str | os.PathLike, dpi: int = 80) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")  # a pyplot-free Figure renders with Agg
 
 
 def main(argv: list[str] | None = None) -> int:
