@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segpipe.evaluation import evaluate_folders
+from segpipe.evaluation.folders import evaluate_folders
 from segpipe.io import read_json, read_nifti, write_nifti
 from segpipe.reports.html import write_evaluation_report
 
