@@ -26,12 +26,9 @@ import matplotlib
 import numpy as np
 
 from segpipe.io import atomic_path
+from segpipe.runs.rundir import RunDir
 
-__all__ = ["read_history", "best_epoch", "progress_figure", "plot_progress", "write_progress_plot", "PROGRESS_FILE"]
-
-PROGRESS_FILE = "progress.png"
-HISTORY_FILE = "history.csv"
-EPOCH_TIMES_FILE = "epoch_times.csv"
+__all__ = ["read_history", "best_epoch", "progress_figure", "plot_progress", "write_progress_plot"]
 
 
 def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -199,13 +196,11 @@ def progress_figure(
 
 def write_progress_plot(run_dir: str | os.PathLike, *, monitor: str = "val_dice_fg_mean") -> Path:
     """Redraw ``RUN_DIR/progress.png`` from ``history.csv`` (and ``epoch_times.csv`` if present)."""
-    run_dir = Path(run_dir)
-    history = read_history(run_dir / HISTORY_FILE)
-    times_path = run_dir / EPOCH_TIMES_FILE
-    times = read_history(times_path) if times_path.is_file() else None
-    out = run_dir / PROGRESS_FILE
-    plot_progress(history, out, monitor=monitor, epoch_seconds=times, title=run_dir.name)
-    return out
+    run = RunDir(run_dir)
+    history = read_history(run.history_csv)
+    times = read_history(run.epoch_times_csv) if run.epoch_times_csv.is_file() else None
+    plot_progress(history, run.progress_png, monitor=monitor, epoch_seconds=times, title=run.path.name)
+    return run.progress_png
 
 
 def _dice_classes(history: Mapping[str, Sequence[float]]) -> list[str]:
