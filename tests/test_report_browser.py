@@ -7,6 +7,7 @@ console error. In CI (``CI`` set, as .ci/run is run) a missing browser is a fail
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy import ndimage
 
-from segpipe.evaluation.folders import evaluate_folders
+from segpipe.cli.evaluate import main as evaluate_main
 from segpipe.io import read_json, read_nifti, write_nifti
-from segpipe.reports.html import write_evaluation_report
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")  # Debian's chromium-driver; never a downloaded one
 
@@ -121,9 +122,10 @@ def evaluation(phantom_root, tmp_path_factory):
             pred[np.roll(label == 2, 2, axis=0) & (label == 0)] = 2  # lesion grown sideways
         write_nifti(pred_dir / path.name, pred, volume.affine)
     out = root / "evaluation"
-    evaluate_folders(pred_dir, phantom_root / "labelsTr", out, class_names={1: "organ", 2: "lesion"}, workers=1)
-    report = write_evaluation_report(out)
-    return out, report
+    # the command line, as a user runs it: folder mode, lesion-wise for the lesion label
+    assert evaluate_main(["--pred", str(pred_dir), "--ref", str(phantom_root / "labelsTr"), "--out", str(out),
+                          "--dataset-json", str(phantom_root), "--lesion-wise", "2", "--workers", "1"]) == 0
+    return out, out / "report.html"
 
 
 def test_report_renders_images_tables_and_no_console_errors(browser, evaluation):
@@ -169,6 +171,18 @@ def test_report_renders_images_tables_and_no_console_errors(browser, evaluation)
         value = float(row[cell["data"]["metric"]])
         _assert_shows(cell["text"], None if math.isnan(value) else value)
 
+    lesion = summary["lesion_wise"]["per_class"]["2"]
+    lesion_cells = 0
+    for cell in _cells(browser, "#lesions td[data-metric]"):
+        if cell["text"] != "n/a" and cell["data"]["metric"] in lesion and not isinstance(lesion[cell["data"]["metric"]], dict):
+            _assert_shows(cell["text"], lesion[cell["data"]["metric"]])
+            lesion_cells += 1
+    for span in _cells(browser, "#lesions span[data-stat]"):
+        _assert_shows(span["text"], lesion[span["data"]["metric"]][span["data"]["stat"]])
+        lesion_cells += 1
+    assert lesion_cells == 9 + 2 * 3  # n_cases, 5 counts, 3 pooled ratios; Dice and F1 mean/std/median
+    assert lesion["lesion_fn"] >= 1  # the missed lesion of the first case
+
     captions = _cells(browser, "figcaption")
     assert all("Dice" in c["text"] and "HD95" in c["text"] for c in captions)
     roles = {(c["data"]["class"], c["data"]["role"]) for c in _cells(browser, "figure")}
@@ -184,3 +198,42 @@ def test_the_browser_check_catches_broken_images_and_script_errors(browser, tmp_
     assert _images(browser)[0]["width"] == 0
     messages = " ".join(m["message"] for m in log if m["level"] == "SEVERE")
     assert "missing.png" in messages and "boom" in messages
+
+
+def _run(root: Path, name: str, dice: list[float], hd95: list[float]) -> None:
+    """A run folder as training and evaluation leave it (per_case.csv of class 1, a short history)."""
+    run = root / name
+    (run / "evaluation").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": name, "data": {"root": "data/x", "fold": None}}))
+    cases = [f"case_{i}" for i in range(len(dice))]
+    (run / "splits.json").write_text(json.dumps({"train": ["t0"], "val": cases}))
+    lines = ["case,class,class_name,dice,iou,hd95,assd,nsd,empty,image_diagonal_mm"]
+    lines += [f"{c},1,organ,{d},{d / (2 - d)},{h},{h / 2},{d},False,50.0" for c, d, h in zip(cases, dice, hd95)]
+    (run / "evaluation" / "per_case.csv").write_text("\n".join(lines) + "\n")
+    (run / "history.csv").write_text("epoch,loss,val_loss,val_dice_organ\n1,0.5,0.6,0.7\n2,0.4,0.5,0.8\n")
+
+
+def test_comparison_report_renders_plots_and_the_numbers_of_comparison_json(browser, tmp_path):
+    exp = tmp_path / "exp"
+    _run(exp, "dice", [0.5, 0.55, 0.6, 0.52, 0.58, 0.61], [4.0] * 6)
+    _run(exp, "tversky", [0.6, 0.7, 0.8, 0.9, 0.65, 0.95], [3.0] * 5 + [float("nan")])
+    assert evaluate_main(["--compare", str(exp)]) == 0
+    out = exp / "comparison"
+    log = _open(browser, out / "report.html")
+    assert [m for m in log if m["level"] in ("SEVERE", "WARNING")] == []
+    images = _images(browser)
+    assert len(images) == 3 and all(i["width"] > 0 for i in images), images  # 2 box plots, training curves
+
+    result = read_json(out / "comparison.json")
+    spans = _cells(browser, "table.comparison span[data-stat]")
+    assert len(spans) == len(result["summary"]) * 3  # mean, std, median of every (config, class, metric)
+    for span in spans:
+        data = span["data"]
+        (entry,) = [s for s in result["summary"] if s["config"] == data["config"] and str(s["class"]) == data["class"]
+                    and s["metric"] == data["metric"]]
+        _assert_shows(span["text"], entry[data["stat"]])
+    p_cells = _cells(browser, "#tests td[data-stat]")
+    assert len(p_cells) == 2 * len(result["tests"])
+    for cell in p_cells:
+        (test,) = [t for t in result["tests"] if t["metric"] == cell["data"]["metric"]]
+        assert float(cell["text"]) == pytest.approx(test[cell["data"]["stat"]], rel=1e-3)

@@ -13,13 +13,16 @@ EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, p
 
 Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--dataset-json PATH]
                                  [--out DIR] [--tolerance-mm X | LABEL=X ...] [--workers N]
+                                 [--lesion-wise LABEL ... [--lesion-min-size-mm3 X]] [--images DIR] [--no-report]
 Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
 Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
-              Wilcoxon tests with Holm correction, box plots, training curves, report.md)
+              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html)
 
-Writes per_case.csv and summary.json into --out (default: PRED/evaluation, or RUN_DIR/evaluation)
-and prints the summary as a Markdown table. Metric definitions: README.md, "Evaluation".
+Writes per_case.csv, summary.json, report.html and overlays/ (best, median and worst case per
+class as slice overlays) into --out (default: PRED/evaluation, or RUN_DIR/evaluation), with
+--lesion-wise also lesions.csv, and prints the summary as a Markdown table. Metric definitions:
+README.md, "Evaluation"; the report and lesion-wise metrics: docs/reports.md.
 """
 
 
@@ -49,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
                         help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
+    parser.add_argument("--lesion-wise", type=int, nargs="+", metavar="LABEL",
+                        help="also score these labels lesion by lesion (connected components: detection "
+                             "TP/FP/FN, precision/recall/F1, BraTS 2023 lesion-wise Dice; lesions.csv)")
+    parser.add_argument("--lesion-min-size-mm3", type=float, default=0.0, metavar="X",
+                        help="with --lesion-wise: smaller components are not lesions (default 0)")
+    parser.add_argument("--images", type=Path, metavar="DIR",
+                        help="scans drawn under the report's overlays (CASE_0000.nii.gz or CASE.nii.gz; "
+                             "default: the images* folder beside the references' labels* folder)")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html and overlays/")
     args = parser.parse_args(argv)
     if args.compare:
         if args.run_dir is not None or args.pred or args.ref:
@@ -61,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give RUN_DIR, or both --pred and --ref")
     if args.model and args.run_dir is None:
         parser.error("--model chooses the model of RUN_DIR (run mode)")
+    if args.lesion_min_size_mm3 and not args.lesion_wise:
+        parser.error("--lesion-min-size-mm3 needs --lesion-wise LABEL ...")
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
     except ValueError as exc:
         parser.error(str(exc))
 
-    from segpipe.evaluation.folders import evaluate_folders, format_summary_markdown
+    from segpipe.evaluation.folders import evaluate_folders, format_lesion_markdown, format_summary_markdown
 
     labels, class_names = args.labels, None
+    options = dict(tolerance_mm=tolerance_mm, workers=args.workers, lesion_labels=args.lesion_wise,
+                   lesion_min_size_mm3=args.lesion_min_size_mm3, report=not args.no_report, image_dir=args.images)
     try:
         if args.dataset_json is not None:
             from segpipe.data.layouts import load_dataset
@@ -82,21 +98,21 @@ def main(argv: list[str] | None = None) -> int:
             from segpipe.evaluation.folders import evaluate_run
 
             summary, out_dir = evaluate_run(
-                args.run_dir, args.out,
-                labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
-                model=args.model,
+                args.run_dir, args.out, labels=labels, class_names=class_names, model=args.model, **options,
             )
         else:
             out_dir = args.out or args.pred / "evaluation"
-            summary = evaluate_folders(
-                args.pred, args.ref, out_dir,
-                labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
-            )
+            summary = evaluate_folders(args.pred, args.ref, out_dir, labels=labels, class_names=class_names, **options)
     except (FileNotFoundError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))
-    print(f"\nWrote {out_dir / 'per_case.csv'} and {out_dir / 'summary.json'}")
+    if "lesion_wise" in summary:
+        print()
+        print(format_lesion_markdown(summary["lesion_wise"]))
+    written = ["per_case.csv", "summary.json", *(["lesions.csv"] if args.lesion_wise else []),
+               *([] if args.no_report else ["report.html", "overlays/"])]
+    print(f"\nWrote {', '.join(str(out_dir / name) for name in written)}")
     return 0
 
 
@@ -133,7 +149,7 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(result["markdown"])
-    print(f"Wrote {out_dir}/report.md, comparison.csv, comparison.json and plots")
+    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json and plots")
     return 0
 
 

@@ -7,7 +7,10 @@ has the same shape and affine, scores all cases in parallel with
 - ``per_case.csv``: one row per (case, class) with every metric and the case's image diagonal;
 - ``summary.json``: per class the mean, std and median of each metric, the counts of missed and
   spurious structures, distance statistics with NaN replaced by the worst value, and the
-  foreground mean over classes (see :func:`summarize`).
+  foreground mean over classes (see :func:`summarize`);
+- with ``lesion_labels``: ``lesions.csv`` (lesion-wise metrics per case and class,
+  :mod:`segpipe.metrics.lesions`) and their summary under ``summary.json["lesion_wise"]``;
+- ``report.html`` and ``overlays/*.png`` (:func:`segpipe.reports.html.write_evaluation_report`).
 
 :func:`format_summary_markdown` turns the summary into the table the CLI prints.
 """
@@ -18,7 +21,7 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -27,8 +30,12 @@ import numpy as np
 
 from segpipe.parallel import parallel_map
 from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix, write_json, write_text
+from segpipe.metrics.lesions import (
+    LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
+)
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
+from segpipe.reports.html import write_evaluation_report
 
 __all__ = [
     "CaseResult",
@@ -36,6 +43,7 @@ __all__ = [
     "evaluate_folders",
     "summarize",
     "format_summary_markdown",
+    "format_lesion_markdown",
     "SUMMARY_METRICS",
     "DISTANCE_METRICS",
 ]
@@ -63,13 +71,15 @@ WORST_VALUE_DEFINITION = "image diagonal in mm: sqrt(sum((shape * spacing_mm) **
 
 @dataclass
 class CaseResult:
-    """Metrics of one case: ``metrics[label]`` is a row of :func:`case_metrics`."""
+    """Metrics of one case: ``metrics[label]`` is a row of :func:`case_metrics`, ``lesions[label]``
+    one of :func:`segpipe.metrics.lesions.lesion_metrics` (for the lesion-wise labels only)."""
 
     case_id: str
     metrics: dict[int, dict[str, Any]]
     n_voxels: int
     spacing_mm: tuple[float, ...]
     image_diagonal_mm: float
+    lesions: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def evaluate_case(
@@ -79,6 +89,8 @@ def evaluate_case(
     labels: Iterable[int] | None = None,
     tolerance_mm: float | Mapping[int, float] = 1.0,
     case_id: str | None = None,
+    lesion_labels: Iterable[int] = (),
+    lesion_min_size_mm3: float = 0.0,
 ) -> CaseResult:
     """Read one prediction/reference pair of NIfTI label maps and score it.
 
@@ -93,6 +105,10 @@ def evaluate_case(
         NSD tolerance in mm, for all classes or per label. Defaults to 1 mm.
     case_id : str, optional
         Name of the case. Defaults to the reference file name without its NIfTI suffix.
+    lesion_labels : iterable of int, optional
+        Labels also scored lesion by lesion (:func:`segpipe.metrics.lesions.case_lesion_metrics`).
+    lesion_min_size_mm3 : float, optional
+        Smaller connected components are not lesions (reference and prediction). Defaults to 0.
 
     Returns
     -------
@@ -112,6 +128,8 @@ def evaluate_case(
     metrics = case_metrics(
         pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
     )
+    lesions = case_lesion_metrics(pred, ref, labels=lesion_labels, spacing_mm=spacing_mm,
+                                  min_size_mm3=lesion_min_size_mm3)
     extent_mm = np.asarray(ref.shape, dtype=np.float64) * np.asarray(spacing_mm)
     return CaseResult(
         case_id=case_id or strip_nifti_suffix(Path(ref_path).name),
@@ -119,6 +137,7 @@ def evaluate_case(
         n_voxels=int(ref.size),
         spacing_mm=tuple(spacing_mm),
         image_diagonal_mm=float(np.sqrt(np.sum(extent_mm**2))),
+        lesions=lesions,
     )
 
 
@@ -131,6 +150,10 @@ def evaluate_folders(
     class_names: Sequence[str] | Mapping[int, str] | None = None,
     tolerance_mm: float | Mapping[int, float] = 1.0,
     workers: int | None = None,
+    lesion_labels: Iterable[int] | None = None,
+    lesion_min_size_mm3: float = 0.0,
+    report: bool = True,
+    image_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
 
@@ -152,11 +175,22 @@ def evaluate_folders(
     workers : int, optional
         Parallel processes. Defaults to the CPU cores available to this process; 1 runs in
         this process.
+    lesion_labels : iterable of int, optional
+        Labels also scored lesion by lesion (connected components; ``lesions.csv`` and
+        ``summary["lesion_wise"]``, see :mod:`segpipe.metrics.lesions`).
+    lesion_min_size_mm3 : float, optional
+        Minimum lesion volume in mm³ (smaller components are dropped from both masks). Default 0.
+    report : bool, optional
+        Also write ``report.html`` and ``overlays/`` (default). Needs the label maps only; the scans
+        come from ``image_dir`` or the ``images*`` folder beside the references.
+    image_dir : path-like, optional
+        Scans drawn under the overlays (see :func:`segpipe.reports.html.write_evaluation_report`).
 
     Returns
     -------
     summary : dict
-        What :func:`summarize` returns (also written to ``summary.json``).
+        What :func:`summarize` returns (also written to ``summary.json``), plus ``lesion_wise``
+        when ``lesion_labels`` are given.
 
     Raises
     ------
@@ -192,6 +226,9 @@ def evaluate_folders(
             stacklevel=2,
         )
     case_ids = sorted(refs)
+    lesion_labels = _check_lesion_options(lesion_labels, lesion_min_size_mm3)
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise FileNotFoundError(f"Expected image_dir to be a folder of scans. Received: {image_dir} (no such folder)")
     _check_geometry({c: (preds[c], refs[c]) for c in case_ids})
     if labels is not None:
         labels = sorted({int(v) for v in labels})
@@ -201,6 +238,8 @@ def evaluate_folders(
         labels=labels,
         tolerance_mm=tolerance_mm,
         workers=workers,
+        lesion_labels=lesion_labels,
+        lesion_min_size_mm3=lesion_min_size_mm3,
     )
 
     if labels is None:
@@ -222,7 +261,23 @@ def evaluate_folders(
     summary["tolerance_mm"] = {str(c): _tolerance(tolerance_mm, c) for c in labels}
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
     write_text(out_dir / "per_case.csv", _to_csv(rows))
+    if lesion_labels:
+        lesion_rows = [
+            {"case": r.case_id, "class": c, "class_name": _class_name(class_names, c), **r.lesions[c]}
+            for r in results for c in lesion_labels
+        ]
+        summary["lesion_wise"] = {
+            "labels": lesion_labels,
+            "min_size_mm3": float(lesion_min_size_mm3),
+            "class_names": {str(c): _class_name(class_names, c) for c in lesion_labels},
+            "definitions": {"lesion": LESION_DEFINITION, "lesion_dice": LESION_DICE_DEFINITION,
+                            "pooled": "precision/recall/F1 of the counts summed over cases"},
+            "per_class": summarize_lesions(lesion_rows, labels=lesion_labels),
+        }
+        write_text(out_dir / "lesions.csv", _to_csv(lesion_rows, ["case", "class", "class_name", *LESION_METRIC_NAMES]))
     write_json(out_dir / "summary.json", _json_safe(summary))
+    if report:
+        write_evaluation_report(out_dir, pred_dir=pred_dir, ref_dir=ref_dir, image_dir=image_dir)
     return summary
 
 
@@ -235,12 +290,18 @@ def evaluate_run(
     tolerance_mm: float | Mapping[int, float] = 1.0,
     workers: int | None = None,
     model: str | None = None,
+    lesion_labels: Iterable[int] | None = None,
+    lesion_min_size_mm3: float = 0.0,
+    report: bool = True,
+    image_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Predict a trained run's validation cases and score them; returns (summary, output folder).
 
     Predictions go to ``RUN_DIR/predictions``, scores to ``out_dir`` (default ``RUN_DIR/evaluation``).
-    ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one).
-    Imports TensorFlow (seconds), so only call it when a model must run.
+    ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one). The other
+    options are those of :func:`evaluate_folders` (the report finds the scans beside the dataset's
+    label maps, which the references link to). Imports TensorFlow (seconds), so only call it when a
+    model must run.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
     from segpipe.runs.rundir import RunDir
@@ -252,7 +313,8 @@ def evaluate_run(
         pred_dir, ref_dir, out,
         labels=labels if labels is not None else run_labels,
         class_names=class_names if class_names is not None else run_names,
-        tolerance_mm=tolerance_mm, workers=workers,
+        tolerance_mm=tolerance_mm, workers=workers, lesion_labels=lesion_labels,
+        lesion_min_size_mm3=lesion_min_size_mm3, report=report, image_dir=image_dir,
     )
     return summary, out
 
@@ -398,15 +460,31 @@ def format_summary_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_lesion_markdown(lesion_wise: Mapping[str, Any]) -> str:
+    """A Markdown table of ``summary["lesion_wise"]``: lesion-wise Dice and detection per class."""
+    lines = ["| class | name | lesion Dice | lesion F1 | ref lesions | TP | FN | FP | precision | recall |",
+             "|" + "---|" * 10]
+    for value, entry in lesion_wise["per_class"].items():
+        cells = [value, lesion_wise["class_names"].get(value, value),
+                 _mean_std(entry["lesion_dice"], 4), _mean_std(entry["lesion_f1"], 4),
+                 *(str(entry[k]) for k in ("n_ref_lesions", "lesion_tp", "lesion_fn", "lesion_fp")),
+                 _number(entry["pooled_precision"], 4), _number(entry["pooled_recall"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Lesions: {LESION_DEFINITION} (min_size_mm3={lesion_wise['min_size_mm3']:g}). "
+              "Lesion Dice: BraTS 2023 (false positives count 0); precision/recall pooled over all cases."]
+    return "\n".join(lines)
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
 def _score_job(job: tuple) -> CaseResult:
     """Worker entry point: evaluate_case with the case named in any error."""
-    case_id, pred_path, ref_path, labels, tolerance_mm = job
+    case_id, pred_path, ref_path, labels, tolerance_mm, lesion_labels, lesion_min_size_mm3 = job
     try:
         return evaluate_case(
-            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id
+            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id,
+            lesion_labels=lesion_labels, lesion_min_size_mm3=lesion_min_size_mm3,
         )
     except Exception as exc:
         # Exceptions cross the process boundary without their traceback: name the case here.
@@ -418,9 +496,9 @@ def _score_job(job: tuple) -> CaseResult:
         raise wrapped from exc
 
 
-def _run_cases(jobs, *, labels, tolerance_mm, workers) -> list[CaseResult]:
-    results = parallel_map(_score_job, [(*job, labels, tolerance_mm) for job in jobs], workers=workers,
-                           progress=True, desc="Evaluating")
+def _run_cases(jobs, *, labels, tolerance_mm, workers, lesion_labels=(), lesion_min_size_mm3=0.0) -> list[CaseResult]:
+    jobs = [(*job, labels, tolerance_mm, lesion_labels, lesion_min_size_mm3) for job in jobs]
+    results = parallel_map(_score_job, jobs, workers=workers, progress=True, desc="Evaluating")
     return sorted(results, key=lambda r: r.case_id)
 
 
@@ -445,6 +523,15 @@ def _rows(results: list[CaseResult], labels, class_names, tolerance_mm) -> list[
                 "image_diagonal_mm": result.image_diagonal_mm,
             })
     return rows
+
+
+def _check_lesion_options(lesion_labels: Iterable[int] | None, min_size_mm3: float) -> list[int]:
+    labels = sorted({int(v) for v in lesion_labels or ()})
+    if any(v <= 0 for v in labels):
+        raise ValueError(f"Expected lesion_labels > 0 (foreground labels). Received: lesion_labels={labels}")
+    if not (math.isfinite(min_size_mm3) and min_size_mm3 >= 0):
+        raise ValueError(f"Expected lesion_min_size_mm3 >= 0. Received: lesion_min_size_mm3={min_size_mm3}")
+    return labels
 
 
 def _list_label_files(folder: Path, argument: str) -> dict[str, Path]:
@@ -554,8 +641,8 @@ def _tolerance(tolerance_mm, value: int) -> float:
     return float(tolerance_mm)
 
 
-def _to_csv(rows: list[dict[str, Any]]) -> str:
-    columns = ["case", "class", "class_name", *METRIC_NAMES, "image_diagonal_mm"]
+def _to_csv(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = columns or ["case", "class", "class_name", *METRIC_NAMES, "image_diagonal_mm"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

@@ -215,8 +215,10 @@ def write_evaluation_report(
         Label-map folders. Default: the ``pred_dir`` / ``ref_dir`` recorded in ``summary.json``.
     image_dir : path-like, optional
         Folder of the scans (``CASE_0000.nii.gz`` or ``CASE.nii.gz``; the first channel is drawn).
-        Default: the ``images*`` sibling of a ``labels*`` reference folder (MSD layout), if any;
-        without images the contours are drawn on black.
+        Default: the ``images*`` folder beside the ``labels*`` folder of each reference file (or of
+        the file a reference links to: ``evaluate.py RUN_DIR`` links the dataset's label maps), as
+        in the MSD, nnU-Net and ``images/``+``labels/`` layouts. Without a scan the contours are
+        drawn on black.
     title : str, optional
         Page title. Default: ``Evaluation of <pred_dir>``.
     margin_mm : float or None, optional
@@ -239,31 +241,31 @@ def write_evaluation_report(
             raise FileNotFoundError(
                 f"Expected the {name} of the evaluation in {eval_dir} to be a folder. Received: {folder}"
             )
-    if image_dir is None:
-        image_dir = _sibling_image_dir(ref_dir)
-    elif not Path(image_dir).is_dir():
+    if image_dir is not None and not Path(image_dir).is_dir():
         raise FileNotFoundError(f"Expected image_dir to be a folder of scans. Received: {image_dir}")
-    notes = [f"Predictions {pred_dir}, references {ref_dir}, {summary.get('n_cases')} cases.",
-             f"Images: {image_dir}" if image_dir is not None else
-             "Images: none found (pass image_dir / --images); contours are drawn on black."]
 
-    overlays = []
+    overlays, image_folders, without_image = [], set(), []
     class_names = summary.get("class_names", {})
     out_dir = eval_dir / OVERLAY_DIR
     for label in summary.get("labels", []):
         name = class_names.get(str(label), f"class_{label}")
         for role, row in choose_cases(rows, label):
             case = str(row["case"])
-            ref_vol = read_nifti(_label_file(ref_dir, case))
+            ref_file = _label_file(ref_dir, case)
+            ref_vol = read_nifti(ref_file)
             pred_vol = read_nifti(_label_file(pred_dir, case))
             image = None
-            image_path = find_image(image_dir, case) if image_dir is not None else None
+            image_path = _image_of(case, ref_file, image_dir)
             if image_path is not None:
                 image = read_nifti(image_path).array
                 if image.ndim == 4:
                     image = image[..., 0]
                 if image.shape != _spatial(ref_vol.array).shape:
                     image = None  # a scan of another geometry cannot sit under these contours
+            if image is None:
+                without_image.append(case)
+            else:
+                image_folders.add(str(image_path.parent))
             caption = (f"{case}, {name} ({role}): Dice {_number(row['dice'], 'dice')}, "
                        f"HD95 {_hd95_text(row.get('hd95'))}")
             png = render_overlay(image, _spatial(ref_vol.array) == label, _spatial(pred_vol.array) == label,
@@ -273,6 +275,12 @@ def write_evaluation_report(
             _write_bytes(out_dir / file, png)
             overlays.append({"label": label, "class_name": name, "role": role, "case": case,
                              "dice": row["dice"], "hd95": row.get("hd95"), "png": png, "file": file})
+    notes = [f"Predictions {pred_dir}, references {ref_dir}, {summary.get('n_cases')} cases."]
+    if image_folders:
+        notes.append(f"Scans from {', '.join(sorted(image_folders))}.")
+    if without_image:
+        notes.append(f"No scan of the label map's shape found for {', '.join(sorted(set(without_image)))} "
+                     "(pass image_dir / --images): those contours are drawn on black.")
     text = evaluation_report_html(summary, rows, overlays, lesion_rows=lesion_rows,
                                   title=title or f"Evaluation of {pred_dir}", notes=notes)
     path = eval_dir / REPORT_FILE
@@ -364,6 +372,18 @@ def _hd95_text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a (a mask is empty)"
     return f"{float(value):.2f} mm"
+
+
+def _image_of(case: str, ref_file: Path, image_dir: str | os.PathLike | None) -> Path | None:
+    """The scan of ``case``: in ``image_dir``, else beside the label folder of ``ref_file`` or of its link target."""
+    if image_dir is not None:
+        return find_image(image_dir, case)
+    for folder in dict.fromkeys((ref_file.parent, ref_file.resolve().parent)):
+        images = _sibling_image_dir(folder)
+        found = find_image(images, case) if images is not None else None
+        if found is not None:
+            return found
+    return None
 
 
 def _sibling_image_dir(ref_dir: Path) -> Path | None:
