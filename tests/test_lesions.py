@@ -225,3 +225,46 @@ def test_module_does_not_import_tensorflow():
     code = "import sys, segpipe.metrics.lesions; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- through evaluate_folders
+
+
+def test_evaluate_folders_writes_lesion_rows_and_summary(tmp_path):
+    from segpipe.evaluation.folders import evaluate_folders
+    from segpipe.io import read_json, write_nifti
+    from segpipe.reports.html import read_rows
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])  # 2 mm³ voxels
+    ref_a = np.zeros((16, 16, 16), np.uint8)
+    ref_a[2:6, 2:6, 2:6] = 1  # one lesion, split in two by the prediction
+    pred_a = np.zeros_like(ref_a)
+    pred_a[2:6, 2:6, 2:3] = 1
+    pred_a[2:6, 2:6, 4:6] = 1
+    ref_b = np.zeros_like(ref_a)
+    ref_b[2:5, 2:5, 2:5] = 1
+    pred_b = ref_b.copy()
+    pred_b[10:12, 10:12, 10:12] = 1  # a spurious component of 8 voxels = 16 mm³
+    pred_b[14, 14, 14] = 1  # a 2 mm³ speck, below the minimum size
+    for case, ref, pred in (("a", ref_a, pred_a), ("b", ref_b, pred_b)):
+        write_nifti(tmp_path / "ref" / f"{case}.nii.gz", ref, affine)
+        write_nifti(tmp_path / "pred" / f"{case}.nii.gz", pred, affine)
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", workers=1,
+                               lesion_labels=[1], lesion_min_size_mm3=4.0, report=False)
+    rows = {r["case"]: r for r in read_rows(tmp_path / "eval" / "lesions.csv")}
+    assert rows["a"]["lesion_dice"] == pytest.approx(6 / 7) and rows["a"]["n_pred_lesions"] == 2
+    assert rows["b"]["lesion_dice"] == pytest.approx(0.5) and rows["b"]["lesion_fp"] == 1  # the speck is ignored
+    lesion = summary["lesion_wise"]
+    assert lesion == read_json(tmp_path / "eval" / "summary.json")["lesion_wise"]
+    entry = lesion["per_class"]["1"]
+    assert entry["lesion_dice"]["mean"] == pytest.approx((6 / 7 + 0.5) / 2)
+    # pooled: 2 reference lesions both found; 4 predicted components, 1 false positive
+    assert (entry["n_ref_lesions"], entry["n_pred_lesions"], entry["lesion_tp"], entry["lesion_fp"]) == (2, 4, 2, 1)
+    assert entry["pooled_precision"] == pytest.approx(3 / 4) and entry["pooled_recall"] == 1.0
+    assert lesion["min_size_mm3"] == 4.0 and not (tmp_path / "eval" / "report.html").exists()
+
+    with pytest.raises(ValueError, match="lesion_labels > 0"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", lesion_labels=[0], report=False)
+    with pytest.raises(ValueError, match="lesion_min_size_mm3"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", lesion_labels=[1],
+                         lesion_min_size_mm3=-1.0, report=False)

@@ -318,3 +318,23 @@ def test_reports_do_not_import_tensorflow():
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_report_finds_scans_beside_the_label_folder_a_reference_links_to(phantom_root, tmp_path):
+    """Run mode links the dataset's label maps into evaluation/references; the scans are found through the links."""
+    from segpipe.evaluation.folders import evaluate_folders
+
+    refs, preds = tmp_path / "references", tmp_path / "preds"
+    refs.mkdir()
+    preds.mkdir()
+    for path in sorted((phantom_root / "labelsTr").glob("*.nii.gz"))[:3]:
+        (refs / path.name).symlink_to(path)
+        (preds / path.name).symlink_to(path)  # a perfect "prediction"
+    evaluate_folders(preds, refs, tmp_path / "eval", workers=1)
+    text = (tmp_path / "eval" / "report.html").read_text()
+    assert f"Scans from {phantom_root / 'imagesTr'}" in text and "drawn on black" not in text
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 6  # best/median/worst x 2 classes
+
+    (tmp_path / "eval2").mkdir()
+    evaluate_folders(preds, refs, tmp_path / "eval2", workers=1, image_dir=tmp_path / "eval2")  # no scans there
+    assert "drawn on black" in (tmp_path / "eval2" / "report.html").read_text()
