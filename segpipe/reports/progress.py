@@ -199,7 +199,8 @@ def write_progress_plot(run_dir: str | os.PathLike, *, monitor: str = "val_dice_
     run = RunDir(run_dir)
     history = read_history(run.history_csv)
     times = read_history(run.epoch_times_csv) if run.epoch_times_csv.is_file() else None
-    plot_progress(history, run.progress_png, monitor=monitor, epoch_seconds=times, title=run.path.name)
+    plot_progress(history, run.progress_png, monitor=monitor, epoch_seconds=times,
+                  title=f"{run.path.name}: training progress")
     return run.progress_png
 
 
