@@ -22,13 +22,11 @@ Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--refer
 Writes per_case.csv, summary.json, report.html and overlays/ (best, median and worst case per
 class as slice overlays) into --out (default: PRED/evaluation, or RUN_DIR/evaluation), with
 --lesion-wise also lesions.csv, and prints the summary as a Markdown table. Metric definitions:
-README.md, "Evaluation"; the report and lesion-wise metrics: docs/reports.md.
+docs/evaluation.md; the report and lesion-wise metrics: docs/reports.md.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``evaluate.py``: parse ``argv`` (default: the command line), evaluate, print the table; return 0 or 1."""
-    prog = prog_name("evaluate")
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=EVALUATE_HELP.split("\n\n")[0],
@@ -61,12 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="scans drawn under the report's overlays (CASE_0000.nii.gz or CASE.nii.gz; "
                              "default: the images* folder beside the references' labels* folder)")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html and overlays/")
-    args = parser.parse_args(argv)
-    if args.compare:
-        if args.run_dir is not None or args.pred or args.ref:
-            parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
-        return _compare(args, prog)
+    return parser
 
+
+def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of run mode (RUN_DIR) and folder mode (--pred and --ref); exits with usage otherwise."""
     if args.run_dir is not None and (args.pred or args.ref):
         parser.error("give either RUN_DIR or --pred and --ref, not both")
     if args.run_dir is None and not (args.pred and args.ref):
@@ -75,34 +72,45 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model chooses the model of RUN_DIR (run mode)")
     if args.lesion_min_size_mm3 and not args.lesion_wise:
         parser.error("--lesion-min-size-mm3 needs --lesion-wise LABEL ...")
+
+
+def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None]:
+    """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win)."""
+    if dataset_json is None:
+        return labels, None
+    from segpipe.data.layouts import load_dataset
+
+    dataset = load_dataset(dataset_json.parent if dataset_json.is_file() else dataset_json)
+    return (labels if labels is not None else sorted(v for v in dataset.labels if v != 0)), dataset.labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``evaluate.py``: parse ``argv`` (default: the command line), evaluate, print the table; return 0 or 1."""
+    prog = prog_name("evaluate")
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.compare:
+        if args.run_dir is not None or args.pred or args.ref:
+            parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
+        return _compare(args, prog)
+    _check_modes(parser, args)
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
     except ValueError as exc:
         parser.error(str(exc))
 
-    from segpipe.evaluation.folders import evaluate_folders, format_lesion_markdown, format_summary_markdown
+    from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
 
-    labels, class_names = args.labels, None
-    options = dict(tolerance_mm=tolerance_mm, workers=args.workers, lesion_labels=args.lesion_wise,
-                   lesion_min_size_mm3=args.lesion_min_size_mm3, report=not args.no_report, image_dir=args.images)
     try:
-        if args.dataset_json is not None:
-            from segpipe.data.layouts import load_dataset
-
-            root = args.dataset_json.parent if args.dataset_json.is_file() else args.dataset_json
-            dataset = load_dataset(root)
-            class_names = dataset.labels
-            if labels is None:
-                labels = sorted(v for v in dataset.labels if v != 0)
+        labels, class_names = _dataset_classes(args.dataset_json, args.labels)
+        options = dict(labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
+                       lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
+                       report=not args.no_report, image_dir=args.images)
         if args.run_dir is not None:
-            from segpipe.evaluation.folders import evaluate_run
-
-            summary, out_dir = evaluate_run(
-                args.run_dir, args.out, labels=labels, class_names=class_names, model=args.model, **options,
-            )
+            summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
         else:
             out_dir = args.out or args.pred / "evaluation"
-            summary = evaluate_folders(args.pred, args.ref, out_dir, labels=labels, class_names=class_names, **options)
+            summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
     except (FileNotFoundError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the label maps CASE.nii.gz")
     parser.add_argument("--format", choices=("keras", "savedmodel", "onnx"), default="keras", help="which model file to run (default keras)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz (X, Y, Z, C) float32")
-    parser.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the bundle's, 0.5)")
+    parser.add_argument("--overlap", type=float, help="window overlap in [0, 0.95] (default: the bundle's, 0.5)")
     mirror = parser.add_mutually_exclusive_group()
     mirror.add_argument("--mirror-axes", type=int, nargs="+", choices=(0, 1, 2), metavar="AXIS",
                         help="axes mirrored for test-time augmentation (default: the bundle's, 0 1 2)")

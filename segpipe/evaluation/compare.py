@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.io import write_json, write_text
+from segpipe.io import json_safe, write_json, write_text
 from segpipe.reports.html import write_comparison_report
 from segpipe.runs.rundir import RunDir
 
@@ -341,7 +341,7 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
     writer.writeheader()
     writer.writerows({**row, "config": group.name} for group in groups for row in group.rows)
     write_text(out_dir / "comparison.csv", buffer.getvalue())
-    write_json(out_dir / "comparison.json", _nan_to_none(result))
+    write_json(out_dir / "comparison.json", json_safe(result))
 
     tables = markdown_tables(result, labels, class_names)
     runs = "\n".join(f"- `{g.name}`: " + ", ".join(f"`{d}`" for d in g.run_dirs) for g in groups)
@@ -358,13 +358,3 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
                             metrics=METRICS, lower_is_better=LOWER_IS_BETTER)
     result["markdown"] = tables
     return result
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value

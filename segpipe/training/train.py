@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
 from segpipe.data.pipeline import open_dataset, prepare_data
 from segpipe.export.bundle import export_run
+from segpipe.errors import expected
 from segpipe.runs.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -105,21 +106,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
 
     run = RunDir.of(config)
     run_dir = run.path
-    status = run.status()
-    if run_dir.exists() and overwrite:
-        if worker.is_chief:
-            shutil.rmtree(run_dir)
-        status = None
-    elif status == "finished":
+    if not _may_train(run, config, resume=resume, overwrite=overwrite, is_chief=worker.is_chief):
         print(f"Run {run_dir} has already finished; nothing to do (use --overwrite to train it again).")
         return run_dir
-    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(
-            f"Run directory {run_dir} holds an unfinished run. Use --resume to continue it, "
-            f"--overwrite to start again, or --set name=... for a new run."
-        )
-    elif resume:
-        check_resumed_config(run_dir, config)
     if worker.is_chief:  # the others write to a temporary folder
         check_writable(run_dir)
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
@@ -129,12 +118,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         strategy, worker, [state.get("epoch", 0), state.get("step", 0)], "checkpoint (epoch, step)")
 
     dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
-    check_patch_size(config.data.patch_size, config.model.depth)
-    build_loss(config, dataset.num_classes)  # a bad loss option fails here, not mid-training
-    check_inference_classes(config.inference, dataset.num_classes)  # used by the bundle at the end
-    if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
-        raise ConfigError('train.export_onnx: expected tf2onnx installed (pip install "segpipe[onnx]"). '
-                          "Received: true, tf2onnx not importable")
+    _check_before_data(config, dataset.num_classes)
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
@@ -154,6 +138,35 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     finally:
         distributed.remove_worker_dir(out_dir, worker)
     return run_dir
+
+
+def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is_chief: bool) -> bool:
+    """Whether to train into ``run``: False for a finished run (kept); an unfinished one needs
+    ``resume`` (with the config it was started with) or ``overwrite`` (the chief deletes it)."""
+    if run.path.exists() and overwrite:
+        if is_chief:
+            shutil.rmtree(run.path)
+        return True
+    if run.status() == "finished":
+        return False
+    if run.path.exists() and any(run.path.iterdir()) and not resume:
+        raise FileExistsError(
+            f"Run directory {run.path} holds an unfinished run. Use --resume to continue it, "
+            f"--overwrite to start again, or --set name=... for a new run."
+        )
+    if resume:
+        check_resumed_config(run.path, config)
+    return True
+
+
+def _check_before_data(config: Config, num_classes: int) -> None:
+    """What can fail from the config and the class count alone fails here, before any data is read."""
+    check_patch_size(config.data.patch_size, config.model.depth)
+    build_loss(config, num_classes)  # a bad loss option fails here, not mid-training
+    check_inference_classes(config.inference, num_classes)  # used by the bundle at the end
+    if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
+        raise ConfigError(expected('tf2onnx installed (pip install "segpipe[onnx]")', key="train.export_onnx",
+                                   received=True, hint="tf2onnx is not importable."))
 
 
 def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
