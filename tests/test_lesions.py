@@ -155,16 +155,22 @@ def test_case_lesion_metrics_per_label():
     assert set(out[1]) == set(LESION_METRIC_NAMES)
 
 
-def _reference_lesion_metrics(pred, ref):
-    """Lesion by lesion with explicit masks, as the BraTS code does (no dilation, no threshold)."""
+def _reference_lesion_metrics(pred, ref, dilation=0):
+    """Lesion by lesion with explicit masks, as the BraTS 2023 code does (no size threshold): reference
+    lesions merged when their dilations touch, each dilated on its own to find the touching components."""
     structure = np.ones((3, 3, 3), dtype=bool)
     ref_cc, n_ref = ndimage.label(ref, structure)
     pred_cc, n_pred = ndimage.label(pred, structure)
+    dilate = ndimage.generate_binary_structure(3, 2)
+    if dilation:
+        merged, n_ref = ndimage.label(ndimage.binary_dilation(ref, dilate, iterations=dilation), structure)
+        ref_cc = np.where(ref, merged, 0)
     dice_sum, matched = 0.0, set()
     tp = 0
     for i in range(1, n_ref + 1):
         lesion = ref_cc == i
-        touching = [j for j in np.unique(pred_cc[lesion]) if j != 0]
+        reach = ndimage.binary_dilation(lesion, dilate, iterations=dilation) if dilation else lesion
+        touching = [j for j in np.unique(pred_cc[reach]) if j != 0]
         matched.update(touching)
         union = np.isin(pred_cc, touching)
         dice_sum += 2.0 * np.sum(lesion & union, dtype=np.float64) / (lesion.sum() + union.sum())
@@ -175,22 +181,52 @@ def _reference_lesion_metrics(pred, ref):
             "n_ref_lesions": n_ref, "n_pred_lesions": n_pred}
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_matches_lesion_by_lesion_reference(seed):
+@pytest.mark.parametrize("dilation", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_lesion_by_lesion_reference(seed, dilation):
     rng = np.random.default_rng(seed)
-    shape = (20, 18, 16)
+    shape = (36, 34, 30)  # sparse blobs: dozens of lesions, misses, false positives, merges by dilation
 
     def blobs(threshold):
         field = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)
         return field > threshold * field.std()
 
-    ref = blobs(1.2)
-    pred = blobs(1.2) | (ref & (rng.random(shape) < 0.7))
-    ours = _metrics(pred, ref)
-    expected = _reference_lesion_metrics(pred, ref)
+    ref = blobs(2.2)
+    pred = blobs(2.2) | (ref & (rng.random(shape) < 0.7))
+    ours = lesion_metrics(match_lesions(pred, ref, spacing_mm=ISO, dilation_vox=dilation))
+    expected = _reference_lesion_metrics(pred, ref, dilation)
     assert expected["n_ref_lesions"] > 1 and expected["n_pred_lesions"] > 1  # a non-trivial case
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_dilation_merges_close_lesions_and_reaches_near_components():
+    ref = _empty()
+    ref[2:5, 2:5, 2:5] = True  # A: 27 voxels, x = 2..4
+    ref[7:10, 2:5, 2:5] = True  # B: 27 voxels, x = 7..9; the gap is x = 5, 6
+    pred = _empty()
+    pred[2:5, 2:5, 2:5] = True  # exactly A
+    # No dilation: two lesions, B missed: (1 + 0) / 2.
+    assert _metrics(pred, ref)["lesion_dice"] == 0.5
+    # One dilation step: A reaches x = 5, B reaches x = 6, the reaches touch: one lesion of 54 voxels,
+    # found by the component A: Dice 2 * 27 / (54 + 27) = 2/3, one TP, no FN.
+    m = lesion_metrics(match_lesions(pred, ref, spacing_mm=ISO, dilation_vox=1))
+    assert (m["n_ref_lesions"], m["lesion_tp"], m["lesion_fn"]) == (1, 1, 0)
+    assert m["lesion_dice"] == pytest.approx(2 / 3, abs=1e-12)
+
+    near = ref.copy()
+    near[7:10] = False  # only A
+    speck = near.copy()
+    speck[6, 3, 3] = True  # a predicted voxel two steps from A (x = 4 -> 6), not touching it
+    assert _metrics(speck, near)["lesion_fp"] == 1  # overlap: a false positive, Dice (1 + 0) / 2
+    one = lesion_metrics(match_lesions(speck, near, spacing_mm=ISO, dilation_vox=1))
+    assert one["lesion_fp"] == 1 and one["lesion_dice"] == 0.5  # x = 5 is the reach: still outside
+    two = lesion_metrics(match_lesions(speck, near, spacing_mm=ISO, dilation_vox=2))
+    # within reach: matched, and part of the union: Dice 2 * 27 / (27 + 28) = 54/55
+    assert two["lesion_fp"] == 0 and two["lesion_precision"] == 1.0
+    assert two["lesion_dice"] == pytest.approx(54 / 55, abs=1e-12)
+    with pytest.raises(ValueError, match="dilation_vox"):
+        match_lesions(speck, near, spacing_mm=ISO, dilation_vox=-1)
 
 
 def test_summary_pools_counts_and_averages_dice():
@@ -263,8 +299,23 @@ def test_evaluate_folders_writes_lesion_rows_and_summary(tmp_path):
     assert entry["pooled_precision"] == pytest.approx(3 / 4) and entry["pooled_recall"] == 1.0
     assert lesion["min_size_mm3"] == 4.0 and not (tmp_path / "eval" / "report.html").exists()
 
+    wide = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval_wide", workers=1, lesion_labels=[1],
+                            lesion_min_size_mm3=4.0, lesion_dilation_vox=9, report=False)["lesion_wise"]
+    # The spurious cube of case b is (6, 6, 6) voxels from the lesion's corner; an 18-neighbour step moves
+    # along at most two axes, so 9 steps (max 6 <= 9, sum 18 <= 2 * 9) reach it: matched, no false positive,
+    # and part of the union: Dice_b = 2 * 27 / (27 + 27 + 8) = 54/62.
+    assert wide["dilation_vox"] == 9 and wide["per_class"]["1"]["lesion_fp"] == 0
+    rows = {r["case"]: r for r in read_rows(tmp_path / "eval_wide" / "lesions.csv")}
+    assert rows["b"]["lesion_dice"] == pytest.approx(54 / 62)
+    eight = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval_8", workers=1, lesion_labels=[1],
+                             lesion_min_size_mm3=4.0, lesion_dilation_vox=8, report=False)["lesion_wise"]
+    assert eight["per_class"]["1"]["lesion_fp"] == 1  # 8 steps: sum 16 < 18, out of reach
+
     with pytest.raises(ValueError, match="lesion_labels > 0"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", lesion_labels=[0], report=False)
     with pytest.raises(ValueError, match="lesion_min_size_mm3"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", lesion_labels=[1],
                          lesion_min_size_mm3=-1.0, report=False)
+    with pytest.raises(ValueError, match="lesion_dilation_vox"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", lesion_labels=[1],
+                         lesion_dilation_vox=1.5, report=False)

@@ -13,7 +13,8 @@ EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, p
 
 Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--dataset-json PATH]
                                  [--out DIR] [--tolerance-mm X | LABEL=X ...] [--workers N]
-                                 [--lesion-wise LABEL ... [--lesion-min-size-mm3 X]] [--images DIR] [--no-report]
+                                 [--lesion-wise LABEL ... [--lesion-min-size-mm3 X] [--lesion-dilation-vox K]]
+                                 [--images DIR] [--no-report]
 Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
 Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
@@ -55,6 +56,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                              "TP/FP/FN, precision/recall/F1, BraTS 2023 lesion-wise Dice; lesions.csv)")
     parser.add_argument("--lesion-min-size-mm3", type=float, default=0.0, metavar="X",
                         help="with --lesion-wise: smaller components are not lesions (default 0)")
+    parser.add_argument("--lesion-dilation-vox", type=int, default=0, metavar="K",
+                        help="with --lesion-wise: match components within K voxels of a reference lesion "
+                             "(BraTS 2023 uses 1-3; default 0: by overlap)")
     parser.add_argument("--images", type=Path, metavar="DIR",
                         help="scans drawn under the report's overlays (CASE_0000.nii.gz or CASE.nii.gz; "
                              "default: the images* folder beside the references' labels* folder)")
@@ -70,8 +74,8 @@ def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("give RUN_DIR, or both --pred and --ref")
     if args.model and args.run_dir is None:
         parser.error("--model chooses the model of RUN_DIR (run mode)")
-    if args.lesion_min_size_mm3 and not args.lesion_wise:
-        parser.error("--lesion-min-size-mm3 needs --lesion-wise LABEL ...")
+    if (args.lesion_min_size_mm3 or args.lesion_dilation_vox) and not args.lesion_wise:
+        parser.error("--lesion-min-size-mm3 and --lesion-dilation-vox need --lesion-wise LABEL ...")
 
 
 def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None]:
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         labels, class_names = _dataset_classes(args.dataset_json, args.labels)
         options = dict(labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
                        lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
-                       report=not args.no_report, image_dir=args.images)
+                       lesion_dilation_vox=args.lesion_dilation_vox, report=not args.no_report,
+                       image_dir=args.images)
         if args.run_dir is not None:
             summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
         else:

@@ -92,6 +92,7 @@ def evaluate_case(
     case_id: str | None = None,
     lesion_labels: Iterable[int] = (),
     lesion_min_size_mm3: float = 0.0,
+    lesion_dilation_vox: int = 0,
 ) -> CaseResult:
     """Read one prediction/reference pair of NIfTI label maps and score it.
 
@@ -110,6 +111,8 @@ def evaluate_case(
         Labels also scored lesion by lesion (:func:`segpipe.metrics.lesions.case_lesion_metrics`).
     lesion_min_size_mm3 : float, optional
         Smaller connected components are not lesions (reference and prediction). Defaults to 0.
+    lesion_dilation_vox : int, optional
+        Matching reach of the reference lesions in voxels (BraTS 2023: 1-3). Defaults to 0 (overlap).
 
     Returns
     -------
@@ -130,7 +133,7 @@ def evaluate_case(
         pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
     )
     lesions = case_lesion_metrics(pred, ref, labels=lesion_labels, spacing_mm=spacing_mm,
-                                  min_size_mm3=lesion_min_size_mm3)
+                                  min_size_mm3=lesion_min_size_mm3, dilation_vox=lesion_dilation_vox)
     extent_mm = np.asarray(ref.shape, dtype=np.float64) * np.asarray(spacing_mm)
     return CaseResult(
         case_id=case_id or strip_nifti_suffix(Path(ref_path).name),
@@ -153,6 +156,7 @@ def evaluate_folders(
     workers: int | None = None,
     lesion_labels: Iterable[int] | None = None,
     lesion_min_size_mm3: float = 0.0,
+    lesion_dilation_vox: int = 0,
     report: bool = True,
     image_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
@@ -181,6 +185,8 @@ def evaluate_folders(
         ``summary["lesion_wise"]``, see :mod:`segpipe.metrics.lesions`).
     lesion_min_size_mm3 : float, optional
         Minimum lesion volume in mm³ (smaller components are dropped from both masks). Default 0.
+    lesion_dilation_vox : int, optional
+        Matching reach of the reference lesions in voxels (BraTS 2023: 1-3). Default 0 (overlap).
     report : bool, optional
         Also write ``report.html`` and ``overlays/`` (default). Needs the label maps only; the scans
         come from ``image_dir`` or the ``images*`` folder beside the references.
@@ -206,7 +212,7 @@ def evaluate_folders(
     >>> print(format_summary_markdown(summary))  # doctest: +SKIP
     """
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
-    lesion_labels = _check_lesion_options(lesion_labels, lesion_min_size_mm3)
+    lesion_labels = _check_lesion_options(lesion_labels, lesion_min_size_mm3, lesion_dilation_vox)
     if image_dir is not None and not Path(image_dir).is_dir():
         raise FileNotFoundError(f"Expected image_dir to be a folder of scans. Received: {image_dir} (no such folder)")
     pairs = _match_cases(pred_dir, ref_dir)
@@ -215,7 +221,8 @@ def evaluate_folders(
         labels = sorted({int(v) for v in labels})
     results = _run_cases([(c, pred, ref) for c, (pred, ref) in pairs.items()],
                          labels=labels, tolerance_mm=tolerance_mm, workers=workers,
-                         lesion_labels=lesion_labels, lesion_min_size_mm3=lesion_min_size_mm3)
+                         lesion_labels=lesion_labels, lesion_min_size_mm3=lesion_min_size_mm3,
+                         lesion_dilation_vox=lesion_dilation_vox)
     if labels is None:
         labels = _labels_found(results, ref_dir)
     rows = _rows(results, labels, class_names, tolerance_mm)
@@ -224,7 +231,8 @@ def evaluate_folders(
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
     write_text(out_dir / "per_case.csv", _to_csv(rows))
     if lesion_labels:
-        summary["lesion_wise"] = _write_lesions(out_dir, results, lesion_labels, lesion_min_size_mm3, class_names)
+        summary["lesion_wise"] = _write_lesions(out_dir, results, lesion_labels, lesion_min_size_mm3,
+                                                lesion_dilation_vox, class_names)
     write_json(out_dir / "summary.json", json_safe(summary))
     if report:
         write_evaluation_report(out_dir, pred_dir=pred_dir, ref_dir=ref_dir, image_dir=image_dir)
@@ -242,6 +250,7 @@ def evaluate_run(
     model: str | None = None,
     lesion_labels: Iterable[int] | None = None,
     lesion_min_size_mm3: float = 0.0,
+    lesion_dilation_vox: int = 0,
     report: bool = True,
     image_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], Path]:
@@ -264,7 +273,8 @@ def evaluate_run(
         labels=labels if labels is not None else run_labels,
         class_names=class_names if class_names is not None else run_names,
         tolerance_mm=tolerance_mm, workers=workers, lesion_labels=lesion_labels,
-        lesion_min_size_mm3=lesion_min_size_mm3, report=report, image_dir=image_dir,
+        lesion_min_size_mm3=lesion_min_size_mm3, lesion_dilation_vox=lesion_dilation_vox, report=report,
+        image_dir=image_dir,
     )
     return summary, out
 
@@ -415,7 +425,8 @@ def format_lesion_markdown(lesion_wise: Mapping[str, Any]) -> str:
                  *(str(entry[k]) for k in ("n_ref_lesions", "lesion_tp", "lesion_fn", "lesion_fp")),
                  _number(entry["pooled_precision"], 4), _number(entry["pooled_recall"], 4)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Lesions: {LESION_DEFINITION} (min_size_mm3={lesion_wise['min_size_mm3']:g}). "
+    lines += ["", f"Lesions: {LESION_DEFINITION} (min_size_mm3={lesion_wise['min_size_mm3']:g}, "
+              f"dilation_vox={lesion_wise.get('dilation_vox', 0)}). "
               "Lesion Dice: BraTS 2023 (false positives count 0); precision/recall pooled over all cases."]
     return "\n".join(lines)
 
@@ -424,7 +435,7 @@ def format_lesion_markdown(lesion_wise: Mapping[str, Any]) -> str:
 
 
 def _write_lesions(out_dir: Path, results: list[CaseResult], lesion_labels: list[int], min_size_mm3: float,
-                   class_names) -> dict[str, Any]:
+                   dilation_vox: int, class_names) -> dict[str, Any]:
     """Write ``lesions.csv``; return its summary (``summary.json["lesion_wise"]``)."""
     rows = [{"case": r.case_id, "class": c, "class_name": _class_name(class_names, c), **r.lesions[c]}
             for r in results for c in lesion_labels]
@@ -432,6 +443,7 @@ def _write_lesions(out_dir: Path, results: list[CaseResult], lesion_labels: list
     return {
         "labels": lesion_labels,
         "min_size_mm3": float(min_size_mm3),
+        "dilation_vox": int(dilation_vox),
         "class_names": {str(c): _class_name(class_names, c) for c in lesion_labels},
         "definitions": {"lesion": LESION_DEFINITION, "lesion_dice": LESION_DICE_DEFINITION,
                         "pooled": "precision/recall/F1 of the counts summed over cases"},
@@ -484,11 +496,10 @@ def _labels_found(results: list[CaseResult], ref_dir: Path) -> list[int]:
 
 def _score_job(job: tuple) -> CaseResult:
     """Worker entry point: evaluate_case with the case named in any error."""
-    case_id, pred_path, ref_path, labels, tolerance_mm, lesion_labels, lesion_min_size_mm3 = job
+    case_id, pred_path, ref_path, labels, tolerance_mm, lesion_options = job
     try:
         return evaluate_case(
-            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id,
-            lesion_labels=lesion_labels, lesion_min_size_mm3=lesion_min_size_mm3,
+            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id, **lesion_options,
         )
     except Exception as exc:
         # Exceptions cross the process boundary without their traceback: name the case here.
@@ -500,8 +511,8 @@ def _score_job(job: tuple) -> CaseResult:
         raise wrapped from exc
 
 
-def _run_cases(jobs, *, labels, tolerance_mm, workers, lesion_labels=(), lesion_min_size_mm3=0.0) -> list[CaseResult]:
-    jobs = [(*job, labels, tolerance_mm, lesion_labels, lesion_min_size_mm3) for job in jobs]
+def _run_cases(jobs, *, labels, tolerance_mm, workers, **lesion_options) -> list[CaseResult]:
+    jobs = [(*job, labels, tolerance_mm, lesion_options) for job in jobs]
     results = parallel_map(_score_job, jobs, workers=workers, progress=True, desc="Evaluating")
     return sorted(results, key=lambda r: r.case_id)
 
@@ -529,12 +540,14 @@ def _rows(results: list[CaseResult], labels, class_names, tolerance_mm) -> list[
     return rows
 
 
-def _check_lesion_options(lesion_labels: Iterable[int] | None, min_size_mm3: float) -> list[int]:
+def _check_lesion_options(lesion_labels: Iterable[int] | None, min_size_mm3: float, dilation_vox: int) -> list[int]:
     labels = sorted({int(v) for v in lesion_labels or ()})
     if any(v <= 0 for v in labels):
         raise ValueError(f"Expected lesion_labels > 0 (foreground labels). Received: lesion_labels={labels}")
     if not (math.isfinite(min_size_mm3) and min_size_mm3 >= 0):
         raise ValueError(f"Expected lesion_min_size_mm3 >= 0. Received: lesion_min_size_mm3={min_size_mm3}")
+    if isinstance(dilation_vox, bool) or not isinstance(dilation_vox, (int, np.integer)) or dilation_vox < 0:
+        raise ValueError(f"Expected lesion_dilation_vox as an integer >= 0. Received: lesion_dilation_vox={dilation_vox!r}")
     return labels
 
 

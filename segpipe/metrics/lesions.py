@@ -30,11 +30,13 @@ and false positives::
 
     lesion_dice = sum_i Dice_i / (R + lesion_fp),      1 when R = P = 0.
 
-Differences from the challenge's own code (``BraTS-2023-Metrics``): there, reference lesions are
-dilated (1-3 voxels, by sub-challenge) before matching, reference lesions within that reach are
-merged, and the size threshold (in voxels, 2-50) only drops small *reference* lesions. Here matching
-is by plain overlap and the threshold applies to both masks; with ``min_size_mm3=0`` and lesions
-further apart than the dilation, both give the same values.
+**Matching reach** (``dilation_vox``, default 0): as the challenge's own code
+(``BraTS-2023-Metrics``) does, reference lesions can be dilated by ``k`` iterations of the
+18-neighbour structure for the matching only: a predicted component then matches a lesion when it
+touches the dilated lesion, and reference lesions whose dilations touch are merged into one (the
+challenge uses ``k`` = 1-3 by sub-challenge). Dice is always computed with the undilated lesion.
+One difference remains: the challenge's size threshold (in voxels) drops small *reference*
+lesions only; here it applies to both masks.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 from skimage.measure import label as label_components
 
 __all__ = [
@@ -69,7 +72,9 @@ LESION_DICE_DEFINITION = (
 )
 LESION_DEFINITION = (
     "connected component (26-connectivity) of the class mask with volume >= min_size_mm3 "
-    "(smaller ones removed from reference and prediction); matched when they share a voxel"
+    "(smaller ones removed from reference and prediction); matched when they share a voxel, or with "
+    "dilation_vox = k when the component touches the reference lesion dilated k times (18-neighbour "
+    "structure; reference lesions whose dilations touch are merged)"
 )
 
 
@@ -79,13 +84,20 @@ class LesionMatching:
 
     ``overlap_vox[i, j]`` is the number of voxels reference lesion ``i`` shares with predicted
     component ``j``. Predicted components are disjoint, so the overlap of a lesion with a union of
-    components is a sum of entries.
+    components is a sum of entries. ``reach_vox[i, j]`` counts the voxels of component ``j`` within
+    the matching reach of lesion ``i`` (the lesion itself, dilated with ``dilation_vox``); None
+    means the reach is the lesion (no dilation) and ``overlap_vox`` decides.
     """
 
     ref_sizes_vox: np.ndarray
     pred_sizes_vox: np.ndarray
     overlap_vox: np.ndarray
     voxel_volume_mm3: float
+    reach_vox: np.ndarray | None = None
+
+    def touching(self) -> np.ndarray:
+        """``touching[i, j]``: predicted component ``j`` matches reference lesion ``i``."""
+        return (self.overlap_vox if self.reach_vox is None else self.reach_vox) > 0
 
     @property
     def n_ref(self) -> int:
@@ -97,17 +109,17 @@ class LesionMatching:
 
     def ref_detected(self) -> np.ndarray:
         """Per reference lesion: touched by a predicted component."""
-        return np.any(self.overlap_vox > 0, axis=1)
+        return np.any(self.touching(), axis=1)
 
     def pred_matched(self) -> np.ndarray:
         """Per predicted component: touches a reference lesion."""
-        return np.any(self.overlap_vox > 0, axis=0)
+        return np.any(self.touching(), axis=0)
 
     def ref_dice(self) -> np.ndarray:
         """Per reference lesion: Dice with the union of the predicted components touching it."""
-        touching = self.overlap_vox > 0
+        touching = self.touching()
         union_vox = touching.astype(np.float64) @ self.pred_sizes_vox.astype(np.float64)
-        shared_vox = self.overlap_vox.sum(axis=1).astype(np.float64)
+        shared_vox = np.where(touching, self.overlap_vox, 0).sum(axis=1).astype(np.float64)
         return 2.0 * shared_vox / (self.ref_sizes_vox.astype(np.float64) + union_vox)
 
 
@@ -157,6 +169,7 @@ def match_lesions(
     *,
     spacing_mm: Sequence[float],
     min_size_mm3: float = 0.0,
+    dilation_vox: int = 0,
 ) -> LesionMatching:
     """Label the lesions of both masks and count their pairwise overlaps.
 
@@ -168,6 +181,10 @@ def match_lesions(
         Voxel size along each axis, in mm.
     min_size_mm3 : float, optional
         Components smaller than this are removed from both masks first. Defaults to 0.
+    dilation_vox : int, optional
+        Matching reach: reference lesions dilated by this many iterations of the 18-neighbour
+        structure for matching (lesions whose dilations touch merge), as in the BraTS 2023 code.
+        Defaults to 0 (match by overlap).
 
     Returns
     -------
@@ -188,18 +205,32 @@ def match_lesions(
             f"Expected pred_mask and ref_mask of the same shape. "
             f"Received: {pred_mask.shape} vs {ref_mask.shape}"
         )
+    if isinstance(dilation_vox, bool) or not isinstance(dilation_vox, (int, np.integer)) or dilation_vox < 0:
+        raise ValueError(f"Expected dilation_vox as an integer >= 0. Received: dilation_vox={dilation_vox!r}")
     voxel_mm3 = _voxel_volume(spacing_mm, ref_mask.ndim, min_size_mm3)
     ref_labels, n_ref = label_lesions(ref_mask, spacing_mm=spacing_mm, min_size_mm3=min_size_mm3)
     pred_labels, n_pred = label_lesions(pred_mask, spacing_mm=spacing_mm, min_size_mm3=min_size_mm3)
-    # One bincount over (ref id, pred id) pairs gives sizes and overlaps together.
-    pairs = ref_labels.ravel().astype(np.int64) * (n_pred + 1) + pred_labels.ravel()
-    joint = np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)
+    reach_labels = None
+    if dilation_vox and n_ref:
+        # Components of the dilated reference: each is the reach of the lesions it holds, merged.
+        structure = ndimage.generate_binary_structure(ref_mask.ndim, 2)
+        reach = ndimage.binary_dilation(ref_labels > 0, structure=structure, iterations=int(dilation_vox))
+        reach_labels, n_ref = label_components(reach, connectivity=ref_mask.ndim, return_num=True)
+        ref_labels = np.where(ref_labels > 0, reach_labels, 0)
+    joint = _joint_counts(ref_labels, pred_labels, n_ref, n_pred)
     return LesionMatching(
         ref_sizes_vox=joint[1:, :].sum(axis=1),
         pred_sizes_vox=joint[:, 1:].sum(axis=0),
         overlap_vox=joint[1:, 1:],
         voxel_volume_mm3=voxel_mm3,
+        reach_vox=None if reach_labels is None else _joint_counts(reach_labels, pred_labels, n_ref, n_pred)[1:, 1:],
     )
+
+
+def _joint_counts(ref_labels: np.ndarray, pred_labels: np.ndarray, n_ref: int, n_pred: int) -> np.ndarray:
+    """``(n_ref + 1, n_pred + 1)`` voxel counts of every (ref id, pred id) pair, background 0 included."""
+    pairs = ref_labels.ravel().astype(np.int64) * (n_pred + 1) + pred_labels.ravel()
+    return np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)
 
 
 def lesion_wise_dice(matching: LesionMatching) -> float:
@@ -255,6 +286,7 @@ def case_lesion_metrics(
     labels: Iterable[int],
     spacing_mm: Sequence[float],
     min_size_mm3: float = 0.0,
+    dilation_vox: int = 0,
 ) -> dict[int, dict[str, float]]:
     """Lesion-wise metrics of every label in ``labels`` for one pair of label maps.
 
@@ -268,6 +300,8 @@ def case_lesion_metrics(
         Voxel size along each axis, in mm.
     min_size_mm3 : float, optional
         Minimum lesion volume in mm³ (both masks). Defaults to 0.
+    dilation_vox : int, optional
+        Matching reach in voxels (see :func:`match_lesions`). Defaults to 0.
 
     Returns
     -------
@@ -286,7 +320,8 @@ def case_lesion_metrics(
     out = {}
     for value in labels:
         value = int(value)
-        matching = match_lesions(pred == value, ref == value, spacing_mm=spacing_mm, min_size_mm3=min_size_mm3)
+        matching = match_lesions(pred == value, ref == value, spacing_mm=spacing_mm, min_size_mm3=min_size_mm3,
+                                 dilation_vox=dilation_vox)
         out[value] = lesion_metrics(matching)
     return out
 

@@ -352,6 +352,8 @@ def _lesion_table(lesion: Mapping[str, Any]) -> str:
     items = [f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in definitions.items()]
     if "min_size_mm3" in lesion:
         items.append(f"<li><b>minimum lesion size</b>: {_e(lesion['min_size_mm3'])} mm³</li>")
+    if "dilation_vox" in lesion:
+        items.append(f"<li><b>matching reach</b>: {_e(lesion['dilation_vox'])} voxels (0: by overlap)</li>")
     return "\n".join(lines) + '<ul class="note">' + "".join(items) + "</ul>"
 
 
