@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.data.layouts import load_dataset
+from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
+from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
+from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
 
@@ -82,8 +86,6 @@ def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tup
     """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win)."""
     if dataset_json is None:
         return labels, None
-    from segpipe.data.layouts import load_dataset
-
     dataset = load_dataset(dataset_json.parent if dataset_json.is_file() else dataset_json)
     return (labels if labels is not None else sorted(v for v in dataset.labels if v != 0)), dataset.labels
 
@@ -102,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
     except ValueError as exc:
         parser.error(str(exc))
-
-    from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
 
     try:
         labels, class_names = _dataset_classes(args.dataset_json, args.labels)
@@ -131,9 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args: argparse.Namespace, prog: str) -> int:
     """Compare mode: check pairing, evaluate what is missing, write the comparison folder."""
-    from segpipe.runs.rundir import RunDir
-    from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
-
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
         groups = group_runs(find_run_dirs(args.compare))
@@ -149,8 +146,6 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
             for run_dir in group.run_dirs:
                 per_case = RunDir(run_dir).evaluation_dir / "per_case.csv"
                 if not per_case.is_file():
-                    from segpipe.evaluation.folders import evaluate_run
-
                     print(f"Evaluating {run_dir}")
                     evaluate_run(run_dir, tolerance_mm=tolerance_mm, workers=args.workers)
                 group.rows += [{**row, "run": run_dir.name} for row in load_per_case(per_case)]

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.arrays import seed_from_text
 from segpipe.data.layouts import Case, Dataset
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
 from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
 from segpipe.io import read_json, save_npy, write_json
-from segpipe.arrays import seed_from_text
 from segpipe.parallel import parallel_map
 
 CACHE_VERSION = 1  # bump when the cached format or the preprocessing code changes meaning

@@ -34,8 +34,8 @@ from nibabel.orientations import (
 from scipy import ndimage
 
 from segpipe.arrays import bounding_box
-from segpipe.errors import expected
 from segpipe.data.layouts import Case, read_case_image, read_case_label
+from segpipe.errors import expected
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 LABEL_INTERPOLATIONS = ("nearest", "onehot_linear")

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.io import json_safe, write_json, write_text
+from segpipe.io import atomic_path, json_safe, write_json, write_text
 from segpipe.reports.html import write_comparison_report
 from segpipe.runs.rundir import RunDir
 
@@ -314,8 +314,6 @@ def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, st
 
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
-
-    from segpipe.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -29,14 +29,15 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
-from segpipe.parallel import parallel_map
 from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.lesions import (
     LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
 )
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
+from segpipe.parallel import parallel_map
 from segpipe.reports.html import write_evaluation_report
+from segpipe.runs.rundir import RunDir
 
 __all__ = [
     "CaseResult",
@@ -263,8 +264,6 @@ def evaluate_run(
     model must run.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
-    from segpipe.runs.rundir import RunDir
-
     run_dir = Path(run_dir)
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir

@@ -39,12 +39,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import segpipe
+from segpipe.data.layouts import load_dataset
 from segpipe.data.preprocess import ORIENTATION, PreprocessSettings
 from segpipe.errors import Received, expected
-from segpipe.io import write_json
-from segpipe.runs.rundir import RunDir
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
+from segpipe.io import write_json
+from segpipe.runs.rundir import RunDir
 
 BUNDLE_FORMAT = "segpipe-bundle"
 BUNDLE_VERSION = 1
@@ -435,8 +436,6 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras") ->
 
 def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
     """Class and channel names from the run's dataset; generic names if it cannot be read."""
-    from segpipe.data.layouts import load_dataset
-
     try:
         dataset = load_dataset(root)
     except (OSError, ValueError) as exc:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from segpipe.io import NIFTI_SUFFIXES, read_json, read_nifti, write_text
+from segpipe.io import NIFTI_SUFFIXES, atomic_path, read_json, read_nifti, write_text
 from segpipe.reports.overlays import REFERENCE_COLOR, PREDICTION_COLOR, choose_cases, render_overlay
 
 __all__ = [
@@ -413,8 +413,6 @@ def _safe(name: str) -> str:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    from segpipe.io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

@@ -9,23 +9,30 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import keras
+
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
-from segpipe.data.pipeline import open_dataset, prepare_data
-from segpipe.export.bundle import export_run
+from segpipe.data.loader import make_datasets, train_dataset, train_sampler
+from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
 from segpipe.errors import expected
+from segpipe.export.bundle import export_run
+from segpipe.losses import DeepSupervisionLoss, get_loss
+from segpipe.metrics.streaming import PerClassDice
+from segpipe.models.unet3d import build_unet3d
 from segpipe.runs.rundir import RunDir
+from segpipe.training import distributed
+from segpipe.training.checkpoints import RunCheckpoint, check_free_space, check_writable, read_state, save_model_atomic
+from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
+from segpipe.training.interrupts import StopRequest, TrainingInterrupted
+from segpipe.training.loop import LoopPosition, TrainingLoop
+from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from segpipe.data.pipeline import PreparedData
-    from segpipe.training.distributed import ShardSpec, WorkerInfo
-    from segpipe.training.loop import LoopPosition
 
-
-def build_model(config: Config, in_channels: int, num_classes: int):
-    from segpipe.models.unet3d import build_unet3d
-
+def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Model:
+    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled)."""
     m = config.model
     return build_unet3d(
         in_channels,
@@ -39,9 +46,8 @@ def build_model(config: Config, in_channels: int, num_classes: int):
     )
 
 
-def build_optimizer(config: Config):
-    import keras
-
+def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps."""
     t = config.train
     total_steps = t.epochs * t.steps_per_epoch
     if t.lr_schedule == "poly":
@@ -59,8 +65,6 @@ def build_optimizer(config: Config):
 
 def build_loss(config: Config, num_classes: int):
     """The configured loss, checked against the dataset's classes (before any data is loaded)."""
-    from segpipe.losses import DeepSupervisionLoss, get_loss
-
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
     except ValueError as exc:
@@ -72,7 +76,6 @@ def build_loss(config: Config, num_classes: int):
 
 
 def compile_model(model, config: Config, class_names: list[str]) -> None:
-    from segpipe.metrics.streaming import PerClassDice
 
     dice = PerClassDice(class_names, name="dice")
     # with deep supervision, the Dice metric watches the full-resolution output only
@@ -93,9 +96,6 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
         StorageError: the run directory cannot be written (checked before any work).
     """
-    from segpipe.training import distributed
-    from segpipe.training.checkpoints import check_writable, read_state
-    from segpipe.training.run_info import enable_determinism
 
     # multi_worker: the strategy must be set up before TensorFlow runs anything else
     distributed.warn_if_tf_config_unused(config.train.distribute)
@@ -173,13 +173,6 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
                  run_dir: Path, out: RunDir, checkpoint: Path | None, state: dict[str, Any],
                  verbose: int | None) -> None:
     """Build (or restore) the model under the strategy, train it with the project's loop, save it."""
-    import keras
-
-    from segpipe.training import distributed
-    from segpipe.training.checkpoints import RunCheckpoint, check_free_space, save_model_atomic
-    from segpipe.training.interrupts import StopRequest, TrainingInterrupted
-    from segpipe.training.loop import LoopPosition, TrainingLoop
-    from segpipe.training.run_info import write_run_info
 
     t = config.train
     model = _build_or_restore_model(config, prepared, strategy, checkpoint)
@@ -218,8 +211,6 @@ def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
 def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
                             checkpoint: Path | None):
     """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``."""
-    import keras
-
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
@@ -234,8 +225,6 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
             position: "LoopPosition"):
     """The distributed training input from ``position`` on (samples already seen: the data RNG position), and the
     validation dataset."""
-    from segpipe.training import distributed
-    from segpipe.data.loader import make_datasets
 
     batch = config.data.batch_size
     start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
@@ -258,8 +247,6 @@ def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "W
 def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
     """multi_worker: this worker's training batches, its disjoint share of every global batch (the run's
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
-    from segpipe.data.loader import train_dataset, train_sampler
-    from segpipe.training.distributed import ShardedSampler
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
     return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
