@@ -65,6 +65,10 @@ def read_nifti(path: str | os.PathLike, *, dtype: Any = None) -> Volume:
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only read by setting), then restored
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
@@ -80,6 +84,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp makes it 0600; give it the mode an ordinary write would (umask)
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.io import json_safe, write_json, write_text
 from segpipe.errors import Received, expected
-from segpipe.io import atomic_path
+from segpipe.io import atomic_path, json_safe, write_json, write_text
+from segpipe.reports.html import write_comparison_report
 from segpipe.runs.rundir import RunDir
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
@@ -326,7 +326,8 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: dict[int, str]) -> dict[str, Any]:
-    """Write report.md, comparison.csv, comparison.json and the PNG plots into ``out_dir``."""
+    """Write report.md, report.html (the same tables, plots embedded), comparison.csv, comparison.json and
+    the PNG plots into ``out_dir``."""
     labels = sorted({r["class"] for g in groups for r in g.rows})
     result = compare(groups, labels, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -353,5 +354,7 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
         "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n![Training curves](training_curves.png)\n"
     )
     write_text(out_dir / "report.md", report)
+    write_comparison_report(out_dir, result, runs={g.name: [str(d) for d in g.run_dirs] for g in groups},
+                            metrics=METRICS, lower_is_better=LOWER_IS_BETTER)
     result["markdown"] = tables
     return result

@@ -188,7 +188,7 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
     run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
-                                   steps_per_epoch=t.steps_per_epoch)
+                                   steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief)
     callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
