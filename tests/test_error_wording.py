@@ -29,7 +29,14 @@ EXEMPT_MODULES = {
     "segpipe/losses.py",
     "segpipe/models/unet3d.py",
 }
-EXEMPT_PACKAGES = ("segpipe/losses/", "segpipe/export/")  # the losses package once losses.py is split
+EXEMPT_PACKAGES = (
+    "segpipe/losses/",  # the losses package once losses.py is split (losses helper)
+    "segpipe/export/",  # export helper
+    # reports helper (issue 17): merged into main at 21:25 with its own wording; converting it here
+    # would collide with that helper's ongoing work. Remove this entry when it is converted.
+    "segpipe/reports/",
+)
+NOT_MESSAGES = {"SystemExit"}  # takes an exit code, not a message
 
 # (module, the raised expression as ast.unparse writes it): why it is not "Expected … Received".
 JUSTIFIED = {
@@ -92,7 +99,7 @@ def badly_worded_raises(source: str, module: str = "<string>") -> list[tuple[int
         if not isinstance(node, ast.Raise) or not isinstance(node.exc, ast.Call):
             continue  # bare ``raise`` and ``raise exc``: re-raising an error made elsewhere
         call = node.exc
-        if _name(call.func) in ("SettingError", "with_prefix"):
+        if _name(call.func) in ("SettingError", "with_prefix") or _name(call.func) in NOT_MESSAGES:
             continue
         if call.args and _worded(call.args[0], assignments):
             continue

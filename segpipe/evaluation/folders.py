@@ -214,7 +214,7 @@ def evaluate_folders(
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
     lesion_labels = _check_lesion_options(lesion_labels, lesion_min_size_mm3, lesion_dilation_vox)
     if image_dir is not None and not Path(image_dir).is_dir():
-        raise FileNotFoundError(f"Expected image_dir to be a folder of scans. Received: {image_dir} (no such folder)")
+        raise FileNotFoundError(expected("a folder of scans", key="image_dir", received=Received(f"{image_dir} (no such folder)")))
     pairs = _match_cases(pred_dir, ref_dir)
     _check_geometry(pairs)
     if labels is not None:

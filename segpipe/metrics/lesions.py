@@ -48,6 +48,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import label as label_components
 
+from segpipe.errors import Received, expected
+
 __all__ = [
     "LesionMatching",
     "LESION_METRIC_NAMES",
@@ -202,8 +204,8 @@ def match_lesions(
     pred_mask, ref_mask = _as_bool(pred_mask, "pred_mask"), _as_bool(ref_mask, "ref_mask")
     if pred_mask.shape != ref_mask.shape:
         raise ValueError(
-            f"Expected pred_mask and ref_mask of the same shape. "
-            f"Received: {pred_mask.shape} vs {ref_mask.shape}"
+            expected(f"pred_mask of the same shape as ref_mask {ref_mask.shape}", key="pred_mask.shape",
+                     received=pred_mask.shape)
         )
     if isinstance(dilation_vox, bool) or not isinstance(dilation_vox, (int, np.integer)) or dilation_vox < 0:
         raise ValueError(f"Expected dilation_vox as an integer >= 0. Received: dilation_vox={dilation_vox!r}")
@@ -316,7 +318,7 @@ def case_lesion_metrics(
     0.5
     """
     if pred.shape != ref.shape:
-        raise ValueError(f"Expected pred and ref of the same shape. Received: {pred.shape} vs {ref.shape}")
+        raise ValueError(expected(f"pred of the same shape as ref {ref.shape}", key="pred.shape", received=pred.shape))
     out = {}
     for value in labels:
         value = int(value)
@@ -418,7 +420,7 @@ def _voxel_volume(spacing_mm: Sequence[float], ndim: int, min_size_mm3: float) -
 def _as_bool(array: np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype != bool:
-        raise ValueError(f"Expected {name} as a boolean array. Received: dtype {array.dtype}")
+        raise ValueError(expected("a boolean array", key=f"{name}.dtype", received=Received(str(array.dtype))))
     if array.ndim not in (2, 3):
-        raise ValueError(f"Expected {name} with 2 or 3 dimensions. Received: shape {array.shape}")
+        raise ValueError(expected("an array with 2 or 3 dimensions", key=f"{name}.shape", received=array.shape))
     return array
