@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segpipe.errors import expected
 from segpipe.cli import prog_name
 from segpipe.config import ConfigError, apply_overrides, read_yaml_with_extends
 from segpipe.data.pipeline import DataError
@@ -28,8 +29,8 @@ def base_config_path() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"Expected configs/base.yaml at {' or '.join(str(p) for p in candidates)}. "
-                            f"Received: neither exists (pass --config FILE)")
+    raise FileNotFoundError(expected(f"configs/base.yaml at {' or '.join(str(p) for p in candidates)}", key="--config",
+                                     received=None, hint="Neither exists: pass --config FILE."))
 
 
 def planned_config(config_path: str | None, overrides: list[str], *, out_dir: str | Path | None = None,

@@ -168,7 +168,7 @@ def check_labels(
                                 f"label values 0..{len(values) - 1} (one network output each)",
                                 f"values {values}: {missing} never occur, {len(missing)} of {values[-1] + 1} outputs unused"))
     for value in sorted(declared_values - set(present) - {0}):
-        problems.append(Problem("absent-class", meta, f"every declared class in at least one case",
+        problems.append(Problem("absent-class", meta, "every declared class in at least one case",
                                 f"class {value} ({dataset.labels[value]!r}) in none of {n} cases"))
     return problems
 

@@ -191,7 +191,8 @@ def run_label_check(dataset: Dataset, fingerprint: dict[str, Any], mode: str) ->
             print(problem.format(dataset.root), file=sys.stderr)
     if found:
         lines = "\n  ".join(p.format(dataset.root) for p in found)
-        raise DataError(f"Expected only declared label values. Received: {len(found)} error(s) in {dataset.root}:\n  {lines}")
+        raise DataError(expected("only declared label values", key="data.root",
+                                 received=Received(f"{dataset.root} ({len(found)} error(s))")) + f"\n  {lines}")
 
 
 def dataset_cache_dir(config: Config, dataset: Dataset) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from segpipe.errors import expected
 from segpipe.planning import rules
 from segpipe.planning.rules import Choice
 
@@ -134,10 +135,11 @@ def make_plan(
     if model not in MODELS:
         raise ValueError(f"Expected model to be one of {MODELS}. Received: model={model!r}")
     if time_budget_minutes is not None and time_budget_minutes <= 0:
-        raise ValueError(f"Expected a positive time budget. Received: time_budget_minutes={time_budget_minutes}")
+        raise ValueError(expected("a positive time budget", key="train.time_budget_minutes", received=time_budget_minutes))
     cases = fingerprint.get("cases") or {}
     if not cases:
-        raise ValueError(f"Expected a fingerprint with per-case entries. Received: no 'cases' in the fingerprint of {fingerprint.get('dataset')}")
+        raise ValueError(expected("a fingerprint with per-case entries", key="cases", received=None,
+                                  where=f"the fingerprint of {fingerprint.get('dataset')}"))
     spacings = np.array([c["spacing_mm"] for c in cases.values()], dtype=np.float64)
     shapes = np.array([c.get("cropped_shape", c["shape"]) for c in cases.values()], dtype=np.float64)
     channel_names = list(fingerprint.get("channel_names") or [])
@@ -303,7 +305,8 @@ def _fixed_patch(patch_size: Sequence[int], spacing: Sequence[float], in_channel
             spec = rules.unet_spec(topo, in_channels, num_classes, base=base, blocks_per_stage=blocks)
             return rules.PatchPlan(topo, spec, rules.estimate_training_memory(topo, spec, 2), (),
                                    f"{_x(patch_size)}: given (data.patch_size); {stages} stages divide it")
-    raise AssertionError("one stage divides any patch")  # unreachable: 1 stage has divisor 1
+    raise AssertionError(expected("a stage count that divides the patch (1 stage always does)", key="data.patch_size",
+                                  received=list(patch_size)))  # unreachable
 
 
 def _x(values: Sequence[int]) -> str:

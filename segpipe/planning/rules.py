@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from segpipe.errors import Received, expected
+
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 MIN_EDGE = 4  # smallest feature-map edge in the bottleneck: an axis pools while it has >= 2 * MIN_EDGE voxels
 BYTES_PER_FLOAT = 4
@@ -65,7 +67,8 @@ def plan_target_spacing(
     spacings = np.asarray(spacings_mm, dtype=np.float64).reshape(-1, 3)
     shapes = np.asarray(shapes, dtype=np.float64).reshape(-1, 3)
     if spacings.shape != shapes.shape or len(spacings) == 0:
-        raise ValueError(f"Expected one spacing and one shape per case. Received: {len(spacings)} spacings, {len(shapes)} shapes")
+        raise ValueError(expected("one spacing and one shape per case", key="spacings_mm, shapes",
+                                  received=Received(f"{len(spacings)} spacings, {len(shapes)} shapes")))
     target = np.median(spacings, axis=0)
     median_shape = np.median(shapes, axis=0)
     worst = int(np.argmax(target))
@@ -348,8 +351,10 @@ def fit_patch(
         patch[axis] -= step
         if patch[axis] < 1 or min(patch) < 1:
             what = budget_text or f"{budget_bytes / 2**30:.2f} GiB"
-            raise ValueError(f"Expected a patch of at least one voxel per axis to fit {what}. Received: "
-                             f"a budget that even {_fmt(topo.patch_size)} exceeds (estimate {memory / 2**30:.2f} GiB)")
+            raise ValueError(expected(f"a memory budget that a patch of at least one voxel per axis fits ({what})",
+                                      key="memory budget", received=Received(
+                                          f"{what}, exceeded even by {_fmt(topo.patch_size)} "
+                                          f"(estimate {memory / 2**30:.2f} GiB)")))
         topo, spec, memory = build(patch)
         shrunk.append((axis, topo.patch_size[axis]))
     return PatchPlan(topo, spec, memory, tuple(shrunk), _patch_reason(start, topo, shrunk, median, budget_text or f"{budget_bytes / 2**30:.1f} GiB"))
@@ -506,8 +511,8 @@ def plan_schedule(
         epochs = int(available // (steps * step_seconds + validation_seconds)) if available > 0 else 0
     if epochs < 1:
         need = (step_seconds + validation_seconds + final_seconds + overhead_seconds) / 60
-        raise ValueError(f"train.time_budget_minutes: expected at least {need:.1f} minutes for one step, one validation "
-                         f"and the final evaluation. Received: {budget_minutes}")
+        raise ValueError(expected(f"at least {need:.1f} minutes for one step, one validation and the final evaluation",
+                                  key="train.time_budget_minutes", received=budget_minutes))
     used = epochs * (steps * step_seconds + validation_seconds) + final_seconds + overhead_seconds
     return Choice({"epochs": epochs, "steps_per_epoch": steps},
                   f"{epochs} × {steps} steps at {step_seconds:.2f} s + {validation_seconds:.0f} s validation per epoch, "

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from segpipe.errors import expected
+
 STEPS = 3  # timed steps (medians); kept short because the machine may be shared
 WARMUP = 2
 
@@ -95,7 +97,8 @@ def time_steps(keys: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "segpipe.planning.timing"], input=json.dumps(keys),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"Timing the planned network failed (patch {keys.get('data.patch_size')}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(expected("a timing subprocess that exits 0", key="data.patch_size",
+                                    received=keys.get("data.patch_size"), hint="It failed:") + f"\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
