@@ -12,16 +12,24 @@ run (no run directory, no dataset)::
       savedmodel/    TensorFlow SavedModel; signature ``serving_default``: input ``image`` float32
                      (B, X, Y, Z, Cin), any spatial size the network divides, output ``output_0``
                      probabilities (B, X, Y, Z, C)
+                     and signature ``segment``: a raw scan -> its label map, everything in the
+                     TensorFlow graph (:mod:`segpipe.serving_graph`; runs without segpipe)
       model.onnx     optional (``onnx=True``, needs ``pip install "segpipe[onnx]"``); same input and output
+      openvino/      ``model.xml`` + ``model.bin``, OpenVINO IR; written when ``openvino`` is installed
+                     (``pip install "segpipe[openvino]"``) unless ``openvino=False``; same input and output
 
 The folder is written under a temporary name and renamed into place, and ``bundle.json`` is written
 last, so a crash never leaves a bundle that looks complete. After writing, the SavedModel and ONNX
-files are loaded back and checked against the Keras model on a random patch (max abs probability
-difference ≤ ``VERIFY_TOLERANCE``); the differences are recorded in ``bundle.json``.
+and OpenVINO files are loaded back and checked against the Keras model on a random patch (max abs
+probability difference ≤ ``VERIFY_TOLERANCE``, bfloat16 OpenVINO ≤ ``BF16_TOLERANCE`` where the CPU has
+bfloat16 units); the differences are recorded in ``bundle.json`` under ``verification``. The check is
+never skipped silently: a format whose runtime is missing is either an error (asked for) or not
+written, and ``bundle.json`` says which under ``formats_not_written``.
 
 :func:`read_bundle` validates ``bundle.json`` and the files it names and raises :class:`BundleError`
 naming the file or key that is wrong. :func:`load_predictor` turns a bundle into a
-``predict_fn`` for :func:`segpipe.sliding_window.sliding_window_predict`.
+``predict_fn`` for :func:`segpipe.sliding_window.sliding_window_predict` with any runtime of
+:mod:`segpipe.runtimes` (``format="auto"``: the fastest installed one).
 """
 from __future__ import annotations
 
@@ -41,13 +49,15 @@ import numpy as np
 
 import segpipe
 from segpipe.data.preprocess import PreprocessSettings
+from segpipe import runtimes
 from segpipe.io import read_json, write_json
-from segpipe.sliding_window import PredictFn, keras_predict_fn
+from segpipe.runtimes import BF16_TOLERANCE, PredictFn
 
 BUNDLE_FORMAT = "segpipe-bundle"
 BUNDLE_VERSION = 1
-FORMATS = ("keras", "savedmodel", "onnx")
-FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx"}
+FORMATS = runtimes.FILE_FORMATS  # the model files a bundle can hold
+FILES = {fmt: runtimes.RUNTIMES[fmt].file for fmt in FORMATS}
+SEGMENT_SIGNATURE = "segment"
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 VERIFY_TOLERANCE = 1e-4
@@ -145,7 +155,10 @@ class Bundle:
         if fmt not in FORMATS:
             raise ValueError(f"Invalid value for `format`. Expected one of {FORMATS}. Received: format={fmt!r}")
         if fmt not in self.files:
-            hint = " (export with onnx=True / --onnx)" if fmt == "onnx" else ""
+            hint = {"onnx": " (export with onnx=True / --onnx)",
+                    "openvino": ' (export with openvino installed: pip install "segpipe[openvino]")'}.get(fmt, "")
+            if fmt in self.meta.get("formats_not_written", {}):
+                hint += f"; not written: {self.meta['formats_not_written'][fmt]}"
             raise BundleError(f"{self.path / 'bundle.json'}: files: expected a '{fmt}' model{hint}. Received: {sorted(self.files)}")
         return self.path / self.files[fmt]
 
