@@ -10,6 +10,14 @@ Per scan (:func:`segment_volume`):
    interpolation; outside the crop box is background), so resampling never blurs a label map;
 4. argmax, then optionally :func:`segpipe.postprocess.keep_largest_component` per class.
 
+Memory, when probabilities are not asked for (:func:`segment_preprocessed`): the sliding window
+blends per output slab; if the preprocessed grid is the cropped grid (no resampling) each slab goes
+straight to labels (1 byte per voxel, and the labels are exactly those of the probability path);
+otherwise the blended probabilities are kept in float16 (2·C bytes per voxel) and mapped back one
+class at a time with a running argmax (:func:`restore_labels`). Either way no float32 array of
+every class at full size exists. Peak RSS per input voxel is measured in tests/test_predict.py and
+docs/inference.md.
+
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
 this for files or folders using only a bundle (:mod:`segpipe.export`); ``predict.py`` is its CLI.
 """
@@ -24,11 +32,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from segpipe.data.layouts import Case, read_case_image
-from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, restore_to_original
+from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.export import Bundle, InferenceSettings, load_predictor, read_bundle
 from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
 from segpipe.postprocess import keep_largest_component
-from segpipe.sliding_window import PredictFn, sliding_window_predict
+from segpipe.sliding_window import PredictFn, sliding_window_labels, sliding_window_predict
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -98,16 +106,20 @@ def segment_preprocessed(
     Returns:
         A :class:`Segmentation` on the original grid, with the original affine.
     """
-    probabilities = sliding_window_predict(
-        predict_fn, image, patch_size, overlap=settings.overlap, mirror_axes=settings.mirror_axes,
-        batch_size=settings.batch_size, sigma_scale=settings.sigma_scale, progress=progress,
-    )
-    probabilities = restore_probabilities(probabilities, meta)
-    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    window = dict(overlap=settings.overlap, mirror_axes=settings.mirror_axes, batch_size=settings.batch_size,
+                  sigma_scale=settings.sigma_scale, progress=progress)
+    probabilities = None
+    if return_probabilities:
+        probabilities = restore_probabilities(sliding_window_predict(predict_fn, image, patch_size, **window), meta)
+        labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    elif tuple(meta["shape"]) == tuple(meta["cropped_shape"]):  # no resampling: labels slab by slab, exact
+        labels = restore_to_original(sliding_window_labels(predict_fn, image, patch_size, **window), meta, order=0)
+    else:
+        labels = restore_labels(sliding_window_predict(predict_fn, image, patch_size, dtype=np.float16, **window), meta)
     if settings.postprocess_largest_component:
         labels = keep_largest_component(labels, settings.postprocess_largest_component)
     affine = np.asarray(meta["original_affine"], dtype=np.float64)
-    return Segmentation(labels, probabilities if return_probabilities else None, affine)
+    return Segmentation(labels, probabilities, affine)
 
 
 def restore_probabilities(probabilities: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
@@ -120,6 +132,36 @@ def restore_probabilities(probabilities: np.ndarray, meta: dict[str, Any]) -> np
     num_classes = probabilities.shape[-1]
     background = np.eye(num_classes, dtype=np.float32)[0]
     return restore_to_original(probabilities.astype(np.float32, copy=False), meta, order=1, fill_value=background)
+
+
+def restore_labels(probabilities: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """``argmax(restore_probabilities(probabilities, meta))`` without the full float32 array of every class.
+
+    Each class is resampled back to the cropped grid on its own (linear, in float32, as
+    :func:`restore_probabilities` does) and folded into a running argmax (ties to the lower class,
+    as ``np.argmax``); outside the crop box is background. Peak: one class in float32 on both grids
+    plus the running maximum, however many classes.
+
+    Args:
+        probabilities: (X, Y, Z, C) on the preprocessed grid, any float dtype (float16 to save memory).
+        meta: the preprocessing record.
+
+    Returns:
+        The uint8 label map on the original grid.
+    """
+    cropped = tuple(meta["cropped_shape"])
+    labels = np.zeros(cropped, dtype=np.uint8)
+    best = None
+    for c in range(probabilities.shape[-1]):
+        score = resample(np.asarray(probabilities[..., c], dtype=np.float32), cropped, order=1)
+        if best is None:
+            best = np.array(score, dtype=np.float32)  # resample may hand back its input
+            continue
+        wins = score > best
+        labels[wins] = c
+        np.maximum(best, score, out=best)
+        del score, wins
+    return restore_to_original(labels, {**meta, "shape": list(cropped)}, order=0)
 
 
 def segment_case(
@@ -199,7 +241,9 @@ def predict_files(
         bundle: a bundle folder or a :class:`segpipe.export.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
         output_dir: where label maps go; must not be an input folder.
-        format: ``"keras"``, ``"savedmodel"`` or ``"onnx"``.
+        format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
+            ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
+            has (see :mod:`segpipe.runtimes`).
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
         save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.

@@ -146,3 +146,73 @@ def test_postprocessing_is_applied_to_predictions(tmp_path):
     kept = segment_volume(threshold_network, image, np.eye(4), **kwargs,
                           settings=InferenceSettings(mirror_axes=(), postprocess_largest_component=(1,))).labels
     assert (plain == 1).sum() == 8**3 + 3**3 and (kept == 1).sum() == 8**3
+
+
+def test_labels_without_probabilities_equal_the_argmax_of_the_probability_path():
+    """The bounded-memory path: exact without resampling, float16-close with it."""
+    image = phantom_scan((30, 22, 12), seed=3)
+    network = lambda x: threshold_network(x * 40 + 200)  # noqa: E731  (z-scored input -> a soft threshold)
+    for affine, exact in ((np.diag([1.0, 1.0, 1.5, 1.0]), True), (ANISOTROPIC_RAS, False), (NON_RAS_AFFINE, False)):
+        kwargs = dict(preprocessing=PREPROCESSING, patch_size=(8, 8, 8), settings=InferenceSettings(mirror_axes=(0,)))
+        full = segment_volume(network, image, affine, return_probabilities=True, **kwargs)
+        lean = segment_volume(network, image, affine, **kwargs)
+        assert lean.probabilities is None and lean.labels.dtype == np.uint8 and lean.labels.shape == image.shape
+        assert 0.05 < (full.labels == 1).mean() < 0.95  # not a constant map
+        if exact:
+            np.testing.assert_array_equal(lean.labels, full.labels)
+        else:  # probabilities stored in float16 (relative error 2^-11): only near-ties may differ
+            top2 = np.sort(full.probabilities, -1)[..., -2:]
+            decided = top2[..., 1] - top2[..., 0] > 2e-3
+            np.testing.assert_array_equal(lean.labels[decided], full.labels[decided])
+            assert (lean.labels == full.labels).mean() >= 0.999
+
+
+_MEMORY_SCRIPT = r"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from segpipe.data.preprocess import PreprocessSettings
+from segpipe.export import InferenceSettings
+from segpipe.predict import segment_volume
+assert "tensorflow" not in sys.modules
+def network(x):  # pointwise softmax over 3 classes: costs nothing, so the blending is what is measured
+    v = x[..., 0]
+    logits = np.stack([v, -v, 0.5 * v * v], -1)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+shape, spacing, probabilities = (160, 160, 120), float(sys.argv[2]), sys.argv[3] == "1"
+image = np.random.default_rng(0).normal(100, 20, size=shape).astype(np.float32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = segment_volume(network, image, np.diag([spacing] * 3 + [1.0]),
+                        preprocessing=PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.0), image_order=1),
+                        patch_size=(32, 32, 32), settings=InferenceSettings(mirror_axes=(), batch_size=4),
+                        return_probabilities=probabilities)
+assert result.labels.shape == shape
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / image.size)
+"""
+
+
+def _peak_bytes_per_voxel(spacing: float, probabilities: bool) -> float:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, root, str(spacing), str(int(probabilities))],
+                         capture_output=True, text=True, check=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_per_voxel_of_a_large_volume_without_probabilities():
+    """3.1 M voxels, 3 classes, in a fresh process: the peak RSS growth beyond the input image.
+
+    Without probabilities the peak is preprocessing's (the normalised copy and its temporaries,
+    ~11 B per voxel) and blending adds a window-thick slab; a float32 array of every class at full
+    size would add 12 B per voxel (and its mapped-back copy 12 more), which the probability path shows.
+    """
+    same_grid = _peak_bytes_per_voxel(1.0, probabilities=False)
+    resampled = _peak_bytes_per_voxel(0.8, probabilities=False)  # preprocessed grid ~half the voxels
+    with_probabilities = _peak_bytes_per_voxel(1.0, probabilities=True)
+    assert same_grid <= 14.0, same_grid
+    assert resampled <= 18.0, resampled
+    assert with_probabilities >= same_grid + 8.0, (with_probabilities, same_grid)
