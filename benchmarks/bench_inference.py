@@ -18,7 +18,7 @@ windows per call, Gaussian weighting (σ = 0.125 of the window) and mirroring (e
 predicted under the 8 flips, flipped back and averaged inside the predictor), z-scored input,
 argmax of the stitched probabilities.
 
-Every cell runs in its own subprocess, so its peak RSS (``ru_maxrss``: runtime, model and volume)
+Every cell runs in its own subprocess, so its peak RSS (``VmHWM``: runtime, model and volume)
 is its own. A cell is measured (median of up to ``--repeats`` runs) when its runs fit
 ``--budget-s``, else estimated as (non-network time) + network calls × seconds per call, both
 measured in that subprocess; estimated cells are marked ``~``. ``--memory-shape`` adds the peak RSS
@@ -47,6 +47,12 @@ SEGPIPE_RUNTIMES = ("keras", "savedmodel", "onnx", "openvino", "openvino-bf16")
 
 
 # ---------------------------------------------------------------------------------------------- workers
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM; ``ru_maxrss`` would include the forking parent's)."""
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 2**20
 
 
 def _windows(size: int, patch: int, overlap: float) -> int:
@@ -143,8 +149,6 @@ def worker_monai(size: int, patch: int, mirror: bool, args) -> dict:
 
 def _measure(run, run_free, predict_fn, size, patch, mirror, args, **extra) -> dict:
     """Estimate the cell from one batch's call time, then measure it if its runs fit the budget."""
-    import resource
-
     import numpy as np
 
     x = np.random.default_rng(0).normal(size=(args.batch_size, patch, patch, patch, 1)).astype(np.float32)
@@ -162,12 +166,10 @@ def _measure(run, run_free, predict_fn, size, patch, mirror, args, **extra) -> d
     repeats = min(args.repeats, int(args.budget_s // estimate))
     times = [run() for _ in range(repeats)]
     return {"per_call": per_call, "overhead": overhead, "estimate": estimate, "times": times, "windows": windows,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+            "peak_rss_gib": peak_rss_gib(), **extra}
 
 
 def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> dict:
-    import resource
-
     import numpy as np
 
     import segpipe  # noqa: F401
@@ -183,7 +185,7 @@ def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> di
                             settings=InferenceSettings(overlap=args.overlap, mirror_axes=(), batch_size=args.batch_size))
     assert result.labels.shape == shape and result.probabilities is None
     return {"seconds_without_network": time.perf_counter() - start, "voxels": int(np.prod(shape)),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": peak_rss_gib()}
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -59,6 +59,7 @@ BUNDLE_VERSION = 1
 FORMATS = runtimes.FILE_FORMATS  # the model files a bundle can hold
 FILES = {fmt: runtimes.RUNTIMES[fmt].file for fmt in FORMATS}
 SEGMENT_SIGNATURE = "segment"
+SEGMENT_AGREEMENT = 0.999  # least share of equal labels between the segment signature and predict.py
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 VERIFY_TOLERANCE = 1e-4
@@ -339,6 +340,8 @@ def write_bundle(
             "training_config": dict(training_config or {}),
         }
         meta["verification"] = _verify(net, tmp, files, patch_size, in_channels) if verify else {"run": False}
+        if verify and SEGMENT_SIGNATURE in signatures:
+            meta["verification"].update(_verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference))
         write_json(tmp / "bundle.json", meta)
         _swap_into_place(tmp, out_dir)
     except BaseException:
@@ -655,6 +658,36 @@ def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...
             raise BundleError(f"Exported {fmt} model disagrees with Keras: max abs probability difference {diff:.3g}. Expected <= {tolerance}")
         report[f"{fmt}_max_abs_diff"] = diff
     return report
+
+
+def _verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
+                    inference: InferenceSettings) -> dict[str, float]:
+    """Labels of the ``segment`` signature against :func:`segpipe.predict.segment_volume` with Keras.
+
+    The scan is random (2 windows per axis at the training spacing, with a zero margin to crop);
+    with a target spacing it comes 20 % finer along one axis, so resampling there and back runs.
+    """
+    import tensorflow as tf
+
+    from segpipe.predict import segment_volume  # predict imports this module
+    from segpipe.sliding_window import keras_predict_fn
+
+    rng = np.random.default_rng(0)
+    target = np.asarray(preprocessing.target_spacing_mm or (1.0, 1.0, 1.0))
+    spacing = target * np.array([0.8, 1.0, 1.0]) if preprocessing.target_spacing_mm else target
+    shape = tuple(int(round(p * 1.25 * t / s)) + 2 for p, t, s in zip(patch_size, target, spacing))
+    image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
+    image[:2] = 0
+    expected = segment_volume(keras_predict_fn(net), image, np.diag([*spacing, 1.0]), preprocessing=preprocessing,
+                              patch_size=patch_size,  # the signature leaves post-processing out
+                              settings=dataclasses.replace(inference, postprocess_largest_component=())).labels
+    signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
+    labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
+    agreement = float((labels == expected).mean()) if labels.shape == expected.shape else 0.0
+    if agreement < SEGMENT_AGREEMENT:
+        raise BundleError(f"The exported {SEGMENT_SIGNATURE!r} signature disagrees with segment_volume: {agreement:.4%} "
+                          f"equal labels (shape {labels.shape} vs {expected.shape}). Expected >= {SEGMENT_AGREEMENT:.1%}")
+    return {"segment_label_agreement": agreement}
 
 
 def _check_io(path: Path, found: tuple[Any, Any], expected: tuple[int, int]) -> None:

@@ -11,12 +11,11 @@ Per scan (:func:`segment_volume`):
 4. argmax, then optionally :func:`segpipe.postprocess.keep_largest_component` per class.
 
 Memory, when probabilities are not asked for (:func:`segment_preprocessed`): the sliding window
-blends per output slab; if the preprocessed grid is the cropped grid (no resampling) each slab goes
-straight to labels (1 byte per voxel, and the labels are exactly those of the probability path);
-otherwise the blended probabilities are kept in float16 (2·C bytes per voxel) and mapped back one
-class at a time with a running argmax (:func:`restore_labels`). Either way no float32 array of
-every class at full size exists. Peak RSS per input voxel is measured in tests/test_predict.py and
-docs/inference.md.
+blends per output slab, and each finished slab is mapped back to the cropped grid row by row
+(:func:`labels_from_slabs`: linear along axis 0 from the two nearest rows, then per row and class
+in-plane, then argmax), so only a few rows of probabilities exist at a time and the labels are those
+of the probability path (to float rounding). No array of every class at full size exists. Peak RSS
+per input voxel is measured in tests/test_predict.py and docs/inference.md.
 
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
 this for files or folders using only a bundle (:mod:`segpipe.export`); ``predict.py`` is its CLI.
@@ -27,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resam
 from segpipe.export import Bundle, InferenceSettings, load_predictor, read_bundle
 from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
 from segpipe.postprocess import keep_largest_component
-from segpipe.sliding_window import PredictFn, sliding_window_labels, sliding_window_predict
+from segpipe.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -115,7 +114,7 @@ def segment_preprocessed(
     elif tuple(meta["shape"]) == tuple(meta["cropped_shape"]):  # no resampling: labels slab by slab, exact
         labels = restore_to_original(sliding_window_labels(predict_fn, image, patch_size, **window), meta, order=0)
     else:
-        labels = restore_labels(sliding_window_predict(predict_fn, image, patch_size, dtype=np.float16, **window), meta)
+        labels = labels_from_slabs(iter_blended_slabs(predict_fn, image, patch_size, **window), meta)
     if settings.postprocess_largest_component:
         labels = keep_largest_component(labels, settings.postprocess_largest_component)
     affine = np.asarray(meta["original_affine"], dtype=np.float64)
@@ -134,34 +133,48 @@ def restore_probabilities(probabilities: np.ndarray, meta: dict[str, Any]) -> np
     return restore_to_original(probabilities.astype(np.float32, copy=False), meta, order=1, fill_value=background)
 
 
-def restore_labels(probabilities: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """``argmax(restore_probabilities(probabilities, meta))`` without the full float32 array of every class.
+def labels_from_slabs(slabs: Iterable[tuple[slice, np.ndarray]], meta: dict[str, Any]) -> np.ndarray:
+    """``argmax(restore_probabilities(probabilities, meta))`` from probabilities that arrive slab by slab.
 
-    Each class is resampled back to the cropped grid on its own (linear, in float32, as
-    :func:`restore_probabilities` does) and folded into a running argmax (ties to the lower class,
-    as ``np.argmax``); outside the crop box is background. Peak: one class in float32 on both grids
-    plus the running maximum, however many classes.
-
-    Args:
-        probabilities: (X, Y, Z, C) on the preprocessed grid, any float dtype (float16 to save memory).
-        meta: the preprocessing record.
+    ``slabs`` are ``(rows, probabilities)`` covering axis 0 of the preprocessed grid in order (as
+    :func:`segpipe.sliding_window.iter_blended_slabs` yields them). Linear resampling is separable,
+    so each row of the cropped grid is interpolated along axis 0 from its two nearest input rows
+    (edge-aligned, edges extended, as :func:`segpipe.data.preprocess.resample`) and then in-plane
+    per class with ``resample`` itself; rows no later output row needs are dropped at once.
+    Outside the crop box is background; ties go to the lower class, as ``np.argmax``.
 
     Returns:
         The uint8 label map on the original grid.
     """
-    cropped = tuple(meta["cropped_shape"])
-    labels = np.zeros(cropped, dtype=np.uint8)
-    best = None
-    for c in range(probabilities.shape[-1]):
-        score = resample(np.asarray(probabilities[..., c], dtype=np.float32), cropped, order=1)
-        if best is None:
-            best = np.array(score, dtype=np.float32)  # resample may hand back its input
-            continue
-        wins = score > best
-        labels[wins] = c
-        np.maximum(best, score, out=best)
-        del score, wins
-    return restore_to_original(labels, {**meta, "shape": list(cropped)}, order=0)
+    n_in, n_out = int(meta["shape"][0]), int(meta["cropped_shape"][0])
+    plane = (1, *(int(s) for s in meta["cropped_shape"][1:]))
+    coords = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1.0)
+    lower = np.floor(coords).astype(int)
+    upper = np.minimum(lower + 1, n_in - 1)
+    fraction = coords - lower
+    labels = np.zeros(tuple(int(s) for s in meta["cropped_shape"]), dtype=np.uint8)
+    rows: dict[int, np.ndarray] = {}
+    j = 0
+    for block, slab in slabs:
+        for k in range(slab.shape[0]):
+            rows[block.start + k] = slab[k]
+        while j < n_out and upper[j] < block.stop:
+            row = (1.0 - fraction[j]) * rows[lower[j]].astype(np.float64) + fraction[j] * rows[upper[j]]
+            best = None
+            for c in range(row.shape[-1]):
+                score = resample(row[None, ..., c].astype(np.float32), plane, order=1)[0]
+                if best is None:
+                    best = score
+                    continue
+                wins = score > best
+                labels[j][wins] = c
+                best = np.where(wins, score, best)
+            j += 1
+        for i in [i for i in rows if j < n_out and i < lower[j]]:
+            del rows[i]
+    if j != n_out:
+        raise ValueError(f"Expected slabs covering {n_in} rows of the preprocessed grid. Received: {max(rows, default=-1) + 1}")
+    return restore_to_original(labels, {**meta, "shape": meta["cropped_shape"]}, order=0)
 
 
 def segment_case(

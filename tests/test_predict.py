@@ -149,26 +149,23 @@ def test_postprocessing_is_applied_to_predictions(tmp_path):
 
 
 def test_labels_without_probabilities_equal_the_argmax_of_the_probability_path():
-    """The bounded-memory path: exact without resampling, float16-close with it."""
+    """The bounded-memory path (per-slab blending, rows mapped back one by one) gives the same labels."""
     image = phantom_scan((30, 22, 12), seed=3)
     network = lambda x: threshold_network(x * 40 + 200)  # noqa: E731  (z-scored input -> a soft threshold)
-    for affine, exact in ((np.diag([1.0, 1.0, 1.5, 1.0]), True), (ANISOTROPIC_RAS, False), (NON_RAS_AFFINE, False)):
+    for affine in (np.diag([1.0, 1.0, 1.5, 1.0]), ANISOTROPIC_RAS, NON_RAS_AFFINE):
         kwargs = dict(preprocessing=PREPROCESSING, patch_size=(8, 8, 8), settings=InferenceSettings(mirror_axes=(0,)))
         full = segment_volume(network, image, affine, return_probabilities=True, **kwargs)
         lean = segment_volume(network, image, affine, **kwargs)
         assert lean.probabilities is None and lean.labels.dtype == np.uint8 and lean.labels.shape == image.shape
         assert 0.05 < (full.labels == 1).mean() < 0.95  # not a constant map
-        if exact:
-            np.testing.assert_array_equal(lean.labels, full.labels)
-        else:  # probabilities stored in float16 (relative error 2^-11): only near-ties may differ
-            top2 = np.sort(full.probabilities, -1)[..., -2:]
-            decided = top2[..., 1] - top2[..., 0] > 2e-3
-            np.testing.assert_array_equal(lean.labels[decided], full.labels[decided])
-            assert (lean.labels == full.labels).mean() >= 0.999
+        top2 = np.sort(full.probabilities, -1)[..., -2:]
+        decided = top2[..., 1] - top2[..., 0] > 1e-5  # float rounding of the separable resampling
+        np.testing.assert_array_equal(lean.labels[decided], full.labels[decided])
+        assert (lean.labels == full.labels).mean() >= 0.9999
 
 
 _MEMORY_SCRIPT = r"""
-import resource, sys
+import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from segpipe.data.preprocess import PreprocessSettings
@@ -182,13 +179,15 @@ def network(x):  # pointwise softmax over 3 classes: costs nothing, so the blend
     return (e / e.sum(-1, keepdims=True)).astype(np.float32)
 shape, spacing, probabilities = (160, 160, 120), float(sys.argv[2]), sys.argv[3] == "1"
 image = np.random.default_rng(0).normal(100, 20, size=shape).astype(np.float32)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kib():  # VmHWM: this process's own peak (ru_maxrss would start at the forking parent's)
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+before = peak_kib()
 result = segment_volume(network, image, np.diag([spacing] * 3 + [1.0]),
                         preprocessing=PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.0), image_order=1),
                         patch_size=(32, 32, 32), settings=InferenceSettings(mirror_axes=(), batch_size=4),
                         return_probabilities=probabilities)
 assert result.labels.shape == shape
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / image.size)
+print((peak_kib() - before) * 1024 / image.size)
 """
 
 
