@@ -243,7 +243,8 @@ def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
     model = tiny_model(depth=2, deep_supervision=False)
     installed = runtimes.is_installed
     monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name.startswith("openvino") else installed(name))
-    out = write_bundle(model, tmp_path / "b", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH)
+    out = write_bundle(model, tmp_path / "b", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
+                       segment=False)
     bundle = read_bundle(out)
     assert "openvino" not in bundle.files
     assert "openvino is not installed" in bundle.meta["formats_not_written"]["openvino"]
