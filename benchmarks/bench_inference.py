@@ -7,7 +7,7 @@
 
 segpipe: the default U-Net of ``configs/base.yaml`` (depth 4, 16 base filters, batch norm, 3
 classes, 32³ window; untrained, which costs the same) written to a bundle and loaded with each
-runtime as ``predict.py`` loads it; :func:`segpipe.predict.segment_volume` on a random 1-channel
+runtime as ``predict.py`` loads it; :func:`segpipe.inference.segment.segment_volume` on a random 1-channel
 volume at the target spacing (z-score, no resampling): preprocessing, every window (× 8 with
 mirroring over all axes), Gaussian blending, argmax, back to the scan's grid, labels only.
 ``keras`` with 2 windows per call is today's default path, the reference of the ratios.
@@ -56,7 +56,7 @@ def peak_rss_gib() -> float:
 
 
 def _windows(size: int, patch: int, overlap: float) -> int:
-    from segpipe.sliding_window import window_slices
+    from segpipe.inference.sliding_window import window_slices
 
     return len(window_slices((size,) * 3, (patch,) * 3, overlap))
 
@@ -72,7 +72,7 @@ def worker_export(folder: str, patch: int) -> dict:
     import keras
 
     from segpipe.data.preprocess import PreprocessSettings
-    from segpipe.export import write_bundle
+    from segpipe.export.bundle import write_bundle
     from segpipe.models.unet3d import build_unet3d
 
     keras.utils.set_random_seed(0)
@@ -89,8 +89,9 @@ def worker_segpipe(bundle: str, runtime: str, size: int, patch: int, mirror: boo
     import numpy as np
 
     import segpipe  # noqa: F401
-    from segpipe.export import InferenceSettings, load_predictor, read_bundle
-    from segpipe.predict import segment_volume
+    from segpipe.export.bundle import load_predictor, read_bundle
+    from segpipe.inference.settings import InferenceSettings
+    from segpipe.inference.segment import segment_volume
 
     b = read_bundle(bundle)
     predict_fn = load_predictor(b, runtime, threads=args.threads)
@@ -173,8 +174,9 @@ def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> di
     import numpy as np
 
     import segpipe  # noqa: F401
-    from segpipe.export import InferenceSettings, load_predictor, read_bundle
-    from segpipe.predict import segment_volume
+    from segpipe.export.bundle import load_predictor, read_bundle
+    from segpipe.inference.settings import InferenceSettings
+    from segpipe.inference.segment import segment_volume
 
     b = read_bundle(bundle)
     predict_fn = load_predictor(b, runtime, threads=args.threads)

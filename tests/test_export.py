@@ -8,7 +8,8 @@ import pytest
 from inference_helpers import PATCH, PREPROCESSING, make_run_dir, tiny_model
 
 import predict
-from segpipe.export import BundleError, InferenceSettings, export_run, load_predictor, read_bundle, write_bundle
+from segpipe.inference.settings import InferenceSettings
+from segpipe.export.bundle import BundleError, export_run, load_predictor, read_bundle, write_bundle
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 
@@ -238,7 +239,7 @@ def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter
 
 
 def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
-    from segpipe import runtimes
+    from segpipe.export import runtimes
 
     model = tiny_model(depth=2, deep_supervision=False)
     installed = runtimes.is_installed
@@ -266,7 +267,7 @@ def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
 
 
 def test_auto_picks_the_first_installed_format_of_the_documented_order(monkeypatch):
-    from segpipe import runtimes
+    from segpipe.export import runtimes
 
     every = {"keras", "savedmodel", "onnx", "openvino"}
     monkeypatch.setattr(runtimes, "is_installed", lambda name: True)

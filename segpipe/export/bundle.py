@@ -13,7 +13,7 @@ run (no run directory, no dataset)::
                      (B, X, Y, Z, Cin), any spatial size the network divides, output ``output_0``
                      probabilities (B, X, Y, Z, C)
                      and signature ``segment``: a raw scan -> its label map, everything in the
-                     TensorFlow graph (:mod:`segpipe.serving_graph`; runs without segpipe)
+                     TensorFlow graph (:mod:`segpipe.export.serving_graph`; runs without segpipe)
       model.onnx     optional (``onnx=True``, needs ``pip install "segpipe[onnx]"``); same input and output
       openvino/      ``model.xml`` + ``model.bin``, OpenVINO IR; written when ``openvino`` is installed
                      (``pip install "segpipe[openvino]"``) unless ``openvino=False``; same input and output
@@ -28,12 +28,11 @@ written, and ``bundle.json`` says which under ``formats_not_written``.
 
 :func:`read_bundle` validates ``bundle.json`` and the files it names and raises :class:`BundleError`
 naming the file or key that is wrong. :func:`load_predictor` turns a bundle into a
-``predict_fn`` for :func:`segpipe.sliding_window.sliding_window_predict` with any runtime of
-:mod:`segpipe.runtimes` (``format="auto"``: the fastest installed one).
+``predict_fn`` for :func:`segpipe.inference.sliding_window.sliding_window_predict` with any runtime
+of :mod:`segpipe.export.runtimes` (``format="auto"``: the fastest installed one).
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.util
 import json
@@ -49,10 +48,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import segpipe
-from segpipe import runtimes
-from segpipe.data.preprocess import PreprocessSettings
-from segpipe.io import read_json, write_json
-from segpipe.runtimes import BF16_TOLERANCE, PredictFn
+from segpipe.data.preprocess import ORIENTATION, PreprocessSettings, preprocess_volume, restore_to_original
+from segpipe.errors import Received, expected
+from segpipe.export import runtimes
+from segpipe.export.runtimes import BF16_TOLERANCE
+from segpipe.inference.settings import InferenceSettings
+from segpipe.inference.sliding_window import PredictFn, keras_predict_fn, sliding_window_predict
+from segpipe.io import write_json
+from segpipe.runs.rundir import RunDir
 
 BUNDLE_FORMAT = "segpipe-bundle"
 BUNDLE_VERSION = 1
@@ -63,72 +66,10 @@ SEGMENT_AGREEMENT = 0.999  # least share of equal labels between the segment sig
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 VERIFY_TOLERANCE = 1e-4
-CHECKPOINTS = ("best", "last", "final")
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file or key and what is wrong."""
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How a bundle predicts a volume (stored in ``bundle.json``; each may be overridden per call).
-
-    Attributes:
-        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
-        mirror_axes: spatial axes mirrored for test-time augmentation (every subset is averaged);
-            ``()`` switches mirroring off.
-        batch_size: windows per network call (2 is 10-30 % faster than 1 on 2 CPU cores).
-        sigma_scale: σ of the Gaussian window weighting as a fraction of the window side.
-        postprocess_largest_component: label values for which only the largest connected component
-            is kept.
-    """
-
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 2
-    sigma_scale: float = 0.125
-    postprocess_largest_component: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)) or not 0 <= self.overlap < 1:
-            raise ValueError(f"Invalid value for `overlap`. Expected a number in [0, 1). Received: overlap={self.overlap!r}")
-        axes = tuple(self.mirror_axes)
-        if len(set(axes)) != len(axes) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in axes):
-            raise ValueError(f"Invalid value for `mirror_axes`. Expected distinct axes out of (0, 1, 2). Received: mirror_axes={list(axes)}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"Invalid value for `batch_size`. Expected an integer >= 1. Received: batch_size={self.batch_size!r}")
-        if isinstance(self.sigma_scale, bool) or not isinstance(self.sigma_scale, (int, float)) or self.sigma_scale <= 0:
-            raise ValueError(f"Invalid value for `sigma_scale`. Expected a number > 0. Received: sigma_scale={self.sigma_scale!r}")
-        classes = tuple(self.postprocess_largest_component)
-        if any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255 for c in classes):
-            raise ValueError(
-                f"Invalid value for `postprocess_largest_component`. Expected label values in 1..255. "
-                f"Received: postprocess_largest_component={list(classes)}"
-            )
-        object.__setattr__(self, "overlap", float(self.overlap))
-        object.__setattr__(self, "mirror_axes", tuple(sorted(axes)))
-        object.__setattr__(self, "sigma_scale", float(self.sigma_scale))
-        object.__setattr__(self, "postprocess_largest_component", tuple(sorted(set(classes))))
-
-    @classmethod
-    def from_object(cls, source: Any) -> "InferenceSettings":
-        """Build from a mapping or any object with these attribute names (e.g. a config section)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if isinstance(source, Mapping):
-            unknown = sorted(set(source) - set(names))
-            if unknown:
-                raise ValueError(f"Unknown inference setting(s) {unknown}. Expected keys out of {names}")
-            values = dict(source)
-        else:
-            values = {n: getattr(source, n) for n in names if hasattr(source, n)}
-        for key in ("mirror_axes", "postprocess_largest_component"):
-            if key in values and values[key] is not None:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -186,7 +127,7 @@ def activation_bytes_per_voxel(net, window: Sequence[int]) -> int:
     """Float32 bytes of all layer outputs of one forward pass per window voxel (shapes only, nothing runs).
 
     An upper bound of a forward pass's working memory (runtimes free most feature maps as they go),
-    for :func:`segpipe.sliding_window.batch_size_for_memory`; recorded in ``bundle.json``.
+    for :func:`segpipe.inference.sliding_window.batch_size_for_memory`; recorded in ``bundle.json``.
     """
     import keras
 
@@ -202,7 +143,7 @@ def _write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_wr
     """The SavedModel: ``serving_default`` (windows) and, if possible, ``segment`` (raw scan -> labels)."""
     import keras
 
-    from segpipe import serving_graph
+    from segpipe.export import serving_graph
 
     archive = keras.export.ExportArchive()
     archive.track(net)
@@ -257,7 +198,7 @@ def write_bundle(
         openvino: write ``openvino/model.xml``: ``None`` (default) when ``openvino`` is installed
             (otherwise ``bundle.json`` records under ``formats_not_written`` why not), ``True``
             insists (error without it), ``False`` never.
-        segment: add the ``segment`` signature (raw scan -> labels, :mod:`segpipe.serving_graph`)
+        segment: add the ``segment`` signature (raw scan -> labels, :mod:`segpipe.export.serving_graph`)
             to the SavedModel; settings it cannot reproduce leave it out, recorded like a format.
         verify: load every exported format back and check it against Keras (``bundle.json``
             records ``verification``; ``False`` records that it was not run).
@@ -287,7 +228,7 @@ def write_bundle(
             not_written["openvino"] = 'openvino is not installed (pip install "segpipe[openvino]")'
     if not isinstance(preprocessing, PreprocessSettings):
         raise TypeError(f"Expected preprocessing to be a PreprocessSettings. Received: {type(preprocessing).__name__}")
-    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_object(inference or {})
+    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_mapping(inference or {})
     patch_size = tuple(int(s) for s in patch_size)
     if len(patch_size) != 3 or min(patch_size) < 1:
         raise ValueError(f"Expected patch_size of 3 positive sizes. Received: patch_size={list(patch_size)}")
@@ -300,9 +241,7 @@ def write_bundle(
     channel_names = [str(n) for n in channel_names] if channel_names else [f"channel_{i}" for i in range(in_channels)]
     if len(channel_names) != in_channels:
         raise ValueError(f"Expected one channel name per model input channel ({in_channels}). Received: {channel_names}")
-    bad = [c for c in inference.postprocess_largest_component if c >= num_classes]
-    if bad:
-        raise ValueError(f"Expected postprocess_largest_component values below the class count {num_classes}. Received: {bad}")
+    inference.check_classes(num_classes)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -326,7 +265,7 @@ def write_bundle(
             "classes": [{"value": v, "name": n} for v, n in enumerate(class_names)],
             "input_channels": in_channels,
             "channel_names": channel_names,
-            "orientation": "RAS",
+            "orientation": ORIENTATION,
             "preprocessing": preprocessing.to_dict(),
             "patch_size": list(patch_size),
             "inference": inference.to_dict(),
@@ -379,14 +318,17 @@ def export_run(
     """
     import keras
 
-    from segpipe.checkpoints import find_last_checkpoint
-    from segpipe.training import load_run_config
-
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    model_path = _checkpoint_path(run_dir, checkpoint, find_last_checkpoint)
+    run = RunDir(run_dir)
+    run_dir = run.path
+    config = run.config()
+    _, model_path = run.model_file(checkpoint)
     if preprocessing is None:
-        preprocessing = read_preprocessing(run_dir / "preprocessing.json")
+        preprocessing = run.preprocessing()
+    if preprocessing is None:
+        raise FileNotFoundError(expected(
+            "the run's resolved preprocessing (written at training time)", key="preprocessing.json",
+            received=Received(f"{run.preprocessing_json} (no such file)"),
+            hint="Pass preprocessing=PreprocessSettings(...) to export an older run."))
     try:
         model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
     except Exception as exc:
@@ -396,7 +338,7 @@ def export_run(
     if class_names is None:
         class_names, channel_names = _dataset_names(config.data.root, num_classes)
     if inference is None:
-        inference = InferenceSettings.from_object(config.inference)
+        inference = config.inference
     return write_bundle(
         model,
         Path(out_dir) if out_dir is not None else run_dir / "bundle",
@@ -411,17 +353,6 @@ def export_run(
         verify=verify,
         overwrite=overwrite,
     )
-
-
-def read_preprocessing(path: str | os.PathLike) -> PreprocessSettings:
-    """Rebuild :class:`PreprocessSettings` from a JSON dict (``dataclasses.asdict`` of it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Expected the run's resolved preprocessing in {path} (written at training time). "
-            f"Received: no such file; pass preprocessing=PreprocessSettings(...) to export an older run"
-        )
-    return _preprocessing_from_dict(read_json(path), str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,14 +410,18 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     if not isinstance(channel_names, list) or len(channel_names) != input_channels:
         raise BundleError(f"{where}: 'channel_names': expected {input_channels} names. Received: {channel_names!r}")
     orientation = get("orientation", str, "'RAS'")
-    if orientation != "RAS":
+    if orientation != ORIENTATION:
         raise BundleError(f"{where}: 'orientation': expected 'RAS' (the only one preprocessing produces). Received: {orientation!r}")
-    preprocessing = _preprocessing_from_dict(get("preprocessing", dict, "the preprocessing settings"), f"{where}: 'preprocessing'", BundleError)
+    try:
+        preprocessing = PreprocessSettings.from_dict(get("preprocessing", dict, "the preprocessing settings"),
+                                                     where=f"{where}: 'preprocessing'")
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
     patch_size = get("patch_size", list, "3 positive sizes")
     if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
         raise BundleError(f"{where}: 'patch_size': expected 3 positive integers. Received: {patch_size!r}")
     try:
-        inference = InferenceSettings.from_object(get("inference", dict, "the inference settings"))
+        inference = InferenceSettings.from_mapping(get("inference", dict, "the inference settings"))
     except (TypeError, ValueError) as exc:
         raise BundleError(f"{where}: 'inference': {exc}") from exc
     files = get("files", dict, "a mapping format -> file")
@@ -525,13 +460,13 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
     ``keras`` loads ``model.keras`` in safe mode, ``savedmodel`` the serving signature, ``onnx``
     an ONNX Runtime CPU session, ``openvino`` / ``openvino-bf16`` the OpenVINO CPU plugin in
     float32 / bfloat16, ``auto`` the fastest of them the bundle holds and this machine has
-    (:func:`segpipe.runtimes.choose_format`). The network's input channels and classes are checked
+    (:func:`segpipe.export.runtimes.choose_format`). The network's input channels and classes are checked
     against ``bundle.json``. The returned function has attributes ``format`` (the runtime used) and
     ``activation_bytes_per_voxel`` (from ``bundle.json``, for memory budgets).
 
     Args:
         bundle: a bundle or its folder.
-        format: a runtime name of :data:`segpipe.runtimes.RUNTIMES` or ``"auto"``.
+        format: a runtime name of :data:`segpipe.export.runtimes.RUNTIMES` or ``"auto"``.
         threads: CPU threads for ONNX Runtime and OpenVINO (``None``: their default, all cores).
 
     Raises:
@@ -566,36 +501,6 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def _preprocessing_from_dict(data: Any, where: str, error: type[Exception] = ValueError) -> PreprocessSettings:
-    if not isinstance(data, dict):
-        raise error(f"{where}: expected a JSON object of preprocessing settings. Received: {data!r}")
-    names = {f.name for f in dataclasses.fields(PreprocessSettings)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise error(f"{where}: unknown preprocessing setting(s) {unknown}. Expected keys out of {sorted(names)}")
-    try:
-        return PreprocessSettings(**data)
-    except (TypeError, ValueError) as exc:
-        raise error(f"{where}: {exc}") from exc
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str, find_last_checkpoint) -> Path:
-    if checkpoint == "best":
-        path = run_dir / "checkpoints" / "best.keras"
-    elif checkpoint == "final":
-        path = run_dir / "model.keras"
-    elif checkpoint == "last":
-        folder = find_last_checkpoint(run_dir / "checkpoints" / "last")
-        path = folder / "model.keras" if folder else run_dir / "checkpoints" / "last" / "model.keras"
-    else:
-        path = Path(checkpoint)
-        if path.suffix != ".keras":
-            raise ValueError(f"Invalid value for `checkpoint`. Expected one of {CHECKPOINTS} or a .keras file. Received: checkpoint={checkpoint!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"Expected the {checkpoint!r} checkpoint at {path}. Received: no such file")
-    return path
 
 
 def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
@@ -646,7 +551,7 @@ def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...
     """
     x = np.random.default_rng(0).normal(size=(1, *patch_size, in_channels)).astype(np.float32)
     reference = np.asarray(net.predict_on_batch(x))
-    stub = Bundle(folder, ("",) * reference.shape[-1], in_channels, (), PreprocessSettings(), "RAS",
+    stub = Bundle(folder, ("",) * reference.shape[-1], in_channels, (), PreprocessSettings(), ORIENTATION,
                   patch_size, InferenceSettings(), files, {}, {}, {})
     checks = [(fmt, VERIFY_TOLERANCE) for fmt in files if fmt != "keras"]
     if "openvino" in files:
@@ -662,15 +567,15 @@ def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...
 
 def _verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
                     inference: InferenceSettings) -> dict[str, float]:
-    """Labels of the ``segment`` signature against :func:`segpipe.predict.segment_volume` with Keras.
+    """Labels of the ``segment`` signature against the NumPy path with Keras.
 
-    The scan is random (2 windows per axis at the training spacing, with a zero margin to crop);
-    with a target spacing it comes 20 % finer along one axis, so resampling there and back runs.
+    The NumPy path is :func:`segpipe.inference.segment.segment_volume`'s steps (preprocess, sliding
+    window, probabilities back linearly, argmax; no post-processing, which the signature leaves out),
+    spelled out here because that module imports this one. The scan is random (2 windows per axis at
+    the training spacing, with a zero margin to crop); with a target spacing it comes 20 % finer
+    along one axis, so resampling there and back runs.
     """
     import tensorflow as tf
-
-    from segpipe.predict import segment_volume  # predict imports this module
-    from segpipe.sliding_window import keras_predict_fn
 
     rng = np.random.default_rng(0)
     target = np.asarray(preprocessing.target_spacing_mm or (1.0, 1.0, 1.0))
@@ -678,9 +583,12 @@ def _verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, pa
     shape = tuple(int(round(p * 1.25 * t / s)) + 2 for p, t, s in zip(patch_size, target, spacing))
     image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
     image[:2] = 0
-    expected = segment_volume(keras_predict_fn(net), image, np.diag([*spacing, 1.0]), preprocessing=preprocessing,
-                              patch_size=patch_size,  # the signature leaves post-processing out
-                              settings=dataclasses.replace(inference, postprocess_largest_component=())).labels
+    case = preprocess_volume(image, np.diag([*spacing, 1.0]), None, preprocessing)
+    probabilities = sliding_window_predict(keras_predict_fn(net), case.image, patch_size, overlap=inference.overlap,
+                                           mirror_axes=inference.mirror_axes, batch_size=inference.batch_size,
+                                           sigma_scale=inference.sigma_scale)
+    background = np.eye(probabilities.shape[-1], dtype=np.float32)[0]
+    expected = np.argmax(restore_to_original(probabilities, case.meta, order=1, fill_value=background), axis=-1)
     signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
     labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
     agreement = float((labels == expected).mean()) if labels.shape == expected.shape else 0.0

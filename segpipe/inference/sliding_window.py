@@ -19,7 +19,7 @@ of the whole-volume float32 Σ w·p and Σ w of a naive blend (4·(C + 1) bytes 
 
 Everything here is NumPy; the network is any callable mapping a float32 batch
 (B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so Keras, a SavedModel, ONNX Runtime and
-OpenVINO run through the same code (see :mod:`segpipe.runtimes`).
+OpenVINO run through the same code (see :mod:`segpipe.export.runtimes`).
 """
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ import math
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from segpipe.errors import SettingError
+from segpipe.inference.settings import MAX_OVERLAP, check_mirror_axes
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -100,10 +103,8 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
         >>> mirror_combinations([0, 2])
         [(), (0,), (2,), (0, 2)]
     """
-    axes = tuple(int(a) for a in mirror_axes)
-    if len(set(axes)) != len(axes) or any(a not in (0, 1, 2) for a in axes):
-        raise ValueError(f"Expected mirror_axes to be distinct spatial axes out of (0, 1, 2). Received: mirror_axes={list(mirror_axes)}")
-    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
+    axes = check_mirror_axes(mirror_axes)
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
 def pad_to_window(image: np.ndarray, window: Sequence[int]) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
@@ -140,7 +141,7 @@ def sliding_window_predict(
         image: channels-last preprocessed image (the network's input space).
         window: window (training patch) size; each side must suit the network (divisible by
             ``2 ** (depth - 1)`` for the U-Net).
-        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
+        overlap: fraction of a window shared with its neighbour along each axis, in [0, 0.95].
             Defaults to 0.5.
         mirror_axes: spatial axes (0, 1, 2) to mirror for test-time augmentation; every subset is
             predicted and averaged (``2 ** len(mirror_axes)`` passes). ``()`` switches it off.
@@ -279,7 +280,7 @@ def batch_size_for_memory(
 
     Per window it counts the float32 input, the output and its mirrored and weighted copies
     (``4 · (Cin + 3 · C)`` bytes per voxel) plus ``activation_bytes_per_voxel`` (the network's
-    intermediate feature maps per input voxel; :func:`segpipe.export.activation_bytes_per_voxel`
+    intermediate feature maps per input voxel; :func:`segpipe.export.bundle.activation_bytes_per_voxel`
     estimates it for a Keras model). At least 1.
 
     Example:
@@ -346,5 +347,5 @@ def _progress(total: int, enabled: bool):
 
 
 def _check_overlap(overlap: float) -> None:
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"Expected overlap in [0, 1). Received: overlap={overlap}")
+    if not 0.0 <= overlap <= MAX_OVERLAP:  # the rule of InferenceSettings, for direct callers
+        raise SettingError("overlap", f"a number in [0, {MAX_OVERLAP}]", overlap)

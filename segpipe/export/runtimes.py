@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from segpipe.sliding_window import PredictFn, keras_predict_fn
+from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ Per scan (:func:`segment_volume`):
 
 1. :func:`segpipe.data.preprocess.preprocess_volume` with the training preprocessing (reorient to
    RAS, crop to non-zero, normalise, resample to the target spacing);
-2. :func:`segpipe.sliding_window.sliding_window_predict` (Gaussian-weighted windows of the patch
+2. :func:`segpipe.inference.sliding_window.sliding_window_predict` (Gaussian-weighted windows of the patch
    size, mirroring test-time augmentation);
 3. :func:`segpipe.data.preprocess.restore_to_original` of the *probabilities* (linear
    interpolation; outside the crop box is background), so resampling never blurs a label map;
-4. argmax, then optionally :func:`segpipe.postprocess.keep_largest_component` per class.
+4. argmax, then optionally :func:`segpipe.inference.postprocess.keep_largest_component` per class.
 
 Memory, when probabilities are not asked for (:func:`segment_preprocessed`): the sliding window
 blends per output slab, and each finished slab is mapped back to the cropped grid row by row
@@ -18,7 +18,7 @@ of the probability path (to float rounding). No array of every class at full siz
 per input voxel is measured in tests/test_predict.py and docs/inference.md.
 
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
-this for files or folders using only a bundle (:mod:`segpipe.export`); ``predict.py`` is its CLI.
+this for files or folders using only a bundle (:mod:`segpipe.export.bundle`); ``predict.py`` is its CLI.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ import numpy as np
 
 from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
-from segpipe.export import Bundle, InferenceSettings, load_predictor, read_bundle
+from segpipe.export.bundle import Bundle, load_predictor, read_bundle
+from segpipe.inference.settings import InferenceSettings
 from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
-from segpipe.postprocess import keep_largest_component
-from segpipe.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
+from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -64,13 +65,13 @@ def segment_volume(
 
     Args:
         predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
-            e.g. :func:`segpipe.sliding_window.keras_predict_fn` or :func:`segpipe.export.load_predictor`.
+            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.export.bundle.load_predictor`.
         image: the raw scan, in its own orientation and spacing.
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
         patch_size: the sliding window (the training patch size).
         settings: overlap, mirroring, windows per call, Gaussian σ (see
-            :func:`segpipe.sliding_window.sliding_window_predict`) and the label values that keep
+            :func:`segpipe.inference.sliding_window.sliding_window_predict`) and the label values that keep
             only their largest component.
         return_probabilities: also return the probabilities on the scan's grid.
         progress: progress bar over the windows.
@@ -137,7 +138,7 @@ def labels_from_slabs(slabs: Iterable[tuple[slice, np.ndarray]], meta: dict[str,
     """``argmax(restore_probabilities(probabilities, meta))`` from probabilities that arrive slab by slab.
 
     ``slabs`` are ``(rows, probabilities)`` covering axis 0 of the preprocessed grid in order (as
-    :func:`segpipe.sliding_window.iter_blended_slabs` yields them). Linear resampling is separable,
+    :func:`segpipe.inference.sliding_window.iter_blended_slabs` yields them). Linear resampling is separable,
     so each row of the cropped grid is interpolated along axis 0 from its two nearest input rows
     (edge-aligned, edges extended, as :func:`segpipe.data.preprocess.resample`) and then in-plane
     per class with ``resample`` itself; rows no later output row needs are dropped at once.
@@ -251,12 +252,12 @@ def predict_files(
     """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
 
     Args:
-        bundle: a bundle folder or a :class:`segpipe.export.Bundle`.
+        bundle: a bundle folder or a :class:`segpipe.export.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
         output_dir: where label maps go; must not be an input folder.
         format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
             ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
-            has (see :mod:`segpipe.runtimes`).
+            has (see :mod:`segpipe.export.runtimes`).
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
         save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.
@@ -273,16 +274,9 @@ def predict_files(
     sources = {p.parent.resolve() for c in cases for p in c.image_paths}
     if output_dir.resolve() in sources:
         raise ValueError(f"Expected an output folder other than the input folder (outputs would replace inputs). Received: --output {output_dir}")
-    overrides: dict[str, Any] = {
-        "overlap": overlap, "mirror_axes": mirror_axes, "batch_size": batch_size,
-        "postprocess_largest_component": postprocess_largest_component,
-    }
-    settings = InferenceSettings.from_object(
-        {**bundle.inference.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-    )
-    bad = [c for c in settings.postprocess_largest_component if c >= bundle.num_classes]
-    if bad:
-        raise ValueError(f"Expected postprocess classes below the bundle's {bundle.num_classes} classes. Received: {bad}")
+    settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
+                                        postprocess_largest_component=postprocess_largest_component)
+    settings.check_classes(bundle.num_classes)
     predict_fn = load_predictor(bundle, format)
 
     written = []

@@ -22,7 +22,7 @@ in the graph, with the bundle's settings baked in at export:
    ``scatter_nd`` per row, because a per-window update of a whole-volume tensor copies it;
 5. probabilities resampled back linearly to the cropped grid, argmax, background outside the box.
 
-It reproduces :func:`segpipe.predict.segment_volume` up to float rounding (the tests require
+It reproduces :func:`segpipe.inference.segment.segment_volume` up to float rounding (the tests require
 ≥ 99.9 % equal labels on an anisotropic, non-RAS scan). Not in the graph:
 ``postprocess_largest_component`` (connected components; apply them outside) and reorientation.
 Memory: the whole-volume float32 probabilities live in the graph (4·C bytes per voxel, plus
@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from segpipe.data.preprocess import PreprocessSettings
-from segpipe.sliding_window import gaussian_importance_map, mirror_combinations
+from segpipe.inference.sliding_window import gaussian_importance_map, mirror_combinations
 
 SEGMENT_INPUTS = ("image", "spacing_mm")
 SUPPORTED_IMAGE_ORDERS = (1, 3)
@@ -209,7 +209,7 @@ def _axis_gaussians(window: Sequence[int], sigma_scale: float) -> _AxisGaussians
 
 
 def _window_starts(size, window: int, step: float):
-    """:func:`segpipe.sliding_window.window_starts` in the graph (round half to even as Python's round)."""
+    """:func:`segpipe.inference.sliding_window.window_starts` in the graph (round half to even as Python's round)."""
     import tensorflow as tf
 
     extra = tf.cast(size - window, tf.float64)
