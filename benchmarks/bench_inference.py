@@ -18,8 +18,8 @@ windows per call, Gaussian weighting (σ = 0.125 of the window) and mirroring (e
 predicted under the 8 flips, flipped back and averaged inside the predictor), z-scored input,
 argmax of the stitched probabilities.
 
-Every cell runs in its own subprocess, so its peak RSS (``VmHWM``: runtime, model and volume)
-is its own. A cell is measured (median of up to ``--repeats`` runs) when its runs fit
+Every runtime runs in its own subprocess, its cells from the smallest volume up, so the peak RSS
+read after a cell (``VmHWM``: runtime, model and volume so far) is that cell's. A cell is measured (median of up to ``--repeats`` runs) when its runs fit
 ``--budget-s``, else estimated as (non-network time) + network calls × seconds per call, both
 measured in that subprocess; estimated cells are marked ``~``. ``--memory-shape`` adds the peak RSS
 of a labels-only 512×512×300 volume with the runtime loaded and called once, the windows then
@@ -85,28 +85,27 @@ def worker_export(folder: str, patch: int) -> dict:
     return {"files": sorted(meta["files"]), "verification": meta["verification"], "params": model.count_params()}
 
 
-def worker_segpipe(bundle: str, runtime: str, size: int, patch: int, mirror: bool, args) -> dict:
+def worker_segpipe(bundle: str, runtime: str, cells: list[tuple[int, bool]], patch: int, args) -> list[dict]:
     import numpy as np
 
     import segpipe  # noqa: F401
     from segpipe.export.bundle import load_predictor, read_bundle
-    from segpipe.inference.settings import InferenceSettings
     from segpipe.inference.segment import segment_volume
+    from segpipe.inference.settings import InferenceSettings
 
     b = read_bundle(bundle)
     predict_fn = load_predictor(b, runtime, threads=args.threads)
-    settings = InferenceSettings(overlap=args.overlap, mirror_axes=(0, 1, 2) if mirror else (), batch_size=args.batch_size)
-    image = np.random.default_rng(size).normal(100, 20, size=(size,) * 3).astype(np.float32)
 
-    def run(fn):
+    def run(fn, image, mirror):
+        settings = InferenceSettings(overlap=args.overlap, mirror_axes=(0, 1, 2) if mirror else (), batch_size=args.batch_size)
         start = time.perf_counter()
         segment_volume(fn, image, np.eye(4), preprocessing=b.preprocessing, patch_size=b.patch_size, settings=settings)
         return time.perf_counter() - start
 
-    return _measure(lambda: run(predict_fn), lambda: run(_free_network), predict_fn, size, patch, mirror, args)
+    return _measure_cells(run, predict_fn, _free_network, cells, patch, args)
 
 
-def worker_monai(size: int, patch: int, mirror: bool, args) -> dict:
+def worker_monai(cells: list[tuple[int, bool]], patch: int, args) -> list[dict]:
     import numpy as np
     import torch
     from monai.inferers import sliding_window_inference
@@ -115,41 +114,47 @@ def worker_monai(size: int, patch: int, mirror: bool, args) -> dict:
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     model = build_torch_unet(1, NUM_CLASSES, base=16, depth=4).eval()
-    flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if mirror else [])
-    image = np.random.default_rng(size).normal(100, 20, size=(size,) * 3).astype(np.float32)
+    every_flip = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
 
-    def predictor(x):
-        total = None
-        for axes in flips:
-            p = torch.softmax(model(torch.flip(x, axes) if axes else x), 1)
-            p = torch.flip(p, axes) if axes else p
-            total = p if total is None else total + p
-        return total / len(flips)
+    def mirrored(net, flips):
+        def predictor(x):
+            total = None
+            for axes in flips:
+                p = net(torch.flip(x, axes) if axes else x)
+                p = torch.flip(p, axes) if axes else p
+                total = p if total is None else total + p
+            return total / len(flips)
+        return predictor
 
-    def run(net):
+    network = lambda x: torch.softmax(model(x), 1)  # noqa: E731
+
+    def run(net, image, mirror):
         start = time.perf_counter()
         with torch.inference_mode():
             x = torch.from_numpy((image - image.mean()) / image.std())[None, None]
-            probabilities = sliding_window_inference(x, (patch,) * 3, args.batch_size, net, overlap=args.overlap,
+            probabilities = sliding_window_inference(x, (patch,) * 3, args.batch_size,
+                                                     mirrored(net, every_flip if mirror else [()]), overlap=args.overlap,
                                                      mode="gaussian", sigma_scale=0.125, padding_mode="constant")
             labels = torch.argmax(probabilities[0], 0).to(torch.uint8).numpy()
         assert labels.shape == image.shape
         return time.perf_counter() - start
 
-    def free(x):
-        return torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), 1.0 / NUM_CLASSES)
-
-    def call(x):
+    def call(x):  # channels-last NumPy batch, as segpipe's runtimes take it
         with torch.inference_mode():
-            return predictor(torch.from_numpy(x).permute(0, 4, 1, 2, 3)).numpy()
+            return network(torch.from_numpy(x).permute(0, 4, 1, 2, 3)).numpy()
 
-    call.mirrored = True
-    return _measure(lambda: run(predictor), lambda: run(free), call, size, patch, mirror, args,
-                    params=sum(p.numel() for p in model.parameters()))
+    free = lambda x: torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), 1.0 / NUM_CLASSES)  # noqa: E731
+    results = _measure_cells(lambda net, image, mirror: run(network if net is call else free, image, mirror),
+                             call, free, cells, patch, args)
+    for r in results:
+        r["params"] = sum(p.numel() for p in model.parameters())
+    return results
 
 
-def _measure(run, run_free, predict_fn, size, patch, mirror, args, **extra) -> dict:
-    """Estimate the cell from one batch's call time, then measure it if its runs fit the budget."""
+def _measure_cells(run, predict_fn, free_fn, cells, patch, args) -> list[dict]:
+    """Per cell: an estimate from one batch's call time and the non-network time, then measured runs
+    if they fit the budget. Cells go from small to large volumes, so the peak RSS read after each
+    (the process's peak so far) is that cell's."""
     import numpy as np
 
     x = np.random.default_rng(0).normal(size=(args.batch_size, patch, patch, patch, 1)).astype(np.float32)
@@ -160,14 +165,18 @@ def _measure(run, run_free, predict_fn, size, patch, mirror, args, **extra) -> d
         predict_fn(x)
         calls.append(time.perf_counter() - start)
     per_call = statistics.median(calls)
-    passes = 8 if mirror and not getattr(predict_fn, "mirrored", False) else 1  # MONAI's call mirrors inside
-    windows = _windows(size, patch, args.overlap)
-    overhead = run_free()
-    estimate = overhead + -(-windows // args.batch_size) * passes * per_call
-    repeats = min(args.repeats, int(args.budget_s // estimate))
-    times = [run() for _ in range(repeats)]
-    return {"per_call": per_call, "overhead": overhead, "estimate": estimate, "times": times, "windows": windows,
-            "peak_rss_gib": peak_rss_gib(), **extra}
+    results = []
+    for size, mirror in sorted(cells):
+        image = np.random.default_rng(size).normal(100, 20, size=(size,) * 3).astype(np.float32)
+        windows = _windows(size, patch, args.overlap)
+        overhead = run(free_fn, image, mirror)
+        estimate = overhead + -(-windows // args.batch_size) * (8 if mirror else 1) * per_call
+        repeats = min(args.repeats, int(args.budget_s // estimate))
+        times = [run(predict_fn, image, mirror) for _ in range(repeats)]
+        results.append({"size": size, "mirror": mirror, "per_call": per_call, "overhead": overhead, "estimate": estimate,
+                        "times": times, "windows": windows, "peak_rss_gib": peak_rss_gib(),
+                        "load": os.getloadavg()[0]})
+    return results
 
 
 def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> dict:
@@ -191,6 +200,10 @@ def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> di
 
 
 # ---------------------------------------------------------------------------------------------- driver
+
+
+def _cells(spec: str) -> list[tuple[int, bool]]:
+    return [(int(size), mirror == "1") for size, mirror in (cell.split(":") for cell in spec.split(","))]
 
 
 def _spawn(args, *worker_args) -> dict | None:
@@ -236,9 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "export":
             result = worker_export(rest[0], int(rest[1]))
         elif kind == "segpipe":
-            result = worker_segpipe(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4] == "on", args)
+            result = worker_segpipe(rest[0], rest[1], _cells(rest[2]), int(rest[3]), args)
         elif kind == "monai":
-            result = worker_monai(int(rest[0]), int(rest[1]), rest[2] == "on", args)
+            result = worker_monai(_cells(rest[0]), int(rest[1]), args)
         else:
             result = worker_memory(rest[0], rest[1], tuple(int(s) for s in rest[2:5]), args)
         print(json.dumps(result))
@@ -253,19 +266,20 @@ def main(argv: list[str] | None = None) -> None:
         bundle = str(Path(tmp) / "bundle")
         print(f"bundle files {exported['files']}, verification {exported['verification']}", flush=True)
         rows = []
-        for size in args.sizes:
-            for mirror in args.mirror:
-                for runtime in args.runtimes:
-                    if runtime != "monai" and runtime.split("-")[0] not in exported["files"]:
-                        print(f"  {runtime}: not in the bundle (runtime not installed)", flush=True)
-                        continue
-                    result = (_spawn(args, "monai", size, args.patch, mirror) if runtime == "monai"
-                              else _spawn(args, "segpipe", bundle, runtime, size, args.patch, mirror))
-                    if result is None:
-                        continue
-                    rows.append((size, mirror, runtime, result))
-                    print(f"  {size}³ mirror {mirror} {runtime}: {_cell(result)} s, per call {result['per_call']:.3f} s, "
-                          f"peak {result['peak_rss_gib']:.2f} GiB  [{time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f}]", flush=True)
+        cells = [(size, mirror == "on") for size in args.sizes for mirror in args.mirror]
+        spec = ",".join(f"{size}:{int(mirror)}" for size, mirror in cells)
+        for runtime in args.runtimes:
+            if runtime != "monai" and runtime.split("-")[0] not in exported["files"]:
+                print(f"  {runtime}: not in the bundle (runtime not installed)", flush=True)
+                continue
+            results = (_spawn(args, "monai", spec, args.patch) if runtime == "monai"
+                       else _spawn(args, "segpipe", bundle, runtime, spec, args.patch))
+            for result in results or []:
+                rows.append((result["size"], "on" if result["mirror"] else "off", runtime, result))
+                print(f"  {result['size']}³ mirror {rows[-1][1]} {runtime}: {_cell(result)} s, estimate {result['estimate']:.1f} s, "
+                      f"per call {result['per_call']:.3f} s, peak {result['peak_rss_gib']:.2f} GiB  "
+                      f"[{time.time() - started:.0f} s, load {result['load']:.1f}]", flush=True)
+        rows.sort(key=lambda r: (r[0], r[1], [*SEGPIPE_RUNTIMES, "monai"].index(r[2])))
         memory = None
         if args.memory_shape:
             measured = [r for r in rows if r[2] != "monai"]
@@ -278,13 +292,13 @@ def main(argv: list[str] | None = None) -> None:
           f"(depth 4, 16 filters, {NUM_CLASSES} classes, {exported['params']:,} parameters), labels only; "
           f"threads: runtimes' default, torch {args.torch_threads}; {time.time() - started:.0f} s in all; "
           f"load average after: {os.getloadavg()[0]:.1f}\n")
-    print("| volume | mirroring | runtime | seconds per volume | vs keras | peak RSS (GiB) | s per call | not network (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| volume | mirroring | runtime | seconds per volume | vs keras | peak RSS (GiB) | estimate (s) | s per call | not network (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size, mirror, runtime, result in rows:
         reference = next((r for s, m, rt, r in rows if s == size and m == mirror and rt == "keras"), None)
         ratio = f"{_seconds(result) / _seconds(reference):.2f}×" if reference else ""
         print(f"| {size}³ | {mirror} | {runtime} | {_cell(result)} | {ratio} | {result['peak_rss_gib']:.2f} | "
-              f"{result['per_call']:.3f} | {result['overhead']:.1f} |")
+              f"{result['estimate']:.1f} | {result['per_call']:.3f} | {result['overhead']:.1f} |")
     if memory and memory[1]:
         runtime, m = memory
         print(f"\npeak RSS, {'×'.join(map(str, args.memory_shape))} labels only, {runtime} loaded: {m['peak_rss_gib']:.2f} GiB "
