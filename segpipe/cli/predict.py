@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.export.bundle import BundleError, export_run
 from segpipe.export.runtimes import RUNTIMES
+from segpipe.inference.segment import predict_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from segpipe.export.bundle import BundleError
-    from segpipe.inference.segment import predict_files
-
     try:
         written = predict_files(
             args.model, args.input, args.output, format=args.format,
@@ -69,8 +68,6 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help='also write model.onnx (pip install "segpipe[onnx]")')
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     args = parser.parse_args(argv)
-
-    from segpipe.export.bundle import BundleError, export_run
 
     try:
         out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.config import ConfigError, load_config
+from segpipe.errors import Received, expected
+from segpipe.runs.rundir import RunDir
+from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
@@ -49,10 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
     args = parser.parse_args(argv)
 
-    from segpipe.config import ConfigError, load_config
-    from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
-    from segpipe.runs.rundir import RunDir
-
     try:
         if isinstance(args.resume, str):
             if args.config or args.set or args.experiment or args.folds is not None or args.fold:
@@ -84,10 +84,10 @@ def default_config_path() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"Expected --config FILE, or a default config at {' or '.join(str(p) for p in candidates)}. "
-        f"Received: no --config, and neither file exists (segpipe installed from a wheel? pass --config)"
-    )
+    raise FileNotFoundError(expected(
+        f"--config FILE, or a default config at {' or '.join(str(p) for p in candidates)}", key="--config",
+        received=Received("<not given>, and neither file exists"), hint="segpipe installed from a wheel? Pass --config.",
+    ))
 
 
 def _config_paths(patterns: list[str]) -> list[str]:
@@ -97,7 +97,8 @@ def _config_paths(patterns: list[str]) -> list[str]:
         if not Path(pattern).exists() and any(c in pattern for c in "*?["):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise FileNotFoundError(f"--config: expected files matching {pattern!r}. Received: none")
+                raise FileNotFoundError(expected("a pattern that matches config files", key="--config",
+                                                 received=Received(f"{pattern!r} (matches none)")))
             paths += matches
         else:
             paths.append(pattern)

@@ -48,6 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import segpipe
+from segpipe.data.layouts import load_dataset
 from segpipe.data.preprocess import ORIENTATION, PreprocessSettings, preprocess_volume, restore_to_original
 from segpipe.errors import Received, expected
 from segpipe.export import runtimes
@@ -505,8 +506,6 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
 
 def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
     """Class and channel names from the run's dataset; generic names if it cannot be read."""
-    from segpipe.data.layouts import load_dataset
-
     try:
         dataset = load_dataset(root)
     except (OSError, ValueError) as exc:

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 from nibabel.orientations import io_orientation, ornt_transform
 
-from segpipe.data.layouts import Case, Dataset, read_case_image, read_case_label
 from segpipe.arrays import bounding_box, seed_from_text
+from segpipe.data.layouts import Case, Dataset, read_case_image, read_case_label
 from segpipe.data.preprocess import RAS_ORNT
-from segpipe.parallel import parallel_map
 from segpipe.io import read_json, write_json
+from segpipe.parallel import parallel_map
 
 FINGERPRINT_VERSION = 1
 

@@ -7,7 +7,9 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     preprocessing.json   the resolved preprocessing settings (PreprocessSettings as a dict)
     status.json          "running", "interrupted" (stopped by a signal, after a checkpoint) or "finished"
     run_info.json        seed, resolved config, split, distribution, versions, git commit
-    history.csv          one row per finished epoch (loss, val_loss, per-class Dice, ...)
+    history.csv          one row per finished epoch (loss, val_loss, per-class Dice, ..., learning_rate)
+    epoch_times.csv      seconds per finished epoch (wall clock; apart so histories stay reproducible)
+    progress.png         the history as a picture, redrawn after every epoch (segpipe.reports.progress)
     tensorboard/         TensorBoard logs
     checkpoints/last/    model.keras + state.json of the last finished epoch or stop (crash-safe;
                          ``last.old/`` stands in while a new one is swapped in)
@@ -15,7 +17,7 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     model.keras          the final model
     bundle/              the deployable bundle (segpipe.export)
     predictions/         ``evaluate.py RUN_DIR``: the validation cases, predicted
-    evaluation/          ``evaluate.py RUN_DIR``: per_case.csv, summary.json, references/
+    evaluation/          ``evaluate.py RUN_DIR``: per_case.csv, summary.json, report.html, overlays/, references/
 
 No TensorFlow here: comparing and evaluating runs read run directories without it.
 """
@@ -24,14 +26,12 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from segpipe.config import Config, load_config, to_yaml
+from segpipe.data.preprocess import PreprocessSettings
 from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json, write_text
-
-if TYPE_CHECKING:
-    from segpipe.config import Config
-    from segpipe.data.preprocess import PreprocessSettings
 
 MODEL_CHOICES = ("best", "last", "final")
 STATUSES = ("running", "interrupted", "finished")
@@ -61,7 +61,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def of(cls, config: "Config") -> "RunDir":
+    def of(cls, config: Config) -> "RunDir":
         """``<output_dir>/<name>``, or ``<output_dir>/<experiment>/<name>`` when the run belongs to an experiment."""
         return cls(Path(config.output_dir) / (config.experiment or "") / str(config.name))
 
@@ -79,6 +79,8 @@ class RunDir:
     status_json = property(lambda self: self.path / "status.json")
     run_info_json = property(lambda self: self.path / "run_info.json")
     history_csv = property(lambda self: self.path / "history.csv")
+    epoch_times_csv = property(lambda self: self.path / "epoch_times.csv")
+    progress_png = property(lambda self: self.path / "progress.png")
     tensorboard_dir = property(lambda self: self.path / "tensorboard")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     last_checkpoint_dir = property(lambda self: self.path / "checkpoints" / "last")
@@ -94,10 +96,8 @@ class RunDir:
 
     # ------------------------------------------------------------ readers
 
-    def config(self) -> "Config":
+    def config(self) -> Config:
         """The resolved config the run was trained with."""
-        from segpipe.config import load_config
-
         if not self.is_run():
             raise FileNotFoundError(expected("a run directory with config.yaml", key="run_dir", received=str(self.path)))
         return load_config(self.config_yaml)
@@ -114,10 +114,8 @@ class RunDir:
         """The run's split (``{"train": [...], "val": [...], ...}``), or None before it was written."""
         return read_json(self.splits_json) if self.splits_json.is_file() else None
 
-    def preprocessing(self) -> "PreprocessSettings | None":
+    def preprocessing(self) -> PreprocessSettings | None:
         """The resolved preprocessing settings of training, or None before they were written."""
-        from segpipe.data.preprocess import PreprocessSettings
-
         path = self.preprocessing_json
         return PreprocessSettings.from_dict(read_json(path), where=str(path)) if path.is_file() else None
 
@@ -178,15 +176,13 @@ class RunDir:
 
     # ------------------------------------------------------------ writers (atomic, segpipe.io)
 
-    def write_config(self, config: "Config") -> None:
-        from segpipe.config import to_yaml
-
+    def write_config(self, config: Config) -> None:
         write_text(self.config_yaml, to_yaml(config))
 
     def write_split(self, split: dict[str, Any]) -> None:
         write_json(self.splits_json, split)
 
-    def write_preprocessing(self, settings: "PreprocessSettings") -> None:
+    def write_preprocessing(self, settings: PreprocessSettings) -> None:
         write_json(self.preprocessing_json, settings.to_dict())
 
     def write_status(self, status: str) -> None:

@@ -9,23 +9,30 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import keras
+
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
-from segpipe.data.pipeline import open_dataset, prepare_data
+from segpipe.data.loader import make_datasets, train_dataset, train_sampler
+from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
+from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
-from segpipe.errors import expected
+from segpipe.losses import DeepSupervisionLoss, get_loss
+from segpipe.metrics.streaming import PerClassDice
+from segpipe.models.unet3d import build_unet3d
 from segpipe.runs.rundir import RunDir
+from segpipe.training import distributed
+from segpipe.training.checkpoints import RunCheckpoint, check_free_space, check_writable, read_state, save_model_atomic
+from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
+from segpipe.training.interrupts import StopRequest, TrainingInterrupted
+from segpipe.training.loop import LoopPosition, TrainingLoop
+from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from segpipe.data.pipeline import PreparedData
-    from segpipe.training.distributed import ShardSpec, WorkerInfo
-    from segpipe.training.loop import LoopPosition
 
-
-def build_model(config: Config, in_channels: int, num_classes: int):
-    from segpipe.models.unet3d import build_unet3d
-
+def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Model:
+    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled)."""
     m = config.model
     return build_unet3d(
         in_channels,
@@ -39,9 +46,8 @@ def build_model(config: Config, in_channels: int, num_classes: int):
     )
 
 
-def build_optimizer(config: Config):
-    import keras
-
+def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps."""
     t = config.train
     total_steps = t.epochs * t.steps_per_epoch
     if t.lr_schedule == "poly":
@@ -59,10 +65,10 @@ def build_optimizer(config: Config):
 
 def build_loss(config: Config, num_classes: int):
     """The configured loss, checked against the dataset's classes (before any data is loaded)."""
-    from segpipe.losses import DeepSupervisionLoss, get_loss
-
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
+    except SettingError as exc:  # keyed by the loss option: add the section's path once
+        raise ConfigError(str(exc.with_prefix("loss."))) from exc
     except ValueError as exc:
         raise ConfigError(f"loss: {exc}") from exc
     if config.model.deep_supervision:
@@ -72,7 +78,6 @@ def build_loss(config: Config, num_classes: int):
 
 
 def compile_model(model, config: Config, class_names: list[str]) -> None:
-    from segpipe.metrics.streaming import PerClassDice
 
     dice = PerClassDice(class_names, name="dice")
     # with deep supervision, the Dice metric watches the full-resolution output only
@@ -93,9 +98,6 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
         StorageError: the run directory cannot be written (checked before any work).
     """
-    from segpipe.training import distributed
-    from segpipe.training.checkpoints import check_writable, read_state
-    from segpipe.training.run_info import enable_determinism
 
     # multi_worker: the strategy must be set up before TensorFlow runs anything else
     distributed.warn_if_tf_config_unused(config.train.distribute)
@@ -150,10 +152,10 @@ def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is
     if run.status() == "finished":
         return False
     if run.path.exists() and any(run.path.iterdir()) and not resume:
-        raise FileExistsError(
-            f"Run directory {run.path} holds an unfinished run. Use --resume to continue it, "
-            f"--overwrite to start again, or --set name=... for a new run."
-        )
+        raise FileExistsError(expected(
+            "a new or finished run directory", key="run_dir", received=Received(f"{run.path} (holds an unfinished run)"),
+            hint="Use --resume to continue it, --overwrite to start again, or --set name=... for a new run.",
+        ))
     if resume:
         check_resumed_config(run.path, config)
     return True
@@ -173,13 +175,6 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
                  run_dir: Path, out: RunDir, checkpoint: Path | None, state: dict[str, Any],
                  verbose: int | None) -> None:
     """Build (or restore) the model under the strategy, train it with the project's loop, save it."""
-    import keras
-
-    from segpipe.training import distributed
-    from segpipe.training.checkpoints import RunCheckpoint, check_free_space, save_model_atomic
-    from segpipe.training.interrupts import StopRequest, TrainingInterrupted
-    from segpipe.training.loop import LoopPosition, TrainingLoop
-    from segpipe.training.run_info import write_run_info
 
     t = config.train
     model = _build_or_restore_model(config, prepared, strategy, checkpoint)
@@ -193,7 +188,7 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
     run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
-                                   steps_per_epoch=t.steps_per_epoch)
+                                   steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief)
     callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
@@ -218,8 +213,6 @@ def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
 def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
                             checkpoint: Path | None):
     """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``."""
-    import keras
-
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
@@ -234,8 +227,6 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
             position: "LoopPosition"):
     """The distributed training input from ``position`` on (samples already seen: the data RNG position), and the
     validation dataset."""
-    from segpipe.training import distributed
-    from segpipe.data.loader import make_datasets
 
     batch = config.data.batch_size
     start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
@@ -258,8 +249,6 @@ def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "W
 def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
     """multi_worker: this worker's training batches, its disjoint share of every global batch (the run's
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
-    from segpipe.data.loader import train_dataset, train_sampler
-    from segpipe.training.distributed import ShardedSampler
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
     return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
@@ -274,10 +263,11 @@ def check_resumed_config(run_dir: Path, config: Config) -> None:
     saved = run.config().to_dict()
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config.to_dict())]
     if changes:
-        raise ConfigError(
-            f"Cannot resume {run_dir}: expected the config it was started with ({run.config_yaml}). "
-            f"Received changes: {'; '.join(changes)}. Undo them, or use --overwrite to train it again with the new config"
-        )
+        raise ConfigError(expected(
+            f"the config the run was started with ({run.config_yaml}), to resume it", key="config",
+            received=Received(f"changes {'; '.join(changes)}"), where=str(run_dir),
+            hint="Undo them, or use --overwrite to train it again with the new config.",
+        ))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
