@@ -88,7 +88,7 @@ def worker_export(folder: str, patch: int) -> dict:
 def worker_segpipe(bundle: str, runtime: str, cells: list[tuple[int, bool]], patch: int, args) -> list[dict]:
     import numpy as np
 
-    import segpipe  # noqa: F401
+    import segpipe  # noqa: F401  (TensorFlow environment)
     from segpipe.export.bundle import load_predictor, read_bundle
     from segpipe.inference.segment import segment_volume
     from segpipe.inference.settings import InferenceSettings
@@ -106,7 +106,6 @@ def worker_segpipe(bundle: str, runtime: str, cells: list[tuple[int, bool]], pat
 
 
 def worker_monai(cells: list[tuple[int, bool]], patch: int, args) -> list[dict]:
-    import numpy as np
     import torch
     from monai.inferers import sliding_window_inference
     from torch_unet import build_torch_unet
@@ -182,7 +181,7 @@ def _measure_cells(run, predict_fn, free_fn, cells, patch, args) -> list[dict]:
 def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> dict:
     import numpy as np
 
-    import segpipe  # noqa: F401
+    import segpipe  # noqa: F401  (TensorFlow environment)
     from segpipe.export.bundle import load_predictor, read_bundle
     from segpipe.inference.settings import InferenceSettings
     from segpipe.inference.segment import segment_volume

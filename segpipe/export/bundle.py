@@ -51,7 +51,7 @@ import segpipe
 from segpipe.data.layouts import load_dataset
 from segpipe.data.preprocess import ORIENTATION, PreprocessSettings, preprocess_volume, restore_to_original
 from segpipe.errors import Received, expected
-from segpipe.export import runtimes
+from segpipe.export import runtimes, serving_graph
 from segpipe.export.runtimes import BF16_TOLERANCE
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, keras_predict_fn, sliding_window_predict
@@ -143,8 +143,6 @@ def _write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_wr
                       preprocessing: PreprocessSettings, patch_size: tuple[int, ...], inference: InferenceSettings) -> list[str]:
     """The SavedModel: ``serving_default`` (windows) and, if possible, ``segment`` (raw scan -> labels)."""
     import keras
-
-    from segpipe.export import serving_graph
 
     archive = keras.export.ExportArchive()
     archive.track(net)
