@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=200.0, help="measure a cell only if its runs fit this budget")
     parser.add_argument("--memory-shape", type=int, nargs=3, default=[512, 512, 300])
-    parser.add_argument("--memory-runtime", default="fastest", help="runtime for the memory cell (default: the fastest measured)")
+    parser.add_argument("--memory-runtimes", nargs="+", default=["fastest", "keras"],
+                        help="runtimes for the memory cell ('fastest': the fastest segpipe runtime of the table)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -279,13 +280,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"per call {result['per_call']:.3f} s, peak {result['peak_rss_gib']:.2f} GiB  "
                       f"[{time.time() - started:.0f} s, load {result['load']:.1f}]", flush=True)
         rows.sort(key=lambda r: (r[0], r[1], [*SEGPIPE_RUNTIMES, "monai"].index(r[2])))
-        memory = None
+        memory = []
         if args.memory_shape:
             measured = [r for r in rows if r[2] != "monai"]
-            runtime = args.memory_runtime
-            if runtime == "fastest":
-                runtime = min(measured, key=lambda r: _seconds(r[3]))[2] if measured else "keras"
-            memory = (runtime, _spawn(args, "memory", bundle, runtime, *args.memory_shape))
+            fastest = min(measured, key=lambda r: _seconds(r[3]))[2] if measured else "keras"
+            for runtime in dict.fromkeys(fastest if r == "fastest" else r for r in args.memory_runtimes):
+                memory.append((runtime, _spawn(args, "memory", bundle, runtime, *args.memory_shape)))
 
     print(f"\nbatch {args.batch_size} windows per call, overlap {args.overlap}, window {args.patch}³, default U-Net "
           f"(depth 4, 16 filters, {NUM_CLASSES} classes, {exported['params']:,} parameters), labels only; "
@@ -298,11 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{_seconds(result) / _seconds(reference):.2f}×" if reference else ""
         print(f"| {size}³ | {mirror} | {runtime} | {_cell(result)} | {ratio} | {result['peak_rss_gib']:.2f} | "
               f"{result['estimate']:.1f} | {result['per_call']:.3f} | {result['overhead']:.1f} |")
-    if memory and memory[1]:
-        runtime, m = memory
-        print(f"\npeak RSS, {'×'.join(map(str, args.memory_shape))} labels only, {runtime} loaded: {m['peak_rss_gib']:.2f} GiB "
-              f"({m['peak_rss_gib'] * 2**30 / m['voxels']:.1f} bytes per voxel in all; {m['seconds_without_network']:.0f} s without the network)")
-
+    for runtime, m in memory:
+        if m:
+            print(f"\npeak RSS, {'×'.join(map(str, args.memory_shape))} labels only, {runtime} loaded: {m['peak_rss_gib']:.2f} GiB "
+                  f"({m['peak_rss_gib'] * 2**30 / m['voxels']:.1f} bytes per voxel in all; {m['seconds_without_network']:.0f} s without the network)")
 
 if __name__ == "__main__":
     main()
