@@ -159,3 +159,139 @@ def test_a_corrupt_or_mismatched_model_file_is_a_clear_error(trained, tmp_path):
         load_predictor(bundle, "savedmodel")
     with pytest.raises(BundleError, match="Expected a bundle folder. Received: .*nowhere"):
         read_bundle(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------- runtimes
+
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+def trained_tiny_model():
+    """A tiny U-Net trained for a few seconds to find the bright ellipsoid of phantom scans, so its
+    label maps have two sizeable classes (an untrained one predicts one class almost everywhere)."""
+    import keras
+    from inference_helpers import phantom_scan
+    from scipy import ndimage
+
+    from segpipe.data.preprocess import preprocess_volume
+
+    model = tiny_model(depth=3, deep_supervision=False, seed=4)
+    xs, ys = [], []
+    for seed in (10, 11):
+        image = preprocess_volume(phantom_scan((34, 30, 20), seed=seed), np.eye(4), None, PREPROCESSING).image[:32, :24, :12]
+        bright = image[..., 0] > 1.0
+        rim = ndimage.binary_dilation(bright, iterations=2) & ~bright
+        ys.append(np.eye(3, dtype=np.float32)[np.where(bright, 1, np.where(rim, 2, 0))])
+        xs.append(image)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    model.fit(np.stack(xs), np.stack(ys), epochs=60, batch_size=2, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    model = trained_tiny_model()
+    out = write_bundle(model, tmp_path_factory.mktemp("segment") / "bundle", class_names=["background", "organ", "lesion"],
+                       preprocessing=PREPROCESSING, patch_size=PATCH, inference={"mirror_axes": [0, 1, 2], "batch_size": 2})
+    return model, out
+
+
+_SEGMENT_SCRIPT = r"""
+import sys
+import nibabel as nib
+import numpy as np
+import tensorflow as tf
+bundle, scan, out = sys.argv[1:4]
+image = nib.load(scan)
+ras = nib.as_closest_canonical(image)  # the signature expects RAS voxel axes; reorientation stays outside
+spacing = np.linalg.norm(ras.affine[:3, :3], axis=0)
+data = np.asarray(ras.dataobj, dtype=np.float32)[..., None]
+segment = tf.saved_model.load(bundle + "/savedmodel").signatures["segment"]
+labels = segment(image=tf.constant(data), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
+back = nib.orientations.ornt_transform(nib.orientations.io_orientation(ras.affine), nib.orientations.io_orientation(image.affine))
+np.save(out, nib.orientations.apply_orientation(labels, back))
+assert not [m for m in sys.modules if m.split(".")[0] == "segpipe"], "segpipe was imported"
+"""
+
+
+def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter, tmp_path):
+    import subprocess
+    import sys
+
+    from inference_helpers import NON_RAS_AFFINE, phantom_scan, write_scan
+
+    from segpipe.io import read_nifti
+
+    _, bundle_dir = segmenter
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_scan((18, 26, 20), seed=2), NON_RAS_AFFINE)  # P, S, L; 0.9/1.3/1.8 mm
+    assert predict.main(["--model", str(bundle_dir), "--input", str(scan), "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    expected = read_nifti(tmp_path / "out" / "scan.nii.gz").array
+    # a fresh interpreter whose import path has no segpipe at all (not even this checkout)
+    proc = subprocess.run([sys.executable, "-I", "-c", _SEGMENT_SCRIPT, str(bundle_dir), str(scan), str(tmp_path / "labels.npy")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = np.load(tmp_path / "labels.npy")
+    assert labels.shape == expected.shape == (18, 26, 20) and labels.dtype == np.uint8
+    assert 0.05 < (expected == 1).mean() < 0.95  # two sizeable classes: agreement is not trivial
+    assert (labels == expected).mean() >= 0.999
+    meta = read_bundle(bundle_dir).meta
+    assert meta["signatures"] == ["serving_default", "segment"]
+
+
+def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
+    from segpipe.export import runtimes
+
+    model = tiny_model(depth=2, deep_supervision=False)
+    installed = runtimes.is_installed
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name.startswith("openvino") else installed(name))
+    out = write_bundle(model, tmp_path / "b", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
+                       segment=False)
+    bundle = read_bundle(out)
+    assert "openvino" not in bundle.files
+    assert "openvino is not installed" in bundle.meta["formats_not_written"]["openvino"]
+    with pytest.raises(BundleError, match=r"expected a 'openvino' model .*not written: openvino is not installed"):
+        load_predictor(bundle, "openvino")
+    with pytest.raises(ImportError, match=r'OpenVINO export needs openvino.*pip install "segpipe\[openvino\]"'):
+        write_bundle(model, tmp_path / "c", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
+                     openvino=True)
+    assert not (tmp_path / "c").exists()
+    # a format whose runtime is missing at prediction time is an error, never a silent fallback
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name == "onnx" else installed(name))
+    with pytest.raises(ImportError, match=r"ONNX export needs tf2onnx \(and onnxruntime to check it\)"):
+        write_bundle(model, tmp_path / "d", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH, onnx=True)
+    unchecked = write_bundle(model, tmp_path / "e", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
+                             patch_size=PATCH, verify=False, openvino=False, segment=False)
+    meta = read_bundle(unchecked).meta
+    assert meta["verification"] == {"run": False}
+    assert meta["formats_not_written"] == {"savedmodel:segment": "segment=False"}
+
+
+def test_auto_picks_the_first_installed_format_of_the_documented_order(monkeypatch):
+    from segpipe.export import runtimes
+
+    every = {"keras", "savedmodel", "onnx", "openvino"}
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
+    assert runtimes.choose_format(every) == runtimes.AUTO_ORDER[0] == "openvino"
+    assert runtimes.choose_format({"keras", "savedmodel"}) == "savedmodel"
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: not name.startswith("openvino"))
+    assert runtimes.choose_format(every) == "savedmodel"
+    with pytest.raises(ImportError, match=r'format=\'openvino\' needs openvino.*pip install "segpipe\[openvino\]"'):
+        runtimes.choose_format(every, "openvino")
+    with pytest.raises(ValueError, match=r"Expected one of \('auto', 'keras'"):
+        runtimes.choose_format(every, "tflite")
+
+
+@pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino extra not installed")
+def test_openvino_agrees_with_keras_and_bf16_is_checked_at_export(segmenter):
+    _, bundle_dir = segmenter
+    bundle = read_bundle(bundle_dir)
+    assert bundle.files["openvino"] == "openvino/model.xml"
+    verification = bundle.meta["verification"]
+    assert verification["openvino_max_abs_diff"] <= 1e-4
+    assert verification["openvino-bf16_max_abs_diff"] <= 2e-2
+    x = np.random.default_rng(1).normal(size=(2, 16, 24, 32, 1)).astype(np.float32)  # not the patch size
+    reference = load_predictor(bundle, "keras")(x)
+    fn = load_predictor(bundle, "auto")
+    assert fn.format == "openvino"
+    assert np.abs(fn(x) - reference).max() <= 1e-4
+    assert np.abs(fn(x[:1]) - reference[:1]).max() <= 1e-4  # a second shape compiles a second model

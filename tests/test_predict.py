@@ -45,7 +45,8 @@ def test_output_is_on_the_input_grid_and_in_the_right_place(affine):
 def bundle(tmp_path_factory):
     model = tiny_model(depth=3, deep_supervision=True, seed=4)
     out = write_bundle(model, tmp_path_factory.mktemp("predict") / "bundle", class_names=["background", "organ", "lesion"],
-                       preprocessing=PREPROCESSING, patch_size=PATCH, onnx=HAVE_ONNX, verify=False)
+                       preprocessing=PREPROCESSING, patch_size=PATCH, onnx=HAVE_ONNX, verify=False,
+                       segment=False)  # the segment signature has its own test (test_export.py)
     return model, out
 
 
@@ -74,10 +75,12 @@ def test_predict_py_round_trip_equals_in_memory_inference(bundle, scans, tmp_pat
         np.testing.assert_array_equal(written.array, expected.labels)
 
 
-@pytest.mark.parametrize("fmt", ["savedmodel", "onnx"])
+@pytest.mark.parametrize("fmt", ["savedmodel", "onnx", "openvino", "auto"])
 def test_formats_give_the_same_probabilities(bundle, scans, tmp_path, fmt):
     if fmt == "onnx" and not HAVE_ONNX:
         pytest.skip("onnx extra not installed")
+    if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino extra not installed")
     _, bundle_dir = bundle
     args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities",
             "--no-mirror", "--batch-size", "2"]
@@ -147,3 +150,72 @@ def test_postprocessing_is_applied_to_predictions(tmp_path):
     kept = segment_volume(threshold_network, image, np.eye(4), **kwargs,
                           settings=InferenceSettings(mirror_axes=(), postprocess_largest_component=(1,))).labels
     assert (plain == 1).sum() == 8**3 + 3**3 and (kept == 1).sum() == 8**3
+
+
+def test_labels_without_probabilities_equal_the_argmax_of_the_probability_path():
+    """The bounded-memory path (per-slab blending, rows mapped back one by one) gives the same labels."""
+    image = phantom_scan((30, 22, 12), seed=3)
+    network = lambda x: threshold_network(x * 40 + 200)  # noqa: E731  (z-scored input -> a soft threshold)
+    for affine in (np.diag([1.0, 1.0, 1.5, 1.0]), ANISOTROPIC_RAS, NON_RAS_AFFINE):
+        kwargs = dict(preprocessing=PREPROCESSING, patch_size=(8, 8, 8), settings=InferenceSettings(mirror_axes=(0,)))
+        full = segment_volume(network, image, affine, return_probabilities=True, **kwargs)
+        lean = segment_volume(network, image, affine, **kwargs)
+        assert lean.probabilities is None and lean.labels.dtype == np.uint8 and lean.labels.shape == image.shape
+        assert 0.05 < (full.labels == 1).mean() < 0.95  # not a constant map
+        top2 = np.sort(full.probabilities, -1)[..., -2:]
+        decided = top2[..., 1] - top2[..., 0] > 1e-5  # float rounding of the separable resampling
+        np.testing.assert_array_equal(lean.labels[decided], full.labels[decided])
+        assert (lean.labels == full.labels).mean() >= 0.9999
+
+
+_MEMORY_SCRIPT = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from segpipe.data.preprocess import PreprocessSettings
+from segpipe.inference.settings import InferenceSettings
+from segpipe.inference.segment import segment_volume
+assert "tensorflow" not in sys.modules
+def network(x):  # pointwise softmax over 3 classes: costs nothing, so the blending is what is measured
+    v = x[..., 0]
+    logits = np.stack([v, -v, 0.5 * v * v], -1)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+shape, spacing, probabilities = (160, 160, 120), float(sys.argv[2]), sys.argv[3] == "1"
+image = np.random.default_rng(0).normal(100, 20, size=shape).astype(np.float32)
+def peak_kib():  # VmHWM: this process's own peak (ru_maxrss would start at the forking parent's)
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+before = peak_kib()
+result = segment_volume(network, image, np.diag([spacing] * 3 + [1.0]),
+                        preprocessing=PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.0), image_order=1),
+                        patch_size=(32, 32, 32), settings=InferenceSettings(mirror_axes=(), batch_size=4),
+                        return_probabilities=probabilities)
+assert result.labels.shape == shape
+print((peak_kib() - before) * 1024 / image.size)
+"""
+
+
+def _peak_bytes_per_voxel(spacing: float, probabilities: bool) -> float:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, root, str(spacing), str(int(probabilities))],
+                         capture_output=True, text=True, check=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_per_voxel_of_a_large_volume_without_probabilities():
+    """3.1 M voxels, 3 classes, in a fresh process: the peak RSS growth beyond the input image.
+
+    Without probabilities the peak is preprocessing's (the normalised copy and its temporaries,
+    ~11 B per voxel) and blending adds a window-thick slab; a float32 array of every class at full
+    size would add 12 B per voxel (and its mapped-back copy 12 more), which the probability path shows.
+    """
+    same_grid = _peak_bytes_per_voxel(1.0, probabilities=False)
+    resampled = _peak_bytes_per_voxel(0.8, probabilities=False)  # preprocessed grid ~half the voxels
+    with_probabilities = _peak_bytes_per_voxel(1.0, probabilities=True)
+    assert same_grid <= 14.0, same_grid
+    assert resampled <= 18.0, resampled
+    assert with_probabilities >= same_grid + 8.0, (with_probabilities, same_grid)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from segpipe.cli import prog_name
 from segpipe.export.bundle import BundleError, export_run
+from segpipe.export.runtimes import RUNTIMES
 from segpipe.inference.segment import predict_files
+
 
 def main(argv: list[str] | None = None) -> int:
     """``predict.py``: segment NIfTI files with a bundle, or ``predict.py export ...``; returns the exit code."""
@@ -25,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, type=Path, nargs="+", metavar="FILE_OR_DIR",
                         help="NIfTI file(s) or folder(s); CASE_0000.nii.gz, CASE_0001... form one multi-channel case")
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the label maps CASE.nii.gz")
-    parser.add_argument("--format", choices=("keras", "savedmodel", "onnx"), default="keras", help="which model file to run (default keras)")
+    parser.add_argument("--format", choices=("auto", *RUNTIMES), default="keras",
+                        help="runtime: auto = the fastest installed one the bundle holds (docs/inference.md); default keras")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz (X, Y, Z, C) float32")
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 0.95] (default: the bundle's, 0.5)")
     mirror = parser.add_mutually_exclusive_group()

@@ -12,22 +12,31 @@ run (no run directory, no dataset)::
       savedmodel/    TensorFlow SavedModel; signature ``serving_default``: input ``image`` float32
                      (B, X, Y, Z, Cin), any spatial size the network divides, output ``output_0``
                      probabilities (B, X, Y, Z, C)
+                     and signature ``segment``: a raw scan -> its label map, everything in the
+                     TensorFlow graph (:mod:`segpipe.export.serving_graph`; runs without segpipe)
       model.onnx     optional (``onnx=True``, needs ``pip install "segpipe[onnx]"``); same input and output
+      openvino/      ``model.xml`` + ``model.bin``, OpenVINO IR; written when ``openvino`` is installed
+                     (``pip install "segpipe[openvino]"``) unless ``openvino=False``; same input and output
 
 The folder is written under a temporary name and renamed into place, and ``bundle.json`` is written
 last, so a crash never leaves a bundle that looks complete. After writing, the SavedModel and ONNX
-files are loaded back and checked against the Keras model on a random patch (max abs probability
-difference ≤ ``VERIFY_TOLERANCE``); the differences are recorded in ``bundle.json``.
+and OpenVINO files are loaded back and checked against the Keras model on a random patch (max abs
+probability difference ≤ ``VERIFY_TOLERANCE``, bfloat16 OpenVINO ≤ ``BF16_TOLERANCE`` where the CPU has
+bfloat16 units); the differences are recorded in ``bundle.json`` under ``verification``. The check is
+never skipped silently: a format whose runtime is missing is either an error (asked for) or not
+written, and ``bundle.json`` says which under ``formats_not_written``.
 
 :func:`read_bundle` validates ``bundle.json`` and the files it names and raises :class:`BundleError`
 naming the file or key that is wrong. :func:`load_predictor` turns a bundle into a
-``predict_fn`` for :func:`segpipe.inference.sliding_window.sliding_window_predict`.
+``predict_fn`` for :func:`segpipe.inference.sliding_window.sliding_window_predict` with any runtime
+of :mod:`segpipe.export.runtimes` (``format="auto"``: the fastest installed one).
 """
 from __future__ import annotations
 
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -40,17 +49,21 @@ import numpy as np
 
 import segpipe
 from segpipe.data.layouts import load_dataset
-from segpipe.data.preprocess import ORIENTATION, PreprocessSettings
+from segpipe.data.preprocess import ORIENTATION, PreprocessSettings, preprocess_volume, restore_to_original
 from segpipe.errors import Received, expected
+from segpipe.export import runtimes, serving_graph
+from segpipe.export.runtimes import BF16_TOLERANCE
 from segpipe.inference.settings import InferenceSettings
-from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
+from segpipe.inference.sliding_window import PredictFn, keras_predict_fn, sliding_window_predict
 from segpipe.io import write_json
 from segpipe.runs.rundir import RunDir
 
 BUNDLE_FORMAT = "segpipe-bundle"
 BUNDLE_VERSION = 1
-FORMATS = ("keras", "savedmodel", "onnx")
-FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx"}
+FORMATS = runtimes.FILE_FORMATS  # the model files a bundle can hold
+FILES = {fmt: runtimes.RUNTIMES[fmt].file for fmt in FORMATS}
+SEGMENT_SIGNATURE = "segment"
+SEGMENT_AGREEMENT = 0.999  # least share of equal labels between the segment signature and predict.py
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 VERIFY_TOLERANCE = 1e-4
@@ -86,7 +99,10 @@ class Bundle:
         if fmt not in FORMATS:
             raise ValueError(f"Invalid value for `format`. Expected one of {FORMATS}. Received: format={fmt!r}")
         if fmt not in self.files:
-            hint = " (export with onnx=True / --onnx)" if fmt == "onnx" else ""
+            hint = {"onnx": " (export with onnx=True / --onnx)",
+                    "openvino": ' (export with openvino installed: pip install "segpipe[openvino]")'}.get(fmt, "")
+            if fmt in self.meta.get("formats_not_written", {}):
+                hint += f"; not written: {self.meta['formats_not_written'][fmt]}"
             raise BundleError(f"{self.path / 'bundle.json'}: files: expected a '{fmt}' model{hint}. Received: {sorted(self.files)}")
         return self.path / self.files[fmt]
 
@@ -108,6 +124,45 @@ def inference_model(model):
     return keras.Model(model.inputs, model.outputs[0], name=model.name)
 
 
+def activation_bytes_per_voxel(net, window: Sequence[int]) -> int:
+    """Float32 bytes of all layer outputs of one forward pass per window voxel (shapes only, nothing runs).
+
+    An upper bound of a forward pass's working memory (runtimes free most feature maps as they go),
+    for :func:`segpipe.inference.sliding_window.batch_size_for_memory`; recorded in ``bundle.json``.
+    """
+    import keras
+
+    window = tuple(int(w) for w in window)
+    probe = keras.Model(net.inputs, [layer.output for layer in net.layers[1:]])
+    specs = probe.compute_output_spec(keras.KerasTensor((1, *window, int(net.inputs[0].shape[-1]))))
+    total = sum(4 * math.prod(int(d) for d in spec.shape[1:]) for spec in keras.tree.flatten(specs))
+    return int(math.ceil(total / math.prod(window)))
+
+
+def _write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_written: dict[str, str],
+                      preprocessing: PreprocessSettings, patch_size: tuple[int, ...], inference: InferenceSettings) -> list[str]:
+    """The SavedModel: ``serving_default`` (windows) and, if possible, ``segment`` (raw scan -> labels)."""
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(net)
+    archive.add_endpoint(SIGNATURE, lambda image: net(image, training=False), input_signature=signature)
+    names = [SIGNATURE]
+    reason = serving_graph.unsupported_reason(preprocessing) if segment else "segment=False"
+    if reason is None:
+        fn = serving_graph.build_segment_function(
+            net, preprocessing=preprocessing, patch_size=patch_size, overlap=inference.overlap,
+            mirror_axes=inference.mirror_axes, batch_size=inference.batch_size, sigma_scale=inference.sigma_scale,
+            in_channels=int(net.inputs[0].shape[-1]),
+        )
+        archive.add_endpoint(SEGMENT_SIGNATURE, fn)
+        names.append(SEGMENT_SIGNATURE)
+    else:
+        not_written[f"savedmodel:{SEGMENT_SIGNATURE}"] = reason
+    archive.write_out(str(path), verbose=False)
+    return names
+
+
 def write_bundle(
     model,
     out_dir: str | os.PathLike,
@@ -120,6 +175,8 @@ def write_bundle(
     training_config: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     onnx: bool = False,
+    openvino: bool | None = None,
+    segment: bool = True,
     verify: bool = True,
     overwrite: bool = False,
 ) -> Path:
@@ -136,8 +193,14 @@ def write_bundle(
         inference: default inference settings stored in the bundle.
         training_config: the run's resolved config (stored for provenance).
         source: free-form provenance (run directory, checkpoint).
-        onnx: also write ``model.onnx`` (needs tf2onnx).
-        verify: load the SavedModel (and ONNX) back and check it against Keras.
+        onnx: also write ``model.onnx`` (needs tf2onnx, and onnxruntime for the check).
+        openvino: write ``openvino/model.xml``: ``None`` (default) when ``openvino`` is installed
+            (otherwise ``bundle.json`` records under ``formats_not_written`` why not), ``True``
+            insists (error without it), ``False`` never.
+        segment: add the ``segment`` signature (raw scan -> labels, :mod:`segpipe.export.serving_graph`)
+            to the SavedModel; settings it cannot reproduce leave it out, recorded like a format.
+        verify: load every exported format back and check it against Keras (``bundle.json``
+            records ``verification``; ``False`` records that it was not run).
         overwrite: replace an existing ``out_dir``.
 
     Returns:
@@ -145,7 +208,7 @@ def write_bundle(
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
-        ImportError: ``onnx=True`` without tf2onnx installed.
+        ImportError: ``onnx=True`` without tf2onnx/onnxruntime, or ``openvino=True`` without openvino.
         BundleError: an exported format disagrees with Keras by more than ``VERIFY_TOLERANCE``.
     """
     import tensorflow as tf
@@ -153,8 +216,15 @@ def write_bundle(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"Bundle folder {out_dir} exists. Use overwrite=True (--overwrite) or another folder.")
-    if onnx and importlib.util.find_spec("tf2onnx") is None:
-        raise ImportError('ONNX export needs tf2onnx. Install the onnx extra: pip install "segpipe[onnx]"')
+    if onnx and (importlib.util.find_spec("tf2onnx") is None or (verify and not runtimes.is_installed("onnx"))):
+        raise ImportError('ONNX export needs tf2onnx (and onnxruntime to check it). Install the onnx extra: pip install "segpipe[onnx]"')
+    not_written: dict[str, str] = {}
+    if openvino and not runtimes.is_installed("openvino"):
+        raise runtimes.missing_runtime_error("openvino", "OpenVINO export")
+    if openvino is None:
+        openvino = runtimes.is_installed("openvino")
+        if not openvino:
+            not_written["openvino"] = 'openvino is not installed (pip install "segpipe[openvino]")'
     if not isinstance(preprocessing, PreprocessSettings):
         raise TypeError(f"Expected preprocessing to be a PreprocessSettings. Received: {type(preprocessing).__name__}")
     inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_mapping(inference or {})
@@ -179,12 +249,14 @@ def write_bundle(
         files = {"keras": FILES["keras"], "savedmodel": FILES["savedmodel"]}
         net.save(tmp / FILES["keras"])
         signature = [tf.TensorSpec((None, None, None, None, in_channels), tf.float32, name=INPUT_NAME)]
-        net.export(str(tmp / FILES["savedmodel"]), format="tf_saved_model", input_signature=signature, verbose=False)
+        signatures = _write_savedmodel(net, tmp / FILES["savedmodel"], signature, segment=segment, not_written=not_written,
+                                       preprocessing=preprocessing, patch_size=patch_size, inference=inference)
         if onnx:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # numpy 2 deprecations inside tf2onnx
-                net.export(str(tmp / FILES["onnx"]), format="onnx", input_signature=signature, verbose=False)
+            runtimes.export_onnx(net, tmp / FILES["onnx"], signature)
             files["onnx"] = FILES["onnx"]
+        if openvino:
+            runtimes.export_openvino(net, tmp / FILES["openvino"], signature)
+            files["openvino"] = FILES["openvino"]
         meta = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
@@ -197,13 +269,17 @@ def write_bundle(
             "patch_size": list(patch_size),
             "inference": inference.to_dict(),
             "files": files,
+            "formats_not_written": not_written,
             "signature": {"name": SIGNATURE, "input": INPUT_NAME},
-            "versions": _versions(onnx),
+            "signatures": signatures,
+            "activation_bytes_per_voxel": activation_bytes_per_voxel(net, patch_size),
+            "versions": _versions(onnx, openvino),
             "source": dict(source or {}),
             "training_config": dict(training_config or {}),
         }
-        if verify:
-            meta["verification"] = _verify(net, tmp, files, patch_size, in_channels)
+        meta["verification"] = _verify(net, tmp, files, patch_size, in_channels) if verify else {"run": False}
+        if verify and SEGMENT_SIGNATURE in signatures:
+            meta["verification"].update(_verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference))
         write_json(tmp / "bundle.json", meta)
         _swap_into_place(tmp, out_dir)
     except BaseException:
@@ -350,14 +426,15 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     files = get("files", dict, "a mapping format -> file")
     unknown = sorted(set(files) - set(FORMATS))
     if "keras" not in files or unknown:
-        raise BundleError(f"{where}: 'files': expected 'keras' (and optionally 'savedmodel', 'onnx'). Received: {sorted(files)}")
+        raise BundleError(f"{where}: 'files': expected 'keras' (and optionally {', '.join(repr(f) for f in FORMATS[1:])}). Received: {sorted(files)}")
     for fmt, name in files.items():
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(f"{where}: 'files.{fmt}': expected a path inside the bundle. Received: {name!r}")
         target = path / name
-        marker = target / "saved_model.pb" if fmt == "savedmodel" else target
-        if not marker.is_file():
-            raise BundleError(f"Bundle {path}: missing file {marker.relative_to(path)} (listed as files.{fmt} in bundle.json; incomplete bundle?)")
+        markers = {"savedmodel": [target / "saved_model.pb"], "openvino": [target, target.with_suffix(".bin")]}.get(fmt, [target])
+        for marker in markers:
+            if not marker.is_file():
+                raise BundleError(f"Bundle {path}: missing file {marker.relative_to(path)} (listed as files.{fmt} in bundle.json; incomplete bundle?)")
     versions = get("versions", dict, "a mapping package -> version")
     _warn_on_version_change(versions)
     return Bundle(
@@ -376,59 +453,50 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     )
 
 
-def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras") -> PredictFn:
+def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *, threads: int | None = None) -> PredictFn:
     """A ``predict_fn`` (float32 (B, X, Y, Z, Cin) -> probabilities (B, X, Y, Z, C)) from a bundle.
 
     ``keras`` loads ``model.keras`` in safe mode, ``savedmodel`` the serving signature, ``onnx``
-    an onnxruntime CPU session. The network's input channels and classes are checked against
-    ``bundle.json``.
+    an ONNX Runtime CPU session, ``openvino`` / ``openvino-bf16`` the OpenVINO CPU plugin in
+    float32 / bfloat16, ``auto`` the fastest of them the bundle holds and this machine has
+    (:func:`segpipe.export.runtimes.choose_format`). The network's input channels and classes are checked
+    against ``bundle.json``. The returned function has attributes ``format`` (the runtime used) and
+    ``activation_bytes_per_voxel`` (from ``bundle.json``, for memory budgets).
+
+    Args:
+        bundle: a bundle or its folder.
+        format: a runtime name of :data:`segpipe.export.runtimes.RUNTIMES` or ``"auto"``.
+        threads: CPU threads for ONNX Runtime and OpenVINO (``None``: their default, all cores).
 
     Raises:
         BundleError: the model file is missing, unreadable or does not match ``bundle.json``.
-        ImportError: ``onnx`` without onnxruntime installed.
+        ImportError: the runtime is not installed.
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-    path = bundle.file(format)
-    expected = (bundle.input_channels, bundle.num_classes)
-    if format == "keras":
-        import keras
-
-        try:
-            model = keras.models.load_model(path, compile=False, safe_mode=True)
-        except Exception as exc:
-            raise BundleError(f"Cannot load {path}: {exc}") from exc
-        _check_io(path, (model.inputs[0].shape[-1], model.outputs[0].shape[-1]), expected)
-        return keras_predict_fn(model)
-    if format == "savedmodel":
-        import tensorflow as tf
-
-        try:
-            signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-        except Exception as exc:
-            raise BundleError(f"Cannot load the SavedModel {path} (signature {SIGNATURE!r}): {exc}") from exc
-        (input_spec,) = signature.structured_input_signature[1].values()
-        (output_name, output_spec), = signature.structured_outputs.items()
-        _check_io(path, (input_spec.shape[-1], output_spec.shape[-1]), expected)
-
-        def predict_savedmodel(x: np.ndarray) -> np.ndarray:
-            return signature(**{INPUT_NAME: tf.constant(x, tf.float32)})[output_name].numpy()
-
-        return predict_savedmodel
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise ImportError('Predicting with format="onnx" needs onnxruntime. Install the onnx extra: pip install "segpipe[onnx]"')
-    import onnxruntime
-
+    runtimes.runtime(format) if format != "auto" else None  # an unknown name is a ValueError
+    if format == "auto":
+        format = runtimes.choose_format(bundle.files, "auto")
+    path = bundle.file(runtimes.file_format(format))
+    if format != "keras" and not runtimes.is_installed(format):
+        raise runtimes.missing_runtime_error(format, f"Predicting with format={format!r}")
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if format == "keras":
+            predict_fn, found = runtimes.load_keras(path)
+        elif format == "savedmodel":
+            predict_fn, found = runtimes.load_savedmodel(path, SIGNATURE, INPUT_NAME)
+        elif format == "onnx":
+            predict_fn, found = runtimes.load_onnx(path, threads)
+        else:
+            predict_fn, found = runtimes.load_openvino(path, precision="bf16" if format == "openvino-bf16" else "f32",
+                                                       threads=threads)
+    except ImportError:
+        raise
     except Exception as exc:
-        raise BundleError(f"Cannot load {path}: {exc}") from exc
-    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-    _check_io(path, (session.get_inputs()[0].shape[-1], session.get_outputs()[0].shape[-1]), expected)
-
-    def predict_onnx(x: np.ndarray) -> np.ndarray:
-        return session.run([output_name], {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-    return predict_onnx
+        raise BundleError(f"Cannot load {path} ({format}): {exc}") from exc
+    _check_io(path, found, (bundle.input_channels, bundle.num_classes))
+    predict_fn.format = format
+    predict_fn.activation_bytes_per_voxel = bundle.meta.get("activation_bytes_per_voxel", 0)
+    return predict_fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +515,7 @@ def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | 
     return names, list(dataset.channel_names) or None
 
 
-def _versions(onnx: bool) -> dict[str, str]:
+def _versions(onnx: bool, openvino: bool) -> dict[str, str]:
     import keras
     import tensorflow as tf
 
@@ -460,29 +528,71 @@ def _versions(onnx: bool) -> dict[str, str]:
     }
     if onnx:
         import onnx as onnx_module
+        import onnxruntime
         import tf2onnx
 
-        versions.update(onnx=onnx_module.__version__, tf2onnx=tf2onnx.__version__)
+        versions.update(onnx=onnx_module.__version__, tf2onnx=tf2onnx.__version__, onnxruntime=onnxruntime.__version__)
+    if openvino:
+        import openvino as openvino_module
+
+        versions.update(openvino=openvino_module.__version__)
     return versions
 
 
-def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...], in_channels: int) -> dict[str, float]:
-    """Max abs probability difference of each exported format against Keras on a random patch."""
+def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...], in_channels: int) -> dict[str, Any]:
+    """Max abs probability difference of each exported format against Keras on a random patch.
+
+    Every written format is checked (its runtime was required to write it); ``openvino`` also in
+    bfloat16 where the CPU computes in it (it then differs by more than float32 rounding, so it is
+    held to ``BF16_TOLERANCE``). Raises :class:`BundleError` for a format out of tolerance.
+    """
     x = np.random.default_rng(0).normal(size=(1, *patch_size, in_channels)).astype(np.float32)
     reference = np.asarray(net.predict_on_batch(x))
     stub = Bundle(folder, ("",) * reference.shape[-1], in_channels, (), PreprocessSettings(), ORIENTATION,
                   patch_size, InferenceSettings(), files, {}, {}, {})
-    report = {}
-    for fmt in files:
-        if fmt == "keras":
-            continue
-        if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-            continue  # written, but cannot be checked here
+    checks = [(fmt, VERIFY_TOLERANCE) for fmt in files if fmt != "keras"]
+    if "openvino" in files:
+        checks.append(("openvino-bf16", BF16_TOLERANCE))
+    report: dict[str, Any] = {"run": True, "tolerance": VERIFY_TOLERANCE}
+    for fmt, tolerance in checks:
         diff = float(np.abs(load_predictor(stub, fmt)(x) - reference).max())
-        if not diff <= VERIFY_TOLERANCE:
-            raise BundleError(f"Exported {fmt} model disagrees with Keras: max abs probability difference {diff:.3g}. Expected <= {VERIFY_TOLERANCE}")
+        if not diff <= tolerance:
+            raise BundleError(f"Exported {fmt} model disagrees with Keras: max abs probability difference {diff:.3g}. Expected <= {tolerance}")
         report[f"{fmt}_max_abs_diff"] = diff
     return report
+
+
+def _verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
+                    inference: InferenceSettings) -> dict[str, float]:
+    """Labels of the ``segment`` signature against the NumPy path with Keras.
+
+    The NumPy path is :func:`segpipe.inference.segment.segment_volume`'s steps (preprocess, sliding
+    window, probabilities back linearly, argmax; no post-processing, which the signature leaves out),
+    spelled out here because that module imports this one. The scan is random (2 windows per axis at
+    the training spacing, with a zero margin to crop); with a target spacing it comes 20 % finer
+    along one axis, so resampling there and back runs.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    target = np.asarray(preprocessing.target_spacing_mm or (1.0, 1.0, 1.0))
+    spacing = target * np.array([0.8, 1.0, 1.0]) if preprocessing.target_spacing_mm else target
+    shape = tuple(int(round(p * 1.25 * t / s)) + 2 for p, t, s in zip(patch_size, target, spacing))
+    image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
+    image[:2] = 0
+    case = preprocess_volume(image, np.diag([*spacing, 1.0]), None, preprocessing)
+    probabilities = sliding_window_predict(keras_predict_fn(net), case.image, patch_size, overlap=inference.overlap,
+                                           mirror_axes=inference.mirror_axes, batch_size=inference.batch_size,
+                                           sigma_scale=inference.sigma_scale)
+    background = np.eye(probabilities.shape[-1], dtype=np.float32)[0]
+    expected = np.argmax(restore_to_original(probabilities, case.meta, order=1, fill_value=background), axis=-1)
+    signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
+    labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
+    agreement = float((labels == expected).mean()) if labels.shape == expected.shape else 0.0
+    if agreement < SEGMENT_AGREEMENT:
+        raise BundleError(f"The exported {SEGMENT_SIGNATURE!r} signature disagrees with segment_volume: {agreement:.4%} "
+                          f"equal labels (shape {labels.shape} vs {expected.shape}). Expected >= {SEGMENT_AGREEMENT:.1%}")
+    return {"segment_label_agreement": agreement}
 
 
 def _check_io(path: Path, found: tuple[Any, Any], expected: tuple[int, int]) -> None:

@@ -10,6 +10,13 @@ Per scan (:func:`segment_volume`):
    interpolation; outside the crop box is background), so resampling never blurs a label map;
 4. argmax, then optionally :func:`segpipe.inference.postprocess.keep_largest_component` per class.
 
+Memory, when probabilities are not asked for (:func:`segment_preprocessed`): the sliding window
+blends per output slab, and each finished slab is mapped back to the cropped grid row by row
+(:func:`labels_from_slabs`: linear along axis 0 from the two nearest rows, then per row and class
+in-plane, then argmax), so only a few rows of probabilities exist at a time and the labels are those
+of the probability path (to float rounding). No array of every class at full size exists. Peak RSS
+per input voxel is measured in tests/test_predict.py and docs/inference.md.
+
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
 this for files or folders using only a bundle (:mod:`segpipe.export.bundle`); ``predict.py`` is its CLI.
 """
@@ -19,16 +26,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from segpipe.data.layouts import Case, read_case_image
-from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, restore_to_original
+from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.export.bundle import Bundle, load_predictor, read_bundle
 from segpipe.inference.postprocess import keep_largest_component
 from segpipe.inference.settings import InferenceSettings
-from segpipe.inference.sliding_window import PredictFn, sliding_window_predict
+from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
 from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -99,16 +106,20 @@ def segment_preprocessed(
     Returns:
         A :class:`Segmentation` on the original grid, with the original affine.
     """
-    probabilities = sliding_window_predict(
-        predict_fn, image, patch_size, overlap=settings.overlap, mirror_axes=settings.mirror_axes,
-        batch_size=settings.batch_size, sigma_scale=settings.sigma_scale, progress=progress,
-    )
-    probabilities = restore_probabilities(probabilities, meta)
-    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    window = dict(overlap=settings.overlap, mirror_axes=settings.mirror_axes, batch_size=settings.batch_size,
+                  sigma_scale=settings.sigma_scale, progress=progress)
+    probabilities = None
+    if return_probabilities:
+        probabilities = restore_probabilities(sliding_window_predict(predict_fn, image, patch_size, **window), meta)
+        labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    elif tuple(meta["shape"]) == tuple(meta["cropped_shape"]):  # no resampling: labels slab by slab, exact
+        labels = restore_to_original(sliding_window_labels(predict_fn, image, patch_size, **window), meta, order=0)
+    else:
+        labels = labels_from_slabs(iter_blended_slabs(predict_fn, image, patch_size, **window), meta)
     if settings.postprocess_largest_component:
         labels = keep_largest_component(labels, settings.postprocess_largest_component)
     affine = np.asarray(meta["original_affine"], dtype=np.float64)
-    return Segmentation(labels, probabilities if return_probabilities else None, affine)
+    return Segmentation(labels, probabilities, affine)
 
 
 def restore_probabilities(probabilities: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
@@ -121,6 +132,50 @@ def restore_probabilities(probabilities: np.ndarray, meta: dict[str, Any]) -> np
     num_classes = probabilities.shape[-1]
     background = np.eye(num_classes, dtype=np.float32)[0]
     return restore_to_original(probabilities.astype(np.float32, copy=False), meta, order=1, fill_value=background)
+
+
+def labels_from_slabs(slabs: Iterable[tuple[slice, np.ndarray]], meta: dict[str, Any]) -> np.ndarray:
+    """``argmax(restore_probabilities(probabilities, meta))`` from probabilities that arrive slab by slab.
+
+    ``slabs`` are ``(rows, probabilities)`` covering axis 0 of the preprocessed grid in order (as
+    :func:`segpipe.inference.sliding_window.iter_blended_slabs` yields them). Linear resampling is separable,
+    so each row of the cropped grid is interpolated along axis 0 from its two nearest input rows
+    (edge-aligned, edges extended, as :func:`segpipe.data.preprocess.resample`) and then in-plane
+    per class with ``resample`` itself; rows no later output row needs are dropped at once.
+    Outside the crop box is background; ties go to the lower class, as ``np.argmax``.
+
+    Returns:
+        The uint8 label map on the original grid.
+    """
+    n_in, n_out = int(meta["shape"][0]), int(meta["cropped_shape"][0])
+    plane = (1, *(int(s) for s in meta["cropped_shape"][1:]))
+    coords = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1.0)
+    lower = np.floor(coords).astype(int)
+    upper = np.minimum(lower + 1, n_in - 1)
+    fraction = coords - lower
+    labels = np.zeros(tuple(int(s) for s in meta["cropped_shape"]), dtype=np.uint8)
+    rows: dict[int, np.ndarray] = {}
+    j = 0
+    for block, slab in slabs:
+        for k in range(slab.shape[0]):
+            rows[block.start + k] = slab[k]
+        while j < n_out and upper[j] < block.stop:
+            row = (1.0 - fraction[j]) * rows[lower[j]].astype(np.float64) + fraction[j] * rows[upper[j]]
+            best = None
+            for c in range(row.shape[-1]):
+                score = resample(row[None, ..., c].astype(np.float32), plane, order=1)[0]
+                if best is None:
+                    best = score
+                    continue
+                wins = score > best
+                labels[j][wins] = c
+                best = np.where(wins, score, best)
+            j += 1
+        for i in [i for i in rows if j < n_out and i < lower[j]]:
+            del rows[i]
+    if j != n_out:
+        raise ValueError(f"Expected slabs covering {n_in} rows of the preprocessed grid. Received: {max(rows, default=-1) + 1}")
+    return restore_to_original(labels, {**meta, "shape": meta["cropped_shape"]}, order=0)
 
 
 def segment_case(
@@ -200,7 +255,9 @@ def predict_files(
         bundle: a bundle folder or a :class:`segpipe.export.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
         output_dir: where label maps go; must not be an input folder.
-        format: ``"keras"``, ``"savedmodel"`` or ``"onnx"``.
+        format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
+            ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
+            has (see :mod:`segpipe.export.runtimes`).
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
         save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.

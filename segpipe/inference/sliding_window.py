@@ -10,15 +10,22 @@ mirrored outputs flipped back and averaged. The blended result is ``Σ w·p / Σ
 probability distribution per voxel. A volume smaller than the window along an axis is padded with
 zeros (the mean of a z-scored image) and the padding cropped off again.
 
+Memory: blending runs per output slab (:func:`iter_blended_slabs`): only a window-thick float32
+accumulator is held, and each slab is handed on as soon as no later window touches it. So
+:func:`sliding_window_labels` needs, beyond the image, 1 byte per voxel (the label map) and
+:func:`sliding_window_predict` the returned array (4·C bytes per voxel, 2·C with float16), instead
+of the whole-volume float32 Σ w·p and Σ w of a naive blend (4·(C + 1) bytes per voxel) plus a copy.
+:func:`batch_size_for_memory` sizes the windows per call to a memory budget.
+
 Everything here is NumPy; the network is any callable mapping a float32 batch
-(B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so a Keras model, a TensorFlow SavedModel and an
-ONNX session run through the same code (see :mod:`segpipe.inference.segment`).
+(B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so Keras, a SavedModel, ONNX Runtime and
+OpenVINO run through the same code (see :mod:`segpipe.export.runtimes`).
 """
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -125,8 +132,9 @@ def sliding_window_predict(
     batch_size: int = 2,
     sigma_scale: float = 0.125,
     progress: bool = False,
+    dtype: Any = np.float32,
 ) -> np.ndarray:
-    """Softmax probabilities (X, Y, Z, C) float32 of a whole preprocessed image (X, Y, Z, Cin).
+    """Softmax probabilities (X, Y, Z, C) of a whole preprocessed image (X, Y, Z, Cin).
 
     Args:
         predict_fn: maps a float32 batch (B, *window, Cin) to probabilities (B, *window, C).
@@ -141,46 +149,150 @@ def sliding_window_predict(
             one shape).
         sigma_scale: Gaussian σ as a fraction of the window side. Defaults to 1/8.
         progress: show a tqdm progress bar over the windows.
+        dtype: dtype of the returned array. Blending is always float32 (per output slab, see
+            :func:`iter_blended_slabs`); ``np.float16`` halves the one full-size array, at a
+            relative rounding error of 2^-11 in the stored probabilities.
 
     Returns:
         Probabilities on the grid of ``image``: the Gaussian-weighted average of every window (and
         mirror) that covers a voxel.
     """
-    image = np.asarray(image, dtype=np.float32)
+    out: np.ndarray | None = None
+    for rows, slab in iter_blended_slabs(predict_fn, image, window, overlap=overlap, mirror_axes=mirror_axes,
+                                         batch_size=batch_size, sigma_scale=sigma_scale, progress=progress):
+        if out is None:  # the class count is known once the network has run
+            out = np.empty(image.shape[:3] + slab.shape[-1:], dtype=dtype)
+        out[rows] = slab
+    return out
+
+
+def sliding_window_labels(predict_fn: PredictFn, image: np.ndarray, window: Sequence[int], **options: Any) -> np.ndarray:
+    """The argmax (X, Y, Z) uint8 of :func:`sliding_window_predict`, without a full-size probability array.
+
+    Each output slab is blended in float32 and reduced to labels as soon as no later window touches
+    it, so beyond the image itself the peak memory is one window-thick slab of probabilities
+    (window[0] × Y × Z × C float32) and the label map (1 byte per voxel). The labels equal
+    ``np.argmax(sliding_window_predict(...), -1)`` exactly (ties go to the lower class).
+
+    Args:
+        predict_fn, image, window, options: as for :func:`sliding_window_predict` (``overlap``,
+            ``mirror_axes``, ``batch_size``, ``sigma_scale``, ``progress``).
+    """
+    labels = np.empty(np.shape(image)[:3], dtype=np.uint8)
+    for rows, slab in iter_blended_slabs(predict_fn, image, window, **options):
+        if slab.shape[-1] > 256:
+            raise ValueError(f"Expected at most 256 classes for a uint8 label map. Received: {slab.shape[-1]}")
+        labels[rows] = np.argmax(slab, axis=-1)
+    return labels
+
+
+def iter_blended_slabs(
+    predict_fn: PredictFn,
+    image: np.ndarray,
+    window: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    mirror_axes: Sequence[int] = (0, 1, 2),
+    batch_size: int = 2,
+    sigma_scale: float = 0.125,
+    progress: bool = False,
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """The blended probabilities ``Σ w·p / Σ w`` of ``image``, slab by slab along axis 0.
+
+    Windows are visited in order of their start along axis 0; once every window starting at some
+    ``x`` has been added, the rows before the next start are final. Only a window-thick float32
+    accumulator (window[0] × Y × Z × C, plus Σ w) is held, so the memory of blending does not grow
+    with the volume's length along axis 0; callers keep, reduce or write each slab.
+
+    Yields:
+        ``(rows, probabilities)``: a slice of axis 0 of ``image`` and the float32 probabilities
+        (len(rows), Y, Z, C) there, in order, covering the image once.
+    """
+    image = np.asarray(image)
     if image.ndim != 4:
         raise ValueError(f"Expected a channels-last image (X, Y, Z, C). Received: shape {image.shape}")
     window = tuple(int(w) for w in window)
     if len(window) != 3 or min(window) < 1:
         raise ValueError(f"Expected a window of 3 positive sizes. Received: window={window}")
-    if batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
     flips = mirror_combinations(mirror_axes)
     padded, crop = pad_to_window(image, window)
-    slices = window_slices(padded.shape[:3], window, overlap)
+    slices = window_slices(padded.shape[:3], window, overlap)  # ordered by start along axis 0
     weights = gaussian_importance_map(window, sigma_scale)
-    batch_size = min(batch_size, len(slices))
+    batch_size = int(min(batch_size, len(slices)))
+    depth = window[0]
 
-    total: np.ndarray | None = None  # Σ w·p, allocated once the class count is known
-    norm = np.zeros(padded.shape[:3], dtype=np.float32)  # Σ w
+    acc: np.ndarray | None = None  # Σ w·p over rows [base, base + depth), allocated once C is known
+    norm = np.zeros((depth, *padded.shape[1:3]), dtype=np.float32)  # Σ w over the same rows
+    base = 0
+    batch = np.empty((batch_size, *window, padded.shape[-1]), dtype=np.float32)
+
+    def finish(upto: int) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield rows [base, upto) (they are final) and shift the accumulator to start at ``upto``."""
+        n = upto - base
+        lo, hi = max(base, crop[0].start), min(upto, crop[0].stop)  # the part outside the padding
+        if hi > lo:
+            rows = slice(lo - base, hi - base)
+            yield (slice(lo - crop[0].start, hi - crop[0].start),
+                   acc[rows, crop[1], crop[2]] / norm[rows, crop[1], crop[2], None])
+        acc[: depth - n] = acc[n:]
+        acc[depth - n :] = 0
+        norm[: depth - n] = norm[n:]
+        norm[depth - n :] = 0
+
     bar = _progress(len(slices), progress)
     for batch_slices in _chunks(slices, batch_size):
-        batch = np.stack([padded[s] for s in batch_slices])
-        if len(batch) < batch_size:
-            # a short last batch would make a traced network (Keras, SavedModel) trace again: seconds
-            # for a deep U-Net, more than the wasted windows cost
-            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-        probabilities = _predict_mirrored(predict_fn, batch, flips)[: len(batch_slices)]
-        if total is None:
-            total = np.zeros(padded.shape[:3] + probabilities.shape[-1:], dtype=np.float32)
+        for i, s in enumerate(batch_slices):
+            batch[i] = padded[s]
+        # a short last batch keeps its shape (zero-filled): a traced network (Keras, SavedModel)
+        # would trace again for a new shape, seconds for a deep U-Net, more than the wasted windows cost
+        batch[len(batch_slices):] = 0
+        probabilities = _predict_mirrored(predict_fn, batch, flips)
+        if acc is None:
+            acc = np.zeros((depth, *padded.shape[1:3], probabilities.shape[-1]), dtype=np.float32)
+            weighted = np.empty((*window, probabilities.shape[-1]), dtype=np.float32)
         for s, p in zip(batch_slices, probabilities):
-            total[s] += p * weights[..., None]
-            norm[s] += weights
+            if s[0].start > base:
+                yield from finish(s[0].start)
+                base = s[0].start
+            rows = slice(s[0].start - base, s[0].stop - base)
+            np.multiply(p, weights[..., None], out=weighted)
+            acc[rows, s[1], s[2]] += weighted
+            norm[rows, s[1], s[2]] += weights
         if bar is not None:
             bar.update(len(batch_slices))
     if bar is not None:
         bar.close()
-    total /= norm[..., None]
-    return np.ascontiguousarray(total[crop])
+    yield from finish(base + depth)
+
+
+def batch_size_for_memory(
+    window: Sequence[int],
+    *,
+    in_channels: int,
+    num_classes: int,
+    budget_mb: float,
+    activation_bytes_per_voxel: float = 0.0,
+    max_batch_size: int = 64,
+) -> int:
+    """The largest number of windows per network call whose working memory fits ``budget_mb``.
+
+    Per window it counts the float32 input, the output and its mirrored and weighted copies
+    (``4 · (Cin + 3 · C)`` bytes per voxel) plus ``activation_bytes_per_voxel`` (the network's
+    intermediate feature maps per input voxel; :func:`segpipe.export.bundle.activation_bytes_per_voxel`
+    estimates it for a Keras model). At least 1.
+
+    Example:
+        >>> batch_size_for_memory((64, 64, 64), in_channels=1, num_classes=3, budget_mb=256,
+        ...                       activation_bytes_per_voxel=1000)
+        4
+    """
+    if budget_mb <= 0:
+        raise ValueError(f"Expected budget_mb > 0. Received: budget_mb={budget_mb}")
+    voxels = math.prod(int(w) for w in window)
+    per_window = voxels * (4.0 * (in_channels + 3 * num_classes) + float(activation_bytes_per_voxel))
+    return int(max(1, min(max_batch_size, budget_mb * 2**20 // per_window)))
 
 
 def keras_predict_fn(model) -> PredictFn:
@@ -212,8 +324,13 @@ def _predict_mirrored(predict_fn: PredictFn, batch: np.ndarray, flips: list[tupl
                 f"Received: shape {p.shape}"
             )
         p = np.flip(p, batch_axes) if axes else p
-        out = p.copy() if out is None else out + p
-    return out / len(flips)
+        if out is None:
+            out = p if len(flips) == 1 else p.copy()  # a copy: the runtime may own p's buffer
+        else:
+            out += p
+    if len(flips) > 1:
+        out /= len(flips)
+    return out
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
