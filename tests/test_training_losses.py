@@ -57,3 +57,42 @@ def test_unknown_loss_name_lists_valid_names(tiny_overrides, tmp_path, capsys):
     assert train.main(["--set", *tiny_overrides, "name=bad2", "loss.name=tverksy"]) == 1
     err = capsys.readouterr().err
     assert "tversky" in err and "dice" in err
+
+
+# ---------------------------------------------------------------- model.fit under MirroredStrategy
+
+FIT_CASES = ["dice", "dice_ce", "tversky", "ce", "batch_dice", "generalized_dice_batch", "deep_supervision"]
+
+
+@pytest.fixture(scope="module")
+def mirrored_fit_results(tmp_path_factory):
+    """One subprocess (two logical CPUs must be set before TensorFlow starts) running every case."""
+    import json
+
+    from process_helpers import REPO, running, start
+
+    log = tmp_path_factory.mktemp("mirrored_fit") / "driver.log"
+    args = [str(REPO / "tests" / "mirrored_fit_driver.py"), *FIT_CASES, "scalar_call_dice"]
+    with running(start(args, log)) as (proc,):
+        assert proc.wait(timeout=480) == 0, log.read_text()[-3000:]
+    lines = [line[len("RESULT "):] for line in log.read_text().splitlines() if line.startswith("RESULT ")]
+    return {r["case"]: r for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("case", FIT_CASES)
+def test_fit_under_mirrored_strategy_trains_like_one_process(case, mirrored_fit_results):
+    """One step of model.fit of the U-Net (SGD, momentum; instance norm, so the split batch cannot
+    matter) on 2 logical CPUs under MirroredStrategy gives the one-process weights and loss."""
+    result = mirrored_fit_results[case]
+    assert result["replicas"] == 2
+    assert result["max_weight_change"] > 1e-2  # the step moved the weights
+    assert result["max_weight_diff"] < 1e-5, result
+    np.testing.assert_allclose(result["loss_mirrored"], result["loss_one_process"], rtol=1e-6)
+
+
+def test_a_scalar_call_is_what_broke_fit_under_mirrored_strategy(mirrored_fit_results):
+    """The control: the same Dice with a scalar ``call`` (the old contract) logs twice the loss
+    and takes a different step under two replicas."""
+    result = mirrored_fit_results["scalar_call_dice"]
+    np.testing.assert_allclose(result["loss_mirrored"][0], 2 * result["loss_one_process"][0], rtol=1e-5)
+    assert result["max_weight_diff"] > 1e-3

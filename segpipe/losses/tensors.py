@@ -13,7 +13,7 @@ from keras import ops
 
 __all__ = ["EPSILON", "REDUCTIONS", "shape_str", "prepare", "region_stats", "power_from_zero",
            "per_class_vector", "class_mean", "split_sample_weight", "reduce_per_sample",
-           "replica_sum"]
+           "pool_over_replicas"]
 
 EPSILON = 1e-7
 """Lower clip value for probabilities inside logarithms (as ``keras.backend.epsilon()``)."""
@@ -88,10 +88,12 @@ def region_stats(y_true, y_pred, *, from_logits: bool, include_background: bool,
     if squares:
         stats += [_spatial_sum(p * p), _spatial_sum(g * g)]
     if batch:
-        if pool_weights is not None:
+        if pool_weights is None:
+            w = ops.ones((ops.shape(stats[0])[0], 1), dtype="float32")
+        else:
             w = ops.reshape(ops.cast(pool_weights, "float32"), (-1, 1))
-            stats = [s * w for s in stats]
-        stats = replica_sum([ops.sum(s, axis=0, keepdims=True) for s in stats])
+        stats = pool_over_replicas([ops.sum(s * w, axis=0, keepdims=True) for s in stats],
+                                   ops.sum(w))
     return stats
 
 
@@ -209,17 +211,25 @@ def _scale_for_replicas(value):
     return value
 
 
-def replica_sum(tensors: list):
-    """Sum ``tensors`` over the replicas of the current ``tf.distribute`` replica context.
+def pool_over_replicas(pooled: list, weight_sum):
+    """Counts pooled over this replica's samples -> counts of the whole global batch.
 
-    Outside a replica context, with one replica or on other backends: unchanged. The all-reduce
-    is differentiable (its gradient is the all-reduce of the replicas' gradients), so a loss of
-    the summed counts trains each replica's slice as if the whole batch were on one device.
+    Outside a ``tf.distribute`` replica context, with one replica or on other backends: unchanged.
+    Otherwise the forward value is the sum over replicas (one all-reduce, no gradient through it:
+    a differentiable all-reduce adds collectives in the backward pass that MirroredStrategy may
+    order differently on each replica, which deadlocks or fails). The gradient w.r.t. the local
+    counts is scaled by ``global weight sum / local weight sum`` (R without sample weights): each
+    replica back-propagates only into its own slice, and the replicas' objectives, summed by the
+    optimizer, must give the one-process gradient of the batch value, which depends on every
+    slice. A replica whose samples all have weight 0 contributes no gradient.
     """
     distribute = _tf_distribute()
     if distribute is None:
-        return tensors
+        return pooled
     context = distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return tensors
-    return context.all_reduce("SUM", tensors)
+        return pooled
+    constant = [ops.stop_gradient(s) for s in pooled]
+    *total, total_weight = context.all_reduce("SUM", [*constant, ops.stop_gradient(weight_sum)])
+    factor = ops.stop_gradient(ops.divide_no_nan(total_weight, weight_sum))
+    return [t + factor * (s - c) for t, s, c in zip(total, pooled, constant)]
