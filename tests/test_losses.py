@@ -6,6 +6,8 @@ module's math; it returns one value per sample. Inputs include empty classes, al
 samples and single-voxel structures.
 """
 import itertools
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -778,3 +780,17 @@ def test_deep_supervision_trains_a_multi_output_model():
     targets = deep_supervision_targets(y, 2)
     losses = [float(model.train_on_batch(x, targets)[0]) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] * 0.98, losses
+
+
+# --------------------------------------------------------------------------------------------
+# docs/losses-in-keras.md
+# --------------------------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "losses-in-keras.md"
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
+def test_docs_examples_run(index):
+    assert len(DOC_BLOCKS) == 3  # the shape rule, two outputs, deep supervision
+    keras.utils.set_random_seed(0)
+    exec(compile(DOC_BLOCKS[index], f"{DOCS.name}[{index}]", "exec"), {})
