@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import segpipe  # noqa: F401  (sets TensorFlow's environment before it is imported)
-from segpipe.cli import predict_main as main
+from segpipe.cli.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

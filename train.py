@@ -6,7 +6,7 @@
     python train.py --resume runs/default            # continue an interrupted run
     python train.py --config configs/losses/*.yaml --experiment losses [--folds 5]
 
-A thin wrapper: the command is :func:`segpipe.cli.train_main` (console script ``segpipe-train``);
+A thin wrapper: the command is :func:`segpipe.cli.train.main` (console script ``segpipe-train``);
 ``python train.py --help`` lists every option.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import segpipe  # noqa: F401  (sets TensorFlow's environment before it is imported)
-from segpipe.cli import train_main as main
+from segpipe.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,9 +27,9 @@ import numpy as np
 
 import segpipe  # noqa: F401  (TensorFlow environment)
 from segpipe.data.preprocess import PreprocessSettings
-from segpipe.export import InferenceSettings
-from segpipe.predict import segment_volume
-from segpipe.sliding_window import mirror_combinations, pad_to_window, window_slices
+from segpipe.inference.settings import InferenceSettings
+from segpipe.inference.segment import segment_volume
+from segpipe.inference.sliding_window import mirror_combinations, pad_to_window, window_slices
 
 NUM_CLASSES = 3
 SETTINGS = PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.0), normalization="zscore")
@@ -39,7 +39,7 @@ def make_predictor(patch: int, fmt: str, folder: Path):
     """Default-config U-Net written to a bundle and loaded back as ``predict.py`` does."""
     import keras
 
-    from segpipe.export import load_predictor, write_bundle
+    from segpipe.export.bundle import load_predictor, write_bundle
     from segpipe.models.unet3d import build_unet3d
 
     keras.utils.set_random_seed(0)

@@ -104,7 +104,7 @@ def loader_rate(config: Config, prepared: PreparedData, batches: int) -> float:
 
 def input_wait(config: Config, prepared: PreparedData, steps: int, warmup: int = 2) -> tuple[float, float]:
     """(share of step time waiting for input, seconds per step) in a short training run."""
-    from segpipe.training import build_model, compile_model
+    from segpipe.training.train import build_model, compile_model
 
     model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
     compile_model(model, config, prepared.dataset.class_names)

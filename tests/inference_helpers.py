@@ -37,7 +37,7 @@ def tiny_model(*, depth: int = 3, deep_supervision: bool = True, seed: int = 0, 
 
 def make_run_dir(root: Path, model, phantom_root: Path, *, depth: int = 3) -> Path:
     """A finished-looking run directory: config.yaml, preprocessing.json and the three checkpoints."""
-    from segpipe.checkpoints import save_checkpoint
+    from segpipe.training.checkpoints import save_checkpoint
 
     run_dir = Path(root) / "runs" / "hand"
     config = load_config(None, [

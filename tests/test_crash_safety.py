@@ -11,7 +11,8 @@ import time
 import pytest
 
 import train
-from segpipe.checkpoints import (RunCheckpoint, StorageError, check_free_space, find_last_checkpoint, read_state,
+from segpipe.runs.rundir import find_last_checkpoint
+from segpipe.training.checkpoints import (RunCheckpoint, StorageError, check_free_space, read_state,
                                  save_checkpoint)
 from process_helpers import (TRAIN, assert_same_history, checkpoint_state, read_history, running, shared_cache_dir,
                              start, wait_until)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import segpipe.evaluation
+import segpipe.evaluation.folders
 import segpipe.metrics.overlap
 import segpipe.metrics.surface
-from segpipe.evaluation import evaluate_folders, format_summary_markdown, summarize
+from segpipe.evaluation.folders import evaluate_folders, format_summary_markdown, summarize
 from segpipe.io import write_json, write_nifti
 
 
@@ -222,14 +222,14 @@ def test_cli_default_out_labels_and_errors(tmp_path, capsys):
         evaluate.main(["--pred", "p", "--ref", "r", "--tolerance-mm", "1", "x"])
 
 
-@pytest.mark.parametrize("module", [segpipe.metrics.overlap, segpipe.metrics.surface, segpipe.evaluation])
+@pytest.mark.parametrize("module", [segpipe.metrics.overlap, segpipe.metrics.surface, segpipe.evaluation.folders])
 def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
 
 
 def test_cli_run_mode_uses_predict_run(tmp_path, monkeypatch, capsys):
-    # segpipe.inference imports TensorFlow; a stand-in module checks the wiring only.
+    # segpipe.inference.run imports TensorFlow; a stand-in module checks the wiring only.
     import types
 
     pred_dir, ref_dir = make_folders(tmp_path)
@@ -240,28 +240,10 @@ def test_cli_run_mode_uses_predict_run(tmp_path, monkeypatch, capsys):
         calls.append((Path(path), model))
         return pred_dir, ref_dir, [1, 2], ["background", "liver", "tumour"]
 
-    monkeypatch.setitem(sys.modules, "segpipe.inference", types.SimpleNamespace(predict_run=predict_run))
+    monkeypatch.setitem(sys.modules, "segpipe.inference.run", types.SimpleNamespace(predict_run=predict_run))
     assert evaluate.main([str(run_dir), "--workers", "1"]) == 0
     assert evaluate.main([str(run_dir), "--workers", "1", "--model", "final"]) == 0
     assert calls == [(run_dir, None), (run_dir, "final")]
     summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
     assert summary["class_names"] == {"1": "liver", "2": "tumour"}
     assert "| 2 | tumour |" in capsys.readouterr().out
-
-
-def test_run_model_prefers_the_best_checkpoint_and_can_be_told_which(tmp_path):
-    from segpipe.inference import run_model
-
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="checkpoints/best.keras or model.keras"):
-        run_model(run_dir)
-    (run_dir / "model.keras").write_text("final")
-    assert run_model(run_dir) == ("final", run_dir / "model.keras")
-    with pytest.raises(FileNotFoundError, match="checkpoints/best.keras"):
-        run_model(run_dir, "best")
-    (run_dir / "checkpoints" / "best.keras").write_text("best")
-    assert run_model(run_dir) == ("best", run_dir / "checkpoints" / "best.keras")
-    assert run_model(run_dir, "final") == ("final", run_dir / "model.keras")
-    with pytest.raises(ValueError, match="Expected model 'best' or 'final'. Received: model='last'"):
-        run_model(run_dir, "last")

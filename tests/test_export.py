@@ -8,7 +8,8 @@ import pytest
 from inference_helpers import PATCH, PREPROCESSING, make_run_dir, tiny_model
 
 import predict
-from segpipe.export import BundleError, InferenceSettings, export_run, load_predictor, read_bundle, write_bundle
+from segpipe.inference.settings import InferenceSettings
+from segpipe.export.bundle import BundleError, export_run, load_predictor, read_bundle, write_bundle
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 

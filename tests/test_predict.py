@@ -8,11 +8,12 @@ from nibabel.orientations import aff2axcodes
 
 import predict
 from segpipe.data.preprocess import PreprocessSettings
-from segpipe.export import InferenceSettings, write_bundle
+from segpipe.export.bundle import write_bundle
+from segpipe.inference.settings import InferenceSettings
 from segpipe.io import read_nifti
-from segpipe.postprocess import keep_largest_component
-from segpipe.predict import find_cases, segment_volume
-from segpipe.sliding_window import keras_predict_fn
+from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.segment import find_cases, segment_volume
+from segpipe.inference.sliding_window import keras_predict_fn
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 ANISOTROPIC_RAS = np.diag([0.7, 1.2, 2.5, 1.0]) + np.array([[0, 0, 0, -5.0], [0, 0, 0, 3.0], [0, 0, 0, 1.0], [0, 0, 0, 0]])

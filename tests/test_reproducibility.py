@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from process_helpers import TRAIN, running, shared_cache_dir, start
-from segpipe.runinfo import PROJECT_ROOT
+from segpipe.training.run_info import PROJECT_ROOT
 
 TIMEOUT = 240
 

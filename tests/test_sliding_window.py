@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from segpipe.sliding_window import (
+from segpipe.inference.sliding_window import (
     gaussian_importance_map,
     mirror_combinations,
     pad_to_window,

@@ -13,11 +13,12 @@ import yaml
 
 import evaluate
 import train
-from segpipe.checkpoints import RunCheckpoint
+from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.config import ConfigError, load_config, to_yaml
-from segpipe.interrupts import TrainingInterrupted
-from segpipe.sweep import comparability_warning, plan_runs, run_sweep
-from segpipe.training import check_resumed_config, run_dir_of
+from segpipe.training.interrupts import TrainingInterrupted
+from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+from segpipe.runs.rundir import RunDir
+from segpipe.training.train import check_resumed_config
 
 
 def write_config(folder: Path, name: str, loss: dict | None = None) -> Path:
@@ -46,12 +47,12 @@ def test_plan_expands_folds_into_named_runs_of_the_experiment(tmp_path):
     assert [(r.name, r.data.folds, r.data.fold) for r in runs] == [
         ("dice_fold0", 3, 0), ("dice_fold1", 3, 1), ("dice_fold2", 3, 2),
         ("iou_fold0", 3, 0), ("iou_fold1", 3, 1), ("iou_fold2", 3, 2)]
-    assert run_dir_of(runs[4]) == tmp_path / "runs" / "exp" / "iou_fold1"
+    assert RunDir.of(runs[4]).path == tmp_path / "runs" / "exp" / "iou_fold1"
     assert [r.name for r in plan_runs(configs, folds=3, only_folds=[2])] == ["dice_fold2", "iou_fold2"]
     assert [r.name for r in plan_runs(configs)] == ["dice", "iou"]  # no k-fold: one run per config
     from_config = load_config(write_config(tmp_path, "ce"), ["data.folds=2"])
     assert [r.name for r in plan_runs([from_config])] == ["ce_fold0", "ce_fold1"]  # data.folds in the config
-    with pytest.raises(ConfigError, match=r"data.fold: expected a fold in 0..2 \(data.folds=3\). Received: 3"):
+    with pytest.raises(ConfigError, match=r"Expected a fold in 0..2 \(data.folds=3\). Received: data.fold=3"):
         plan_runs(configs, folds=3, only_folds=[3])
     with pytest.raises(ConfigError, match="--fold: expected k-fold training"):
         plan_runs(configs, only_folds=[0])
@@ -75,7 +76,7 @@ def test_sweep_skips_finished_reports_failures_and_goes_on(tmp_path, capsys):
         if config.name == "broken":
             raise RuntimeError("out of memory in layer 3")
         trained.append(config.name)
-        return run_dir_of(config)
+        return RunDir.of(config).path
 
     outcomes, code = run_sweep(runs, train_fn=fake_train)
     assert code == 1 and trained == ["done", "next", "later"]  # train() itself skips a finished run
@@ -90,8 +91,8 @@ def test_sweep_skips_finished_reports_failures_and_goes_on(tmp_path, capsys):
 
     def interrupted_train(config, *, resume, overwrite):
         if config.name == "next":
-            raise TrainingInterrupted(run_dir_of(config), signal.SIGTERM, 1, 2)
-        return run_dir_of(config)
+            raise TrainingInterrupted(RunDir.of(config).path, signal.SIGTERM, 1, 2)
+        return RunDir.of(config).path
 
     outcomes, code = run_sweep(runs, train_fn=interrupted_train)
     assert code == 128 + signal.SIGTERM
@@ -123,7 +124,7 @@ def test_interrupted_and_failed_runs_in_a_sweep(tiny_overrides, tmp_path, monkey
     exp = tmp_path / "runs" / "exp"
 
     def ctrl_c_in_first(self, batch, logs=None):  # Ctrl-C in the second epoch of run "first"
-        if self.run_dir.name == "first" and len(self.rows) == 1 and batch == 0:
+        if self.run.path.name == "first" and len(self.rows) == 1 and batch == 0:
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(RunCheckpoint, "on_train_batch_end", ctrl_c_in_first, raising=False)

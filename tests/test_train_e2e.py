@@ -9,7 +9,7 @@ import pytest
 import evaluate
 import predict
 import train
-from segpipe.checkpoints import RunCheckpoint
+from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.config import load_config
 from segpipe.io import read_nifti
 

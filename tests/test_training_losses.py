@@ -9,7 +9,7 @@ from segpipe.config import ConfigError, load_config
 from segpipe.data.layouts import load_dataset
 from segpipe.data.preprocess import preprocess_case
 from segpipe.data.sampling import ArrayCase, PatchSampler
-from segpipe.training import build_model, compile_model
+from segpipe.training.train import build_model, compile_model
 
 LOSS_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "losses").glob("*.yaml"))
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation as _Rotation
 
-from segpipe.data.sampling import warp
+from segpipe.data.spatial import warp
 
 
 def _check_p(name: str, key: str, p: float) -> None:

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from segpipe.data.layouts import Case, Dataset
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
 from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
 from segpipe.io import read_json, save_npy, write_json
+from segpipe.parallel import parallel_map
 
 CACHE_VERSION = 1  # bump when the cached format or the preprocessing code changes meaning
 _ARRAYS = {"image": (np.float32, 4), "label": (np.uint8, 3), "locations": (np.int32, 2)}
@@ -148,32 +146,6 @@ def case_key(
     blob = json.dumps({"version": CACHE_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
                        "extra": extra or {}, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def parallel_map(fn: Callable[[Any], Any], jobs: Sequence[Any], *, workers: int = 1, progress: bool = False,
-                 desc: str = "") -> list[Any]:
-    """``[fn(job) for job in jobs]`` in ``workers`` processes (when more than one), with a progress bar.
-
-    Processes are spawned, not forked: the caller may already run TensorFlow threads, which a fork
-    can deadlock. ``fn`` must be a module-level function.
-    """
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs, unit="case")
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            results = []
-            for job in jobs:
-                results.append(fn(job))
-                bar.update()
-            return results
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-            results = []
-            for result in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
-                results.append(result)
-                bar.update()
-            return results
-    finally:
-        bar.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import Case, Dataset, squeeze_trailing
-from segpipe.data.cache import parallel_map
+from segpipe.parallel import parallel_map
 
 # Problem kinds, each with the severity it is reported with.
 KINDS = {

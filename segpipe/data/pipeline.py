@@ -35,10 +35,11 @@ import numpy as np
 
 from segpipe.data.cache import CachedCase, build_cache
 from segpipe.data.checks import check_dataset, errors
-from segpipe.data.fingerprint import load_or_compute_fingerprint
+from segpipe.planning.fingerprint import load_or_compute_fingerprint
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings
+from segpipe.errors import expected
 from segpipe.io import read_json, write_json
 
 if TYPE_CHECKING:  # config imports this package lazily; keep the import one-way at run time
@@ -195,8 +196,8 @@ def resolve_settings(data: "DataConfig", fingerprint: dict[str, Any]) -> Preproc
 
     channels = len(fingerprint["intensity"])
     if not isinstance(data.normalization, str) and len(data.normalization) != channels:
-        raise ConfigError(f"data.normalization: expected one scheme, or one per channel ({channels} in "
-                          f"{fingerprint['dataset']}). Received: {data.normalization}")
+        raise ConfigError(expected(f"one scheme, or one per channel ({channels} in {fingerprint['dataset']})",
+                                   key="data.normalization", received=data.normalization))
     spacing = data.target_spacing_mm if data.target_spacing_mm is not None else fingerprint["target_spacing_mm"]
     return PreprocessSettings(
         target_spacing_mm=tuple(spacing),
@@ -309,31 +310,3 @@ def _check_split(split: dict[str, Any], case_ids: Sequence[str]) -> None:
     if not split["train"] or not split["val"]:
         raise ValueError(f"Expected training and validation cases. Received: {len(split['train'])} training, "
                          f"{len(split['val'])} validation")
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directory files
-
-
-def write_run_files(run_dir: str | os.PathLike, prepared: PreparedData) -> None:
-    """``RUN_DIR/splits.json`` (the run's split) and ``RUN_DIR/preprocessing.json`` (resolved settings)."""
-    run_dir = Path(run_dir)
-    write_json(run_dir / "splits.json", prepared.split)
-    write_json(run_dir / "preprocessing.json", prepared.settings.to_dict())
-
-
-def read_run_split(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The split a run was trained with, or ``None`` if it has none yet."""
-    path = Path(run_dir) / "splits.json"
-    return read_json(path) if path.is_file() else None
-
-
-def read_run_settings(run_dir: str | os.PathLike) -> PreprocessSettings | None:
-    """The preprocessing settings a run was trained with, or ``None`` if it has none yet."""
-    path = Path(run_dir) / "preprocessing.json"
-    if not path.is_file():
-        return None
-    try:
-        return PreprocessSettings(**read_json(path))
-    except TypeError as exc:
-        raise ValueError(f"Expected PreprocessSettings fields in {path}. Received: {exc}") from exc

@@ -19,7 +19,7 @@ spacing and orientation, the RAS shape, the crop box, the target and effective s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,6 +33,7 @@ from nibabel.orientations import (
 )
 from scipy import ndimage
 
+from segpipe.errors import expected
 from segpipe.data.layouts import Case, read_case_image, read_case_label
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
@@ -91,6 +92,26 @@ class PreprocessSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (the part of the cache key that comes from the config)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str) -> "PreprocessSettings":
+        """Rebuild from :meth:`to_dict` output read from ``where`` (a file, or a key in one).
+
+        Raises:
+            ValueError: not a mapping, an unknown key, or an invalid value; the message names ``where``.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(expected("a JSON object of preprocessing settings", key="preprocessing",
+                                      received=data, where=where))
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(expected(f"preprocessing settings out of {names}", key=unknown[0],
+                                      received=data[unknown[0]], where=where))
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
 
 @dataclass

@@ -22,9 +22,9 @@ from segpipe.data.pipeline import (
     run_integrity_check,
 )
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
-from segpipe.inference import predict_run
+from segpipe.inference.run import predict_run
 from segpipe.io import read_nifti
-from segpipe.predict import restore_probabilities
+from segpipe.inference.segment import restore_probabilities
 
 from . import make_case, make_dataset, save
 
@@ -115,7 +115,7 @@ def test_target_spacing_defaults_to_the_fingerprint(phantom_root, tmp_path):
 def test_one_normalization_per_channel_must_match_the_channels(phantom_root, tmp_path):
     from segpipe.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data.normalization: expected one scheme, or one per channel \(1"):
+    with pytest.raises(ConfigError, match=r"Expected one scheme, or one per channel \(1 in .*\). Received: data.normalization=\["):
         prepare_data(config_for(phantom_root, tmp_path, "data.normalization=[zscore, none]"), progress=False)
 
 

@@ -10,11 +10,13 @@ previous or the new checkpoint is complete:
 
     last.tmp/ written + fsynced  ->  last/ renamed to last.old/  ->  last.tmp/ renamed to last/  ->  last.old/ removed
 
-:func:`find_last_checkpoint` falls back to ``last.old`` when a crash happened between the renames.
+:func:`segpipe.runs.rundir.find_last_checkpoint` falls back to ``last.old`` when a crash happened between the renames.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import errno
 import math
 import os
@@ -27,6 +29,7 @@ import keras
 import numpy as np
 
 from segpipe.io import atomic_path, read_json, write_json, write_text
+from segpipe.runs.rundir import RunDir
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -151,27 +154,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def find_last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint folder (``folder`` or its ``.old`` twin), or None."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / "model.keras").is_file() and (candidate / "state.json").is_file():
-            return candidate
-    return None
-
-
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return read_json(checkpoint / "state.json")
 
 
-def history_csv(rows: list[dict[str, Any]]) -> str:
-    """CSV text of per-epoch log rows; columns in first-seen order, missing values empty."""
+def write_history_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write per-epoch log rows as CSV (atomically); columns in first-seen order, missing values empty."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    lines = [",".join(columns)]
-    for row in rows:
-        lines.append(",".join(_fmt(row.get(c, "")) for c in columns))
-    return "\n".join(lines) + "\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
+    write_text(path, buffer.getvalue())
 
 
 def _fmt(value: Any) -> str:
@@ -197,7 +193,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None, *,
                  seed: int | None = None, samples_per_step: int | None = None, steps_per_epoch: int | None = None):
         super().__init__()
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self.monitor = monitor
         self.mode = "min" if "loss" in monitor else "max"
         state = state or {}
@@ -216,14 +212,14 @@ class RunCheckpoint(keras.callbacks.Callback):
         improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if improved and not math.isnan(value):
             self.best = value
-            save_model_atomic(self.model, self.run_dir / "checkpoints" / "best.keras")
-        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.state(epoch + 1, 0))
-        with explain_storage_errors(self.run_dir / "history.csv"):
-            write_text(self.run_dir / "history.csv", history_csv(self.rows))
+            save_model_atomic(self.model, self.run.best_model)
+        save_checkpoint(self.run.last_checkpoint_dir, self.model, self.state(epoch + 1, 0))
+        with explain_storage_errors(self.run.history_csv):
+            write_history_csv(self.run.history_csv, self.rows)
 
     def save_partial(self, epoch: int, step: int, metrics: dict[str, list]) -> None:
         """Checkpoint after ``step`` steps of epoch ``epoch`` (0-based), with its metric accumulators."""
-        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.state(epoch, step, metrics))
+        save_checkpoint(self.run.last_checkpoint_dir, self.model, self.state(epoch, step, metrics))
 
     def state(self, epoch: int, step: int, metrics: dict[str, list] | None = None) -> dict[str, Any]:
         """The ``state.json`` of a checkpoint after ``epoch`` finished epochs and ``step`` more steps."""

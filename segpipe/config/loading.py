@@ -1,4 +1,4 @@
-"""The typed configuration tree: YAML files with ``extends:``, dotted overrides, validation.
+"""Reading configs: YAML files with ``extends:``, dotted overrides, validation.
 
 A run is described by one :class:`Config`. It is read from YAML (``extends: base.yaml`` merges a
 parent file first, paths relative to the child), then dotted overrides such as
@@ -17,124 +17,16 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from segpipe.config.schema import Config, ConfigError, DataConfig
+from segpipe.errors import SettingError, expected
+from segpipe.inference.settings import InferenceSettings
+
 REPLACED_WHOLE = {"loss"}  # sections a child file replaces instead of merging
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
-
-
-def _range(minimum: float | None = None, maximum: float | None = None, *, exclusive_min: bool = False) -> dict:
-    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
-
-
-@dataclass
-class PhantomConfig:
-    """Settings of the generated phantom dataset (see ``segpipe.data.phantoms``)."""
-
-    num_cases: int = field(default=24, metadata=_range(2))
-    shape: list[int] = field(default_factory=lambda: [48, 48, 48], metadata=_range(8))
-    spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0], metadata=_range(0, exclusive_min=True))
-    seed: int = 0
-    noise_std: float = field(default=0.25, metadata=_range(0))
-
-
-@dataclass
-class DataConfig:
-    """The dataset, its preprocessing and cache, the split, and the patch loader (docs/data.md)."""
-
-    # dataset folder, relative to the working dir; null in a config file means "give it on the command line"
-    root: str | None = "data/phantoms"
-    phantoms: PhantomConfig | None = None  # if set and ``root`` does not exist, generate phantoms there
-    layout: Literal["auto", "msd", "nnunet", "folders"] = "auto"
-    check: Literal["full", "headers", "off"] = "headers"  # integrity check before training
-    # Dataset cache folder (fingerprint, splits, preprocessed-<settings hash>/); None: under output_dir.
-    cache_dir: str | None = None
-    preprocess_workers: int = field(default=2, metadata=_range(1))  # processes for check/fingerprint/cache
-    # Preprocessing (segpipe.data.preprocess.PreprocessSettings); None spacing: the fingerprint's.
-    target_spacing_mm: list[float] | None = field(default=None, metadata=_range(0, exclusive_min=True))
-    normalization: str | list[str] = "zscore"  # one scheme, or one per channel
-    crop_to_nonzero: bool = True
-    image_order: int = field(default=3, metadata=_range(0, 5))
-    label_interpolation: Literal["onehot_linear", "nearest"] = "onehot_linear"
-    augment: dict[str, Any] = field(default_factory=dict)  # segpipe.data.augment.AugmentSettings; {} = defaults
-    # Split: a seeded fraction, or k-fold (fold ``fold`` of ``folds``); saved once per dataset.
-    val_fraction: float = field(default=0.2, metadata=_range(0, 1, exclusive_min=True))
-    folds: int | None = field(default=None, metadata=_range(2))
-    fold: int = field(default=0, metadata=_range(0))
-    # A fixed split instead: a JSON file {"train": [case ids], "val": [case ids]} (a run's splits.json
-    # works), relative to the working dir; val_fraction and folds are then unused.
-    split_file: str | None = None
-    validation: Literal["whole", "patches"] = "whole"  # whole preprocessed cases, or fixed patches
-    val_patches_per_case: int = field(default=4, metadata=_range(1))  # validation: patches only
-    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(4))
-    batch_size: int = field(default=2, metadata=_range(1))
-    foreground_fraction: float = field(default=0.33, metadata=_range(0, 1))
-    num_workers: int = field(default=2, metadata=_range(1))  # parallel patch extraction in tf.data
-
-
-@dataclass
-class ModelConfig:
-    name: Literal["unet3d"] = "unet3d"
-    depth: int = field(default=4, metadata=_range(1, 7))  # resolution levels; the patch halves depth-1 times
-    base_filters: int = field(default=16, metadata=_range(1))
-    max_filters: int = field(default=320, metadata=_range(1))
-    norm: Literal["batch", "instance", "none"] = "batch"
-    deep_supervision: bool = False
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = field(default=40, metadata=_range(1))
-    steps_per_epoch: int = field(default=50, metadata=_range(1))
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: float = field(default=1e-3, metadata=_range(0, exclusive_min=True))
-    lr_schedule: Literal["constant", "poly", "cosine"] = "poly"
-    weight_decay: float = field(default=0.0, metadata=_range(0))
-    momentum: float = field(default=0.99, metadata=_range(0, 1))  # sgd only
-    monitor: str = "val_dice_fg_mean"  # what "best checkpoint" maximises (or minimises, for a loss)
-    # tf.distribute (README.md, "Several GPUs"): none | mirrored (the GPUs of one machine) | multi_worker
-    # (several machines, cluster from TF_CONFIG). data.batch_size is the global batch, split over replicas.
-    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
-    sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
-    deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
-    # At the end of training the chief writes the deployable bundle (segpipe.export) into RUN_DIR/bundle,
-    # from the best checkpoint (else model.keras); export_onnx adds model.onnx (needs the onnx extra).
-    export_bundle: bool = True
-    export_onnx: bool = False
-
-
-@dataclass
-class InferenceConfig:
-    """Sliding-window prediction (README.md, "Inference and export"): ``evaluate.py RUN_DIR`` and the defaults of the run's bundle."""
-
-    overlap: float = field(default=0.5, metadata=_range(0, 0.95))  # fraction of a window shared with a neighbour
-    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_range(0, 2))  # [] = no mirroring
-    batch_size: int = field(default=2, metadata=_range(1))  # windows per network call
-    # label values that keep only their largest connected component ([] = none)
-    postprocess_largest_component: list[int] = field(default_factory=list, metadata=_range(1, 255))
-
-
-@dataclass
-class Config:
-    name: str | None = None  # run name; defaults to the config file's stem
-    seed: int = 0
-    output_dir: str = "runs"
-    experiment: str | None = None  # runs go to <output_dir>/<experiment>/<name> (a sweep's folder)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: dict[str, Any] = field(default_factory=lambda: {"name": "dice"})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------- reading YAML
@@ -224,7 +116,10 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         key = f"{prefix}{name}"
         kwargs[name] = _convert(value, hints[name], key)
         _check_range(kwargs[name], fields[name].metadata, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SettingError as exc:  # validated by the settings class itself; add the key's path once
+        raise ConfigError(str(exc.with_prefix(prefix))) from None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -250,10 +145,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(_expected(key, f"one of {list(args)}", value, suggest=[str(a) for a in args]))
         return value
-    if origin is list:
+    if origin in (list, tuple):  # tuple[T, ...] of frozen settings
         if not isinstance(value, (list, tuple)):
             raise ConfigError(_expected(key, f"a list of {args[0].__name__}", value))
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(_expected(key, "a mapping", value))
@@ -279,7 +175,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _describe(tp: Any) -> str:
     """``str`` -> 'a string', ``list[str]`` -> 'a list of str' (for union error messages)."""
-    if typing.get_origin(tp) is list:
+    if typing.get_origin(tp) in (list, tuple):
         return f"a list of {typing.get_args(tp)[0].__name__}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -296,12 +192,12 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
             raise ConfigError(_expected(key, f"<= {hi}", value))
 
 
-def _expected(key: str, expected: str, received: Any, suggest: list[str] | None = None) -> str:
-    hint = ""
+def _expected(key: str, what: str, received: Any, suggest: list[str] | None = None) -> str:
+    hint = None
     if suggest and isinstance(received, str):
         close = difflib.get_close_matches(received, suggest, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{key}: expected {expected}. Received: {received!r}.{hint}"
+        hint = f"Did you mean {close[0]!r}?" if close else None
+    return expected(what, key=key, received=received, hint=hint)
 
 
 def _unknown_key(prefix: str, key: str, valid: list[str]) -> str:
@@ -327,14 +223,13 @@ def validate(config: Config) -> None:
     if not isinstance(config.loss, dict) or not ("name" in config.loss or "terms" in config.loss):
         raise ConfigError(_expected("loss", "a mapping with 'name' (or 'terms' for a compound loss)", config.loss))
     if config.train.sync_batch_norm and config.model.norm != "batch":
-        raise ConfigError("train.sync_batch_norm: expected model.norm: batch (only batch norm has statistics "
-                          f"to synchronise). Received: true with model.norm={config.model.norm!r}")
+        raise ConfigError(expected("model.norm: batch with train.sync_batch_norm: true (only batch norm has "
+                                   "statistics to synchronise)", key="model.norm", received=config.model.norm))
     if config.train.export_onnx and not config.train.export_bundle:
-        raise ConfigError("train.export_onnx: expected train.export_bundle: true (model.onnx is part of the bundle). "
-                          "Received: true with train.export_bundle=false")
+        raise ConfigError(expected("train.export_bundle: true with train.export_onnx: true (model.onnx is part "
+                                   "of the bundle)", key="train.export_bundle", received=False))
     for key in ("name", "experiment"):
         check_folder_name(getattr(config, key), key)
-    validate_inference(config.inference)
 
 
 def check_folder_name(value: str | None, key: str) -> None:
@@ -343,23 +238,12 @@ def check_folder_name(value: str | None, key: str) -> None:
         raise ConfigError(_expected(key, "a folder name (no '/' or '\\', not '.' or '..')", value))
 
 
-def validate_inference(inference: InferenceConfig) -> None:
-    """Checks of the ``inference`` section beyond single-key types and ranges."""
-    axes = inference.mirror_axes
-    if len(set(axes)) != len(axes):
-        raise ConfigError(_expected("inference.mirror_axes", "distinct axes out of [0, 1, 2] ([] = no mirroring)", axes))
-    classes = inference.postprocess_largest_component
-    if len(set(classes)) != len(classes):
-        raise ConfigError(_expected("inference.postprocess_largest_component", "distinct label values", classes))
-
-
-def check_inference_classes(inference: InferenceConfig, num_classes: int) -> None:
+def check_inference_classes(inference: InferenceSettings, num_classes: int) -> None:
     """``inference.postprocess_largest_component`` must name foreground labels of the dataset (checked before training)."""
-    bad = [c for c in inference.postprocess_largest_component if c >= num_classes]
-    if bad:
-        raise ConfigError(_expected("inference.postprocess_largest_component",
-                                    f"foreground label values of the dataset (1..{num_classes - 1})",
-                                    inference.postprocess_largest_component))
+    try:
+        inference.check_classes(num_classes)
+    except SettingError as exc:
+        raise ConfigError(str(exc.with_prefix("inference."))) from None
 
 
 def validate_data(data: DataConfig) -> None:

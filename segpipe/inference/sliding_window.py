@@ -12,7 +12,7 @@ zeros (the mean of a z-scored image) and the padding cropped off again.
 
 Everything here is NumPy; the network is any callable mapping a float32 batch
 (B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so a Keras model, a TensorFlow SavedModel and an
-ONNX session run through the same code (see :mod:`segpipe.predict`).
+ONNX session run through the same code (see :mod:`segpipe.inference.segment`).
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import math
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from segpipe.inference.settings import check_mirror_axes
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -93,10 +95,8 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
         >>> mirror_combinations([0, 2])
         [(), (0,), (2,), (0, 2)]
     """
-    axes = tuple(int(a) for a in mirror_axes)
-    if len(set(axes)) != len(axes) or any(a not in (0, 1, 2) for a in axes):
-        raise ValueError(f"Expected mirror_axes to be distinct spatial axes out of (0, 1, 2). Received: mirror_axes={list(mirror_axes)}")
-    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
+    axes = check_mirror_axes(mirror_axes)
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
 def pad_to_window(image: np.ndarray, window: Sequence[int]) -> tuple[np.ndarray, tuple[slice, slice, slice]]:

@@ -16,6 +16,8 @@ is never rewarded.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,9 +25,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
-from segpipe.io import read_json, write_json, write_text
+from segpipe.io import write_json, write_text
+from segpipe.runs.rundir import RunDir
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 LOWER_IS_BETTER = {"hd95", "assd"}
@@ -64,10 +66,10 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders among ``paths``: each path is a run (has config.yaml) or an experiment folder of runs."""
     runs: list[Path] = []
     for path in map(Path, paths):
-        if (path / "config.yaml").is_file():
+        if RunDir(path).is_run():
             runs.append(path)
         elif path.is_dir():
-            runs += sorted(p for p in path.iterdir() if (p / "config.yaml").is_file())
+            runs += sorted(p for p in path.iterdir() if RunDir(p).is_run())
         else:
             raise ComparisonError(f"Expected a run folder or an experiment folder of runs. Received: {path} (not found)")
     if not runs:
@@ -86,15 +88,14 @@ def group_runs(run_dirs: Sequence[Path]) -> list[ConfigRuns]:
 
 def _run_identity(run_dir: Path) -> tuple[str, int | None, str]:
     """(dataset root, fold, split as canonical JSON) of a run, for the pairing check."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    data = config.get("data", {})
-    split_path = run_dir / "splits.json"
-    if not split_path.is_file():
+    run = RunDir(run_dir)
+    data = run.config_dict().get("data", {})
+    saved = run.split()
+    if saved is None:
         raise ComparisonError(f"{run_dir}: no splits.json; it is not a trained run")
     # the case ids only: the same split may be named differently (seeded, or from data.split_file)
-    split = {part: sorted(read_json(split_path).get(part, [])) for part in ("train", "val")}
-    root = str(Path(data.get("root", "")).resolve())
-    return root, data.get("fold"), yaml.safe_dump(split, sort_keys=True)
+    split = {part: sorted(saved.get(part, [])) for part in ("train", "val")}
+    return str(Path(data.get("root", "")).resolve()), data.get("fold"), json.dumps(split, sort_keys=True)
 
 
 def check_comparable(groups: Sequence[ConfigRuns]) -> None:
@@ -296,7 +297,7 @@ def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, st
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, group in enumerate(groups):
         for j, run_dir in enumerate(group.run_dirs):
-            history = _read_history(run_dir / "history.csv")
+            history = RunDir(run_dir).history()
             for ax, key in zip(axes[0], panels):
                 if history and key in history[0]:
                     ax.plot([float(r["epoch"]) for r in history], [float(r[key]) for r in history],
@@ -308,13 +309,6 @@ def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, st
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     _save_figure(fig, path)
-
-
-def _read_history(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -340,11 +334,11 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
     plot_training_curves(groups, class_names, labels, out_dir / "training_curves.png")
 
     columns = ["config", "run", "case", "class", "class_name", *METRICS, "image_diagonal_mm"]
-    lines = [",".join(columns)]
-    for group in groups:
-        for row in group.rows:
-            lines.append(",".join(str({**row, "config": group.name}.get(c, "")) for c in columns))
-    write_text(out_dir / "comparison.csv", "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, restval="", extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, "config": group.name} for group in groups for row in group.rows)
+    write_text(out_dir / "comparison.csv", buffer.getvalue())
     write_json(out_dir / "comparison.json", _nan_to_none(result))
 
     tables = markdown_tables(result, labels, class_names)

@@ -1,18 +1,5 @@
-"""Build everything a run needs from its config and train it (``segpipe.loop``, under ``train.distribute``).
-
-A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>/``) describes itself:
-
-    config.yaml        the fully resolved config
-    splits.json        the train/validation case ids (a copy of the dataset's split)
-    preprocessing.json the resolved preprocessing settings (segpipe.data.pipeline)
-    status.json        "running", "interrupted" (stopped by a signal, after a checkpoint) or "finished"
-    run_info.json      seed, resolved config, split, distribution, versions, git commit (segpipe.runinfo)
-    history.csv        one row per finished epoch (loss, val_loss, per-class Dice, ...)
-    tensorboard/       TensorBoard logs
-    checkpoints/last/  model.keras + state.json of the last finished epoch or stop (crash-safe, see checkpoints.py)
-    checkpoints/best.keras   the epoch with the best ``train.monitor`` value
-    model.keras        the final model
-    bundle/            the deployable bundle of the best checkpoint (``train.export_bundle``; segpipe.export)
+"""Build everything a run needs from its config and train it (:mod:`segpipe.training.loop`, under
+``train.distribute``), into its run directory (:class:`segpipe.runs.rundir.RunDir` lists what it holds).
 """
 from __future__ import annotations
 
@@ -22,16 +9,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size, load_config, to_yaml
-from segpipe.data.pipeline import open_dataset, prepare_data, read_run_settings, read_run_split, write_run_files
-from segpipe.io import read_json, write_json, write_text
+from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
+from segpipe.data.pipeline import open_dataset, prepare_data
+from segpipe.export.bundle import export_run
+from segpipe.runs.rundir import RunDir
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
     from segpipe.data.pipeline import PreparedData
-    from segpipe.distributed import ShardSpec, WorkerInfo
-    from segpipe.loop import LoopPosition
+    from segpipe.training.distributed import ShardSpec, WorkerInfo
+    from segpipe.training.loop import LoopPosition
 
 
 def build_model(config: Config, in_channels: int, num_classes: int):
@@ -91,16 +79,6 @@ def compile_model(model, config: Config, class_names: list[str]) -> None:
     model.compile(optimizer=build_optimizer(config), loss=build_loss(config, len(class_names)), metrics=metrics)
 
 
-def run_dir_of(config: Config) -> Path:
-    """``<output_dir>/<name>``, or ``<output_dir>/<experiment>/<name>`` when the run belongs to an experiment."""
-    return Path(config.output_dir) / (config.experiment or "") / str(config.name)
-
-
-def run_status(run_dir: Path) -> str | None:
-    path = Path(run_dir) / "status.json"
-    return read_json(path)["status"] if path.is_file() else None
-
-
 def train(config: Config, *, resume: bool = False, overwrite: bool = False, verbose: int | None = None) -> Path:
     """Train the run described by ``config``; returns its run directory.
 
@@ -114,9 +92,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
         StorageError: the run directory cannot be written (checked before any work).
     """
-    from segpipe import distributed
-    from segpipe.checkpoints import check_writable, find_last_checkpoint, read_state
-    from segpipe.runinfo import enable_determinism
+    from segpipe.training import distributed
+    from segpipe.training.checkpoints import check_writable, read_state
+    from segpipe.training.run_info import enable_determinism
 
     # multi_worker: the strategy must be set up before TensorFlow runs anything else
     distributed.warn_if_tf_config_unused(config.train.distribute)
@@ -125,8 +103,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     distributed.per_replica_batch(config.data.batch_size, strategy.num_replicas_in_sync)
     enable_determinism(config.train.deterministic)
 
-    run_dir = run_dir_of(config)
-    status = run_status(run_dir)
+    run = RunDir.of(config)
+    run_dir = run.path
+    status = run.status()
     if run_dir.exists() and overwrite:
         if worker.is_chief:
             shutil.rmtree(run_dir)
@@ -144,7 +123,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     if worker.is_chief:  # the others write to a temporary folder
         check_writable(run_dir)
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
-    checkpoint = find_last_checkpoint(run_dir / "checkpoints" / "last") if resume else None
+    checkpoint = run.last_checkpoint() if resume else None
     state: dict[str, Any] = read_state(checkpoint) if checkpoint else {}
     distributed.check_same_on_all_workers(
         strategy, worker, [state.get("epoch", 0), state.get("step", 0)], "checkpoint (epoch, step)")
@@ -159,66 +138,66 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
-        config, dataset=dataset, split=read_run_split(run_dir), settings=read_run_settings(run_dir)))
+        config, dataset=dataset, split=run.split(), settings=run.preprocessing()))
     out_dir = distributed.write_dir(run_dir, worker)
+    out = RunDir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", to_yaml(config))
-        write_run_files(out_dir, prepared)
-        write_json(out_dir / "status.json", {"status": "running"})
-        _train_model(config, prepared, strategy, worker, run_dir, out_dir, checkpoint, state, verbose)
+        out.write_config(config)
+        out.write_split(prepared.split)
+        out.write_preprocessing(prepared.settings)
+        out.write_status("running")
+        _train_model(config, prepared, strategy, worker, run_dir, out, checkpoint, state, verbose)
         if config.train.export_bundle and worker.is_chief:
             export_bundle(run_dir, onnx=config.train.export_onnx)
-        write_json(out_dir / "status.json", {"status": "finished"})
+        out.write_status("finished")
     finally:
         distributed.remove_worker_dir(out_dir, worker)
     return run_dir
 
 
 def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
-                 run_dir: Path, out_dir: Path, checkpoint: Path | None, state: dict[str, Any],
+                 run_dir: Path, out: RunDir, checkpoint: Path | None, state: dict[str, Any],
                  verbose: int | None) -> None:
     """Build (or restore) the model under the strategy, train it with the project's loop, save it."""
     import keras
 
-    from segpipe import distributed
-    from segpipe.checkpoints import RunCheckpoint, check_free_space, save_model_atomic
-    from segpipe.interrupts import StopRequest, TrainingInterrupted
-    from segpipe.loop import LoopPosition, TrainingLoop
-    from segpipe.runinfo import write_run_info
+    from segpipe.training import distributed
+    from segpipe.training.checkpoints import RunCheckpoint, check_free_space, save_model_atomic
+    from segpipe.training.interrupts import StopRequest, TrainingInterrupted
+    from segpipe.training.loop import LoopPosition, TrainingLoop
+    from segpipe.training.run_info import write_run_info
 
     t = config.train
     model = _build_or_restore_model(config, prepared, strategy, checkpoint)
     position = LoopPosition(int(state.get("epoch", 0)), int(state.get("step", 0)), state.get("metrics"))
     if checkpoint is not None:
         print(f"Resuming {run_dir} after epoch {position.epoch}" + (f", step {position.step}" if position.step else ""))
-    check_free_space(out_dir, model)
+    check_free_space(out.path, model)
     print(distributed.describe(t.distribute, strategy, worker, config.data.batch_size))
-    write_run_info(out_dir / "run_info.json", config, prepared.split, _distribution(config, strategy, worker),
+    write_run_info(out.run_info_json, config, prepared.split, _distribution(config, strategy, worker),
                    resumed_from=(position.epoch, position.step) if checkpoint is not None else None)
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
-    run_checkpoint = RunCheckpoint(out_dir, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
+    run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
                                    steps_per_epoch=t.steps_per_epoch)
-    callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False)]
+    callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
         loop = TrainingLoop(model, strategy, worker, prepared.dataset.class_names, verbose=verbose, stop=stop)
         stopped = loop.fit(train_input, val_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch,
                            start=position, callbacks=callbacks, checkpoint=run_checkpoint)
     if stopped is not None:
-        write_json(out_dir / "status.json", {"status": "interrupted"})
+        out.write_status("interrupted")
         raise TrainingInterrupted(run_dir, stop.signal_number, stopped.epoch, stopped.step)
-    save_model_atomic(model, out_dir / "model.keras")
+    save_model_atomic(model, out.final_model)
 
 
 def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
     """Write the run's deployable bundle into ``RUN_DIR/bundle`` (replacing an older one), from the model
-    ``evaluate.py RUN_DIR`` uses (:func:`segpipe.inference.run_model`: the best checkpoint, else model.keras)."""
-    from segpipe.export import export_run
-    from segpipe.inference import run_model
-
-    bundle = export_run(run_dir, run_dir / "bundle", checkpoint=run_model(run_dir)[0], onnx=onnx, overwrite=True)
+    ``evaluate.py RUN_DIR`` uses (:meth:`RunDir.model_file`: the best checkpoint, else model.keras)."""
+    run = RunDir(run_dir)
+    bundle = export_run(run.path, run.bundle_dir, checkpoint=run.model_file()[0], onnx=onnx, overwrite=True)
     print(f"Wrote bundle {bundle}")
     return bundle
 
@@ -242,7 +221,7 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
             position: "LoopPosition"):
     """The distributed training input from ``position`` on (samples already seen: the data RNG position), and the
     validation dataset."""
-    from segpipe import distributed
+    from segpipe.training import distributed
     from segpipe.data.loader import make_datasets
 
     batch = config.data.batch_size
@@ -265,9 +244,9 @@ def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "W
 
 def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
     """multi_worker: this worker's training batches, its disjoint share of every global batch (the run's
-    training sampler seen through :class:`segpipe.distributed.ShardedSampler`)."""
+    training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
     from segpipe.data.loader import train_dataset, train_sampler
-    from segpipe.distributed import ShardedSampler
+    from segpipe.training.distributed import ShardedSampler
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
     return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
@@ -276,13 +255,14 @@ def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "Shard
 def check_resumed_config(run_dir: Path, config: Config) -> None:
     """A run is resumed only with the config it was started with (a sweep re-run with an edited file
     would otherwise continue old weights under new settings)."""
-    if not (Path(run_dir) / "config.yaml").is_file():
+    run = RunDir(run_dir)
+    if not run.is_run():
         return  # not started yet, or stopped before writing its config: nothing to continue
-    saved = load_run_config(run_dir).to_dict()
+    saved = run.config().to_dict()
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config.to_dict())]
     if changes:
         raise ConfigError(
-            f"Cannot resume {run_dir}: expected the config it was started with ({Path(run_dir) / 'config.yaml'}). "
+            f"Cannot resume {run_dir}: expected the config it was started with ({run.config_yaml}). "
             f"Received changes: {'; '.join(changes)}. Undo them, or use --overwrite to train it again with the new config"
         )
 
@@ -293,11 +273,3 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
         keys = list(old) + [k for k in new if k not in old]
         return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [(prefix.rstrip("."), old, new)]
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved config a run was trained with."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"Expected a run directory with config.yaml. Received: {run_dir}")
-    return load_config(path)

@@ -21,11 +21,10 @@ difference ≤ ``VERIFY_TOLERANCE``); the differences are recorded in ``bundle.j
 
 :func:`read_bundle` validates ``bundle.json`` and the files it names and raises :class:`BundleError`
 naming the file or key that is wrong. :func:`load_predictor` turns a bundle into a
-``predict_fn`` for :func:`segpipe.sliding_window.sliding_window_predict`.
+``predict_fn`` for :func:`segpipe.inference.sliding_window.sliding_window_predict`.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.util
 import json
@@ -41,8 +40,11 @@ import numpy as np
 
 import segpipe
 from segpipe.data.preprocess import PreprocessSettings
-from segpipe.io import read_json, write_json
-from segpipe.sliding_window import PredictFn, keras_predict_fn
+from segpipe.errors import Received, expected
+from segpipe.io import write_json
+from segpipe.runs.rundir import RunDir
+from segpipe.inference.settings import InferenceSettings
+from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
 
 BUNDLE_FORMAT = "segpipe-bundle"
 BUNDLE_VERSION = 1
@@ -51,72 +53,10 @@ FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 VERIFY_TOLERANCE = 1e-4
-CHECKPOINTS = ("best", "last", "final")
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file or key and what is wrong."""
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How a bundle predicts a volume (stored in ``bundle.json``; each may be overridden per call).
-
-    Attributes:
-        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
-        mirror_axes: spatial axes mirrored for test-time augmentation (every subset is averaged);
-            ``()`` switches mirroring off.
-        batch_size: windows per network call (2 is 10-30 % faster than 1 on 2 CPU cores).
-        sigma_scale: σ of the Gaussian window weighting as a fraction of the window side.
-        postprocess_largest_component: label values for which only the largest connected component
-            is kept.
-    """
-
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 2
-    sigma_scale: float = 0.125
-    postprocess_largest_component: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)) or not 0 <= self.overlap < 1:
-            raise ValueError(f"Invalid value for `overlap`. Expected a number in [0, 1). Received: overlap={self.overlap!r}")
-        axes = tuple(self.mirror_axes)
-        if len(set(axes)) != len(axes) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in axes):
-            raise ValueError(f"Invalid value for `mirror_axes`. Expected distinct axes out of (0, 1, 2). Received: mirror_axes={list(axes)}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"Invalid value for `batch_size`. Expected an integer >= 1. Received: batch_size={self.batch_size!r}")
-        if isinstance(self.sigma_scale, bool) or not isinstance(self.sigma_scale, (int, float)) or self.sigma_scale <= 0:
-            raise ValueError(f"Invalid value for `sigma_scale`. Expected a number > 0. Received: sigma_scale={self.sigma_scale!r}")
-        classes = tuple(self.postprocess_largest_component)
-        if any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255 for c in classes):
-            raise ValueError(
-                f"Invalid value for `postprocess_largest_component`. Expected label values in 1..255. "
-                f"Received: postprocess_largest_component={list(classes)}"
-            )
-        object.__setattr__(self, "overlap", float(self.overlap))
-        object.__setattr__(self, "mirror_axes", tuple(sorted(axes)))
-        object.__setattr__(self, "sigma_scale", float(self.sigma_scale))
-        object.__setattr__(self, "postprocess_largest_component", tuple(sorted(set(classes))))
-
-    @classmethod
-    def from_object(cls, source: Any) -> "InferenceSettings":
-        """Build from a mapping or any object with these attribute names (e.g. a config section)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if isinstance(source, Mapping):
-            unknown = sorted(set(source) - set(names))
-            if unknown:
-                raise ValueError(f"Unknown inference setting(s) {unknown}. Expected keys out of {names}")
-            values = dict(source)
-        else:
-            values = {n: getattr(source, n) for n in names if hasattr(source, n)}
-        for key in ("mirror_axes", "postprocess_largest_component"):
-            if key in values and values[key] is not None:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -216,7 +156,7 @@ def write_bundle(
         raise ImportError('ONNX export needs tf2onnx. Install the onnx extra: pip install "segpipe[onnx]"')
     if not isinstance(preprocessing, PreprocessSettings):
         raise TypeError(f"Expected preprocessing to be a PreprocessSettings. Received: {type(preprocessing).__name__}")
-    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_object(inference or {})
+    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_mapping(inference or {})
     patch_size = tuple(int(s) for s in patch_size)
     if len(patch_size) != 3 or min(patch_size) < 1:
         raise ValueError(f"Expected patch_size of 3 positive sizes. Received: patch_size={list(patch_size)}")
@@ -229,9 +169,7 @@ def write_bundle(
     channel_names = [str(n) for n in channel_names] if channel_names else [f"channel_{i}" for i in range(in_channels)]
     if len(channel_names) != in_channels:
         raise ValueError(f"Expected one channel name per model input channel ({in_channels}). Received: {channel_names}")
-    bad = [c for c in inference.postprocess_largest_component if c >= num_classes]
-    if bad:
-        raise ValueError(f"Expected postprocess_largest_component values below the class count {num_classes}. Received: {bad}")
+    inference.check_classes(num_classes)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -302,14 +240,17 @@ def export_run(
     """
     import keras
 
-    from segpipe.checkpoints import find_last_checkpoint
-    from segpipe.training import load_run_config
-
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    model_path = _checkpoint_path(run_dir, checkpoint, find_last_checkpoint)
+    run = RunDir(run_dir)
+    run_dir = run.path
+    config = run.config()
+    _, model_path = run.model_file(checkpoint)
     if preprocessing is None:
-        preprocessing = read_preprocessing(run_dir / "preprocessing.json")
+        preprocessing = run.preprocessing()
+    if preprocessing is None:
+        raise FileNotFoundError(expected(
+            "the run's resolved preprocessing (written at training time)", key="preprocessing.json",
+            received=Received(f"{run.preprocessing_json} (no such file)"),
+            hint="Pass preprocessing=PreprocessSettings(...) to export an older run."))
     try:
         model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
     except Exception as exc:
@@ -319,7 +260,7 @@ def export_run(
     if class_names is None:
         class_names, channel_names = _dataset_names(config.data.root, num_classes)
     if inference is None:
-        inference = InferenceSettings.from_object(config.inference)
+        inference = config.inference
     return write_bundle(
         model,
         Path(out_dir) if out_dir is not None else run_dir / "bundle",
@@ -334,17 +275,6 @@ def export_run(
         verify=verify,
         overwrite=overwrite,
     )
-
-
-def read_preprocessing(path: str | os.PathLike) -> PreprocessSettings:
-    """Rebuild :class:`PreprocessSettings` from a JSON dict (``dataclasses.asdict`` of it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Expected the run's resolved preprocessing in {path} (written at training time). "
-            f"Received: no such file; pass preprocessing=PreprocessSettings(...) to export an older run"
-        )
-    return _preprocessing_from_dict(read_json(path), str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,12 +334,16 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     orientation = get("orientation", str, "'RAS'")
     if orientation != "RAS":
         raise BundleError(f"{where}: 'orientation': expected 'RAS' (the only one preprocessing produces). Received: {orientation!r}")
-    preprocessing = _preprocessing_from_dict(get("preprocessing", dict, "the preprocessing settings"), f"{where}: 'preprocessing'", BundleError)
+    try:
+        preprocessing = PreprocessSettings.from_dict(get("preprocessing", dict, "the preprocessing settings"),
+                                                     where=f"{where}: 'preprocessing'")
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
     patch_size = get("patch_size", list, "3 positive sizes")
     if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
         raise BundleError(f"{where}: 'patch_size': expected 3 positive integers. Received: {patch_size!r}")
     try:
-        inference = InferenceSettings.from_object(get("inference", dict, "the inference settings"))
+        inference = InferenceSettings.from_mapping(get("inference", dict, "the inference settings"))
     except (TypeError, ValueError) as exc:
         raise BundleError(f"{where}: 'inference': {exc}") from exc
     files = get("files", dict, "a mapping format -> file")
@@ -497,36 +431,6 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras") ->
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def _preprocessing_from_dict(data: Any, where: str, error: type[Exception] = ValueError) -> PreprocessSettings:
-    if not isinstance(data, dict):
-        raise error(f"{where}: expected a JSON object of preprocessing settings. Received: {data!r}")
-    names = {f.name for f in dataclasses.fields(PreprocessSettings)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise error(f"{where}: unknown preprocessing setting(s) {unknown}. Expected keys out of {sorted(names)}")
-    try:
-        return PreprocessSettings(**data)
-    except (TypeError, ValueError) as exc:
-        raise error(f"{where}: {exc}") from exc
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str, find_last_checkpoint) -> Path:
-    if checkpoint == "best":
-        path = run_dir / "checkpoints" / "best.keras"
-    elif checkpoint == "final":
-        path = run_dir / "model.keras"
-    elif checkpoint == "last":
-        folder = find_last_checkpoint(run_dir / "checkpoints" / "last")
-        path = folder / "model.keras" if folder else run_dir / "checkpoints" / "last" / "model.keras"
-    else:
-        path = Path(checkpoint)
-        if path.suffix != ".keras":
-            raise ValueError(f"Invalid value for `checkpoint`. Expected one of {CHECKPOINTS} or a .keras file. Received: checkpoint={checkpoint!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"Expected the {checkpoint!r} checkpoint at {path}. Received: no such file")
-    return path
 
 
 def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:

@@ -16,18 +16,16 @@ from __future__ import annotations
 import csv
 import io
 import math
-import multiprocessing
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
 
+from segpipe.parallel import parallel_map
 from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
@@ -244,11 +242,12 @@ def evaluate_run(
     ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one).
     Imports TensorFlow (seconds), so only call it when a model must run.
     """
-    from segpipe.inference import predict_run
+    from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
+    from segpipe.runs.rundir import RunDir
 
     run_dir = Path(run_dir)
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
-    out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
     summary = evaluate_folders(
         pred_dir, ref_dir, out,
         labels=labels if labels is not None else run_labels,
@@ -402,8 +401,9 @@ def format_summary_markdown(summary: Mapping[str, Any]) -> str:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _score_case(case_id: str, pred_path: Path, ref_path: Path, labels, tolerance_mm) -> CaseResult:
+def _score_job(job: tuple) -> CaseResult:
     """Worker entry point: evaluate_case with the case named in any error."""
+    case_id, pred_path, ref_path, labels, tolerance_mm = job
     try:
         return evaluate_case(
             pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id
@@ -419,30 +419,8 @@ def _score_case(case_id: str, pred_path: Path, ref_path: Path, labels, tolerance
 
 
 def _run_cases(jobs, *, labels, tolerance_mm, workers) -> list[CaseResult]:
-    if workers is None:
-        workers = _available_cores()
-    workers = max(1, min(int(workers), len(jobs)))
-    progress = tqdm(total=len(jobs), desc="Evaluating", unit="case")
-    results = []
-    try:
-        if workers == 1:
-            for job in jobs:
-                results.append(_score_case(*job, labels, tolerance_mm))
-                progress.update()
-        else:
-            # "spawn": the parent may have imported TensorFlow (run mode), whose threads make
-            # fork unsafe.
-            context = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-            try:
-                futures = [pool.submit(_score_case, *job, labels, tolerance_mm) for job in jobs]
-                for future in as_completed(futures):
-                    results.append(future.result())
-                    progress.update()
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        progress.close()
+    results = parallel_map(_score_job, [(*job, labels, tolerance_mm) for job in jobs], workers=workers,
+                           progress=True, desc="Evaluating")
     return sorted(results, key=lambda r: r.case_id)
 
 
@@ -536,13 +514,6 @@ def _as_label_map(array: np.ndarray, path) -> np.ndarray:
             )
         array = rounded.astype(np.min_scalar_type(int(rounded.max(initial=0))))
     return array
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from segpipe.data.cache import parallel_map
 from segpipe.data.layouts import Case, Dataset, read_case_image, read_case_label
+from segpipe.parallel import parallel_map
 from segpipe.io import read_json, write_json
 
 FINGERPRINT_VERSION = 1

@@ -4,14 +4,14 @@ Per scan (:func:`segment_volume`):
 
 1. :func:`segpipe.data.preprocess.preprocess_volume` with the training preprocessing (reorient to
    RAS, crop to non-zero, normalise, resample to the target spacing);
-2. :func:`segpipe.sliding_window.sliding_window_predict` (Gaussian-weighted windows of the patch
+2. :func:`segpipe.inference.sliding_window.sliding_window_predict` (Gaussian-weighted windows of the patch
    size, mirroring test-time augmentation);
 3. :func:`segpipe.data.preprocess.restore_to_original` of the *probabilities* (linear
    interpolation; outside the crop box is background), so resampling never blurs a label map;
-4. argmax, then optionally :func:`segpipe.postprocess.keep_largest_component` per class.
+4. argmax, then optionally :func:`segpipe.inference.postprocess.keep_largest_component` per class.
 
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
-this for files or folders using only a bundle (:mod:`segpipe.export`); ``predict.py`` is its CLI.
+this for files or folders using only a bundle (:mod:`segpipe.export.bundle`); ``predict.py`` is its CLI.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ import numpy as np
 
 from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, restore_to_original
-from segpipe.export import Bundle, InferenceSettings, load_predictor, read_bundle
+from segpipe.export.bundle import Bundle, load_predictor, read_bundle
+from segpipe.inference.settings import InferenceSettings
 from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
-from segpipe.postprocess import keep_largest_component
-from segpipe.sliding_window import PredictFn, sliding_window_predict
+from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.sliding_window import PredictFn, sliding_window_predict
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -57,13 +58,13 @@ def segment_volume(
 
     Args:
         predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
-            e.g. :func:`segpipe.sliding_window.keras_predict_fn` or :func:`segpipe.export.load_predictor`.
+            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.export.bundle.load_predictor`.
         image: the raw scan, in its own orientation and spacing.
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
         patch_size: the sliding window (the training patch size).
         settings: overlap, mirroring, windows per call, Gaussian σ (see
-            :func:`segpipe.sliding_window.sliding_window_predict`) and the label values that keep
+            :func:`segpipe.inference.sliding_window.sliding_window_predict`) and the label values that keep
             only their largest component.
         return_probabilities: also return the probabilities on the scan's grid.
         progress: progress bar over the windows.
@@ -196,7 +197,7 @@ def predict_files(
     """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
 
     Args:
-        bundle: a bundle folder or a :class:`segpipe.export.Bundle`.
+        bundle: a bundle folder or a :class:`segpipe.export.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
         output_dir: where label maps go; must not be an input folder.
         format: ``"keras"``, ``"savedmodel"`` or ``"onnx"``.
@@ -216,16 +217,9 @@ def predict_files(
     sources = {p.parent.resolve() for c in cases for p in c.image_paths}
     if output_dir.resolve() in sources:
         raise ValueError(f"Expected an output folder other than the input folder (outputs would replace inputs). Received: --output {output_dir}")
-    overrides: dict[str, Any] = {
-        "overlap": overlap, "mirror_axes": mirror_axes, "batch_size": batch_size,
-        "postprocess_largest_component": postprocess_largest_component,
-    }
-    settings = InferenceSettings.from_object(
-        {**bundle.inference.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-    )
-    bad = [c for c in settings.postprocess_largest_component if c >= bundle.num_classes]
-    if bad:
-        raise ValueError(f"Expected postprocess classes below the bundle's {bundle.num_classes} classes. Received: {bad}")
+    settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
+                                        postprocess_largest_component=postprocess_largest_component)
+    settings.check_classes(bundle.num_classes)
     predict_fn = load_predictor(bundle, format)
 
     written = []

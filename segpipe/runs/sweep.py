@@ -5,7 +5,7 @@ and run by :func:`run_sweep`:
 
 - each config trains into its run directory, ``<output_dir>/[<experiment>/]<name>``; with k folds
   (``--folds K`` or ``data.folds``) every config trains on every fold into ``<name>_fold<k>``, the
-  names :mod:`segpipe.compare` groups by configuration;
+  names :mod:`segpipe.evaluation.compare` groups by configuration;
 - configs of one experiment share the dataset cache and hence the split of a given seed, so their
   runs can be compared pairwise (``evaluate.py --compare <output_dir>/<experiment>``);
 - a finished run is skipped; an unfinished one (crash, Ctrl-C) is continued from its last
@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from segpipe.config import Config, ConfigError, validate
+from segpipe.runs.rundir import RunDir
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says everything (segpipe's own checks); any other failure also gets a traceback."""
-    from segpipe.checkpoints import StorageError
+    from segpipe.training.checkpoints import StorageError
 
     return ConfigError, StorageError, FileExistsError, FileNotFoundError, ValueError
 
@@ -63,8 +64,6 @@ def plan_runs(configs: Sequence[Config], *, folds: int | None = None, only_folds
         ConfigError: fewer than 2 folds, ``only_folds`` without k-fold, a fold out of range, or two
             runs that would share a run directory.
     """
-    from segpipe.training import run_dir_of
-
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise ConfigError(f"--folds: expected a number of folds >= 2. Received: {folds!r}")
     runs: list[Config] = []
@@ -83,7 +82,7 @@ def plan_runs(configs: Sequence[Config], *, folds: int | None = None, only_folds
             runs.append(run)
     seen: dict[Path, str] = {}
     for run in runs:
-        run_dir = run_dir_of(run)
+        run_dir = RunDir.of(run).path
         if run_dir in seen:
             raise ConfigError(
                 f"name: expected a different run name for every config of a sweep. Received: {run.name!r} twice "
@@ -119,21 +118,21 @@ def run_sweep(
         runs: from :func:`plan_runs`.
         resume: continue unfinished runs from their last checkpoint (runs not started yet start).
         overwrite: train every run anew, finished or not.
-        train_fn: :func:`segpipe.training.train` (replaceable in tests).
+        train_fn: :func:`segpipe.training.train.train` (replaceable in tests).
         out, err: where progress and errors go (default stdout, stderr).
     """
-    from segpipe.interrupts import TrainingInterrupted
-    from segpipe.training import run_dir_of, run_status, train
+    from segpipe.training.interrupts import TrainingInterrupted
+    from segpipe.training.train import train
 
     train_fn = train_fn or train
     out, err = out or sys.stdout, err or sys.stderr
     outcomes: list[RunOutcome] = []
     code = 0
     for i, config in enumerate(runs):
-        run_dir = run_dir_of(config)
+        run_dir = RunDir.of(config).path
         if len(runs) > 1:
             print(f"\n[{i + 1}/{len(runs)}] {config.name} -> {run_dir}", file=out, flush=True)
-        finished_before = not overwrite and run_status(run_dir) == "finished"
+        finished_before = not overwrite and RunDir(run_dir).status() == "finished"
         try:
             run_dir = train_fn(config, resume=resume, overwrite=overwrite)
             print(f"Run directory: {run_dir}", file=out, flush=True)
@@ -141,7 +140,7 @@ def run_sweep(
         except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved; stop the sweep
             print(f"{config.name}: {exc}", file=err, flush=True)
             outcomes.append(RunOutcome(config.name, run_dir, "interrupted", str(exc)))
-            outcomes += [RunOutcome(c.name, run_dir_of(c), "not started") for c in runs[i + 1:]]
+            outcomes += [RunOutcome(c.name, RunDir.of(c).path, "not started") for c in runs[i + 1:]]
             code = exc.exit_code
             break
         except Exception as exc:  # any failure of this run: report it, go on with the next

@@ -25,9 +25,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from segpipe.checkpoints import RunCheckpoint
-from segpipe.distributed import WorkerInfo, any_worker
-from segpipe.interrupts import StopRequest
+from segpipe.training.checkpoints import RunCheckpoint
+from segpipe.training.distributed import WorkerInfo, any_worker
+from segpipe.training.interrupts import StopRequest
 from segpipe.metrics.streaming import PerClassDice
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from segpipe.config import ConfigError
+from segpipe.errors import expected
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -103,7 +104,7 @@ def make_strategy(distribute: str) -> "tf.distribute.Strategy":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if distribute == "none":
         return tf.distribute.get_strategy()
-    raise ConfigError(f"train.distribute: expected one of {list(STRATEGIES)}. Received: {distribute!r}")
+    raise ConfigError(expected(f"one of {list(STRATEGIES)}", key="train.distribute", received=distribute))
 
 
 def worker_info(strategy: "tf.distribute.Strategy") -> WorkerInfo:
@@ -132,10 +133,9 @@ def per_replica_batch(global_batch: int, num_replicas: int) -> int:
     """``data.batch_size`` split evenly over the replicas, or a :class:`ConfigError` naming the key."""
     if global_batch % num_replicas:
         lower = max(num_replicas, global_batch - global_batch % num_replicas)
-        raise ConfigError(
-            f"data.batch_size: expected a multiple of the {num_replicas} replicas (it is the global batch, "
-            f"split evenly over them). Received: {global_batch}. Nearest valid: {lower} or {lower + num_replicas}"
-        )
+        raise ConfigError(expected(
+            f"a multiple of the {num_replicas} replicas (it is the global batch, split evenly over them)",
+            key="data.batch_size", received=global_batch, hint=f"Nearest valid: {lower} or {lower + num_replicas}"))
     return global_batch // num_replicas
 
 

@@ -1,0 +1,155 @@
+"""``evaluate.py`` / ``segpipe-evaluate``: score folders of segmentations, a run's validation cases, or compare runs.
+
+Folder mode never imports TensorFlow."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from segpipe.cli import prog_name
+
+EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
+
+Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--dataset-json PATH]
+                                 [--out DIR] [--tolerance-mm X | LABEL=X ...] [--workers N]
+Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
+Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
+              (evaluates runs not yet evaluated, then writes comparison/: tables, paired
+              Wilcoxon tests with Holm correction, box plots, training curves, report.md)
+
+Writes per_case.csv and summary.json into --out (default: PRED/evaluation, or RUN_DIR/evaluation)
+and prints the summary as a Markdown table. Metric definitions: README.md, "Evaluation".
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``evaluate.py``: parse ``argv`` (default: the command line), evaluate, print the table; return 0 or 1."""
+    prog = prog_name("evaluate")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=EVALUATE_HELP.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(EVALUATE_HELP.split("\n\n")[1:]),
+    )
+    parser.add_argument("run_dir", nargs="?", type=Path, help="trained run folder (run mode)")
+    parser.add_argument("--pred", type=Path, help="folder of predicted label maps (folder mode)")
+    parser.add_argument("--ref", type=Path, help="folder of reference label maps (folder mode)")
+    parser.add_argument("--labels", type=int, nargs="+", help="label values to score "
+                        "(default: from --dataset-json, else every value in the references but 0)")
+    parser.add_argument("--dataset-json", type=Path,
+                        help="dataset.json (or its folder) for class names and default labels")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--tolerance-mm", nargs="+", default=["1.0"], metavar="X",
+                        help="NSD tolerance in mm: one value, or LABEL=X per class (default 1.0)")
+    parser.add_argument("--workers", type=int, help="parallel processes (default: available cores)")
+    parser.add_argument("--model", choices=["best", "final"],
+                        help="run mode: the best checkpoint (chosen on these validation cases; the default) "
+                             "or the final model")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
+                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
+    parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
+    args = parser.parse_args(argv)
+    if args.compare:
+        if args.run_dir is not None or args.pred or args.ref:
+            parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
+        return _compare(args, prog)
+
+    if args.run_dir is not None and (args.pred or args.ref):
+        parser.error("give either RUN_DIR or --pred and --ref, not both")
+    if args.run_dir is None and not (args.pred and args.ref):
+        parser.error("give RUN_DIR, or both --pred and --ref")
+    if args.model and args.run_dir is None:
+        parser.error("--model chooses the model of RUN_DIR (run mode)")
+    try:
+        tolerance_mm = _parse_tolerance(args.tolerance_mm)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    from segpipe.evaluation.folders import evaluate_folders, format_summary_markdown
+
+    labels, class_names = args.labels, None
+    try:
+        if args.dataset_json is not None:
+            from segpipe.data.layouts import load_dataset
+
+            root = args.dataset_json.parent if args.dataset_json.is_file() else args.dataset_json
+            dataset = load_dataset(root)
+            class_names = dataset.labels
+            if labels is None:
+                labels = sorted(v for v in dataset.labels if v != 0)
+        if args.run_dir is not None:
+            from segpipe.evaluation.folders import evaluate_run
+
+            summary, out_dir = evaluate_run(
+                args.run_dir, args.out,
+                labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
+                model=args.model,
+            )
+        else:
+            out_dir = args.out or args.pred / "evaluation"
+            summary = evaluate_folders(
+                args.pred, args.ref, out_dir,
+                labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
+            )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary_markdown(summary))
+    print(f"\nWrote {out_dir / 'per_case.csv'} and {out_dir / 'summary.json'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, prog: str) -> int:
+    """Compare mode: check pairing, evaluate what is missing, write the comparison folder."""
+    from segpipe.runs.rundir import RunDir
+    from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
+
+    try:
+        tolerance_mm = _parse_tolerance(args.tolerance_mm)
+        groups = group_runs(find_run_dirs(args.compare))
+        if args.reference is not None:
+            names = [g.name for g in groups]
+            if args.reference not in names:
+                raise ComparisonError(f"Expected --reference to be one of {names}. Received: {args.reference!r}")
+            groups.sort(key=lambda g: g.name != args.reference)  # stable: reference first
+        if len(groups) < 2:
+            raise ComparisonError(f"Expected at least two configurations to compare. Received: {[g.name for g in groups]}")
+        check_comparable(groups)  # refuse before spending time on predictions
+        for group in groups:
+            for run_dir in group.run_dirs:
+                per_case = RunDir(run_dir).evaluation_dir / "per_case.csv"
+                if not per_case.is_file():
+                    from segpipe.evaluation.folders import evaluate_run
+
+                    print(f"Evaluating {run_dir}")
+                    evaluate_run(run_dir, tolerance_mm=tolerance_mm, workers=args.workers)
+                group.rows += [{**row, "run": run_dir.name} for row in load_per_case(per_case)]
+        class_names = {r["class"]: r["class_name"] for g in groups for r in g.rows}
+        default_out = args.compare[0] / "comparison" if len(args.compare) == 1 and not RunDir(args.compare[0]).is_run() else Path("comparison")
+        out_dir = args.out or default_out
+        result = write_comparison(groups, out_dir, class_names)
+    except (ComparisonError, FileNotFoundError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    print(result["markdown"])
+    print(f"Wrote {out_dir}/report.md, comparison.csv, comparison.json and plots")
+    return 0
+
+
+def _parse_tolerance(values: list[str]) -> float | dict[int, float]:
+    """``["2"]`` -> 2.0; ``["1=2", "2=0.5"]`` -> {1: 2.0, 2: 0.5}."""
+    try:
+        if len(values) == 1 and "=" not in values[0]:
+            return float(values[0])
+        pairs = [v.split("=", 1) for v in values]
+        return {int(label): float(mm) for label, mm in pairs}
+    except ValueError:
+        raise ValueError(
+            f"Expected --tolerance-mm as one number or LABEL=MM pairs. Received: {' '.join(values)}"
+        ) from None
+
+
+def console() -> None:
+    """Console script ``segpipe-evaluate``."""
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""``train.py`` / ``segpipe-train``: train one config or a sweep of configs (x folds)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+from segpipe.cli import prog_name
+
+TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
+
+    python train.py                                  # configs/default.yaml (generated phantoms)
+    python train.py --config configs/x.yaml --set train.epochs=3 loss.name=tversky
+    python train.py --resume runs/default            # continue an interrupted run
+    python train.py --config configs/losses/*.yaml --experiment losses [--folds 5]
+                                                     # a sweep into runs/losses/<config>[_fold<k>]/
+    python evaluate.py --compare runs/losses         # compare the runs of that experiment
+
+A sweep trains each config (on each fold) in turn: finished runs are skipped, a failed run is
+reported and the sweep goes on, and a summary ends it (exit code 1 if any run failed). Run the same
+command again, with --resume, to continue an interrupted sweep, interrupted runs included.
+
+Ctrl-C (or SIGTERM) stops after the current step and saves a checkpoint (exit code 130 / 143);
+press it twice to abort at once. Several GPUs or machines: train.distribute (README.md, "Several GPUs").
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``train.py``: train one config or a sweep of configs (x folds); returns the exit code.
+
+    0: every run finished or had finished; 1: a run failed; 2: a config could not be loaded;
+    130 / 143: stopped by SIGINT / SIGTERM (checkpoint saved).
+    """
+    parser = argparse.ArgumentParser(prog=prog_name("train"), description=TRAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", nargs="+", default=None,
+                        help="YAML config file(s) or glob patterns, trained in turn; default: configs/default.yaml")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3")
+    parser.add_argument("--experiment", metavar="NAME",
+                        help="train into <output_dir>/NAME/<config name>/ (the folder evaluate.py --compare takes)")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help="k-fold: train every config on every fold into <name>_fold<k> (default: data.folds)")
+    parser.add_argument("--fold", type=int, nargs="+", metavar="I", help="with k-fold: train only these folds")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                        help="continue an interrupted run (its own config) from its last checkpoint; without "
+                             "RUN_DIR, continue the unfinished runs of the configs given")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
+    args = parser.parse_args(argv)
+
+    from segpipe.config import ConfigError, load_config
+    from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+    from segpipe.runs.rundir import RunDir
+
+    try:
+        if isinstance(args.resume, str):
+            if args.config or args.set or args.experiment or args.folds is not None or args.fold:
+                parser.error("--resume RUN_DIR continues a run with its saved config; "
+                             "do not pass --config/--set/--experiment/--folds/--fold")
+            runs = [RunDir(args.resume).config()]
+        else:
+            # quoted, so a name like 2024-05 stays a string (override values are parsed as YAML)
+            overrides = [*args.set, *([f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else [])]
+            paths = _config_paths(args.config) if args.config else [str(default_config_path())]
+            configs = [load_config(p, overrides) for p in paths]
+            runs = plan_runs(configs, folds=args.folds, only_folds=args.fold)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    warning = comparability_warning(runs) if len(runs) > 1 else None
+    if warning:
+        print(warning, file=sys.stderr)
+    return run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite)[1]
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` of the source checkout, else of the working directory.
+
+    Raises:
+        FileNotFoundError: neither exists (an installed wheel, run outside a checkout).
+    """
+    candidates = [Path(__file__).resolve().parents[2] / "configs" / "default.yaml", Path("configs") / "default.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"Expected --config FILE, or a default config at {' or '.join(str(p) for p in candidates)}. "
+        f"Received: no --config, and neither file exists (segpipe installed from a wheel? pass --config)"
+    )
+
+
+def _config_paths(patterns: list[str]) -> list[str]:
+    """Config files in order; a pattern with * ? [ that names no file is expanded as a glob (sorted)."""
+    paths: list[str] = []
+    for pattern in patterns:
+        if not Path(pattern).exists() and any(c in pattern for c in "*?["):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise FileNotFoundError(f"--config: expected files matching {pattern!r}. Received: none")
+            paths += matches
+        else:
+            paths.append(pattern)
+    return paths
+
+
+def console() -> None:
+    """Console script ``segpipe-train``."""
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scoring segmentations: folders of predictions against references, summaries, and comparisons of runs."""

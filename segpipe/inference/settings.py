@@ -1,0 +1,96 @@
+"""How a volume is predicted: the one :class:`InferenceSettings`, validated here and nowhere else.
+
+The config's ``inference:`` section *is* an :class:`InferenceSettings` (``evaluate.py RUN_DIR`` uses
+it, and the run's bundle stores it as its defaults); ``predict.py`` overrides single fields per call.
+No TensorFlow here: the config loader imports this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from segpipe.errors import SettingError
+
+MAX_OVERLAP = 0.95  # beyond this the window count explodes (1 / (1 - overlap) per axis) for no gain
+
+
+def check_mirror_axes(axes: Sequence[int], *, key: str = "mirror_axes") -> tuple[int, ...]:
+    """``axes`` as a sorted tuple of distinct spatial axes out of (0, 1, 2); () = no mirroring."""
+    values = tuple(axes)
+    if len(set(values)) != len(values) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in values):
+        raise SettingError(key, "distinct spatial axes out of [0, 1, 2] ([] = no mirroring)", list(values))
+    return tuple(sorted(int(a) for a in values))
+
+
+def check_label_values(values: Sequence[int], num_classes: int, *, key: str) -> None:
+    """Every value in ``values`` is a foreground label of a model with ``num_classes`` classes."""
+    bad = [v for v in values if not 1 <= v < num_classes]
+    if bad:
+        raise SettingError(key, f"foreground label values of the model's classes (1..{num_classes - 1})", list(values))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Sliding-window prediction of one volume.
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour along each axis, in [0, 0.95].
+        mirror_axes: spatial axes mirrored for test-time augmentation (every subset is averaged,
+            ``2 ** len(mirror_axes)`` passes); ``()`` switches mirroring off.
+        batch_size: windows per network call (2 is 10-30 % faster than 1 on 2 CPU cores).
+        sigma_scale: σ of the Gaussian window weighting as a fraction of the window side (nnU-Net: 1/8).
+        postprocess_largest_component: label values for which only the largest connected component
+            is kept (``()`` = none).
+
+    Raises:
+        SettingError: a field is out of range; the message names the field.
+    """
+
+    overlap: float = field(default=0.5, metadata={"min": 0.0, "max": MAX_OVERLAP})
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = field(default=2, metadata={"min": 1})
+    sigma_scale: float = field(default=0.125, metadata={"min": 0.0, "exclusive_min": True})
+    postprocess_largest_component: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _number(self.overlap) or not 0 <= self.overlap <= MAX_OVERLAP:
+            raise SettingError("overlap", f"a number in [0, {MAX_OVERLAP}]", self.overlap)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise SettingError("batch_size", "an integer >= 1", self.batch_size)
+        if not _number(self.sigma_scale) or self.sigma_scale <= 0:
+            raise SettingError("sigma_scale", "a number > 0", self.sigma_scale)
+        classes = tuple(self.postprocess_largest_component)
+        if len(set(classes)) != len(classes) or any(
+                isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255 for c in classes):
+            raise SettingError("postprocess_largest_component", "distinct label values in 1..255", list(classes))
+        object.__setattr__(self, "overlap", float(self.overlap))
+        object.__setattr__(self, "mirror_axes", check_mirror_axes(self.mirror_axes))
+        object.__setattr__(self, "sigma_scale", float(self.sigma_scale))
+        object.__setattr__(self, "postprocess_largest_component", tuple(sorted(classes)))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "InferenceSettings":
+        """From a mapping such as the ``inference`` of ``bundle.json``; unknown keys are an error."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise SettingError(unknown[0], f"an inference setting out of {names}", values[unknown[0]])
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> "InferenceSettings":
+        """A copy with the given fields changed; ``None`` values keep the current one (CLI overrides)."""
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def check_classes(self, num_classes: int) -> None:
+        """Post-processed labels must be foreground classes of the model (checked before training
+        and when a bundle is written or used)."""
+        check_label_values(self.postprocess_largest_component, num_classes, key="postprocess_largest_component")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,1 @@
+"""Training a run: model/optimizer/loss builders and ``train()`` (:mod:`.train`), the loop, checkpoints, distribution, interrupts, run info."""
