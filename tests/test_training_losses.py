@@ -9,7 +9,8 @@ from segpipe.config import ConfigError, load_config
 from segpipe.data.layouts import load_dataset
 from segpipe.data.preprocess import preprocess_case
 from segpipe.data.sampling import ArrayCase, PatchSampler
-from segpipe.training.train import build_model, compile_model
+from segpipe.losses import CompoundLoss, deep_supervision_targets
+from segpipe.training.train import build_loss, build_model, compile_model
 
 LOSS_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "losses").glob("*.yaml"))
 
@@ -32,17 +33,38 @@ def test_every_loss_of_the_issue_has_a_config():
 
 
 @pytest.mark.parametrize("path", LOSS_CONFIGS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("deep_supervision", [False, True], ids=["plain", "deep_supervision"])
-def test_loss_config_trains_and_loss_decreases(path, deep_supervision, fixed_batch, tiny_overrides):
+@pytest.mark.parametrize("output, deep_supervision", [("softmax", False), ("softmax", True), ("logits", False)],
+                         ids=["plain", "deep_supervision", "logits"])
+def test_loss_config_trains_and_loss_decreases(path, deep_supervision, output, fixed_batch, tiny_overrides):
     dataset, images, labels = fixed_batch
     overrides = [*tiny_overrides, "train.learning_rate=0.01", "train.lr_schedule=constant",
-                 f"model.deep_supervision={str(deep_supervision).lower()}"]
+                 f"model.deep_supervision={str(deep_supervision).lower()}", f"model.output={output}",
+                 *(["model.depth=3"] if deep_supervision else [])]
     config = load_config(path, overrides)
     model = build_model(config, 1, dataset.num_classes)
     compile_model(model, config, dataset.class_names)
+    if deep_supervision:  # one target per output, as the loader gives them
+        assert len(model.outputs) == 2 and model.loss == [model.loss[0]] * 2
+        labels = tuple(np.asarray(t) for t in deep_supervision_targets(labels, 2))
+    assert all(term.options["from_logits"] == (output == "logits") for term in _terms(build_loss(config, 3)))
     losses = [float(np.asarray(model.train_on_batch(images, labels, return_dict=True)["loss"])) for _ in range(8)]
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
+
+
+def _terms(loss):
+    return [term for _, term in loss.terms] if isinstance(loss, CompoundLoss) else [loss]
+
+
+@pytest.mark.parametrize("output, loss, message", [
+    ("softmax", "{name: dice, from_logits: true}", "expected from_logits: false .* model.output: softmax"),
+    ("logits", "{terms: [{name: dice}, {name: ce, from_logits: false}]}",
+     "expected from_logits: true .* model.output: logits"),
+])
+def test_from_logits_against_model_output_is_refused(output, loss, message, tiny_overrides):
+    config = load_config(None, [*tiny_overrides, f"model.output={output}", f"loss={loss}"])
+    with pytest.raises(ConfigError, match=message):
+        build_loss(config, 3)
 
 
 def test_bad_loss_option_fails_before_any_run_is_written(tiny_overrides, tmp_path, capsys):

@@ -72,7 +72,10 @@ class ModelConfig:
     base_filters: int = field(default=16, metadata=_range(1))
     max_filters: int = field(default=320, metadata=_range(1))
     norm: Literal["batch", "instance", "none"] = "batch"
-    deep_supervision: bool = False
+    deep_supervision: bool = False  # one output per decoder level, nnU-Net's loss weights (docs/losses-in-keras.md)
+    # the network's last activation: softmax (probabilities) or logits (the losses then get from_logits: true and
+    # use a log-softmax); inference, evaluation and every export format give probabilities either way
+    output: Literal["softmax", "logits"] = "softmax"
 
 
 @dataclass

@@ -95,16 +95,16 @@ class Bundle:
 
 
 def inference_model(model):
-    """The network with one output, the full-resolution softmax, as a plain functional Keras model.
+    """The network with one output, the full-resolution probabilities, as a plain functional Keras model.
 
     A deep-supervision model lists its full-resolution output first; the lower heads only serve the
-    training loss. The result shares the layers (and weights) of ``model``.
+    training loss. A logits head (``model.output: logits``) gets a softmax, so every export format
+    returns probabilities. The result shares the layers (and weights) of ``model``
+    (:func:`segpipe.models.unet3d.probability_model`).
     """
-    import keras
+    from segpipe.models.unet3d import probability_model  # loads Keras: only when writing a bundle
 
-    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
-        raise ValueError(f"Expected a functional Keras model (with inputs and outputs). Received: {type(model).__name__}")
-    return keras.Model(model.inputs, model.outputs[0], name=model.name)
+    return probability_model(model)
 
 
 def write_bundle(

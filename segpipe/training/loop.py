@@ -74,13 +74,14 @@ class TrainingLoop:
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
+            # Keras's reduction already divided this replica's mean by the replicas (apply_gradients sums
+            # them), as in fit's train_step; the logged value is the unscaled mean, as fit logs it.
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
-            # The loss is this replica's batch mean; apply_gradients sums over replicas, so this averages.
-            scaled = model.optimizer.scale_loss(loss / replicas)
+            scaled = model.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, model.trainable_variables)
         model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         loss_metric, dice = self.train_metrics
-        loss_metric.update_state(loss, sample_weight=tf.shape(x)[0])
+        loss_metric.update_state(loss * replicas, sample_weight=tf.shape(x)[0])
         dice.update_state(y, y_pred)
 
     def _eval_batch(self, x: tf.Tensor, y: tf.Tensor) -> None:

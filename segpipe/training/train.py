@@ -34,6 +34,7 @@ def build_model(config: Config, in_channels: int, num_classes: int):
         max_filters=m.max_filters,
         norm=m.norm,
         deep_supervision=m.deep_supervision,
+        output=m.output,
         sync_batch_norm=config.train.sync_batch_norm,
     )
 
@@ -57,26 +58,58 @@ def build_optimizer(config: Config):
 
 
 def build_loss(config: Config, num_classes: int):
-    """The configured loss, checked against the dataset's classes (before any data is loaded)."""
-    from segpipe.losses import DeepSupervisionLoss, get_loss
+    """The configured loss of one output, checked against the dataset's classes (before any data is loaded).
+
+    With ``model.output: logits`` every term gets ``from_logits: true``; a loss config that sets
+    ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all).
+    """
+    from segpipe.losses import get_loss
 
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
     except ValueError as exc:
         raise ConfigError(f"loss: {exc}") from exc
-    if config.model.deep_supervision:
-        # one output per decoder level except the lowest, full resolution first
-        return DeepSupervisionLoss(loss, num_outputs=max(1, config.model.depth - 1))
-    return loss
+    logits = config.model.output == "logits"
+    explicit = _explicit_from_logits(config.loss)
+    if any(value != logits for value in explicit):
+        raise ConfigError(
+            f"loss: expected from_logits: {str(logits).lower()} (or no from_logits) with model.output: "
+            f"{config.model.output}. Received: from_logits: {str(not logits).lower()}")
+    return loss.with_options(from_logits=True) if logits else loss
+
+
+def _explicit_from_logits(spec: Any) -> list[bool]:
+    """The ``from_logits`` values written in a loss config (every compound term)."""
+    if isinstance(spec, dict):
+        found = [spec["from_logits"]] if "from_logits" in spec else []
+        return found + [v for term in spec.get("terms", []) or [] for v in _explicit_from_logits(term)]
+    return []
+
+
+def num_outputs(config: Config) -> int:
+    """The model's outputs: one, or with deep supervision one per decoder level except the lowest."""
+    return max(1, config.model.depth - 1) if config.model.deep_supervision else 1
 
 
 def compile_model(model, config: Config, class_names: list[str]) -> None:
+    """Compile with the configured loss; with deep supervision the same loss on every output and
+    nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader)."""
+    from segpipe.losses import deep_supervision_losses
     from segpipe.metrics.streaming import PerClassDice
 
     dice = PerClassDice(class_names, name="dice")
-    # with deep supervision, the Dice metric watches the full-resolution output only
-    metrics = [[dice]] + [[] for _ in model.outputs[1:]] if len(model.outputs) > 1 else [dice]
-    model.compile(optimizer=build_optimizer(config), loss=build_loss(config, len(class_names)), metrics=metrics)
+    loss = build_loss(config, len(class_names))
+    n = num_outputs(config)
+    if len(model.outputs) != n:
+        raise ValueError(f"Expected a model with {n} output(s) for model.deep_supervision: "
+                         f"{str(config.model.deep_supervision).lower()}. Received: {len(model.outputs)}")
+    if n == 1:
+        model.compile(optimizer=build_optimizer(config), loss=loss, metrics=[dice])
+        return
+    losses, weights = deep_supervision_losses(loss, n)
+    # the Dice metric watches the full-resolution output only
+    model.compile(optimizer=build_optimizer(config), loss=losses, loss_weights=weights,
+                  metrics=[[dice]] + [[] for _ in range(n - 1)])
 
 
 def train(config: Config, *, resume: bool = False, overwrite: bool = False, verbose: int | None = None) -> Path:
@@ -227,7 +260,8 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
     batch = config.data.batch_size
     start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
     train_ds, val_ds = make_datasets(prepared, config.data, seed=config.seed,
-                                     divisor=2 ** (config.model.depth - 1), start_index=start)
+                                     divisor=2 ** (config.model.depth - 1), start_index=start,
+                                     num_outputs=num_outputs(config))
     train_input = distributed.distribute_train_data(
         strategy, worker, train_ds, lambda spec: _worker_train_dataset(prepared, config, spec),
         global_batch=batch, base=start)
@@ -245,11 +279,12 @@ def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "W
 def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
     """multi_worker: this worker's training batches, its disjoint share of every global batch (the run's
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
-    from segpipe.data.loader import train_dataset, train_sampler
+    from segpipe.data.loader import train_dataset, train_sampler, with_output_targets
     from segpipe.training.distributed import ShardedSampler
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
-    return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+    ds = train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+    return with_output_targets(ds, num_outputs(config))
 
 
 def check_resumed_config(run_dir: Path, config: Config) -> None:
