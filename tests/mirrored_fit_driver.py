@@ -12,9 +12,6 @@ import sys
 import segpipe  # noqa: F401  (TensorFlow's environment first)
 import tensorflow as tf
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -57,7 +54,10 @@ def build(case: str, initial: list | None):
     model = keras.Model(net.inputs, net.outputs)  # a plain keras.Model, no compute_loss override
     if initial is not None:
         model.set_weights(initial)
-    loss = ScalarCallDice() if case == "scalar_call_dice" else get_loss(CASES[case])
+    if case == "keras_cce":  # Keras's own loss, to tell Keras's behaviour from segpipe's
+        loss = keras.losses.CategoricalCrossentropy()
+    else:
+        loss = ScalarCallDice() if case == "scalar_call_dice" else get_loss(CASES[case])
     if ds:
         losses, weights = deep_supervision_losses(loss, DEPTH - 1)
         model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=losses, loss_weights=weights)
@@ -84,6 +84,8 @@ def run(case: str, strategy: tf.distribute.Strategy) -> dict:
 
 
 if __name__ == "__main__":
+    cpu = tf.config.list_physical_devices("CPU")[0]  # before TensorFlow runs anything
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one per process
     for name in sys.argv[1:]:
         print("RESULT " + json.dumps(run(name, mirrored_strategy)), flush=True)
