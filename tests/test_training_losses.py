@@ -107,7 +107,7 @@ def test_fit_under_mirrored_strategy_trains_like_one_process(case, mirrored_fit_
     matter) on 2 logical CPUs under MirroredStrategy gives the one-process weights and loss."""
     result = mirrored_fit_results[case]
     assert result["replicas"] == 2
-    assert result["max_weight_change"] > 1e-2  # the step moved the weights
+    assert result["max_weight_change"] > 1e-3  # the step moved the weights (100x the tolerance)
     assert result["max_weight_diff"] < 1e-5, result
     np.testing.assert_allclose(result["loss_mirrored"], result["loss_one_process"], rtol=1e-6)
 
@@ -118,3 +118,20 @@ def test_a_scalar_call_is_what_broke_fit_under_mirrored_strategy(mirrored_fit_re
     result = mirrored_fit_results["scalar_call_dice"]
     np.testing.assert_allclose(result["loss_mirrored"][0], 2 * result["loss_one_process"][0], rtol=1e-5)
     assert result["max_weight_diff"] > 1e-3
+
+
+def test_fit_under_multi_worker_strategy_still_fails_which_is_why_the_loop_stays(tmp_path):
+    """The measured reason segpipe.training.loop exists (its docstring): Keras 3.15's fit under
+    MultiWorkerMirroredStrategy fails before the first step, with Keras's own loss too. If this
+    starts passing, compare fit with one process (tests/multiworker_fit_driver.py) and retire the loop."""
+    from process_helpers import REPO, free_port, running, start, tf_config
+
+    driver = str(REPO / "tests" / "multiworker_fit_driver.py")
+    ports = [free_port(), free_port()]
+    procs = [start([driver, "keras_cce", str(tmp_path / f"w{i}.npz")], tmp_path / f"w{i}.log",
+                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+    with running(*procs):
+        codes = [proc.wait(timeout=300) for proc in procs]
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert codes == [1, 1], "\n\n".join(log[-2000:] for log in logs)
+    assert all("PerReplica" in log and "to a Tensor" in log for log in logs)
