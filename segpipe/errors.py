@@ -68,3 +68,7 @@ class SettingError(ValueError):
 
     def with_prefix(self, prefix: str) -> "SettingError":
         return SettingError(prefix + self.key, self.what, self.received, hint=self.hint)
+
+
+class StorageError(OSError):
+    """A folder that cannot be written (full disk, read-only, a file in the way); names the path."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -100,6 +101,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and inf as None (strict JSON has no such numbers), numpy scalars as Python
+    numbers and mapping keys as strings; for reports read by other tools."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def affine_text(affine: np.ndarray) -> str:
+    """The top three rows of a 4x4 affine on one line (for error messages)."""
+    return np.array2string(np.asarray(affine)[:3], precision=4, suppress_small=True, separator=",").replace("\n", "")
 
 
 def read_json(path: str | os.PathLike) -> Any:

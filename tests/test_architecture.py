@@ -145,3 +145,19 @@ def _documented_tree() -> set[str]:
 def test_the_tree_in_docs_architecture_matches_the_package():
     on_disk = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
     assert _documented_tree() == on_disk
+
+
+def test_function_level_imports_of_segpipe_modules_say_why():
+    """A segpipe import inside a function is there to keep TensorFlow (or another heavy import) out of a
+    path that must not load it; a comment on its line says so. Anything else belongs at the top."""
+    unexplained = []
+    for name, path in _modules().items():
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("segpipe") \
+                        and "#" not in lines[node.lineno - 1]:
+                    unexplained.append(f"{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not unexplained, "\n".join(unexplained)

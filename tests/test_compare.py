@@ -70,7 +70,15 @@ def test_compare_experiment_folder(tmp_path, capsys):
     assert summary["dice", "dice"]["median"] == pytest.approx(0.5)
     report = (out / "report.md").read_text()
     assert "Paired tests against `dice`" in report and "![Dice](boxplot_dice.png)" in report
-    assert "**" in report  # best values marked
+    # the best mean per metric is bold: tversky's Dice (0.825 > 0.5), dice's HD95 (4.0 < tversky's 10.8,
+    # whose missing HD95 counts as the 50 mm diagonal)
+    fg = report.split("### foreground mean")[1].split("###")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in fg.splitlines() if line.startswith("| ") and not line.startswith("| config")}
+    header = [c.strip() for c in fg.split("| config |")[1].splitlines()[0].split("|")[:-1]]
+    dice_col, hd95_col = header.index("dice"), header.index("hd95")
+    assert rows["tversky"][dice_col].startswith("**0.825") and not rows["dice"][dice_col].startswith("**")
+    assert rows["dice"][hd95_col].startswith("**") and not rows["tversky"][hd95_col].startswith("**")
     assert "tversky" in capsys.readouterr().out
     rows = (out / "comparison.csv").read_text().splitlines()
     assert len(rows) == 1 + 12 and rows[0].startswith("config,run,case,class")

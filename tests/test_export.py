@@ -91,7 +91,7 @@ def test_export_names_what_a_run_lacks(trained, tmp_path, capsys):
     assert predict.main(["export", str(bare)]) == 1
     assert "preprocessing.json" in capsys.readouterr().err
     (bare / "checkpoints" / "best.keras").unlink()
-    with pytest.raises(FileNotFoundError, match="Expected the 'best' checkpoint at .*best.keras"):
+    with pytest.raises(FileNotFoundError, match=r"Expected the 'best' model at .*best.keras. Received: model='best' \(no such file\)"):
         export_run(bare, preprocessing=PREPROCESSING)
 
 
@@ -129,10 +129,10 @@ _DELETE = object()
     (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]), r"'classes': expected at least 2 entries"),
     (_edit_json("patch_size", [16, 16]), r"'patch_size': expected 3 positive integers. Received: \[16, 16\]"),
     (_edit_json("orientation", "LPS"), r"'orientation': expected 'RAS'"),
-    (_edit_json("inference", {"overlap": 1.5}), r"'inference': Invalid value for `overlap`"),
+    (_edit_json("inference", {"overlap": 1.5}), r"'inference': Expected a number in \[0, 0.95\]. Received: overlap=1.5"),
     (_edit_json("files", {"keras": "../model.keras"}), r"'files.keras': expected a path inside the bundle"),
     (_edit_json("preprocessing", {"normalization": "minmax"}), r"'preprocessing': Invalid value for `normalization`"),
-    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"'preprocessing': unknown preprocessing setting\(s\) \['spacing'\]"),
+    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"'preprocessing': Expected preprocessing settings out of \[.*\]. Received: spacing=\[1, 1, 1\]"),
 ])
 def test_a_broken_bundle_is_a_clear_error(trained, tmp_path, break_it, message):
     bundle = tmp_path / "bundle"

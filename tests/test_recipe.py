@@ -42,5 +42,5 @@ def test_every_variant_is_a_valid_config_that_differs_from_the_starting_point(na
 def test_the_recipe_reads_the_fixed_split_and_keeps_test_time_mirroring_to_trained_axes():
     config = load_config(RECIPE)
     assert config.data.split_file == "configs/splits/hippocampus.json"
-    assert config.data.augment["mirror"]["axes"] == config.inference.mirror_axes == [0]
+    assert config.data.augment["mirror"]["axes"] == list(config.inference.mirror_axes) == [0]
     assert config.train.distribute == "none"  # nothing device-specific: the same file runs on a GPU

@@ -123,10 +123,10 @@ def test_single_window_equals_direct_prediction_of_a_keras_model():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"overlap": 1.0}, "Expected overlap in [0, 1). Received: overlap=1.0"),
-    ({"overlap": -0.1}, "Expected overlap in [0, 1)"),
-    ({"mirror_axes": (0, 3)}, "Expected mirror_axes to be distinct spatial axes"),
-    ({"mirror_axes": (1, 1)}, "Expected mirror_axes to be distinct spatial axes"),
+    ({"overlap": 1.0}, "Expected a number in [0, 0.95]. Received: overlap=1.0"),
+    ({"overlap": -0.1}, "Expected a number in [0, 0.95]. Received: overlap=-0.1"),
+    ({"mirror_axes": (0, 3)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[0, 3]"),
+    ({"mirror_axes": (1, 1)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[1, 1]"),
     ({"batch_size": 0}, "Expected batch_size >= 1"),
     ({"window": (16, 16)}, "Expected a window of 3 positive sizes"),
 ])

@@ -54,7 +54,12 @@ def test_train_then_evaluate(tiny_overrides, tmp_path, phantom_root):
     with open(run_dir / "evaluation" / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert {row["case"] for row in rows} == set(split["val"])
-    assert all(0.0 <= float(row["dice"]) <= 1.0 for row in rows)
+    for row in rows:  # the reported Dice is the Dice of the written prediction against the reference
+        pred = read_nifti(run_dir / "predictions" / f"{row['case']}.nii.gz").array == int(row["class"])
+        ref = read_nifti(phantom_root / "labelsTr" / f"{row['case']}.nii.gz").array == int(row["class"])
+        assert ref.any()  # both phantom classes occur in every case
+        expected_dice = 2 * np.sum(pred & ref) / (pred.sum() + ref.sum())
+        assert float(row["dice"]) == pytest.approx(expected_dice, rel=1e-9)
     assert (run_dir / "evaluation" / "summary.json").is_file()
 
     # the bundle written at the end of training segments a raw scan as evaluate.py's predict_run did

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.data.layouts import load_dataset
+from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
+from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_summary_markdown
+from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
 
@@ -19,13 +23,11 @@ Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--refer
               Wilcoxon tests with Holm correction, box plots, training curves, report.md)
 
 Writes per_case.csv and summary.json into --out (default: PRED/evaluation, or RUN_DIR/evaluation)
-and prints the summary as a Markdown table. Metric definitions: README.md, "Evaluation".
+and prints the summary as a Markdown table. Metric definitions: docs/evaluation.md.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``evaluate.py``: parse ``argv`` (default: the command line), evaluate, print the table; return 0 or 1."""
-    prog = prog_name("evaluate")
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=EVALUATE_HELP.split("\n\n")[0],
@@ -49,49 +51,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
                         help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
-    args = parser.parse_args(argv)
-    if args.compare:
-        if args.run_dir is not None or args.pred or args.ref:
-            parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
-        return _compare(args, prog)
+    return parser
 
+
+def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of run mode (RUN_DIR) and folder mode (--pred and --ref); exits with usage otherwise."""
     if args.run_dir is not None and (args.pred or args.ref):
         parser.error("give either RUN_DIR or --pred and --ref, not both")
     if args.run_dir is None and not (args.pred and args.ref):
         parser.error("give RUN_DIR, or both --pred and --ref")
     if args.model and args.run_dir is None:
         parser.error("--model chooses the model of RUN_DIR (run mode)")
+
+
+def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None]:
+    """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win)."""
+    if dataset_json is None:
+        return labels, None
+    dataset = load_dataset(dataset_json.parent if dataset_json.is_file() else dataset_json)
+    return (labels if labels is not None else sorted(v for v in dataset.labels if v != 0)), dataset.labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``evaluate.py``: parse ``argv`` (default: the command line), evaluate, print the table; return 0 or 1."""
+    prog = prog_name("evaluate")
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.compare:
+        if args.run_dir is not None or args.pred or args.ref:
+            parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
+        return _compare(args, prog)
+    _check_modes(parser, args)
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
     except ValueError as exc:
         parser.error(str(exc))
 
-    from segpipe.evaluation.folders import evaluate_folders, format_summary_markdown
-
-    labels, class_names = args.labels, None
     try:
-        if args.dataset_json is not None:
-            from segpipe.data.layouts import load_dataset
-
-            root = args.dataset_json.parent if args.dataset_json.is_file() else args.dataset_json
-            dataset = load_dataset(root)
-            class_names = dataset.labels
-            if labels is None:
-                labels = sorted(v for v in dataset.labels if v != 0)
+        labels, class_names = _dataset_classes(args.dataset_json, args.labels)
+        options = dict(labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers)
         if args.run_dir is not None:
-            from segpipe.evaluation.folders import evaluate_run
-
-            summary, out_dir = evaluate_run(
-                args.run_dir, args.out,
-                labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
-                model=args.model,
-            )
+            summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
         else:
             out_dir = args.out or args.pred / "evaluation"
-            summary = evaluate_folders(
-                args.pred, args.ref, out_dir,
-                labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
-            )
+            summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
     except (FileNotFoundError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
@@ -102,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args: argparse.Namespace, prog: str) -> int:
     """Compare mode: check pairing, evaluate what is missing, write the comparison folder."""
-    from segpipe.runs.rundir import RunDir
-    from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
-
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
         groups = group_runs(find_run_dirs(args.compare))
@@ -120,8 +120,6 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
             for run_dir in group.run_dirs:
                 per_case = RunDir(run_dir).evaluation_dir / "per_case.csv"
                 if not per_case.is_file():
-                    from segpipe.evaluation.folders import evaluate_run
-
                     print(f"Evaluating {run_dir}")
                     evaluate_run(run_dir, tolerance_mm=tolerance_mm, workers=args.workers)
                 group.rows += [{**row, "run": run_dir.name} for row in load_per_case(per_case)]

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.export.bundle import BundleError, export_run
+from segpipe.inference.segment import predict_files
 
 def main(argv: list[str] | None = None) -> int:
     """``predict.py``: segment NIfTI files with a bundle, or ``predict.py export ...``; returns the exit code."""
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the label maps CASE.nii.gz")
     parser.add_argument("--format", choices=("keras", "savedmodel", "onnx"), default="keras", help="which model file to run (default keras)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz (X, Y, Z, C) float32")
-    parser.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the bundle's, 0.5)")
+    parser.add_argument("--overlap", type=float, help="window overlap in [0, 0.95] (default: the bundle's, 0.5)")
     mirror = parser.add_mutually_exclusive_group()
     mirror.add_argument("--mirror-axes", type=int, nargs="+", choices=(0, 1, 2), metavar="AXIS",
                         help="axes mirrored for test-time augmentation (default: the bundle's, 0 1 2)")
@@ -35,9 +37,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep only the largest connected component of these labels (none given: switch the bundle's off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-
-    from segpipe.export.bundle import BundleError
-    from segpipe.inference.segment import predict_files
 
     try:
         written = predict_files(
@@ -66,8 +65,6 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help='also write model.onnx (pip install "segpipe[onnx]")')
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     args = parser.parse_args(argv)
-
-    from segpipe.export.bundle import BundleError, export_run
 
     try:
         out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)

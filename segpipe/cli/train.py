@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from segpipe.cli import prog_name
+from segpipe.config import ConfigError, load_config
+from segpipe.runs.rundir import RunDir
+from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
@@ -48,10 +51,6 @@ def main(argv: list[str] | None = None) -> int:
                              "RUN_DIR, continue the unfinished runs of the configs given")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
     args = parser.parse_args(argv)
-
-    from segpipe.config import ConfigError, load_config
-    from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
-    from segpipe.runs.rundir import RunDir
 
     try:
         if isinstance(args.resume, str):

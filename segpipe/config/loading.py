@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from segpipe.config.schema import Config, ConfigError, DataConfig
+from segpipe.data.augment import AugmentSettings
+from segpipe.data.preprocess import NORMALIZATIONS
 from segpipe.errors import SettingError, expected
 from segpipe.inference.settings import InferenceSettings
 
@@ -248,8 +250,6 @@ def check_inference_classes(inference: InferenceSettings, num_classes: int) -> N
 
 def validate_data(data: DataConfig) -> None:
     """Checks of the ``data`` section beyond single-key types and ranges."""
-    from segpipe.data.preprocess import NORMALIZATIONS
-
     if len(data.patch_size) != 3:
         raise ConfigError(_expected("data.patch_size", "3 sizes [x, y, z]", data.patch_size))
     if data.phantoms is not None and len(data.phantoms.shape) != 3:
@@ -277,8 +277,6 @@ def validate_data(data: DataConfig) -> None:
 
 def validate_augment(augment: dict[str, Any]) -> None:
     """Check ``data.augment`` entry by entry, so an error names ``data.augment.<transform>.<key>``."""
-    from segpipe.data.augment import AugmentSettings
-
     kinds = {f.name: f for f in dataclasses.fields(AugmentSettings)}
     for name, spec in augment.items():
         if name not in kinds:
@@ -313,8 +311,6 @@ def _check_augment_type(value: Any, default: Any, key: str) -> None:
 
 
 def _build_augment(entry: dict[str, Any], key: str) -> None:
-    from segpipe.data.augment import AugmentSettings
-
     try:
         AugmentSettings.from_dict(entry)
     except (TypeError, ValueError) as exc:  # from_dict says what was expected and received

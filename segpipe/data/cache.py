@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.arrays import seed_from_text
 from segpipe.data.layouts import Case, Dataset
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
 from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
@@ -168,7 +169,7 @@ def _build_case(case: Case, settings: PreprocessSettings, directory: Path, key: 
         stale.unlink(missing_ok=True)
     result = preprocess_case(case, settings)
     # A seed from the case id, so the stored subsample is the same on every machine and run.
-    seed = int.from_bytes(hashlib.sha256(case.case_id.encode()).digest()[:4], "little")
+    seed = seed_from_text(case.case_id)
     locations = pack_locations(class_locations(result.label, max_per_class=max_locations, seed=seed))
     arrays = {"image": result.image, "label": result.label, "locations": locations}
     for name, array in arrays.items():

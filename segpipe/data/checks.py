@@ -13,7 +13,8 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 
-from segpipe.data.layouts import Case, Dataset, squeeze_trailing
+from segpipe.data.layouts import Case, Dataset, squeeze_trailing, squeeze_trailing_shape
+from segpipe.io import affine_text
 from segpipe.parallel import parallel_map
 
 # Problem kinds, each with the severity it is reported with.
@@ -108,13 +109,6 @@ def check_dataset(
     return problems
 
 
-def check_case(
-    case: Case, declared_labels: Iterable[int], *, read_data: bool = True, affine_tolerance_mm: float = 1e-3
-) -> list[Problem]:
-    """Check one case: its files, shapes, geometry and (with ``read_data``) voxel values."""
-    return _check_case(case, set(declared_labels), read_data, affine_tolerance_mm)[0]
-
-
 def errors(problems: Iterable[Problem]) -> list[Problem]:
     """The problems that must stop training."""
     return [p for p in problems if p.severity == "error"]
@@ -128,15 +122,25 @@ def _check_case_job(job: tuple) -> tuple[list[Problem], int | None]:
 
 
 def _check_case(case: Case, declared: set[int], read_data: bool, tol: float) -> tuple[list[Problem], int | None]:
+    """The problems of one case, and its channel count (None if its images are unusable)."""
     problems: list[Problem] = []
 
     def add(kind: str, path: Path | None, expected: str, received: str) -> None:
         problems.append(Problem(kind, path, expected, received, case.case_id))
 
-    # Image channels: existence, readability, dimensions, agreement with each other.
+    channels, reference = _check_images(case, read_data, tol, add)
+    image_ok = reference is not None and not problems
+    _check_label(case, declared, read_data, tol, reference, add)
+    return problems, channels if image_ok else None
+
+
+def _check_images(case: Case, read_data: bool, tol: float, add) -> tuple[int, tuple | None]:
+    """Image channels: existence, readability, dimensions, agreement with each other, finite values.
+
+    Returns the channel count and ``(shape, affine, path)`` of the first readable channel (None if none).
+    """
     channels = 0
-    ref_shape = ref_affine = None
-    ref_path = None
+    reference = None
     for path in case.image_paths:
         if not Path(path).is_file():
             add("missing-file", path, "an image file", "no such file")
@@ -150,56 +154,58 @@ def _check_case(case: Case, declared: set[int], read_data: bool, tol: float) -> 
             add("dimensions", path, "a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C)", f"shape {shape}")
             continue
         channels += 1 if len(shape) == 3 else shape[3]
-        if ref_shape is None:
-            ref_shape, ref_affine, ref_path = shape[:3], affine, path
-        else:
-            if shape[:3] != ref_shape:
-                add("channel-shape", path, f"shape {ref_shape} as {Path(ref_path).name}", f"shape {shape[:3]}")
-            elif not _close(affine, ref_affine, tol):
-                add("channel-affine", path, f"the affine of {Path(ref_path).name} (tolerance {tol} mm)",
-                    f"max difference {np.abs(affine - ref_affine).max():.3g}")
+        if reference is None:
+            reference = (shape[:3], affine, path)
+        elif shape[:3] != reference[0]:
+            add("channel-shape", path, f"shape {reference[0]} as {Path(reference[2]).name}", f"shape {shape[:3]}")
+        elif not _close(affine, reference[1], tol):
+            add("channel-affine", path, f"the affine of {Path(reference[2]).name} (tolerance {tol} mm)",
+                f"max difference {np.abs(affine - reference[1]).max():.3g}")
         if array is not None and np.issubdtype(array.dtype, np.floating):
             bad = int(np.count_nonzero(~np.isfinite(array)))
             if bad:
                 add("non-finite", path, "finite intensities", f"{bad} NaN/inf voxels")
-    image_ok = ref_shape is not None and len(problems) == 0
+    return channels, reference
 
-    # Label: existence, readability, dimensions, geometry against the image, values.
+
+def _check_label(case: Case, declared: set[int], read_data: bool, tol: float, reference: tuple | None, add) -> None:
+    """Label: existence, readability, dimensions, geometry against the image, values."""
     label = case.label_path
     if label is None or not Path(label).is_file():
         add("missing-label", label if label is not None else case.image_paths[0],
             f"a label map{'' if label is None else ' at this path'}", "no such file")
-        return problems, channels if image_ok else None
+        return
     loaded = _load(label, read_data)
     if isinstance(loaded, str):
         add("unreadable", label, "a readable NIfTI label map", loaded)
-        return problems, channels if image_ok else None
+        return
     shape, affine, array = loaded
     if len(shape) != 3:
         add("dimensions", label, "a 3-D label map (X, Y, Z)", f"shape {shape}")
-    elif ref_shape is not None:
+    elif reference is not None:
+        ref_shape, ref_affine, _ = reference
         if shape != ref_shape:
             add("shape-mismatch", label, f"the image shape {ref_shape}", f"shape {shape}")
         elif not _close(affine, ref_affine, tol):
             add("affine-mismatch", label, f"the image affine (tolerance {tol} mm)",
                 f"max difference {np.abs(affine - ref_affine).max():.3g} mm "
-                f"(image {_fmt_affine(ref_affine)}, label {_fmt_affine(affine)})")
-    if array is not None:
-        if not np.issubdtype(array.dtype, np.integer):
-            finite = np.isfinite(array)
-            fractional = ~finite | (array != np.round(np.where(finite, array, 0)))
-            count = int(np.count_nonzero(fractional))
-            if count:
-                examples = sorted({str(v) for v in array[fractional][:1000].tolist()})[:5]
-                add("non-integer-label", label, "integer label values",
-                    f"{count} voxels with values like {', '.join(examples)} (dtype {array.dtype})")
-                return problems, channels if image_ok else None
-        values = {int(v) for v in np.unique(array)}
-        outside = values - declared
-        if outside:
-            add("undeclared-label", label, f"values among the declared classes {sorted(declared)}",
-                f"values {sorted(values)} (undeclared: {sorted(outside)})")
-    return problems, channels if image_ok else None
+                f"(image {affine_text(ref_affine)}, label {affine_text(affine)})")
+    if array is None:
+        return
+    if not np.issubdtype(array.dtype, np.integer):
+        finite = np.isfinite(array)
+        fractional = ~finite | (array != np.round(np.where(finite, array, 0)))
+        count = int(np.count_nonzero(fractional))
+        if count:
+            examples = sorted({str(v) for v in array[fractional][:1000].tolist()})[:5]
+            add("non-integer-label", label, "integer label values",
+                f"{count} voxels with values like {', '.join(examples)} (dtype {array.dtype})")
+            return
+    values = {int(v) for v in np.unique(array)}
+    outside = values - declared
+    if outside:
+        add("undeclared-label", label, f"values among the declared classes {sorted(declared)}",
+            f"values {sorted(values)} (undeclared: {sorted(outside)})")
 
 
 def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.ndarray | None] | str:
@@ -213,8 +219,7 @@ def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.
             array = squeeze_trailing(np.asanyarray(image.dataobj))
             shape = array.shape
         else:
-            while len(shape) > 3 and shape[3] == 1:
-                shape = shape[:3] + shape[4:]
+            shape = squeeze_trailing_shape(shape)
     except Exception as exc:  # nibabel and zlib raise many types for corrupt files
         return f"{type(exc).__name__}: {exc}".strip()[:200]
     return shape, affine, array
@@ -222,10 +227,6 @@ def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.
 
 def _close(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
     return bool(np.all(np.abs(a - b) <= tol))
-
-
-def _fmt_affine(affine: np.ndarray) -> str:
-    return np.array2string(affine[:3], precision=4, suppress_small=True, separator=",").replace("\n", "")
 
 
 def _check_channel_counts(dataset: Dataset, counts: dict[str, int]) -> list[Problem]:

@@ -254,11 +254,18 @@ def _labels_from_maps(dataset: Dataset) -> dict[int, str]:
 # Reading a case
 
 
+def squeeze_trailing_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` without singleton axes after the three spatial ones: (X, Y, Z, 1) -> (X, Y, Z),
+    (X, Y, Z, 1, C) (ITK vectors) -> (X, Y, Z, C)."""
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[3] == 1:
+        shape = shape[:3] + shape[4:]
+    return shape
+
+
 def squeeze_trailing(array: np.ndarray) -> np.ndarray:
-    """Drop singleton axes after the three spatial ones: (X, Y, Z, 1) and (X, Y, Z, 1, C) (ITK vectors)."""
-    while array.ndim > 3 and array.shape[3] == 1:
-        array = array.reshape(array.shape[:3] + array.shape[4:])
-    return array
+    """``array`` reshaped to :func:`squeeze_trailing_shape` (a view)."""
+    return array.reshape(squeeze_trailing_shape(array.shape))
 
 
 def read_case_image(case: Case, *, dtype=np.float32) -> Volume:

@@ -29,21 +29,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from segpipe.config import Config, ConfigError, DataConfig
 from segpipe.data.cache import CachedCase, build_cache
 from segpipe.data.checks import check_dataset, errors
-from segpipe.planning.fingerprint import load_or_compute_fingerprint
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings
 from segpipe.errors import expected
 from segpipe.io import read_json, write_json
+from segpipe.planning.fingerprint import load_or_compute_fingerprint
 
-if TYPE_CHECKING:  # config imports this package lazily; keep the import one-way at run time
-    from segpipe.config import Config, DataConfig
 
 SPLITS_VERSION = 1
 
@@ -83,7 +82,7 @@ class PreparedData:
 
 
 def prepare_data(
-    config: "Config",
+    config: Config,
     *,
     dataset: Dataset | None = None,
     settings: PreprocessSettings | None = None,
@@ -127,7 +126,7 @@ def prepare_data(
 # Dataset, check, cache location, settings
 
 
-def open_dataset(data: "DataConfig") -> Dataset:
+def open_dataset(data: DataConfig) -> Dataset:
     """Open ``data.root`` through ``data.layout``; generate phantoms there first if configured and missing."""
     root = Path(data.root)
     if data.phantoms is not None:
@@ -136,8 +135,6 @@ def open_dataset(data: "DataConfig") -> Dataset:
 
 
 def _ensure_phantoms(root: Path, phantoms: Any) -> None:
-    from segpipe.config import ConfigError
-
     settings = PhantomSettings(num_cases=phantoms.num_cases, shape=tuple(phantoms.shape),
                                spacing_mm=tuple(phantoms.spacing_mm), seed=phantoms.seed,
                                noise_std=phantoms.noise_std)
@@ -177,7 +174,7 @@ def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progre
         )
 
 
-def dataset_cache_dir(config: "Config", dataset: Dataset) -> Path:
+def dataset_cache_dir(config: Config, dataset: Dataset) -> Path:
     """``data.cache_dir``, or ``<output_dir>/.cache/<dataset name>-<8 hex of its resolved path>``."""
     if config.data.cache_dir:
         return Path(config.data.cache_dir)
@@ -186,14 +183,12 @@ def dataset_cache_dir(config: "Config", dataset: Dataset) -> Path:
     return Path(config.output_dir) / ".cache" / f"{root.name}-{digest}"
 
 
-def resolve_settings(data: "DataConfig", fingerprint: dict[str, Any]) -> PreprocessSettings:
+def resolve_settings(data: DataConfig, fingerprint: dict[str, Any]) -> PreprocessSettings:
     """The preprocessing settings of ``data``, with the fingerprint's target spacing if none is set.
 
     The fingerprint's foreground intensity statistics are always included (``ct`` needs them, and an
     exported model documents them).
     """
-    from segpipe.config import ConfigError
-
     channels = len(fingerprint["intensity"])
     if not isinstance(data.normalization, str) and len(data.normalization) != channels:
         raise ConfigError(expected(f"one scheme, or one per channel ({channels} in {fingerprint['dataset']})",

@@ -33,12 +33,14 @@ from nibabel.orientations import (
 )
 from scipy import ndimage
 
-from segpipe.errors import expected
+from segpipe.arrays import bounding_box
 from segpipe.data.layouts import Case, read_case_image, read_case_label
+from segpipe.errors import expected
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 LABEL_INTERPOLATIONS = ("nearest", "onehot_linear")
-_RAS = axcodes2ornt(("R", "A", "S"))
+ORIENTATION = "RAS"  # the orientation preprocessing produces (and bundles expect)
+RAS_ORNT = axcodes2ornt(tuple(ORIENTATION))
 
 
 @dataclass(frozen=True)
@@ -149,20 +151,12 @@ def preprocess_volume(
     This is what inference runs on a new image (without label) before prediction.
     """
     settings = _settings(settings, kwargs)
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        image = image[..., None]
-    if image.ndim != 4:
-        raise ValueError(f"Expected an image of shape (X, Y, Z) or (X, Y, Z, C). Received: shape {image.shape}")
-    if label is not None and label.shape != image.shape[:3]:
-        raise ValueError(f"Expected a label of the image's shape {image.shape[:3]}. Received: shape {label.shape}")
-    if label is not None and label.size and (label.min() < 0 or label.max() > 255):
-        raise ValueError(f"Expected label values in 0..255 (stored as uint8). Received: {label.min()}..{label.max()}")
+    image, label = _checked_arrays(image, label)
     affine = np.asarray(affine, dtype=np.float64)
     original_shape = image.shape[:3]
 
     # 1. Reorient to RAS: only axis permutations and flips, so no voxel value changes.
-    ornt = ornt_transform(io_orientation(affine), _RAS)
+    ornt = ornt_transform(io_orientation(affine), RAS_ORNT)
     image = apply_orientation(image, ornt)
     label = apply_orientation(label, ornt) if label is not None else None
     ras_affine = affine @ inv_ornt_aff(ornt, original_shape)
@@ -170,14 +164,13 @@ def preprocess_volume(
 
     # 2. Crop to the non-zero bounding box (labelled voxels always kept).
     nonzero = np.any(image != 0, axis=-1)
-    box = _bounding_box(nonzero | (label > 0) if label is not None else nonzero)
-    if not settings.crop_to_nonzero or box is None:
-        box = [(0, n) for n in ras_shape]
-    crop = tuple(slice(lo, hi) for lo, hi in box)
+    crop = bounding_box(nonzero | (label > 0) if label is not None else nonzero)
+    if not settings.crop_to_nonzero or crop is None:
+        crop = tuple(slice(0, n) for n in ras_shape)
     image, nonzero = image[crop], nonzero[crop]
     label = label[crop] if label is not None else None
     cropped_affine = ras_affine.copy()
-    cropped_affine[:3, 3] = ras_affine[:3, :3] @ [lo for lo, _ in box] + ras_affine[:3, 3]
+    cropped_affine[:3, 3] = ras_affine[:3, :3] @ [s.start for s in crop] + ras_affine[:3, 3]
     cropped_shape = image.shape[:3]
 
     # 3. Normalise each channel.
@@ -192,7 +185,6 @@ def preprocess_volume(
             label = (resample(label, shape, order=0) if settings.label_interpolation == "nearest"
                      else resample_labels_onehot(label, shape))
     factors = np.asarray(cropped_shape, float) / np.asarray(shape, float)
-    final_affine = cropped_affine @ _grid_map(factors)
 
     meta = {
         "original_shape": list(original_shape),
@@ -200,12 +192,12 @@ def preprocess_volume(
         "original_spacing_mm": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "original_orientation": "".join(aff2axcodes(affine)),
         "ras_shape": list(ras_shape),
-        "crop_box": [[int(lo), int(hi)] for lo, hi in box],
+        "crop_box": [[int(s.start), int(s.stop)] for s in crop],
         "cropped_shape": list(cropped_shape),
         "target_spacing_mm": list(settings.target_spacing_mm) if settings.target_spacing_mm else None,
         "shape": list(shape),
         "spacing_mm": (spacing * factors).tolist(),
-        "affine": final_affine.tolist(),
+        "affine": (cropped_affine @ _grid_map(factors)).tolist(),
         "channels": int(image.shape[-1]),
         "normalization": norm_meta,
     }
@@ -213,6 +205,20 @@ def preprocess_volume(
     if label is not None:
         label = np.ascontiguousarray(label, dtype=np.uint8)
     return PreprocessedCase(image=image, label=label, meta=meta)
+
+
+def _checked_arrays(image: np.ndarray, label: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image as float32 (X, Y, Z, C) and the label, or a ValueError naming what is wrong."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise ValueError(f"Expected an image of shape (X, Y, Z) or (X, Y, Z, C). Received: shape {image.shape}")
+    if label is not None and label.shape != image.shape[:3]:
+        raise ValueError(f"Expected a label of the image's shape {image.shape[:3]}. Received: shape {label.shape}")
+    if label is not None and label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"Expected label values in 0..255 (stored as uint8). Received: {label.min()}..{label.max()}")
+    return image, label
 
 
 def restore_to_original(
@@ -244,7 +250,7 @@ def restore_to_original(
     out[...] = np.asarray(fill_value, dtype=array.dtype) if array.ndim == 4 else fill_value
     out[tuple(slice(lo, hi) for lo, hi in meta["crop_box"])] = array
     original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
-    back = ornt_transform(_RAS, io_orientation(original_affine))
+    back = ornt_transform(RAS_ORNT, io_orientation(original_affine))
     return np.ascontiguousarray(apply_orientation(out, back))
 
 
@@ -306,17 +312,6 @@ def _grid_map(factors: np.ndarray) -> np.ndarray:
     m[:3, :3] = np.diag(factors)
     m[:3, 3] = 0.5 * factors - 0.5
     return m
-
-
-def _bounding_box(mask: np.ndarray) -> list[tuple[int, int]] | None:
-    """Half-open index ranges of the ``True`` voxels per axis, or ``None`` for an empty mask."""
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append((int(hits[0]), int(hits[-1]) + 1))
-    return box
 
 
 def _normalize(image: np.ndarray, nonzero: np.ndarray, settings: PreprocessSettings) -> tuple[np.ndarray, list[dict]]:

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.io import write_json, write_text
+from segpipe.io import json_safe, write_json, write_text
+from segpipe.io import atomic_path
 from segpipe.runs.rundir import RunDir
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
@@ -314,8 +315,6 @@ def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, st
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from segpipe.io import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -339,7 +338,7 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
     writer.writeheader()
     writer.writerows({**row, "config": group.name} for group in groups for row in group.rows)
     write_text(out_dir / "comparison.csv", buffer.getvalue())
-    write_json(out_dir / "comparison.json", _nan_to_none(result))
+    write_json(out_dir / "comparison.json", json_safe(result))
 
     tables = markdown_tables(result, labels, class_names)
     runs = "\n".join(f"- `{g.name}`: " + ", ".join(f"`{d}`" for d in g.run_dirs) for g in groups)
@@ -354,13 +353,3 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
     write_text(out_dir / "report.md", report)
     result["markdown"] = tables
     return result
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value

@@ -25,10 +25,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from segpipe.parallel import parallel_map
-from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix, write_json, write_text
+from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
+from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
+from segpipe.parallel import parallel_map
+from segpipe.runs.rundir import RunDir
 
 __all__ = [
     "CaseResult",
@@ -171,58 +173,20 @@ def evaluate_folders(
     >>> print(format_summary_markdown(summary))  # doctest: +SKIP
     """
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
-    refs = _list_label_files(ref_dir, "ref_dir")
-    preds = _list_label_files(pred_dir, "pred_dir")
-    if not refs:
-        raise ValueError(
-            f"Expected NIfTI reference files (.nii, .nii.gz) in ref_dir. "
-            f"Received: {ref_dir} has none"
-        )
-    missing = sorted(set(refs) - set(preds))
-    if missing:
-        raise FileNotFoundError(
-            f"Expected a prediction for every reference case. Received: {pred_dir} lacks "
-            f"{len(missing)} of {len(refs)}: {_short_list(missing)}"
-        )
-    extra = sorted(set(preds) - set(refs))
-    if extra:
-        warnings.warn(
-            f"Ignoring {len(extra)} predictions without a reference in {ref_dir}: "
-            f"{_short_list(extra)}",
-            stacklevel=2,
-        )
-    case_ids = sorted(refs)
-    _check_geometry({c: (preds[c], refs[c]) for c in case_ids})
+    pairs = _match_cases(pred_dir, ref_dir)
+    _check_geometry(pairs)
     if labels is not None:
         labels = sorted({int(v) for v in labels})
-
-    results = _run_cases(
-        [(c, preds[c], refs[c]) for c in case_ids],
-        labels=labels,
-        tolerance_mm=tolerance_mm,
-        workers=workers,
-    )
-
+    results = _run_cases([(c, pred, ref) for c, (pred, ref) in pairs.items()],
+                         labels=labels, tolerance_mm=tolerance_mm, workers=workers)
     if labels is None:
-        labels = sorted({c for r in results for c, m in r.metrics.items() if m["n_ref"] > 0})
-        if not labels:
-            raise ValueError(
-                f"Expected foreground labels (values > 0) in the references. Received: every file "
-                f"in {ref_dir} is background only; pass labels= to score the predictions anyway"
-            )
-        pred_only = sorted({c for r in results for c in r.metrics} - set(labels))
-        if pred_only:
-            warnings.warn(
-                f"Label values {pred_only} occur only in predictions and are not scored; pass "
-                f"labels= to score them",
-                stacklevel=2,
-            )
+        labels = _labels_found(results, ref_dir)
     rows = _rows(results, labels, class_names, tolerance_mm)
     summary = summarize(rows, labels=labels, class_names=class_names)
     summary["tolerance_mm"] = {str(c): _tolerance(tolerance_mm, c) for c in labels}
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
     write_text(out_dir / "per_case.csv", _to_csv(rows))
-    write_json(out_dir / "summary.json", _json_safe(summary))
+    write_json(out_dir / "summary.json", json_safe(summary))
     return summary
 
 
@@ -243,8 +207,6 @@ def evaluate_run(
     Imports TensorFlow (seconds), so only call it when a model must run.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
-    from segpipe.runs.rundir import RunDir
-
     run_dir = Path(run_dir)
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
@@ -299,33 +261,7 @@ def summarize(
         labels = sorted({int(r["class"]) for r in rows})
     labels = [int(c) for c in labels]
     names = {c: _class_name(class_names, c, rows) for c in labels}
-    per_class: dict[str, Any] = {}
-    for c in labels:
-        class_rows = [r for r in rows if int(r["class"]) == c]
-        n_ref = np.array([r["n_ref"] for r in class_rows])
-        n_pred = np.array([r["n_pred"] for r in class_rows])
-        stats = {
-            name: _stats([float(r[name]) for r in class_rows])
-            for name in SUMMARY_METRICS
-            if class_rows and name in class_rows[0]
-        }
-        worst = {
-            name: _stats([
-                float(r["image_diagonal_mm"]) if math.isnan(float(r[name])) else float(r[name])
-                for r in class_rows
-            ])
-            for name in DISTANCE_METRICS
-            if class_rows and name in class_rows[0]
-        }
-        per_class[str(c)] = {
-            "name": names[c],
-            "n_cases": len(class_rows),
-            "missed": int(np.sum((n_ref > 0) & (n_pred == 0))),
-            "spurious": int(np.sum((n_ref == 0) & (n_pred > 0))),
-            "both_empty": int(np.sum((n_ref == 0) & (n_pred == 0))),
-            "metrics": stats,
-            "distances_worst_filled": worst,
-        }
+    per_class = {str(c): _class_summary([r for r in rows if int(r["class"]) == c], names[c]) for c in labels}
     foreground: dict[str, float] = {}
     for name in _FOREGROUND_METRICS:
         foreground[name] = _mean_of_means([p["metrics"].get(name) for p in per_class.values()])
@@ -345,6 +281,27 @@ def summarize(
         },
         "per_class": per_class,
         "foreground_mean": foreground,
+    }
+
+
+def _class_summary(class_rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """The ``per_class`` entry of :func:`summarize` for the rows of one class."""
+    n_ref = np.array([r["n_ref"] for r in class_rows])
+    n_pred = np.array([r["n_pred"] for r in class_rows])
+    present = set(class_rows[0]) if class_rows else set()
+    stats = {m: _stats([float(r[m]) for r in class_rows]) for m in SUMMARY_METRICS if m in present}
+    worst = {
+        m: _stats([float(r["image_diagonal_mm"]) if math.isnan(float(r[m])) else float(r[m]) for r in class_rows])
+        for m in DISTANCE_METRICS if m in present
+    }
+    return {
+        "name": name,
+        "n_cases": len(class_rows),
+        "missed": int(np.sum((n_ref > 0) & (n_pred == 0))),
+        "spurious": int(np.sum((n_ref == 0) & (n_pred > 0))),
+        "both_empty": int(np.sum((n_ref == 0) & (n_pred == 0))),
+        "metrics": stats,
+        "distances_worst_filled": worst,
     }
 
 
@@ -399,6 +356,49 @@ def format_summary_markdown(summary: Mapping[str, Any]) -> str:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """case id -> (prediction, reference), for every reference (sorted); missing predictions are an error."""
+    refs = _list_label_files(ref_dir, "ref_dir")
+    preds = _list_label_files(pred_dir, "pred_dir")
+    if not refs:
+        raise ValueError(
+            f"Expected NIfTI reference files (.nii, .nii.gz) in ref_dir. "
+            f"Received: {ref_dir} has none"
+        )
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise FileNotFoundError(
+            f"Expected a prediction for every reference case. Received: {pred_dir} lacks "
+            f"{len(missing)} of {len(refs)}: {_short_list(missing)}"
+        )
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        warnings.warn(
+            f"Ignoring {len(extra)} predictions without a reference in {ref_dir}: "
+            f"{_short_list(extra)}",
+            stacklevel=3,
+        )
+    return {c: (preds[c], refs[c]) for c in sorted(refs)}
+
+
+def _labels_found(results: list[CaseResult], ref_dir: Path) -> list[int]:
+    """The foreground labels of the references (labels only in predictions are not scored: a warning)."""
+    labels = sorted({c for r in results for c, m in r.metrics.items() if m["n_ref"] > 0})
+    if not labels:
+        raise ValueError(
+            f"Expected foreground labels (values > 0) in the references. Received: every file "
+            f"in {ref_dir} is background only; pass labels= to score the predictions anyway"
+        )
+    pred_only = sorted({c for r in results for c in r.metrics} - set(labels))
+    if pred_only:
+        warnings.warn(
+            f"Label values {pred_only} occur only in predictions and are not scored; pass "
+            f"labels= to score them",
+            stacklevel=3,
+        )
+    return labels
 
 
 def _score_job(job: tuple) -> CaseResult:
@@ -476,7 +476,7 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
     for case_id, (pred_path, ref_path) in pairs.items():
         # Header only (nibabel loads voxel data lazily); segpipe.io.read_nifti would read all.
         pred_img, ref_img = nib.load(str(pred_path)), nib.load(str(ref_path))
-        pred_shape, ref_shape = _spatial_shape(pred_img.shape), _spatial_shape(ref_img.shape)
+        pred_shape, ref_shape = squeeze_trailing_shape(pred_img.shape), squeeze_trailing_shape(ref_img.shape)
         if pred_shape != ref_shape:
             problems.append(f"  {case_id}: shape pred {pred_img.shape} vs ref {ref_img.shape}")
             continue
@@ -485,7 +485,7 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
             diff = float(np.max(np.abs(pred_affine - ref_affine)))
             problems.append(
                 f"  {case_id}: affine differs by up to {diff:.4g} mm "
-                f"(pred {_affine_text(pred_affine)} vs ref {_affine_text(ref_affine)})"
+                f"(pred {affine_text(pred_affine)} vs ref {affine_text(ref_affine)})"
             )
     if problems:
         raise ValueError(
@@ -495,14 +495,8 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
         )
 
 
-def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    # A trailing singleton axis (x, y, z, 1) is a 3-D label map written as 4-D.
-    return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
-
-
 def _as_label_map(array: np.ndarray, path) -> np.ndarray:
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
+    array = squeeze_trailing(array)
     if array.ndim != 3:
         raise ValueError(f"Expected a 3-D label map in {path}. Received: shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
@@ -564,27 +558,9 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and inf become null: strict JSON has no such numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def _short_list(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _affine_text(affine: np.ndarray) -> str:
-    text = np.array2string(affine[:3], precision=4, suppress_small=True, separator=",")
-    return text.replace("\n", "")
 
 
 def _mean_std(stats: Mapping[str, float] | None, digits: int, *, show_n: int | None = None) -> str:

@@ -39,12 +39,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import segpipe
-from segpipe.data.preprocess import PreprocessSettings
+from segpipe.data.layouts import load_dataset
+from segpipe.data.preprocess import ORIENTATION, PreprocessSettings
 from segpipe.errors import Received, expected
-from segpipe.io import write_json
-from segpipe.runs.rundir import RunDir
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
+from segpipe.io import write_json
+from segpipe.runs.rundir import RunDir
 
 BUNDLE_FORMAT = "segpipe-bundle"
 BUNDLE_VERSION = 1
@@ -191,7 +192,7 @@ def write_bundle(
             "classes": [{"value": v, "name": n} for v, n in enumerate(class_names)],
             "input_channels": in_channels,
             "channel_names": channel_names,
-            "orientation": "RAS",
+            "orientation": ORIENTATION,
             "preprocessing": preprocessing.to_dict(),
             "patch_size": list(patch_size),
             "inference": inference.to_dict(),
@@ -332,7 +333,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     if not isinstance(channel_names, list) or len(channel_names) != input_channels:
         raise BundleError(f"{where}: 'channel_names': expected {input_channels} names. Received: {channel_names!r}")
     orientation = get("orientation", str, "'RAS'")
-    if orientation != "RAS":
+    if orientation != ORIENTATION:
         raise BundleError(f"{where}: 'orientation': expected 'RAS' (the only one preprocessing produces). Received: {orientation!r}")
     try:
         preprocessing = PreprocessSettings.from_dict(get("preprocessing", dict, "the preprocessing settings"),
@@ -435,8 +436,6 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras") ->
 
 def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
     """Class and channel names from the run's dataset; generic names if it cannot be read."""
-    from segpipe.data.layouts import load_dataset
-
     try:
         dataset = load_dataset(root)
     except (OSError, ValueError) as exc:
@@ -471,7 +470,7 @@ def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...
     """Max abs probability difference of each exported format against Keras on a random patch."""
     x = np.random.default_rng(0).normal(size=(1, *patch_size, in_channels)).astype(np.float32)
     reference = np.asarray(net.predict_on_batch(x))
-    stub = Bundle(folder, ("",) * reference.shape[-1], in_channels, (), PreprocessSettings(), "RAS",
+    stub = Bundle(folder, ("",) * reference.shape[-1], in_channels, (), PreprocessSettings(), ORIENTATION,
                   patch_size, InferenceSettings(), files, {}, {}, {})
     report = {}
     for fmt in files:

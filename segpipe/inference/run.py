@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from segpipe.data.pipeline import prepare_data
 from segpipe.errors import Received, expected
+from segpipe.inference.segment import segment_preprocessed
+from segpipe.inference.sliding_window import keras_predict_fn
 from segpipe.io import write_nifti
 from segpipe.runs.rundir import RunDir
 
@@ -35,10 +38,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     import keras
     from tqdm import tqdm
 
-    from segpipe.data.pipeline import prepare_data
-    from segpipe.inference.segment import segment_preprocessed
-    from segpipe.inference.sliding_window import keras_predict_fn
-    from segpipe.models.unet3d import probability_model
+    from segpipe.models.unet3d import probability_model  # loads Keras, as the model does
 
     run = RunDir(run_dir)
     config = run.config()

@@ -26,10 +26,10 @@ import numpy as np
 from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, restore_to_original
 from segpipe.export.bundle import Bundle, load_predictor, read_bundle
-from segpipe.inference.settings import InferenceSettings
-from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
 from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, sliding_window_predict
+from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

@@ -22,7 +22,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from segpipe.inference.settings import check_mirror_axes
+from segpipe.errors import SettingError
+from segpipe.inference.settings import MAX_OVERLAP, check_mirror_axes
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -132,7 +133,7 @@ def sliding_window_predict(
         image: channels-last preprocessed image (the network's input space).
         window: window (training patch) size; each side must suit the network (divisible by
             ``2 ** (depth - 1)`` for the U-Net).
-        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
+        overlap: fraction of a window shared with its neighbour along each axis, in [0, 0.95].
             Defaults to 0.5.
         mirror_axes: spatial axes (0, 1, 2) to mirror for test-time augmentation; every subset is
             predicted and averaged (``2 ** len(mirror_axes)`` passes). ``()`` switches it off.
@@ -229,5 +230,5 @@ def _progress(total: int, enabled: bool):
 
 
 def _check_overlap(overlap: float) -> None:
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"Expected overlap in [0, 1). Received: overlap={overlap}")
+    if not 0.0 <= overlap <= MAX_OVERLAP:  # the rule of InferenceSettings, for direct callers
+        raise SettingError("overlap", f"a number in [0, {MAX_OVERLAP}]", overlap)

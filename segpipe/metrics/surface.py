@@ -36,6 +36,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage, spatial
 
+from segpipe.arrays import bounding_box
+
 __all__ = [
     "SurfaceDistances",
     "surface_voxels",
@@ -176,7 +178,7 @@ def surface_distances(
         raise ValueError(
             f"Expected method in {{'auto', 'edt', 'kdtree'}}. Received: method={method!r}"
         )
-    box = _bounding_box(pred | ref, margin=1)
+    box = bounding_box(pred | ref, margin=1)
     if box is None:
         return SurfaceDistances.empty()
     pred_surface = surface_voxels(pred[box])
@@ -386,19 +388,6 @@ def _empty_value(distances: SurfaceDistances, *, both: float, one: float) -> flo
     if distances.pred_empty or distances.ref_empty:
         return one
     return None
-
-
-def _bounding_box(mask: np.ndarray, *, margin: int) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding ``mask`` grown by ``margin`` (clipped); None if empty."""
-    box = []
-    for axis in range(mask.ndim):
-        # Projection onto one axis: any() over all the others.
-        other_axes = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other_axes))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(hits[0] - margin, 0), min(hits[-1] + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def _as_bool(array: np.ndarray, name: str) -> np.ndarray:

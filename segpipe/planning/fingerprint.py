@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import io_orientation, ornt_transform
 
+from segpipe.arrays import bounding_box, seed_from_text
 from segpipe.data.layouts import Case, Dataset, read_case_image, read_case_label
-from segpipe.parallel import parallel_map
+from segpipe.data.preprocess import RAS_ORNT
 from segpipe.io import read_json, write_json
+from segpipe.parallel import parallel_map
 
 FINGERPRINT_VERSION = 1
-_RAS = axcodes2ornt(("R", "A", "S"))
 
 
 def compute_fingerprint(
@@ -151,15 +152,14 @@ def _case_stats(case: Case, samples_per_case: int) -> dict[str, Any]:
     image = read_case_image(case)
     label = read_case_label(case)
     # RAS axis order without moving data: permute the spacing and shape like the reorientation would.
-    ornt = ornt_transform(io_orientation(image.affine), _RAS)
+    ornt = ornt_transform(io_orientation(image.affine), RAS_ORNT)
     order = np.argsort(ornt[:, 0])  # source axis of each RAS axis
     spacing = np.asarray(image.spacing_mm)[order]
     shape = np.asarray(image.array.shape[:3])[order]
     mask = np.any(image.array != 0, axis=-1) | (label > 0)
-    cropped = shape
-    if mask.any():
-        cropped = np.array([np.ptp(np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))) + 1 for a in range(3)])[order]
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case.case_id.encode()).digest()[:4], "little"))
+    box = bounding_box(mask)
+    cropped = shape if box is None else np.array([s.stop - s.start for s in box])[order]
+    rng = np.random.default_rng(seed_from_text(case.case_id))
     foreground = np.flatnonzero(label.reshape(-1) > 0)
     if foreground.size > samples_per_case:
         foreground = rng.choice(foreground, samples_per_case, replace=False)

@@ -24,14 +24,12 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from segpipe.config import Config, load_config, to_yaml
+from segpipe.data.preprocess import PreprocessSettings
 from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json, write_text
-
-if TYPE_CHECKING:
-    from segpipe.config import Config
-    from segpipe.data.preprocess import PreprocessSettings
 
 MODEL_CHOICES = ("best", "last", "final")
 STATUSES = ("running", "interrupted", "finished")
@@ -61,7 +59,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def of(cls, config: "Config") -> "RunDir":
+    def of(cls, config: Config) -> "RunDir":
         """``<output_dir>/<name>``, or ``<output_dir>/<experiment>/<name>`` when the run belongs to an experiment."""
         return cls(Path(config.output_dir) / (config.experiment or "") / str(config.name))
 
@@ -94,10 +92,8 @@ class RunDir:
 
     # ------------------------------------------------------------ readers
 
-    def config(self) -> "Config":
+    def config(self) -> Config:
         """The resolved config the run was trained with."""
-        from segpipe.config import load_config
-
         if not self.is_run():
             raise FileNotFoundError(expected("a run directory with config.yaml", key="run_dir", received=str(self.path)))
         return load_config(self.config_yaml)
@@ -114,10 +110,8 @@ class RunDir:
         """The run's split (``{"train": [...], "val": [...], ...}``), or None before it was written."""
         return read_json(self.splits_json) if self.splits_json.is_file() else None
 
-    def preprocessing(self) -> "PreprocessSettings | None":
+    def preprocessing(self) -> PreprocessSettings | None:
         """The resolved preprocessing settings of training, or None before they were written."""
-        from segpipe.data.preprocess import PreprocessSettings
-
         path = self.preprocessing_json
         return PreprocessSettings.from_dict(read_json(path), where=str(path)) if path.is_file() else None
 
@@ -178,15 +172,13 @@ class RunDir:
 
     # ------------------------------------------------------------ writers (atomic, segpipe.io)
 
-    def write_config(self, config: "Config") -> None:
-        from segpipe.config import to_yaml
-
+    def write_config(self, config: Config) -> None:
         write_text(self.config_yaml, to_yaml(config))
 
     def write_split(self, split: dict[str, Any]) -> None:
         write_json(self.splits_json, split)
 
-    def write_preprocessing(self, settings: "PreprocessSettings") -> None:
+    def write_preprocessing(self, settings: PreprocessSettings) -> None:
         write_json(self.preprocessing_json, settings.to_dict())
 
     def write_status(self, status: str) -> None:

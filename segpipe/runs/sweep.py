@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from segpipe.config import Config, ConfigError, validate
+from segpipe.errors import StorageError
 from segpipe.runs.rundir import RunDir
+from segpipe.training.interrupts import TrainingInterrupted
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says everything (segpipe's own checks); any other failure also gets a traceback."""
-    from segpipe.training.checkpoints import StorageError
-
     return ConfigError, StorageError, FileExistsError, FileNotFoundError, ValueError
 
 
@@ -121,8 +121,7 @@ def run_sweep(
         train_fn: :func:`segpipe.training.train.train` (replaceable in tests).
         out, err: where progress and errors go (default stdout, stderr).
     """
-    from segpipe.training.interrupts import TrainingInterrupted
-    from segpipe.training.train import train
+    from segpipe.training.train import train  # TensorFlow: planning and summarising a sweep do not need it
 
     train_fn = train_fn or train
     out, err = out or sys.stdout, err or sys.stderr

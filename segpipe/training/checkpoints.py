@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import keras
 import numpy as np
 
+from segpipe.errors import StorageError
 from segpipe.io import atomic_path, read_json, write_json, write_text
 from segpipe.runs.rundir import RunDir
 
@@ -35,10 +36,6 @@ from segpipe.runs.rundir import RunDir
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 CHECKPOINT_COPIES = 5  # last, last.tmp while swapping, best.keras (+ its temporary file), model.keras
 SPACE_MARGIN_BYTES = 16 * 2**20  # history, TensorBoard, state.json
-
-
-class StorageError(OSError):
-    """The run directory cannot be written (full disk, read-only, a file in the way); names the path."""
 
 
 # ---------------------------------------------------------------- early checks

@@ -33,10 +33,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from segpipe.metrics.streaming import PerClassDice
 from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.training.distributed import WorkerInfo, any_worker
 from segpipe.training.interrupts import StopRequest
-from segpipe.metrics.streaming import PerClassDice
 
 
 @dataclass

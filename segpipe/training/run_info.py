@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.config import Config
+from segpipe.io import read_json, write_json
 
 # distribution name -> module whose __version__ is reported (the TensorFlow wheel has several names:
 # tensorflow, tensorflow-cpu, tensorflow[and-cuda], so the module is asked, not the metadata)
@@ -110,8 +111,6 @@ def record_resume(info: dict[str, Any], epoch: int, step: int, distribution: dic
 def write_run_info(path: Path, config: Config, split: dict[str, Any], distribution: dict[str, Any],
                    resumed_from: tuple[int, int] | None = None) -> None:
     """Write ``run_info.json`` for a new run, or append this session to it when resuming at (epoch, step)."""
-    from segpipe.io import read_json, write_json
-
     path = Path(path)
     if resumed_from is not None and path.is_file():
         info = record_resume(read_json(path), *resumed_from, distribution)

@@ -9,22 +9,30 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import keras
+
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
-from segpipe.data.pipeline import open_dataset, prepare_data
+from segpipe.data.loader import make_datasets, train_dataset, train_sampler, with_output_targets
+from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
+from segpipe.errors import expected
 from segpipe.export.bundle import export_run
+from segpipe.losses import deep_supervision_losses, get_loss
+from segpipe.metrics.streaming import PerClassDice
+from segpipe.models.unet3d import build_unet3d
 from segpipe.runs.rundir import RunDir
+from segpipe.training import distributed
+from segpipe.training.checkpoints import RunCheckpoint, check_free_space, check_writable, read_state, save_model_atomic
+from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
+from segpipe.training.interrupts import StopRequest, TrainingInterrupted
+from segpipe.training.loop import LoopPosition, TrainingLoop
+from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from segpipe.data.pipeline import PreparedData
-    from segpipe.training.distributed import ShardSpec, WorkerInfo
-    from segpipe.training.loop import LoopPosition
 
-
-def build_model(config: Config, in_channels: int, num_classes: int):
-    from segpipe.models.unet3d import build_unet3d
-
+def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Model:
+    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled)."""
     m = config.model
     return build_unet3d(
         in_channels,
@@ -39,9 +47,8 @@ def build_model(config: Config, in_channels: int, num_classes: int):
     )
 
 
-def build_optimizer(config: Config):
-    import keras
-
+def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps."""
     t = config.train
     total_steps = t.epochs * t.steps_per_epoch
     if t.lr_schedule == "poly":
@@ -63,8 +70,6 @@ def build_loss(config: Config, num_classes: int):
     With ``model.output: logits`` every term gets ``from_logits: true``; a loss config that sets
     ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all).
     """
-    from segpipe.losses import get_loss
-
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
     except ValueError as exc:
@@ -94,8 +99,6 @@ def num_outputs(config: Config) -> int:
 def compile_model(model, config: Config, class_names: list[str]) -> None:
     """Compile with the configured loss; with deep supervision the same loss on every output and
     nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader)."""
-    from segpipe.losses import deep_supervision_losses
-    from segpipe.metrics.streaming import PerClassDice
 
     dice = PerClassDice(class_names, name="dice")
     loss = build_loss(config, len(class_names))
@@ -125,9 +128,6 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
         StorageError: the run directory cannot be written (checked before any work).
     """
-    from segpipe.training import distributed
-    from segpipe.training.checkpoints import check_writable, read_state
-    from segpipe.training.run_info import enable_determinism
 
     # multi_worker: the strategy must be set up before TensorFlow runs anything else
     distributed.warn_if_tf_config_unused(config.train.distribute)
@@ -138,21 +138,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
 
     run = RunDir.of(config)
     run_dir = run.path
-    status = run.status()
-    if run_dir.exists() and overwrite:
-        if worker.is_chief:
-            shutil.rmtree(run_dir)
-        status = None
-    elif status == "finished":
+    if not _may_train(run, config, resume=resume, overwrite=overwrite, is_chief=worker.is_chief):
         print(f"Run {run_dir} has already finished; nothing to do (use --overwrite to train it again).")
         return run_dir
-    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(
-            f"Run directory {run_dir} holds an unfinished run. Use --resume to continue it, "
-            f"--overwrite to start again, or --set name=... for a new run."
-        )
-    elif resume:
-        check_resumed_config(run_dir, config)
     if worker.is_chief:  # the others write to a temporary folder
         check_writable(run_dir)
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
@@ -162,12 +150,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
         strategy, worker, [state.get("epoch", 0), state.get("step", 0)], "checkpoint (epoch, step)")
 
     dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
-    check_patch_size(config.data.patch_size, config.model.depth)
-    build_loss(config, dataset.num_classes)  # a bad loss option fails here, not mid-training
-    check_inference_classes(config.inference, dataset.num_classes)  # used by the bundle at the end
-    if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
-        raise ConfigError('train.export_onnx: expected tf2onnx installed (pip install "segpipe[onnx]"). '
-                          "Received: true, tf2onnx not importable")
+    _check_before_data(config, dataset.num_classes)
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
@@ -189,17 +172,39 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     return run_dir
 
 
+def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is_chief: bool) -> bool:
+    """Whether to train into ``run``: False for a finished run (kept); an unfinished one needs
+    ``resume`` (with the config it was started with) or ``overwrite`` (the chief deletes it)."""
+    if run.path.exists() and overwrite:
+        if is_chief:
+            shutil.rmtree(run.path)
+        return True
+    if run.status() == "finished":
+        return False
+    if run.path.exists() and any(run.path.iterdir()) and not resume:
+        raise FileExistsError(
+            f"Run directory {run.path} holds an unfinished run. Use --resume to continue it, "
+            f"--overwrite to start again, or --set name=... for a new run."
+        )
+    if resume:
+        check_resumed_config(run.path, config)
+    return True
+
+
+def _check_before_data(config: Config, num_classes: int) -> None:
+    """What can fail from the config and the class count alone fails here, before any data is read."""
+    check_patch_size(config.data.patch_size, config.model.depth)
+    build_loss(config, num_classes)  # a bad loss option fails here, not mid-training
+    check_inference_classes(config.inference, num_classes)  # used by the bundle at the end
+    if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
+        raise ConfigError(expected('tf2onnx installed (pip install "segpipe[onnx]")', key="train.export_onnx",
+                                   received=True, hint="tf2onnx is not importable."))
+
+
 def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
                  run_dir: Path, out: RunDir, checkpoint: Path | None, state: dict[str, Any],
                  verbose: int | None) -> None:
     """Build (or restore) the model under the strategy, train it with the project's loop, save it."""
-    import keras
-
-    from segpipe.training import distributed
-    from segpipe.training.checkpoints import RunCheckpoint, check_free_space, save_model_atomic
-    from segpipe.training.interrupts import StopRequest, TrainingInterrupted
-    from segpipe.training.loop import LoopPosition, TrainingLoop
-    from segpipe.training.run_info import write_run_info
 
     t = config.train
     model = _build_or_restore_model(config, prepared, strategy, checkpoint)
@@ -238,8 +243,6 @@ def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
 def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
                             checkpoint: Path | None):
     """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``."""
-    import keras
-
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
@@ -254,8 +257,6 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
             position: "LoopPosition"):
     """The distributed training input from ``position`` on (samples already seen: the data RNG position), and the
     validation dataset."""
-    from segpipe.training import distributed
-    from segpipe.data.loader import make_datasets
 
     batch = config.data.batch_size
     start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
@@ -279,8 +280,6 @@ def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "W
 def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
     """multi_worker: this worker's training batches, its disjoint share of every global batch (the run's
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
-    from segpipe.data.loader import train_dataset, train_sampler, with_output_targets
-    from segpipe.training.distributed import ShardedSampler
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
     ds = train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)

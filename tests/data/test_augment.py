@@ -72,6 +72,43 @@ def test_each_intensity_transform_changes_only_the_image(name):
         assert out_image.min() >= image.min() - 1e-6 and out_image.max() <= image.max() + 1e-6
 
 
+def _only(name: str, **options) -> Augmenter:
+    settings = AugmentSettings.disabled().to_dict()
+    settings[name].update(p=1.0, **options)
+    return Augmenter(AugmentSettings.from_dict(settings))
+
+
+def test_brightness_multiplies_each_channel_by_one_factor_in_its_range():
+    image = np.random.default_rng(1).uniform(1.0, 2.0, size=(6, 7, 8, 3)).astype(np.float32)
+    for seed in range(5):
+        out, _ = _only("brightness", range=[0.8, 0.9])(image, None, np.random.default_rng(seed))
+        ratio = out / image
+        per_channel = ratio.reshape(-1, 3)
+        np.testing.assert_allclose(per_channel, per_channel[:1].repeat(len(per_channel), 0), rtol=1e-6)
+        assert np.all((0.8 <= per_channel[0]) & (per_channel[0] <= 0.9))
+
+
+def test_noise_adds_zero_mean_noise_with_a_variance_from_its_range():
+    image = np.zeros((32, 32, 32, 1), np.float32)
+    for seed in range(5):
+        out, _ = _only("noise", variance=[0.04, 0.09])(image, None, np.random.default_rng(seed))
+        assert abs(float(out.mean())) < 0.01
+        assert 0.04 * 0.95 <= float(out.var()) <= 0.09 * 1.05  # 32768 samples: ±3 % sampling error
+
+
+def test_blur_is_a_gaussian_filter_with_a_sigma_from_its_range():
+    from scipy import ndimage
+
+    image = np.random.default_rng(2).normal(size=(12, 12, 12, 2)).astype(np.float32)
+    for seed in range(3):
+        out, _ = _only("blur", sigma_vox=[0.6, 0.9])(image, None, np.random.default_rng(seed))
+        sigmas = np.linspace(0.4, 1.1, 71)
+        errors = [np.abs(out[..., 0] - ndimage.gaussian_filter(image[..., 0], s)).max() for s in sigmas]
+        best = sigmas[int(np.argmin(errors))]
+        assert min(errors) < 0.01 and 0.6 - 0.01 <= best <= 0.9 + 0.01
+        np.testing.assert_allclose(out[..., 1], ndimage.gaussian_filter(image[..., 1], best), atol=0.02)  # same sigma
+
+
 def test_disabled_is_identity_and_draws_no_spatial_transform():
     label = _blobs()
     image = label[..., None].astype(np.float32)
