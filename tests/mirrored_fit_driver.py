@@ -13,7 +13,7 @@ import segpipe  # noqa: F401  (TensorFlow's environment first)
 import tensorflow as tf
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (before CASES' weights)
 
 from segpipe.losses import deep_supervision_losses, deep_supervision_targets, get_loss  # noqa: E402
 from segpipe.models.unet3d import build_unet3d  # noqa: E402
@@ -26,7 +26,11 @@ CASES = {
     "batch_dice": {"name": "dice", "batch": True, "include_background": False},
     "generalized_dice_batch": {"name": "generalized_dice", "batch": True},
     "deep_supervision": {"terms": [{"name": "dice", "include_background": False}, {"name": "ce"}]},
+    # sample weights whose sums differ between the two replicas' halves of the batch (1.5 vs 2)
+    "batch_dice_weighted": {"name": "dice", "batch": True, "include_background": False},
+    "dice_ce_weighted": {"terms": [{"name": "dice", "include_background": False}, {"name": "ce"}]},
 }
+SAMPLE_WEIGHTS = np.array([1.0, 0.5, 2.0, 0.0], np.float32)
 BATCH, NUM_CLASSES, DEPTH, EPOCHS = 4, 3, 3, 1  # one step of fit
 
 
@@ -72,10 +76,12 @@ def run(case: str, strategy: tf.distribute.Strategy) -> dict:
         y = tuple(np.asarray(t) for t in deep_supervision_targets(y, DEPTH - 1))
     single = build(case, None)
     initial = single.get_weights()
-    history = single.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0).history
+    sw = SAMPLE_WEIGHTS if case.endswith("_weighted") else None
+    history = single.fit(x, y, sample_weight=sw, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0).history
     with strategy.scope():
         mirrored = build(case, initial)
-    mirrored_history = mirrored.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0).history
+    mirrored_history = mirrored.fit(x, y, sample_weight=sw, batch_size=BATCH, epochs=EPOCHS, shuffle=False,
+                                    verbose=0).history
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(single.get_weights(), initial))
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(single.get_weights(), mirrored.get_weights()))
     return {"case": case, "replicas": strategy.num_replicas_in_sync, "max_weight_diff": diff,

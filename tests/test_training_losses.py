@@ -83,7 +83,8 @@ def test_unknown_loss_name_lists_valid_names(tiny_overrides, tmp_path, capsys):
 
 # ---------------------------------------------------------------- model.fit under MirroredStrategy
 
-FIT_CASES = ["dice", "dice_ce", "tversky", "ce", "batch_dice", "generalized_dice_batch", "deep_supervision"]
+FIT_CASES = ["dice", "dice_ce", "tversky", "ce", "batch_dice", "generalized_dice_batch", "deep_supervision",
+             "batch_dice_weighted", "dice_ce_weighted"]
 
 
 @pytest.fixture(scope="module")
