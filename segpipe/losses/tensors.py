@@ -79,7 +79,7 @@ def region_stats(y_true, y_pred, *, from_logits: bool, include_background: bool,
     """Per-sample counts ``TP, FP, FN`` (and ``sum p^2, sum g^2`` with ``squares``), each (B, C).
 
     With ``batch`` they are pooled over the batch, each sample scaled by ``pool_weights`` (B,) if
-    given, and summed over the replicas of a ``tf.distribute`` strategy (:func:`replica_sum`), so
+    given, and summed over the replicas of a ``tf.distribute`` strategy (:func:`pool_over_replicas`), so
     every replica gets the counts of the whole global batch; the result then has shape (1, C).
     """
     g, p, _ = prepare(y_true, y_pred, from_logits=from_logits,
