@@ -43,9 +43,10 @@ per scored class (C, or C - 1 without background).
 
 Example::
 
+    >>> import keras
     >>> loss = get_loss("tversky", alpha=0.3, beta=0.7)
     >>> y_true = keras.ops.one_hot(keras.ops.zeros((2, 4, 4, 4), "int32"), 3)
-    >>> loss.call(y_true, y_true).shape
+    >>> tuple(loss.call(y_true, y_true).shape)
     (2,)
     >>> float(loss(y_true, y_true, sample_weight=[1.0, 0.0]))  # perfect prediction
     0.0
