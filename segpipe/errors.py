@@ -5,9 +5,9 @@ an argument or a JSON key), what was expected, and what was received. Where the 
 file, the file comes first::
 
     >>> expected("a number in [0, 0.95]", key="inference.overlap", received=0.99)
-    'Expected a number in [0, 0.95]. Received: inference.overlap=0.99'
+    'Expected a number in [0, 0.95]. Received: inference.overlap=0.99.'
     >>> expected("3 positive integers", key="patch_size", received=[1, 2], where="bundle/bundle.json")
-    'bundle/bundle.json: Expected 3 positive integers. Received: patch_size=[1, 2]'
+    'bundle/bundle.json: Expected 3 positive integers. Received: patch_size=[1, 2].'
 
 :class:`SettingError` carries the key separately, so a caller that knows where a setting sits (the
 config loader) can put its path in front without repeating the key.
@@ -57,9 +57,9 @@ class SettingError(ValueError):
     --------
     >>> err = SettingError("overlap", "a number in [0, 1)", 1.5)
     >>> str(err)
-    'Expected a number in [0, 1). Received: overlap=1.5'
+    'Expected a number in [0, 1). Received: overlap=1.5.'
     >>> str(err.with_prefix("inference."))
-    'Expected a number in [0, 1). Received: inference.overlap=1.5'
+    'Expected a number in [0, 1). Received: inference.overlap=1.5.'
     """
 
     def __init__(self, key: str, what: str, received: Any, *, hint: str | None = None):

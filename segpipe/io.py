@@ -18,6 +18,8 @@ from typing import Any, Iterator, Mapping
 import nibabel as nib
 import numpy as np
 
+from segpipe.errors import Received, expected
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -51,15 +53,20 @@ def read_nifti(path: str | os.PathLike, *, dtype: Any = None) -> Volume:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file not found: {path}")
+        raise FileNotFoundError(expected("an existing NIfTI file", key="path", received=str(path)))
     try:
         image = nib.load(str(path))
         array = np.asarray(image.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
-        raise ValueError(f"Cannot read NIfTI file {path}: {exc}") from exc
+        raise ValueError(expected("a readable NIfTI image", key="contents", received=Received(f"unreadable ({exc})"),
+                                  where=str(path))) from exc
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
+
+
+_UMASK = os.umask(0o022)  # read once (os.umask can only read by setting), then restored
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -77,6 +84,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp makes it 0600; give it the mode an ordinary write would (umask)
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -128,7 +137,8 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"Invalid JSON in {path}: {exc}") from exc
+        raise ValueError(expected("valid JSON", key="contents", received=Received(f"invalid JSON ({exc})"),
+                                  where=str(path))) from exc
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -144,4 +154,5 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")
+    raise TypeError(expected("a JSON-serialisable value (number, string, list, mapping, numpy value or path)",
+                             key="value", received=Received(f"an object of type {type(value).__name__}")))

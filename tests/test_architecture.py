@@ -161,3 +161,4 @@ def test_function_level_imports_of_segpipe_modules_say_why():
                         and "#" not in lines[node.lineno - 1]:
                     unexplained.append(f"{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not unexplained, "\n".join(unexplained)
+

@@ -37,6 +37,8 @@ def test_console_scripts_work_outside_a_checkout(tmp_path):
         result = run(tool, "--help")
         assert result.returncode == 0 and f"usage: segpipe-{tool}" in result.stdout, result.stderr
     result = run("train")
-    assert result.returncode == 2 and "Expected --config FILE" in result.stderr and "pass --config" in result.stderr
+    assert result.returncode == 2 and ("Expected --config FILE" in result.stderr
+                                      and "Received: --config=<not given>, and neither file exists. " in result.stderr
+                                      and "Pass --config" in result.stderr)
     result = run("evaluate", "--pred", "p", "--ref", "r")
     assert result.returncode == 1 and "segpipe-evaluate: error:" in result.stderr

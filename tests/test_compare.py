@@ -114,7 +114,8 @@ def test_mismatched_runs_are_refused(tmp_path, capsys, mismatch):
         make_run(exp, "b", [0.6] * 6, dataset="data/other")
     assert evaluate.main(["--compare", str(exp)]) == 1
     err = capsys.readouterr().err
-    assert "Cannot compare these runs pairwise" in err
+    assert ("Expected runs that use the same dataset and the same splits, to compare them pairwise. "
+            "Received: --compare=1 mismatch(es).\n  ") in err
     assert ("different splits" in err) if mismatch == "split" else ("used dataset" in err)
     assert not (exp / "comparison").exists()
 
@@ -122,7 +123,7 @@ def test_mismatched_runs_are_refused(tmp_path, capsys, mismatch):
 def test_single_configuration_is_an_error(tmp_path, capsys):
     make_run(tmp_path / "exp", "a", [0.5] * 6)
     assert evaluate.main(["--compare", str(tmp_path / "exp")]) == 1
-    assert "at least two configurations" in capsys.readouterr().err
+    assert "Expected at least two configurations to compare. Received: --compare=['a']." in capsys.readouterr().err
 
 
 def test_load_per_case_keeps_nan(tmp_path):

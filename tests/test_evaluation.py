@@ -129,7 +129,8 @@ def test_geometry_mismatch_names_each_pair(tmp_path):
     with pytest.raises(ValueError) as info:
         evaluate_folders(pred_dir, ref_dir, tmp_path / "eval", workers=1)
     message = str(info.value)
-    assert "Received 2 mismatching pair(s)" in message
+    assert message.startswith("Expected each prediction to have the shape and affine of its reference")
+    assert "Received: pred_dir=2 mismatching pair(s).\n" in message
     assert "case_a: shape pred (16, 16, 10) vs ref (16, 16, 12)" in message
     assert "case_c: affine differs by up to 0.5 mm" in message
     assert "case_b" not in message
@@ -148,7 +149,7 @@ def test_missing_predictions_are_listed(tmp_path):
     pred_dir, ref_dir = make_folders(tmp_path)
     (pred_dir / "case_a.nii.gz").unlink()
     (pred_dir / "case_c.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"lacks 2 of 3: case_a, case_c"):
+    with pytest.raises(FileNotFoundError, match=r"^Expected a prediction for every reference case\. Received: pred_dir=.*pred \(lacks 2 of 3: case_a, case_c\)\.$"):
         evaluate_folders(pred_dir, ref_dir, tmp_path / "eval", workers=1)
 
 
@@ -165,7 +166,7 @@ def test_extra_predictions_warn_and_nii_matches_nii_gz(tmp_path):
 def test_float_probability_map_is_rejected_with_file_name(tmp_path):
     pred_dir, ref_dir = make_folders(tmp_path)
     write_nifti(pred_dir / "case_b.nii.gz", np.full(SHAPE, 0.3, np.float32), AFFINE)
-    with pytest.raises(ValueError, match=r"case_b.*whole non-negative label values"):
+    with pytest.raises(ValueError, match=r"case_b\.nii\.gz: Expected whole non-negative label values\. Received: dtype=float32 with fractional or negative values\. Is this a probability map\?"):
         evaluate_folders(pred_dir, ref_dir, tmp_path / "eval", workers=1)
 
 

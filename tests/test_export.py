@@ -131,7 +131,7 @@ _DELETE = object()
     (_edit_json("orientation", "LPS"), r"'orientation': expected 'RAS'"),
     (_edit_json("inference", {"overlap": 1.5}), r"'inference': Expected a number in \[0, 0.95\]. Received: overlap=1.5"),
     (_edit_json("files", {"keras": "../model.keras"}), r"'files.keras': expected a path inside the bundle"),
-    (_edit_json("preprocessing", {"normalization": "minmax"}), r"'preprocessing': Invalid value for `normalization`"),
+    (_edit_json("preprocessing", {"normalization": "minmax"}), r"'preprocessing': Expected one of \(.*\)\. Received: normalization='minmax'\."),
     (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"'preprocessing': Expected preprocessing settings out of \[.*\]. Received: spacing=\[1, 1, 1\]"),
 ])
 def test_a_broken_bundle_is_a_clear_error(trained, tmp_path, break_it, message):

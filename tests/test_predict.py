@@ -131,7 +131,7 @@ def test_keep_largest_component_per_class():
     corner[2, 2, 2] = 0
     assert (keep_largest_component(corner, [1], connectivity=3) == 1).sum() == 2  # corner neighbours touch
     assert (keep_largest_component(corner, [1], connectivity=1) == 1).sum() == 1  # face neighbours only
-    with pytest.raises(ValueError, match="Expected an integer label map. Received: dtype float32"):
+    with pytest.raises(ValueError, match=r"^Expected an integer label map\. Received: labels\.dtype=float32\.$"):
         keep_largest_component(labels.astype(np.float32), [1])
 
 

@@ -54,15 +54,15 @@ def test_plan_expands_folds_into_named_runs_of_the_experiment(tmp_path):
     assert [r.name for r in plan_runs([from_config])] == ["ce_fold0", "ce_fold1"]  # data.folds in the config
     with pytest.raises(ConfigError, match=r"Expected a fold in 0..2 \(data.folds=3\). Received: data.fold=3"):
         plan_runs(configs, folds=3, only_folds=[3])
-    with pytest.raises(ConfigError, match="--fold: expected k-fold training"):
+    with pytest.raises(ConfigError, match=r"^Expected k-fold training \(--folds K or data\.folds in .*\)\. Received: --fold=\d( \d)* without folds\.$"):
         plan_runs(configs, only_folds=[0])
-    with pytest.raises(ConfigError, match="--folds: expected a number of folds >= 2. Received: 1"):
+    with pytest.raises(ConfigError, match=r"^Expected a number of folds >= 2\. Received: --folds=1\.$"):
         plan_runs(configs, folds=1)
     assert comparability_warning(plan_runs(configs, folds=2)) is None
     reseeded = load_config(write_config(tmp_path, "tversky"), ["seed=1"])
     assert "will not share a split" in comparability_warning([configs[0], reseeded])
     twin = load_config(write_config(tmp_path / "other", "dice"), [f"output_dir={tmp_path / 'runs'}", "experiment=exp"])
-    with pytest.raises(ConfigError, match="expected a different run name for every config of a sweep. Received: 'dice' twice"):
+    with pytest.raises(ConfigError, match=r"^Expected a different run name for every config of a sweep\. Received: name='dice' twice \(both would train into .*\)\. Set `name:` in one of the files\.$"):
         plan_runs([configs[0], twin])
 
 
@@ -108,8 +108,8 @@ def test_a_run_resumes_only_with_the_config_it_was_started_with(tmp_path):
     (tmp_path / "r" / "config.yaml").write_text(to_yaml(config))
     check_resumed_config(tmp_path / "r", config)
     edited = load_config(None, [f"output_dir={tmp_path}", "name=r", "train.epochs=5", "loss.name=iou"])
-    with pytest.raises(ConfigError, match=r"Cannot resume .*/r: expected the config it was started with .*Received changes: "
-                       r"loss.name: 'dice' -> 'iou'; train.epochs: 3 -> 5\. .*--overwrite"):
+    with pytest.raises(ConfigError, match=r"/r: Expected the config the run was started with \(.*/r/config\.yaml\), to resume it\. Received: config=changes "
+                       r"loss.name: 'dice' -> 'iou'; train.epochs: 3 -> 5\. Undo them, or use --overwrite"):
         check_resumed_config(tmp_path / "r", edited)
 
 
@@ -136,7 +136,8 @@ def test_interrupted_and_failed_runs_in_a_sweep(tiny_overrides, tmp_path, monkey
     # again without --resume: the interrupted run is left alone (reported), the bad config fails, the next trains
     assert train.main(command) == 1
     out, err = capsys.readouterr()
-    assert "error: first: Run directory" in err and "holds an unfinished run. Use --resume" in err
+    assert ("error: first: Expected a new or finished run directory. Received: run_dir=" in err
+            and "first (holds an unfinished run). Use --resume" in err)
     assert "error: bad: loss:" in err and "class_weights" in err
     assert status(exp / "first") == "interrupted" and status(exp / "second") == "finished"
     assert "Sweep summary: 1 finished, 2 failed" in out

@@ -9,21 +9,26 @@ from pathlib import Path
 
 from segpipe.cli import prog_name
 from segpipe.data.layouts import load_dataset
+from segpipe.errors import Received, expected
 from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
-from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_summary_markdown
+from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
 
 Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--dataset-json PATH]
                                  [--out DIR] [--tolerance-mm X | LABEL=X ...] [--workers N]
+                                 [--lesion-wise LABEL ... [--lesion-min-size-mm3 X] [--lesion-dilation-vox K]]
+                                 [--images DIR] [--no-report]
 Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
 Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
-              Wilcoxon tests with Holm correction, box plots, training curves, report.md)
+              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html)
 
-Writes per_case.csv and summary.json into --out (default: PRED/evaluation, or RUN_DIR/evaluation)
-and prints the summary as a Markdown table. Metric definitions: docs/evaluation.md.
+Writes per_case.csv, summary.json, report.html and overlays/ (best, median and worst case per
+class as slice overlays) into --out (default: PRED/evaluation, or RUN_DIR/evaluation), with
+--lesion-wise also lesions.csv, and prints the summary as a Markdown table. Metric definitions:
+docs/evaluation.md; the report and lesion-wise metrics: docs/reports.md.
 """
 
 
@@ -51,6 +56,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
                         help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
+    parser.add_argument("--lesion-wise", type=int, nargs="+", metavar="LABEL",
+                        help="also score these labels lesion by lesion (connected components: detection "
+                             "TP/FP/FN, precision/recall/F1, BraTS 2023 lesion-wise Dice; lesions.csv)")
+    parser.add_argument("--lesion-min-size-mm3", type=float, default=0.0, metavar="X",
+                        help="with --lesion-wise: smaller components are not lesions (default 0)")
+    parser.add_argument("--lesion-dilation-vox", type=int, default=0, metavar="K",
+                        help="with --lesion-wise: match components within K voxels of a reference lesion "
+                             "(BraTS 2023 uses 1-3; default 0: by overlap)")
+    parser.add_argument("--images", type=Path, metavar="DIR",
+                        help="scans drawn under the report's overlays (CASE_0000.nii.gz or CASE.nii.gz; "
+                             "default: the images* folder beside the references' labels* folder)")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html and overlays/")
     return parser
 
 
@@ -62,6 +79,8 @@ def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("give RUN_DIR, or both --pred and --ref")
     if args.model and args.run_dir is None:
         parser.error("--model chooses the model of RUN_DIR (run mode)")
+    if (args.lesion_min_size_mm3 or args.lesion_dilation_vox) and not args.lesion_wise:
+        parser.error("--lesion-min-size-mm3 and --lesion-dilation-vox need --lesion-wise LABEL ...")
 
 
 def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None]:
@@ -89,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         labels, class_names = _dataset_classes(args.dataset_json, args.labels)
-        options = dict(labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers)
+        options = dict(labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
+                       lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
+                       lesion_dilation_vox=args.lesion_dilation_vox, report=not args.no_report,
+                       image_dir=args.images)
         if args.run_dir is not None:
             summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
         else:
@@ -99,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))
-    print(f"\nWrote {out_dir / 'per_case.csv'} and {out_dir / 'summary.json'}")
+    if "lesion_wise" in summary:
+        print()
+        print(format_lesion_markdown(summary["lesion_wise"]))
+    written = ["per_case.csv", "summary.json", *(["lesions.csv"] if args.lesion_wise else []),
+               *([] if args.no_report else ["report.html", "overlays/"])]
+    print(f"\nWrote {', '.join(str(out_dir / name) for name in written)}")
     return 0
 
 
@@ -111,10 +138,11 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         if args.reference is not None:
             names = [g.name for g in groups]
             if args.reference not in names:
-                raise ComparisonError(f"Expected --reference to be one of {names}. Received: {args.reference!r}")
+                raise ComparisonError(expected(f"one of the configurations {names}", key="--reference", received=args.reference))
             groups.sort(key=lambda g: g.name != args.reference)  # stable: reference first
         if len(groups) < 2:
-            raise ComparisonError(f"Expected at least two configurations to compare. Received: {[g.name for g in groups]}")
+            raise ComparisonError(expected("at least two configurations to compare", key="--compare",
+                                           received=Received(f"{[g.name for g in groups]}")))
         check_comparable(groups)  # refuse before spending time on predictions
         for group in groups:
             for run_dir in group.run_dirs:
@@ -131,7 +159,7 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(result["markdown"])
-    print(f"Wrote {out_dir}/report.md, comparison.csv, comparison.json and plots")
+    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json and plots")
     return 0
 
 
@@ -143,9 +171,8 @@ def _parse_tolerance(values: list[str]) -> float | dict[int, float]:
         pairs = [v.split("=", 1) for v in values]
         return {int(label): float(mm) for label, mm in pairs}
     except ValueError:
-        raise ValueError(
-            f"Expected --tolerance-mm as one number or LABEL=MM pairs. Received: {' '.join(values)}"
-        ) from None
+        raise ValueError(expected("one number or LABEL=MM pairs", key="--tolerance-mm",
+                                  received=Received(" ".join(values)))) from None
 
 
 def console() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from segpipe.cli import prog_name
 from segpipe.config import ConfigError, load_config
+from segpipe.errors import Received, expected
 from segpipe.runs.rundir import RunDir
 from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
 
@@ -83,10 +84,10 @@ def default_config_path() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"Expected --config FILE, or a default config at {' or '.join(str(p) for p in candidates)}. "
-        f"Received: no --config, and neither file exists (segpipe installed from a wheel? pass --config)"
-    )
+    raise FileNotFoundError(expected(
+        f"--config FILE, or a default config at {' or '.join(str(p) for p in candidates)}", key="--config",
+        received=Received("<not given>, and neither file exists"), hint="segpipe installed from a wheel? Pass --config.",
+    ))
 
 
 def _config_paths(patterns: list[str]) -> list[str]:
@@ -96,7 +97,8 @@ def _config_paths(patterns: list[str]) -> list[str]:
         if not Path(pattern).exists() and any(c in pattern for c in "*?["):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise FileNotFoundError(f"--config: expected files matching {pattern!r}. Received: none")
+                raise FileNotFoundError(expected("a pattern that matches config files", key="--config",
+                                                 received=Received(f"{pattern!r} (matches none)")))
             paths += matches
         else:
             paths.append(pattern)

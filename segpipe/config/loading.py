@@ -25,7 +25,7 @@ import yaml
 from segpipe.config.schema import Config, ConfigError, DataConfig
 from segpipe.data.augment import AugmentSettings
 from segpipe.data.preprocess import NORMALIZATIONS
-from segpipe.errors import SettingError, expected
+from segpipe.errors import Received, SettingError, expected
 from segpipe.inference.settings import InferenceSettings
 
 REPLACED_WHOLE = {"loss"}  # sections a child file replaces instead of merging
@@ -37,17 +37,22 @@ REPLACED_WHOLE = {"loss"}  # sections a child file replaces instead of merging
 def read_yaml_with_extends(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config file, merging the files it ``extends`` (a path or a list) first."""
     path = Path(path).resolve()
+    # a missing or cyclic parent is the ``extends`` key of the file that names it
+    where, key = (str(_chain[-1]), "extends") if _chain else (None, "config")
     if path in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path))
-        raise ConfigError(f"Config files extend each other in a cycle: {cycle}")
+        raise ConfigError(expected("config files that do not extend each other in a cycle", key=key,
+                                   received=Received(cycle), where=where))
     if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}")
+        raise ConfigError(expected("an existing config file", key=key, received=str(path), where=where))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Invalid YAML in {path}: {exc}") from exc
+        raise ConfigError(expected("valid YAML", key="contents", received=Received(f"invalid YAML ({exc})"),
+                                   where=str(path))) from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"Expected a mapping at the top of {path}. Received: {type(data).__name__}")
+        raise ConfigError(expected("a mapping of config sections at the top level", key="contents",
+                                   received=Received(f"a {type(data).__name__}"), where=str(path)))
     parents = data.pop("extends", None) or []
     if isinstance(parents, str):
         parents = [parents]
@@ -74,11 +79,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"Expected an override of the form key.sub=value. Received: {item!r}")
+            raise ConfigError(expected("an override of the form key.sub=value", key="--set", received=item))
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"Override {item!r}: value is not valid YAML: {exc}") from exc
+            raise ConfigError(expected("a YAML value after '='", key=key, received=raw,
+                                       hint=f"YAML says: {' '.join(str(exc).split())}")) from exc
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
@@ -107,12 +113,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys, types and ranges."""
     if not isinstance(data, dict):
-        raise ConfigError(_expected(prefix or "config", "a mapping", data))
+        raise ConfigError(_expected(prefix.rstrip(".") or "config", "a mapping", data))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise ConfigError(_unknown_key(prefix, str(key), list(fields)))
+            raise ConfigError(_unknown_key(prefix, str(key), list(fields), data[key]))
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
@@ -172,7 +178,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(_expected(key, "a string", value))
         return value
-    raise TypeError(f"Unsupported config type {tp!r} for {key}")  # a bug in this module, not in the config
+    # a bug in this module (a schema type it cannot read), not in the config
+    raise TypeError(expected("a config type this loader reads", key=key, received=Received(repr(tp))))
 
 
 def _describe(tp: Any) -> str:
@@ -202,11 +209,12 @@ def _expected(key: str, what: str, received: Any, suggest: list[str] | None = No
     return expected(what, key=key, received=received, hint=hint)
 
 
-def _unknown_key(prefix: str, key: str, valid: list[str]) -> str:
-    where = prefix.rstrip(".") or "the top level"
+def _unknown_key(prefix: str, key: str, valid: list[str], value: Any) -> str:
+    """An unknown key, shown with its value: "Expected a key of data (...). Received: data.patch_sise=..."."""
+    section = prefix.rstrip(".") or "the top level"
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-    return f"Unknown config key '{prefix}{key}'.{hint} Valid keys in {where}: {', '.join(valid)}"
+    hint = f"Did you mean '{prefix}{close[0]}'?" if close else None
+    return expected(f"a key of {section} ({', '.join(valid)})", key=f"{prefix}{key}", received=value, hint=hint)
 
 
 # ---------------------------------------------------------------- cross-field checks
@@ -216,20 +224,18 @@ def validate(config: Config) -> None:
     """Checks that involve several keys (single keys are checked while converting)."""
     data = config.data
     if data.root is None:
-        raise ConfigError(
-            "data.root: expected the dataset folder, which this config leaves to the command line. "
-            "Received: null. Add --set data.root=PATH/TO/DATASET"
-        )
+        raise ConfigError(expected("the dataset folder, which this config leaves to the command line", key="data.root",
+                                   received=Received("null"), hint="Add --set data.root=PATH/TO/DATASET"))
     validate_data(data)
     check_patch_size(data.patch_size, config.model.depth)
     if not isinstance(config.loss, dict) or not ("name" in config.loss or "terms" in config.loss):
         raise ConfigError(_expected("loss", "a mapping with 'name' (or 'terms' for a compound loss)", config.loss))
     if config.train.sync_batch_norm and config.model.norm != "batch":
-        raise ConfigError(expected("model.norm: batch with train.sync_batch_norm: true (only batch norm has "
+        raise ConfigError(expected("'batch' when train.sync_batch_norm is true (only batch norm has "
                                    "statistics to synchronise)", key="model.norm", received=config.model.norm))
     if config.train.export_onnx and not config.train.export_bundle:
-        raise ConfigError(expected("train.export_bundle: true with train.export_onnx: true (model.onnx is part "
-                                   "of the bundle)", key="train.export_bundle", received=False))
+        raise ConfigError(expected("true when train.export_onnx is true (model.onnx is part of the bundle)",
+                                   key="train.export_bundle", received=False))
     for key in ("name", "experiment"):
         check_folder_name(getattr(config, key), key)
 
@@ -280,7 +286,7 @@ def validate_augment(augment: dict[str, Any]) -> None:
     kinds = {f.name: f for f in dataclasses.fields(AugmentSettings)}
     for name, spec in augment.items():
         if name not in kinds:
-            raise ConfigError(_unknown_key("data.augment.", str(name), list(kinds)))
+            raise ConfigError(_unknown_key("data.augment.", str(name), list(kinds), spec))
         key = f"data.augment.{name}"
         if name == "order":
             if isinstance(spec, bool) or not isinstance(spec, int):
@@ -292,10 +298,10 @@ def validate_augment(augment: dict[str, Any]) -> None:
             allowed = [f.name for f in dataclasses.fields(defaults)]
             for sub, value in spec.items():
                 if sub not in allowed:
-                    raise ConfigError(_unknown_key(f"{key}.", str(sub), allowed))
+                    raise ConfigError(_unknown_key(f"{key}.", str(sub), allowed, value))
                 _check_augment_type(value, getattr(defaults, sub), f"{key}.{sub}")
-                _build_augment({name: {sub: value}}, f"{key}.{sub}")
-        _build_augment({name: spec}, key)
+                _build_augment({name: {sub: value}})
+        _build_augment({name: spec})
 
 
 def _check_augment_type(value: Any, default: Any, key: str) -> None:
@@ -310,11 +316,11 @@ def _check_augment_type(value: Any, default: Any, key: str) -> None:
         raise ConfigError(_expected(key, f"a number like {default}", value))
 
 
-def _build_augment(entry: dict[str, Any], key: str) -> None:
+def _build_augment(entry: dict[str, Any]) -> None:
     try:
         AugmentSettings.from_dict(entry)
-    except (TypeError, ValueError) as exc:  # from_dict says what was expected and received
-        raise ConfigError(f"{key}: {exc}") from None
+    except SettingError as exc:  # keyed by "rotation.p": add the section's path once
+        raise ConfigError(str(exc.with_prefix("data.augment."))) from None
 
 
 def check_patch_size(patch_size: list[int], depth: int) -> None:
@@ -323,10 +329,9 @@ def check_patch_size(patch_size: list[int], depth: int) -> None:
     bad = [s for s in patch_size if s % factor]
     if bad:
         nearest = [max(factor, round(s / factor) * factor) for s in patch_size]
-        raise ConfigError(
-            f"data.patch_size: expected every side divisible by {factor} (model.depth={depth} halves "
-            f"the patch {depth - 1} times). Received: {patch_size}. Nearest valid: {nearest}"
-        )
+        raise ConfigError(expected(f"every side divisible by {factor} (model.depth={depth} halves the patch "
+                                   f"{depth - 1} times)", key="data.patch_size", received=patch_size,
+                                   hint=f"Nearest valid: {nearest}"))
 
 
 def to_yaml(config: Config) -> str:

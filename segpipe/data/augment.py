@@ -26,18 +26,19 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation as _Rotation
 
 from segpipe.data.spatial import warp
+from segpipe.errors import SettingError
 
 
 def _check_p(name: str, key: str, p: float) -> None:
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"Invalid value for `{name}.{key}`. Expected a probability in [0, 1]. Received: {key}={p!r}")
+        raise SettingError(f"{name}.{key}", "a probability in [0, 1]", p)
 
 
 def _check_range(name: str, key: str, value: Sequence[float], *, positive: bool = False) -> tuple[float, float]:
     value = tuple(float(v) for v in value)
     if len(value) != 2 or value[0] > value[1] or (positive and value[0] <= 0):
         need = "0 < low <= high" if positive else "low <= high"
-        raise ValueError(f"Invalid value for `{name}.{key}`. Expected [low, high] with {need}. Received: {key}={value!r}")
+        raise SettingError(f"{name}.{key}", f"[low, high] with {need}", list(value))
     return value
 
 
@@ -149,7 +150,7 @@ class AugmentSettings:
             spec = getattr(self, f.name)
             if f.name == "order":
                 if spec not in range(6):
-                    raise ValueError(f"Invalid value for `order`. Expected an integer in 0..5. Received: order={spec!r}")
+                    raise SettingError("order", "an integer spline order in 0..5", spec)
                 continue
             _check_p(f.name, "p", spec.p)
             for g in fields(spec):
@@ -159,7 +160,7 @@ class AugmentSettings:
                 elif g.name == "axes":
                     axes = tuple(int(a) for a in value)
                     if any(a not in (0, 1, 2) for a in axes):
-                        raise ValueError(f"Invalid value for `{f.name}.axes`. Expected spatial axes among (0, 1, 2). Received: axes={value!r}")
+                        raise SettingError(f"{f.name}.axes", "spatial axes among (0, 1, 2)", list(value))
                     object.__setattr__(spec, "axes", axes)
                 elif g.name != "p":
                     positive = f.name in ("scaling", "gamma", "brightness") or g.name == "sigma_vox"
@@ -174,17 +175,18 @@ class AugmentSettings:
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name not in kinds:
-                raise ValueError(f"Unknown augmentation {name!r}. Expected one of {sorted(kinds)}. Received: {name!r}")
+                raise SettingError(str(name), f"an augmentation out of {sorted(kinds)}", value)
             if name == "order":
                 kwargs[name] = int(value)
                 continue
             spec_cls = type(getattr(cls(), name))
             if not isinstance(value, Mapping):
-                raise ValueError(f"Invalid value for augmentation {name!r}. Expected a mapping like {{'p': ...}}. Received: {value!r}")
+                raise SettingError(name, "a mapping like {'p': ...}", value)
             allowed = {g.name for g in fields(spec_cls)}
             unknown = set(value) - allowed
             if unknown:
-                raise ValueError(f"Unknown key(s) {sorted(unknown)} in augmentation {name!r}. Expected some of {sorted(allowed)}.")
+                first = sorted(unknown)[0]
+                raise SettingError(f"{name}.{first}", f"a key of {name} out of {sorted(allowed)}", value[first])
             kwargs[name] = spec_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
         return cls(**kwargs)
 

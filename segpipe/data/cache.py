@@ -26,6 +26,7 @@ from segpipe.arrays import seed_from_text
 from segpipe.data.layouts import Case, Dataset
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
 from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
+from segpipe.errors import Received, expected
 from segpipe.io import read_json, save_npy, write_json
 from segpipe.parallel import parallel_map
 
@@ -97,7 +98,8 @@ def build_cache(
     jobs = []
     for case in dataset.cases:
         if case.label_path is None:
-            raise ValueError(f"Expected a label for every case to cache. Received: case {case.case_id} without label")
+            raise ValueError(expected("a label for every case to cache", key=f"cases[{case.case_id!r}].label_path",
+                                      received=None))
         key = case_key(case, settings, hash_contents=hash_contents, extra=extra)
         directory = cache_dir / case.case_id
         found = load_cached_case(directory, key=key)
@@ -108,7 +110,8 @@ def build_cache(
     results = parallel_map(_build_case_job, jobs, workers=workers, progress=progress, desc="preprocessing")
     failures = [f"{job[0].case_id}: {result}" for job, result in zip(jobs, results) if isinstance(result, str)]
     if failures:
-        raise ValueError(f"Preprocessing failed for {len(failures)} case(s):\n  " + "\n  ".join(failures))
+        raise ValueError(expected("every case to preprocess", key="cases", received=Received(f"{len(failures)} failed"))
+                         + "\n  " + "\n  ".join(failures))
     for result in results:
         cached[result.case_id] = result
     return [cached[case.case_id] for case in dataset.cases]

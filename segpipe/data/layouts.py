@@ -30,6 +30,7 @@ from typing import Mapping
 import numpy as np
 
 from segpipe.io import NIFTI_SUFFIXES, Volume, read_json, read_nifti, strip_nifti_suffix
+from segpipe.errors import Received, expected
 
 LAYOUTS = ("msd", "nnunet", "folders")
 
@@ -77,10 +78,10 @@ class Dataset:
         for case in self.cases:
             if case.case_id == case_id:
                 return case
-        raise KeyError(f"Case {case_id!r} is not in dataset {self.root}")
+        raise KeyError(expected(f"a case of the dataset in {self.root}", key="case_id", received=case_id))
 
 
-def detect_layout(root: str | Path) -> str:
+def detect_layout(root: str | Path, *, key: str = "root") -> str:
     """Name the layout of ``root``: ``msd``, ``nnunet`` or ``folders``.
 
     Raises:
@@ -94,21 +95,20 @@ def detect_layout(root: str | Path) -> str:
             return "nnunet"
         if "training" in meta or "modality" in meta:
             return "msd"
-        raise ValueError(
-            f"{meta_path}: cannot tell the layout. Expected 'training'/'modality' (MSD) or "
-            f"'channel_names'/'file_ending' (nnU-Net v2). Received keys: {sorted(meta)}"
-        )
+        raise ValueError(expected("'training'/'modality' (MSD) or 'channel_names'/'file_ending' (nnU-Net v2) "
+                                  "among the top-level keys, to tell the layout", key="keys", received=sorted(meta),
+                                  where=str(meta_path)))
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return "folders"
-    raise FileNotFoundError(
-        f"Expected a dataset folder with dataset.json (MSD or nnU-Net v2 layout) or with images/ and "
-        f"labels/ subfolders. Received: {root} "
-        f"({'folder exists' if root.is_dir() else 'no such folder'}, neither found)"
-    )
+    raise FileNotFoundError(expected(
+        "a dataset folder with dataset.json (MSD or nnU-Net v2 layout) or with images/ and labels/ subfolders",
+        key=key, received=Received(f"{root} ({'folder exists' if root.is_dir() else 'no such folder'}, neither found)"),
+    ))
 
 
 def load_dataset(
-    root: str | Path, layout: str | None = None, *, labels: Mapping[int | str, str] | None = None
+    root: str | Path, layout: str | None = None, *, labels: Mapping[int | str, str] | None = None,
+    key: str = "root",
 ) -> Dataset:
     """Read a dataset folder through its layout.
 
@@ -117,16 +117,17 @@ def load_dataset(
         layout: ``"msd"``, ``"nnunet"``, ``"folders"``, or ``None``/``"auto"`` to detect it.
         labels: value -> class name; overrides the classes a layout declares (needed by ``folders``
             datasets without ``labels.json`` unless the classes may be read from the label maps).
+        key: what holds ``root``, for error messages (``data.root`` when it comes from a config).
     """
     root = Path(root)
     if layout in (None, "auto"):
-        layout = detect_layout(root)
+        layout = detect_layout(root, key=key)
     readers = {"msd": _load_msd, "nnunet": _load_nnunet, "folders": _load_folders}
     if layout not in readers:
-        raise ValueError(f"Invalid value for argument `layout`. Expected one of {('auto', *LAYOUTS)}. Received: layout={layout!r}")
-    dataset = readers[layout](root)
+        raise ValueError(expected(f"one of {['auto', *LAYOUTS]}", key="layout", received=layout))
+    dataset = _load_msd(root, key) if layout == "msd" else readers[layout](root)
     if labels is not None:
-        dataset.labels = _labels_by_value(dict(labels), "argument `labels`")
+        dataset.labels = _labels_by_value(dict(labels))
     elif not dataset.labels:  # folders without labels.json
         dataset.labels = _labels_from_maps(dataset)
     return dataset
@@ -136,24 +137,26 @@ def load_dataset(
 # Layout readers
 
 
-def _load_msd(root: Path) -> Dataset:
+def _load_msd(root: Path, key: str = "root") -> Dataset:
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"Expected a dataset folder with dataset.json (MSD layout). Received: {root} "
-            f"({'folder exists' if root.is_dir() else 'no such folder'}, no dataset.json)"
-        )
+        raise FileNotFoundError(expected(
+            "a dataset folder with dataset.json (MSD layout)",
+            key=key, received=Received(f"{root} ({'folder exists' if root.is_dir() else 'no such folder'}, no dataset.json)"),
+        ))
     meta = read_json(meta_path)
     for key in ("labels", "training"):
         if key not in meta:
-            raise ValueError(f"{meta_path}: missing required key {key!r}")
-    labels = _labels_by_value(meta["labels"], str(meta_path))
+            raise ValueError(expected("a key the MSD layout requires", key=key, received=Received("<missing>"),
+                                      where=str(meta_path)))
+    labels = _labels_by_value(meta["labels"], where=str(meta_path))
     modality = meta.get("modality", {"0": "image"})
     channel_names = [str(modality[k]) for k in sorted(modality, key=int)]
     cases = []
     for i, entry in enumerate(meta["training"]):
         if not isinstance(entry, dict) or "image" not in entry:
-            raise ValueError(f"{meta_path}: training[{i}] must be {{'image': ..., 'label': ...}}. Received: {entry!r}")
+            raise ValueError(expected("{'image': ..., 'label': ...}", key=f"training[{i}]", received=entry,
+                                      where=str(meta_path)))
         image = root / entry["image"]
         label = root / entry["label"] if entry.get("label") else None
         cases.append(Case(strip_nifti_suffix(image.name), (image,), label))
@@ -169,17 +172,16 @@ def _load_nnunet(root: Path) -> Dataset:
     meta = read_json(meta_path)
     for key in ("labels", "channel_names"):
         if key not in meta:
-            raise ValueError(f"{meta_path}: missing required key {key!r}")
+            raise ValueError(expected("a key the nnU-Net v2 layout requires", key=key, received=Received("<missing>"),
+                                      where=str(meta_path)))
     # nnU-Net v2 writes labels as name -> value; region-based training (lists of values) is not supported.
     by_value: dict[int, str] = {}
     for name, value in meta["labels"].items():
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(
-                f"{meta_path}: labels[{name!r}] must be an integer label value. Received: {value!r} "
-                f"(region-based labels are not supported)"
-            )
+            raise ValueError(expected("an integer label value (region-based labels are not supported)",
+                                      key=f"labels[{name!r}]", received=value, where=str(meta_path)))
         by_value[value] = str(name)
-    labels = _labels_by_value(by_value, str(meta_path))
+    labels = _labels_by_value(by_value, where=str(meta_path))
     channels = meta["channel_names"]
     channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
     ending = meta.get("file_ending", ".nii.gz")
@@ -211,7 +213,7 @@ def _load_folders(root: Path) -> Dataset:
         cases.append(Case(case_id, (image,), label))
     orphans = [label_files[k] for k in sorted(label_files) if k not in images]
     labels_json = root / "labels.json"
-    labels = _labels_by_value(read_json(labels_json), str(labels_json)) if labels_json.is_file() else {}
+    labels = _labels_by_value(read_json(labels_json), where=str(labels_json)) if labels_json.is_file() else {}
     return Dataset(root=root, layout="folders", cases=cases, labels=labels, channel_names=[],
                    orphan_labels=orphans)
 
@@ -225,15 +227,18 @@ def _nifti_files(folder: Path) -> list[Path]:
     return [p for p in _listdir(folder) if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")]
 
 
-def _labels_by_value(raw: Mapping, where: str) -> dict[int, str]:
+def _labels_by_value(raw: Mapping, *, where: str | None = None) -> dict[int, str]:
+    """``raw`` (value -> name, from ``where`` or the ``labels`` argument) with integer values."""
     try:
         labels = {int(v): str(name) for v, name in raw.items()}
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: labels must map integer values to names. Received: {dict(raw)!r}") from exc
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(expected("a mapping of integer label values to names", key="labels",
+                                  received=raw if not isinstance(raw, Mapping) else dict(raw), where=where)) from exc
     if 0 not in labels:
-        raise ValueError(f"{where}: labels must declare the background value 0. Received: {labels}")
+        raise ValueError(expected("labels that declare the background value 0", key="labels", received=labels,
+                                  where=where))
     if min(labels) < 0 or max(labels) > 255:
-        raise ValueError(f"{where}: label values must be in 0..255. Received: {sorted(labels)}")
+        raise ValueError(expected("label values in 0..255", key="labels", received=sorted(labels), where=where))
     return labels
 
 
@@ -247,7 +252,7 @@ def _labels_from_maps(dataset: Dataset) -> dict[int, str]:
             except ValueError:
                 continue  # unreadable or non-integer label: the integrity check reports it
     names = {0: "background"}
-    return _labels_by_value({v: names.get(v, f"class_{v}") for v in sorted(values)}, str(dataset.root))
+    return _labels_by_value({v: names.get(v, f"class_{v}") for v in sorted(values)}, where=str(dataset.root))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,12 +288,12 @@ def read_case_image(case: Case, *, dtype=np.float32) -> Volume:
         if array.ndim == 3:
             array = array[..., None]
         if array.ndim != 4:
-            raise ValueError(f"Expected a 3-D or 4-D image in {path}. Received: shape {volume.array.shape}")
+            raise ValueError(expected("a 3-D or 4-D image", key="shape", received=volume.array.shape, where=str(path)))
         if arrays and array.shape[:3] != arrays[0].shape[:3]:
-            raise ValueError(
-                f"Channels of case {case.case_id} disagree in shape. Expected {arrays[0].shape[:3]} "
-                f"(as {case.image_paths[0].name}). Received: {array.shape[:3]} in {path.name}"
-            )
+            raise ValueError(expected(
+                f"the spatial shape {arrays[0].shape[:3]} of {case.image_paths[0].name} (every channel of case "
+                f"{case.case_id} on one grid)", key="shape", received=array.shape[:3], where=str(path),
+            ))
         affine = volume.affine if affine is None else affine
         arrays.append(array)
     image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
@@ -302,15 +307,16 @@ def read_case_label(case: Case) -> np.ndarray:
         ValueError: no label, an unreadable file, a map that is not 3-D, or non-integer values.
     """
     if case.label_path is None:
-        raise ValueError(f"Case {case.case_id} has no label")
+        raise ValueError(expected("a case with a label map", key="label_path", received=None, where=f"case {case.case_id}"))
     volume = read_nifti(case.label_path)
     array = squeeze_trailing(volume.array)
     if array.ndim != 3:
-        raise ValueError(f"Expected a 3-D label map in {case.label_path}. Received: shape {volume.array.shape}")
+        raise ValueError(expected("a 3-D label map", key="shape", received=volume.array.shape, where=str(case.label_path)))
     if not np.issubdtype(array.dtype, np.integer):
         # Some datasets store labels as float with exact integer values (MSD hippocampus does).
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise ValueError(f"Expected integer label values in {case.label_path}. Received: dtype {array.dtype} with non-integer values")
+            raise ValueError(expected("integer label values", key="dtype", received=Received(f"{array.dtype} with non-integer values"),
+                                      where=str(case.label_path)))
     if array.min(initial=0) >= 0 and array.max(initial=0) <= 255:
         return array.astype(np.uint8)
     return array.astype(np.int64)

@@ -18,6 +18,7 @@ import numpy as np
 
 from segpipe.data.augment import Augmenter, AugmentSettings
 from segpipe.data.sampling import PatchSampler, SamplingCase
+from segpipe.errors import expected
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -85,7 +86,8 @@ def train_dataset(
     import tensorflow as tf
 
     if not sampler.batch_size:
-        raise ValueError(f"Expected a sampler with a batch_size (its foreground slot rule). Received: {sampler.batch_size!r}")
+        raise ValueError(expected("a sampler with a batch_size (its foreground slot rule)", key="sampler.batch_size",
+                                  received=sampler.batch_size))
     ds = tf.data.Dataset.range(start_index, np.iinfo(np.int64).max)
     ds = ds.map(_patch_map(sampler, num_classes), num_parallel_calls=num_workers, deterministic=True)
     return ds.batch(sampler.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -121,7 +123,7 @@ def validation_dataset(cases: Sequence[SamplingCase], num_classes: int, divisor:
     import tensorflow as tf
 
     if not cases:
-        raise ValueError("Expected at least one validation case. Received: 0 cases")
+        raise ValueError(expected("at least one validation case", key="cases", received=list(cases)))
     channels = _channels(cases[0])
 
     def generate():

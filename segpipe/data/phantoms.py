@@ -20,6 +20,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from segpipe.io import write_json, write_nifti
+from segpipe.errors import Received, expected
 
 CLASS_NAMES = {0: "background", 1: "organ", 2: "lesion"}
 
@@ -89,7 +90,8 @@ def write_phantom_dataset(root: str | os.PathLike, settings: PhantomSettings = P
 
     root = Path(root)
     if root.exists():
-        raise FileExistsError(f"Expected a new folder for the phantom dataset. Received: {root} (exists)")
+        raise FileExistsError(expected("a new folder for the phantom dataset", key="root",
+                                       received=Received(f"{root} (exists)")))
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:

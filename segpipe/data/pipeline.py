@@ -39,7 +39,7 @@ from segpipe.data.checks import check_dataset, errors
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings
-from segpipe.errors import expected
+from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json
 from segpipe.planning.fingerprint import load_or_compute_fingerprint
 
@@ -131,7 +131,7 @@ def open_dataset(data: DataConfig) -> Dataset:
     root = Path(data.root)
     if data.phantoms is not None:
         _ensure_phantoms(root, data.phantoms)
-    return load_dataset(root, data.layout)
+    return load_dataset(root, data.layout, key="data.root")
 
 
 def _ensure_phantoms(root: Path, phantoms: Any) -> None:
@@ -145,10 +145,10 @@ def _ensure_phantoms(root: Path, phantoms: Any) -> None:
     found = read_json(root / "dataset.json").get("segpipe_phantom_settings")
     wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}
     if found != wanted:
-        raise ConfigError(
-            f"data.root: {root} holds a dataset made with other phantom settings. "
-            f"Expected: {wanted}. Received: {found}. Delete the folder or choose another data.root."
-        )
+        raise ConfigError(expected(
+            f"a phantom dataset made with the settings of data.phantoms ({wanted})", key="segpipe_phantom_settings",
+            received=found, where=str(root / "dataset.json"), hint="Delete the folder or choose another data.root.",
+        ))
 
 
 def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progress: bool = False) -> None:
@@ -168,10 +168,8 @@ def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progre
             print(problem.format(dataset.root), file=sys.stderr)
     if found:
         lines = "\n  ".join(p.format(dataset.root) for p in found)
-        raise DataError(
-            f"Expected a dataset without integrity errors (data.check: {mode}). Received: {len(found)} error(s) "
-            f"in {dataset.root}:\n  {lines}"
-        )
+        raise DataError(expected(f"a dataset without integrity errors (data.check: {mode})", key="data.root",
+                                 received=Received(f"{dataset.root} with {len(found)} error(s)")) + f"\n  {lines}")
 
 
 def dataset_cache_dir(config: Config, dataset: Dataset) -> Path:
@@ -271,20 +269,22 @@ def read_split_file(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data.split_file: expected a JSON file with train/val case ids. Received: {path} "
-                                "(not found)")
+        raise FileNotFoundError(expected("a JSON file with train/val case ids", key="data.split_file",
+                                         received=Received(f"{path} (not found)")))
     stored = read_json(path)  # a parse error names the file and the position
     parts = {}
     for name in ("train", "val"):
         ids = stored.get(name) if isinstance(stored, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ValueError(f"{path}: expected key {name!r} with a list of case ids. "
-                             f"Received: {type(ids).__name__ if ids is not None else 'no such key'}")
+            shown = ("<missing>" if ids is None else "a list with non-string items" if isinstance(ids, list)
+                     else f"a {type(ids).__name__}")
+            raise ValueError(expected("a list of case ids", key=name, received=Received(shown), where=str(path)))
         parts[name] = list(ids)
     overlap = sorted(set(parts["train"]) & set(parts["val"]))
     if overlap:
-        raise ValueError(f"{path}: expected disjoint train and val cases. Received: {len(overlap)} in both, "
-                         f"e.g. {overlap[:5]}")
+        raise ValueError(expected("val cases that are not in train", key="val",
+                                  received=Received(f"{len(overlap)} case(s) also in train, e.g. {overlap[:5]}"),
+                                  where=str(path)))
     return {**parts, "split": f"file:{path.as_posix()}"}
 
 
@@ -295,13 +295,15 @@ def _covered(entry: dict | list) -> set[str]:
 
 def _need_cases(case_ids: Sequence[str], minimum: int, purpose: str) -> None:
     if len(case_ids) < minimum:
-        raise ValueError(f"Expected at least {minimum} cases for {purpose}. Received: {len(case_ids)} case(s)")
+        raise ValueError(expected(f"at least {minimum} cases for {purpose}", key="case_ids",
+                                  received=Received(f"{len(case_ids)} case(s)")))
 
 
 def _check_split(split: dict[str, Any], case_ids: Sequence[str]) -> None:
     unknown = sorted((set(split["train"]) | set(split["val"])) - set(case_ids))
     if unknown:
-        raise ValueError(f"Expected split cases that are in the dataset. Received unknown case ids: {unknown[:10]}")
+        raise ValueError(expected("split cases that are in the dataset", key="split",
+                                  received=Received(f"{len(unknown)} unknown case id(s): {unknown[:10]}")))
     if not split["train"] or not split["val"]:
-        raise ValueError(f"Expected training and validation cases. Received: {len(split['train'])} training, "
-                         f"{len(split['val'])} validation")
+        raise ValueError(expected("training and validation cases", key="split", received=Received(
+            f"{len(split['train'])} training, {len(split['val'])} validation")))

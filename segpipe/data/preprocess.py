@@ -34,8 +34,8 @@ from nibabel.orientations import (
 from scipy import ndimage
 
 from segpipe.arrays import bounding_box
+from segpipe.errors import Received, SettingError, expected
 from segpipe.data.layouts import Case, read_case_image, read_case_label
-from segpipe.errors import expected
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 LABEL_INTERPOLATIONS = ("nearest", "onehot_linear")
@@ -74,17 +74,21 @@ class PreprocessSettings:
         schemes = (self.normalization,) if isinstance(self.normalization, str) else tuple(self.normalization)
         for scheme in schemes:
             if scheme not in NORMALIZATIONS:
-                raise ValueError(f"Invalid value for `normalization`. Expected one of {NORMALIZATIONS}. Received: normalization={scheme!r}")
+                raise SettingError("normalization", f"one of {NORMALIZATIONS}", scheme)
         if "ct" in schemes and not self.intensity_stats:
-            raise ValueError("`normalization='ct'` needs dataset statistics. Expected intensity_stats (from the fingerprint). Received: intensity_stats=None")
+            raise SettingError("intensity_stats", "dataset statistics (from the fingerprint) for normalization='ct'",
+                               self.intensity_stats)
         if self.label_interpolation not in LABEL_INTERPOLATIONS:
-            raise ValueError(f"Invalid value for `label_interpolation`. Expected one of {LABEL_INTERPOLATIONS}. Received: label_interpolation={self.label_interpolation!r}")
+            raise SettingError("label_interpolation", f"one of {LABEL_INTERPOLATIONS}", self.label_interpolation)
         if self.image_order not in range(6):
-            raise ValueError(f"Invalid value for `image_order`. Expected an integer in 0..5. Received: image_order={self.image_order!r}")
+            raise SettingError("image_order", "an integer in 0..5", self.image_order)
         if self.target_spacing_mm is not None:
-            spacing = tuple(float(s) for s in self.target_spacing_mm)
+            try:
+                spacing = tuple(float(s) for s in self.target_spacing_mm)
+            except (TypeError, ValueError):
+                spacing = ()
             if len(spacing) != 3 or min(spacing) <= 0:
-                raise ValueError(f"Invalid value for `target_spacing_mm`. Expected 3 positive numbers. Received: target_spacing_mm={self.target_spacing_mm!r}")
+                raise SettingError("target_spacing_mm", "3 positive numbers", self.target_spacing_mm)
             object.__setattr__(self, "target_spacing_mm", spacing)
         if not isinstance(self.normalization, str):
             object.__setattr__(self, "normalization", schemes)
@@ -96,24 +100,29 @@ class PreprocessSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, *, where: str) -> "PreprocessSettings":
-        """Rebuild from :meth:`to_dict` output read from ``where`` (a file, or a key in one).
+    def from_dict(cls, data: Any, *, where: str, prefix: str = "") -> "PreprocessSettings":
+        """Rebuild from :meth:`to_dict` output read from ``where`` (a file).
+
+        ``prefix`` is the settings' key path in that file (``"preprocessing."`` in a bundle.json), put
+        in front of the key an error names.
 
         Raises:
-            ValueError: not a mapping, an unknown key, or an invalid value; the message names ``where``.
+            ValueError: not a mapping, an unknown key, or an invalid value; the message names ``where``
+                and the key.
         """
         if not isinstance(data, dict):
-            raise ValueError(expected("a JSON object of preprocessing settings", key="preprocessing",
+            raise ValueError(expected("a JSON object of preprocessing settings", key=prefix.rstrip(".") or "preprocessing",
                                       received=data, where=where))
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(expected(f"preprocessing settings out of {names}", key=unknown[0],
+            raise ValueError(expected(f"preprocessing settings out of {names}", key=prefix + unknown[0],
                                       received=data[unknown[0]], where=where))
         try:
             return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except SettingError as exc:
+            raise ValueError(expected(exc.what, key=prefix + exc.key, received=exc.received, where=where,
+                                      hint=exc.hint)) from None
 
 
 @dataclass
@@ -213,11 +222,12 @@ def _checked_arrays(image: np.ndarray, label: np.ndarray | None) -> tuple[np.nda
     if image.ndim == 3:
         image = image[..., None]
     if image.ndim != 4:
-        raise ValueError(f"Expected an image of shape (X, Y, Z) or (X, Y, Z, C). Received: shape {image.shape}")
+        raise ValueError(expected("an image of shape (X, Y, Z) or (X, Y, Z, C)", key="image.shape", received=image.shape))
     if label is not None and label.shape != image.shape[:3]:
-        raise ValueError(f"Expected a label of the image's shape {image.shape[:3]}. Received: shape {label.shape}")
+        raise ValueError(expected(f"a label of the image's shape {image.shape[:3]}", key="label.shape", received=label.shape))
     if label is not None and label.size and (label.min() < 0 or label.max() > 255):
-        raise ValueError(f"Expected label values in 0..255 (stored as uint8). Received: {label.min()}..{label.max()}")
+        raise ValueError(expected("label values in 0..255 (stored as uint8)", key="label",
+                                  received=Received(f"values {label.min()}..{label.max()}")))
     return image, label
 
 
@@ -244,7 +254,8 @@ def restore_to_original(
     """
     array = np.asarray(array)
     if tuple(array.shape[:3]) != tuple(meta["shape"]) or array.ndim not in (3, 4):
-        raise ValueError(f"Expected an array of shape {tuple(meta['shape'])} (+ channels), the preprocessed grid. Received: shape {array.shape}")
+        raise ValueError(expected(f"an array of shape {tuple(meta['shape'])} (+ channels), the preprocessed grid",
+                                  key="array.shape", received=array.shape))
     array = resample(array, tuple(meta["cropped_shape"]), order=order)
     out = np.empty(tuple(meta["ras_shape"]) + array.shape[3:], dtype=array.dtype)
     out[...] = np.asarray(fill_value, dtype=array.dtype) if array.ndim == 4 else fill_value
@@ -302,7 +313,8 @@ def resample_labels_onehot(label: np.ndarray, shape: Sequence[int]) -> np.ndarra
 
 def _settings(settings: PreprocessSettings | None, kwargs: dict[str, Any]) -> PreprocessSettings:
     if settings is not None and kwargs:
-        raise TypeError(f"Pass either `settings` or keyword settings, not both. Received: settings and {sorted(kwargs)}")
+        raise TypeError(expected("either `settings` or keyword settings, not both", key="settings",
+                                 received=Received(f"settings and {sorted(kwargs)}")))
     return settings if settings is not None else PreprocessSettings(**kwargs)
 
 
@@ -320,7 +332,7 @@ def _normalize(image: np.ndarray, nonzero: np.ndarray, settings: PreprocessSetti
     if isinstance(schemes, str):
         schemes = (schemes,) * channels
     if len(schemes) != channels:
-        raise ValueError(f"Expected one normalization per channel ({channels}). Received: normalization={list(schemes)}")
+        raise ValueError(expected(f"one normalization per channel ({channels})", key="normalization", received=list(schemes)))
     out = np.empty(image.shape, dtype=np.float32)
     record = []
     for c, scheme in enumerate(schemes):
@@ -337,7 +349,8 @@ def _normalize(image: np.ndarray, nonzero: np.ndarray, settings: PreprocessSetti
         elif scheme == "ct":
             stats = settings.intensity_stats[c] if len(settings.intensity_stats) > c else None
             if stats is None:
-                raise ValueError(f"`normalization='ct'` for channel {c} needs intensity_stats[{c}]. Received: {len(settings.intensity_stats)} channel(s) of stats")
+                raise ValueError(expected(f"statistics for channel {c} (normalization='ct')", key="intensity_stats",
+                                          received=Received(f"{len(settings.intensity_stats)} channel(s) of stats")))
             lo, hi = stats["percentile_00_5"], stats["percentile_99_5"]
             mean, std = float(stats["mean"]), float(stats["std"])
             x = (np.clip(x, lo, hi) - mean) / max(std, 1e-8)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import numpy as np
 
 from segpipe.data.spatial import extract_patch, warp
+from segpipe.errors import expected
 
 if TYPE_CHECKING:
     from segpipe.data.augment import Augmenter
@@ -159,12 +160,12 @@ class PatchSampler:
         cycle_cases: bool = False,
     ):
         if not cases:
-            raise ValueError("Expected at least one case to sample from. Received: 0 cases")
+            raise ValueError(expected("at least one case to sample from", key="cases", received=list(cases)))
         patch_size = tuple(int(p) for p in patch_size)
         if len(patch_size) != 3 or min(patch_size) < 1:
-            raise ValueError(f"Invalid value for `patch_size`. Expected 3 positive integers. Received: patch_size={patch_size!r}")
+            raise ValueError(expected("3 positive integers", key="patch_size", received=patch_size))
         if not 0.0 <= foreground_fraction <= 1.0:
-            raise ValueError(f"Invalid value for `foreground_fraction`. Expected a value in [0, 1]. Received: foreground_fraction={foreground_fraction!r}")
+            raise ValueError(expected("a value in [0, 1]", key="foreground_fraction", received=foreground_fraction))
         self.cases = list(cases)
         self.patch_size = patch_size
         self.foreground_fraction = foreground_fraction

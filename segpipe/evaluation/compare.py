@@ -26,8 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.io import json_safe, write_json, write_text
-from segpipe.io import atomic_path
+from segpipe.errors import Received, expected
+from segpipe.io import atomic_path, json_safe, write_json, write_text
+from segpipe.reports.html import write_comparison_report
 from segpipe.runs.rundir import RunDir
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
@@ -72,9 +73,11 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
         elif path.is_dir():
             runs += sorted(p for p in path.iterdir() if RunDir(p).is_run())
         else:
-            raise ComparisonError(f"Expected a run folder or an experiment folder of runs. Received: {path} (not found)")
+            raise ComparisonError(expected("a run folder or an experiment folder of runs", key="--compare",
+                                           received=Received(f"{path} (not found)")))
     if not runs:
-        raise ComparisonError(f"Expected run folders (with config.yaml) in {[str(p) for p in paths]}. Found none")
+        raise ComparisonError(expected("run folders (with config.yaml)", key="--compare",
+                                       received=Received(f"{[str(p) for p in paths]} (none found)")))
     return runs
 
 
@@ -93,7 +96,8 @@ def _run_identity(run_dir: Path) -> tuple[str, int | None, str]:
     data = run.config_dict().get("data", {})
     saved = run.split()
     if saved is None:
-        raise ComparisonError(f"{run_dir}: no splits.json; it is not a trained run")
+        raise ComparisonError(expected("a trained run (with splits.json)", key="--compare",
+                                       received=Received(f"{run_dir} (no splits.json)")))
     # the case ids only: the same split may be named differently (seeded, or from data.split_file)
     split = {part: sorted(saved.get(part, [])) for part in ("train", "val")}
     return str(Path(data.get("root", "")).resolve()), data.get("fold"), json.dumps(split, sort_keys=True)
@@ -123,10 +127,9 @@ def check_comparable(groups: Sequence[ConfigRuns]) -> None:
         if folds_seen != set(ref_ids):
             problems.append(f"{group.name} has folds {sorted(map(str, folds_seen))}, {reference.name} has {sorted(map(str, ref_ids))}")
     if problems:
-        raise ComparisonError(
-            "Cannot compare these runs pairwise: they must use the same dataset and the same splits.\n  "
-            + "\n  ".join(problems)
-        )
+        raise ComparisonError(expected("runs that use the same dataset and the same splits, to compare them pairwise",
+                                       key="--compare", received=Received(f"{len(problems)} mismatch(es)"))
+                              + "\n  " + "\n  ".join(problems))
 
 
 def load_per_case(path: Path) -> list[dict[str, Any]]:
@@ -157,7 +160,7 @@ def paired_test(reference: Sequence[float], other: Sequence[float], *, lower_is_
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(other, dtype=np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"Expected paired samples of equal length. Received: {a.shape} and {b.shape}")
+        raise ValueError(expected(f"paired samples: a shape equal to reference's {a.shape}", key="other", received=Received(str(b.shape))))
     diff = b - a
     better = diff < 0 if lower_is_better else diff > 0
     worse = diff > 0 if lower_is_better else diff < 0
@@ -210,11 +213,10 @@ def compare(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names: di
                 ref_values, values = reference.values(metric, label), group.values(metric, label)
                 cases = sorted(set(ref_values) & set(values))
                 if set(ref_values) != set(values):
-                    raise ComparisonError(
-                        f"{group.name} and {reference.name} scored different cases for class {label}: "
-                        f"only in {reference.name}: {sorted(set(ref_values) - set(values))}, "
-                        f"only in {group.name}: {sorted(set(values) - set(ref_values))}"
-                    )
+                    raise ComparisonError(expected(
+                        f"the cases {reference.name} scored for class {label}", key=f"{group.name}.cases",
+                        received=Received(f"only in {reference.name}: {sorted(set(ref_values) - set(values))}, "
+                                          f"only in {group.name}: {sorted(set(values) - set(ref_values))}")))
                 result = paired_test([ref_values[c] for c in cases], [values[c] for c in cases],
                                      lower_is_better=metric in LOWER_IS_BETTER)
                 tests.append({"config": group.name, "reference": reference.name, "class": label,
@@ -324,7 +326,8 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: dict[int, str]) -> dict[str, Any]:
-    """Write report.md, comparison.csv, comparison.json and the PNG plots into ``out_dir``."""
+    """Write report.md, report.html (the same tables, plots embedded), comparison.csv, comparison.json and
+    the PNG plots into ``out_dir``."""
     labels = sorted({r["class"] for g in groups for r in g.rows})
     result = compare(groups, labels, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,5 +354,7 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
         "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n![Training curves](training_curves.png)\n"
     )
     write_text(out_dir / "report.md", report)
+    write_comparison_report(out_dir, result, runs={g.name: [str(d) for d in g.run_dirs] for g in groups},
+                            metrics=METRICS, lower_is_better=LOWER_IS_BETTER)
     result["markdown"] = tables
     return result

@@ -7,7 +7,10 @@ has the same shape and affine, scores all cases in parallel with
 - ``per_case.csv``: one row per (case, class) with every metric and the case's image diagonal;
 - ``summary.json``: per class the mean, std and median of each metric, the counts of missed and
   spurious structures, distance statistics with NaN replaced by the worst value, and the
-  foreground mean over classes (see :func:`summarize`).
+  foreground mean over classes (see :func:`summarize`);
+- with ``lesion_labels``: ``lesions.csv`` (lesion-wise metrics per case and class,
+  :mod:`segpipe.metrics.lesions`) and their summary under ``summary.json["lesion_wise"]``;
+- ``report.html`` and ``overlays/*.png`` (:func:`segpipe.reports.html.write_evaluation_report`).
 
 :func:`format_summary_markdown` turns the summary into the table the CLI prints.
 """
@@ -18,7 +21,7 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -26,10 +29,15 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
+from segpipe.errors import Received, expected
 from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
+from segpipe.metrics.lesions import (
+    LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
+)
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
 from segpipe.parallel import parallel_map
+from segpipe.reports.html import write_evaluation_report
 from segpipe.runs.rundir import RunDir
 
 __all__ = [
@@ -38,6 +46,7 @@ __all__ = [
     "evaluate_folders",
     "summarize",
     "format_summary_markdown",
+    "format_lesion_markdown",
     "SUMMARY_METRICS",
     "DISTANCE_METRICS",
 ]
@@ -65,13 +74,15 @@ WORST_VALUE_DEFINITION = "image diagonal in mm: sqrt(sum((shape * spacing_mm) **
 
 @dataclass
 class CaseResult:
-    """Metrics of one case: ``metrics[label]`` is a row of :func:`case_metrics`."""
+    """Metrics of one case: ``metrics[label]`` is a row of :func:`case_metrics`, ``lesions[label]``
+    one of :func:`segpipe.metrics.lesions.lesion_metrics` (for the lesion-wise labels only)."""
 
     case_id: str
     metrics: dict[int, dict[str, Any]]
     n_voxels: int
     spacing_mm: tuple[float, ...]
     image_diagonal_mm: float
+    lesions: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def evaluate_case(
@@ -81,6 +92,9 @@ def evaluate_case(
     labels: Iterable[int] | None = None,
     tolerance_mm: float | Mapping[int, float] = 1.0,
     case_id: str | None = None,
+    lesion_labels: Iterable[int] = (),
+    lesion_min_size_mm3: float = 0.0,
+    lesion_dilation_vox: int = 0,
 ) -> CaseResult:
     """Read one prediction/reference pair of NIfTI label maps and score it.
 
@@ -95,6 +109,12 @@ def evaluate_case(
         NSD tolerance in mm, for all classes or per label. Defaults to 1 mm.
     case_id : str, optional
         Name of the case. Defaults to the reference file name without its NIfTI suffix.
+    lesion_labels : iterable of int, optional
+        Labels also scored lesion by lesion (:func:`segpipe.metrics.lesions.case_lesion_metrics`).
+    lesion_min_size_mm3 : float, optional
+        Smaller connected components are not lesions (reference and prediction). Defaults to 0.
+    lesion_dilation_vox : int, optional
+        Matching reach of the reference lesions in voxels (BraTS 2023: 1-3). Defaults to 0 (overlap).
 
     Returns
     -------
@@ -106,14 +126,14 @@ def evaluate_case(
     pred = _as_label_map(pred_vol.array, pred_path)
     ref = _as_label_map(ref_vol.array, ref_path)
     if pred.shape != ref.shape:
-        raise ValueError(
-            f"Expected prediction {pred_path} to have the shape of reference {ref_path}. "
-            f"Received: {pred.shape} vs {ref.shape}"
-        )
+        raise ValueError(expected(f"the shape {ref.shape} of the reference {ref_path}", key="shape",
+                                  received=pred.shape, where=str(pred_path)))
     spacing_mm = ref_vol.spacing_mm
     metrics = case_metrics(
         pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
     )
+    lesions = case_lesion_metrics(pred, ref, labels=lesion_labels, spacing_mm=spacing_mm,
+                                  min_size_mm3=lesion_min_size_mm3, dilation_vox=lesion_dilation_vox)
     extent_mm = np.asarray(ref.shape, dtype=np.float64) * np.asarray(spacing_mm)
     return CaseResult(
         case_id=case_id or strip_nifti_suffix(Path(ref_path).name),
@@ -121,6 +141,7 @@ def evaluate_case(
         n_voxels=int(ref.size),
         spacing_mm=tuple(spacing_mm),
         image_diagonal_mm=float(np.sqrt(np.sum(extent_mm**2))),
+        lesions=lesions,
     )
 
 
@@ -133,6 +154,11 @@ def evaluate_folders(
     class_names: Sequence[str] | Mapping[int, str] | None = None,
     tolerance_mm: float | Mapping[int, float] = 1.0,
     workers: int | None = None,
+    lesion_labels: Iterable[int] | None = None,
+    lesion_min_size_mm3: float = 0.0,
+    lesion_dilation_vox: int = 0,
+    report: bool = True,
+    image_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
 
@@ -154,11 +180,24 @@ def evaluate_folders(
     workers : int, optional
         Parallel processes. Defaults to the CPU cores available to this process; 1 runs in
         this process.
+    lesion_labels : iterable of int, optional
+        Labels also scored lesion by lesion (connected components; ``lesions.csv`` and
+        ``summary["lesion_wise"]``, see :mod:`segpipe.metrics.lesions`).
+    lesion_min_size_mm3 : float, optional
+        Minimum lesion volume in mm³ (smaller components are dropped from both masks). Default 0.
+    lesion_dilation_vox : int, optional
+        Matching reach of the reference lesions in voxels (BraTS 2023: 1-3). Default 0 (overlap).
+    report : bool, optional
+        Also write ``report.html`` and ``overlays/`` (default). Needs the label maps only; the scans
+        come from ``image_dir`` or the ``images*`` folder beside the references.
+    image_dir : path-like, optional
+        Scans drawn under the overlays (see :func:`segpipe.reports.html.write_evaluation_report`).
 
     Returns
     -------
     summary : dict
-        What :func:`summarize` returns (also written to ``summary.json``).
+        What :func:`summarize` returns (also written to ``summary.json``), plus ``lesion_wise``
+        when ``lesion_labels`` are given.
 
     Raises
     ------
@@ -173,12 +212,17 @@ def evaluate_folders(
     >>> print(format_summary_markdown(summary))  # doctest: +SKIP
     """
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
+    lesion_labels = _check_lesion_options(lesion_labels, lesion_min_size_mm3, lesion_dilation_vox)
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise FileNotFoundError(expected("a folder of scans", key="image_dir", received=Received(f"{image_dir} (no such folder)")))
     pairs = _match_cases(pred_dir, ref_dir)
     _check_geometry(pairs)
     if labels is not None:
         labels = sorted({int(v) for v in labels})
     results = _run_cases([(c, pred, ref) for c, (pred, ref) in pairs.items()],
-                         labels=labels, tolerance_mm=tolerance_mm, workers=workers)
+                         labels=labels, tolerance_mm=tolerance_mm, workers=workers,
+                         lesion_labels=lesion_labels, lesion_min_size_mm3=lesion_min_size_mm3,
+                         lesion_dilation_vox=lesion_dilation_vox)
     if labels is None:
         labels = _labels_found(results, ref_dir)
     rows = _rows(results, labels, class_names, tolerance_mm)
@@ -186,7 +230,12 @@ def evaluate_folders(
     summary["tolerance_mm"] = {str(c): _tolerance(tolerance_mm, c) for c in labels}
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
     write_text(out_dir / "per_case.csv", _to_csv(rows))
+    if lesion_labels:
+        summary["lesion_wise"] = _write_lesions(out_dir, results, lesion_labels, lesion_min_size_mm3,
+                                                lesion_dilation_vox, class_names)
     write_json(out_dir / "summary.json", json_safe(summary))
+    if report:
+        write_evaluation_report(out_dir, pred_dir=pred_dir, ref_dir=ref_dir, image_dir=image_dir)
     return summary
 
 
@@ -199,12 +248,19 @@ def evaluate_run(
     tolerance_mm: float | Mapping[int, float] = 1.0,
     workers: int | None = None,
     model: str | None = None,
+    lesion_labels: Iterable[int] | None = None,
+    lesion_min_size_mm3: float = 0.0,
+    lesion_dilation_vox: int = 0,
+    report: bool = True,
+    image_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Predict a trained run's validation cases and score them; returns (summary, output folder).
 
     Predictions go to ``RUN_DIR/predictions``, scores to ``out_dir`` (default ``RUN_DIR/evaluation``).
-    ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one).
-    Imports TensorFlow (seconds), so only call it when a model must run.
+    ``model``: ``"best"`` or ``"final"`` (default: the best checkpoint if there is one). The other
+    options are those of :func:`evaluate_folders` (the report finds the scans beside the dataset's
+    label maps, which the references link to). Imports TensorFlow (seconds), so only call it when a
+    model must run.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
     run_dir = Path(run_dir)
@@ -214,7 +270,9 @@ def evaluate_run(
         pred_dir, ref_dir, out,
         labels=labels if labels is not None else run_labels,
         class_names=class_names if class_names is not None else run_names,
-        tolerance_mm=tolerance_mm, workers=workers,
+        tolerance_mm=tolerance_mm, workers=workers, lesion_labels=lesion_labels,
+        lesion_min_size_mm3=lesion_min_size_mm3, lesion_dilation_vox=lesion_dilation_vox, report=report,
+        image_dir=image_dir,
     )
     return summary, out
 
@@ -355,7 +413,40 @@ def format_summary_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_lesion_markdown(lesion_wise: Mapping[str, Any]) -> str:
+    """A Markdown table of ``summary["lesion_wise"]``: lesion-wise Dice and detection per class."""
+    lines = ["| class | name | lesion Dice | lesion F1 | ref lesions | TP | FN | FP | precision | recall |",
+             "|" + "---|" * 10]
+    for value, entry in lesion_wise["per_class"].items():
+        cells = [value, lesion_wise["class_names"].get(value, value),
+                 _mean_std(entry["lesion_dice"], 4), _mean_std(entry["lesion_f1"], 4),
+                 *(str(entry[k]) for k in ("n_ref_lesions", "lesion_tp", "lesion_fn", "lesion_fp")),
+                 _number(entry["pooled_precision"], 4), _number(entry["pooled_recall"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Lesions: {LESION_DEFINITION} (min_size_mm3={lesion_wise['min_size_mm3']:g}, "
+              f"dilation_vox={lesion_wise.get('dilation_vox', 0)}). "
+              "Lesion Dice: BraTS 2023 (false positives count 0); precision/recall pooled over all cases."]
+    return "\n".join(lines)
+
+
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _write_lesions(out_dir: Path, results: list[CaseResult], lesion_labels: list[int], min_size_mm3: float,
+                   dilation_vox: int, class_names) -> dict[str, Any]:
+    """Write ``lesions.csv``; return its summary (``summary.json["lesion_wise"]``)."""
+    rows = [{"case": r.case_id, "class": c, "class_name": _class_name(class_names, c), **r.lesions[c]}
+            for r in results for c in lesion_labels]
+    write_text(out_dir / "lesions.csv", _to_csv(rows, ["case", "class", "class_name", *LESION_METRIC_NAMES]))
+    return {
+        "labels": lesion_labels,
+        "min_size_mm3": float(min_size_mm3),
+        "dilation_vox": int(dilation_vox),
+        "class_names": {str(c): _class_name(class_names, c) for c in lesion_labels},
+        "definitions": {"lesion": LESION_DEFINITION, "lesion_dice": LESION_DICE_DEFINITION,
+                        "pooled": "precision/recall/F1 of the counts summed over cases"},
+        "per_class": summarize_lesions(rows, labels=lesion_labels),
+    }
 
 
 def _match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
@@ -363,16 +454,12 @@ def _match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
     refs = _list_label_files(ref_dir, "ref_dir")
     preds = _list_label_files(pred_dir, "pred_dir")
     if not refs:
-        raise ValueError(
-            f"Expected NIfTI reference files (.nii, .nii.gz) in ref_dir. "
-            f"Received: {ref_dir} has none"
-        )
+        raise ValueError(expected("NIfTI reference files (.nii, .nii.gz)", key="ref_dir",
+                                  received=Received(f"{ref_dir} (has none)")))
     missing = sorted(set(refs) - set(preds))
     if missing:
-        raise FileNotFoundError(
-            f"Expected a prediction for every reference case. Received: {pred_dir} lacks "
-            f"{len(missing)} of {len(refs)}: {_short_list(missing)}"
-        )
+        raise FileNotFoundError(expected("a prediction for every reference case", key="pred_dir", received=Received(
+            f"{pred_dir} (lacks {len(missing)} of {len(refs)}: {_short_list(missing)})")))
     extra = sorted(set(preds) - set(refs))
     if extra:
         warnings.warn(
@@ -387,10 +474,9 @@ def _labels_found(results: list[CaseResult], ref_dir: Path) -> list[int]:
     """The foreground labels of the references (labels only in predictions are not scored: a warning)."""
     labels = sorted({c for r in results for c, m in r.metrics.items() if m["n_ref"] > 0})
     if not labels:
-        raise ValueError(
-            f"Expected foreground labels (values > 0) in the references. Received: every file "
-            f"in {ref_dir} is background only; pass labels= to score the predictions anyway"
-        )
+        raise ValueError(expected("foreground labels (values > 0) in the references", key="ref_dir",
+                                  received=Received(f"{ref_dir} (every file is background only)"),
+                                  hint="Pass labels= to score the predictions anyway."))
     pred_only = sorted({c for r in results for c in r.metrics} - set(labels))
     if pred_only:
         warnings.warn(
@@ -403,10 +489,10 @@ def _labels_found(results: list[CaseResult], ref_dir: Path) -> list[int]:
 
 def _score_job(job: tuple) -> CaseResult:
     """Worker entry point: evaluate_case with the case named in any error."""
-    case_id, pred_path, ref_path, labels, tolerance_mm = job
+    case_id, pred_path, ref_path, labels, tolerance_mm, lesion_options = job
     try:
         return evaluate_case(
-            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id
+            pred_path, ref_path, labels=labels, tolerance_mm=tolerance_mm, case_id=case_id, **lesion_options,
         )
     except Exception as exc:
         # Exceptions cross the process boundary without their traceback: name the case here.
@@ -418,9 +504,9 @@ def _score_job(job: tuple) -> CaseResult:
         raise wrapped from exc
 
 
-def _run_cases(jobs, *, labels, tolerance_mm, workers) -> list[CaseResult]:
-    results = parallel_map(_score_job, [(*job, labels, tolerance_mm) for job in jobs], workers=workers,
-                           progress=True, desc="Evaluating")
+def _run_cases(jobs, *, labels, tolerance_mm, workers, **lesion_options) -> list[CaseResult]:
+    jobs = [(*job, labels, tolerance_mm, lesion_options) for job in jobs]
+    results = parallel_map(_score_job, jobs, workers=workers, progress=True, desc="Evaluating")
     return sorted(results, key=lambda r: r.case_id)
 
 
@@ -447,12 +533,21 @@ def _rows(results: list[CaseResult], labels, class_names, tolerance_mm) -> list[
     return rows
 
 
+def _check_lesion_options(lesion_labels: Iterable[int] | None, min_size_mm3: float, dilation_vox: int) -> list[int]:
+    labels = sorted({int(v) for v in lesion_labels or ()})
+    if any(v <= 0 for v in labels):
+        raise ValueError(f"Expected lesion_labels > 0 (foreground labels). Received: lesion_labels={labels}")
+    if not (math.isfinite(min_size_mm3) and min_size_mm3 >= 0):
+        raise ValueError(f"Expected lesion_min_size_mm3 >= 0. Received: lesion_min_size_mm3={min_size_mm3}")
+    if isinstance(dilation_vox, bool) or not isinstance(dilation_vox, (int, np.integer)) or dilation_vox < 0:
+        raise ValueError(f"Expected lesion_dilation_vox as an integer >= 0. Received: lesion_dilation_vox={dilation_vox!r}")
+    return labels
+
+
 def _list_label_files(folder: Path, argument: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Expected a folder of NIfTI label maps for {argument}. "
-            f"Received: {folder} (no such folder)"
-        )
+        raise FileNotFoundError(expected("a folder of NIfTI label maps", key=argument,
+                                         received=Received(f"{folder} (no such folder)")))
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         # Dot-files include the temporary files of atomic writes in progress.
@@ -462,10 +557,8 @@ def _list_label_files(folder: Path, argument: str) -> dict[str, Path]:
             continue
         case_id = strip_nifti_suffix(path.name)
         if case_id in files:
-            raise ValueError(
-                f"Expected one file per case in {argument}. Received: {files[case_id].name} and "
-                f"{path.name} in {folder}"
-            )
+            raise ValueError(expected("one file per case", key=argument, received=Received(
+                f"{folder} (with {files[case_id].name} and {path.name})")))
         files[case_id] = path
     return files
 
@@ -488,24 +581,24 @@ def _check_geometry(pairs: Mapping[str, tuple[Path, Path]]) -> None:
                 f"(pred {affine_text(pred_affine)} vs ref {affine_text(ref_affine)})"
             )
     if problems:
-        raise ValueError(
-            f"Expected each prediction to have the shape and affine of its reference (affine "
-            f"tolerance {AFFINE_ATOL_MM} mm + {AFFINE_RTOL} relative). Received {len(problems)} "
-            f"mismatching pair(s):\n" + "\n".join(problems)
-        )
+        raise ValueError(expected(
+            f"each prediction to have the shape and affine of its reference (affine tolerance "
+            f"{AFFINE_ATOL_MM} mm + {AFFINE_RTOL} relative)", key="pred_dir",
+            received=Received(f"{len(problems)} mismatching pair(s)"),
+        ) + "\n" + "\n".join(problems))
 
 
 def _as_label_map(array: np.ndarray, path) -> np.ndarray:
     array = squeeze_trailing(array)
     if array.ndim != 3:
-        raise ValueError(f"Expected a 3-D label map in {path}. Received: shape {array.shape}")
+        raise ValueError(expected("a 3-D label map", key="shape", received=array.shape, where=str(path)))
     if np.issubdtype(array.dtype, np.floating):
         rounded = np.rint(array)
         if not np.array_equal(rounded, array) or (rounded.size and rounded.min() < 0):
-            raise ValueError(
-                f"Expected whole non-negative label values in {path}. Received: dtype "
-                f"{array.dtype} with fractional or negative values (is this a probability map?)"
-            )
+            raise ValueError(expected(
+                "whole non-negative label values", key="dtype", where=str(path),
+                received=Received(f"{array.dtype} with fractional or negative values"), hint="Is this a probability map?",
+            ))
         array = rounded.astype(np.min_scalar_type(int(rounded.max(initial=0))))
     return array
 
@@ -548,8 +641,8 @@ def _tolerance(tolerance_mm, value: int) -> float:
     return float(tolerance_mm)
 
 
-def _to_csv(rows: list[dict[str, Any]]) -> str:
-    columns = ["case", "class", "class_name", *METRIC_NAMES, "image_diagonal_mm"]
+def _to_csv(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = columns or ["case", "class", "class_name", *METRIC_NAMES, "image_diagonal_mm"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

@@ -12,6 +12,8 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage
 
+from segpipe.errors import Received, expected
+
 
 def keep_largest_component(labels: np.ndarray, classes: Iterable[int], *, connectivity: int = 3) -> np.ndarray:
     """Keep only the largest connected component of each class in ``classes``; the rest becomes 0.
@@ -33,9 +35,9 @@ def keep_largest_component(labels: np.ndarray, classes: Iterable[int], *, connec
     """
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"Expected an integer label map. Received: dtype {labels.dtype}")
+        raise ValueError(expected("an integer label map", key="labels.dtype", received=Received(str(labels.dtype))))
     if connectivity not in range(1, labels.ndim + 1):
-        raise ValueError(f"Expected connectivity in 1..{labels.ndim}. Received: connectivity={connectivity}")
+        raise ValueError(expected(f"a connectivity in 1..{labels.ndim}", key="connectivity", received=connectivity))
     structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
     out = labels.copy()
     for value in sorted({int(c) for c in classes} - {0}):

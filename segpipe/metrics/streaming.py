@@ -15,6 +15,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from segpipe.errors import Received, expected
+
 __all__ = ["PerClassDice"]
 
 
@@ -52,15 +54,14 @@ class PerClassDice(keras.metrics.Metric):
         super().__init__(name=name, dtype=dtype)
         if isinstance(class_names, str) or not isinstance(class_names, Sequence) or len(
                 class_names) < 2 or not all(isinstance(c, str) and c for c in class_names):
-            raise ValueError("Expected `class_names` to be a list of at least 2 non-empty names, "
-                             f"background first. Received: class_names={class_names!r}")
+            raise ValueError(expected("a list of at least 2 non-empty names, background first", key="class_names",
+                                      received=class_names))
         keys = [re.sub(r"[^A-Za-z0-9_.\-]", "_", c) for c in class_names]
         if len(set(keys)) != len(keys) or "fg_mean" in keys:
-            raise ValueError("Expected distinct class names (after replacing special characters) "
-                             f"other than 'fg_mean'. Received: class_names={list(class_names)}")
+            raise ValueError(expected("distinct class names (after replacing special characters) other than 'fg_mean'",
+                                      key="class_names", received=list(class_names)))
         if not isinstance(include_background, bool):
-            raise ValueError("Expected `include_background` to be a boolean. "
-                             f"Received: include_background={include_background!r}")
+            raise ValueError(expected("a boolean", key="include_background", received=include_background))
         self.class_names = list(class_names)
         self.include_background = include_background
         self._keys = keys
@@ -72,8 +73,8 @@ class PerClassDice(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None:
-            raise ValueError("PerClassDice does not support `sample_weight`. "
-                             "Received: sample_weight is not None")
+            raise ValueError(expected("None (PerClassDice does not support sample weights)", key="sample_weight",
+                                      received=Received("a weight")))
         if isinstance(y_pred, (list, tuple)):
             y_pred = y_pred[0]
         if isinstance(y_true, (list, tuple)):
@@ -82,9 +83,9 @@ class PerClassDice(keras.metrics.Metric):
         n = len(self.class_names)
         if (len(y_true.shape) != len(y_pred.shape) or y_pred.shape[-1] != n
                 or y_true.shape[-1] != n):
-            raise ValueError(f"Expected one-hot `y_true` and `y_pred` with {n} channels (one per "
-                             f"class name), channels last. Received: y_true.shape={y_true.shape}, "
-                             f"y_pred.shape={y_pred.shape}")
+            raise ValueError(expected(f"one-hot y_true and y_pred with {n} channels (one per class name), channels last",
+                                      key="y_pred.shape", received=Received(f"{tuple(y_pred.shape)} "
+                                                                            f"(y_true.shape={tuple(y_true.shape)})")))
         true_1h = ops.one_hot(ops.argmax(y_true, axis=-1), n, dtype="int32")
         pred_1h = ops.one_hot(ops.argmax(y_pred, axis=-1), n, dtype="int32")
         axes = tuple(range(len(true_1h.shape) - 1))

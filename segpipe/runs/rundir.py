@@ -7,7 +7,9 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     preprocessing.json   the resolved preprocessing settings (PreprocessSettings as a dict)
     status.json          "running", "interrupted" (stopped by a signal, after a checkpoint) or "finished"
     run_info.json        seed, resolved config, split, distribution, versions, git commit
-    history.csv          one row per finished epoch (loss, val_loss, per-class Dice, ...)
+    history.csv          one row per finished epoch (loss, val_loss, per-class Dice, ..., learning_rate)
+    epoch_times.csv      seconds per finished epoch (wall clock; apart so histories stay reproducible)
+    progress.png         the history as a picture, redrawn after every epoch (segpipe.reports.progress)
     tensorboard/         TensorBoard logs
     checkpoints/last/    model.keras + state.json of the last finished epoch or stop (crash-safe;
                          ``last.old/`` stands in while a new one is swapped in)
@@ -15,7 +17,7 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     model.keras          the final model
     bundle/              the deployable bundle (segpipe.export)
     predictions/         ``evaluate.py RUN_DIR``: the validation cases, predicted
-    evaluation/          ``evaluate.py RUN_DIR``: per_case.csv, summary.json, references/
+    evaluation/          ``evaluate.py RUN_DIR``: per_case.csv, summary.json, report.html, overlays/, references/
 
 No TensorFlow here: comparing and evaluating runs read run directories without it.
 """
@@ -77,6 +79,8 @@ class RunDir:
     status_json = property(lambda self: self.path / "status.json")
     run_info_json = property(lambda self: self.path / "run_info.json")
     history_csv = property(lambda self: self.path / "history.csv")
+    epoch_times_csv = property(lambda self: self.path / "epoch_times.csv")
+    progress_png = property(lambda self: self.path / "progress.png")
     tensorboard_dir = property(lambda self: self.path / "tensorboard")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     last_checkpoint_dir = property(lambda self: self.path / "checkpoints" / "last")

@@ -29,6 +29,7 @@ from typing import Callable, Sequence, TextIO
 from segpipe.config import Config, ConfigError, validate
 from segpipe.errors import StorageError
 from segpipe.runs.rundir import RunDir
+from segpipe.errors import Received, expected
 from segpipe.training.interrupts import TrainingInterrupted
 
 
@@ -65,14 +66,14 @@ def plan_runs(configs: Sequence[Config], *, folds: int | None = None, only_folds
             runs that would share a run directory.
     """
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
-        raise ConfigError(f"--folds: expected a number of folds >= 2. Received: {folds!r}")
+        raise ConfigError(expected("a number of folds >= 2", key="--folds", received=folds))
     runs: list[Config] = []
     for config in configs:
         k = folds if folds is not None else config.data.folds
         if k is None:
             if only_folds is not None:
-                raise ConfigError(f"--fold: expected k-fold training (--folds K or data.folds in {config.name}). "
-                                  f"Received: --fold {' '.join(map(str, only_folds))} without folds")
+                raise ConfigError(expected(f"k-fold training (--folds K or data.folds in {config.name})", key="--fold",
+                                           received=Received(f"{' '.join(map(str, only_folds))} without folds")))
             runs.append(config)
             continue
         for fold in range(k) if only_folds is None else only_folds:
@@ -84,10 +85,11 @@ def plan_runs(configs: Sequence[Config], *, folds: int | None = None, only_folds
     for run in runs:
         run_dir = RunDir.of(run).path
         if run_dir in seen:
-            raise ConfigError(
-                f"name: expected a different run name for every config of a sweep. Received: {run.name!r} twice "
-                f"(both would train into {run_dir}); set `name:` in one of the files"
-            )
+            raise ConfigError(expected(
+                "a different run name for every config of a sweep", key="name",
+                received=Received(f"{run.name!r} twice (both would train into {run_dir})"),
+                hint="Set `name:` in one of the files.",
+            ))
         seen[run_dir] = run.name
     return runs
 

@@ -22,14 +22,17 @@ import math
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import keras
 import numpy as np
 
-from segpipe.errors import StorageError
+from segpipe.errors import Received, StorageError, expected
 from segpipe.io import atomic_path, read_json, write_json, write_text
+from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
@@ -50,20 +53,16 @@ def check_writable(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir).absolute()
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir():
-        raise StorageError(
-            f"output_dir: cannot create the run directory {run_dir}: {existing} is a file. "
-            f"Expected a writable directory. Received: {existing} (not a directory)"
-        )
+        raise StorageError(expected("a writable directory for the run", key="output_dir",
+                                    received=Received(f"{run_dir} (cannot be created: {existing} is a file)")))
     try:
         with tempfile.TemporaryFile(dir=existing) as probe:
             probe.write(b"segpipe")
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        raise StorageError(
-            f"output_dir: cannot write the run directory {run_dir}: {exc.strerror or exc}. "
-            f"Expected a writable directory. Received: {existing}"
-        ) from exc
+        raise StorageError(expected("a writable directory for the run", key="output_dir",
+                                    received=Received(f"{run_dir} (cannot write {existing}: {exc.strerror or exc})"))) from exc
     return existing
 
 
@@ -79,11 +78,11 @@ def check_free_space(run_dir: str | os.PathLike, model: keras.Model) -> None:
     required = CHECKPOINT_COPIES * checkpoint_bytes(model) + SPACE_MARGIN_BYTES
     free = shutil.disk_usage(folder).free
     if free < required:
-        raise StorageError(
-            f"output_dir: not enough free disk space for the checkpoints of {run_dir}. Expected at least "
-            f"{required / 2**20:.0f} MiB ({CHECKPOINT_COPIES} copies of weights + optimizer state). "
-            f"Received: {free / 2**20:.0f} MiB free on {folder}"
-        )
+        raise StorageError(expected(
+            f"at least {required / 2**20:.0f} MiB of free disk space for the checkpoints ({CHECKPOINT_COPIES} copies "
+            f"of weights + optimizer state)", key="output_dir",
+            received=Received(f"{run_dir} ({free / 2**20:.0f} MiB free on {folder})"),
+        ))
 
 
 @contextlib.contextmanager
@@ -97,10 +96,10 @@ def explain_storage_errors(path: Path) -> Iterator[None]:
         full = exc.errno in STORAGE_ERRNOS or "No space left" in str(exc)
         if not full:
             raise
-        raise StorageError(
-            f"Cannot write {path}: {exc.strerror or exc}. The last complete checkpoint is kept; free space "
-            "(or fix the folder) and continue with --resume."
-        ) from exc
+        raise StorageError(expected(
+            "space to write the checkpoint", key="output_dir", received=Received(f"{path} ({exc.strerror or exc})"),
+            hint="The last complete checkpoint is kept; free space (or fix the folder) and continue with --resume.",
+        )) from exc
 
 
 # ---------------------------------------------------------------- writing
@@ -174,10 +173,13 @@ def _fmt(value: Any) -> str:
 
 
 class RunCheckpoint(keras.callbacks.Callback):
-    """After every epoch: best model (if improved), last checkpoint, then ``history.csv``.
+    """After every epoch: best model (if improved), last checkpoint, ``history.csv``, ``epoch_times.csv``,
+    then (``progress_plot``) ``progress.png``.
 
     ``history.csv`` is rewritten from the rows stored in the checkpoint state, so after a resume it
-    has exactly one row per finished epoch, none duplicated and none missing.
+    has exactly one row per finished epoch, none duplicated and none missing; its rows add the
+    optimizer's ``learning_rate`` after the epoch to the logs. Wall-clock seconds per epoch go to
+    ``epoch_times.csv`` (also kept in the state), not the history, which stays reproducible.
 
     Args:
         run_dir: where to write (the run directory; a temporary folder on a non-chief worker).
@@ -185,10 +187,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         state: the state of the checkpoint resumed from (history rows, best value), or None.
         seed, samples_per_step, steps_per_epoch: record the data RNG position in the state
             (``next_sample_index``); optional.
+        progress_plot: redraw ``progress.png`` from the history files after every epoch (the chief).
     """
 
     def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None, *,
-                 seed: int | None = None, samples_per_step: int | None = None, steps_per_epoch: int | None = None):
+                 seed: int | None = None, samples_per_step: int | None = None, steps_per_epoch: int | None = None,
+                 progress_plot: bool = False):
         super().__init__()
         self.run = RunDir(run_dir)
         self.monitor = monitor
@@ -196,16 +200,23 @@ class RunCheckpoint(keras.callbacks.Callback):
         state = state or {}
         self.rows: list[dict[str, Any]] = list(state.get("history", []))
         self.best = state.get("best")
+        self.epoch_times: list[dict[str, Any]] = list(state.get("epoch_times", []))
         self.seed, self.samples_per_step, self.steps_per_epoch = seed, samples_per_step, steps_per_epoch
+        self.progress_plot = progress_plot
+        self._epoch_start: float | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_start = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
-        self.rows.append({"epoch": epoch + 1, **logs})
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.rows.append({"epoch": epoch + 1, **logs, "learning_rate": learning_rate})
+        if self._epoch_start is not None:
+            self.epoch_times.append({"epoch": epoch + 1, "seconds": round(time.monotonic() - self._epoch_start, 3)})
         value = logs.get(self.monitor)
         if value is None:
-            raise KeyError(
-                f"train.monitor: expected one of the logged values {sorted(logs)}. Received: {self.monitor!r}"
-            )
+            raise KeyError(expected(f"one of the logged values {sorted(logs)}", key="train.monitor", received=self.monitor))
         improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if improved and not math.isnan(value):
             self.best = value
@@ -213,6 +224,16 @@ class RunCheckpoint(keras.callbacks.Callback):
         save_checkpoint(self.run.last_checkpoint_dir, self.model, self.state(epoch + 1, 0))
         with explain_storage_errors(self.run.history_csv):
             write_history_csv(self.run.history_csv, self.rows)
+            if self.epoch_times:
+                write_history_csv(self.run.epoch_times_csv, self.epoch_times)
+        if self.progress_plot:
+            self._redraw_progress()
+
+    def _redraw_progress(self) -> None:
+        try:
+            write_progress_plot(self.run.path, monitor=self.monitor)
+        except Exception as exc:  # a picture of the history must never stop the training itself
+            warnings.warn(f"{self.run.progress_png} not redrawn: {type(exc).__name__}: {exc}", stacklevel=2)
 
     def save_partial(self, epoch: int, step: int, metrics: dict[str, list]) -> None:
         """Checkpoint after ``step`` steps of epoch ``epoch`` (0-based), with its metric accumulators."""
@@ -221,7 +242,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def state(self, epoch: int, step: int, metrics: dict[str, list] | None = None) -> dict[str, Any]:
         """The ``state.json`` of a checkpoint after ``epoch`` finished epochs and ``step`` more steps."""
         state: dict[str, Any] = {"epoch": epoch, "step": step, "monitor": self.monitor, "best": self.best,
-                                 "history": self.rows}
+                                 "history": self.rows, "epoch_times": self.epoch_times}
         if metrics is not None:
             state["metrics"] = metrics
         if None not in (self.seed, self.samples_per_step, self.steps_per_epoch):

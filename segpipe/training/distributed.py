@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from segpipe.config import ConfigError
-from segpipe.errors import expected
+from segpipe.errors import Received, expected
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -60,32 +60,28 @@ def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         ConfigError: ``TF_CONFIG`` is unset, not JSON, or names a task that is not in the cluster.
     """
     raw = (os.environ if environ is None else environ).get("TF_CONFIG")
-    where = "train.distribute=multi_worker: TF_CONFIG"
+    # the environment variable is the key; train.distribute=multi_worker is why it is read
     if not raw:
-        raise ConfigError(
-            f"{where}: expected the cluster and this worker's task in the TF_CONFIG environment variable, e.g. "
+        raise ConfigError(expected(
+            "the cluster and this worker's task for train.distribute=multi_worker, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
-            "(README.md, 'Several GPUs, several machines'). Received: TF_CONFIG unset"
-        )
+            "(README.md, 'Several GPUs, several machines')", key="TF_CONFIG", received=Received("<unset>"),
+        ))
     try:
         tf_config = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: expected JSON. Received: {raw!r} ({exc})") from exc
+        raise ConfigError(expected("JSON (for train.distribute=multi_worker)", key="TF_CONFIG", received=raw,
+                                   hint=f"JSON says: {exc}.")) from exc
     cluster, task = tf_config.get("cluster"), tf_config.get("task")
     if not isinstance(cluster, dict) or not any(cluster.get(k) for k in ("chief", "worker")):
-        raise ConfigError(
-            f"{where}: expected a 'cluster' with 'worker' (and optionally 'chief') addresses. Received: {cluster!r}"
-        )
+        raise ConfigError(expected("a cluster with 'worker' (and optionally 'chief') addresses",
+                                   key="TF_CONFIG.cluster", received=cluster))
     if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int):
-        raise ConfigError(
-            f"{where}: expected a 'task' with a 'type' of the cluster {sorted(cluster)} and an integer 'index'. "
-            f"Received: {task!r}"
-        )
+        raise ConfigError(expected(f"a task with a 'type' of the cluster {sorted(cluster)} and an integer 'index'",
+                                   key="TF_CONFIG.task", received=task))
     if not 0 <= task["index"] < len(cluster[task["type"]]):
-        raise ConfigError(
-            f"{where}: expected task.index in 0..{len(cluster[task['type']]) - 1} for type {task['type']!r}. "
-            f"Received: {task['index']}"
-        )
+        raise ConfigError(expected(f"an index in 0..{len(cluster[task['type']]) - 1} for type {task['type']!r}",
+                                   key="TF_CONFIG.task.index", received=task["index"]))
     return tf_config
 
 
@@ -174,11 +170,12 @@ class ShardSpec:
 
     def __post_init__(self) -> None:
         per_replica_batch(self.global_batch, self.num_replicas)
-        if self.num_replicas % self.num_pipelines or not 0 <= self.pipeline_id < self.num_pipelines:
-            raise ValueError(
-                f"Expected num_replicas divisible by num_pipelines and 0 <= pipeline_id < num_pipelines. Received: "
-                f"num_replicas={self.num_replicas}, num_pipelines={self.num_pipelines}, pipeline_id={self.pipeline_id}"
-            )
+        if self.num_replicas % self.num_pipelines:
+            raise ValueError(expected(f"a divisor of num_replicas={self.num_replicas}", key="num_pipelines",
+                                      received=self.num_pipelines))
+        if not 0 <= self.pipeline_id < self.num_pipelines:
+            raise ValueError(expected(f"an id in 0..{self.num_pipelines - 1} (num_pipelines={self.num_pipelines})",
+                                      key="pipeline_id", received=self.pipeline_id))
 
     @classmethod
     def from_input_context(cls, context: "tf.distribute.InputContext", global_batch: int, base: int) -> "ShardSpec":
@@ -299,11 +296,11 @@ def check_same_on_all_workers(
     sums = workers_sum(strategy, worker, np.concatenate([values, values**2]))
     mean, mean_sq = sums[: len(values)] / worker.num_workers, sums[len(values):] / worker.num_workers
     if not np.allclose(mean_sq, mean**2, rtol=0, atol=1e-9) or not np.allclose(mean, values, rtol=0, atol=1e-9):
-        raise ConfigError(
-            f"train.distribute=multi_worker: expected every worker to start from the same {what}. "
-            f"Received: {values.tolist()} on {worker.name}, a different value elsewhere. On resume every worker "
-            "reads the chief's run directory: put output_dir on a file system they all share."
-        )
+        raise ConfigError(expected(
+            f"every worker of train.distribute=multi_worker to start from the same {what}", key=worker.name,
+            received=Received(f"{values.tolist()}, a different value elsewhere"),
+            hint="On resume every worker reads the chief's run directory: put output_dir on a file system they all share.",
+        ))
 
 
 # ---------------------------------------------------------------- where a worker writes

@@ -14,7 +14,7 @@ import keras
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size
 from segpipe.data.loader import make_datasets, train_dataset, train_sampler, with_output_targets
 from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
-from segpipe.errors import expected
+from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
 from segpipe.losses import deep_supervision_losses, get_loss
 from segpipe.metrics.streaming import PerClassDice
@@ -72,6 +72,8 @@ def build_loss(config: Config, num_classes: int):
     """
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
+    except SettingError as exc:  # keyed by the loss option: add the section's path once
+        raise ConfigError(str(exc.with_prefix("loss."))) from exc
     except ValueError as exc:
         raise ConfigError(f"loss: {exc}") from exc
     logits = config.model.output == "logits"
@@ -182,10 +184,10 @@ def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is
     if run.status() == "finished":
         return False
     if run.path.exists() and any(run.path.iterdir()) and not resume:
-        raise FileExistsError(
-            f"Run directory {run.path} holds an unfinished run. Use --resume to continue it, "
-            f"--overwrite to start again, or --set name=... for a new run."
-        )
+        raise FileExistsError(expected(
+            "a new or finished run directory", key="run_dir", received=Received(f"{run.path} (holds an unfinished run)"),
+            hint="Use --resume to continue it, --overwrite to start again, or --set name=... for a new run.",
+        ))
     if resume:
         check_resumed_config(run.path, config)
     return True
@@ -218,7 +220,7 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
     run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
-                                   steps_per_epoch=t.steps_per_epoch)
+                                   steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief)
     callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
@@ -295,10 +297,11 @@ def check_resumed_config(run_dir: Path, config: Config) -> None:
     saved = run.config().to_dict()
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config.to_dict())]
     if changes:
-        raise ConfigError(
-            f"Cannot resume {run_dir}: expected the config it was started with ({run.config_yaml}). "
-            f"Received changes: {'; '.join(changes)}. Undo them, or use --overwrite to train it again with the new config"
-        )
+        raise ConfigError(expected(
+            f"the config the run was started with ({run.config_yaml}), to resume it", key="config",
+            received=Received(f"changes {'; '.join(changes)}"), where=str(run_dir),
+            hint="Undo them, or use --overwrite to train it again with the new config.",
+        ))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -109,7 +109,7 @@ def test_old_meta_is_removed_before_rebuilding(dataset, tmp_path, monkeypatch):
 def test_failures_are_listed_together(dataset, tmp_path):
     for case in dataset.cases[:2]:
         case.image_paths[0].write_bytes(b"not a nifti")
-    with pytest.raises(ValueError, match=r"failed for 2 case\(s\):\n  case_000: .*\n  case_001: "):
+    with pytest.raises(ValueError, match=r"^Expected every case to preprocess\. Received: cases=2 failed\.\n  case_000: .*\n  case_001: "):
         build_cache(dataset, tmp_path / "cache", SETTINGS, progress=False)
 
 

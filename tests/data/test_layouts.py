@@ -94,7 +94,7 @@ def test_nnunet_region_labels_are_rejected(tmp_path):
     meta = json.loads((tmp_path / "dataset.json").read_text())
     meta["labels"]["whole"] = [1, 2]
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"labels\['whole'\] must be an integer.*Received: \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"dataset\.json: Expected an integer label value \(region-based labels are not supported\)\. Received: labels\['whole'\]=\[1, 2\]\.$"):
         load_dataset(tmp_path)
 
 

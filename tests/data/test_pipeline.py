@@ -158,7 +158,7 @@ def test_k_fold_validates_every_case_exactly_once(phantom_root, tmp_path):
 def test_folds_sizes_and_too_few_cases():
     folds = make_folds([f"c{i}" for i in range(7)], 3, seed=1)
     assert sorted(len(f["val"]) for f in folds) == [2, 2, 3]
-    with pytest.raises(ValueError, match="Expected at least 5 cases for 5 folds"):
+    with pytest.raises(ValueError, match=r"^Expected at least 5 cases for 5 folds \(data\.folds\)\. Received: case_ids=\d case\(s\)\.$"):
         make_folds(["a", "b", "c"], 5, seed=0)
 
 
@@ -185,16 +185,16 @@ def test_split_file_fixes_the_split_and_bad_files_are_named(phantom_root, tmp_pa
         assert split["train"] == fixed["train"] and split["val"] == fixed["val"]
         assert split["split"] == f"file:{path.as_posix()}"
 
-    with pytest.raises(FileNotFoundError, match="data.split_file.*nope.json"):
+    with pytest.raises(FileNotFoundError, match=r"^Expected a JSON file with train/val case ids\. Received: data\.split_file=.*nope\.json \(not found\)\.$"):
         read_split_file(tmp_path / "nope.json")
-    for content, message in [("{", "Invalid JSON in .*split.json"), ('{"train": ["a"]}', "key 'val'.*no such key"),
-                             ('{"train": "a", "val": []}', "key 'train'.*Received: str"),
-                             ('{"train": ["a", "b"], "val": ["b"]}', "disjoint.*1 in both")]:
+    for content, message in [("{", r"split\.json: Expected valid JSON\. Received: contents=invalid JSON \(Expecting"), ('{"train": ["a"]}', r"split\.json: Expected a list of case ids\. Received: val=<missing>\.$"),
+                             ('{"train": "a", "val": []}', r"split\.json: Expected a list of case ids\. Received: train=a str\.$"),
+                             ('{"train": ["a", "b"], "val": ["b"]}', r"split\.json: Expected val cases that are not in train\. Received: val=1 case\(s\) also in train, e\.g\. \['b'\]\.$")]:
         path.write_text(content)
         with pytest.raises(ValueError, match=message):
             read_split_file(path)
     path.write_text(json.dumps({"train": ["phantom_000"], "val": ["ghost"]}))
-    with pytest.raises(ValueError, match="unknown case ids: \\['ghost'\\]"):
+    with pytest.raises(ValueError, match=r"^Expected split cases that are in the dataset\. Received: split=1 unknown case id\(s\): \['ghost'\]\.$"):
         prepare_data(config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.check=off"), progress=False)
     with pytest.raises(ConfigError, match="data.folds"):
         config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.folds=3")

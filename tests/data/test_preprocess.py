@@ -137,7 +137,7 @@ def test_resample_maps_edges_to_edges():
 def test_invalid_settings_name_the_key():
     with pytest.raises(ValueError, match="Expected one of .*Received: normalization='minmax'"):
         PreprocessSettings(normalization="minmax")
-    with pytest.raises(ValueError, match="needs dataset statistics"):
+    with pytest.raises(ValueError, match=r"^Expected dataset statistics \(from the fingerprint\) for normalization='ct'\. Received: intensity_stats=None\.$"):
         PreprocessSettings(normalization="ct")
     with pytest.raises(ValueError, match="Received: target_spacing_mm=\\(1, 0\\)"):
         PreprocessSettings(target_spacing_mm=(1, 0))

@@ -134,7 +134,7 @@ def test_sampling_from_memory_mapped_cache_with_augmentation(tmp_path):
 
 
 def test_invalid_arguments():
-    with pytest.raises(ValueError, match="Received: 0 cases"):
+    with pytest.raises(ValueError, match=r"^Expected at least one case to sample from\. Received: cases=\[\]\.$"):
         PatchSampler([], (8, 8, 8))
     with pytest.raises(ValueError, match="Received: patch_size=\\(8, 8\\)"):
         PatchSampler([_sparse_case()], (8, 8))

@@ -1,0 +1,12 @@
+"""The examples in the docstrings of the small shared modules run as written."""
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.parallel", "segpipe.runs.rundir",
+                                    "segpipe.inference.postprocess"])
+def test_docstring_examples(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
