@@ -295,3 +295,23 @@ def test_openvino_agrees_with_keras_and_bf16_is_checked_at_export(segmenter):
     assert fn.format == "openvino"
     assert np.abs(fn(x) - reference).max() <= 1e-4
     assert np.abs(fn(x[:1]) - reference[:1]).max() <= 1e-4  # a second shape compiles a second model
+
+
+def test_bfloat16_out_of_tolerance_is_refused_when_asked_for(tmp_path, monkeypatch):
+    """bf16 is a precision mode of the openvino file: a network whose bf16 probabilities drifted past the
+    tolerance at export keeps its float32 formats, and asking for bf16 names the recorded difference."""
+    import dataclasses
+
+    from segpipe.export import runtimes
+    from segpipe.export.bundle import Bundle
+
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
+    bundle = Bundle(tmp_path, ("background", "fg"), 1, ("t1",), PREPROCESSING, "RAS", PATCH, InferenceSettings(),
+                    {"keras": "model.keras", "openvino": "openvino/model.xml"}, {}, {},
+                    {"verification": {"openvino-bf16_max_abs_diff": 0.0216, "openvino-bf16_within_tolerance": False}})
+    with pytest.raises(BundleError, match=r"bundle.json: Expected bfloat16 probabilities within .* Received: "
+                                          r"format='openvino-bf16'. This network differs by 0.0216"):
+        load_predictor(bundle, "openvino-bf16")
+    ok = dataclasses.replace(bundle, meta={"verification": {"openvino-bf16_within_tolerance": True}})
+    with pytest.raises(BundleError, match="Cannot load"):  # passes the check, then finds no file here
+        load_predictor(ok, "openvino-bf16")

@@ -1,16 +1,20 @@
-"""Tests for segpipe.losses against an independent float64 NumPy reference (from the formulas).
+"""Tests for segpipe.losses against an independent float64 NumPy reference (from the formulas),
+and of Keras's loss contract: one value per sample, sample weights, reductions.
 
 The reference below loops over samples (or the whole batch) and classes and does not import the
-module's math. Inputs include empty classes, all-background samples and single-voxel structures.
+module's math; it returns one value per sample. Inputs include empty classes, all-background
+samples and single-voxel structures.
 """
 import itertools
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from segpipe.losses import (
-    DeepSupervisionLoss, available_losses, deep_supervision_weights, get_loss,
-    validate_loss_config)
+    available_losses, deep_supervision_losses, deep_supervision_targets, deep_supervision_weights,
+    downsample_target, get_loss, validate_loss_config)
 import keras  # noqa: E402  (after segpipe, which sets the backend)
 import tensorflow as tf  # noqa: E402
 
@@ -59,41 +63,32 @@ def ref_prepare(y_true, y_pred, o):
     return g, p, log_p
 
 
-def ref_loss(name, y_true, y_pred, **options):
+def ref_per_sample(name, y_true, y_pred, pool_weights=None, **options):
+    """Per-sample float64 values (B,); with batch=True the pooled value (samples scaled by
+    ``pool_weights``) for every sample."""
     name = {"ce": "cross_entropy", "jaccard": "iou"}.get(name, name)
     o = {**DEFAULTS[name], **options}
     g, p, log_p = ref_prepare(y_true, y_pred, o)
-    n = g.shape[-1]
+    n, batch_size = g.shape[-1], g.shape[0]
     if name in ("cross_entropy", "focal"):
-        if name == "cross_entropy":
-            w = np.ones(n) if o["class_weights"] is None else np.asarray(o["class_weights"])
-            per_voxel = -(w * g * log_p).sum(-1)
-        else:
-            a = o["alpha"]
-            if a is None:
-                w = np.ones(n)
-            elif np.isscalar(a):
-                w = np.array([1 - a] + [a] * (y_true.shape[-1] - 1))
-                w = w if o["include_background"] else w[1:]
-            else:
-                w = np.asarray(a)
-            mod = np.maximum(1 - p, 0) ** o["gamma"]
-            per_voxel = -(w * mod * g * log_p).sum(-1)
-        return per_voxel.mean()
+        return ref_per_voxel(name, g, p, log_p, o, y_true.shape[-1]).reshape(batch_size, -1).mean(1)
 
     # region losses: groups are samples, or the whole batch with batch=True
     if o["batch"]:
-        groups = [(g.reshape(-1, n), p.reshape(-1, n))]
+        w_b = np.ones(batch_size) if pool_weights is None else np.asarray(pool_weights, float)
+        groups = [(g.reshape(batch_size, -1, n), p.reshape(batch_size, -1, n), w_b)]
     else:
-        groups = [(g[b].reshape(-1, n), p[b].reshape(-1, n)) for b in range(g.shape[0])]
+        groups = [(g[b].reshape(1, -1, n), p[b].reshape(1, -1, n), np.ones(1))
+                  for b in range(batch_size)]
     snr, sdr = o["smooth_nr"], o["smooth_dr"]
     values = []
-    for gg, pp in groups:
-        tp = np.array([np.sum(pp[:, c] * gg[:, c]) for c in range(n)])
-        fp = np.array([np.sum(pp[:, c] * (1 - gg[:, c])) for c in range(n)])
-        fn = np.array([np.sum((1 - pp[:, c]) * gg[:, c]) for c in range(n)])
+    for gg, pp, ww in groups:
+        def pooled(x):
+            return np.array([sum(ww[b] * np.sum(x[b][:, c]) for b in range(len(ww)))
+                             for c in range(n)])
+        tp, fp, fn = pooled(pp * gg), pooled(pp * (1 - gg)), pooled((1 - pp) * gg)
         if name == "generalized_dice":
-            vol = gg.sum(0)
+            vol = pooled(gg)
             if o["weight_type"] == "uniform":
                 w = np.ones(n)
             else:
@@ -106,7 +101,7 @@ def ref_loss(name, y_true, y_pred, **options):
         losses = []
         for c in range(n):
             if name == "dice":
-                den = (np.sum(pp[:, c] ** 2) + np.sum(gg[:, c] ** 2) if o["squared_pred"]
+                den = (pooled(pp ** 2)[c] + pooled(gg ** 2)[c] if o["squared_pred"]
                        else 2 * tp[c] + fp[c] + fn[c])
                 losses.append(1 - (2 * tp[c] + snr) / (den + sdr))
             elif name == "iou":
@@ -117,7 +112,30 @@ def ref_loss(name, y_true, y_pred, **options):
                               else max(1 - ti, 0) ** o["gamma"])
         w = np.ones(n) if o["class_weights"] is None else np.asarray(o["class_weights"])
         values.append(np.dot(w, losses) / w.sum())
-    return np.mean(values)
+    values = np.asarray(values, dtype=np.float64)
+    return np.repeat(values, batch_size) if o["batch"] else values
+
+
+def ref_per_voxel(name, g, p, log_p, o, num_channels):
+    n = g.shape[-1]
+    if name == "cross_entropy":
+        w = np.ones(n) if o["class_weights"] is None else np.asarray(o["class_weights"])
+        return -(w * g * log_p).sum(-1)
+    a = o["alpha"]
+    if a is None:
+        w = np.ones(n)
+    elif np.isscalar(a):
+        w = np.array([1 - a] + [a] * (num_channels - 1))
+        w = w if o["include_background"] else w[1:]
+    else:
+        w = np.asarray(a)
+    mod = np.maximum(1 - p, 0) ** o["gamma"]
+    return -(w * mod * g * log_p).sum(-1)
+
+
+def ref_loss(name, y_true, y_pred, **options):
+    """The default reduction: the mean of the per-sample values."""
+    return ref_per_sample(name, y_true, y_pred, **options).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,15 +212,183 @@ def _case_id(case):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["mixed", "absent_in_batch"])
 @pytest.mark.parametrize("case", GRID, ids=[_case_id(c) for c in GRID])
-def test_matches_numpy_reference(case, kind):
+def test_matches_numpy_reference_per_sample(case, kind):
     name, options = case
     y_true, logits = make_batch(kind)
     y_pred = logits if options.get("from_logits") else softmax32(logits)
     loss = get_loss(name, **options)
+    expected = ref_per_sample(name, y_true, y_pred, **options)
+    per_sample = loss.call(y_true, y_pred)
+    assert per_sample.dtype == "float32" and tuple(per_sample.shape) == (4,)
+    np.testing.assert_allclose(per_sample.numpy(), expected, rtol=RTOL, atol=1e-7)
     value = loss(y_true, y_pred)
     assert value.dtype == "float32" and tuple(value.shape) == ()
-    np.testing.assert_allclose(float(value), ref_loss(name, y_true, y_pred, **options),
-                               rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(float(value), expected.mean(), rtol=RTOL, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# Keras's contract: per-sample values, sample weights, reductions
+# --------------------------------------------------------------------------------------------
+SAMPLE_WEIGHTS = np.array([0.5, 2.0, 0.0, 1.5], np.float32)  # sample 2 has weight 0
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_case_id(c) for c in GRID])
+def test_keras_contract_per_sample_weights_and_reductions(case):
+    name, options = case
+    y_true, logits = make_batch("mixed")
+    y_pred = logits if options.get("from_logits") else softmax32(logits)
+    w = SAMPLE_WEIGHTS
+    # per-sample values under these weights (batch=True: the weights also scale the pooled counts)
+    values = ref_per_sample(name, y_true, y_pred, pool_weights=w, **options)
+
+    none = get_loss(name, reduction=None, **options)(y_true, y_pred, sample_weight=w)
+    assert tuple(none.shape) == (4,)
+    np.testing.assert_allclose(none.numpy(), w * values, rtol=RTOL, atol=1e-7)
+    assert tuple(get_loss(name, reduction=None, **options)(y_true, y_pred).shape) == (4,)
+
+    by_hand = {"sum_over_batch_size": np.sum(w * values) / 4, "mean": np.sum(w * values) / 4,
+               "sum": np.sum(w * values), "mean_with_sample_weight": np.sum(w * values) / w.sum()}
+    for reduction, expected in by_hand.items():
+        value = get_loss(name, reduction=reduction, **options)(y_true, y_pred, sample_weight=w)
+        np.testing.assert_allclose(float(value), expected, rtol=RTOL, atol=1e-7, err_msg=reduction)
+    # (B, 1) weights are per-sample weights too
+    value = get_loss(name, **options)(y_true, y_pred, sample_weight=w[:, None])
+    np.testing.assert_allclose(float(value), by_hand["sum_over_batch_size"], rtol=RTOL, atol=1e-7)
+
+    # the zero-weight sample is as if it were not in the batch
+    keep = w > 0
+    for reduction in ("sum", "mean_with_sample_weight"):
+        with_zero = get_loss(name, reduction=reduction, **options)(y_true, y_pred, sample_weight=w)
+        without = get_loss(name, reduction=reduction, **options)(
+            y_true[keep], y_pred[keep], sample_weight=w[keep])
+        np.testing.assert_allclose(float(with_zero), float(without), rtol=RTOL, atol=1e-7)
+    with_zero = get_loss(name, **options)(y_true, y_pred, sample_weight=w)
+    without = get_loss(name, **options)(y_true[keep], y_pred[keep], sample_weight=w[keep])
+    np.testing.assert_allclose(float(with_zero), float(without) * 3 / 4, rtol=RTOL, atol=1e-7)
+
+
+VOXEL_CASES = [case for case in GRID if case[0] in ("ce", "focal")]
+
+
+@pytest.mark.parametrize("case", VOXEL_CASES, ids=[_case_id(c) for c in VOXEL_CASES])
+def test_voxel_weights_reduce_like_keras_per_voxel_values(case):
+    name, options = case
+    y_true, logits = make_batch("mixed")
+    y_pred = logits if options.get("from_logits") else softmax32(logits)
+    rng = np.random.default_rng(5)
+    w = rng.uniform(0, 2, y_true.shape[:-1]).astype(np.float32)
+    w[2] = 0.0  # a sample without any weight
+    w[0, :2] = 0.0
+    o = {**DEFAULTS["cross_entropy" if name == "ce" else name], **options}
+    per_voxel = ref_per_voxel("cross_entropy" if name == "ce" else name,
+                              *ref_prepare(y_true, y_pred, o), o, C)
+    voxels = per_voxel.size // 4
+    expected = {"sum_over_batch_size": np.sum(w * per_voxel) / per_voxel.size,
+                "mean_with_sample_weight": np.sum(w * per_voxel) / w.sum(),
+                "sum": np.sum(w * per_voxel) / voxels}  # a sum of per-sample voxel means
+    for reduction, value in expected.items():
+        for weights in (w, w[..., None]):
+            got = get_loss(name, reduction=reduction, **options)(y_true, y_pred, sample_weight=weights)
+            np.testing.assert_allclose(float(got), value, rtol=RTOL, atol=1e-7, err_msg=reduction)
+    none = get_loss(name, reduction=None, **options)(y_true, y_pred, sample_weight=w)
+    np.testing.assert_allclose(none.numpy(), (w * per_voxel).reshape(4, -1).mean(1), rtol=RTOL,
+                               atol=1e-7)
+    # uniform voxel weights are per-sample weights
+    uniform = np.broadcast_to(SAMPLE_WEIGHTS[:, None, None, None], w.shape)
+    np.testing.assert_allclose(float(get_loss(name, **options)(y_true, y_pred, sample_weight=uniform)),
+                               float(get_loss(name, **options)(y_true, y_pred, sample_weight=SAMPLE_WEIGHTS)),
+                               rtol=RTOL)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean", "mean_with_sample_weight", None])
+@pytest.mark.parametrize("weights", ["none", "sample", "voxel"])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_cross_entropy_equals_keras_categorical_crossentropy(reduction, weights, from_logits):
+    y_true, logits = make_batch("mixed")
+    y_pred = logits if from_logits else softmax32(logits)
+    rng = np.random.default_rng(6)
+    w = {"none": None, "sample": SAMPLE_WEIGHTS,
+         "voxel": rng.uniform(0, 2, y_true.shape[:-1]).astype(np.float32)}[weights]
+    ours = get_loss("ce", from_logits=from_logits, reduction=reduction)(y_true, y_pred, sample_weight=w)
+    # Keras multiplies its per-voxel values by (B,) weights along the *last* spatial axis, so it
+    # is given them as voxel weights; ours takes (B,) as it is.
+    keras_w = np.broadcast_to(w[:, None, None, None], y_true.shape[:-1]) if weights == "sample" else w
+    theirs = keras.losses.CategoricalCrossentropy(from_logits=from_logits, reduction=reduction)(
+        y_true, y_pred, sample_weight=keras_w)
+    if reduction is None:  # Keras keeps the voxels; ours is one value per sample
+        theirs = np.asarray(theirs).reshape(4, -1).mean(1)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dice", "generalized_dice", "tversky", "iou", "focal_tversky"])
+def test_region_losses_refuse_voxel_weights(name):
+    y_true, logits = make_batch("mixed")
+    with pytest.raises(ValueError, match=rf"shape \(batch,\) for the region loss '{name}'.*"
+                                         r"Received: sample_weight.shape=\(4, 6, 5, 4\)"):
+        get_loss(name)(y_true, softmax32(logits), sample_weight=np.ones(y_true.shape[:-1]))
+    with pytest.raises(ValueError, match=r"Received: sample_weight.shape=\(4, 6\)"):
+        get_loss("ce")(y_true, logits, sample_weight=np.ones((4, 6)))
+
+
+def test_compound_weights_every_term_alike():
+    y_true, logits = make_batch("mixed")
+    spec = {"terms": [{"name": "dice", "weight": 0.7, "from_logits": True, "batch": True},
+                      {"name": "ce", "weight": 2.0, "from_logits": True}]}
+    w = SAMPLE_WEIGHTS
+    values = (0.7 * ref_per_sample("dice", y_true, logits, pool_weights=w, from_logits=True, batch=True)
+              + 2.0 * ref_per_sample("ce", y_true, logits, from_logits=True))
+    loss = get_loss(spec)
+    assert tuple(loss.call(y_true, logits).shape) == (4,)
+    np.testing.assert_allclose(float(loss(y_true, logits, sample_weight=w)), np.sum(w * values) / 4,
+                               rtol=RTOL)
+    none = type(loss)(spec["terms"], reduction=None)
+    np.testing.assert_allclose(none(y_true, logits, sample_weight=w).numpy(), w * values, rtol=RTOL)
+    with pytest.raises(ValueError, match="region loss 'dice'"):  # voxel weights need voxel terms
+        loss(y_true, logits, sample_weight=np.ones(y_true.shape[:-1]))
+
+
+def test_invalid_reduction_is_refused():
+    with pytest.raises(ValueError, match=r"Received: reduction='avg'"):
+        get_loss("dice", reduction="avg")
+
+
+# --------------------------------------------------------------------------------------------
+# Logits of +-50: log-softmax, finite gradients
+# --------------------------------------------------------------------------------------------
+LOGIT_CASES = [("dice", {}), ("dice", {"squared_pred": True}), ("generalized_dice", {}),
+               ("tversky", {"alpha": 0.3, "beta": 0.7}), ("iou", {}),
+               ("focal_tversky", {"gamma": 0.75}), ("ce", {}), ("ce", {"label_smoothing": 0.1}),
+               ("focal", {"gamma": 2.0, "alpha": 0.25}), ("dice", {"batch": True})]
+
+
+@pytest.mark.parametrize("case", LOGIT_CASES, ids=[_case_id(c) for c in LOGIT_CASES])
+def test_logits_of_50_are_stable_and_match_float64_log_softmax(case):
+    name, options = case
+    y_true, _ = make_batch("mixed")
+    rng = np.random.default_rng(7)
+    # +-50 everywhere: most voxels confidently right, a quarter confidently wrong
+    sign = np.where(rng.random(y_true.shape[:-1] + (1,)) < 0.75, 1.0, -1.0)
+    logits = (50.0 * (2.0 * y_true - 1.0) * sign).astype(np.float32)
+    logits[..., 0] += rng.uniform(-1, 1, logits.shape[:-1]).astype(np.float32)  # not all ties
+    loss = get_loss(name, from_logits=True, **options)
+    x = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        value = loss(y_true, x)
+    grad = tape.gradient(value, x).numpy()
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    expected = ref_per_sample(name, y_true, logits.astype(np.float64), from_logits=True, **options)
+    np.testing.assert_allclose(loss.call(y_true, logits).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(grad).max() > 0  # the wrong quarter pulls
+    # gradient against float64 finite differences of the reference on a few logits
+    flat = [(0, 1, 1, 1, 0), (3, 2, 0, 3, 1), (1, 0, 0, 0, 2)]
+    for index in flat:
+        h = 1e-4
+        up, down = logits.astype(np.float64), logits.astype(np.float64)
+        up[index] += h
+        down[index] -= h
+        numeric = (ref_loss(name, y_true, up, from_logits=True, **options)
+                   - ref_loss(name, y_true, down, from_logits=True, **options)) / (2 * h)
+        np.testing.assert_allclose(grad[index], numeric, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("spatial", [(7, 6), (9,)], ids=["2d", "1d"])
@@ -347,12 +533,12 @@ def test_low_precision_input_accumulates_in_float32(name, dtype, from_logits):
     loss = get_loss(name, from_logits=from_logits)
     fn = loss.fn  # the pure function, without the Keras wrapper's float32 conversion
     value = fn(y_true, low, **loss.options)
-    assert value.dtype == "float32"
+    assert value.dtype == "float32" and tuple(value.shape) == (4,)
     # Identical to the float32 computation on the rounded inputs: accumulation is in float32.
-    np.testing.assert_allclose(float(value), float(fn(y_true, rounded, **loss.options)),
+    np.testing.assert_allclose(value.numpy(), fn(y_true, rounded, **loss.options).numpy(),
                                rtol=1e-6)
     # Close to the full float32 value (inputs rounded to 11 / 8 mantissa bits).
-    np.testing.assert_allclose(float(value), float(loss(y_true, y_pred32)), rtol=3e-2)
+    np.testing.assert_allclose(float(np.mean(value)), float(loss(y_true, y_pred32)), rtol=3e-2)
     assert loss(y_true, low).dtype == "float32"
 
 
@@ -429,9 +615,9 @@ def test_class_weights_length_checked_against_num_classes(spec, num_classes, ok)
             get_loss(spec, num_classes=num_classes)
 
 
-def test_list_prediction_to_plain_loss_points_to_deep_supervision():
+def test_list_prediction_to_plain_loss_points_to_one_loss_per_output():
     y_true, logits = make_batch("mixed")
-    with pytest.raises(ValueError, match="DeepSupervisionLoss"):
+    with pytest.raises(ValueError, match="one loss per output"):
         get_loss("dice")(y_true, [logits, logits[:, ::2]])
 
 
@@ -485,40 +671,63 @@ def np_average_pool(x, f):
     return x.reshape(shape).mean(axis=tuple(range(2, 2 * len(spatial) + 1, 2)))
 
 
-def test_deep_supervision_weights():
-    np.testing.assert_allclose(deep_supervision_weights(3), [4 / 7, 2 / 7, 1 / 7])
+def test_deep_supervision_weights_are_nnunets():
+    np.testing.assert_allclose(deep_supervision_weights(3), [2 / 3, 1 / 3, 0.0])
+    np.testing.assert_allclose(deep_supervision_weights(4), [4 / 7, 2 / 7, 1 / 7, 0.0])
     assert deep_supervision_weights(1) == [1.0]
+    assert deep_supervision_weights(2) == [1.0, 0.0]
     with pytest.raises(ValueError, match="num_outputs=0"):
         deep_supervision_weights(0)
 
 
 @pytest.mark.parametrize("mode", ["average", "nearest"])
-def test_deep_supervision_matches_manual_sum(mode):
+def test_deep_supervision_targets(mode):
     rng = np.random.default_rng(3)
     y_true = np.eye(3, dtype=np.float32)[rng.integers(0, 3, (2, 8, 8, 8))]
-    preds = [rng.normal(size=(2, n, n, n, 3)).astype(np.float32) for n in (8, 4, 2)]
-    base = {"name": "dice", "from_logits": True}
-    ds = DeepSupervisionLoss(base, num_outputs=3, target_downsampling=mode)
-    expected = 0.0
-    for i, (w, p) in enumerate(zip([4 / 7, 2 / 7, 1 / 7], preds)):
+    targets = deep_supervision_targets(y_true, 3, mode)
+    assert [tuple(t.shape) for t in targets] == [(2, 8, 8, 8, 3), (2, 4, 4, 4, 3), (2, 2, 2, 2, 3)]
+    for i, target in enumerate(targets):
         f = 2 ** i
-        target = (np_average_pool(y_true, f) if mode == "average"
-                  else y_true[:, f // 2::f, f // 2::f, f // 2::f])
-        expected += w * ref_loss("dice", target, p, from_logits=True)
-    np.testing.assert_allclose(float(ds(y_true, preds)), expected, rtol=RTOL)
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ds))
-    np.testing.assert_allclose(float(restored(y_true, tuple(preds))), expected, rtol=RTOL)
+        expected = (np_average_pool(y_true, f) if mode == "average"
+                    else y_true[:, f // 2::f, f // 2::f, f // 2::f])
+        np.testing.assert_allclose(np.asarray(target), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"divisible.*factors=\(3, 3, 3\)"):
+        downsample_target(y_true, (3, 3, 3))
+    with pytest.raises(ValueError, match="mode='bilinear'"):
+        downsample_target(y_true, (2, 2, 2), "bilinear")
 
 
-def test_deep_supervision_errors():
-    y_true = np.eye(3, dtype=np.float32)[np.zeros((1, 8, 8, 8), int)]
-    ds = DeepSupervisionLoss(get_loss("dice"), num_outputs=2)
-    with pytest.raises(ValueError, match=r"Expected 2 deep-supervision outputs"):
-        ds(y_true, [y_true])
-    with pytest.raises(ValueError, match=r"y_pred\[1\].shape=\(1, 3, 3, 3, 3\)"):
-        ds(y_true, [y_true, np.zeros((1, 3, 3, 3, 3), np.float32)])
-    with pytest.raises(ValueError, match="target_downsampling"):
-        DeepSupervisionLoss("dice", target_downsampling="bilinear")
+def _two_level_model():
+    inputs = keras.Input((8, 8, 8, 1))
+    h = keras.layers.Conv3D(4, 3, padding="same", activation="relu")(inputs)
+    full = keras.layers.Conv3D(3, 1, name="out0")(h)
+    half = keras.layers.Conv3D(3, 1, name="out1")(keras.layers.AveragePooling3D(2)(h))
+    quarter = keras.layers.Conv3D(3, 1, name="out2")(keras.layers.AveragePooling3D(4)(h))
+    return keras.Model(inputs, [full, half, quarter])
+
+
+def test_deep_supervision_is_a_plain_multi_output_compile():
+    """Keras's compiled loss of the multi-output model = the weighted sum of per-output losses
+    on the down-sampled targets, with (B,) sample weights reaching every output."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
+    y_true = np.eye(3, dtype=np.float32)[rng.integers(0, 3, (2, 8, 8, 8))]
+    model = _two_level_model()
+    loss = get_loss({"terms": [{"name": "dice", "from_logits": True},
+                               {"name": "ce", "from_logits": True}]})
+    losses, weights = deep_supervision_losses(loss, 3)
+    model.compile(optimizer="sgd", loss=losses, loss_weights=weights)
+    targets = deep_supervision_targets(y_true, 3)
+    sw = np.array([1.0, 0.25], np.float32)
+    preds = [np.asarray(p) for p in model(x)]
+    expected = sum(w * np.sum(sw * (ref_per_sample("dice", np.asarray(t), p, from_logits=True)
+                                    + ref_per_sample("ce", np.asarray(t), p, from_logits=True))) / 2
+                   for w, t, p in zip([2 / 3, 1 / 3, 0.0], targets, preds))
+    got = model.compute_loss(x=x, y=targets, y_pred=model(x), sample_weight=sw)
+    np.testing.assert_allclose(float(got), expected, rtol=RTOL)
+    history = model.fit(x, targets, sample_weight=sw, epochs=1, batch_size=2, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], expected, rtol=RTOL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,23 +769,28 @@ def test_each_loss_trains_a_tiny_3d_model(spec):
     assert losses[-1] < losses[0] * 0.98, losses
 
 
-class DeepSupervisionModel(keras.Model):
-    """What the training code does: the deep-supervision loss called from compute_loss."""
-
-    def __init__(self, *args, ds_loss, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ds_loss = ds_loss
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        return self.ds_loss(y, y_pred)
-
-
-def test_deep_supervision_trains_in_compute_loss():
+def test_deep_supervision_trains_a_multi_output_model():
     keras.utils.set_random_seed(0)
     x, y = _toy_data()
     inputs, outputs = _toy_model(outputs=2)
-    ds = DeepSupervisionLoss(get_loss({"terms": ["dice", "ce"]}), num_outputs=2)
-    model = DeepSupervisionModel(inputs, outputs, ds_loss=ds)
-    model.compile(optimizer=keras.optimizers.Adam(0.02), jit_compile=False)
-    losses = [float(model.train_on_batch(x, y)) for _ in range(8)]
+    model = keras.Model(inputs, outputs)
+    losses, weights = deep_supervision_losses(get_loss({"terms": ["dice", "ce"]}), 2)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=losses, loss_weights=[0.7, 0.3],
+                  jit_compile=False)
+    targets = deep_supervision_targets(y, 2)
+    losses = [float(model.train_on_batch(x, targets)[0]) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] * 0.98, losses
+
+
+# --------------------------------------------------------------------------------------------
+# docs/losses-in-keras.md
+# --------------------------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "losses-in-keras.md"
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
+def test_docs_examples_run(index):
+    assert len(DOC_BLOCKS) == 3  # the shape rule, two outputs, deep supervision
+    keras.utils.set_random_seed(0)
+    exec(compile(DOC_BLOCKS[index], f"{DOCS.name}[{index}]", "exec"), {})

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 def make_datasets(
-    prepared: "PreparedData", data: "DataConfig", *, seed: int, divisor: int, start_index: int = 0
+    prepared: "PreparedData", data: "DataConfig", *, seed: int, divisor: int, start_index: int = 0,
+    num_outputs: int = 1,
 ) -> tuple["tf.data.Dataset", "tf.data.Dataset"]:
     """The training and validation datasets of a run, as ``data`` configures them.
 
@@ -38,6 +39,8 @@ def make_datasets(
         seed: the run's seed; training sample ``i`` depends only on ``(seed, i)``.
         divisor: every side of a whole validation case is padded to a multiple of it.
         start_index: the first training sample (``epoch * steps_per_epoch * batch_size`` on resume).
+        num_outputs: the model's outputs; with more than one (deep supervision) every batch's target is
+            a tuple, one per output (:func:`with_output_targets`).
     """
     num_classes = prepared.dataset.num_classes
     train = train_dataset(train_sampler(prepared, data, seed=seed), num_classes, start_index=start_index,
@@ -51,7 +54,18 @@ def make_datasets(
         )
     else:
         val = validation_dataset(val_cases, num_classes, divisor=divisor)
-    return train, val
+    return with_output_targets(train, num_outputs), with_output_targets(val, num_outputs)
+
+
+def with_output_targets(ds: "tf.data.Dataset", num_outputs: int) -> "tf.data.Dataset":
+    """Batches ``(image, one-hot)`` -> ``(image, (one-hot, one-hot / 2, ...))`` for a deep-supervision
+    model with ``num_outputs`` outputs, full resolution first (each target average-pooled by ``2^i``:
+    class fractions, :func:`segpipe.losses.deep_supervision_targets`); unchanged for one output."""
+    if num_outputs <= 1:
+        return ds
+    from segpipe.losses import deep_supervision_targets  # Keras: only for deep-supervision runs
+
+    return ds.map(lambda image, label: (image, deep_supervision_targets(label, num_outputs)))
 
 
 def train_sampler(prepared: "PreparedData", data: "DataConfig", *, seed: int) -> PatchSampler:

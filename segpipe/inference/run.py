@@ -38,6 +38,8 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     import keras
     from tqdm import tqdm
 
+    from segpipe.models.unet3d import probability_model  # loads Keras, as the model does
+
     run = RunDir(run_dir)
     config = run.config()
     split = run.split()
@@ -48,7 +50,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if model not in (None, "best", "final"):
         raise ValueError(expected("'best' or 'final' (the models of a finished run)", key="model", received=model))
     model = keras.models.load_model(run.model_file(model)[1], compile=False)  # safe_mode stays on
-    predict_fn = keras_predict_fn(model)
+    predict_fn = keras_predict_fn(probability_model(model))  # probabilities also from a logits head
 
     pred_dir = Path(out_dir) if out_dir else run.predictions_dir
     ref_dir = run.evaluation_dir / "references"

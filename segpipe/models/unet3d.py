@@ -2,11 +2,17 @@
 
 Each level has two 3×3×3 convolutions with normalisation and LeakyReLU; the encoder halves the
 resolution with a stride-2 convolution (as nnU-Net does, instead of max pooling) and the decoder
-doubles it with a transposed convolution and concatenates the skip connection. The output is a
-softmax over the classes, computed in float32 so mixed-precision training stays stable.
+doubles it with a transposed convolution and concatenates the skip connection. The head is a
+1×1×1 convolution to the class logits followed by the output activation (``output``), in float32
+so mixed-precision training stays stable: "softmax" (probabilities, the default) or "logits" (a
+linear float32 activation; train with ``from_logits=True`` losses, which use a log-softmax).
+:func:`probability_model` gives the full-resolution probabilities of either kind, which is what
+inference and every export format use.
 
-With ``deep_supervision`` the model returns a list of softmax outputs, full resolution first and
-each next one at half the previous resolution (all decoder levels except the lowest).
+With ``deep_supervision`` the model is a plain multi-output ``keras.Model``: a list of outputs,
+full resolution first and each next one at half the previous resolution (all decoder levels
+except the lowest), compiled with one loss per output and ``loss_weights``
+(``segpipe.losses.deep_supervision_losses``) and trained on one target per output.
 
 For planned (anisotropic) networks the builder also takes per-stage ``strides`` and
 ``kernel_sizes`` (e.g. stride 2×2×1 and kernel 3×3×1 while the slices are much thicker than the
@@ -17,28 +23,20 @@ defaults, these options build exactly the network (layers, names and initial wei
 from __future__ import annotations
 
 import keras
-from keras import layers, ops
+from keras import layers
 
 NORMS = ("batch", "instance", "none")
 INITS = ("glorot_uniform", "he_normal")
+OUTPUTS = ("softmax", "logits")
 
 
 @keras.saving.register_keras_serializable(package="segpipe")
 class DeepSupervisionModel(keras.Model):
-    """A functional model with several outputs whose compiled loss sees all of them at once.
+    """Only so that models saved before deep supervision became a plain ``keras.Model`` still load.
 
-    Keras applies a compiled loss output by output; a deep-supervision loss
-    (``segpipe.losses.DeepSupervisionLoss``) instead takes the full-resolution target and the whole
-    list of outputs, so this model hands them over unchanged.
+    It adds nothing to ``keras.Model`` (its former ``compute_loss`` override handed all outputs to
+    one loss); :func:`build_unet3d` no longer creates it.
     """
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if sample_weight is not None:
-            raise ValueError("Expected no sample weights with deep supervision. Received: sample_weight")
-        loss = self.loss(y, y_pred)
-        if self.losses:  # regularisation terms added by layers
-            loss = loss + ops.sum(self.losses)
-        return loss
 
 
 def _norm(x, norm: str, name: str, sync_batch_norm: bool = False):
@@ -112,6 +110,7 @@ def build_unet3d(
     max_filters: int = 320,
     norm: str = "batch",
     deep_supervision: bool = False,
+    output: str = "softmax",
     sync_batch_norm: bool = False,
     name: str = "unet3d",
     strides=None,
@@ -133,7 +132,9 @@ def build_unet3d(
         depth: resolution levels (1 = no down-sampling).
         base_filters: filters at full resolution; doubled per level up to ``max_filters``.
         norm: "batch", "instance" or "none".
-        deep_supervision: also return softmax outputs of the lower decoder levels.
+        deep_supervision: also return outputs of the lower decoder levels (a list, full
+            resolution first).
+        output: "softmax" (probabilities) or "logits" (float32 logits; see :func:`probability_model`).
         sync_batch_norm: with norm="batch", compute batch statistics over all replicas of a
             tf.distribute strategy (``BatchNormalization(synchronized=True)``); without it each
             replica normalises with the statistics of its own slice of the batch.
@@ -150,6 +151,8 @@ def build_unet3d(
         init: "glorot_uniform" (Keras's default) or "he_normal" (He et al. 2015, nnU-Net's choice
             for LeakyReLU networks) for the convolution kernels of encoder and decoder.
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"Expected output to be one of {OUTPUTS}. Received: output={output!r}")
     if norm not in NORMS:
         raise ValueError(f"Expected norm to be one of {NORMS}. Received: norm={norm!r}")
     if depth < 1 or in_channels < 1 or num_classes < 2 or base_filters < 1:
@@ -200,16 +203,50 @@ def build_unet3d(
         x = _conv_block(x, filters[level], norm, f"dec{level}", sync_batch_norm=sync_batch_norm,
                         kernel_size=kernels[level], convs=dec_convs, init=kernel_init)
         if deep_supervision or level == 0:
-            outputs.append(_head(x, num_classes, f"out{level}"))
+            outputs.append(_head(x, num_classes, f"out{level}", output))
 
     if depth == 1:
-        outputs.append(_head(x, num_classes, "out0"))
+        outputs.append(_head(x, num_classes, "out0", output))
     outputs.reverse()  # full resolution first
-    if deep_supervision:
-        return DeepSupervisionModel(inputs, outputs, name=name)
-    return keras.Model(inputs, outputs[0], name=name)
+    return keras.Model(inputs, outputs if deep_supervision else outputs[0], name=name)
 
 
-def _head(x, num_classes: int, name: str):
+def _head(x, num_classes: int, name: str, output: str = "softmax"):
     logits = layers.Conv3D(num_classes, 1, name=f"{name}_logits")(x)
-    return layers.Activation("softmax", dtype="float32", name=name)(logits)
+    # "linear" keeps the logits (in float32); the layer name stays the output's name either way
+    return layers.Activation("softmax" if output == "softmax" else "linear", dtype="float32", name=name)(logits)
+
+
+def outputs_logits(model: keras.Model) -> bool:
+    """True if the model's first (full-resolution) output is a logits head (a linear activation).
+
+    Any other last layer, e.g. a softmax or a plain convolution with a softmax activation, counts as
+    probabilities.
+    """
+    last = _output_layer(model)
+    return isinstance(last, layers.Activation) and last.activation is keras.activations.linear
+
+
+def probability_model(model: keras.Model) -> keras.Model:
+    """The network with one output, the full-resolution class probabilities, as a functional model.
+
+    Deep-supervision outputs are dropped; a logits head gets a float32 softmax (a model that already
+    outputs probabilities keeps its output tensor as it is). Inference and every export use this.
+    """
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
+        raise ValueError(f"Expected a functional Keras model (with inputs and outputs). Received: {type(model).__name__}")
+    output = model.outputs[0]
+    if outputs_logits(model):
+        output = layers.Softmax(axis=-1, dtype="float32", name="probabilities")(output)
+    return keras.Model(model.inputs, output, name=model.name)
+
+
+def _output_layer(model: keras.Model):
+    first = model.outputs[0]
+    for layer in reversed(model.layers):
+        try:
+            if any(node_output is first for node_output in keras.tree.flatten(layer.output)):
+                return layer
+        except (AttributeError, ValueError):  # a layer without a single output node
+            continue
+    return None

@@ -1,17 +1,25 @@
 """The training loop: ``strategy.run`` on a train step, validation, Keras callbacks, stop requests.
 
-Why not ``model.fit``: with Keras 3.15 ``fit`` fails under ``MultiWorkerMirroredStrategy`` (Keras
-issue #20585, then an error reducing scalar logs), and under ``MirroredStrategy`` it trains with the
-wrong gradient scale for segpipe's losses: they return a scalar already averaged over the batch,
-which Keras does not divide by the number of replicas, so the summed gradients are ``R`` times too
-large and the logged loss ``R`` times too high. This loop is the one code path for every strategy
-(``none`` included) and gives the same history as ``fit`` on one process (tests/test_distributed.py).
+Why not ``model.fit`` (measured with Keras 3.15.1, TensorFlow 2.21, issue 15): under
+``MirroredStrategy`` (two logical CPUs) ``fit`` now trains exactly like one process: segpipe's
+losses return one value per sample, so Keras's reduction divides each replica's mean by the
+replicas, and one step of the U-Net gives the one-process weights to ~1e-6 for dice, dice + CE,
+Tversky, CE, batch Dice and deep supervision (tests/test_training_losses.py; the earlier
+"fit doubles the loss" came from the losses' scalar ``call``, reproduced there as a control).
+Under ``MultiWorkerMirroredStrategy`` (two local workers, TF_CONFIG) ``fit`` still fails before
+the first step, with Keras's own ``CategoricalCrossentropy`` as well: "Attempt to convert a value
+(PerReplica:{...}) with an unsupported type ... to a Tensor" (tests/multiworker_fit_driver.py).
+So ``fit`` cannot be the one path for every strategy, and this loop stays: it runs the same
+compiled loss as ``fit`` (``model.compute_loss``), logs the same history as ``fit`` on one process
+(tests/test_distributed.py), and adds what ``fit`` lacks here: stop requests agreed between
+workers every step and mid-epoch checkpoints with the metric accumulators.
 
 A step, in each replica: forward pass with ``training=True``, ``model.compute_loss`` (the compiled
-loss, or ``DeepSupervisionModel.compute_loss`` for the list of deep-supervision outputs), divided by
-the number of replicas because the optimizer *sums* the replicas' gradients, then
-``optimizer.apply_gradients``; the loss and the per-class Dice metric are accumulated in
-replica-local metric variables that TensorFlow sums when they are read.
+loss: one loss per output with ``loss_weights`` for deep supervision, already divided by the
+number of replicas by Keras's reduction because the optimizer *sums* the replicas' gradients),
+then ``optimizer.apply_gradients``; the loss (times the replicas, as ``fit`` logs it) and the
+per-class Dice metric are accumulated in replica-local metric variables that TensorFlow sums when
+they are read.
 
 Validation runs on every worker over all validation cases, outside ``strategy.run``: whole
 volumes of different sizes need no splitting, and every worker then logs the same values.
@@ -74,13 +82,14 @@ class TrainingLoop:
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
+            # Keras's reduction already divided this replica's mean by the replicas (apply_gradients sums
+            # them), as in fit's train_step; the logged value is the unscaled mean, as fit logs it.
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
-            # The loss is this replica's batch mean; apply_gradients sums over replicas, so this averages.
-            scaled = model.optimizer.scale_loss(loss / replicas)
+            scaled = model.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, model.trainable_variables)
         model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         loss_metric, dice = self.train_metrics
-        loss_metric.update_state(loss, sample_weight=tf.shape(x)[0])
+        loss_metric.update_state(loss * replicas, sample_weight=tf.shape(x)[0])
         dice.update_state(y, y_pred)
 
     def _eval_batch(self, x: tf.Tensor, y: tf.Tensor) -> None:

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size, model_divisor
-from segpipe.data.loader import make_datasets, train_dataset, train_sampler
+from segpipe.data.loader import make_datasets, train_dataset, train_sampler, with_output_targets
 from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
 from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
-from segpipe.losses import DeepSupervisionLoss, get_loss
+from segpipe.losses import deep_supervision_losses, get_loss
 from segpipe.metrics.streaming import PerClassDice
 from segpipe.models.resenc_unet import build_resenc_unet
 from segpipe.models.unet3d import build_unet3d
@@ -36,7 +36,7 @@ def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Mod
     """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled)."""
     m = config.model
     kwargs = dict(depth=m.depth, base_filters=m.base_filters, max_filters=m.max_filters, norm=m.norm,
-                  deep_supervision=m.deep_supervision, sync_batch_norm=config.train.sync_batch_norm,
+                  deep_supervision=m.deep_supervision, output=m.output, sync_batch_norm=config.train.sync_batch_norm,
                   strides=m.strides, kernel_sizes=m.kernel_sizes)
     if m.init is not None:
         kwargs["init"] = m.init
@@ -63,25 +63,56 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
 
 
 def build_loss(config: Config, num_classes: int):
-    """The configured loss, checked against the dataset's classes (before any data is loaded)."""
+    """The configured loss of one output, checked against the dataset's classes (before any data is loaded).
+
+    With ``model.output: logits`` every term gets ``from_logits: true``; a loss config that sets
+    ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all).
+    """
     try:
         loss = get_loss(config.loss, num_classes=num_classes)
     except SettingError as exc:  # keyed by the loss option: add the section's path once
         raise ConfigError(str(exc.with_prefix("loss."))) from exc
     except ValueError as exc:
         raise ConfigError(f"loss: {exc}") from exc
-    if config.model.deep_supervision:
-        # one output per decoder level except the lowest, full resolution first
-        return DeepSupervisionLoss(loss, num_outputs=max(1, config.model.depth - 1))
-    return loss
+    logits = config.model.output == "logits"
+    explicit = _explicit_from_logits(config.loss)
+    if any(value != logits for value in explicit):
+        raise ConfigError(expected(f"from_logits: {str(logits).lower()} (or no from_logits) with model.output: "
+                                   f"{config.model.output}", key="loss.from_logits", received=not logits))
+    return loss.with_options(from_logits=True) if logits else loss
+
+
+def _explicit_from_logits(spec: Any) -> list[bool]:
+    """The ``from_logits`` values written in a loss config (every compound term)."""
+    if isinstance(spec, dict):
+        found = [spec["from_logits"]] if "from_logits" in spec else []
+        return found + [v for term in spec.get("terms", []) or [] for v in _explicit_from_logits(term)]
+    return []
+
+
+def num_outputs(config: Config) -> int:
+    """The model's outputs: one, or with deep supervision one per decoder level except the lowest."""
+    return max(1, config.model.depth - 1) if config.model.deep_supervision else 1
 
 
 def compile_model(model, config: Config, class_names: list[str]) -> None:
+    """Compile with the configured loss; with deep supervision the same loss on every output and
+    nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader)."""
 
     dice = PerClassDice(class_names, name="dice")
-    # with deep supervision, the Dice metric watches the full-resolution output only
-    metrics = [[dice]] + [[] for _ in model.outputs[1:]] if len(model.outputs) > 1 else [dice]
-    model.compile(optimizer=build_optimizer(config), loss=build_loss(config, len(class_names)), metrics=metrics)
+    loss = build_loss(config, len(class_names))
+    n = num_outputs(config)
+    if len(model.outputs) != n:
+        raise ValueError(expected(f"a model with {n} output(s) for model.deep_supervision: "
+                                  f"{str(config.model.deep_supervision).lower()}", key="len(model.outputs)",
+                                  received=len(model.outputs)))
+    if n == 1:
+        model.compile(optimizer=build_optimizer(config), loss=loss, metrics=[dice])
+        return
+    losses, weights = deep_supervision_losses(loss, n)
+    # the Dice metric watches the full-resolution output only
+    model.compile(optimizer=build_optimizer(config), loss=losses, loss_weights=weights,
+                  metrics=[[dice]] + [[] for _ in range(n - 1)])
 
 
 def train(config: Config, *, resume: bool = False, overwrite: bool = False, verbose: int | None = None) -> Path:
@@ -230,7 +261,8 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
     batch = config.data.batch_size
     start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
     train_ds, val_ds = make_datasets(prepared, config.data, seed=config.seed,
-                                     divisor=max(model_divisor(config.model.depth, config.model.strides)), start_index=start)
+                                     divisor=max(model_divisor(config.model.depth, config.model.strides)), start_index=start,
+                                     num_outputs=num_outputs(config))
     train_input = distributed.distribute_train_data(
         strategy, worker, train_ds, lambda spec: _worker_train_dataset(prepared, config, spec),
         global_batch=batch, base=start)
@@ -250,7 +282,8 @@ def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "Shard
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
-    return train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+    ds = train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+    return with_output_targets(ds, num_outputs(config))
 
 
 def check_resumed_config(run_dir: Path, config: Config) -> None:

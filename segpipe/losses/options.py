@@ -1,0 +1,94 @@
+"""Option validators shared by every loss (errors in the Keras form "Expected ... Received: arg=value").
+
+Each validator takes ``(loss name, option key, value)`` and returns the normalised value or raises
+``ValueError``; :class:`segpipe.losses.base.SegmentationLoss` runs them at construction, so a bad
+option in a config file fails before any data is read.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["VALIDATORS", "invalid", "is_number", "weights", "focal_alpha"]
+
+
+def invalid(loss: str, key: str, expected: str, value: Any) -> ValueError:
+    """The ``ValueError`` for option ``key`` of ``loss``, with a hint for YAML's string pitfalls."""
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = " (YAML reads numbers such as 1e-5 without a dot as strings; write 1.0e-5)"
+        except ValueError:
+            if value.lower() in ("true", "false"):
+                hint = " (write an unquoted true/false)"
+    return ValueError(f"Invalid value for option `{key}` of loss '{loss}'. Expected {expected}. "
+                      f"Received: {key}={value!r}{hint}")
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def boolean(loss: str, key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise invalid(loss, key, "a boolean", v)
+    return v
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str, str, Any], float]:
+    """A validator for a number in ``[low, high]`` (either end open)."""
+    def check(loss: str, key: str, v: Any) -> float:
+        ok = is_number(v) and (v > low if low_open else v >= low) and (
+            v < high if high_open else v <= high)
+        if not ok:
+            if high == math.inf:
+                expected = f"a number {'>' if low_open else '>='} {low:g}"
+            else:
+                expected = (f"a number in {'(' if low_open else '['}{low:g}, "
+                            f"{high:g}{')' if high_open else ']'}")
+            raise invalid(loss, key, expected, v)
+        return float(v)
+    return check
+
+
+def _is_list_like(v: Any) -> bool:
+    return hasattr(v, "__iter__") and hasattr(v, "__len__") and not isinstance(
+        v, (str, bytes, Mapping))
+
+
+def weights(loss: str, key: str, v: Any) -> list[float] | None:
+    """None, or a non-empty list of non-negative numbers with a positive sum."""
+    if v is None:
+        return None
+    if (not _is_list_like(v) or len(v) == 0
+            or not all(is_number(x) and x >= 0 for x in v) or sum(v) <= 0):
+        raise invalid(loss, key, "null or a non-empty list of non-negative numbers with a "
+                                 "positive sum (one per scored class)", v)
+    return [float(x) for x in v]
+
+
+def focal_alpha(loss: str, key: str, v: Any) -> float | list[float] | None:
+    """Focal ``alpha``: None, a number in [0, 1], or one weight per scored class."""
+    if v is None:
+        return None
+    return weights(loss, key, v) if _is_list_like(v) else number(0.0, 1.0)(loss, key, v)
+
+
+def weight_type(loss: str, key: str, v: Any) -> str:
+    if v not in ("square", "simple", "uniform"):
+        raise invalid(loss, key, "one of ['square', 'simple', 'uniform']", v)
+    return v
+
+
+VALIDATORS: dict[str, Callable[[str, str, Any], Any]] = {
+    "include_background": boolean, "batch": boolean, "from_logits": boolean,
+    "squared_pred": boolean, "smooth_nr": number(0.0), "smooth_dr": number(0.0),
+    "alpha": number(0.0), "beta": number(0.0), "gamma": number(0.0, low_open=True),
+    "class_weights": weights, "label_smoothing": number(0.0, 1.0, high_open=True),
+    "weight_type": weight_type,
+}
+"""Option name -> validator (a loss class may override one, e.g. focal ``alpha``)."""

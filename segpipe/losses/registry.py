@@ -1,0 +1,64 @@
+"""Building a loss from a name, a config dict or the compound form (what config files use)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from segpipe.losses.base import SegmentationLoss, available_losses, lookup
+from segpipe.losses.compound import CompoundLoss, build_loss_from_spec
+
+__all__ = ["get_loss", "validate_loss_config", "available_losses"]
+
+
+def get_loss(spec: str | Mapping[str, Any] | keras.losses.Loss, /, *,
+             num_classes: int | None = None, **options: Any) -> keras.losses.Loss:
+    """Build a loss from a name, a config dict or the compound form.
+
+    Examples::
+
+        get_loss("tversky", alpha=0.3, beta=0.7)
+        get_loss({"name": "tversky", "alpha": 0.3})
+        get_loss({"terms": [{"name": "dice", "weight": 1}, {"name": "ce", "weight": 1}]})
+
+    Args:
+        spec: a registry name or alias (see :func:`available_losses`), a dict with ``name`` and
+            options, a dict with ``terms`` (compound; ``name: compound`` optional), or an existing
+            segpipe loss (returned as is).
+        num_classes: if given, per-class options (``class_weights``, focal ``alpha`` lists) are
+            checked against it (number of output channels, background included).
+        **options: loss options (including ``reduction``); they override the dict's entries.
+
+    Returns:
+        A ``keras.losses.Loss`` whose ``call(y_true, y_pred)`` returns one float32 value per
+        sample, shape (B,), and whose ``__call__`` reduces them as Keras does.
+
+    Raises:
+        ValueError: unknown name (the valid names are listed), unknown or invalid option.
+    """
+    if isinstance(spec, (SegmentationLoss, CompoundLoss)):
+        if options:
+            raise ValueError("Options cannot be applied to an already built loss. "
+                             f"Received: options={options}")
+        loss = spec
+    elif isinstance(spec, str):
+        loss = lookup(spec)(**options)
+    elif isinstance(spec, Mapping):
+        loss = build_loss_from_spec({**spec, **options})
+    else:
+        raise ValueError("Expected a loss name, a config dict or a segpipe loss. "
+                         f"Received: spec={spec!r}")
+    if num_classes is not None:
+        loss.check_num_classes(num_classes)
+    return loss
+
+
+def validate_loss_config(config: str | Mapping[str, Any], num_classes: int | None = None) -> None:
+    """Raise ``ValueError`` if a loss config section is invalid (for the config loader).
+
+    Builds the loss (which validates names and options) and, if ``num_classes`` is given, checks
+    per-class options such as ``class_weights`` against it, taking ``include_background`` into
+    account.
+    """
+    get_loss(config, num_classes=num_classes)

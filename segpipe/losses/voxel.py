@@ -1,0 +1,146 @@
+"""Voxel losses: categorical cross-entropy and focal loss.
+
+Each has a per-voxel form (``*_per_voxel``, shape (B, spatial...)) and the pure loss function,
+its mean over the voxels of each sample, shape (B,). Their classes accept ``sample_weight`` of
+shape (B,) or of the voxel shape (B, X, Y, Z) (see :meth:`SegmentationLoss.weighted_values`).
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+from keras import ops
+
+from segpipe.losses.base import SegmentationLoss, register
+from segpipe.losses.options import focal_alpha
+from segpipe.losses.tensors import per_class_vector, power_from_zero, prepare
+
+__all__ = ["cross_entropy_per_voxel", "cross_entropy_loss", "focal_per_voxel", "focal_loss",
+           "CrossEntropyLoss", "FocalLoss"]
+
+
+def _voxel_mean(values):
+    """(B, spatial...) -> (B,)."""
+    return ops.mean(values, axis=tuple(range(1, len(values.shape))))
+
+
+def cross_entropy_per_voxel(y_true, y_pred, *, class_weights: Sequence[float] | None = None,
+                            label_smoothing: float = 0.0, include_background: bool = True,
+                            from_logits: bool = False):
+    """Categorical cross-entropy of every voxel, shape (B, spatial...); see :func:`cross_entropy_loss`."""
+    g, _, log_p = prepare(y_true, y_pred, from_logits=from_logits,
+                          include_background=include_background,
+                          label_smoothing=label_smoothing, with_log=True)
+    terms = g * log_p
+    if class_weights is not None:
+        terms = terms * per_class_vector(class_weights, terms.shape[-1], what="class_weights",
+                                         include_background=include_background)
+    return -ops.sum(terms, axis=-1)
+
+
+def cross_entropy_loss(y_true, y_pred, *, class_weights: Sequence[float] | None = None,
+                       label_smoothing: float = 0.0, include_background: bool = True,
+                       from_logits: bool = False):
+    """Categorical cross-entropy per sample, the mean over its voxels.
+
+    Formula::
+
+        l_bv = - sum_c w_c g_c log p_c,     loss_b = mean over the voxels v of sample b
+
+    with ``g <- g (1 - label_smoothing) + label_smoothing / C`` (C = all channels, as in Keras),
+    w_c = 1 without ``class_weights``, and ``log p = log_softmax(logits)`` with ``from_logits``
+    (else ``log(clip(p, 1e-7, 1))`` as Keras). Without options its batch mean equals
+    ``keras.losses.CategoricalCrossentropy()``.
+
+    Args:
+        class_weights: one weight per scored class; the mean is not renormalised by the weights.
+        label_smoothing: in [0, 1). Defaults to 0.
+        include_background: False drops the class-0 term. Defaults to True.
+        from_logits: ``y_pred`` are logits. Defaults to False.
+
+    Returns:
+        float32 tensor of shape (B,).
+
+    Reference:
+        Label smoothing: Szegedy et al. Rethinking the Inception architecture. CVPR 2016,
+        arXiv:1512.00567.
+    """
+    return _voxel_mean(cross_entropy_per_voxel(
+        y_true, y_pred, class_weights=class_weights, label_smoothing=label_smoothing,
+        include_background=include_background, from_logits=from_logits))
+
+
+def focal_per_voxel(y_true, y_pred, *, gamma: float = 2.0,
+                    alpha: float | Sequence[float] | None = None, include_background: bool = True,
+                    from_logits: bool = False):
+    """Focal loss of every voxel, shape (B, spatial...); see :func:`focal_loss`."""
+    g, p, log_p = prepare(y_true, y_pred, from_logits=from_logits,
+                          include_background=include_background, with_log=True)
+    terms = power_from_zero(1.0 - p, gamma) * g * log_p
+    if isinstance(alpha, numbers.Real):
+        num_foreground = p.shape[-1] - (1 if include_background else 0)
+        full = [1.0 - alpha] + [float(alpha)] * num_foreground
+        alpha = full if include_background else full[1:]
+    if alpha is not None:
+        terms = terms * per_class_vector(alpha, terms.shape[-1], what="alpha",
+                                         include_background=include_background)
+    return -ops.sum(terms, axis=-1)
+
+
+def focal_loss(y_true, y_pred, *, gamma: float = 2.0,
+               alpha: float | Sequence[float] | None = None, include_background: bool = True,
+               from_logits: bool = False):
+    """Focal loss (softmax form) per sample, the mean over its voxels.
+
+    Formula::
+
+        l_bv = - sum_c alpha_c (1 - p_c)^gamma g_c log p_c,   loss_b = mean over voxels
+
+    (with a zero, finite gradient of the power at p_c = 1 for gamma < 1).
+
+    Args:
+        gamma: focusing parameter, > 0. Defaults to 2.
+        alpha: None (alpha_c = 1), a number a in [0, 1] (alpha_0 = 1 - a for the background and
+            alpha_c = a for every other class, Lin et al.'s binary convention), or one non-negative
+            weight per scored class. Defaults to None.
+        include_background, from_logits: as :func:`cross_entropy_loss`.
+
+    Returns:
+        float32 tensor of shape (B,).
+
+    Reference:
+        Lin, Goyal, Girshick, He, Dollar. Focal loss for dense object detection. ICCV 2017,
+        arXiv:1708.02002.
+    """
+    return _voxel_mean(focal_per_voxel(y_true, y_pred, gamma=gamma, alpha=alpha,
+                                       include_background=include_background,
+                                       from_logits=from_logits))
+
+
+class _VoxelLoss(SegmentationLoss):
+    """A loss that is a mean over voxels, so voxel sample weights have a meaning."""
+
+    voxel_weights_ok = True
+    per_voxel = staticmethod(lambda y_true, y_pred: None)
+
+    def voxel_weighted_values(self, y_true, y_pred, voxel_weights):
+        values = self.per_voxel(y_true, y_pred, **self.options)
+        axes = tuple(range(1, len(values.shape)))
+        total_weight = ops.sum(voxel_weights, axis=axes)
+        sample_weight = ops.mean(voxel_weights, axis=axes)
+        return ops.divide_no_nan(ops.sum(values * voxel_weights, axis=axes), total_weight), sample_weight
+
+
+@register("cross_entropy")
+class CrossEntropyLoss(_VoxelLoss):
+    """Categorical cross-entropy; see :func:`cross_entropy_loss`."""
+    fn = staticmethod(cross_entropy_loss)
+    per_voxel = staticmethod(cross_entropy_per_voxel)
+
+
+@register("focal")
+class FocalLoss(_VoxelLoss):
+    """Focal loss; see :func:`focal_loss`."""
+    fn = staticmethod(focal_loss)
+    per_voxel = staticmethod(focal_per_voxel)
+    _validators = {"alpha": focal_alpha}
