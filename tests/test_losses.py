@@ -14,7 +14,7 @@ import pytest
 
 from segpipe.losses import (
     available_losses, deep_supervision_losses, deep_supervision_targets, deep_supervision_weights,
-    downsample_target, get_loss, validate_loss_config)
+    downsample_target, get_loss)
 import keras  # noqa: E402  (after segpipe, which sets the backend)
 import tensorflow as tf  # noqa: E402
 
@@ -590,8 +590,6 @@ def test_shape_mismatch_names_both_shapes():
 def test_invalid_options_raise_at_construction(spec, pattern):
     with pytest.raises(ValueError, match=pattern):
         get_loss(spec)
-    with pytest.raises(ValueError, match=pattern):
-        validate_loss_config(spec)
 
 
 @pytest.mark.parametrize("spec, num_classes, ok", [
@@ -606,11 +604,8 @@ def test_invalid_options_raise_at_construction(spec, pattern):
 ])
 def test_class_weights_length_checked_against_num_classes(spec, num_classes, ok):
     if ok:
-        assert validate_loss_config(spec, num_classes=num_classes) is None
         get_loss(spec, num_classes=num_classes)
     else:
-        with pytest.raises(ValueError, match=f"num_classes={num_classes}"):
-            validate_loss_config(spec, num_classes=num_classes)
         with pytest.raises(ValueError, match=f"num_classes={num_classes}"):
             get_loss(spec, num_classes=num_classes)
 

@@ -60,7 +60,7 @@ from segpipe.losses.deep_supervision import (deep_supervision_losses, deep_super
 from segpipe.losses.region import (DiceLoss, FocalTverskyLoss, GeneralizedDiceLoss, IoULoss,
                                    TverskyLoss, dice_loss, focal_tversky_loss,
                                    generalized_dice_loss, iou_loss, tversky_loss)
-from segpipe.losses.registry import get_loss, validate_loss_config
+from segpipe.losses.registry import get_loss
 from segpipe.losses.tensors import EPSILON
 from segpipe.losses.voxel import (CrossEntropyLoss, FocalLoss, cross_entropy_loss,
                                   cross_entropy_per_voxel, focal_loss, focal_per_voxel)
@@ -72,5 +72,5 @@ __all__ = [
     "SegmentationLoss", "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "IoULoss",
     "FocalTverskyLoss", "CrossEntropyLoss", "FocalLoss", "CompoundLoss",
     "available_losses", "deep_supervision_weights", "deep_supervision_losses",
-    "deep_supervision_targets", "downsample_target", "get_loss", "validate_loss_config",
+    "deep_supervision_targets", "downsample_target", "get_loss",
 ]

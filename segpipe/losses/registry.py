@@ -9,7 +9,7 @@ import keras
 from segpipe.losses.base import SegmentationLoss, available_losses, lookup
 from segpipe.losses.compound import CompoundLoss, build_loss_from_spec
 
-__all__ = ["get_loss", "validate_loss_config", "available_losses"]
+__all__ = ["get_loss", "available_losses"]
 
 
 def get_loss(spec: str | Mapping[str, Any] | keras.losses.Loss, /, *,
@@ -52,13 +52,3 @@ def get_loss(spec: str | Mapping[str, Any] | keras.losses.Loss, /, *,
     if num_classes is not None:
         loss.check_num_classes(num_classes)
     return loss
-
-
-def validate_loss_config(config: str | Mapping[str, Any], num_classes: int | None = None) -> None:
-    """Raise ``ValueError`` if a loss config section is invalid (for the config loader).
-
-    Builds the loss (which validates names and options) and, if ``num_classes`` is given, checks
-    per-class options such as ``class_weights`` against it, taking ``include_background`` into
-    account.
-    """
-    get_loss(config, num_classes=num_classes)
