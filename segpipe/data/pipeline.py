@@ -166,14 +166,7 @@ def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progre
     full = mode == "full"
     # Header checks take milliseconds per case: processes would cost more to start than they save.
     problems = check_dataset(dataset, read_data=full, workers=workers if full else 1, progress=progress and full)
-    found = errors(problems)
-    for problem in problems:
-        if problem not in found:
-            print(problem.format(dataset.root), file=sys.stderr)
-    if found:
-        lines = "\n  ".join(p.format(dataset.root) for p in found)
-        raise DataError(expected(f"a dataset without integrity errors (data.check: {mode})", key="data.root",
-                                 received=Received(f"{dataset.root} with {len(found)} error(s)")) + f"\n  {lines}")
+    _report(problems, dataset, f"a dataset without integrity errors (data.check: {mode})")
 
 
 def run_label_check(dataset: Dataset, fingerprint: dict[str, Any], mode: str) -> None:
@@ -185,15 +178,20 @@ def run_label_check(dataset: Dataset, fingerprint: dict[str, Any], mode: str) ->
     if mode == "off":
         return
     problems = check_labels(dataset, {k: c["class_voxels"] for k, c in fingerprint["cases"].items()})
+    _report(problems, dataset, "only declared label values")
+
+
+
+def _report(problems: list, dataset: Dataset, what: str) -> None:
+    """Warnings to stderr; errors, all listed, as one DataError saying ``what`` was expected."""
     found = errors(problems)
     for problem in problems:
         if problem not in found:
             print(problem.format(dataset.root), file=sys.stderr)
     if found:
         lines = "\n  ".join(p.format(dataset.root) for p in found)
-        raise DataError(expected("only declared label values", key="data.root",
-                                 received=Received(f"{dataset.root} ({len(found)} error(s))")) + f"\n  {lines}")
-
+        raise DataError(expected(what, key="data.root",
+                                 received=Received(f"{dataset.root} with {len(found)} error(s)")) + f"\n  {lines}")
 
 def dataset_cache_dir(config: Config, dataset: Dataset) -> Path:
     """``data.cache_dir``, or ``<output_dir>/.cache/<dataset name>-<8 hex of its resolved path>``."""
