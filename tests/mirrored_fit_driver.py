@@ -31,7 +31,10 @@ CASES = {
     "dice_ce_weighted": {"terms": [{"name": "dice", "include_background": False}, {"name": "ce"}]},
 }
 SAMPLE_WEIGHTS = np.array([1.0, 0.5, 2.0, 0.0], np.float32)
-BATCH, NUM_CLASSES, DEPTH, EPOCHS = 4, 3, 3, 1  # one step of fit
+BATCH, NUM_CLASSES, EPOCHS = 4, 3, 1  # one step of fit
+# the smallest U-Net of each kind (tracing under the strategy is most of the time): two stages,
+# three for deep supervision (two outputs)
+DEPTH, DS_DEPTH = 2, 3
 
 
 class ScalarCallDice(keras.losses.Loss):
@@ -54,7 +57,8 @@ def build(case: str, initial: list | None):
     """The compiled U-Net (plain functional model; all outputs for deep supervision)."""
     ds = case == "deep_supervision"
     keras.utils.set_random_seed(0)
-    net = build_unet3d(1, NUM_CLASSES, depth=DEPTH, base_filters=4, norm="instance", deep_supervision=ds)
+    net = build_unet3d(1, NUM_CLASSES, depth=DS_DEPTH if ds else DEPTH, base_filters=4, norm="instance",
+                       deep_supervision=ds)
     model = keras.Model(net.inputs, net.outputs)  # a plain keras.Model, no compute_loss override
     if initial is not None:
         model.set_weights(initial)
@@ -63,7 +67,7 @@ def build(case: str, initial: list | None):
     else:
         loss = ScalarCallDice() if case == "scalar_call_dice" else get_loss(CASES[case])
     if ds:
-        losses, weights = deep_supervision_losses(loss, DEPTH - 1)
+        losses, weights = deep_supervision_losses(loss, DS_DEPTH - 1)
         model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=losses, loss_weights=weights)
     else:
         model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=loss)
@@ -73,7 +77,7 @@ def build(case: str, initial: list | None):
 def run(case: str, strategy: tf.distribute.Strategy) -> dict:
     x, y = batch()
     if case == "deep_supervision":
-        y = tuple(np.asarray(t) for t in deep_supervision_targets(y, DEPTH - 1))
+        y = tuple(np.asarray(t) for t in deep_supervision_targets(y, DS_DEPTH - 1))
     single = build(case, None)
     initial = single.get_weights()
     sw = SAMPLE_WEIGHTS if case.endswith("_weighted") else None

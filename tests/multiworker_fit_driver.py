@@ -19,7 +19,7 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy() if distributed else tf.di
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mirrored_fit_driver import BATCH, DEPTH, batch, build  # noqa: E402
+from mirrored_fit_driver import BATCH, DS_DEPTH, batch, build  # noqa: E402
 
 from segpipe.losses import deep_supervision_targets  # noqa: E402
 
@@ -27,7 +27,7 @@ from segpipe.losses import deep_supervision_targets  # noqa: E402
 def main(case: str, out: str) -> None:
     x, y = batch()
     if case == "deep_supervision":
-        y = tuple(np.asarray(t) for t in deep_supervision_targets(y, DEPTH - 1))
+        y = tuple(np.asarray(t) for t in deep_supervision_targets(y, DS_DEPTH - 1))
     if distributed:
         index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
         half = slice(index * BATCH // 2, (index + 1) * BATCH // 2)

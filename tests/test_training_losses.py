@@ -43,6 +43,11 @@ def test_loss_config_trains_and_loss_decreases(path, deep_supervision, output, f
     config = load_config(path, overrides)
     model = build_model(config, 1, dataset.num_classes)
     compile_model(model, config, dataset.class_names)
+    # The plain head trains in graph mode, as training runs: every shipped loss traced with the U-Net.
+    # The deep-supervision and logits variants change the head and the targets, not how a loss
+    # traces (graph mode of those: the mirrored driver below, test_losses.py's fit and XLA tests),
+    # so they run eagerly: a new train step's tracing is most of such a test (2-2.4x measured).
+    model.run_eagerly = deep_supervision or output == "logits"
     if deep_supervision:  # one target per output, as the loader gives them
         assert len(model.outputs) == 2 and model.loss == [model.loss[0]] * 2
         labels = tuple(np.asarray(t) for t in deep_supervision_targets(labels, 2))
@@ -88,16 +93,35 @@ FIT_CASES = ["dice", "dice_ce", "tversky", "ce", "batch_dice", "generalized_dice
 
 
 @pytest.fixture(scope="module")
-def mirrored_fit_results(tmp_path_factory):
-    """One subprocess (two logical CPUs must be set before TensorFlow starts) running every case."""
-    import json
-
-    from process_helpers import REPO, running, start
+def mirrored_fit_driver(tmp_path_factory):
+    """One subprocess (two logical CPUs must be set before TensorFlow starts) running every case:
+    ``(process, log)``; killed when the module is done."""
+    from process_helpers import REPO, kill, start
 
     log = tmp_path_factory.mktemp("mirrored_fit") / "driver.log"
-    args = [str(REPO / "tests" / "mirrored_fit_driver.py"), *FIT_CASES, "scalar_call_dice"]
-    with running(start(args, log)) as (proc,):
-        assert proc.wait(timeout=480) == 0, log.read_text()[-3000:]
+    proc = start([str(REPO / "tests" / "mirrored_fit_driver.py"), *FIT_CASES, "scalar_call_dice"], log)
+    try:
+        yield proc, log
+    finally:
+        kill(proc)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mirrored_fit_driver_starts_with_the_module(request):
+    """Start the driver (minutes of single-threaded tracing) with the module's first test when any
+    of its tests is selected, so it runs beside the in-process trainings instead of after them."""
+    if any("mirrored_fit_results" in getattr(item, "fixturenames", ()) and item.module is request.module
+           for item in request.session.items):
+        request.getfixturevalue("mirrored_fit_driver")
+
+
+@pytest.fixture(scope="module")
+def mirrored_fit_results(mirrored_fit_driver):
+    """The driver's results by case (it runs them all; a JSON line each)."""
+    import json
+
+    proc, log = mirrored_fit_driver
+    assert proc.wait(timeout=480) == 0, log.read_text()[-3000:]
     lines = [line[len("RESULT "):] for line in log.read_text().splitlines() if line.startswith("RESULT ")]
     return {r["case"]: r for r in map(json.loads, lines)}
 
