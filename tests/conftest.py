@@ -1,6 +1,10 @@
 """Shared fixtures: small generated datasets and tiny configs, so tests never need real data."""
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import pytest
 
 import segpipe  # noqa: F401  (sets TensorFlow's environment before any test imports it)
@@ -15,18 +19,88 @@ def phantom_root(tmp_path_factory):
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "ds", TINY_PHANTOMS)
 
 
-@pytest.fixture
-def tiny_overrides(phantom_root, tmp_path):
-    """Dotted overrides that make any config a seconds-long run on the tiny phantoms."""
+def _tiny(phantom_root: Path, output_dir: Path) -> list[str]:
+    """The overrides of ``tiny_overrides`` with the runs in ``output_dir``."""
     return [
         f"data.root={phantom_root}",
         "data.phantoms=null",
         "data.patch_size=[16, 16, 16]",
         "data.batch_size=2",
         "data.val_fraction=0.34",
+        # 6 tiny cases: spawning worker processes costs more than it saves (the parallel paths have
+        # their own tests: tests/data/test_cache.py, test_evaluation.py, and the distribution tests)
+        "data.preprocess_workers=1",
         "model.depth=2",
         "model.base_filters=4",
         "train.epochs=2",
         "train.steps_per_epoch=3",
-        f"output_dir={tmp_path / 'runs'}",
+        # no bundle (SavedModel + segment signature + OpenVINO, each verified: most of a tiny run's
+        # time); the export after training is tested by tests/test_train_e2e.py (tiny_run) and
+        # planning/test_plan_e2e.py, the formats by tests/test_export.py. Add
+        # "train.export_bundle=true" after these overrides to get one.
+        "train.export_bundle=false",
+        f"output_dir={output_dir}",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(phantom_root, tmp_path):
+    """Dotted overrides that make any config a seconds-long run on the tiny phantoms (into
+    ``tmp_path / "runs"``, no bundle, preprocessing in this process)."""
+    return _tiny(phantom_root, tmp_path / "runs")
+
+
+def _history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_root, tmp_path_factory):
+    """One finished tiny run (``tiny_overrides``, bundle exported), trained once per session:
+    ``(run_dir, overrides)``. Tests may add files (evaluation, predictions) but not change the
+    training's own files."""
+    import train
+
+    runs = tmp_path_factory.mktemp("tiny_run") / "runs"
+    overrides = [*_tiny(phantom_root, runs), "train.export_bundle=true", "name=e2e"]
+    assert train.main(["--set", *overrides]) == 0
+    return runs / "e2e", overrides
+
+
+@pytest.fixture(scope="session")
+def resumed_tiny_run(phantom_root, tmp_path_factory):
+    """The ``tiny_run`` config (no bundle) crashed by a KeyboardInterrupt right after its first
+    checkpoint, then resumed with ``train.py --resume``; trained once per session.
+
+    Returns a dict: ``run_dir``; what the run directory held at the crash: ``status`` (status.json),
+    ``history`` (history.csv rows), ``png`` (progress.png bytes), ``epoch_times`` (epoch_times.csv as
+    read by :func:`segpipe.reports.progress.read_history`); ``resume_code`` (train.py's exit code).
+    """
+    import train
+    from segpipe.reports.progress import read_history
+    from segpipe.runs.rundir import RunDir
+    from segpipe.training.checkpoints import RunCheckpoint
+
+    out = tmp_path_factory.mktemp("resumed_tiny_run") / "runs"
+    original = RunCheckpoint.on_epoch_end
+    seen: dict = {}
+
+    def crash_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            run = RunDir(self.run.path)
+            seen["png"] = run.progress_png.read_bytes()
+            seen["epoch_times"] = read_history(run.epoch_times_csv)
+            raise KeyboardInterrupt("simulated crash after the first checkpoint")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--set", *_tiny(phantom_root, out), "name=crashed"])
+    run_dir = out / "crashed"
+    seen["status"] = json.loads((run_dir / "status.json").read_text())["status"]
+    seen["history"] = _history(run_dir)
+    seen["resume_code"] = train.main(["--resume", str(run_dir)])
+    seen["run_dir"] = run_dir
+    return seen

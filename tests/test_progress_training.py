@@ -3,33 +3,19 @@ from __future__ import annotations
 
 import pytest
 
-from segpipe.cli.train import main as train_main
 from segpipe.reports.progress import progress_figure, read_history
 from segpipe.runs.rundir import RunDir
-from segpipe.training.checkpoints import RunCheckpoint
 
 
-def test_progress_png_after_every_epoch_and_across_a_resume(tiny_overrides, tmp_path, monkeypatch):
-    original = RunCheckpoint.on_epoch_end
-    seen_after_first_epoch = {}
-
-    def crash_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            run = RunDir(self.run.path)
-            seen_after_first_epoch["png"] = run.progress_png.read_bytes()
-            seen_after_first_epoch["times"] = read_history(run.epoch_times_csv)
-            raise KeyboardInterrupt("simulated crash after the first checkpoint")
-
-    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(["--set", *tiny_overrides, "name=plotted"])
-    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", original)
+def test_progress_png_after_every_epoch_and_across_a_resume(resumed_tiny_run):
+    """``resumed_tiny_run``: crashed right after the first epoch's checkpoint, then resumed (the
+    run tests/test_train_e2e.py compares with an uninterrupted one)."""
+    seen_after_first_epoch = resumed_tiny_run
     assert seen_after_first_epoch["png"].startswith(b"\x89PNG")  # drawn after epoch 1 already
-    assert list(seen_after_first_epoch["times"]["epoch"]) == [1.0]
+    assert list(seen_after_first_epoch["epoch_times"]["epoch"]) == [1.0]
 
-    run = RunDir(tmp_path / "runs" / "plotted")
-    assert train_main(["--resume", str(run.path)]) == 0
+    run = RunDir(resumed_tiny_run["run_dir"])
+    assert resumed_tiny_run["resume_code"] == 0
     history = read_history(run.history_csv)
     times = read_history(run.epoch_times_csv)
     assert list(history["epoch"]) == [1.0, 2.0]

@@ -9,7 +9,6 @@ import pytest
 import evaluate
 import predict
 import train
-from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.config import load_config
 from segpipe.io import read_nifti
 
@@ -19,9 +18,8 @@ def read_history(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_train_then_evaluate(tiny_overrides, tmp_path, phantom_root):
-    assert train.main(["--set", *tiny_overrides, "name=e2e"]) == 0
-    run_dir = tmp_path / "runs" / "e2e"
+def test_train_then_evaluate(tiny_run, tmp_path, phantom_root):
+    run_dir, overrides = tiny_run  # train.main(["--set", *overrides]) == 0, bundle exported
     for name in ("config.yaml", "splits.json", "history.csv", "model.keras", "checkpoints/best.keras",
                  "checkpoints/last/model.keras", "checkpoints/last/state.json", "bundle/bundle.json",
                  "bundle/model.keras", "bundle/savedmodel/saved_model.pb"):
@@ -41,10 +39,10 @@ def test_train_then_evaluate(tiny_overrides, tmp_path, phantom_root):
     assert not set(split["val"]) & set(split["train"])
 
     # a finished run is not trained again
-    assert train.main(["--set", *tiny_overrides, "name=e2e"]) == 0
+    assert train.main(["--set", *overrides]) == 0
     assert len(read_history(run_dir)) == 2
 
-    assert evaluate.main([str(run_dir)]) == 0
+    assert evaluate.main([str(run_dir), "--workers", "1"]) == 0  # parallel scoring: test_evaluation.py
     for case_id in split["val"]:
         prediction = read_nifti(run_dir / "predictions" / f"{case_id}.nii.gz")
         image = read_nifti(phantom_root / "imagesTr" / f"{case_id}.nii.gz")
@@ -84,28 +82,19 @@ def test_unfinished_run_needs_resume_or_overwrite(tiny_overrides, tmp_path, caps
     assert "--resume" in capsys.readouterr().err
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_overrides, tmp_path, monkeypatch):
-    assert train.main(["--set", *tiny_overrides, "name=straight"]) == 0
+def test_resume_after_a_crash_equals_an_uninterrupted_run(resumed_tiny_run, tiny_run):
+    """A KeyboardInterrupt right after the first checkpoint, then --resume: the history of the
+    uninterrupted run (``tiny_run``: the same config and seed)."""
+    crashed = resumed_tiny_run["run_dir"]
+    assert resumed_tiny_run["status"] == "running"  # at the crash
+    assert len(resumed_tiny_run["history"]) == 1
 
-    original = RunCheckpoint.on_epoch_end
-
-    def crash_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("simulated crash after the first checkpoint")
-
-    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--set", *tiny_overrides, "name=crashed"])
-    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", original)
-    crashed = tmp_path / "runs" / "crashed"
-    assert json.loads((crashed / "status.json").read_text())["status"] == "running"
-    assert len(read_history(crashed)) == 1
-
-    assert train.main(["--resume", str(crashed)]) == 0
-    straight = read_history(tmp_path / "runs" / "straight")
+    assert resumed_tiny_run["resume_code"] == 0
+    assert json.loads((crashed / "status.json").read_text())["status"] == "finished"
+    straight = read_history(tiny_run[0])
     resumed = read_history(crashed)
     assert [r["epoch"] for r in resumed] == ["1", "2"]  # no duplicated or missing epochs
+    assert len(straight) == 2
     for a, b in zip(straight, resumed):
         for key in ("loss", "val_loss", "val_dice_fg_mean"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key

@@ -228,7 +228,8 @@ def test_predict_run_writes_the_original_shape_and_affine(tmp_path):
     overrides = [f"data.root={root}", "data.phantoms={num_cases: 4, shape: [20, 20, 10], spacing_mm: [1, 1, 2.5]}",
                  f"output_dir={tmp_path / 'runs'}", "data.target_spacing_mm=[1.5, 1.5, 1.5]",
                  "data.patch_size=[16, 16, 16]", "data.val_fraction=0.5", "model.depth=2", "model.base_filters=4",
-                 "train.epochs=1", "train.steps_per_epoch=2", "data.preprocess_workers=1", "name=aniso"]
+                 "train.epochs=1", "train.steps_per_epoch=2", "data.preprocess_workers=1", "name=aniso",
+                 "train.export_bundle=false"]  # predict_run uses the checkpoint; bundles: test_export.py
     assert train.main(["--set", *overrides]) == 0
     run_dir = tmp_path / "runs" / "aniso"
     assert json.loads((run_dir / "preprocessing.json").read_text())["target_spacing_mm"] == [1.5, 1.5, 1.5]
