@@ -61,3 +61,19 @@ def test_a_run_within_the_allowance_is_not_stopped():
 def test_the_allowance_must_be_positive(minutes):
     with pytest.raises(ValueError, match=r"train.max_train_minutes"):
         WallTimeLimit(minutes)
+
+
+def test_a_run_past_its_allowance_ends_early_with_complete_checkpoints(phantom_root, tmp_path, capsys):
+    import train
+    from process_helpers import read_history
+    from segpipe.runs.rundir import RunDir
+
+    overrides = [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
+                 "data.val_fraction=0.34", "model.depth=2", "model.base_filters=4", "train.epochs=5",
+                 "train.steps_per_epoch=2", "train.export_bundle=false",
+                 "train.max_train_minutes=0.0001", f"output_dir={tmp_path}", "name=limited"]
+    assert train.main(["--set", *overrides]) == 0
+    assert "train.max_train_minutes=0.0001: stopped after epoch 1 of 5" in capsys.readouterr().out
+    run = RunDir(tmp_path / "limited")
+    assert len(read_history(run.path)) == 1
+    assert run.final_model.is_file() and run.best_model.is_file()
