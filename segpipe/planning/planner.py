@@ -255,6 +255,7 @@ def make_plan(
         c["validation"] = Choice("patches", f"patches: a median case is {ratio:.0f} patches, too slow and large to predict "
                                             f"whole every epoch; whole volumes only in the final evaluation")
     c["loss"] = rules.plan_loss(classes)
+    c["mirror_axes"] = rules.plan_mirror_axes(cases, {k: v.get("name", k) for k, v in classes.items()})
 
     # 6. time: schedule and inference settings
     if timed is not None:
@@ -268,11 +269,15 @@ def make_plan(
         val_seconds += EPOCH_OVERHEAD_SECONDS
         overlap, mirror, final_seconds = rules.plan_inference(
             median_shape=median, patch=topo.patch_size, num_cases=n_val, window_seconds=window,
-            budget_seconds=time_budget_minutes * 60 * FINAL_EVAL_SHARE)
+            budget_seconds=time_budget_minutes * 60 * FINAL_EVAL_SHARE, mirror_axes=c["mirror_axes"].value)
         c["inference_overlap"], c["inference_mirror_axes"] = overlap, mirror
         c["schedule"] = rules.plan_schedule(budget_minutes=time_budget_minutes, step_seconds=step_seconds,
                                             validation_seconds=val_seconds, final_seconds=final_seconds,
                                             overhead_seconds=MARGIN_SECONDS)
+        limit = time_budget_minutes - (final_seconds + MARGIN_SECONDS) / 60
+        c["time_limit"] = Choice(round(max(limit, 0.1 * time_budget_minutes), 2),
+                                 f"{max(limit, 0.1 * time_budget_minutes):.1f} min: the budget minus the final evaluation "
+                                 f"and the margin; training stops before an epoch that would end later")
         plan.predicted.update(validation_seconds=val_seconds, final_evaluation_seconds=final_seconds,
                               loop_step_seconds=step_seconds)
         plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes") if k in timed})
@@ -287,12 +292,15 @@ def make_plan(
         "data.foreground_fraction": c["foreground_fraction"].value,
         "data.validation": c["validation"].value,
         "loss": c["loss"].value,
+        "data.augment.mirror.axes": list(c["mirror_axes"].value),
+        "inference.mirror_axes": list(c["mirror_axes"].value),  # a copy: YAML would write an alias otherwise
     })
     if "schedule" in c:
         plan.config["train.epochs"] = c["schedule"].value["epochs"]
         plan.config["train.steps_per_epoch"] = c["schedule"].value["steps_per_epoch"]
         plan.config["inference.overlap"] = c["inference_overlap"].value
         plan.config["inference.mirror_axes"] = c["inference_mirror_axes"].value
+        plan.config["train.max_train_minutes"] = c["time_limit"].value
     return plan
 
 

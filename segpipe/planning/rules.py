@@ -520,15 +520,17 @@ def sliding_windows(shape: Sequence[float], patch: Sequence[int], overlap: float
 
 def plan_inference(
     *, median_shape: Sequence[float], patch: Sequence[int], num_cases: int, window_seconds: float,
-    budget_seconds: float,
+    budget_seconds: float, mirror_axes: Sequence[int] = (0, 1, 2),
 ) -> tuple[Choice, Choice, float]:
     """Overlap and mirroring whose final evaluation of ``num_cases`` fits ``budget_seconds``.
 
-    Try, in order, overlap 0.5 with mirroring along 3, 2, 1 axes, then none, then overlap 0.25 and
-    0 without mirroring; the first that fits is chosen. ``window_seconds`` is the forward time of one
-    window (batch 1). Returns (overlap, mirror axes, predicted seconds).
+    Try, in order, overlap 0.5 with mirroring along all of ``mirror_axes`` (the axes the model is
+    trained to mirror, :func:`plan_mirror_axes`), then along fewer of them, then none, then overlap
+    0.25 and 0 without mirroring; the first that fits is chosen. ``window_seconds`` is the forward
+    time of one window (batch 1). Returns (overlap, mirror axes, predicted seconds).
     """
-    options = [(0.5, [0, 1, 2]), (0.5, [0, 1]), (0.5, [0]), (0.5, []), (0.25, []), (0.0, [])]
+    allowed = list(mirror_axes)
+    options = [(0.5, allowed[:k]) for k in range(len(allowed), 0, -1)] + [(0.5, []), (0.25, []), (0.0, [])]
     cost = None
     for overlap, axes in options:
         windows = sliding_windows(median_shape, patch, overlap)

@@ -72,3 +72,27 @@ def test_every_axis_without_an_ordered_pair(rows):
 def test_an_old_fingerprint_without_positions_mirrors_every_axis():
     choice = plan_mirror_axes({"c0": {"class_voxels": {"0": 5}}})
     assert choice.value == [0, 1, 2] and "no class positions" in choice.reason
+
+
+def test_test_time_mirroring_uses_only_the_trained_axes():
+    from segpipe.planning.rules import plan_inference
+    # 10 cases × 27 windows × 0.1 s = 27 s per pass: 4 passes (2 axes) would fit 110 s, but only x is allowed
+    overlap, mirror, cost = plan_inference(median_shape=[80] * 3, patch=[40] * 3, num_cases=10,
+                                           window_seconds=0.1, budget_seconds=110, mirror_axes=[0])
+    assert overlap.value == 0.5 and mirror.value == [0] and cost == pytest.approx(54)
+
+
+def test_the_plan_mirrors_along_the_rule_axes_and_limits_training_time():
+    from tests.planning.test_rules import GIB, fingerprint, flop_timer
+    from segpipe.planning.planner import MARGIN_SECONDS, Hardware, make_plan
+
+    fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[40, 56, 40]] * 20, fractions=(0.9, 0.05, 0.05))
+    for case in fp["cases"].values():  # class 1 before class 2 along y in every case
+        case["class_positions"] = {"1": [0.5, 0.25, 0.5], "2": [0.5, 0.75, 0.5]}
+    timer, _ = flop_timer()
+    plan = make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=30, step_timer=timer)
+    assert plan.config["data.augment.mirror.axes"] == [0, 2]
+    assert set(plan.config["inference.mirror_axes"]) <= {0, 2}
+    final = plan.predicted["final_evaluation_seconds"]
+    assert plan.config["train.max_train_minutes"] == pytest.approx(30 - (final + MARGIN_SECONDS) / 60, abs=0.01)
+    assert "mirror_axes" in plan.table() and "time_limit" in plan.table()
