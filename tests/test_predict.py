@@ -76,18 +76,18 @@ def threshold_model(scale: float = 20.0):
 
 
 def two_level_scan(shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scan, object mask): an off-centre ellipsoid at 290-310 on a 90-110 background, zero margin.
+    """(scan, object mask): an off-centre ellipsoid at 990-1010 on a 90-110 background, zero margin.
 
-    The object fills 5-95 % of the non-zero voxels, so the scan's mean falls in the gap (110, 290)
-    between the two levels, and "brighter than the mean" is exactly the object.
+    The object fills 5-50 % of the voxels, so the scan's mean (with or without the zero margin)
+    falls in the gap (110, 990) between the two levels, and "brighter than the mean" is the object.
     """
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
-    inside = (((grid - [0.25, -0.15, 0.1]) / [0.45, 0.55, 0.5]) ** 2).sum(-1) < 1
-    image = np.where(inside, 300.0, 100.0) + rng.uniform(-10, 10, shape)
+    inside = (((grid - [0.25, -0.15, 0.1]) / [0.5, 0.6, 0.55]) ** 2).sum(-1) < 1
+    image = np.where(inside, 1000.0, 100.0) + rng.uniform(-10, 10, shape)
     image[:2] = 0  # cropped away by crop_to_nonzero, background in the output
     inside[:2] = False
-    assert 0.05 < inside.mean() < 0.95 and 110 < image.mean() < 290
+    assert 0.05 < inside.mean() < 0.5 and 130 < image.mean() < 600 and 130 < image[2:].mean() < 600
     return image.astype(np.float32), inside
 
 
@@ -107,13 +107,14 @@ def test_predict_py_labels_a_scan_as_a_hand_built_network_must(threshold_bundle,
 
     On the target grid (RAS, or permuted and flipped) every voxel must be right: a wrong
     reorientation, crop or restore would move the off-centre object. With resampling (anisotropic,
-    non-RAS) the labels may differ only within 3 mm of the object's border.
+    non-RAS; spacing 0.9-1.8 mm) the labels may differ only within 4 mm of the object's border
+    (the image and the probabilities are each interpolated once, about a voxel each).
     """
     from scipy import ndimage
 
     scans = tmp_path / "scans"
     cases = {"ras": (np.diag([1.0, 1.0, 1.5, 1.0]), (26, 20, 14)), "permuted": (PERMUTED_AT_TARGET, (20, 14, 22)),
-             "resampled": (NON_RAS_AFFINE, (18, 26, 20))}
+             "resampled": (NON_RAS_AFFINE, (36, 30, 24))}
     truths = {}
     for i, (name, (affine, shape)) in enumerate(cases.items()):
         image, truths[name] = two_level_scan(shape, seed=i)
@@ -132,8 +133,8 @@ def test_predict_py_labels_a_scan_as_a_hand_built_network_must(threshold_bundle,
             continue
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         far = np.maximum(ndimage.distance_transform_edt(truth, sampling=spacing),
-                         ndimage.distance_transform_edt(~truth, sampling=spacing)) > 3.0
-        assert far.mean() > 0.5
+                         ndimage.distance_transform_edt(~truth, sampling=spacing)) > 4.0
+        assert far.mean() > 0.5 and (far & truth).sum() > 100  # far inside and far outside
         np.testing.assert_array_equal(labels[far], truth[far])
         assert 2 * (labels & truth).sum() / (labels.sum() + truth.sum()) > 0.8
 
