@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from process_helpers import TRAIN, running, shared_cache_dir, start
+from process_helpers import TRAIN, running, shared_cache_dir, start, wait_until
 from segpipe.training.run_info import PROJECT_ROOT
 
 TIMEOUT = 240
@@ -16,16 +16,26 @@ TIMEOUT = 240
 
 @pytest.fixture(scope="module")
 def two_runs(phantom_root, tmp_path_factory):
-    """The same config and seed trained twice, in two processes, into two run directories."""
+    """The same config and seed trained twice, in two processes, into two run directories.
+
+    The second process starts once the first has filled the shared data cache (its run directory
+    says "running"), so its TensorFlow start and tracing overlap the first one's training; neither
+    writes a bundle (export has its own tests, and is not part of the history)."""
     out = tmp_path_factory.mktemp("repro")
     overrides = [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
                  "data.val_fraction=0.34", f"data.cache_dir={shared_cache_dir(tmp_path_factory)}", "model.depth=2",
                  "model.base_filters=4", "train.epochs=2", "train.steps_per_epoch=3", "train.deterministic=true",
-                 "seed=7", f"output_dir={out}"]
-    for name in ("first", "second"):
-        log = out / f"{name}.log"
-        with running(start([str(TRAIN), "--set", *overrides, f"name={name}"], log)) as (proc,):
-            assert proc.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+                 "train.export_bundle=false", "seed=7", f"output_dir={out}"]
+    first = start([str(TRAIN), "--set", *overrides, "name=first"], out / "first.log")
+    with running(first):
+        try:
+            wait_until(lambda: (out / "first" / "status.json").is_file(), TIMEOUT, "the first run to start training",
+                       (first,))
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}\n{(out / 'first.log').read_text()[-3000:]}") from None
+        with running(start([str(TRAIN), "--set", *overrides, "name=second"], out / "second.log")) as (second,):
+            for proc, name in ((first, "first"), (second, "second")):
+                assert proc.wait(timeout=TIMEOUT) == 0, (out / f"{name}.log").read_text()[-3000:]
     return out / "first", out / "second"
 
 
