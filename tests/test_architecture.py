@@ -124,7 +124,8 @@ def test_folder_evaluation_never_imports_tensorflow(tmp_path):
     code = (f"from segpipe.cli.evaluate import main; import segpipe.evaluation.compare, segpipe.runs.rundir\n"
             f"assert main(['--pred', r'{tmp_path / 'pred'}', '--ref', r'{tmp_path / 'ref'}', '--workers', '1']) == 0")
     assert not _imports_tensorflow_after(code)
-    assert _imports_tensorflow_after("import segpipe.models.unet3d")  # the check can see TensorFlow
+    # the check can see TensorFlow (a stand-in module: the real import takes seconds and proves no more)
+    assert _imports_tensorflow_after("import sys, types; sys.modules['tensorflow'] = types.ModuleType('tensorflow')")
 
 
 def _documented_tree() -> set[str]:
