@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from segpipe.arrays import bounding_box
 from segpipe.errors import Received, SettingError, expected
+from segpipe.io import affine_problem
 from segpipe.data.layouts import Case, read_case_image, read_case_label
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
@@ -162,6 +163,10 @@ def preprocess_volume(
     settings = _settings(settings, kwargs)
     image, label = _checked_arrays(image, label)
     affine = np.asarray(affine, dtype=np.float64)
+    problem = affine_problem(affine)
+    if problem is not None:  # reorientation and resampling need voxel sizes > 0
+        raise ValueError(expected("an invertible affine with finite entries (every voxel size > 0)", key="affine",
+                                  received=Received(problem)))
     original_shape = image.shape[:3]
 
     # 1. Reorient to RAS: only axis permutations and flips, so no voxel value changes.
@@ -223,6 +228,12 @@ def _checked_arrays(image: np.ndarray, label: np.ndarray | None) -> tuple[np.nda
         image = image[..., None]
     if image.ndim != 4:
         raise ValueError(expected("an image of shape (X, Y, Z) or (X, Y, Z, C)", key="image.shape", received=image.shape))
+    if image.size == 0:
+        raise ValueError(expected("an image with at least 1 voxel along every axis", key="image.shape", received=image.shape))
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise ValueError(expected("finite intensities", key="image",
+                                  received=Received(f"{image.size - int(finite.sum())} NaN/inf voxel(s)")))
     if label is not None and label.shape != image.shape[:3]:
         raise ValueError(expected(f"a label of the image's shape {image.shape[:3]}", key="label.shape", received=label.shape))
     if label is not None and label.size and (label.min() < 0 or label.max() > 255):
