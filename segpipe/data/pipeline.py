@@ -203,6 +203,7 @@ def _report(problems: list, dataset: Dataset, what: str) -> None:
         raise DataError(expected(what, key="data.root",
                                  received=Received(f"{dataset.root} with {len(found)} error(s)")) + f"\n  {lines}")
 
+
 def check_splittable(dataset: Dataset, data: DataConfig) -> None:
     """Enough cases for the configured split: 2 (one to train, one to validate), or ``data.folds``.
 

@@ -420,8 +420,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     _check_format(fields)
     classes = _read_classes(fields)
     input_channels, channel_names = _read_channels(fields)
-    orientation, patch_size = _read_geometry(fields)
-    preprocessing, inference = _read_settings(fields)
+    orientation = _read_orientation(fields)
+    preprocessing = _read_preprocessing(fields)
+    patch_size = _read_patch_size(fields)
+    inference = _read_inference(fields)
     files = _read_files(fields, path)
     versions = fields.get("versions", dict, "a mapping package -> version")
     _warn_on_version_change(versions)
@@ -511,33 +513,41 @@ def _read_channels(fields: _BundleFields) -> tuple[int, list[Any]]:
     return input_channels, channel_names
 
 
-def _read_geometry(fields: _BundleFields) -> tuple[str, list[int]]:
-    """``orientation`` (RAS) and ``patch_size`` (3 positive integers)."""
+def _read_orientation(fields: _BundleFields) -> str:
     orientation = fields.get("orientation", str, "'RAS'")
     if orientation != ORIENTATION:
         raise BundleError(expected("'RAS' (the only orientation preprocessing produces)", key="orientation",
                                    received=orientation, where=fields.where))
+    return orientation
+
+
+def _read_preprocessing(fields: _BundleFields) -> PreprocessSettings:
+    """``preprocessing``, validated by :class:`PreprocessSettings` (errors keyed ``preprocessing.<key>``)."""
+    settings = fields.get("preprocessing", dict, "the preprocessing settings")
+    try:
+        return PreprocessSettings.from_dict(settings, where=fields.where, prefix="preprocessing.")
+    except ValueError as exc:  # worded by PreprocessSettings.from_dict: the file, preprocessing.<key>, values
+        raise BundleError(str(exc)) from None
+
+
+def _read_patch_size(fields: _BundleFields) -> list[int]:
     patch_size = fields.get("patch_size", list, "3 positive integers")
     if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
         raise BundleError(expected("3 positive integers", key="patch_size", received=patch_size, where=fields.where))
-    return orientation, patch_size
+    return patch_size
 
 
-def _read_settings(fields: _BundleFields) -> tuple[PreprocessSettings, InferenceSettings]:
-    """``preprocessing`` and ``inference``, validated by their own classes (errors keyed by their path)."""
+def _read_inference(fields: _BundleFields) -> InferenceSettings:
+    """``inference``, validated by :class:`InferenceSettings` (errors keyed ``inference.<key>``)."""
+    settings = fields.get("inference", dict, "the inference settings")
     try:
-        preprocessing = PreprocessSettings.from_dict(fields.get("preprocessing", dict, "the preprocessing settings"),
-                                                     where=fields.where, prefix="preprocessing.")
-    except BundleError:
-        raise
-    except ValueError as exc:  # worded by PreprocessSettings.from_dict: the file, preprocessing.<key>, values
-        raise BundleError(str(exc)) from None
-    try:
-        inference = InferenceSettings.from_mapping(fields.get("inference", dict, "the inference settings"))
+        return InferenceSettings.from_mapping(settings)
     except SettingError as exc:
         raise BundleError(expected(exc.what, key="inference." + exc.key, received=exc.received, where=fields.where,
                                    hint=exc.hint)) from None
-    return preprocessing, inference
+    except (TypeError, ValueError) as exc:  # e.g. mirror_axes that is not a list
+        raise BundleError(expected("the inference settings", key="inference", received=settings,
+                                   where=fields.where, hint=_first_line(exc))) from exc
 
 
 def _read_files(fields: _BundleFields, folder: Path) -> dict[str, str]:
@@ -607,7 +617,8 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
     except ImportError:
         raise
     except Exception as exc:  # a truncated or corrupt file: each runtime raises its own types
-        raise BundleError(expected(f"a model file that loads with format={format!r}", key=f"files.{runtimes.file_format(format)}",
+        raise BundleError(expected(f"a model file that loads with format={format!r}",
+                                   key=f"files.{runtimes.file_format(format)}",
                                    received=Received(f"{path} (cannot load: {_first_line(exc)})"),
                                    where=str(bundle.path / "bundle.json"))) from exc
     _check_io(path, found, (bundle.input_channels, bundle.num_classes))
