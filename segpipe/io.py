@@ -168,15 +168,17 @@ def affine_problem(affine: np.ndarray) -> str | None:
     >>> affine_problem(np.eye(4)) is None
     True
     >>> affine_problem(np.diag([1.0, 0.0, 1.0, 1.0]))
-    'affine [[1.,0.,0.,0.], [0.,0.,0.,0.], [0.,0.,1.,0.]] (singular: voxel sizes [1.0, 0.0, 1.0] mm)'
+    'affine [[1.,0.,0.,0.], [0.,0.,0.,0.], [0.,0.,1.,0.]] (singular: determinant 0, voxel sizes [1.0, 0.0, 1.0] mm)'
     """
     affine = np.asarray(affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)):
         return f"affine {affine_text(affine)} (NaN/inf entries)"
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    det = float(np.linalg.det(affine[:3, :3]))
     # relative to the voxel sizes, so sub-millimetre voxels are not "nearly singular"
-    if spacing.min() <= 0 or abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)):
-        return f"affine {affine_text(affine)} (singular: voxel sizes {[round(float(s), 4) for s in spacing]} mm)"
+    if spacing.min() <= 0 or abs(det) <= 1e-6 * float(np.prod(spacing)):
+        sizes = [round(float(s), 4) for s in spacing]
+        return f"affine {affine_text(affine)} (singular: determinant {abs(det):.3g}, voxel sizes {sizes} mm)"
     return None
 
 

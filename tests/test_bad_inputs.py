@@ -23,6 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import nibabel as nib
@@ -35,6 +36,9 @@ from segpipe.cli import predict as predict_cli
 from segpipe.cli import train as train_cli
 
 SHAPE = (12, 10, 8)
+# Axes 0 and 1 both along x (a broken header): singular, yet every voxel size is 1 mm, so nibabel
+# can store it (it cannot store an affine with a zero column: its qform needs a rotation).
+SINGULAR = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 OUT = "out"
 ERROR_LINE = re.compile(r"^(?:\S+(?: export)?: )?error: ")
 
@@ -216,8 +220,9 @@ ROWS = [
          lambda t: _train(t, _msd(t, labels={1: np.zeros((12, 0, 8), np.uint8)})),
          "[empty-axis]", "labelsTr/case_1.nii.gz", "shape (12, 0, 8)"),
     _row("singular-affine", "an image (and label) whose affine is singular", "train",
-         lambda t: _train(t, _msd(t, affines={1: np.diag([1.0, 1.0, 0.0, 1.0])})),
-         "[bad-affine]", "imagesTr/case_1.nii.gz", "Expected an invertible affine", "singular: voxel sizes [1.0, 1.0, 0.0] mm"),
+         lambda t: _train(t, _msd(t, affines={1: SINGULAR})),
+         "[bad-affine] imagesTr/case_1.nii.gz: Expected an invertible affine with finite entries (every voxel size > 0). "
+         "Received: affine", "(singular: determinant 0,", "[bad-affine] labelsTr/case_1.nii.gz"),
     _row("dataset-json-invalid", "a dataset.json that is not JSON", "train",
          lambda t: _with_file(t / "ds" / "dataset.json", '{"labels": {"0": "bg"}, "training": [',
                               _train(t, t / "ds")),
@@ -354,8 +359,8 @@ ROWS = [
          lambda t, b: _predict(t, b, _scan(t, np.ones((0, 10, 8), np.float32))),
          "[empty-axis] {tmp}/scans/scan.nii.gz: Expected at least 1 voxel along every axis. Received: shape (0, 10, 8)"),
     _row("scan-singular-affine", "a scan whose affine is singular", "predict",
-         lambda t, b: _predict(t, b, _scan(t, affine=np.diag([0.0, 1.0, 1.0, 1.0]))),
-         "[bad-affine] {tmp}/scans/scan.nii.gz: Expected an invertible affine with finite entries", "singular"),
+         lambda t, b: _predict(t, b, _scan(t, affine=SINGULAR)),
+         "[bad-affine] {tmp}/scans/scan.nii.gz: Expected an invertible affine with finite entries", "(singular: "),
     _row("scan-nan", "a scan with NaN intensities", "predict",
          lambda t, b: _predict(t, b, _scan(t, _with_nan(_arrays(5)[0]))),
          "[non-finite] {tmp}/scans/scan.nii.gz: Expected finite intensities. Received: 1 NaN/inf voxels"),
@@ -485,7 +490,7 @@ def test_a_read_only_output_folder_is_one_error_and_nothing_is_written(tmp_path,
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(segpipe.io.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(segpipe.io, "tempfile", SimpleNamespace(mkstemp=read_only))  # segpipe.io only
     assert predict_cli.main(_predict(tmp_path, bundle_dir, _scan(tmp_path))) == 1
     err = capsys.readouterr().err
     assert f"Received: path={tmp_path / OUT / 'scan.nii.gz'} (Read-only file system)." in err and "Traceback" not in err

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -66,7 +67,7 @@ def test_a_full_disk_while_writing_nifti_names_the_file_and_keeps_the_old_one(tm
 
 
 def test_a_read_only_folder_names_the_file_and_other_errors_pass_unchanged(tmp_path, monkeypatch):
-    monkeypatch.setattr(segpipe.io.tempfile, "mkstemp", _read_only)
+    monkeypatch.setattr(segpipe.io, "tempfile", SimpleNamespace(mkstemp=_read_only))  # segpipe.io only
     with pytest.raises(StorageError, match=re.escape(f"Received: path={tmp_path / 'a.npy'} ({READ_ONLY}).")):
         save_npy(tmp_path / "a.npy", np.zeros(3))
     assert not list(tmp_path.iterdir())
@@ -129,7 +130,7 @@ def test_a_read_only_cache_folder_is_one_error_naming_it(tmp_path, monkeypatch):
     from segpipe.data.preprocess import PreprocessSettings
 
     dataset = _dataset(tmp_path / "ds")
-    monkeypatch.setattr(segpipe.io.tempfile, "mkstemp", _read_only)
+    monkeypatch.setattr(segpipe.io, "tempfile", SimpleNamespace(mkstemp=_read_only))  # segpipe.io only
     with pytest.raises(StorageError, match="^" + re.escape(f"Expected free space and a writable folder for this file. "
                                                            f"Received: path={tmp_path / 'cache' / 'settings.json'} ({READ_ONLY}).")):
         build_cache(dataset, tmp_path / "cache", PreprocessSettings(), progress=False)
