@@ -357,7 +357,7 @@ ROWS = [
          "[dimensions] {tmp}/scans/scan.nii.gz:", "shape (12, 10, 8, 2, 2)"),
     _row("scan-empty-axis", "a scan with a zero-size axis", "predict",
          lambda t, b: _predict(t, b, _scan(t, np.ones((0, 10, 8), np.float32))),
-         "[empty-axis] {tmp}/scans/scan.nii.gz: Expected at least 1 voxel along every axis. Received: shape (0, 10, 8)"),
+         "[empty-axis] {tmp}/scans/scan.nii.gz: Expected at least 1 voxel along every axis. Received: shape (0,"),
     _row("scan-singular-affine", "a scan whose affine is singular", "predict",
          lambda t, b: _predict(t, b, _scan(t, affine=SINGULAR)),
          "[bad-affine] {tmp}/scans/scan.nii.gz: Expected an invertible affine with finite entries", "(singular: "),

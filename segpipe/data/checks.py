@@ -244,10 +244,10 @@ def _check_images(case: Case, read_data: bool, tol: float, add) -> tuple[int, tu
             add("unreadable", path, "a readable NIfTI image", loaded)
             continue
         shape, affine, array = loaded
+        if not _grid_ok(path, shape, affine, add):
+            continue
         if len(shape) not in (3, 4):
             add("dimensions", path, "a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C)", f"shape {shape}")
-            continue
-        if not _grid_ok(path, shape, affine, add):
             continue
         channels += 1 if len(shape) == 3 else shape[3]
         if reference is None:
@@ -276,10 +276,10 @@ def _check_label(case: Case, declared: set[int], read_data: bool, tol: float, re
         add("unreadable", label, "a readable NIfTI label map", loaded)
         return
     shape, affine, array = loaded
+    if not _grid_ok(label, shape, affine, add):
+        return
     if len(shape) != 3:
         add("dimensions", label, "a 3-D label map (X, Y, Z)", f"shape {shape}")
-    elif not _grid_ok(label, shape, affine, add):
-        return
     elif reference is not None:
         ref_shape, ref_affine, _ = reference
         if shape != ref_shape:
@@ -325,7 +325,7 @@ def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.
 
 def _grid_ok(path: Path, shape: tuple[int, ...], affine: np.ndarray, add) -> bool:
     """At least one voxel along every axis, and an affine that maps voxels to space one to one."""
-    if min(shape) < 1:
+    if min(shape, default=0) < 1:  # nibabel reads a file with an empty first axis as shape (0,)
         add("empty-axis", path, "at least 1 voxel along every axis", f"shape {shape}")
         return False
     problem = affine_problem(affine)
