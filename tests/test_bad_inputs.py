@@ -370,10 +370,10 @@ ROWS = [
          "Received: 2 channel(s) in scan.nii.gz"),
     _row("scan-missing", "a predict input that does not exist", "predict",
          lambda t, b: _predict(t, b, t / "scans" / "nothing.nii.gz"),
-         "Expected a NIfTI file or a folder of them. Received: {tmp}/scans/nothing.nii.gz (no such file or folder)"),
+         "Expected a NIfTI file or a folder of them. Received: input={tmp}/scans/nothing.nii.gz (no such file or folder)."),
     _row("scan-folder-empty", "a predict input folder without NIfTI files", "predict",
          lambda t, b: (_text_file(t / "scans" / "notes.txt", "x"), _predict(t, b, t / "scans"))[-1],
-         "Expected NIfTI files (.nii, .nii.gz). Received: none in"),
+         "Expected NIfTI files (.nii, .nii.gz). Received: input={tmp}/scans (has none)."),
     # ---- evaluation inputs (evaluate.py, folder mode)
     _row("evaluate-no-ref", "references that do not exist", "evaluate",
          lambda t: (_scan(t), ["--pred", str(t / "scans"), "--ref", str(t / "refs"), "--out", str(t / OUT)])[-1],
