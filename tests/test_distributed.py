@@ -191,7 +191,7 @@ def test_the_lost_worker_message_says_what_happened_and_how_to_resume(tmp_path):
         "127.0.0.1:5 (worker1: nothing listens there: the process has stopped). TensorFlow reported "
         "DeadlineExceededError: Collective ops timed out more detail. worker0 stops here; "
         f"{tmp_path / 'run'} keeps its last checkpoint (none yet: resuming starts from the beginning). To continue, "
-        f"start every worker again (the same TF_CONFIG) with: python train.py --resume {tmp_path / 'run'}")
+        f"start every worker again (the same TF_CONFIG) with: python train.py --resume {tmp_path / 'run'}.")
 
 
 def test_a_lost_worker_fails_the_run_with_its_message_alone(tmp_path):
@@ -360,7 +360,7 @@ def test_a_killed_worker_stops_the_other_with_its_name_and_the_run_resumes(singl
     assert re.search(rf"Received: TF_CONFIG\.cluster\.worker\[1\]=127\.0\.0\.1:{ports[1]} \(worker1: nothing "
                      rf"listens there: the process has stopped", logs[0]), logs[0][-3000:]
     assert f"{run_dir} keeps its last checkpoint (after epoch 1). To continue, start every worker again (the same " \
-           f"TF_CONFIG) with: python train.py --resume {run_dir}" in logs[0]
+           f"TF_CONFIG) with: python train.py --resume {run_dir}." in logs[0]
     assert "Traceback" not in logs[0]  # one message, not a stack
     assert checkpoint_state(run_dir)["epoch"] == 1
 
@@ -387,6 +387,8 @@ def test_a_worker_that_hangs_stops_the_other_after_the_collective_timeout(base_o
                      rf"127\.0\.0\.1:{ports[0]}\)\. Received: TF_CONFIG\.cluster\.worker\[1\]=127\.0\.0\.1:{ports[1]} "
                      rf"\(worker1: still running, but it did not join the collective operation in time\)\. "
                      rf"TensorFlow reported DeadlineExceededError", log0), log0[-3000:]
+    assert f"needs a larger train.collective_timeout_seconds: set it in {tmp_path / 'runs' / 'mw' / 'config.yaml'} " \
+           "first." in log0
 
 
 def test_a_worker_that_never_starts_is_named_within_the_timeout(base_overrides, tmp_path):

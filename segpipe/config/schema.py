@@ -106,7 +106,7 @@ class TrainConfig:
     sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
     # multi_worker: how long a worker waits for the others, when joining the cluster and in every collective
     # operation of training, before it stops with an error naming the worker that did not answer
-    # (docs/training.md#when-a-worker-fails). A dead worker is noticed sooner (~10 s), by TensorFlow's heartbeats.
+    # (docs/training.md#when-a-worker-fails). A dead worker is also noticed by TensorFlow's heartbeats (~30 s).
     collective_timeout_seconds: float = field(default=300.0, metadata=_range(0, exclusive_min=True))
     deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
     # At the end of training the chief writes the deployable bundle (segpipe.export.bundle) into RUN_DIR/bundle,

@@ -9,9 +9,10 @@ What TensorFlow 2.21 does on its own (read in its source, docs/training.md#when-
   segpipe's own before it: every worker listens on its TF_CONFIG port and waits, at most the
   timeout, until every other worker's port answers. A worker that never starts is named, and no
   TensorFlow call is left waiting for it.
-- The coordination service (run by the chief) notices a *dead* worker by its missing heartbeats
-  (10 s, not configurable through a public API) and aborts the other workers' collective
-  operations with an ``UnavailableError``.
+- A *dead* worker breaks the gRPC connections of a collective operation in progress (seen when the
+  chief died: ``UnavailableError`` within 2 s), and the coordination service (run by the chief)
+  notices its missing heartbeats (30 s measured; not configurable through a public API) and aborts
+  the other workers' collective operations with an ``UnavailableError``.
 - ``CommunicationOptions(timeout_seconds=...)`` (given to the strategy by
   :func:`segpipe.training.distributed.make_strategy`) makes every collective operation raise
   ``DeadlineExceededError`` when some worker has not joined it within the timeout: this also catches
@@ -37,7 +38,10 @@ from segpipe.io import read_json
 from segpipe.runs.rundir import RunDir
 
 COORDINATED = ("chief", "worker")  # the task types that take part in collective operations
+STILL_RUNNING = "still running, but it did not join the collective operation in time"
 _TASK_IN_MESSAGE = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+# the op and function names TensorFlow wraps an error in: "{{function_node ...}}", "[Op:CollectiveReduceV2] name:"
+_NOISE = re.compile(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\](\s*name:\s*\S*)?")
 
 
 class WorkerLost(RuntimeError):
@@ -205,8 +209,7 @@ def lost_workers(tf_config: dict[str, Any], message: str, *,
             for task in peers if status[task] is not None]
     alive = [task for task in peers if status[task] is None]
     stuck = [task for task in alive if (task.type, task.index) in named] or ([] if gone else alive)
-    why = "still running, but it did not join the collective operation in time"
-    return sorted(gone + [(task, why) for task in stuck], key=lambda item: peers.index(item[0]))
+    return sorted(gone + [(task, STILL_RUNNING) for task in stuck], key=lambda item: peers.index(item[0]))
 
 
 @contextlib.contextmanager
@@ -240,15 +243,21 @@ def _lost_worker_words(me: Task, lost: list[tuple[Task, str]], timeout: float | 
                        run_dir: Path) -> dict[str, Any]:
     key, received = _received(lost)
     within = f"within train.collective_timeout_seconds={timeout:g} s" if timeout else "(no timeout set)"
-    reported = " ".join(str(getattr(error, "message", "") or error).split())
+    reported = _NOISE.sub(" ", str(getattr(error, "message", "") or error))
+    reported = " ".join(reported.split())
     if len(reported) > 300:
-        reported = reported[:300] + " ..."
+        reported = reported[:300].rsplit(" ", 1)[0] + " ..."
+    reported += "" if reported.endswith(".") else "."
+    slow = ""
+    if any(why == STILL_RUNNING for _, why in lost):
+        slow = (f" A worker that is only slow (a large checkpoint, a slow disk) needs a larger "
+                f"train.collective_timeout_seconds: set it in {Path(run_dir) / 'config.yaml'} first.")
     return dict(
         what=f"every worker of train.distribute=multi_worker to take part in each collective operation {within} "
              f"(this is {me.name} at {me.address})", key=key, received=received,
-        hint=f"TensorFlow reported {type(error).__name__}: {reported.rstrip('.')}. {me.name} stops here; "
+        hint=f"TensorFlow reported {type(error).__name__}: {reported} {me.name} stops here; "
              f"{run_dir} keeps its last checkpoint{_checkpoint_note(run_dir)}. To continue, start every worker "
-             f"again (the same TF_CONFIG) with: python train.py --resume {run_dir}",
+             f"again (the same TF_CONFIG) with: python train.py --resume {run_dir}.{slow}",
     )
 
 
