@@ -495,3 +495,27 @@ def test_a_read_only_output_folder_is_one_error_and_nothing_is_written(tmp_path,
     err = capsys.readouterr().err
     assert f"Received: path={tmp_path / OUT / 'scan.nii.gz'} (Read-only file system)." in err and "Traceback" not in err
     assert not _files(tmp_path / OUT)
+
+
+def test_a_full_disk_while_writing_the_evaluation_is_one_error_naming_the_folder(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import segpipe.io
+
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:6, 2:6, 2:6] = 1
+    _scan(tmp_path, label)  # a label map as prediction and as its own reference: the evaluation itself succeeds
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).startswith(str(tmp_path / OUT)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(segpipe.io.os, "replace", full)
+    code = evaluate_cli.main(["--pred", str(tmp_path / "scans"), "--ref", str(tmp_path / "scans"), "--out", str(tmp_path / OUT)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"Received: path={tmp_path / OUT} (No space left on device)" in err
+    assert not [p for p in (tmp_path / OUT).rglob("*") if p.is_file()]  # nothing half-written
