@@ -80,7 +80,7 @@ def base_overrides(phantom_root, tmp_path_factory):
     cache = shared_cache_dir(tmp_path_factory)
     return [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
             "data.val_fraction=0.34", f"data.cache_dir={cache}", "model.depth=2", "model.base_filters=4",
-            "train.epochs=2", "train.steps_per_epoch=3"]
+            "train.epochs=2", "train.steps_per_epoch=3", "train.export_bundle=false"]
 
 
 @pytest.fixture(scope="module")
