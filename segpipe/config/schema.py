@@ -105,6 +105,10 @@ class TrainConfig:
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
     deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
+    # Mid-epoch checkpoints (besides every epoch end): after every N-th step of the run and/or when this
+    # many minutes passed since the last checkpoint; a SIGKILL then loses at most that much (docs/training.md).
+    checkpoint_every_steps: int | None = field(default=None, metadata=_range(1))
+    checkpoint_every_minutes: float | None = field(default=None, metadata=_range(0, exclusive_min=True))
     # At the end of training the chief writes the deployable bundle (segpipe.export.bundle) into RUN_DIR/bundle,
     # from the best checkpoint (else model.keras); export_onnx adds model.onnx (needs the onnx extra).
     export_bundle: bool = True
