@@ -7,8 +7,8 @@ steps, ``train.checkpoint_every_steps=2``) is trained once without interruption,
 whose run directory is watched to time its phases (preprocessing, training, bundle export,
 evaluation). Then each trial trains the same config into a fresh run directory and a fresh data
 cache as a chain of starts, each killed with SIGKILL (the whole process group) at one *kill point*,
-each start after the first continuing the previous one with the same command and ``--resume``
-(what a job scheduler does):
+each start after the first continuing the previous one (``train.py --resume RUN_DIR``, or the first
+command with ``--resume`` while the run has not saved its config yet):
 
 * random moments drawn uniformly over a phase of the uninterrupted run (the phase a kill really
   landed in is read from the run directory at that moment);
@@ -75,7 +75,11 @@ def run_overrides(phantom_root: Path, cache_dir: Path, *, preprocess_workers: in
 
 
 def train_args(overrides: Sequence[str], output_dir: Path) -> list[str]:
-    """Start or continue the run: the same command every time (``--resume`` also starts a new run)."""
+    """Continue the run as the docs say after a crash (``--resume RUN_DIR``: its saved config), or, before
+    it has saved its config, start it again (the first command with ``--resume``: starts a new run)."""
+    run_dir = output_dir / "run"
+    if (run_dir / "config.yaml").is_file():
+        return [str(TRAIN), "--resume", str(run_dir)]
     return [str(TRAIN), "--set", *overrides, f"output_dir={output_dir}", "name=run", "--resume"]
 
 

@@ -19,7 +19,7 @@ import train
 from process_helpers import REPO, read_history, shared_cache_dir
 
 _spec = importlib.util.spec_from_file_location("fault_injection", REPO / "benchmarks" / "fault_injection.py")
-fi = importlib.util.module_from_spec(_spec)
+fi = sys.modules["fault_injection"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
 _spec.loader.exec_module(fi)
 
 
