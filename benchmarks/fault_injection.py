@@ -51,7 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the subprocess helpers of the tests
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # segpipe, and the subprocess helpers of the tests
 
 from process_helpers import TRAIN, start  # noqa: E402
 
