@@ -11,9 +11,10 @@ setting alone. Per setting it reports the median seconds of a training step and 
 forward FLOPs: forward, gradient w.r.t. activations and w.r.t. weights), and that as a share of the
 forward pass's GFLOP/s, the practical peak of this machine for these convolutions.
 
-The PyTorch twin mirrors ``segpipe.models.unet3d.build_unet3d`` layer for layer: two 3×3×3
-convolutions + batch norm + LeakyReLU per level, stride-2 convolution down, transposed convolution
-up, concatenated skips, 1×1×1 head (parameter counts are printed to show they agree).
+The PyTorch twin (``benchmarks/torch_unet.py``, shared with ``bench_inference.py``) mirrors
+``segpipe.models.unet3d.build_unet3d`` layer for layer: two 3×3×3 convolutions + batch norm +
+LeakyReLU per level, stride-2 convolution down, transposed convolution up, concatenated skips,
+1×1×1 head (parameter counts are printed to show they agree).
 """
 from __future__ import annotations
 
@@ -94,34 +95,11 @@ def worker_torch(patch, batch, base, depth, warmup, repeats) -> dict:
     import torch
     from torch import nn
 
+    from torch_unet import build_torch_unet  # benchmarks/, beside this script
+
     torch.set_num_threads(2)
     torch.manual_seed(0)
-
-    def block(c_in, c_out, stride):
-        return nn.Sequential(
-            nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.LeakyReLU(0.01),
-            nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.LeakyReLU(0.01),
-        )
-
-    class UNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            f = [min(base * 2**i, 320) for i in range(depth)]
-            self.enc = nn.ModuleList([block(1 if i == 0 else f[i - 1], f[i], 1 if i == 0 else 2) for i in range(depth)])
-            self.up = nn.ModuleList([nn.ConvTranspose3d(f[i + 1], f[i], 2, stride=2) for i in range(depth - 1)])
-            self.dec = nn.ModuleList([block(2 * f[i], f[i], 1) for i in range(depth - 1)])
-            self.head = nn.Conv3d(f[0], 3, 1)
-
-        def forward(self, x):
-            skips = []
-            for enc in self.enc:
-                x = enc(x)
-                skips.append(x)
-            for level in reversed(range(depth - 1)):
-                x = self.dec[level](torch.cat([self.up[level](x), skips[level]], 1))
-            return self.head(x)
-
-    model = UNet()
+    model = build_torch_unet(1, 3, base=base, depth=depth)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     x = torch.randn(batch, 1, *patch)
     y = torch.randint(0, 3, (batch, *patch))

@@ -1,9 +1,9 @@
 """The PyTorch twin of ``segpipe.models.unet3d.build_unet3d`` (batch norm), for the benchmarks.
 
-The same network as ``benchmarks/bench_train_step.py`` builds inside its PyTorch worker, at module
-level so ``bench_inference.py`` can use it too: two 3×3×3 convolutions + batch norm + LeakyReLU(0.01)
-per level, stride-2 convolution down, transposed convolution (k2, s2) up, concatenated skips,
-1×1×1 head; channels-first. Needs ``pip install "segpipe[bench]"``.
+The one PyTorch network of ``bench_train_step.py`` and ``bench_inference.py``: two 3×3×3
+convolutions + batch norm + LeakyReLU(0.01) per level, stride-2 convolution down, transposed
+convolution (k2, s2) up, concatenated skips, 1×1×1 head; channels-first. Needs
+``pip install "segpipe[bench]"``.
 """
 from __future__ import annotations
 

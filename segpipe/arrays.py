@@ -1,7 +1,9 @@
-"""Small array helpers shared by several stages (preprocessing, fingerprint, metrics, caching)."""
+"""Small array helpers shared by several stages (preprocessing, fingerprint, metrics, caching, evaluation)."""
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Iterable
 
 import numpy as np
 from scipy import ndimage
@@ -29,3 +31,22 @@ def seed_from_text(text: str) -> int:
     """A 32-bit seed from a string (a case id), the same on every machine and Python run
     (``hash()`` is salted per process)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def nan_stats(values: Iterable[float]) -> dict[str, float]:
+    """``{"mean", "std", "median", "n"}`` of the values that are not NaN (NaN statistics and n = 0
+    when none is); std is the population's (ddof 0). A metric's summary over cases.
+
+    Examples
+    --------
+    >>> nan_stats([1.0, float("nan"), 3.0])
+    {'mean': 2.0, 'std': 1.0, 'median': 2.0, 'n': 2}
+    >>> nan_stats([float("nan")])["n"]
+    0
+    """
+    array = np.asarray(list(values), dtype=np.float64)
+    defined = array[~np.isnan(array)]
+    if defined.size == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0}
+    return {"mean": float(defined.mean()), "std": float(defined.std()), "median": float(np.median(defined)),
+            "n": int(defined.size)}

@@ -24,17 +24,9 @@ ROOT = PACKAGE.parent
 # Modules whose raise sites other helpers convert (issue 13's wording task is split by owner).
 EXEMPT_MODULES = {
     "segpipe/export/bundle.py",
-    "segpipe/inference/segment.py",
-    "segpipe/inference/sliding_window.py",
-    "segpipe/losses.py",
-    "segpipe/models/unet3d.py",
 }
 EXEMPT_PACKAGES = (
-    "segpipe/losses/",  # the losses package once losses.py is split (losses helper)
     "segpipe/export/",  # export helper
-    # reports helper (issue 17): merged into main at 21:25 with its own wording; converting it here
-    # would collide with that helper's ongoing work. Remove this entry when it is converted.
-    "segpipe/reports/",
 )
 NOT_MESSAGES = {"SystemExit"}  # takes an exit code, not a message
 
@@ -142,7 +134,10 @@ def test_the_scan_covers_the_modules_of_this_task():
     scanned = {_relative(p) for p in _modules() if not _exempt(_relative(p))}
     for module in ("segpipe/config/loading.py", "segpipe/data/layouts.py", "segpipe/evaluation/folders.py",
                    "segpipe/training/checkpoints.py", "segpipe/runs/sweep.py", "segpipe/cli/train.py", "segpipe/io.py",
-                   "segpipe/metrics/streaming.py", "segpipe/inference/settings.py", "segpipe/inference/run.py"):
+                   "segpipe/metrics/streaming.py", "segpipe/inference/settings.py", "segpipe/inference/run.py",
+                   "segpipe/inference/segment.py", "segpipe/inference/sliding_window.py", "segpipe/models/unet3d.py",
+                   "segpipe/losses/base.py", "segpipe/losses/options.py", "segpipe/losses/compound.py",
+                   "segpipe/reports/html.py", "segpipe/reports/progress.py", "segpipe/reports/overlays.py"):
         assert module in scanned
 
 
@@ -216,6 +211,12 @@ def _augment_keys() -> str:
     from segpipe.data.augment import AugmentSettings
 
     return ", ".join(f.name for f in dataclasses.fields(AugmentSettings))
+
+
+def _loss_names() -> list[str]:
+    from segpipe.losses import available_losses
+
+    return available_losses()
 
 
 def _inference(**values):
@@ -312,6 +313,39 @@ def _augment(data):
     return run
 
 
+def _loss(spec):
+    def run(tmp_path):
+        from segpipe.losses import get_loss
+
+        return get_loss(spec)
+    return run
+
+
+def _unet(**kwargs):
+    def run(tmp_path):
+        from segpipe.models.unet3d import build_unet3d
+
+        return build_unet3d(1, 2, depth=2, base_filters=4, **kwargs)
+    return run
+
+
+def _history(content):
+    def run(tmp_path):
+        from segpipe.reports.progress import read_history
+
+        (tmp_path / "h.csv").write_text(content)
+        return read_history(tmp_path / "h.csv")
+    return run
+
+
+def _scans(name):
+    def run(tmp_path):
+        from segpipe.inference.segment import find_cases
+
+        return find_cases(tmp_path / name)
+    return run
+
+
 T = "{tmp}"  # stands for tmp_path in the expected messages
 CASES = [
     # (id, make the error, exception type, the full message, the key)
@@ -386,12 +420,23 @@ CASES = [
     ("sweep-folds", _folds(1), ValueError, "Expected a number of folds >= 2. Received: --folds=1.", "--folds"),
     ("augment-direct", _augment({"gamma": {"p": 2}}), ValueError,
      "Expected a probability in [0, 1]. Received: gamma.p=2.", "gamma.p"),
+    ("loss-term-option", _loss({"terms": [{"name": "dice"}, {"name": "tversky", "alpha": -1}]}), ValueError,
+     "Expected a number >= 0 for loss 'tversky'. Received: terms[1].alpha=-1.", "terms[1].alpha"),
+    ("loss-name", _loss("tverski"), ValueError,
+     "Expected one of {loss_names}, or a compound {{'terms': [...]}}. Received: name='tverski'. Did you mean 'tversky'?",
+     "name"),
+    ("model-strides", _unet(strides=[[2, 2, 2], [2, 2, 2]]), ValueError,
+     "Expected [1, 1, 1] as stage 0 (full resolution). Received: strides=[[2, 2, 2], [2, 2, 2]].", "strides"),
+    ("report-history", _history("epoch,loss\n1,0.5\n2,oops\n"), ValueError,
+     "{tmp}/h.csv:3: Expected numbers. Received: loss='oops'.", "loss"),
+    ("predict-input", _scans("nope"), FileNotFoundError,
+     "Expected a NIfTI file or a folder of them. Received: input={tmp}/nope (no such file or folder).", "input"),
 ]
 
 
 @pytest.mark.parametrize("make_error, error_type, message, key", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_real_bad_inputs_are_worded_with_the_key_once(tmp_path, make_error, error_type, message, key):
-    text = message.format(tmp=tmp_path, model_keys=_model_keys(), augment_keys=_augment_keys())
+    text = message.format(tmp=tmp_path, model_keys=_model_keys(), augment_keys=_augment_keys(), loss_names=_loss_names())
     with pytest.raises(error_type) as info:
         make_error(tmp_path)
     assert str(info.value) == text
@@ -405,5 +450,6 @@ def test_real_bad_inputs_are_worded_with_the_key_once(tmp_path, make_error, erro
 def test_the_table_spans_every_kind_of_input():
     assert len(CASES) >= 15
     ids = " ".join(c[0] for c in CASES)
-    for kind in ("augment", "config", "inference", "rundir", "preprocess", "folders", "split", "phantoms", "layout"):
+    for kind in ("augment", "config", "inference", "rundir", "preprocess", "folders", "split", "phantoms", "layout",
+                 "loss", "model", "report", "predict"):
         assert kind in ids

@@ -1,4 +1,4 @@
-"""Prediction of raw scans: geometry of the output, predict.py round trip, formats, post-processing."""
+"""Prediction of raw scans: geometry of the output, predict.py against known answers, formats, post-processing."""
 import importlib.util
 
 import numpy as np
@@ -13,7 +13,6 @@ from segpipe.inference.settings import InferenceSettings
 from segpipe.io import read_nifti
 from segpipe.inference.postprocess import keep_largest_component
 from segpipe.inference.segment import find_cases, segment_volume
-from segpipe.inference.sliding_window import keras_predict_fn
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 ANISOTROPIC_RAS = np.diag([0.7, 1.2, 2.5, 1.0]) + np.array([[0, 0, 0, -5.0], [0, 0, 0, 3.0], [0, 0, 0, 1.0], [0, 0, 0, 0]])
@@ -59,20 +58,85 @@ def scans(tmp_path_factory):
     return folder
 
 
-def test_predict_py_round_trip_equals_in_memory_inference(bundle, scans, tmp_path):
-    model, bundle_dir = bundle
+def threshold_model(scale: float = 20.0):
+    """A hand-built network whose answer is known: class 1 exactly where the normalised image is > 0.
+
+    A 1×1×1 convolution with logits (-scale·z, +scale·z) and a softmax: pointwise, so window placement,
+    Gaussian blending and mirroring cannot change its output, and with z-scoring (z > 0 ⟺ value > mean)
+    it labels the voxels brighter than the scan's mean.
+    """
+    import keras
+
+    inputs = keras.Input((None, None, None, 1), name="image")
+    logits = keras.layers.Conv3D(2, 1, name="threshold")(inputs)
+    model = keras.Model(inputs, keras.layers.Softmax(name="probabilities")(logits))
+    model.get_layer("threshold").set_weights([np.array([-scale, scale], np.float32).reshape(1, 1, 1, 1, 2),
+                                              np.zeros(2, np.float32)])
+    return model
+
+
+def two_level_scan(shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scan, object mask): an off-centre ellipsoid at 990-1010 on a 90-110 background, zero margin.
+
+    The object fills 5-50 % of the voxels, so the scan's mean (with or without the zero margin)
+    falls in the gap (110, 990) between the two levels, and "brighter than the mean" is the object.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    inside = (((grid - [0.25, -0.15, 0.1]) / [0.5, 0.6, 0.55]) ** 2).sum(-1) < 1
+    image = np.where(inside, 1000.0, 100.0) + rng.uniform(-10, 10, shape)
+    image[:2] = 0  # cropped away by crop_to_nonzero, background in the output
+    inside[:2] = False
+    assert 0.05 < inside.mean() < 0.5 and 130 < image.mean() < 600 and 130 < image[2:].mean() < 600
+    return image.astype(np.float32), inside
+
+
+# Voxel axes (P, S, L): reoriented to RAS the spacing is PREPROCESSING's target (1, 1, 1.5), so no resampling.
+PERMUTED_AT_TARGET = np.array([[0, 0, -1.0, 20.0], [-1.0, 0, 0, 11.0], [0, 1.5, 0, -4.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def threshold_bundle(tmp_path_factory):
+    return write_bundle(threshold_model(), tmp_path_factory.mktemp("threshold") / "bundle",
+                        class_names=["background", "object"], preprocessing=PREPROCESSING, patch_size=PATCH,
+                        openvino=False, verify=False, segment=False)
+
+
+def test_predict_py_labels_a_scan_as_a_hand_built_network_must(threshold_bundle, tmp_path):
+    """predict.py against answers known without segpipe: the object mask of each scan.
+
+    On the target grid (RAS, or permuted and flipped) every voxel must be right: a wrong
+    reorientation, crop or restore would move the off-centre object. With resampling (anisotropic,
+    non-RAS; spacing 0.9-1.8 mm) the labels may differ only within 4 mm of the object's border
+    (the image and the probabilities are each interpolated once, about a voxel each).
+    """
+    from scipy import ndimage
+
+    scans = tmp_path / "scans"
+    cases = {"ras": (np.diag([1.0, 1.0, 1.5, 1.0]), (26, 20, 14)), "permuted": (PERMUTED_AT_TARGET, (20, 14, 22)),
+             "resampled": (NON_RAS_AFFINE, (36, 30, 24))}
+    truths = {}
+    for i, (name, (affine, shape)) in enumerate(cases.items()):
+        image, truths[name] = two_level_scan(shape, seed=i)
+        write_scan(scans / f"{name}.nii.gz", image, affine)
     out = tmp_path / "out"
-    assert predict.main(["--model", str(bundle_dir), "--input", str(scans), "--output", str(out), "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "scan_2024.nii.gz"]
-    fn = keras_predict_fn(model)  # the trained (deep-supervision) model in memory
-    for name, case in (("a.nii.gz", "a"), ("scan_2024.nii", "scan_2024")):
-        scan = read_nifti(scans / name)
-        written = read_nifti(out / f"{case}.nii.gz")
-        assert written.array.shape == scan.array.shape and np.issubdtype(written.array.dtype, np.integer)
-        np.testing.assert_allclose(written.affine, scan.affine, atol=1e-6)
-        assert aff2axcodes(written.affine) == aff2axcodes(scan.affine)
-        expected = segment_volume(fn, scan.array, scan.affine, preprocessing=PREPROCESSING, patch_size=PATCH)
-        np.testing.assert_array_equal(written.array, expected.labels)
+    assert predict.main(["--model", str(threshold_bundle), "--input", str(scans), "--output", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["permuted.nii.gz", "ras.nii.gz", "resampled.nii.gz"]
+    for name, (affine, shape) in cases.items():
+        written = read_nifti(out / f"{name}.nii.gz")
+        assert written.array.shape == shape and np.issubdtype(written.array.dtype, np.integer)
+        np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+        assert aff2axcodes(written.affine) == aff2axcodes(affine)
+        labels, truth = written.array == 1, truths[name]
+        if name != "resampled":
+            np.testing.assert_array_equal(labels, truth, err_msg=name)
+            continue
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        far = np.maximum(ndimage.distance_transform_edt(truth, sampling=spacing),
+                         ndimage.distance_transform_edt(~truth, sampling=spacing)) > 4.0
+        assert far.mean() > 0.5 and (far & truth).sum() > 100  # far inside and far outside
+        np.testing.assert_array_equal(labels[far], truth[far])
+        assert 2 * (labels & truth).sum() / (labels.sum() + truth.sum()) > 0.8
 
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "onnx", "openvino", "auto"])
@@ -101,11 +165,12 @@ def test_predict_py_errors_are_clear(bundle, scans, tmp_path, capsys):
     assert predict.main(["--model", str(bundle_dir), "--input", str(tmp_path / "none"), "--output", str(tmp_path)]) == 1
     assert "Expected a NIfTI file or a folder of them. Received:" in capsys.readouterr().err
     assert predict.main(["--model", str(bundle_dir), "--input", str(scans), "--output", str(scans)]) == 1
-    assert "output folder other than the input folder" in capsys.readouterr().err
+    assert ("Expected an output folder other than an input folder (outputs would replace inputs). "
+            f"Received: --output={scans}.") in capsys.readouterr().err
     two_channels = tmp_path / "two.nii.gz"
     write_scan(two_channels, np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
     assert predict.main(["--model", str(bundle_dir), "--input", str(two_channels), "--output", str(tmp_path / "o")]) == 1
-    assert "Expected 1 input channel(s) ['channel_0'] for case two. Received: 2 in two.nii.gz" in capsys.readouterr().err
+    assert f"{two_channels}: Expected 1 input channel(s) ['channel_0']. Received: channels=2." in capsys.readouterr().err
     assert predict.main(["--model", str(tmp_path), "--input", str(scans), "--output", str(tmp_path / "o")]) == 1
     assert "bundle.json in the bundle. Received: no such file" in capsys.readouterr().err
 

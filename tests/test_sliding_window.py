@@ -10,6 +10,7 @@ from segpipe.inference.sliding_window import (
     window_slices,
     window_starts,
 )
+from segpipe.inference.settings import InferenceSettings
 
 
 def pointwise_softmax(x: np.ndarray) -> np.ndarray:
@@ -74,7 +75,7 @@ def test_every_voxel_gets_a_positive_weight(shape, window, overlap):
 def test_a_pointwise_network_is_reproduced_exactly(shape, batch_size):
     """Wrong window placement, weighting or cropping of the padding would break this equality."""
     image = np.random.default_rng(0).normal(size=(*shape, 1)).astype(np.float32)
-    out = sliding_window_predict(pointwise_softmax, image, (16, 16, 8), batch_size=batch_size)
+    out = sliding_window_predict(pointwise_softmax, image, (16, 16, 8), settings=InferenceSettings(batch_size=batch_size))
     assert out.shape == (*shape, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, pointwise_softmax(image), atol=1e-6)
 
@@ -91,7 +92,7 @@ def test_mirroring_averages_the_flipped_back_predictions():
         return np.broadcast_to(fixed, (len(x), *fixed.shape)).copy()
 
     image = np.arange(np.prod(window), dtype=np.float32).reshape(*window, 1)
-    out = sliding_window_predict(network, image, window, mirror_axes=(0, 2))
+    out = sliding_window_predict(network, image, window, settings=InferenceSettings(mirror_axes=(0, 2)))
     # flipping along x turns the ramp around; along z it changes nothing: mean of fixed and flip_x(fixed)
     np.testing.assert_allclose(out, (fixed + np.flip(fixed, 0)) / 2, atol=1e-6)
     assert len(calls) == 4
@@ -113,30 +114,46 @@ def test_single_window_equals_direct_prediction_of_a_keras_model():
     model = build_unet3d(1, 3, depth=2, base_filters=4)
     image = np.random.default_rng(1).normal(size=(16, 16, 16, 1)).astype(np.float32)
     direct = model.predict_on_batch(image[None])[0]
-    out = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16), mirror_axes=())
+    out = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16), settings=InferenceSettings(mirror_axes=()))
     np.testing.assert_allclose(out, direct, atol=1e-6)
     # with mirroring: the mean of the eight flipped-back direct predictions
-    mirrored = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16), mirror_axes=(0, 1, 2))
+    mirrored = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16),
+                                      settings=InferenceSettings(mirror_axes=(0, 1, 2)))
     flips = mirror_combinations([0, 1, 2])
     expected = np.mean([np.flip(model.predict_on_batch(np.flip(image, a)[None].copy())[0], a) for a in flips], 0)
     np.testing.assert_allclose(mirrored, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"overlap": 1.0}, "Expected a number in [0, 0.95]. Received: overlap=1.0"),
-    ({"overlap": -0.1}, "Expected a number in [0, 0.95]. Received: overlap=-0.1"),
-    ({"mirror_axes": (0, 3)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[0, 3]"),
-    ({"mirror_axes": (1, 1)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[1, 1]"),
-    ({"batch_size": 0}, "Expected batch_size >= 1"),
-    ({"window": (16, 16)}, "Expected a window of 3 positive sizes"),
+    ({"overlap": 1.0}, "Expected a number in [0, 0.95]. Received: overlap=1.0."),
+    ({"overlap": -0.1}, "Expected a number in [0, 0.95]. Received: overlap=-0.1."),
+    ({"mirror_axes": (0, 3)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[0, 3]."),
+    ({"mirror_axes": (1, 1)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[1, 1]."),
+    ({"batch_size": 0}, "Expected an integer >= 1. Received: batch_size=0."),
+    ({"sigma_scale": 0}, "Expected a number > 0. Received: sigma_scale=0."),
 ])
-def test_bad_arguments_are_named(kwargs, message):
-    args = {"window": (8, 8, 8), **kwargs}
-    window = args.pop("window")
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        sliding_window_predict(pointwise_softmax, np.zeros((8, 8, 8, 1), np.float32), window, **args)
+def test_bad_settings_are_named(kwargs, message):
+    """The sliding window takes the one InferenceSettings, so its options fail where it is built."""
+    with pytest.raises(ValueError) as info:
+        InferenceSettings(**kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("image, window, settings, error, message", [
+    (np.zeros((8, 8, 8, 1)), (16, 16), InferenceSettings(), ValueError,
+     "Expected a window of 3 positive sizes. Received: window=(16, 16)."),
+    (np.zeros((8, 8, 8)), (8, 8, 8), InferenceSettings(), ValueError,
+     "Expected a channels-last image (X, Y, Z, C). Received: image.shape=(8, 8, 8)."),
+    (np.zeros((8, 8, 8, 1)), (8, 8, 8), {"overlap": 0.5}, TypeError,
+     "Expected an InferenceSettings. Received: settings=dict."),
+])
+def test_bad_arguments_are_named(image, window, settings, error, message):
+    with pytest.raises(error) as info:
+        sliding_window_predict(pointwise_softmax, image, window, settings=settings)
+    assert str(info.value) == message
 
 
 def test_a_network_returning_the_wrong_shape_is_named():
-    with pytest.raises(ValueError, match=r"Expected the network to return probabilities of shape \(1, 8, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"^Expected the network to return probabilities of shape \(1, 8, 8, 8\) "
+                                         r"\+ \(classes,\)\. Received: output\.shape=\(1, 4, 8, 8, 1\)\.$"):
         sliding_window_predict(lambda x: x[:, :4], np.zeros((8, 8, 8, 1), np.float32), (8, 8, 8))

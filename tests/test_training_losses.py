@@ -71,7 +71,7 @@ def test_bad_loss_option_fails_before_any_run_is_written(tiny_overrides, tmp_pat
     code = train.main(["--set", *tiny_overrides, "name=bad", "loss={name: dice, class_weights: [1, 2]}"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "loss:" in err and "class_weights" in err
+    assert "for loss 'dice': 3 (num_classes=3" in err and "Received: loss.class_weights=[1.0, 2.0]." in err
     assert not (tmp_path / "runs" / "bad").exists()
 
 

@@ -94,6 +94,10 @@ class TrainConfig:
     # Plan the run to finish (training, validation, final evaluation) in this many minutes: times real
     # steps of the planned network on this machine and sets epochs, steps and inference (docs/planning.md).
     time_budget_minutes: float | None = field(default=None, metadata=_range(0, exclusive_min=True))
+    # Stop training (validation included) before the epoch that would end past this many minutes, at the
+    # pace of the recent epochs; the best and last checkpoints stay complete. A time-budget plan sets it
+    # to its training share, so a machine that slows down mid-run still keeps the budget.
+    max_train_minutes: float | None = field(default=None, metadata=_range(0, exclusive_min=True))
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = field(default=1e-3, metadata=_range(0, exclusive_min=True))
     lr_schedule: Literal["constant", "poly", "cosine"] = "poly"

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from segpipe.arrays import nan_stats
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
 from segpipe.errors import Received, expected
 from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
@@ -347,9 +348,9 @@ def _class_summary(class_rows: Sequence[Mapping[str, Any]], name: str) -> dict[s
     n_ref = np.array([r["n_ref"] for r in class_rows])
     n_pred = np.array([r["n_pred"] for r in class_rows])
     present = set(class_rows[0]) if class_rows else set()
-    stats = {m: _stats([float(r[m]) for r in class_rows]) for m in SUMMARY_METRICS if m in present}
+    stats = {m: nan_stats([float(r[m]) for r in class_rows]) for m in SUMMARY_METRICS if m in present}
     worst = {
-        m: _stats([float(r["image_diagonal_mm"]) if math.isnan(float(r[m])) else float(r[m]) for r in class_rows])
+        m: nan_stats([float(r["image_diagonal_mm"]) if math.isnan(float(r[m])) else float(r[m]) for r in class_rows])
         for m in DISTANCE_METRICS if m in present
     }
     return {
@@ -601,19 +602,6 @@ def _as_label_map(array: np.ndarray, path) -> np.ndarray:
             ))
         array = rounded.astype(np.min_scalar_type(int(rounded.max(initial=0))))
     return array
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values, dtype=np.float64)
-    defined = array[~np.isnan(array)]
-    if defined.size == 0:
-        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0}
-    return {
-        "mean": float(defined.mean()),
-        "std": float(defined.std()),
-        "median": float(np.median(defined)),
-        "n": int(defined.size),
-    }
 
 
 def _mean_of_means(stats: list[Mapping[str, float] | None]) -> float:

@@ -592,9 +592,7 @@ def _verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, pa
     image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
     image[:2] = 0
     case = preprocess_volume(image, np.diag([*spacing, 1.0]), None, preprocessing)
-    probabilities = sliding_window_predict(keras_predict_fn(net), case.image, patch_size, overlap=inference.overlap,
-                                           mirror_axes=inference.mirror_axes, batch_size=inference.batch_size,
-                                           sigma_scale=inference.sigma_scale)
+    probabilities = sliding_window_predict(keras_predict_fn(net), case.image, patch_size, settings=inference)
     background = np.eye(probabilities.shape[-1], dtype=np.float32)[0]
     expected = np.argmax(restore_to_original(probabilities, case.meta, order=1, fill_value=background), axis=-1)
     signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]

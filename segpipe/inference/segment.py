@@ -32,6 +32,7 @@ import numpy as np
 
 from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
+from segpipe.errors import Received, expected
 from segpipe.export.bundle import Bundle, load_predictor, read_bundle
 from segpipe.inference.postprocess import keep_largest_component
 from segpipe.inference.settings import InferenceSettings
@@ -70,9 +71,9 @@ def segment_volume(
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
         patch_size: the sliding window (the training patch size).
-        settings: overlap, mirroring, windows per call, Gaussian σ (see
-            :func:`segpipe.inference.sliding_window.sliding_window_predict`) and the label values that keep
-            only their largest component.
+        settings: the one :class:`InferenceSettings`: overlap, mirroring, windows per call, Gaussian σ
+            (see :func:`segpipe.inference.sliding_window.sliding_window_predict`) and the label values
+            that keep only their largest component.
         return_probabilities: also return the probabilities on the scan's grid.
         progress: progress bar over the windows.
 
@@ -106,8 +107,7 @@ def segment_preprocessed(
     Returns:
         A :class:`Segmentation` on the original grid, with the original affine.
     """
-    window = dict(overlap=settings.overlap, mirror_axes=settings.mirror_axes, batch_size=settings.batch_size,
-                  sigma_scale=settings.sigma_scale, progress=progress)
+    window = dict(settings=settings, progress=progress)
     probabilities = None
     if return_probabilities:
         probabilities = restore_probabilities(sliding_window_predict(predict_fn, image, patch_size, **window), meta)
@@ -174,7 +174,8 @@ def labels_from_slabs(slabs: Iterable[tuple[slice, np.ndarray]], meta: dict[str,
         for i in [i for i in rows if j < n_out and i < lower[j]]:
             del rows[i]
     if j != n_out:
-        raise ValueError(f"Expected slabs covering {n_in} rows of the preprocessed grid. Received: {max(rows, default=-1) + 1}")
+        raise ValueError(expected(f"slabs covering {n_in} rows of the preprocessed grid", key="rows",
+                                  received=max(rows, default=-1) + 1))
     return restore_to_original(labels, {**meta, "shape": meta["cropped_shape"]}, order=0)
 
 
@@ -185,10 +186,9 @@ def segment_case(
     """Read a case's image file(s) and segment it with a bundle's preprocessing and settings."""
     volume = read_case_image(case)
     if volume.array.shape[-1] != bundle.input_channels:
-        raise ValueError(
-            f"Expected {bundle.input_channels} input channel(s) {list(bundle.channel_names)} for case "
-            f"{case.case_id}. Received: {volume.array.shape[-1]} in {', '.join(p.name for p in case.image_paths)}"
-        )
+        raise ValueError(expected(
+            f"{bundle.input_channels} input channel(s) {list(bundle.channel_names)}", key="channels",
+            received=volume.array.shape[-1], where=", ".join(str(p) for p in case.image_paths)))
     return segment_volume(
         predict_fn, volume.array, volume.affine, preprocessing=bundle.preprocessing, patch_size=bundle.patch_size,
         settings=settings or bundle.inference, return_probabilities=return_probabilities, progress=progress,
@@ -211,9 +211,11 @@ def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_ch
         elif item.is_file():
             paths.append(item)
         else:
-            raise FileNotFoundError(f"Expected a NIfTI file or a folder of them. Received: {item} (no such file or folder)")
+            raise FileNotFoundError(expected("a NIfTI file or a folder of them", key="input",
+                                             received=Received(f"{item} (no such file or folder)")))
     if not paths:
-        raise FileNotFoundError(f"Expected NIfTI files (.nii, .nii.gz). Received: none in {inputs}")
+        shown = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(str(i) for i in inputs)
+        raise FileNotFoundError(expected("NIfTI files (.nii, .nii.gz)", key="input", received=Received(f"{shown} (has none)")))
 
     groups: dict[str, dict[int, Path]] = {}
     singles: list[Path] = []
@@ -232,7 +234,8 @@ def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_ch
     ids = [c.case_id for c in cases]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ValueError(f"Expected one input per case name. Received: several files for {duplicates} (e.g. x.nii and x.nii.gz)")
+        raise ValueError(expected("one input file per case name (not x.nii and x.nii.gz)", key="input",
+                                  received=Received(f"several files for {duplicates}")))
     return sorted(cases, key=lambda c: c.case_id)
 
 
@@ -273,7 +276,8 @@ def predict_files(
     output_dir = Path(output_dir)
     sources = {p.parent.resolve() for c in cases for p in c.image_paths}
     if output_dir.resolve() in sources:
-        raise ValueError(f"Expected an output folder other than the input folder (outputs would replace inputs). Received: --output {output_dir}")
+        raise ValueError(expected("an output folder other than an input folder (outputs would replace inputs)",
+                                  key="--output", received=Received(str(output_dir))))
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
                                         postprocess_largest_component=postprocess_largest_component)
     settings.check_classes(bundle.num_classes)

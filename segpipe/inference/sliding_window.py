@@ -17,7 +17,8 @@ accumulator is held, and each slab is handed on as soon as no later window touch
 of the whole-volume float32 Σ w·p and Σ w of a naive blend (4·(C + 1) bytes per voxel) plus a copy.
 :func:`batch_size_for_memory` sizes the windows per call to a memory budget.
 
-Everything here is NumPy; the network is any callable mapping a float32 batch
+The options (overlap, mirroring, windows per call, Gaussian σ) come as one
+:class:`segpipe.inference.settings.InferenceSettings`, which validates them. Everything here is NumPy; the network is any callable mapping a float32 batch
 (B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so Keras, a SavedModel, ONNX Runtime and
 OpenVINO run through the same code (see :mod:`segpipe.export.runtimes`).
 """
@@ -29,8 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from segpipe.errors import SettingError
-from segpipe.inference.settings import MAX_OVERLAP, check_mirror_axes
+from segpipe.errors import Received, SettingError, expected
+from segpipe.inference.settings import MAX_OVERLAP, InferenceSettings, check_mirror_axes
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -48,7 +49,7 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """
     _check_overlap(overlap)
     if window < 1:
-        raise ValueError(f"Expected a window of at least 1 voxel. Received: window={window}")
+        raise ValueError(expected("a window of at least 1 voxel", key="window", received=window))
     if size <= window:
         return [0]
     step = max(1.0, window * (1.0 - overlap))  # an overlap near 1 would repeat windows after rounding
@@ -62,12 +63,11 @@ def window_slices(
 ) -> list[tuple[slice, slice, slice]]:
     """Every window of a volume of spatial ``shape`` (each side at least the window), as index slices."""
     if len(shape) != 3 or len(window) != 3:
-        raise ValueError(f"Expected a 3-D shape and window. Received: shape={tuple(shape)}, window={tuple(window)}")
+        raise ValueError(expected("a 3-D shape and window", key="shape",
+                                  received=Received(f"{tuple(shape)}, window={tuple(window)}")))
     if any(s < w for s, w in zip(shape, window)):
-        raise ValueError(
-            f"Expected every side of the volume to be at least the window (pad first). "
-            f"Received: shape={tuple(shape)}, window={tuple(window)}"
-        )
+        raise ValueError(expected("every side of the volume at least the window (pad first)", key="shape",
+                                  received=Received(f"{tuple(shape)}, window={tuple(window)}")))
     starts = [window_starts(s, w, overlap) for s, w in zip(shape, window)]
     return [
         tuple(slice(lo, lo + w) for lo, w in zip(corner, window))
@@ -83,7 +83,7 @@ def gaussian_importance_map(window: Sequence[int], sigma_scale: float = 0.125) -
     window keeps a positive weight and no voxel of the volume ends up with ``Σ w = 0``.
     """
     if sigma_scale <= 0:
-        raise ValueError(f"Expected sigma_scale > 0. Received: sigma_scale={sigma_scale}")
+        raise SettingError("sigma_scale", "a number > 0", sigma_scale)
     axes = []
     for w in window:
         sigma = max(w * sigma_scale, 1e-6)
@@ -127,10 +127,7 @@ def sliding_window_predict(
     image: np.ndarray,
     window: Sequence[int],
     *,
-    overlap: float = 0.5,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    batch_size: int = 2,
-    sigma_scale: float = 0.125,
+    settings: InferenceSettings = InferenceSettings(),
     progress: bool = False,
     dtype: Any = np.float32,
 ) -> np.ndarray:
@@ -141,13 +138,11 @@ def sliding_window_predict(
         image: channels-last preprocessed image (the network's input space).
         window: window (training patch) size; each side must suit the network (divisible by
             ``2 ** (depth - 1)`` for the U-Net).
-        overlap: fraction of a window shared with its neighbour along each axis, in [0, 0.95].
-            Defaults to 0.5.
-        mirror_axes: spatial axes (0, 1, 2) to mirror for test-time augmentation; every subset is
-            predicted and averaged (``2 ** len(mirror_axes)`` passes). ``()`` switches it off.
-        batch_size: windows per network call (a short last batch is zero-filled, so every call has
-            one shape).
-        sigma_scale: Gaussian σ as a fraction of the window side. Defaults to 1/8.
+        settings: ``overlap`` (fraction of a window shared with its neighbour along each axis),
+            ``mirror_axes`` (test-time mirroring: every subset is predicted and averaged, ``()``
+            switches it off), ``batch_size`` (windows per network call; a short last batch is
+            zero-filled, so every call has one shape) and ``sigma_scale`` (Gaussian σ as a fraction
+            of the window side). ``postprocess_largest_component`` is not used here (it acts on labels).
         progress: show a tqdm progress bar over the windows.
         dtype: dtype of the returned array. Blending is always float32 (per output slab, see
             :func:`iter_blended_slabs`); ``np.float16`` halves the one full-size array, at a
@@ -156,17 +151,29 @@ def sliding_window_predict(
     Returns:
         Probabilities on the grid of ``image``: the Gaussian-weighted average of every window (and
         mirror) that covers a voxel.
+
+    Example:
+        >>> ones = lambda x: np.ones(x.shape[:4] + (2,), np.float32) / 2
+        >>> sliding_window_predict(ones, np.zeros((5, 4, 4, 1)), (4, 4, 4),
+        ...                        settings=InferenceSettings(mirror_axes=())).shape
+        (5, 4, 4, 2)
     """
     out: np.ndarray | None = None
-    for rows, slab in iter_blended_slabs(predict_fn, image, window, overlap=overlap, mirror_axes=mirror_axes,
-                                         batch_size=batch_size, sigma_scale=sigma_scale, progress=progress):
+    for rows, slab in iter_blended_slabs(predict_fn, image, window, settings=settings, progress=progress):
         if out is None:  # the class count is known once the network has run
             out = np.empty(image.shape[:3] + slab.shape[-1:], dtype=dtype)
         out[rows] = slab
     return out
 
 
-def sliding_window_labels(predict_fn: PredictFn, image: np.ndarray, window: Sequence[int], **options: Any) -> np.ndarray:
+def sliding_window_labels(
+    predict_fn: PredictFn,
+    image: np.ndarray,
+    window: Sequence[int],
+    *,
+    settings: InferenceSettings = InferenceSettings(),
+    progress: bool = False,
+) -> np.ndarray:
     """The argmax (X, Y, Z) uint8 of :func:`sliding_window_predict`, without a full-size probability array.
 
     Each output slab is blended in float32 and reduced to labels as soon as no later window touches
@@ -175,13 +182,13 @@ def sliding_window_labels(predict_fn: PredictFn, image: np.ndarray, window: Sequ
     ``np.argmax(sliding_window_predict(...), -1)`` exactly (ties go to the lower class).
 
     Args:
-        predict_fn, image, window, options: as for :func:`sliding_window_predict` (``overlap``,
-            ``mirror_axes``, ``batch_size``, ``sigma_scale``, ``progress``).
+        predict_fn, image, window, settings, progress: as for :func:`sliding_window_predict`.
     """
     labels = np.empty(np.shape(image)[:3], dtype=np.uint8)
-    for rows, slab in iter_blended_slabs(predict_fn, image, window, **options):
+    for rows, slab in iter_blended_slabs(predict_fn, image, window, settings=settings, progress=progress):
         if slab.shape[-1] > 256:
-            raise ValueError(f"Expected at most 256 classes for a uint8 label map. Received: {slab.shape[-1]}")
+            raise ValueError(expected("at most 256 classes for a uint8 label map", key="classes",
+                                      received=slab.shape[-1]))
         labels[rows] = np.argmax(slab, axis=-1)
     return labels
 
@@ -191,10 +198,7 @@ def iter_blended_slabs(
     image: np.ndarray,
     window: Sequence[int],
     *,
-    overlap: float = 0.5,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    batch_size: int = 2,
-    sigma_scale: float = 0.125,
+    settings: InferenceSettings = InferenceSettings(),
     progress: bool = False,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """The blended probabilities ``Σ w·p / Σ w`` of ``image``, slab by slab along axis 0.
@@ -204,23 +208,26 @@ def iter_blended_slabs(
     accumulator (window[0] × Y × Z × C, plus Σ w) is held, so the memory of blending does not grow
     with the volume's length along axis 0; callers keep, reduce or write each slab.
 
+    Args:
+        predict_fn, image, window, settings, progress: as for :func:`sliding_window_predict`.
+
     Yields:
         ``(rows, probabilities)``: a slice of axis 0 of ``image`` and the float32 probabilities
         (len(rows), Y, Z, C) there, in order, covering the image once.
     """
     image = np.asarray(image)
     if image.ndim != 4:
-        raise ValueError(f"Expected a channels-last image (X, Y, Z, C). Received: shape {image.shape}")
+        raise ValueError(expected("a channels-last image (X, Y, Z, C)", key="image.shape", received=image.shape))
     window = tuple(int(w) for w in window)
     if len(window) != 3 or min(window) < 1:
-        raise ValueError(f"Expected a window of 3 positive sizes. Received: window={window}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
-    flips = mirror_combinations(mirror_axes)
+        raise ValueError(expected("a window of 3 positive sizes", key="window", received=window))
+    if not isinstance(settings, InferenceSettings):
+        raise TypeError(expected("an InferenceSettings", key="settings", received=Received(type(settings).__name__)))
+    flips = mirror_combinations(settings.mirror_axes)
     padded, crop = pad_to_window(image, window)
-    slices = window_slices(padded.shape[:3], window, overlap)  # ordered by start along axis 0
-    weights = gaussian_importance_map(window, sigma_scale)
-    batch_size = int(min(batch_size, len(slices)))
+    slices = window_slices(padded.shape[:3], window, settings.overlap)  # ordered by start along axis 0
+    weights = gaussian_importance_map(window, settings.sigma_scale)
+    batch_size = int(min(settings.batch_size, len(slices)))
     depth = window[0]
 
     acc: np.ndarray | None = None  # Σ w·p over rows [base, base + depth), allocated once C is known
@@ -285,11 +292,11 @@ def batch_size_for_memory(
 
     Example:
         >>> batch_size_for_memory((64, 64, 64), in_channels=1, num_classes=3, budget_mb=256,
-        ...                       activation_bytes_per_voxel=1000)
+        ...                       activation_bytes_per_voxel=200)
         4
     """
     if budget_mb <= 0:
-        raise ValueError(f"Expected budget_mb > 0. Received: budget_mb={budget_mb}")
+        raise ValueError(expected("a memory budget > 0", key="budget_mb", received=budget_mb))
     voxels = math.prod(int(w) for w in window)
     per_window = voxels * (4.0 * (in_channels + 3 * num_classes) + float(activation_bytes_per_voxel))
     return int(max(1, min(max_batch_size, budget_mb * 2**20 // per_window)))
@@ -319,10 +326,8 @@ def _predict_mirrored(predict_fn: PredictFn, batch: np.ndarray, flips: list[tupl
         x = np.ascontiguousarray(np.flip(batch, batch_axes)) if axes else batch
         p = np.asarray(predict_fn(x), dtype=np.float32)
         if p.ndim != 5 or p.shape[:4] != batch.shape[:4]:
-            raise ValueError(
-                f"Expected the network to return probabilities of shape {batch.shape[:4]} + (classes,). "
-                f"Received: shape {p.shape}"
-            )
+            raise ValueError(expected(f"the network to return probabilities of shape {batch.shape[:4]} + (classes,)",
+                                      key="output.shape", received=p.shape))
         p = np.flip(p, batch_axes) if axes else p
         if out is None:
             out = p if len(flips) == 1 else p.copy()  # a copy: the runtime may own p's buffer

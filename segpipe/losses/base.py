@@ -14,6 +14,7 @@ from typing import Any
 
 import keras
 
+from segpipe.errors import SettingError, expected
 from segpipe.losses.options import VALIDATORS
 from segpipe.losses.tensors import REDUCTIONS, reduce_per_sample, split_sample_weight
 
@@ -44,25 +45,22 @@ def available_losses() -> list[str]:
 def lookup(name: Any) -> type["SegmentationLoss"]:
     """The loss class of a registry name or alias (case and ``-``/``_`` insensitive)."""
     if not isinstance(name, str):
-        raise ValueError(f"Expected the loss `name` to be a string. Received: name={name!r}")
+        raise SettingError("name", "a loss name (a string)", name)
     key = name.strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key in LOSSES:
         return LOSSES[key]
-    valid = available_losses()
     if key == "compound":
-        raise ValueError("A compound loss is written as {'terms': [{'name': ..., 'weight': ...}, "
-                         f"...]}}. Received: name={name!r}")
+        raise SettingError("name", "a compound loss written as {'terms': [{'name': ..., 'weight': ...}, ...]}", name)
+    valid = available_losses()
     close = difflib.get_close_matches(key, valid, n=1)
-    raise ValueError(f"Unknown loss {name!r}." + (f" Did you mean '{close[0]}'?" if close else "")
-                     + f" Expected one of {valid}, or a compound {{'terms': [...]}}. "
-                     f"Received: name={name!r}")
+    raise SettingError("name", f"one of {valid}, or a compound {{'terms': [...]}}", name,
+                       hint=f"Did you mean '{close[0]}'?" if close else None)
 
 
 def check_reduction(reduction: Any) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"Expected `reduction` to be one of {list(REDUCTIONS)}. "
-                         f"Received: reduction={reduction!r}")
+        raise SettingError("reduction", f"one of {list(REDUCTIONS)}", reduction)
 
 
 class SegmentationLoss(keras.losses.Loss):
@@ -93,10 +91,8 @@ class SegmentationLoss(keras.losses.Loss):
         for key in options:
             if key not in defaults:
                 close = difflib.get_close_matches(key, list(defaults), n=1)
-                raise ValueError(
-                    f"Unknown option `{key}` for loss '{self.registry_name}'."
-                    + (f" Did you mean `{close[0]}`?" if close else "")
-                    + f" Expected one of {sorted(defaults)}. Received: {key}={options[key]!r}")
+                raise SettingError(key, f"an option of loss '{self.registry_name}' out of {sorted(defaults)}",
+                                   options[key], hint=f"Did you mean '{close[0]}'?" if close else None)
         merged = {**defaults, **options}
         self.options = {key: self._validators.get(key, VALIDATORS[key])(self.registry_name, key, v)
                         for key, v in merged.items()}
@@ -149,21 +145,18 @@ class SegmentationLoss(keras.losses.Loss):
     def check_num_classes(self, num_classes: int) -> None:
         """Check per-class options against the number of output channels (incl. background)."""
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"Expected `num_classes` to be a positive integer. "
-                             f"Received: num_classes={num_classes!r}")
+            raise ValueError(expected("a positive integer", key="num_classes", received=num_classes))
         include_background = self.options["include_background"]
         scored = num_classes - (0 if include_background else 1)
-        if scored < 1:
-            raise ValueError(
-                f"Loss '{self.registry_name}' with include_background=False needs at least 2 "
-                f"classes. Received: num_classes={num_classes}")
+        if scored < 1:  # the dataset's class count, not an option: not a SettingError
+            raise ValueError(expected(f"at least 2 classes for loss '{self.registry_name}' with "
+                                      "include_background=False", key="num_classes", received=num_classes))
         for key in ("class_weights", "alpha"):
             value = self.options.get(key)
             if isinstance(value, list) and len(value) != scored:
-                raise ValueError(
-                    f"Expected `{key}` of loss '{self.registry_name}' to have one entry per scored "
-                    f"class: {scored} (num_classes={num_classes}, include_background="
-                    f"{include_background}). Received: {key}={value}")
+                raise SettingError(key, f"one entry per scored class for loss '{self.registry_name}': {scored} "
+                                        f"(num_classes={num_classes}, include_background={include_background})",
+                                   value)
 
     def with_options(self, **options: Any) -> "SegmentationLoss":
         """A copy with some options replaced (e.g. ``from_logits=True`` for a logits model)."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 
+from segpipe.errors import Received, SettingError, expected
 from segpipe.losses import region, voxel  # noqa: F401  (registers the single losses)
 from segpipe.losses.base import SERIALIZABLE, SegmentationLoss, check_reduction, lookup
 from segpipe.losses.options import is_number
@@ -19,20 +20,20 @@ def build_loss_from_spec(spec: str | Mapping[str, Any]) -> keras.losses.Loss:
     if isinstance(spec, str):
         return lookup(spec)()
     if not isinstance(spec, Mapping):
-        raise ValueError("Expected a loss name, a config dict or a segpipe loss. "
-                         f"Received: spec={spec!r}")
+        raise ValueError(expected("a loss name, a config dict or a segpipe loss", key="spec", received=spec))
     config = dict(spec)
     if "terms" in config:
         name = config.pop("name", "compound")
         terms = config.pop("terms")
-        if name != "compound" or config:
-            raise ValueError("Expected a compound loss config to contain only `terms` (and "
-                             "`name: compound`); options go into each term. Received: "
-                             f"{ {'name': name, **config} }")
+        extra = {**({"name": name} if name != "compound" else {}), **config}
+        if extra:
+            key = next(iter(extra))
+            raise SettingError(key, "only `terms` (and `name: compound`) in a compound loss; options go into "
+                                    "each term", extra[key])
         return CompoundLoss(terms)
     if "name" not in config:
-        raise ValueError("Expected a loss config with a `name` (or `terms` for a compound "
-                         f"loss). Received: {dict(spec)!r}")
+        raise SettingError("name", "a loss config with a `name` (or `terms` for a compound loss)",
+                           Received(f"<missing> in {dict(spec)!r}"))
     return lookup(config.pop("name"))(**config)
 
 
@@ -56,30 +57,30 @@ class CompoundLoss(keras.losses.Loss):
                  reduction: str | None = "sum_over_batch_size", dtype=None):
         check_reduction(reduction)
         if isinstance(terms, (str, bytes, Mapping)) or not isinstance(terms, Sequence) or not terms:
-            raise ValueError("Expected `terms` to be a non-empty list of loss configs. "
-                             f"Received: terms={terms!r}")
-        self.terms = [self._parse_term(t) for t in terms]
+            raise SettingError("terms", "a non-empty list of loss configs", terms)
+        self.terms = [self._parse_term(term, f"terms[{i}]") for i, term in enumerate(terms)]
         if sum(w for w, _ in self.terms) <= 0:
-            raise ValueError("Expected at least one compound term with a positive weight. "
-                             f"Received: weights={[w for w, _ in self.terms]}")
+            raise ValueError(expected("at least one compound term with a positive weight", key="weights",
+                                      received=[w for w, _ in self.terms]))
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
     @staticmethod
-    def _parse_term(term):
-        if isinstance(term, Mapping):
-            term = dict(term)
-            weight, loss = term.pop("weight", 1.0), build_loss_from_spec(term)
-        elif isinstance(term, str):
-            weight, loss = 1.0, build_loss_from_spec(term)
+    def _parse_term(term, key: str):
+        """``(weight, loss)`` of the term at ``key`` ("terms[1]"), which prefixes its errors' keys."""
+        if isinstance(term, (str, Mapping)):
+            term = {"name": term} if isinstance(term, str) else dict(term)
+            weight = term.pop("weight", 1.0)
+            try:
+                loss = build_loss_from_spec(term)
+            except SettingError as exc:  # name the term once: terms[1].alpha
+                raise exc.with_prefix(key + ".") from None
         elif (isinstance(term, (tuple, list)) and len(term) == 2
               and isinstance(term[1], (SegmentationLoss, CompoundLoss))):
             weight, loss = term
         else:
-            raise ValueError("Expected a compound term to be a config dict, a loss name or a "
-                             f"(weight, loss) pair. Received: term={term!r}")
+            raise SettingError(key, "a config dict, a loss name or a (weight, loss) pair", term)
         if not (is_number(weight) and weight >= 0):
-            raise ValueError("Expected the `weight` of a compound term to be a non-negative "
-                             f"number. Received: weight={weight!r}")
+            raise SettingError(key + ".weight", "a non-negative number", weight)
         return float(weight), loss
 
     @property
@@ -105,8 +106,11 @@ class CompoundLoss(keras.losses.Loss):
             return reduce_per_sample(values, weights, self.reduction)
 
     def check_num_classes(self, num_classes: int) -> None:
-        for _, loss in self.terms:
-            loss.check_num_classes(num_classes)
+        for i, (_, loss) in enumerate(self.terms):
+            try:
+                loss.check_num_classes(num_classes)
+            except SettingError as exc:
+                raise exc.with_prefix(f"terms[{i}].") from None
 
     def with_options(self, **options: Any) -> "CompoundLoss":
         """A copy with ``options`` set in every term."""

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from segpipe.errors import expected
 from segpipe.losses.tensors import shape_str
 
 __all__ = ["TARGET_DOWNSAMPLING", "deep_supervision_weights", "deep_supervision_losses",
@@ -37,8 +38,7 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
         [0.5714285714285714, 0.2857142857142857, 0.14285714285714285, 0.0]
     """
     if not isinstance(num_outputs, int) or isinstance(num_outputs, bool) or num_outputs < 1:
-        raise ValueError(f"Expected `num_outputs` to be a positive integer. "
-                         f"Received: num_outputs={num_outputs!r}")
+        raise ValueError(expected("a positive integer", key="num_outputs", received=num_outputs))
     raw = [0.5 ** i for i in range(num_outputs)]
     if num_outputs > 1:
         raw[-1] = 0.0
@@ -63,18 +63,17 @@ def downsample_target(y_true, factors: Sequence[int], mode: str = "average"):
     nearest-neighbour down-sampling of the label map).
     """
     if mode not in TARGET_DOWNSAMPLING:
-        raise ValueError(f"Expected `mode` to be one of {list(TARGET_DOWNSAMPLING)}. "
-                         f"Received: mode={mode!r}")
+        raise ValueError(expected(f"one of {list(TARGET_DOWNSAMPLING)}", key="mode", received=mode))
     y_true = ops.convert_to_tensor(y_true)
     spatial = y_true.shape[1:-1]
     factors = tuple(int(f) for f in factors)
     if len(factors) != len(spatial) or any(f < 1 for f in factors):
-        raise ValueError(f"Expected one positive factor per spatial axis of y_true.shape="
-                         f"{shape_str(y_true)}. Received: factors={factors}")
+        raise ValueError(expected(f"one positive factor per spatial axis of y_true.shape={shape_str(y_true)}",
+                                  key="factors", received=factors))
     for n, f in zip(spatial, factors):
         if n is not None and n % f:
-            raise ValueError(f"Expected every spatial size of y_true.shape={shape_str(y_true)} "
-                             f"to be divisible by its factor. Received: factors={factors}")
+            raise ValueError(expected(f"every spatial size of y_true.shape={shape_str(y_true)} divisible by its "
+                                      "factor", key="factors", received=factors))
     if all(f == 1 for f in factors):
         return y_true
     if mode == "average":

@@ -1,8 +1,9 @@
 """Option validators shared by every loss (errors in the Keras form "Expected ... Received: arg=value").
 
 Each validator takes ``(loss name, option key, value)`` and returns the normalised value or raises
-``ValueError``; :class:`segpipe.losses.base.SegmentationLoss` runs them at construction, so a bad
-option in a config file fails before any data is read.
+:class:`segpipe.errors.SettingError` keyed by the option (training prefixes it with ``loss.``, a
+compound loss with ``terms[i].``). :class:`segpipe.losses.base.SegmentationLoss` runs them at
+construction, as MONAI does, so a bad option in a config file fails before any data is read.
 """
 from __future__ import annotations
 
@@ -11,21 +12,25 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["VALIDATORS", "invalid", "is_number", "weights", "focal_alpha"]
+from segpipe.errors import SettingError
+
+__all__ = ["VALIDATORS", "yaml_hint", "is_number", "weights", "focal_alpha"]
 
 
-def invalid(loss: str, key: str, expected: str, value: Any) -> ValueError:
-    """The ``ValueError`` for option ``key`` of ``loss``, with a hint for YAML's string pitfalls."""
-    hint = ""
+def yaml_hint(value: Any) -> str | None:
+    """A hint for YAML's string pitfalls (``1e-5`` and ``"true"`` read as strings), or None.
+
+    >>> str(SettingError("batch", "a boolean for loss 'dice'", "true", hint=yaml_hint("true")))
+    "Expected a boolean for loss 'dice'. Received: batch='true'. Write an unquoted true/false."
+    """
     if isinstance(value, str):
         try:
             float(value)
-            hint = " (YAML reads numbers such as 1e-5 without a dot as strings; write 1.0e-5)"
+            return "YAML reads numbers such as 1e-5 without a dot as strings; write 1.0e-5."
         except ValueError:
             if value.lower() in ("true", "false"):
-                hint = " (write an unquoted true/false)"
-    return ValueError(f"Invalid value for option `{key}` of loss '{loss}'. Expected {expected}. "
-                      f"Received: {key}={value!r}{hint}")
+                return "Write an unquoted true/false."
+    return None
 
 
 def is_number(v: Any) -> bool:
@@ -34,7 +39,7 @@ def is_number(v: Any) -> bool:
 
 def boolean(loss: str, key: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise invalid(loss, key, "a boolean", v)
+        raise SettingError(key, f"a boolean for loss '{loss}'", v, hint=yaml_hint(v))
     return v
 
 
@@ -50,7 +55,7 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False,
             else:
                 expected = (f"a number in {'(' if low_open else '['}{low:g}, "
                             f"{high:g}{')' if high_open else ']'}")
-            raise invalid(loss, key, expected, v)
+            raise SettingError(key, f"{expected} for loss '{loss}'", v, hint=yaml_hint(v))
         return float(v)
     return check
 
@@ -66,8 +71,8 @@ def weights(loss: str, key: str, v: Any) -> list[float] | None:
         return None
     if (not _is_list_like(v) or len(v) == 0
             or not all(is_number(x) and x >= 0 for x in v) or sum(v) <= 0):
-        raise invalid(loss, key, "null or a non-empty list of non-negative numbers with a "
-                                 "positive sum (one per scored class)", v)
+        raise SettingError(key, "null or a non-empty list of non-negative numbers with a positive sum "
+                                f"(one per scored class) for loss '{loss}'", v, hint=yaml_hint(v))
     return [float(x) for x in v]
 
 
@@ -80,7 +85,7 @@ def focal_alpha(loss: str, key: str, v: Any) -> float | list[float] | None:
 
 def weight_type(loss: str, key: str, v: Any) -> str:
     if v not in ("square", "simple", "uniform"):
-        raise invalid(loss, key, "one of ['square', 'simple', 'uniform']", v)
+        raise SettingError(key, f"one of ['square', 'simple', 'uniform'] for loss '{loss}'", v)
     return v
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from keras import ops
 
+from segpipe.errors import SettingError
 from segpipe.losses.base import SegmentationLoss, register
 from segpipe.losses.tensors import broadcast_to_batch, class_mean, power_from_zero, region_stats
 
@@ -218,10 +219,8 @@ class GeneralizedDiceLoss(SegmentationLoss):
 class _AlphaBetaMixin:
     def _check_options(self) -> None:
         if self.options["alpha"] + self.options["beta"] <= 0:
-            raise ValueError(
-                f"Expected alpha + beta > 0 for loss '{self.registry_name}' (otherwise the loss "
-                f"is constant). Received: alpha={self.options['alpha']}, "
-                f"beta={self.options['beta']}")
+            raise SettingError("beta", f"alpha + beta > 0 for loss '{self.registry_name}' (otherwise the loss is "
+                                       f"constant; alpha={self.options['alpha']})", self.options["beta"])
 
 
 @register("tversky")

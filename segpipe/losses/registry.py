@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 
+from segpipe.errors import expected
 from segpipe.losses.base import SegmentationLoss, available_losses, lookup
 from segpipe.losses.compound import CompoundLoss, build_loss_from_spec
 
@@ -35,20 +36,20 @@ def get_loss(spec: str | Mapping[str, Any] | keras.losses.Loss, /, *,
         sample, shape (B,), and whose ``__call__`` reduces them as Keras does.
 
     Raises:
-        ValueError: unknown name (the valid names are listed), unknown or invalid option.
+        SettingError: (a ``ValueError``) unknown name (the valid names are listed), unknown or
+            invalid option; keyed by the option (``terms[1].alpha`` in a compound).
+        ValueError: a spec of another type, or ``num_classes`` that the options do not fit.
     """
     if isinstance(spec, (SegmentationLoss, CompoundLoss)):
         if options:
-            raise ValueError("Options cannot be applied to an already built loss. "
-                             f"Received: options={options}")
+            raise ValueError(expected("no options with an already built loss", key="options", received=options))
         loss = spec
     elif isinstance(spec, str):
         loss = lookup(spec)(**options)
     elif isinstance(spec, Mapping):
         loss = build_loss_from_spec({**spec, **options})
     else:
-        raise ValueError("Expected a loss name, a config dict or a segpipe loss. "
-                         f"Received: spec={spec!r}")
+        raise ValueError(expected("a loss name, a config dict or a segpipe loss", key="spec", received=spec))
     if num_classes is not None:
         loss.check_num_classes(num_classes)
     return loss

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from segpipe.errors import Received, expected
+
 __all__ = ["EPSILON", "REDUCTIONS", "shape_str", "prepare", "region_stats", "power_from_zero",
            "per_class_vector", "class_mean", "split_sample_weight", "reduce_per_sample",
            "pool_over_replicas"]
@@ -34,20 +36,17 @@ def prepare(y_true, y_pred, *, from_logits: bool, include_background: bool,
     ``log_p`` is ``log_softmax(logits)`` (stable for any logit size), otherwise ``log(clip(p))``.
     """
     if isinstance(y_pred, (list, tuple)):
-        raise ValueError("Expected a single `y_pred` tensor; a model with several outputs "
-                         "(deep supervision) is compiled with one loss per output. "
-                         f"Received: len(y_pred)={len(y_pred)}")
+        raise ValueError(expected("a single `y_pred` tensor; a model with several outputs (deep supervision) is "
+                                  "compiled with one loss per output", key="len(y_pred)", received=len(y_pred)))
     y_true = ops.convert_to_tensor(y_true)
     y_pred = ops.convert_to_tensor(y_pred)
     if len(y_pred.shape) < 3:
-        raise ValueError(
-            "Expected `y_pred` of rank >= 3 (batch, spatial..., classes), channels last. "
-            f"Received: y_pred.shape={shape_str(y_pred)}")
+        raise ValueError(expected("`y_pred` of rank >= 3 (batch, spatial..., classes), channels last",
+                                  key="y_pred.shape", received=Received(shape_str(y_pred))))
     if len(y_true.shape) != len(y_pred.shape) or any(
             a is not None and b is not None and a != b for a, b in zip(y_true.shape, y_pred.shape)):
-        raise ValueError(
-            "Expected `y_true` (one-hot) and `y_pred` to have the same shape. "
-            f"Received: y_true.shape={shape_str(y_true)}, y_pred.shape={shape_str(y_pred)}")
+        raise ValueError(expected("`y_true` (one-hot) and `y_pred` of the same shape", key="y_true.shape",
+                                  received=Received(f"{shape_str(y_true)}, y_pred.shape={shape_str(y_pred)}")))
     g = ops.cast(y_true, "float32")
     logits_or_p = ops.cast(y_pred, "float32")
     if label_smoothing:
@@ -114,9 +113,8 @@ def per_class_vector(values: Sequence[float], num_scored: int | None, *, what: s
                      include_background: bool):
     """Convert a per-scored-class option to a float32 vector, checking its length."""
     if num_scored is not None and len(values) != num_scored:
-        raise ValueError(
-            f"Expected `{what}` to have one entry per scored class: {num_scored} "
-            f"(include_background={include_background}). Received: {what}={list(values)}")
+        raise ValueError(expected(f"`{what}` with one entry per scored class: {num_scored} "
+                                  f"(include_background={include_background})", key=what, received=list(values)))
     return ops.convert_to_tensor([float(v) for v in values], dtype="float32")
 
 
@@ -160,16 +158,15 @@ def split_sample_weight(sample_weight, y_pred, *, loss_name: str, voxel_ok: bool
         rank -= 1
     if rank == pred_rank - 1:
         if not voxel_ok:
-            raise ValueError(
-                f"Expected `sample_weight` of shape (batch,) for the region loss '{loss_name}' "
-                "(one Dice-like value per sample has no voxels to weight); voxel weights are "
-                f"for the voxel losses (cross_entropy, focal). Received: sample_weight.shape="
-                f"{shape_str(w)}")
+            raise ValueError(expected(
+                f"`sample_weight` of shape (batch,) for the region loss '{loss_name}' (one Dice-like value per "
+                "sample has no voxels to weight); voxel weights are for the voxel losses (cross_entropy, focal)",
+                key="sample_weight.shape", received=Received(shape_str(w))))
         return None, w
-    raise ValueError(
-        "Expected `sample_weight` of shape (batch,)" + (" or (batch, spatial...)" if voxel_ok else "")
-        + f" for loss '{loss_name}' with y_pred.shape={shape_str(ops.convert_to_tensor(y_pred))}. "
-        f"Received: sample_weight.shape={shape_str(w)}")
+    shapes = "(batch,) or (batch, spatial...)" if voxel_ok else "(batch,)"
+    raise ValueError(expected(
+        f"`sample_weight` of shape {shapes} for loss '{loss_name}' with y_pred.shape="
+        f"{shape_str(ops.convert_to_tensor(y_pred))}", key="sample_weight.shape", received=Received(shape_str(w))))
 
 
 def reduce_per_sample(values, weights, reduction: str | None):

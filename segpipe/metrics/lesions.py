@@ -48,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import label as label_components
 
+from segpipe.arrays import nan_stats
 from segpipe.errors import Received, expected
 
 __all__ = [
@@ -373,7 +374,7 @@ def summarize_lesions(
         summary[str(value)] = {
             "n_cases": len(class_rows),
             **{
-                key: _stats([float(r[key]) for r in class_rows])
+                key: nan_stats([float(r[key]) for r in class_rows])
                 for key in ("lesion_dice", "lesion_f1", "lesion_precision", "lesion_recall")
             },
             **totals,
@@ -391,19 +392,6 @@ def _ratio(numerator: int, denominator: int, both_empty: bool) -> float:
     if denominator == 0:
         return 1.0 if both_empty else 0.0
     return float(numerator / denominator)
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values, dtype=np.float64)
-    array = array[~np.isnan(array)]
-    if array.size == 0:
-        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0}
-    return {
-        "mean": float(array.mean()),
-        "std": float(array.std()),
-        "median": float(np.median(array)),
-        "n": int(array.size),
-    }
 
 
 def _voxel_volume(spacing_mm: Sequence[float], ndim: int, min_size_mm3: float) -> float:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import keras
 
+from segpipe.errors import SettingError
 from segpipe.models.unet3d import build_unet3d
 
 RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6)  # residual blocks per encoder stage (nnU-Net's ResEnc presets)
@@ -41,7 +42,7 @@ def build_resenc_unet(
     """
     if blocks_per_stage is None:
         if depth > len(RESENC_BLOCKS):
-            raise ValueError(f"Expected depth <= {len(RESENC_BLOCKS)} without blocks_per_stage. Received: depth={depth}")
+            raise SettingError("depth", f"<= {len(RESENC_BLOCKS)} without blocks_per_stage", depth)
         blocks_per_stage = RESENC_BLOCKS[:depth]
     return build_unet3d(in_channels, num_classes, depth=depth, blocks_per_stage=list(blocks_per_stage),
                         decoder_convs=decoder_convs, init=init, name=name, **kwargs)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from segpipe.errors import Received, SettingError, expected
+
 NORMS = ("batch", "instance", "none")
 INITS = ("glorot_uniform", "he_normal")
 OUTPUTS = ("softmax", "logits")
@@ -96,8 +98,7 @@ def _triples(values, depth: int, key: str, allowed: tuple[int, ...]) -> list[tup
     except TypeError:
         out = []
     if len(out) != depth or any(len(t) != 3 or any(v not in allowed for v in t) for t in out):
-        raise ValueError(f"Expected `{key}` to hold {depth} triples (one per stage) of values in {list(allowed)}. "
-                         f"Received: {key}={values!r}")
+        raise SettingError(key, f"{depth} triples (one per stage) of values in {list(allowed)}", values)
     return out
 
 
@@ -151,35 +152,29 @@ def build_unet3d(
         init: "glorot_uniform" (Keras's default) or "he_normal" (He et al. 2015, nnU-Net's choice
             for LeakyReLU networks) for the convolution kernels of encoder and decoder.
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"Expected output to be one of {OUTPUTS}. Received: output={output!r}")
-    if norm not in NORMS:
-        raise ValueError(f"Expected norm to be one of {NORMS}. Received: norm={norm!r}")
-    if depth < 1 or in_channels < 1 or num_classes < 2 or base_filters < 1:
-        raise ValueError(
-            "Expected depth >= 1, in_channels >= 1, num_classes >= 2, base_filters >= 1. "
-            f"Received: depth={depth}, in_channels={in_channels}, num_classes={num_classes}, base_filters={base_filters}"
-        )
-    if init not in INITS:
-        raise ValueError(f"Expected init to be one of {INITS}. Received: init={init!r}")
-    if convs_per_stage < 1 or (decoder_convs is not None and decoder_convs < 1):
-        raise ValueError(f"Expected convs_per_stage >= 1 and decoder_convs >= 1. "
-                         f"Received: convs_per_stage={convs_per_stage}, decoder_convs={decoder_convs}")
+    for key, value, choices in (("output", output, OUTPUTS), ("norm", norm, NORMS), ("init", init, INITS)):
+        if value not in choices:
+            raise SettingError(key, f"one of {list(choices)}", value)
+    for key, value, low in (("depth", depth, 1), ("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
+                            ("base_filters", base_filters, 1), ("convs_per_stage", convs_per_stage, 1),
+                            ("decoder_convs", 1 if decoder_convs is None else decoder_convs, 1)):
+        if value < low:
+            raise SettingError(key, f"an integer >= {low}", value)
     if features is None:
         filters = [min(base_filters * 2**i, max_filters) for i in range(depth)]
     else:
         filters = [int(f) for f in features]
         if len(filters) != depth or min(filters) < 1:
-            raise ValueError(f"Expected `features` to hold {depth} positive filter counts (one per stage). Received: features={features!r}")
+            raise SettingError("features", f"{depth} positive filter counts (one per stage)", features)
     # None keeps the scalar stride / kernel of the original network (identical layers and weights)
     stage_strides = [1] + [2] * (depth - 1) if strides is None else _triples(strides, depth, "strides", (1, 2))
     if strides is not None and stage_strides[0] != (1, 1, 1):
-        raise ValueError(f"Expected stage 0 of `strides` to be [1, 1, 1] (full resolution). Received: strides={strides!r}")
+        raise SettingError("strides", "[1, 1, 1] as stage 0 (full resolution)", strides)
     kernels = [3] * depth if kernel_sizes is None else _triples(kernel_sizes, depth, "kernel_sizes", (1, 3, 5))
     if blocks_per_stage is not None:
         blocks = [int(b) for b in blocks_per_stage]
         if len(blocks) != depth or min(blocks) < 1:
-            raise ValueError(f"Expected `blocks_per_stage` to hold {depth} block counts >= 1. Received: blocks_per_stage={blocks_per_stage!r}")
+            raise SettingError("blocks_per_stage", f"{depth} block counts >= 1 (one per stage)", blocks_per_stage)
     kernel_init = {} if init == "glorot_uniform" else {"kernel_initializer": keras.initializers.HeNormal()}
     dec_convs = convs_per_stage if decoder_convs is None else decoder_convs
     inputs = keras.Input(shape=(None, None, None, in_channels), name="image")
@@ -234,7 +229,8 @@ def probability_model(model: keras.Model) -> keras.Model:
     outputs probabilities keeps its output tensor as it is). Inference and every export use this.
     """
     if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
-        raise ValueError(f"Expected a functional Keras model (with inputs and outputs). Received: {type(model).__name__}")
+        raise ValueError(expected("a functional Keras model (with inputs and outputs)", key="model",
+                                  received=Received(type(model).__name__)))
     output = model.outputs[0]
     if outputs_logits(model):
         output = layers.Softmax(axis=-1, dtype="float32", name="probabilities")(output)

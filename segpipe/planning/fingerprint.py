@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 from nibabel.orientations import io_orientation, ornt_transform
 
 from segpipe.arrays import bounding_box, seed_from_text
@@ -23,7 +24,7 @@ from segpipe.data.preprocess import RAS_ORNT
 from segpipe.io import read_json, write_json
 from segpipe.parallel import parallel_map
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: per-case class positions (the mirroring rule)
 
 
 def compute_fingerprint(
@@ -42,7 +43,9 @@ def compute_fingerprint(
     counts), ``median_spacing_mm``, ``target_spacing_mm`` (see :func:`suggest_target_spacing`),
     ``median_shape``, ``median_shape_at_target``, ``patch_size_hint``, ``intensity`` (one dict per
     channel: mean, std, min, max, median, percentile_00_5, percentile_99_5 of foreground voxels) and
-    ``classes`` (voxel fraction and number of cases containing each class).
+    ``classes`` (voxel fraction and number of cases containing each class). Per case also
+    ``class_positions``: each foreground class's centroid as a fraction of the foreground's
+    bounding box along each RAS axis (see :func:`class_positions`).
     """
     jobs = [(case, samples_per_case) for case in dataset.cases]
     per_case = parallel_map(_case_stats_job, jobs, workers=workers, progress=progress, desc="fingerprint")
@@ -79,7 +82,7 @@ def compute_fingerprint(
         "patch_size_hint": suggest_patch_size(at_target, divisor=patch_divisor, max_size=max_patch_size),
         "intensity": intensity,
         "classes": classes,
-        "cases": {c["case_id"]: {k: c[k] for k in ("spacing_mm", "shape", "cropped_shape", "class_voxels")} for c in per_case},
+        "cases": {c["case_id"]: {k: c[k] for k in ("spacing_mm", "shape", "cropped_shape", "class_voxels", "class_positions")} for c in per_case},
     }
 
 
@@ -171,8 +174,37 @@ def _case_stats(case: Case, samples_per_case: int) -> dict[str, Any]:
         "shape": shape.tolist(),
         "cropped_shape": cropped.tolist(),
         "class_voxels": {int(v): int(n) for v, n in zip(values, counts)},
+        "class_positions": class_positions(label, ornt),
         "samples": [flat[foreground, c].astype(np.float64).tolist() for c in range(flat.shape[1])],
     }
+
+
+def class_positions(label: np.ndarray, ornt: np.ndarray) -> dict[int, list[float]]:
+    """Each foreground class's centroid as a fraction (0..1) of the foreground's bounding box, per RAS axis.
+
+    ``ornt`` maps the label's axes to RAS (nibabel orientation, as from ``ornt_transform``); a flipped
+    axis gives 1 − the fraction, so positions of cases stored in different orientations compare.
+    Empty for an all-background label map.
+
+    Examples
+    --------
+    >>> label = np.zeros((10, 4, 4), np.uint8); label[0:2] = 1; label[8:10] = 2
+    >>> class_positions(label, np.array([[0, 1], [1, 1], [2, 1]]))
+    {1: [0.1, 0.5, 0.5], 2: [0.9, 0.5, 0.5]}
+    """
+    box = bounding_box(label > 0)
+    if box is None:
+        return {}
+    crop = label[box]
+    values = [int(v) for v in np.unique(crop) if v > 0]
+    centroids = ndimage.center_of_mass(np.ones(crop.shape), crop, values)
+    order = np.argsort(ornt[:, 0])  # source axis of each RAS axis
+    positions = {}
+    for value, centroid in zip(values, centroids):
+        # voxel centres: a class filling the box sits at 0.5
+        fraction = [(centroid[a] + 0.5) / crop.shape[a] for a in range(3)]
+        positions[value] = [round(float(fraction[a] if ornt[a, 1] > 0 else 1 - fraction[a]), 4) for a in order]
+    return positions
 
 
 def _intensity_stats(values: np.ndarray) -> dict[str, float]:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 from segpipe.planning.planner import Hardware
 
 GIB = 2**30
 CPU_MAX_BUDGET = 8 * GIB  # nnU-Net's default target; a CPU step that large would take minutes anyway
-GPU_DEFAULT_BUDGET = 8 * GIB  # nnU-Net's default GPU memory target when the device size is unknown
+GPU_DEFAULT_BUDGET = 8 * GIB  # nnU-Net's default GPU memory target
+GPU_USABLE_SHARE = 0.85  # of a smaller device's memory: the CUDA context, cuDNN workspaces and fragmentation take the rest
 
 
 def available_ram_bytes() -> int:
@@ -35,8 +39,45 @@ def nvidia_gpus() -> int:
     return found
 
 
+def nvidia_memory_bytes(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int | None:
+    """The smallest total memory of the visible NVIDIA GPUs, from ``nvidia-smi``; None if it cannot tell.
+
+    ``nvidia-smi`` lists every GPU; ``CUDA_VISIBLE_DEVICES`` (indices) limits the ones counted.
+    Read without TensorFlow, like :func:`nvidia_gpus`.
+    """
+    if run is subprocess.run and shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = run(["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+                     capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    sizes = {}
+    for line in result.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            sizes[parts[0]] = int(parts[1]) * 2**20  # MiB
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        sizes = {k: v for k, v in sizes.items() if k in {i.strip() for i in visible.split(",")}}
+    return min(sizes.values()) if sizes else None
+
+
+def gpu_budget(device_bytes: int | None) -> tuple[int, str]:
+    """nnU-Net's 8 GiB target, or less on a GPU too small for it (85 % of its memory)."""
+    if device_bytes is None:
+        return GPU_DEFAULT_BUDGET, "8 GiB (nnU-Net's default target; device memory not read)"
+    usable = int(device_bytes * GPU_USABLE_SHARE)
+    if usable < GPU_DEFAULT_BUDGET:
+        return usable, f"85 % of the GPU's {device_bytes / GIB:.1f} GiB, below nnU-Net's 8 GiB target"
+    return GPU_DEFAULT_BUDGET, f"8 GiB (nnU-Net's default target; the GPU has {device_bytes / GIB:.1f} GiB)"
+
+
 def detect_hardware(*, memory_gib: float | None = None, device: str | None = None) -> Hardware:
-    """This machine: a GPU if the NVIDIA driver lists one, else the CPU with half the available RAM (at most 8 GiB).
+    """This machine: a GPU if the NVIDIA driver lists one (budget: :func:`gpu_budget`), else the CPU with
+    half the available RAM (at most 8 GiB).
 
     ``memory_gib`` overrides the budget, ``device`` ("cpu"/"gpu") the detection.
     """
@@ -47,7 +88,7 @@ def detect_hardware(*, memory_gib: float | None = None, device: str | None = Non
         budget = int(memory_gib * GIB)
         how = f"{memory_gib:g} GiB given"
     elif device == "gpu":
-        budget, how = GPU_DEFAULT_BUDGET, "8 GiB (nnU-Net's default target)"
+        budget, how = gpu_budget(nvidia_memory_bytes())
     else:
         free = available_ram_bytes()
         budget = int(min(CPU_MAX_BUDGET, free / 2))

@@ -21,7 +21,8 @@ KEY_REASONS = {
     "data.validation": "validation", "model.depth": "stages", "model.base_filters": "features",
     "model.strides": "strides", "model.kernel_sizes": "kernel_sizes", "model.blocks_per_stage": "blocks_per_stage",
     "train.epochs": "schedule", "train.steps_per_epoch": "schedule", "inference.overlap": "inference_overlap",
-    "inference.mirror_axes": "inference_mirror_axes", "loss": "loss",
+    "inference.mirror_axes": "inference_mirror_axes", "loss": "loss", "data.augment.mirror.axes": "mirror_axes",
+    "train.max_train_minutes": "time_limit",
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from segpipe.errors import Received, expected
 from segpipe.io import NIFTI_SUFFIXES, atomic_path, read_json, read_nifti, write_text
 from segpipe.reports.overlays import REFERENCE_COLOR, PREDICTION_COLOR, choose_cases, render_overlay
 
@@ -70,7 +71,7 @@ vertical-align: middle; margin: 0 0.3em; }
 def png_data_uri(png: bytes) -> str:
     """``data:image/png;base64,...`` of PNG bytes (checked to be a PNG)."""
     if not png.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise ValueError(f"Expected PNG bytes. Received: {png[:8]!r}...")
+        raise ValueError(expected("PNG bytes", key="png[:8]", received=png[:8]))
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -238,11 +239,11 @@ def write_evaluation_report(
     ref_dir = Path(ref_dir if ref_dir is not None else summary.get("ref_dir", ""))
     for name, folder in (("pred_dir", pred_dir), ("ref_dir", ref_dir)):
         if not folder.is_dir():
-            raise FileNotFoundError(
-                f"Expected the {name} of the evaluation in {eval_dir} to be a folder. Received: {folder}"
-            )
+            raise FileNotFoundError(expected(f"the folder the evaluation in {eval_dir} scored", key=name,
+                                             received=Received(f"{folder} (no such folder)")))
     if image_dir is not None and not Path(image_dir).is_dir():
-        raise FileNotFoundError(f"Expected image_dir to be a folder of scans. Received: {image_dir}")
+        raise FileNotFoundError(expected("a folder of scans", key="image_dir",
+                                         received=Received(f"{image_dir} (no such folder)")))
 
     overlays, image_folders, without_image = [], set(), []
     class_names = summary.get("class_names", {})
@@ -401,7 +402,8 @@ def _label_file(folder: Path, case: str) -> Path:
     for suffix in NIFTI_SUFFIXES:
         if (folder / f"{case}{suffix}").is_file():
             return folder / f"{case}{suffix}"
-    raise FileNotFoundError(f"Expected a label map of case {case!r} in {folder}. Received: none")
+    raise FileNotFoundError(expected(f"a label map of case {case!r} ({', '.join(NIFTI_SUFFIXES)})", key="folder",
+                                     received=Received(f"{folder} (has none)")))
 
 
 def _spatial(array: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from segpipe.errors import Received, expected
+
 __all__ = [
     "error_slices",
     "intensity_window",
@@ -63,9 +65,8 @@ def error_slices(ref_mask: np.ndarray, pred_mask: np.ndarray) -> tuple[int, ...]
     """
     ref_mask, pred_mask = np.asarray(ref_mask, bool), np.asarray(pred_mask, bool)
     if ref_mask.shape != pred_mask.shape:
-        raise ValueError(
-            f"Expected ref_mask and pred_mask of the same shape. Received: {ref_mask.shape} vs {pred_mask.shape}"
-        )
+        raise ValueError(expected(f"pred_mask of the same shape as ref_mask {ref_mask.shape}", key="pred_mask.shape",
+                                  received=pred_mask.shape))
     error = ref_mask ^ pred_mask
     union = ref_mask | pred_mask
     out = []
@@ -103,7 +104,7 @@ def intensity_window(
     """
     lower, upper = percentiles
     if not 0 <= lower < upper <= 100:
-        raise ValueError(f"Expected 0 <= lower < upper <= 100. Received: percentiles={percentiles}")
+        raise ValueError(expected("0 <= lower < upper <= 100", key="percentiles", received=percentiles))
     values = np.asarray(image if region is None else image[region], dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -197,17 +198,15 @@ def render_overlay(
     """
     ref_mask, pred_mask = np.asarray(ref_mask, bool), np.asarray(pred_mask, bool)
     if ref_mask.ndim != 3 or ref_mask.shape != pred_mask.shape:
-        raise ValueError(
-            f"Expected 3-D masks of one shape. Received: ref {ref_mask.shape}, pred {pred_mask.shape}"
-        )
+        raise ValueError(expected("3-D masks of one shape", key="ref_mask.shape",
+                                  received=Received(f"{ref_mask.shape}, pred_mask.shape={pred_mask.shape}")))
     if image is not None:
         image = np.asarray(image)
         if image.ndim == 4:
             image = image[..., 0]
         if image.shape != ref_mask.shape:
-            raise ValueError(
-                f"Expected the image to have the shape of the masks {ref_mask.shape}. Received: {image.shape}"
-            )
+            raise ValueError(expected(f"an image of the shape of the masks {ref_mask.shape}", key="image.shape",
+                                      received=image.shape))
     if len(spacing_mm) != 3:
         raise ValueError(f"Expected spacing_mm as 3 numbers. Received: spacing_mm={spacing_mm}")
     slices = tuple(error_slices(ref_mask, pred_mask) if slices is None else (int(s) for s in slices))

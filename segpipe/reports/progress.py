@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import matplotlib
 import numpy as np
 
+from segpipe.errors import Received, expected
 from segpipe.io import atomic_path
 from segpipe.runs.rundir import RunDir
 
@@ -43,7 +44,7 @@ def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Expected a history file. Received: {path} (no such file)")
+        raise FileNotFoundError(expected("a history file (CSV)", key="path", received=Received(f"{path} (no such file)")))
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns: dict[str, list[float]] = {name: [] for name in reader.fieldnames or []}
@@ -53,11 +54,9 @@ def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 try:
                     columns[name].append(float(cell) if cell else math.nan)
                 except ValueError:
-                    raise ValueError(
-                        f"Expected numbers in {path}. Received: {cell!r} in line {line}, column {name!r}"
-                    ) from None
+                    raise ValueError(expected("numbers", key=name, received=cell, where=f"{path}:{line}")) from None
     if columns and "epoch" not in columns:
-        raise ValueError(f"Expected an 'epoch' column in {path}. Received: columns {list(columns)}")
+        raise ValueError(expected("an 'epoch' column", key="columns", received=list(columns), where=str(path)))
     return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
 
 
@@ -124,7 +123,7 @@ def progress_figure(
     from matplotlib.figure import Figure  # no pyplot: no global figure registry, no GUI backend
 
     if "epoch" not in history:
-        raise ValueError(f"Expected an 'epoch' column in the history. Received: {sorted(history)}")
+        raise ValueError(expected("an 'epoch' column in the history", key="columns", received=sorted(history)))
     epochs = np.asarray(history["epoch"], dtype=np.float64)
     fig = Figure(figsize=(8.5, 9.5))
     ax_loss, ax_dice, ax_lr = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [1.0, 1.3, 0.8]})

@@ -127,8 +127,8 @@ class TrainingLoop:
             if self._stop_requested() and epoch + 1 < epochs:
                 callback_list.on_train_end(logs)
                 return LoopPosition(epoch + 1, 0)
-            if self.model.stop_training:
-                break
+            if any_worker(self.strategy, self.worker, bool(self.model.stop_training)):
+                break  # every worker stops after the same epoch (a callback may decide on one only)
         callback_list.on_train_end(logs)
         return None
 

@@ -22,6 +22,7 @@ from segpipe.models.resenc_unet import build_resenc_unet
 from segpipe.models.unet3d import build_unet3d
 from segpipe.runs.rundir import RunDir
 from segpipe.training import distributed
+from segpipe.training.budget import WallTimeLimit
 from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, check_free_space, check_writable, read_state,
                                          remove_stale_temporaries, save_model_atomic)
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
@@ -235,6 +236,11 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
                                    steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief,
                                    schedule=checkpoint_schedule(config))
     callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
+    time_limit = None
+    if t.max_train_minutes is not None:
+        spent = sum(row["seconds"] for row in state.get("epoch_times", []))  # before a resume
+        time_limit = WallTimeLimit(t.max_train_minutes, spent_seconds=spent)
+        callbacks.append(time_limit)
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
         loop = TrainingLoop(model, strategy, worker, prepared.dataset.class_names, verbose=verbose, stop=stop)
@@ -243,6 +249,8 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     if stopped is not None:
         out.write_status("interrupted")
         raise TrainingInterrupted(run_dir, stop.signal_number, stopped.epoch, stopped.step)
+    if time_limit is not None and time_limit.message(t.epochs) and worker.is_chief:
+        print(time_limit.message(t.epochs))
     save_model_atomic(model, out.final_model)
 
 

@@ -55,12 +55,14 @@ def test_he_initialisation():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(strides=[[1, 1, 1], [2, 2]]), "Expected `strides` to hold 2 triples"),
-    (dict(strides=[[2, 2, 2], [2, 2, 2]]), "Expected stage 0 of `strides` to be"),
-    (dict(kernel_sizes=[[3, 3, 2], [3, 3, 3]]), "Expected `kernel_sizes` to hold 2 triples"),
-    (dict(features=[4]), "Expected `features` to hold 2"),
-    (dict(init="uniform"), "Expected init to be one of"),
-    (dict(blocks_per_stage=[1]), "Expected `blocks_per_stage` to hold 2"),
+    (dict(strides=[[1, 1, 1], [2, 2]]),
+     r"^Expected 2 triples \(one per stage\) of values in \[1, 2\]\. Received: strides=\[\[1, 1, 1\], \[2, 2\]\]\.$"),
+    (dict(strides=[[2, 2, 2], [2, 2, 2]]), r"^Expected \[1, 1, 1\] as stage 0 \(full resolution\)\. Received: strides="),
+    (dict(kernel_sizes=[[3, 3, 2], [3, 3, 3]]), r"values in \[1, 3, 5\]\. Received: kernel_sizes=\[\[3, 3, 2\]"),
+    (dict(features=[4]), r"^Expected 2 positive filter counts \(one per stage\)\. Received: features=\[4\]\.$"),
+    (dict(init="uniform"), r"^Expected one of \['glorot_uniform', 'he_normal'\]\. Received: init='uniform'\.$"),
+    (dict(blocks_per_stage=[1]), r"^Expected 2 block counts >= 1 \(one per stage\)\. Received: blocks_per_stage=\[1\]\.$"),
+    (dict(decoder_convs=0), r"^Expected an integer >= 1\. Received: decoder_convs=0\.$"),
 ])
 def test_invalid_options_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
