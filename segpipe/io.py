@@ -7,6 +7,7 @@ the old file or the new one, never a half-written file that a later run would tr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import multiprocessing
@@ -20,9 +21,12 @@ from typing import Any, Iterator, Mapping
 import nibabel as nib
 import numpy as np
 
-from segpipe.errors import Received, expected
+from segpipe.errors import Received, StorageError, expected
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Errors that mean "this disk or folder cannot take the file" (full, over quota, read-only, not ours,
+# a file where a folder should be), as opposed to a bug.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
 
 
 @dataclass
@@ -96,6 +100,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def explain_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk, a quota or a read-only folder while writing ``path`` into a :class:`StorageError`
+    that names ``path``; other errors pass unchanged.
+
+    Used around :func:`atomic_path` writes, so the message can promise what the rename guarantees:
+    nothing half-written is left, and an earlier version of the file is unchanged.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        raise StorageError(expected(
+            "free space and a writable folder for this file", key="path", received=Received(f"{path} ({exc.strerror or exc})"),
+            hint="Nothing was half-written: an earlier version of the file, if any, is unchanged.",
+        )) from exc
+
+
 # ---------------------------------------------------------------- fault injection (testing hook)
 
 # SEGPIPE_FAILPOINT=NAME[@TEXT][#N]: SIGKILL the program the N-th time (default 1) this process reaches
@@ -131,10 +156,14 @@ def failpoint(name: str, path: str | os.PathLike = "") -> None:
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write ``array`` with ``affine`` as NIfTI, atomically. The dtype of ``array`` is kept."""
+    """Write ``array`` with ``affine`` as NIfTI, atomically. The dtype of ``array`` is kept.
+
+    Raises:
+        StorageError: the disk is full or the folder read-only (names ``path``; nothing half-written).
+    """
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     image.header.set_data_dtype(np.asarray(array).dtype)
-    with atomic_path(path) as tmp:
+    with explain_write_errors(path), atomic_path(path) as tmp:
         nib.save(image, str(tmp))
 
 
@@ -168,6 +197,28 @@ def affine_text(affine: np.ndarray) -> str:
     return np.array2string(np.asarray(affine)[:3], precision=4, suppress_small=True, separator=",").replace("\n", "")
 
 
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What is wrong with a voxel-to-world affine (non-finite entries, singular), or None.
+
+    Examples
+    --------
+    >>> affine_problem(np.eye(4)) is None
+    True
+    >>> affine_problem(np.diag([1.0, 0.0, 1.0, 1.0]))
+    'affine [[1.,0.,0.,0.], [0.,0.,0.,0.], [0.,0.,1.,0.]] (singular: determinant 0, voxel sizes [1.0, 0.0, 1.0] mm)'
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        return f"affine {affine_text(affine)} (NaN/inf entries)"
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    det = float(np.linalg.det(affine[:3, :3]))
+    # relative to the voxel sizes, so sub-millimetre voxels are not "nearly singular"
+    if spacing.min() <= 0 or abs(det) <= 1e-6 * float(np.prod(spacing)):
+        sizes = [round(float(s), 4) for s in spacing]
+        return f"affine {affine_text(affine)} (singular: determinant {abs(det):.3g}, voxel sizes {sizes} mm)"
+    return None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a parse error names the file and the position."""
     path = Path(path)
@@ -179,8 +230,12 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Save a ``.npy`` array atomically."""
-    with atomic_path(path) as tmp:
+    """Save a ``.npy`` array atomically.
+
+    Raises:
+        StorageError: the disk is full or the folder read-only (names ``path``; nothing half-written).
+    """
+    with explain_write_errors(path), atomic_path(path) as tmp:
         np.save(tmp, array)
 
 

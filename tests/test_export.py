@@ -97,7 +97,7 @@ def test_export_names_what_a_run_lacks(trained, tmp_path, capsys):
 
 def test_write_bundle_checks_names_against_the_model(tmp_path):
     model = tiny_model(depth=2, deep_supervision=False)
-    with pytest.raises(ValueError, match=r"Expected one class name per model output channel \(3\). Received: 2"):
+    with pytest.raises(ValueError, match=r"Expected one class name per model output channel \(3\)\. Received: class_names=\['bg', 'fg'\]\."):
         write_bundle(model, tmp_path / "b", class_names=["bg", "fg"], preprocessing=PREPROCESSING, patch_size=PATCH)
     assert not (tmp_path / "b").exists()
 
@@ -117,22 +117,22 @@ _DELETE = object()
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda b: (b / "bundle.json").unlink(), r"Expected .*bundle.json in the bundle. Received: no such file"),
-    (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'), r"Invalid JSON in .*bundle.json"),
-    (lambda b: (b / "model.keras").unlink(), r"missing file model.keras \(listed as files.keras"),
-    (lambda b: shutil.rmtree(b / "savedmodel"), r"missing file savedmodel/saved_model.pb"),
-    (_edit_json("patch_size", _DELETE), r"bundle.json: missing required key 'patch_size'"),
-    (_edit_json("preprocessing", _DELETE), r"missing required key 'preprocessing'"),
-    (_edit_json("format_version", 2), r"'format_version': expected 1. Received: 2 \(written by a newer segpipe"),
-    (_edit_json("format_version", "1"), r"'format_version': expected the integer 1. Received: '1'"),
-    (_edit_json("format", "nnunet"), r"'format': expected 'segpipe-bundle'. Received: 'nnunet' \(not a segpipe bundle\)"),
-    (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]), r"'classes': expected at least 2 entries"),
-    (_edit_json("patch_size", [16, 16]), r"'patch_size': expected 3 positive integers. Received: \[16, 16\]"),
-    (_edit_json("orientation", "LPS"), r"'orientation': expected 'RAS'"),
-    (_edit_json("inference", {"overlap": 1.5}), r"'inference': Expected a number in \[0, 0.95\]. Received: overlap=1.5"),
-    (_edit_json("files", {"keras": "../model.keras"}), r"'files.keras': expected a path inside the bundle"),
-    (_edit_json("preprocessing", {"normalization": "minmax"}), r"'preprocessing': Expected one of \(.*\)\. Received: normalization='minmax'\."),
-    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"'preprocessing': Expected preprocessing settings out of \[.*\]. Received: spacing=\[1, 1, 1\]"),
+    (lambda b: (b / "bundle.json").unlink(), r"Expected bundle.json in the bundle folder .*Received: bundle.json=.*bundle.json \(no such file\)"),
+    (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'), r"bundle.json: Expected valid JSON\. Received: contents=invalid JSON"),
+    (lambda b: (b / "model.keras").unlink(), r"bundle.json: Expected every model file bundle.json lists\. Received: files.keras=model.keras \(missing: model.keras;"),
+    (lambda b: shutil.rmtree(b / "savedmodel"), r"Received: files.savedmodel=savedmodel \(missing: savedmodel/saved_model.pb;"),
+    (_edit_json("patch_size", _DELETE), r"bundle.json: Expected 3 positive integers\. Received: patch_size=<missing>\."),
+    (_edit_json("preprocessing", _DELETE), r"Expected the preprocessing settings\. Received: preprocessing=<missing>\."),
+    (_edit_json("format_version", 2), r"Expected format version 1\. Received: format_version=2\. Written by a newer segpipe"),
+    (_edit_json("format_version", "1"), r"Expected the integer 1\. Received: format_version='1'\."),
+    (_edit_json("format", "nnunet"), r"Expected the string 'segpipe-bundle' \(a segpipe bundle\)\. Received: format='nnunet'\."),
+    (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]), r"Expected at least 2 entries .*Received: classes=\["),
+    (_edit_json("patch_size", [16, 16]), r"Expected 3 positive integers\. Received: patch_size=\[16, 16\]\."),
+    (_edit_json("orientation", "LPS"), r"Expected 'RAS' .*Received: orientation='LPS'\."),
+    (_edit_json("inference", {"overlap": 1.5}), r"bundle.json: Expected a number in \[0, 0.95\]\. Received: inference.overlap=1.5\."),
+    (_edit_json("files", {"keras": "../model.keras"}), r"Expected a path inside the bundle\. Received: files.keras='../model.keras'\."),
+    (_edit_json("preprocessing", {"normalization": "minmax"}), r"bundle.json: Expected one of \(.*\)\. Received: preprocessing.normalization='minmax'\."),
+    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"bundle.json: Expected preprocessing settings out of \[.*\]\. Received: preprocessing.spacing=\[1, 1, 1\]\."),
 ])
 def test_a_broken_bundle_is_a_clear_error(trained, tmp_path, break_it, message):
     bundle = tmp_path / "bundle"
@@ -146,16 +146,16 @@ def test_a_corrupt_or_mismatched_model_file_is_a_clear_error(trained, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(trained[2], bundle)
     (bundle / "model.keras").write_bytes(b"not a zip file")
-    with pytest.raises(BundleError, match=r"Cannot load .*model.keras"):
+    with pytest.raises(BundleError, match=r"bundle.json: Expected a model file that loads with format='keras'\. Received: files.keras=.*model.keras \(cannot load: "):
         load_predictor(bundle, "keras")
-    with pytest.raises(BundleError, match=r"expected a 'onnx' model \(export with onnx=True"):
+    with pytest.raises(BundleError, match=r"Expected a 'onnx' model in the bundle \(export with onnx=True"):
         meta = json.loads((bundle / "bundle.json").read_text())
         meta["files"].pop("onnx", None)
         (bundle / "bundle.json").write_text(json.dumps(meta))
         load_predictor(bundle, "onnx")
     meta["classes"].append({"value": 3, "name": "extra"})
     (bundle / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match=r"expected a network with 1 input channel\(s\) and 4 classes .* Received: 1 input channel\(s\), 3 output"):
+    with pytest.raises(BundleError, match=r"Expected a network with 1 input channel\(s\) and 4 classes \(from bundle.json\)\. Received: network=1 input channel\(s\), 3 output"):
         load_predictor(bundle, "savedmodel")
     with pytest.raises(BundleError, match="Expected a bundle folder. Received: .*nowhere"):
         read_bundle(tmp_path / "nowhere")
@@ -249,15 +249,15 @@ def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
     bundle = read_bundle(out)
     assert "openvino" not in bundle.files
     assert "openvino is not installed" in bundle.meta["formats_not_written"]["openvino"]
-    with pytest.raises(BundleError, match=r"expected a 'openvino' model .*not written: openvino is not installed"):
+    with pytest.raises(BundleError, match=r"Expected a 'openvino' model in the bundle .*Not written: openvino is not installed"):
         load_predictor(bundle, "openvino")
-    with pytest.raises(ImportError, match=r'OpenVINO export needs openvino.*pip install "segpipe\[openvino\]"'):
+    with pytest.raises(ImportError, match=r'Expected openvino installed for the OpenVINO export\. Received: openvino=True\. Install the openvino extra: pip install "segpipe\[openvino\]"'):
         write_bundle(model, tmp_path / "c", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
                      openvino=True)
     assert not (tmp_path / "c").exists()
     # a format whose runtime is missing at prediction time is an error, never a silent fallback
     monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name == "onnx" else installed(name))
-    with pytest.raises(ImportError, match=r"ONNX export needs tf2onnx \(and onnxruntime to check it\)"):
+    with pytest.raises(ImportError, match=r"Expected tf2onnx \(and onnxruntime to check it\) installed for the ONNX export\. Received: onnx=True\."):
         write_bundle(model, tmp_path / "d", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH, onnx=True)
     unchecked = write_bundle(model, tmp_path / "e", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
                              patch_size=PATCH, verify=False, openvino=False, segment=False)
@@ -275,7 +275,7 @@ def test_auto_picks_the_first_installed_format_of_the_documented_order(monkeypat
     assert runtimes.choose_format({"keras", "savedmodel"}) == "savedmodel"
     monkeypatch.setattr(runtimes, "is_installed", lambda name: not name.startswith("openvino"))
     assert runtimes.choose_format(every) == "savedmodel"
-    with pytest.raises(ImportError, match=r'format=\'openvino\' needs openvino.*pip install "segpipe\[openvino\]"'):
+    with pytest.raises(ImportError, match=r"Expected openvino installed to predict with it\. Received: format='openvino'\. Install the openvino extra: pip install \"segpipe\[openvino\]\""):
         runtimes.choose_format(every, "openvino")
     with pytest.raises(ValueError, match=r"Expected one of \('auto', 'keras'"):
         runtimes.choose_format(every, "tflite")
@@ -313,5 +313,5 @@ def test_bfloat16_out_of_tolerance_is_refused_when_asked_for(tmp_path, monkeypat
                                           r"format='openvino-bf16'. This network differs by 0.0216"):
         load_predictor(bundle, "openvino-bf16")
     ok = dataclasses.replace(bundle, meta={"verification": {"openvino-bf16_within_tolerance": True}})
-    with pytest.raises(BundleError, match="Cannot load"):  # passes the check, then finds no file here
+    with pytest.raises(BundleError, match=r"Expected a model file that loads with format='openvino-bf16'\. Received: files.openvino="):  # passes the check, then finds no file here
         load_predictor(ok, "openvino-bf16")

@@ -170,9 +170,11 @@ def test_predict_py_errors_are_clear(bundle, scans, tmp_path, capsys):
     two_channels = tmp_path / "two.nii.gz"
     write_scan(two_channels, np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
     assert predict.main(["--model", str(bundle_dir), "--input", str(two_channels), "--output", str(tmp_path / "o")]) == 1
-    assert f"{two_channels}: Expected 1 input channel(s) ['channel_0']. Received: channels=2." in capsys.readouterr().err
+    assert ("two.nii.gz: Expected 1 channel(s) ['channel_0'] (the model's input). Received: 2 channel(s) in two.nii.gz"
+            in capsys.readouterr().err)  # checked before the network is loaded (segpipe.cli.predict.check_inputs)
     assert predict.main(["--model", str(tmp_path), "--input", str(scans), "--output", str(tmp_path / "o")]) == 1
-    assert "bundle.json in the bundle. Received: no such file" in capsys.readouterr().err
+    assert f"Expected bundle.json in the bundle folder (it is written last: without it the bundle is incomplete). " \
+           f"Received: bundle.json={tmp_path / 'bundle.json'} (no such file)." in capsys.readouterr().err
 
 
 def test_find_cases_groups_channel_files(tmp_path):

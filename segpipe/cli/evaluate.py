@@ -9,9 +9,10 @@ from pathlib import Path
 
 from segpipe.cli import prog_name
 from segpipe.data.layouts import load_dataset
-from segpipe.errors import Received, expected
+from segpipe.errors import Received, StorageError, expected
 from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
 from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
+from segpipe.io import explain_write_errors
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
@@ -112,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                        lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
                        lesion_dilation_vox=args.lesion_dilation_vox, report=not args.no_report,
                        image_dir=args.images)
-        if args.run_dir is not None:
-            summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
-        else:
-            out_dir = args.out or args.pred / "evaluation"
-            summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
-    except (FileNotFoundError, ValueError) as exc:
+        target = args.out or (Path(args.run_dir) / "evaluation" if args.run_dir is not None else args.pred / "evaluation")
+        with explain_write_errors(target):  # a full disk or read-only folder: one error naming the folder
+            if args.run_dir is not None:
+                summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
+            else:
+                out_dir = args.out or args.pred / "evaluation"
+                summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
+    except (FileNotFoundError, ValueError, StorageError) as exc:  # StorageError: a full or read-only output folder
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))

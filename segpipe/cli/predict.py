@@ -1,14 +1,23 @@
-"""``predict.py`` / ``segpipe-predict``: segment NIfTI scans with a bundle; ``predict.py export RUN_DIR`` writes one."""
+"""``predict.py`` / ``segpipe-predict``: segment NIfTI scans with a bundle; ``predict.py export RUN_DIR`` writes one.
+
+Before the network is loaded, every scan is checked against the bundle (readable 3-D/4-D NIfTI, no
+empty axis, an invertible affine, finite intensities, the bundle's channel count): a bad scan is named
+in one error and nothing is written. A full disk or a read-only output folder is one error naming the
+file; the label maps written before it are complete.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from segpipe.cli import prog_name
-from segpipe.export.bundle import BundleError, export_run
+from segpipe.data.checks import check_scans
+from segpipe.errors import Received, StorageError, expected
+from segpipe.export.bundle import Bundle, BundleError, export_run, read_bundle
 from segpipe.export.runtimes import RUNTIMES
-from segpipe.inference.segment import predict_files
+from segpipe.inference.segment import find_cases, predict_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,17 +51,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        bundle = read_bundle(args.model)
+        check_inputs(bundle, args.input)
         written = predict_files(
-            args.model, args.input, args.output, format=args.format,
+            bundle, args.input, args.output, format=args.format,
             overlap=args.overlap, mirror_axes=() if args.no_mirror else args.mirror_axes, batch_size=args.batch_size,
             postprocess_largest_component=args.largest_component,
             save_probabilities=args.save_probabilities, progress=not args.quiet,
         )
-    except (BundleError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (BundleError, StorageError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')}: error: {exc}", file=sys.stderr)
         return 1
     print(f"Wrote {len(written)} label map(s) to {args.output}")
     return 0
+
+
+def check_inputs(bundle: Bundle, inputs: Sequence[Path]) -> None:
+    """Every scan of ``inputs`` fits ``bundle`` (read once, before any network is loaded).
+
+    Raises:
+        ValueError: one message listing every problem, one line each, naming the file.
+    """
+    cases = find_cases(inputs, bundle.input_channels)
+    problems = check_scans(cases, input_channels=bundle.input_channels, channel_names=bundle.channel_names)
+    if problems:
+        lines = "\n  ".join(p.format() for p in problems)
+        raise ValueError(expected("NIfTI scans the bundle can segment", key="--input",
+                                  received=Received(f"{len(problems)} problem(s) in {len(cases)} scan(s)")) + f"\n  {lines}")
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -71,7 +96,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)
-    except (BundleError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (BundleError, StorageError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')} export: error: {exc}", file=sys.stderr)
         return 1
     print(f"Wrote bundle {out}")

@@ -108,6 +108,10 @@ class TrainConfig:
     # (several machines, cluster from TF_CONFIG). data.batch_size is the global batch, split over replicas.
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     sync_batch_norm: bool = False  # batch-norm statistics over the global batch (model.norm: batch only)
+    # multi_worker: how long a worker waits for the others, when joining the cluster and in every collective
+    # operation of training, before it stops with an error naming the worker that did not answer
+    # (docs/training.md#when-a-worker-fails). A dead worker is also noticed by TensorFlow's heartbeats (~30 s).
+    collective_timeout_seconds: float = field(default=300.0, metadata=_range(0, exclusive_min=True))
     deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
     # Mid-epoch checkpoints (besides every epoch end): after every N-th step of the run and/or when this
     # many minutes passed since the last checkpoint; a SIGKILL then loses at most that much (docs/training.md).

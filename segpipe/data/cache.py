@@ -26,8 +26,8 @@ from segpipe.arrays import seed_from_text
 from segpipe.data.layouts import Case, Dataset
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
 from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
-from segpipe.errors import Received, expected
-from segpipe.io import read_json, save_npy, write_json
+from segpipe.errors import Received, StorageError, expected
+from segpipe.io import explain_write_errors, read_json, save_npy, write_json
 from segpipe.parallel import parallel_map
 
 CACHE_VERSION = 1  # bump when the cached format or the preprocessing code changes meaning
@@ -88,11 +88,14 @@ def build_cache(
 
     Raises:
         ValueError: cases that failed to preprocess, all listed at once.
+        StorageError: the disk filled up or the folder is read-only (names the file; the cases cached
+            before stay valid, the one being written is rebuilt next time).
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cache_dir / "settings.json", {"cache_version": CACHE_VERSION, "settings": settings.to_dict(),
-                                             "dataset": str(dataset.root)})  # for people; never trusted
+    with explain_write_errors(cache_dir / "settings.json"):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cache_dir / "settings.json", {"cache_version": CACHE_VERSION, "settings": settings.to_dict(),
+                                                 "dataset": str(dataset.root)})  # for people; never trusted
     extra = {"max_locations_per_class": max_locations_per_class}
     cached: dict[str, CachedCase] = {}
     jobs = []
@@ -160,23 +163,26 @@ def _build_case_job(job: tuple) -> CachedCase | str:
     case, settings, directory, key, max_locations = job
     try:
         return _build_case(case, settings, Path(directory), key, max_locations)
+    except StorageError:  # a full or read-only disk is no fault of this case: stop at once, naming the file
+        raise
     except Exception as exc:  # noqa: BLE001 - reported with the case id by build_cache
         return f"{type(exc).__name__}: {exc}"
 
 
 def _build_case(case: Case, settings: PreprocessSettings, directory: Path, key: str, max_locations: int) -> CachedCase:
-    directory.mkdir(parents=True, exist_ok=True)
-    # Invalidate first: from here until the new meta lands, the case is never trusted.
-    (directory / "meta.json").unlink(missing_ok=True)
-    for stale in directory.glob(".*.tmp*"):  # temporary files of an interrupted earlier run
-        stale.unlink(missing_ok=True)
+    with explain_write_errors(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        # Invalidate first: from here until the new meta lands, the case is never trusted.
+        (directory / "meta.json").unlink(missing_ok=True)
+        for stale in directory.glob(".*.tmp*"):  # temporary files of an interrupted earlier run
+            stale.unlink(missing_ok=True)
     result = preprocess_case(case, settings)
     # A seed from the case id, so the stored subsample is the same on every machine and run.
     seed = seed_from_text(case.case_id)
     locations = pack_locations(class_locations(result.label, max_per_class=max_locations, seed=seed))
     arrays = {"image": result.image, "label": result.label, "locations": locations}
     for name, array in arrays.items():
-        save_npy(directory / f"{name}.npy", array)
+        save_npy(directory / f"{name}.npy", array)  # a full disk: StorageError naming the file
     meta = dict(result.meta)
     meta.update(
         case_id=case.case_id,
@@ -186,7 +192,8 @@ def _build_case(case: Case, settings: PreprocessSettings, directory: Path, key: 
         arrays={name: list(array.shape) for name, array in arrays.items()},
         class_voxels={str(k): int(np.count_nonzero(result.label == k)) for k in np.unique(result.label)},
     )
-    write_json(directory / "meta.json", meta)  # last: its presence marks the case complete
+    with explain_write_errors(directory / "meta.json"):
+        write_json(directory / "meta.json", meta)  # last: its presence marks the case complete
     return CachedCase(case_id=case.case_id, directory=directory, meta=meta)
 
 

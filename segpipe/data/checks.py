@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import Case, Dataset, squeeze_trailing, squeeze_trailing_shape
-from segpipe.io import affine_text
+from segpipe.io import affine_problem, affine_text
 from segpipe.parallel import parallel_map
 
 # Problem kinds, each with the severity it is reported with.
@@ -24,7 +24,10 @@ KINDS = {
     "missing-label": "error",  # image without label
     "orphan-label": "error",  # label without image
     "duplicate-case": "error",  # two cases with the same id
+    "no-cases": "error",  # the layout finds no case at all
     "dimensions": "error",  # image not 3-D/4-D, label not 3-D
+    "empty-axis": "error",  # an axis of 0 voxels
+    "bad-affine": "error",  # a singular affine (a voxel size of 0) or one with NaN/inf entries
     "channel-count": "error",  # number of channels differs from the declared (or usual) one
     "channel-shape": "error",  # channel files of one case disagree in shape
     "channel-affine": "error",  # channel files of one case disagree in geometry
@@ -92,7 +95,7 @@ def check_dataset(
         workers: processes reading cases in parallel. Defaults to 1 (in this process).
         progress: show a progress bar.
     """
-    problems: list[Problem] = []
+    problems: list[Problem] = _check_not_empty(dataset)
     declared = set(dataset.labels)
     seen: dict[str, Case] = {}
     for case in dataset.cases:
@@ -173,6 +176,33 @@ def check_labels(
     return problems
 
 
+def check_scans(
+    cases: Iterable[Case], *, input_channels: int, channel_names: Iterable[str] = (), read_data: bool = True,
+    affine_tolerance_mm: float = 1e-3,
+) -> list[Problem]:
+    """The problems of scans to segment (cases without labels), e.g. ``predict.py --input``.
+
+    Each image file must be a readable 3-D or 4-D NIfTI image with at least one voxel along every
+    axis, an invertible affine, finite intensities (``read_data``), channel files that agree, and
+    ``input_channels`` channels in all (the model's). Returns every problem found (empty when clean).
+    """
+    names = list(channel_names)
+    what = f"{input_channels} channel(s){f' {names}' if names else ''} (the model's input)"
+    problems: list[Problem] = []
+    for case in cases:
+        found: list[Problem] = []
+
+        def add(kind: str, path: Path | None, expected: str, received: str) -> None:
+            found.append(Problem(kind, path, expected, received, case.case_id))
+
+        channels, reference = _check_images(case, read_data, affine_tolerance_mm, add)
+        if reference is not None and not found and channels != input_channels:
+            add("channel-count", case.image_paths[0], what,
+                f"{channels} channel(s) in {', '.join(Path(p).name for p in case.image_paths)}")
+        problems += found
+    return problems
+
+
 def errors(problems: Iterable[Problem]) -> list[Problem]:
     """The problems that must stop training."""
     return [p for p in problems if p.severity == "error"]
@@ -214,6 +244,8 @@ def _check_images(case: Case, read_data: bool, tol: float, add) -> tuple[int, tu
             add("unreadable", path, "a readable NIfTI image", loaded)
             continue
         shape, affine, array = loaded
+        if not _grid_ok(path, shape, affine, add):
+            continue
         if len(shape) not in (3, 4):
             add("dimensions", path, "a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C)", f"shape {shape}")
             continue
@@ -244,6 +276,8 @@ def _check_label(case: Case, declared: set[int], read_data: bool, tol: float, re
         add("unreadable", label, "a readable NIfTI label map", loaded)
         return
     shape, affine, array = loaded
+    if not _grid_ok(label, shape, affine, add):
+        return
     if len(shape) != 3:
         add("dimensions", label, "a 3-D label map (X, Y, Z)", f"shape {shape}")
     elif reference is not None:
@@ -287,6 +321,31 @@ def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.
     except Exception as exc:  # nibabel and zlib raise many types for corrupt files
         return f"{type(exc).__name__}: {exc}".strip()[:200]
     return shape, affine, array
+
+
+def _grid_ok(path: Path, shape: tuple[int, ...], affine: np.ndarray, add) -> bool:
+    """At least one voxel along every axis, and an affine that maps voxels to space one to one."""
+    if min(shape, default=0) < 1:  # nibabel reads a file with an empty first axis as shape (0,)
+        add("empty-axis", path, "at least 1 voxel along every axis", f"shape {shape}")
+        return False
+    problem = affine_problem(affine)
+    if problem is not None:
+        add("bad-affine", path, "an invertible affine with finite entries (every voxel size > 0)", problem)
+        return False
+    return True
+
+
+def _check_not_empty(dataset: Dataset) -> list[Problem]:
+    """A dataset whose layout finds no case (``no-cases``), naming where the cases were looked for."""
+    if dataset.cases:
+        return []
+    root = Path(dataset.root)
+    where, received = {
+        "msd": (root / "dataset.json", "an empty 'training' list"),
+        "nnunet": (root / "imagesTr", "no image files named CASE_0000<file_ending>"),
+        "folders": (root / "images", "no NIfTI files"),
+    }.get(dataset.layout, (root, "no cases"))
+    return [Problem("no-cases", where, f"at least one case ({dataset.layout} layout)", f"0 cases: {received}")]
 
 
 def _close(a: np.ndarray, b: np.ndarray, tol: float) -> bool:

@@ -102,8 +102,12 @@ def detect_layout(root: str | Path, *, key: str = "root") -> str:
         return "folders"
     raise FileNotFoundError(expected(
         "a dataset folder with dataset.json (MSD or nnU-Net v2 layout) or with images/ and labels/ subfolders",
-        key=key, received=Received(f"{root} ({'folder exists' if root.is_dir() else 'no such folder'}, neither found)"),
+        key=key, received=Received(f"{root} ({_what_is(root)}, neither found)"),
     ))
+
+
+def _what_is(path: Path) -> str:
+    return "folder exists" if path.is_dir() else "a file, not a folder" if path.exists() else "no such folder"
 
 
 def load_dataset(
@@ -142,7 +146,7 @@ def _load_msd(root: Path, key: str = "root") -> Dataset:
     if not meta_path.is_file():
         raise FileNotFoundError(expected(
             "a dataset folder with dataset.json (MSD layout)",
-            key=key, received=Received(f"{root} ({'folder exists' if root.is_dir() else 'no such folder'}, no dataset.json)"),
+            key=key, received=Received(f"{root} ({_what_is(root)}, no dataset.json)"),
         ))
     meta = read_json(meta_path)
     for key in ("labels", "training"):
@@ -314,9 +318,12 @@ def read_case_label(case: Case) -> np.ndarray:
         raise ValueError(expected("a 3-D label map", key="shape", received=volume.array.shape, where=str(case.label_path)))
     if not np.issubdtype(array.dtype, np.integer):
         # Some datasets store labels as float with exact integer values (MSD hippocampus does).
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise ValueError(expected("integer label values", key="dtype", received=Received(f"{array.dtype} with non-integer values"),
-                                      where=str(case.label_path)))
+        finite = np.isfinite(array)
+        fractional = ~finite | (array != np.round(np.where(finite, array, 0)))
+        if fractional.any():
+            examples = ", ".join(sorted({str(v) for v in array[fractional][:1000].tolist()})[:5])
+            raise ValueError(expected("integer label values", key="values", received=Received(
+                f"{int(fractional.sum())} voxel(s) like {examples} (dtype {array.dtype})"), where=str(case.label_path)))
     if array.min(initial=0) >= 0 and array.max(initial=0) <= 255:
         return array.astype(np.uint8)
     return array.astype(np.int64)

@@ -33,12 +33,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.config import Config, ConfigError, DataConfig
+from segpipe.config import Config, ConfigError, DataConfig, model_divisor
 from segpipe.data.cache import CachedCase, build_cache
 from segpipe.data.checks import check_dataset, check_labels, errors
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
-from segpipe.data.preprocess import PreprocessSettings
+from segpipe.data.preprocess import PreprocessSettings, target_shape
 from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json
 from segpipe.planning.fingerprint import load_or_compute_fingerprint
@@ -100,26 +100,36 @@ def prepare_data(
         progress: show progress bars.
 
     Raises:
-        DataError: the integrity check found errors (all listed).
+        DataError: the integrity check found errors (all listed), or too few cases for the split.
         ConfigError: settings that do not fit the dataset (names the key).
+
+    What can be checked without reading voxels (integrity of the headers, the split) is checked
+    before anything is read or written; the label values and the patch size are checked on the
+    fingerprint, before any case is preprocessed.
     """
     data = config.data
     dataset = dataset if dataset is not None else open_dataset(data)
     run_integrity_check(dataset, data.check, workers=data.preprocess_workers, progress=progress)
+    case_ids = [case.case_id for case in dataset.cases]
+    if split is None and data.split_file is not None:
+        split = read_split_file(data.split_file)
+    if split is not None:
+        _check_split(split, case_ids)
+    else:
+        check_splittable(dataset, data)
     root = dataset_cache_dir(config, dataset)
     fingerprint = load_or_compute_fingerprint(dataset, root / "fingerprint.json",
                                               workers=data.preprocess_workers, progress=progress)
     run_label_check(dataset, fingerprint, data.check)
-    settings = settings if settings is not None else resolve_settings(data, fingerprint)
+    if settings is None:  # a run's own settings (resume, inference) passed this check when it started
+        settings = resolve_settings(data, fingerprint)
+        check_patch_fits(config, fingerprint, settings)
     folder = root / f"preprocessed-{settings_hash(settings)}"
     cached = build_cache(dataset, folder, settings, workers=data.preprocess_workers, progress=progress)
-    case_ids = [case.case_id for case in dataset.cases]
-    if split is None and data.split_file is not None:
-        split = read_split_file(data.split_file)
     if split is None:
         split = load_or_make_split(root / "splits.json", case_ids, seed=config.seed,
                                    val_fraction=data.val_fraction, folds=data.folds, fold=data.fold)
-    _check_split(split, case_ids)
+        _check_split(split, case_ids)
     return PreparedData(dataset, settings, {c.case_id: c for c in cached}, split, folder, fingerprint)
 
 
@@ -192,6 +202,47 @@ def _report(problems: list, dataset: Dataset, what: str) -> None:
         lines = "\n  ".join(p.format(dataset.root) for p in found)
         raise DataError(expected(what, key="data.root",
                                  received=Received(f"{dataset.root} with {len(found)} error(s)")) + f"\n  {lines}")
+
+
+def check_splittable(dataset: Dataset, data: DataConfig) -> None:
+    """Enough cases for the configured split: 2 (one to train, one to validate), or ``data.folds``.
+
+    Raises:
+        DataError: naming the dataset folder and how many cases it has.
+    """
+    need, purpose = (data.folds, f"{data.folds} folds (data.folds)") if data.folds else (2, "a training and a validation case")
+    if len(dataset.cases) < need:
+        raise DataError(expected(f"at least {need} cases for {purpose}", key="data.root",
+                                 received=Received(f"{dataset.root} with {len(dataset.cases)} case(s)")))
+
+
+def check_patch_fits(config: Config, fingerprint: dict[str, Any], settings: PreprocessSettings) -> None:
+    """``data.patch_size`` must not exceed the largest preprocessed case along every axis at once.
+
+    A patch larger than every case along one axis is padded there (nnU-Net does the same, and
+    thin-slab data needs it); larger along all three, every patch is padding on every side, which is
+    a patch size meant for another dataset or spacing. Shapes come from the fingerprint: each case's
+    (cropped) shape at the target spacing, as preprocessing will make it.
+
+    Raises:
+        ConfigError: naming ``data.patch_size``, the largest case and the largest valid patch.
+    """
+    patch = list(config.data.patch_size)
+    shapes = [target_shape(c["cropped_shape"] if settings.crop_to_nonzero else c["shape"], c["spacing_mm"],
+                           settings.target_spacing_mm) for c in fingerprint["cases"].values()]
+    if not shapes:
+        return
+    largest = [int(v) for v in np.max(shapes, axis=0)]
+    if all(p > n for p, n in zip(patch, largest)):
+        divisor = model_divisor(config.model.depth, config.model.strides)
+        fits = [max(d, n // d * d) for n, d in zip(largest, divisor)]
+        spacing = list(settings.target_spacing_mm) if settings.target_spacing_mm else "each case's own"
+        raise ConfigError(expected(
+            f"a patch no larger than the largest case along at least one axis (largest case: {largest} voxels at "
+            f"the target spacing {spacing} mm)", key="data.patch_size", received=patch,
+            hint=f"A patch that fits and divides by the network's down-sampling: {fits}.",
+        ))
+
 
 def dataset_cache_dir(config: Config, dataset: Dataset) -> Path:
     """``data.cache_dir``, or ``<output_dir>/.cache/<dataset name>-<8 hex of its resolved path>``."""
@@ -321,10 +372,11 @@ def _need_cases(case_ids: Sequence[str], minimum: int, purpose: str) -> None:
 
 
 def _check_split(split: dict[str, Any], case_ids: Sequence[str]) -> None:
+    """Every case of ``split`` is in the dataset, and both sides have one."""
     unknown = sorted((set(split["train"]) | set(split["val"])) - set(case_ids))
     if unknown:
-        raise ValueError(expected("split cases that are in the dataset", key="split",
-                                  received=Received(f"{len(unknown)} unknown case id(s): {unknown[:10]}")))
+        raise DataError(expected("split cases that are in the dataset", key="split",
+                                 received=Received(f"{len(unknown)} unknown case id(s): {unknown[:10]}")))
     if not split["train"] or not split["val"]:
-        raise ValueError(expected("training and validation cases", key="split", received=Received(
+        raise DataError(expected("training and validation cases", key="split", received=Received(
             f"{len(split['train'])} training, {len(split['val'])} validation")))

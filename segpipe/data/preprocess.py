@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from segpipe.arrays import bounding_box
 from segpipe.errors import Received, SettingError, expected
+from segpipe.io import affine_problem
 from segpipe.data.layouts import Case, read_case_image, read_case_label
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
@@ -143,7 +144,7 @@ def preprocess_case(case: Case, settings: PreprocessSettings | None = None, **kw
     settings = _settings(settings, kwargs)
     image = read_case_image(case)
     label = read_case_label(case) if case.label_path is not None else None
-    result = preprocess_volume(image.array, image.affine, label, settings)
+    result = preprocess_volume(image.array, image.affine, label, settings, where=str(case.image_paths[0]))
     result.meta["case_id"] = case.case_id
     return result
 
@@ -153,15 +154,22 @@ def preprocess_volume(
     affine: np.ndarray,
     label: np.ndarray | None = None,
     settings: PreprocessSettings | None = None,
+    *,
+    where: str | None = None,
     **kwargs: Any,
 ) -> PreprocessedCase:
     """Preprocess arrays already in memory: image (X, Y, Z) or (X, Y, Z, C), optional label (X, Y, Z).
 
-    This is what inference runs on a new image (without label) before prediction.
+    This is what inference runs on a new image (without label) before prediction. ``where`` (the
+    image file) is named by the errors: an empty axis, NaN/inf intensities, a singular affine.
     """
     settings = _settings(settings, kwargs)
-    image, label = _checked_arrays(image, label)
+    image, label = _checked_arrays(image, label, where)
     affine = np.asarray(affine, dtype=np.float64)
+    problem = affine_problem(affine)
+    if problem is not None:  # reorientation and resampling need voxel sizes > 0
+        raise ValueError(expected("an invertible affine with finite entries (every voxel size > 0)", key="affine",
+                                  received=Received(problem), where=where))
     original_shape = image.shape[:3]
 
     # 1. Reorient to RAS: only axis permutations and flips, so no voxel value changes.
@@ -216,13 +224,22 @@ def preprocess_volume(
     return PreprocessedCase(image=image, label=label, meta=meta)
 
 
-def _checked_arrays(image: np.ndarray, label: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image as float32 (X, Y, Z, C) and the label, or a ValueError naming what is wrong."""
+def _checked_arrays(image: np.ndarray, label: np.ndarray | None,
+                    where: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image as float32 (X, Y, Z, C) and the label, or a ValueError naming what is wrong (and ``where``)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3:
         image = image[..., None]
     if image.ndim != 4:
-        raise ValueError(expected("an image of shape (X, Y, Z) or (X, Y, Z, C)", key="image.shape", received=image.shape))
+        raise ValueError(expected("an image of shape (X, Y, Z) or (X, Y, Z, C)", key="image.shape", received=image.shape,
+                                  where=where))
+    if image.size == 0:
+        raise ValueError(expected("an image with at least 1 voxel along every axis", key="image.shape",
+                                  received=image.shape, where=where))
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise ValueError(expected("finite intensities", key="image",
+                                  received=Received(f"{image.size - int(finite.sum())} NaN/inf voxel(s)"), where=where))
     if label is not None and label.shape != image.shape[:3]:
         raise ValueError(expected(f"a label of the image's shape {image.shape[:3]}", key="label.shape", received=label.shape))
     if label is not None and label.size and (label.min() < 0 or label.max() > 255):

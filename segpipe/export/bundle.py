@@ -50,7 +50,7 @@ import numpy as np
 import segpipe
 from segpipe.data.layouts import load_dataset
 from segpipe.data.preprocess import ORIENTATION, PreprocessSettings, preprocess_volume, restore_to_original
-from segpipe.errors import Received, expected
+from segpipe.errors import Received, SettingError, expected
 from segpipe.export import runtimes, serving_graph
 from segpipe.export.runtimes import BF16_TOLERANCE
 from segpipe.inference.settings import InferenceSettings
@@ -97,13 +97,14 @@ class Bundle:
     def file(self, fmt: str) -> Path:
         """Path of the model file of format ``fmt`` (``keras``, ``savedmodel``, ``onnx``)."""
         if fmt not in FORMATS:
-            raise ValueError(f"Invalid value for `format`. Expected one of {FORMATS}. Received: format={fmt!r}")
+            raise ValueError(expected(f"one of {FORMATS}", key="format", received=fmt))
         if fmt not in self.files:
-            hint = {"onnx": " (export with onnx=True / --onnx)",
-                    "openvino": ' (export with openvino installed: pip install "segpipe[openvino]")'}.get(fmt, "")
-            if fmt in self.meta.get("formats_not_written", {}):
-                hint += f"; not written: {self.meta['formats_not_written'][fmt]}"
-            raise BundleError(f"{self.path / 'bundle.json'}: files: expected a '{fmt}' model{hint}. Received: {sorted(self.files)}")
+            how = {"onnx": " (export with onnx=True / --onnx)",
+                   "openvino": ' (export with openvino installed: pip install "segpipe[openvino]")'}.get(fmt, "")
+            reason = self.meta.get("formats_not_written", {}).get(fmt)
+            raise BundleError(expected(f"a '{fmt}' model in the bundle{how}", key="files", received=sorted(self.files),
+                                       where=str(self.path / "bundle.json"),
+                                       hint=f"Not written: {reason}." if reason else None))
         return self.path / self.files[fmt]
 
 
@@ -211,81 +212,128 @@ def write_bundle(
         ImportError: ``onnx=True`` without tf2onnx/onnxruntime, or ``openvino=True`` without openvino.
         BundleError: an exported format disagrees with Keras by more than ``VERIFY_TOLERANCE``.
     """
-    import tensorflow as tf
-
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"Bundle folder {out_dir} exists. Use overwrite=True (--overwrite) or another folder.")
-    if onnx and (importlib.util.find_spec("tf2onnx") is None or (verify and not runtimes.is_installed("onnx"))):
-        raise ImportError('ONNX export needs tf2onnx (and onnxruntime to check it). Install the onnx extra: pip install "segpipe[onnx]"')
-    not_written: dict[str, str] = {}
-    if openvino and not runtimes.is_installed("openvino"):
-        raise runtimes.missing_runtime_error("openvino", "OpenVINO export")
-    if openvino is None:
-        openvino = runtimes.is_installed("openvino")
-        if not openvino:
-            not_written["openvino"] = 'openvino is not installed (pip install "segpipe[openvino]")'
-    if not isinstance(preprocessing, PreprocessSettings):
-        raise TypeError(f"Expected preprocessing to be a PreprocessSettings. Received: {type(preprocessing).__name__}")
-    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_mapping(inference or {})
-    patch_size = tuple(int(s) for s in patch_size)
-    if len(patch_size) != 3 or min(patch_size) < 1:
-        raise ValueError(f"Expected patch_size of 3 positive sizes. Received: patch_size={list(patch_size)}")
-
+    openvino, not_written = _export_formats(out_dir, onnx=onnx, openvino=openvino, verify=verify, overwrite=overwrite)
+    inference, patch_size = _checked_settings(preprocessing, inference, patch_size)
     net = inference_model(model)
-    in_channels, num_classes = int(net.inputs[0].shape[-1]), int(net.outputs[0].shape[-1])
-    class_names = [str(n) for n in class_names]
-    if len(class_names) != num_classes:
-        raise ValueError(f"Expected one class name per model output channel ({num_classes}). Received: {len(class_names)} names {class_names}")
-    channel_names = [str(n) for n in channel_names] if channel_names else [f"channel_{i}" for i in range(in_channels)]
-    if len(channel_names) != in_channels:
-        raise ValueError(f"Expected one channel name per model input channel ({in_channels}). Received: {channel_names}")
-    inference.check_classes(num_classes)
+    class_names, channel_names = _checked_names(net, class_names, channel_names)
+    inference.check_classes(len(class_names))
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files = {"keras": FILES["keras"], "savedmodel": FILES["savedmodel"]}
-        net.save(tmp / FILES["keras"])
-        signature = [tf.TensorSpec((None, None, None, None, in_channels), tf.float32, name=INPUT_NAME)]
-        signatures = _write_savedmodel(net, tmp / FILES["savedmodel"], signature, segment=segment, not_written=not_written,
-                                       preprocessing=preprocessing, patch_size=patch_size, inference=inference)
-        if onnx:
-            runtimes.export_onnx(net, tmp / FILES["onnx"], signature)
-            files["onnx"] = FILES["onnx"]
-        if openvino:
-            runtimes.export_openvino(net, tmp / FILES["openvino"], signature)
-            files["openvino"] = FILES["openvino"]
-        meta = {
-            "format": BUNDLE_FORMAT,
-            "format_version": BUNDLE_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "classes": [{"value": v, "name": n} for v, n in enumerate(class_names)],
-            "input_channels": in_channels,
-            "channel_names": channel_names,
-            "orientation": ORIENTATION,
-            "preprocessing": preprocessing.to_dict(),
-            "patch_size": list(patch_size),
-            "inference": inference.to_dict(),
-            "files": files,
-            "formats_not_written": not_written,
-            "signature": {"name": SIGNATURE, "input": INPUT_NAME},
-            "signatures": signatures,
-            "activation_bytes_per_voxel": activation_bytes_per_voxel(net, patch_size),
-            "versions": _versions(onnx, openvino),
-            "source": dict(source or {}),
-            "training_config": dict(training_config or {}),
-        }
-        meta["verification"] = _verify(net, tmp, files, patch_size, in_channels) if verify else {"run": False}
+        files, signatures = _write_model_files(net, tmp, onnx=onnx, openvino=openvino, segment=segment,
+                                               not_written=not_written, preprocessing=preprocessing,
+                                               patch_size=patch_size, inference=inference)
+        meta = _bundle_meta(net, class_names=class_names, channel_names=channel_names, preprocessing=preprocessing,
+                            patch_size=patch_size, inference=inference, files=files, not_written=not_written,
+                            signatures=signatures, onnx=onnx, openvino=openvino, source=source,
+                            training_config=training_config)
+        meta["verification"] = _verify(net, tmp, files, patch_size, len(channel_names)) if verify else {"run": False}
         if verify and SEGMENT_SIGNATURE in signatures:
             meta["verification"].update(_verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference))
-        write_json(tmp / "bundle.json", meta)
+        write_json(tmp / "bundle.json", meta)  # last: its presence marks the bundle complete
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _export_formats(out_dir: Path, *, onnx: bool, openvino: bool | None, verify: bool,
+                    overwrite: bool) -> tuple[bool, dict[str, str]]:
+    """Whether to write OpenVINO, and the formats not written with why; fails before any work."""
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(expected("a new bundle folder", key="out_dir", received=Received(f"{out_dir} (exists)"),
+                                       hint="Use overwrite=True (--overwrite) or another folder."))
+    if onnx and (importlib.util.find_spec("tf2onnx") is None or (verify and not runtimes.is_installed("onnx"))):
+        raise ImportError(expected("tf2onnx (and onnxruntime to check it) installed for the ONNX export", key="onnx",
+                                   received=True, hint=runtimes.install_hint("onnx")))
+    if openvino and not runtimes.is_installed("openvino"):
+        raise ImportError(expected(f"{runtimes.needs('openvino')} for the OpenVINO export", key="openvino",
+                                   received=True, hint=runtimes.install_hint("openvino")))
+    not_written: dict[str, str] = {}
+    if openvino is None:
+        openvino = runtimes.is_installed("openvino")
+        if not openvino:
+            not_written["openvino"] = 'openvino is not installed (pip install "segpipe[openvino]")'
+    return bool(openvino), not_written
+
+
+def _checked_settings(preprocessing: Any, inference: InferenceSettings | Mapping[str, Any] | None,
+                      patch_size: Sequence[int]) -> tuple[InferenceSettings, tuple[int, int, int]]:
+    """The inference settings and the patch size a bundle stores, checked."""
+    if not isinstance(preprocessing, PreprocessSettings):
+        raise TypeError(expected("a PreprocessSettings", key="preprocessing",
+                                 received=Received(f"a {type(preprocessing).__name__}")))
+    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_mapping(inference or {})
+    patch_size = tuple(int(s) for s in patch_size)
+    if len(patch_size) != 3 or min(patch_size) < 1:
+        raise ValueError(expected("3 positive sizes", key="patch_size", received=list(patch_size)))
+    return inference, patch_size
+
+
+def _checked_names(net, class_names: Sequence[str], channel_names: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Class names (one per output channel) and channel names (one per input channel, default ``channel_<i>``)."""
+    in_channels, num_classes = int(net.inputs[0].shape[-1]), int(net.outputs[0].shape[-1])
+    class_names = [str(n) for n in class_names]
+    if len(class_names) != num_classes:
+        raise ValueError(expected(f"one class name per model output channel ({num_classes})", key="class_names",
+                                  received=class_names))
+    channel_names = [str(n) for n in channel_names] if channel_names else [f"channel_{i}" for i in range(in_channels)]
+    if len(channel_names) != in_channels:
+        raise ValueError(expected(f"one channel name per model input channel ({in_channels})", key="channel_names",
+                                  received=channel_names))
+    return class_names, channel_names
+
+
+def _write_model_files(net, folder: Path, *, onnx: bool, openvino: bool, segment: bool, not_written: dict[str, str],
+                       preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
+                       inference: InferenceSettings) -> tuple[dict[str, str], list[str]]:
+    """Every model file of the bundle into ``folder``; returns ``files`` (format -> path) and the SavedModel's signatures."""
+    import tensorflow as tf
+
+    in_channels = int(net.inputs[0].shape[-1])
+    files = {"keras": FILES["keras"], "savedmodel": FILES["savedmodel"]}
+    net.save(folder / FILES["keras"])
+    signature = [tf.TensorSpec((None, None, None, None, in_channels), tf.float32, name=INPUT_NAME)]
+    signatures = _write_savedmodel(net, folder / FILES["savedmodel"], signature, segment=segment, not_written=not_written,
+                                   preprocessing=preprocessing, patch_size=patch_size, inference=inference)
+    if onnx:
+        runtimes.export_onnx(net, folder / FILES["onnx"], signature)
+        files["onnx"] = FILES["onnx"]
+    if openvino:
+        runtimes.export_openvino(net, folder / FILES["openvino"], signature)
+        files["openvino"] = FILES["openvino"]
+    return files, signatures
+
+
+def _bundle_meta(net, *, class_names: list[str], channel_names: list[str], preprocessing: PreprocessSettings,
+                 patch_size: tuple[int, ...], inference: InferenceSettings, files: dict[str, str],
+                 not_written: dict[str, str], signatures: list[str], onnx: bool, openvino: bool,
+                 source: Mapping[str, Any] | None, training_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The contents of ``bundle.json`` (without ``verification``)."""
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "classes": [{"value": v, "name": n} for v, n in enumerate(class_names)],
+        "input_channels": len(channel_names),
+        "channel_names": channel_names,
+        "orientation": ORIENTATION,
+        "preprocessing": preprocessing.to_dict(),
+        "patch_size": list(patch_size),
+        "inference": inference.to_dict(),
+        "files": files,
+        "formats_not_written": not_written,
+        "signature": {"name": SIGNATURE, "input": INPUT_NAME},
+        "signatures": signatures,
+        "activation_bytes_per_voxel": activation_bytes_per_voxel(net, patch_size),
+        "versions": _versions(onnx, openvino),
+        "source": dict(source or {}),
+        "training_config": dict(training_config or {}),
+    }
 
 
 def export_run(
@@ -331,7 +379,8 @@ def export_run(
     try:
         model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
     except Exception as exc:
-        raise ValueError(f"Cannot load model {model_path}: {exc}") from exc
+        raise ValueError(expected("a Keras model file that loads", key="checkpoint",
+                                  received=Received(f"{model_path} (cannot load: {_first_line(exc)})"))) from exc
     num_classes = int(inference_model(model).outputs[0].shape[-1])
     channel_names = None
     if class_names is None:
@@ -366,76 +415,17 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
             or has a wrong type or value, the format version is not supported, or a model file it
             names is missing. The message names the file or key.
     """
-    path = Path(path)
-    if path.name == "bundle.json" and path.is_file():
-        path = path.parent
-    if not path.is_dir():
-        raise BundleError(f"Expected a bundle folder. Received: {path} (no such folder)")
-    json_path = path / "bundle.json"
-    if not json_path.is_file():
-        raise BundleError(f"Expected {json_path} in the bundle. Received: no such file (incomplete bundle?)")
-    try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"Invalid JSON in {json_path}: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise BundleError(f"{json_path}: expected a JSON object. Received: {type(meta).__name__}")
-    where = str(json_path)
-
-    def get(key: str, kind: type | tuple[type, ...], description: str) -> Any:
-        if key not in meta:
-            raise BundleError(f"{where}: missing required key '{key}' ({description})")
-        value = meta[key]
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            raise BundleError(f"{where}: '{key}': expected {description}. Received: {value!r}")
-        return value
-
-    if get("format", str, f"the string {BUNDLE_FORMAT!r}") != BUNDLE_FORMAT:
-        raise BundleError(f"{where}: 'format': expected {BUNDLE_FORMAT!r}. Received: {meta['format']!r} (not a segpipe bundle)")
-    version = get("format_version", int, f"the integer {BUNDLE_VERSION}")
-    if version != BUNDLE_VERSION:
-        newer = " (written by a newer segpipe; upgrade segpipe)" if version > BUNDLE_VERSION else ""
-        raise BundleError(f"{where}: 'format_version': expected {BUNDLE_VERSION}. Received: {version}{newer}")
-
-    classes = get("classes", list, "a list of {'value': int, 'name': str}")
-    if len(classes) < 2 or any(
-        not isinstance(c, dict) or c.get("value") != i or not isinstance(c.get("name"), str) for i, c in enumerate(classes)
-    ):
-        raise BundleError(f"{where}: 'classes': expected at least 2 entries {{'value': i, 'name': str}} with values 0, 1, 2, ... in order. Received: {classes!r}")
-    input_channels = get("input_channels", int, "a positive integer")
-    if input_channels < 1:
-        raise BundleError(f"{where}: 'input_channels': expected a positive integer. Received: {input_channels}")
-    channel_names = meta.get("channel_names") or [f"channel_{i}" for i in range(input_channels)]
-    if not isinstance(channel_names, list) or len(channel_names) != input_channels:
-        raise BundleError(f"{where}: 'channel_names': expected {input_channels} names. Received: {channel_names!r}")
-    orientation = get("orientation", str, "'RAS'")
-    if orientation != ORIENTATION:
-        raise BundleError(f"{where}: 'orientation': expected 'RAS' (the only one preprocessing produces). Received: {orientation!r}")
-    try:
-        preprocessing = PreprocessSettings.from_dict(get("preprocessing", dict, "the preprocessing settings"),
-                                                     where=f"{where}: 'preprocessing'")
-    except ValueError as exc:
-        raise BundleError(str(exc)) from None
-    patch_size = get("patch_size", list, "3 positive sizes")
-    if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
-        raise BundleError(f"{where}: 'patch_size': expected 3 positive integers. Received: {patch_size!r}")
-    try:
-        inference = InferenceSettings.from_mapping(get("inference", dict, "the inference settings"))
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{where}: 'inference': {exc}") from exc
-    files = get("files", dict, "a mapping format -> file")
-    unknown = sorted(set(files) - set(FORMATS))
-    if "keras" not in files or unknown:
-        raise BundleError(f"{where}: 'files': expected 'keras' (and optionally {', '.join(repr(f) for f in FORMATS[1:])}). Received: {sorted(files)}")
-    for fmt, name in files.items():
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{where}: 'files.{fmt}': expected a path inside the bundle. Received: {name!r}")
-        target = path / name
-        markers = {"savedmodel": [target / "saved_model.pb"], "openvino": [target, target.with_suffix(".bin")]}.get(fmt, [target])
-        for marker in markers:
-            if not marker.is_file():
-                raise BundleError(f"Bundle {path}: missing file {marker.relative_to(path)} (listed as files.{fmt} in bundle.json; incomplete bundle?)")
-    versions = get("versions", dict, "a mapping package -> version")
+    path, meta = _read_bundle_json(Path(path))
+    fields = _BundleFields(meta, str(path / "bundle.json"))
+    _check_format(fields)
+    classes = _read_classes(fields)
+    input_channels, channel_names = _read_channels(fields)
+    orientation = _read_orientation(fields)
+    preprocessing = _read_preprocessing(fields)
+    patch_size = _read_patch_size(fields)
+    inference = _read_inference(fields)
+    files = _read_files(fields, path)
+    versions = fields.get("versions", dict, "a mapping package -> version")
     _warn_on_version_change(versions)
     return Bundle(
         path=path,
@@ -451,6 +441,133 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         training_config=dict(meta.get("training_config") or {}),
         meta=meta,
     )
+
+
+def _read_bundle_json(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The bundle folder and its parsed ``bundle.json`` (a JSON object)."""
+    if path.name == "bundle.json" and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise BundleError(expected("a bundle folder", key="bundle", received=Received(f"{path} (no such folder)")))
+    json_path = path / "bundle.json"
+    if not json_path.is_file():
+        raise BundleError(expected("bundle.json in the bundle folder (it is written last: without it the bundle is "
+                                   "incomplete)", key="bundle.json", received=Received(f"{json_path} (no such file)")))
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(expected("valid JSON", key="contents", received=Received(f"invalid JSON ({exc})"),
+                                   where=str(json_path))) from exc
+    if not isinstance(meta, dict):
+        raise BundleError(expected("a JSON object", key="contents", received=Received(f"a {type(meta).__name__}"),
+                                   where=str(json_path)))
+    return path, meta
+
+
+class _BundleFields:
+    """The keys of a ``bundle.json``, each read with its type checked; errors name the file and key."""
+
+    def __init__(self, meta: dict[str, Any], where: str):
+        self.meta, self.where = meta, where
+
+    def get(self, key: str, kind: type | tuple[type, ...], description: str) -> Any:
+        if key not in self.meta:
+            raise BundleError(expected(description, key=key, received=Received("<missing>"), where=self.where))
+        value = self.meta[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise BundleError(expected(description, key=key, received=value, where=self.where))
+        return value
+
+
+def _check_format(fields: _BundleFields) -> None:
+    """``format`` names a segpipe bundle and ``format_version`` is one this segpipe reads."""
+    if fields.get("format", str, f"the string {BUNDLE_FORMAT!r}") != BUNDLE_FORMAT:
+        raise BundleError(expected(f"the string {BUNDLE_FORMAT!r} (a segpipe bundle)", key="format",
+                                   received=fields.meta["format"], where=fields.where))
+    version = fields.get("format_version", int, f"the integer {BUNDLE_VERSION}")
+    if version != BUNDLE_VERSION:
+        newer = "Written by a newer segpipe: upgrade segpipe." if version > BUNDLE_VERSION else None
+        raise BundleError(expected(f"format version {BUNDLE_VERSION}", key="format_version", received=version,
+                                   where=fields.where, hint=newer))
+
+
+def _read_classes(fields: _BundleFields) -> list[dict[str, Any]]:
+    classes = fields.get("classes", list, "a list of {'value': int, 'name': str}")
+    if len(classes) < 2 or any(
+        not isinstance(c, dict) or c.get("value") != i or not isinstance(c.get("name"), str) for i, c in enumerate(classes)
+    ):
+        raise BundleError(expected("at least 2 entries {'value': i, 'name': str} with values 0, 1, 2, ... in order",
+                                   key="classes", received=classes, where=fields.where))
+    return classes
+
+
+def _read_channels(fields: _BundleFields) -> tuple[int, list[Any]]:
+    """``input_channels`` and ``channel_names`` (default ``channel_<i>``), one name per channel."""
+    input_channels = fields.get("input_channels", int, "a positive integer")
+    if input_channels < 1:
+        raise BundleError(expected("a positive integer", key="input_channels", received=input_channels, where=fields.where))
+    channel_names = fields.meta.get("channel_names") or [f"channel_{i}" for i in range(input_channels)]
+    if not isinstance(channel_names, list) or len(channel_names) != input_channels:
+        raise BundleError(expected(f"{input_channels} names (one per input channel)", key="channel_names",
+                                   received=channel_names, where=fields.where))
+    return input_channels, channel_names
+
+
+def _read_orientation(fields: _BundleFields) -> str:
+    orientation = fields.get("orientation", str, "'RAS'")
+    if orientation != ORIENTATION:
+        raise BundleError(expected("'RAS' (the only orientation preprocessing produces)", key="orientation",
+                                   received=orientation, where=fields.where))
+    return orientation
+
+
+def _read_preprocessing(fields: _BundleFields) -> PreprocessSettings:
+    """``preprocessing``, validated by :class:`PreprocessSettings` (errors keyed ``preprocessing.<key>``)."""
+    settings = fields.get("preprocessing", dict, "the preprocessing settings")
+    try:
+        return PreprocessSettings.from_dict(settings, where=fields.where, prefix="preprocessing.")
+    except ValueError as exc:  # worded by PreprocessSettings.from_dict: the file, preprocessing.<key>, values
+        raise BundleError(str(exc)) from None
+
+
+def _read_patch_size(fields: _BundleFields) -> list[int]:
+    patch_size = fields.get("patch_size", list, "3 positive integers")
+    if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
+        raise BundleError(expected("3 positive integers", key="patch_size", received=patch_size, where=fields.where))
+    return patch_size
+
+
+def _read_inference(fields: _BundleFields) -> InferenceSettings:
+    """``inference``, validated by :class:`InferenceSettings` (errors keyed ``inference.<key>``)."""
+    settings = fields.get("inference", dict, "the inference settings")
+    try:
+        return InferenceSettings.from_mapping(settings)
+    except SettingError as exc:
+        raise BundleError(expected(exc.what, key="inference." + exc.key, received=exc.received, where=fields.where,
+                                   hint=exc.hint)) from None
+    except (TypeError, ValueError) as exc:  # e.g. mirror_axes that is not a list
+        raise BundleError(expected("the inference settings", key="inference", received=settings,
+                                   where=fields.where, hint=_first_line(exc))) from exc
+
+
+def _read_files(fields: _BundleFields, folder: Path) -> dict[str, str]:
+    """``files``: format -> a path inside the bundle that exists (the marker files of folders too)."""
+    files = fields.get("files", dict, "a mapping format -> file")
+    unknown = sorted(set(files) - set(FORMATS))
+    if "keras" not in files or unknown:
+        raise BundleError(expected(f"'keras' (and optionally {', '.join(repr(f) for f in FORMATS[1:])})", key="files",
+                                   received=sorted(files), where=fields.where))
+    for fmt, name in files.items():
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(expected("a path inside the bundle", key=f"files.{fmt}", received=name, where=fields.where))
+        target = folder / name
+        markers = {"savedmodel": [target / "saved_model.pb"], "openvino": [target, target.with_suffix(".bin")]}.get(fmt, [target])
+        for marker in markers:
+            if not marker.is_file():
+                raise BundleError(expected(
+                    "every model file bundle.json lists", key=f"files.{fmt}", where=fields.where,
+                    received=Received(f"{name} (missing: {marker.relative_to(folder)}; incomplete bundle?)")))
+    return files
 
 
 def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *, threads: int | None = None) -> PredictFn:
@@ -478,7 +595,8 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
         format = runtimes.choose_format(bundle.files, "auto")
     path = bundle.file(runtimes.file_format(format))
     if format != "keras" and not runtimes.is_installed(format):
-        raise runtimes.missing_runtime_error(format, f"Predicting with format={format!r}")
+        raise ImportError(expected(f"{runtimes.needs(format)} to predict with it", key="format", received=format,
+                                   hint=runtimes.install_hint(format)))
     verification = bundle.meta.get("verification") or {}
     if format == "openvino-bf16" and verification.get("openvino-bf16_within_tolerance") is False:
         raise BundleError(expected(
@@ -498,8 +616,11 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
                                                        threads=threads)
     except ImportError:
         raise
-    except Exception as exc:
-        raise BundleError(f"Cannot load {path} ({format}): {exc}") from exc
+    except Exception as exc:  # a truncated or corrupt file: each runtime raises its own types
+        raise BundleError(expected(f"a model file that loads with format={format!r}",
+                                   key=f"files.{runtimes.file_format(format)}",
+                                   received=Received(f"{path} (cannot load: {_first_line(exc)})"),
+                                   where=str(bundle.path / "bundle.json"))) from exc
     _check_io(path, found, (bundle.input_channels, bundle.num_classes))
     predict_fn.format = format
     predict_fn.activation_bytes_per_voxel = bundle.meta.get("activation_bytes_per_voxel", 0)
@@ -518,7 +639,8 @@ def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | 
         return [f"class_{v}" if v else "background" for v in range(num_classes)], None
     names = dataset.class_names
     if len(names) != num_classes:
-        raise ValueError(f"Expected the dataset {root} to have the model's {num_classes} classes. Received: {len(names)} ({names})")
+        raise ValueError(expected(f"a dataset with the model's {num_classes} classes", key="data.root",
+                                  received=Received(f"{root} with {len(names)} classes {names}")))
     return names, list(dataset.channel_names) or None
 
 
@@ -569,7 +691,8 @@ def _verify(net, folder: Path, files: dict[str, str], patch_size: tuple[int, ...
             # asked for (load_predictor), the float32 formats stay usable
             report["openvino-bf16_within_tolerance"] = diff <= tolerance
         elif not diff <= tolerance:
-            raise BundleError(f"Exported {fmt} model disagrees with Keras: max abs probability difference {diff:.3g}. Expected <= {tolerance}")
+            raise BundleError(expected(f"the exported {fmt} model within {tolerance} of Keras (max abs probability "
+                                       "difference on a random patch)", key=f"{fmt}_max_abs_diff", received=diff))
     return report
 
 
@@ -594,23 +717,30 @@ def _verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, pa
     case = preprocess_volume(image, np.diag([*spacing, 1.0]), None, preprocessing)
     probabilities = sliding_window_predict(keras_predict_fn(net), case.image, patch_size, settings=inference)
     background = np.eye(probabilities.shape[-1], dtype=np.float32)[0]
-    expected = np.argmax(restore_to_original(probabilities, case.meta, order=1, fill_value=background), axis=-1)
+    reference = np.argmax(restore_to_original(probabilities, case.meta, order=1, fill_value=background), axis=-1)
     signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
     labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
-    agreement = float((labels == expected).mean()) if labels.shape == expected.shape else 0.0
+    agreement = float((labels == reference).mean()) if labels.shape == reference.shape else 0.0
     if agreement < SEGMENT_AGREEMENT:
-        raise BundleError(f"The exported {SEGMENT_SIGNATURE!r} signature disagrees with segment_volume: {agreement:.4%} "
-                          f"equal labels (shape {labels.shape} vs {expected.shape}). Expected >= {SEGMENT_AGREEMENT:.1%}")
+        raise BundleError(expected(
+            f"at least {SEGMENT_AGREEMENT:.1%} equal labels between the exported {SEGMENT_SIGNATURE!r} signature and "
+            "segment_volume", key="segment_label_agreement",
+            received=Received(f"{agreement:.4%} (shape {labels.shape} vs {reference.shape})")))
     return {"segment_label_agreement": agreement}
 
 
-def _check_io(path: Path, found: tuple[Any, Any], expected: tuple[int, int]) -> None:
+def _check_io(path: Path, found: tuple[Any, Any], wanted: tuple[int, int]) -> None:
     found = tuple(int(v) if isinstance(v, (int, np.integer)) else v for v in found)
-    if found != expected:
-        raise BundleError(
-            f"{path}: expected a network with {expected[0]} input channel(s) and {expected[1]} classes (from bundle.json). "
-            f"Received: {found[0]} input channel(s), {found[1]} output channel(s)"
-        )
+    if found != wanted:
+        raise BundleError(expected(
+            f"a network with {wanted[0]} input channel(s) and {wanted[1]} classes (from bundle.json)", key="network",
+            received=Received(f"{found[0]} input channel(s), {found[1]} output channel(s)"), where=str(path)))
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception, first line only and at most 300 characters (for one-line errors)."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from segpipe.errors import expected
 from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
 
 
@@ -70,15 +71,19 @@ def is_installed(name: str) -> bool:
 
 def runtime(name: str) -> Runtime:
     if name not in RUNTIMES:
-        raise ValueError(f"Invalid value for `format`. Expected one of {('auto', *RUNTIMES)}. Received: format={name!r}")
+        raise ValueError(expected(f"one of {('auto', *RUNTIMES)}", key="format", received=name))
     return RUNTIMES[name]
 
 
-def missing_runtime_error(name: str, doing: str) -> ImportError:
-    """The error for a runtime that is not installed: what it is needed for and how to install it."""
-    r = runtime(name)
-    return ImportError(f"{doing} needs {', '.join(r.modules)}, which is not installed. "
-                       f'Install the {r.extra} extra: pip install "segpipe[{r.extra}]"')
+def needs(name: str) -> str:
+    """What runtime ``name`` needs, for an error: ``"openvino installed"``."""
+    return f"{', '.join(runtime(name).modules)} installed"
+
+
+def install_hint(name: str) -> str:
+    """How to install runtime ``name``: ``Install the openvino extra: pip install "segpipe[openvino]".``"""
+    extra = runtime(name).extra
+    return f'Install the {extra} extra: pip install "segpipe[{extra}]".' if extra else "Install TensorFlow."
 
 
 def file_format(name: str) -> str:
@@ -101,11 +106,14 @@ def choose_format(available: Iterable[str], requested: str = "auto") -> str:
         for name in AUTO_ORDER:
             if name in available and is_installed(name):
                 return name
-        raise ValueError(f"Expected a bundle with at least one runnable format. Received: files {sorted(available)}")
+        raise ValueError(expected(f"a bundle with at least one format whose runtime is installed (out of {AUTO_ORDER})",
+                                  key="files", received=sorted(available)))
     if file_format(requested) not in available:
-        raise ValueError(f"Expected the bundle to hold a {file_format(requested)!r} model for format={requested!r}. Received: files {sorted(available)}")
+        raise ValueError(expected(f"a bundle holding a {file_format(requested)!r} model for format={requested!r}",
+                                  key="files", received=sorted(available)))
     if not is_installed(requested):
-        raise missing_runtime_error(requested, f"format={requested!r}")
+        raise ImportError(expected(f"{needs(requested)} to predict with it", key="format", received=requested,
+                                   hint=install_hint(requested)))
     return requested
 
 
@@ -153,7 +161,8 @@ def load_savedmodel(path: Path, signature_name: str, input_name: str) -> tuple[P
 
 def load_onnx(path: Path, threads: int | None = None) -> tuple[PredictFn, tuple[Any, Any]]:
     if not is_installed("onnx"):
-        raise missing_runtime_error("onnx", 'Predicting with format="onnx"')
+        raise ImportError(expected(f"{needs('onnx')} to predict with it", key="format", received="onnx",
+                                   hint=install_hint("onnx")))
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -175,9 +184,10 @@ def load_openvino(path: Path, *, precision: str = "f32", threads: int | None = N
     precision is always set explicitly. One static-shape model is compiled per input shape.
     """
     if precision not in ("f32", "bf16"):
-        raise ValueError(f"Invalid value for `precision`. Expected 'f32' or 'bf16'. Received: precision={precision!r}")
+        raise ValueError(expected("'f32' or 'bf16'", key="precision", received=precision))
     if not is_installed("openvino"):
-        raise missing_runtime_error("openvino", 'Predicting with format="openvino"')
+        raise ImportError(expected(f"{needs('openvino')} to predict with it", key="format", received="openvino",
+                                   hint=install_hint("openvino")))
     import openvino
 
     core = openvino.Core()

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from segpipe.data.preprocess import PreprocessSettings
+from segpipe.errors import Received, expected
 from segpipe.inference.sliding_window import gaussian_importance_map, mirror_combinations
 
 SEGMENT_INPUTS = ("image", "spacing_mm")
@@ -76,7 +77,8 @@ def build_segment_function(
 
     reason = unsupported_reason(preprocessing)
     if reason:
-        raise ValueError(f"Cannot build the segment signature: {reason}")
+        raise ValueError(expected("preprocessing the segment signature can reproduce", key="preprocessing",
+                                  received=Received(reason)))
     window = tuple(int(w) for w in patch_size)
     weights = gaussian_importance_map(window, sigma_scale)
     axis_weights = _axis_gaussians(window, sigma_scale)
@@ -85,7 +87,8 @@ def build_segment_function(
     schemes = preprocessing.normalization
     schemes = (schemes,) * in_channels if isinstance(schemes, str) else tuple(schemes)
     if len(schemes) != in_channels:
-        raise ValueError(f"Expected one normalization per input channel ({in_channels}). Received: {list(schemes)}")
+        raise ValueError(expected(f"one normalization per input channel ({in_channels})", key="preprocessing.normalization",
+                                  received=list(schemes)))
     target = preprocessing.target_spacing_mm
     step = [max(1.0, w * (1.0 - overlap)) for w in window]
 

@@ -16,7 +16,7 @@ from segpipe.data.pipeline import prepare_data
 from segpipe.errors import Received, expected
 from segpipe.inference.segment import segment_preprocessed
 from segpipe.inference.sliding_window import keras_predict_fn
-from segpipe.io import write_nifti
+from segpipe.io import explain_write_errors, write_nifti
 from segpipe.runs.rundir import RunDir
 
 
@@ -29,7 +29,8 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     image grid (linear interpolation, outside the crop box background), and the argmax there, after
     ``inference.postprocess_largest_component``, is written as a NIfTI label map with the original
     shape and affine. The model is the best checkpoint, else the final model (:meth:`RunDir.model_file`);
-    ``model="best"`` or ``"final"`` insists on one of them.
+    ``model="best"`` or ``"final"`` insists on one of them. A full disk or a read-only folder stops with
+    a :class:`segpipe.errors.StorageError` naming the file; the label maps written before it are complete.
 
     Returns ``(pred_dir, ref_dir, labels, class_names)``: the predictions, a folder of links to the
     reference label maps of the same cases, the foreground label values, and the class names
@@ -54,15 +55,17 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
     pred_dir = Path(out_dir) if out_dir else run.predictions_dir
     ref_dir = run.evaluation_dir / "references"
-    ref_dir.mkdir(parents=True, exist_ok=True)
+    with explain_write_errors(ref_dir):
+        ref_dir.mkdir(parents=True, exist_ok=True)
     for cached in tqdm(prepared.subset("val"), desc="Predicting", unit="case"):
         result = segment_preprocessed(
             predict_fn, np.asarray(cached.load_image()), cached.meta, patch_size=config.data.patch_size,
             settings=config.inference,
         )
         name = f"{cached.case_id}.nii.gz"
-        write_nifti(pred_dir / name, result.labels, result.affine)
-        _link(ref_dir / name, prepared.dataset.case(cached.case_id).label_path)
+        write_nifti(pred_dir / name, result.labels, result.affine)  # atomic; names the file on a full disk
+        with explain_write_errors(ref_dir / name):
+            _link(ref_dir / name, prepared.dataset.case(cached.case_id).label_path)
     dataset = prepared.dataset
     labels = [v for v in sorted(dataset.labels) if v != 0]
     return pred_dir, ref_dir, labels, dataset.class_names

@@ -30,12 +30,13 @@ from segpipe.config import Config, ConfigError, validate
 from segpipe.errors import StorageError
 from segpipe.runs.rundir import RunDir
 from segpipe.errors import Received, expected
+from segpipe.training.cluster import WorkerLost
 from segpipe.training.interrupts import TrainingInterrupted
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says everything (segpipe's own checks); any other failure also gets a traceback."""
-    return ConfigError, StorageError, FileExistsError, FileNotFoundError, ValueError
+    return ConfigError, StorageError, FileExistsError, FileNotFoundError, ValueError, WorkerLost
 
 
 @dataclass

@@ -12,9 +12,16 @@ every global batch and no worker computes samples it then discards (:class:`Shar
 Only the chief writes the run directory; the other workers run the same code (collective
 operations need every worker) but write to a temporary folder that is removed at the end, as
 TensorFlow recommends for ``MultiWorkerMirroredStrategy``.
+
+A worker that dies, hangs or never joins stops the others within ``train.collective_timeout_seconds``
+with one error naming it (:mod:`segpipe.training.cluster`): the timeout bounds joining the cluster
+and every collective operation of training; the waits while the chief prepares the data or writes
+alone have no timeout (a dead worker is still noticed there, by TensorFlow's heartbeats).
 """
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import functools
 import json
 import os
@@ -29,6 +36,7 @@ import numpy as np
 
 from segpipe.config import ConfigError
 from segpipe.errors import Received, expected
+from segpipe.training import cluster
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -86,21 +94,50 @@ def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 @functools.cache
-def make_strategy(distribute: str) -> "tf.distribute.Strategy":
+def make_strategy(distribute: str, collective_timeout_seconds: float | None = None) -> "tf.distribute.Strategy":
     """The strategy of ``train.distribute``; one per process (a multi-worker one cannot be made twice).
 
-    ``multi_worker`` must be set up before TensorFlow runs anything else, so call this first.
+    ``multi_worker`` must be set up before TensorFlow runs anything else, so call this first. With
+    ``collective_timeout_seconds`` it first waits at most that long for every other worker to start
+    (:func:`segpipe.training.cluster.wait_for_workers`), and every collective operation of the
+    strategy then fails after that long without all workers (``CommunicationOptions``).
+
+    Raises:
+        WorkerLost: another worker did not start within the timeout (named).
     """
     import tensorflow as tf
 
     if distribute == "mirrored":
         return tf.distribute.MirroredStrategy()  # all GPUs of this machine (the CPU if there is none)
     if distribute == "multi_worker":
-        read_tf_config()  # a clear message instead of TensorFlow's
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        tf_config = read_tf_config()  # a clear message instead of TensorFlow's
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_seconds)
+        if collective_timeout_seconds is None:
+            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        cluster.wait_for_workers(tf_config, collective_timeout_seconds)
+        # Last resort for a worker that was seen above but died before TensorFlow connected to it:
+        # the strategy then waits (holding the GIL) for up to an hour; a C-level timer ends the
+        # process with a traceback instead.
+        with _exit_after(collective_timeout_seconds + 60):
+            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if distribute == "none":
         return tf.distribute.get_strategy()
     raise ConfigError(expected(f"one of {list(STRATEGIES)}", key="train.distribute", received=distribute))
+
+
+@contextlib.contextmanager
+def _exit_after(seconds: float):
+    """End the process (exit code 1, tracebacks on stderr) if the block takes longer than ``seconds``;
+    a thread of the interpreter's C code, so it fires even while TensorFlow holds the GIL."""
+    try:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+    except (ValueError, OSError, AttributeError):  # stderr without a file descriptor (e.g. a notebook)
+        yield
+        return
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def worker_info(strategy: "tf.distribute.Strategy") -> WorkerInfo:
@@ -247,9 +284,11 @@ def distribute_train_data(
 # ---------------------------------------------------------------- agreeing across workers
 
 
-def workers_sum(strategy: "tf.distribute.Strategy", worker: WorkerInfo, values: Sequence[float]) -> np.ndarray:
+def workers_sum(strategy: "tf.distribute.Strategy", worker: WorkerInfo, values: Sequence[float], *,
+                timeout_seconds: float | None = None) -> np.ndarray:
     """Sum of ``values`` over the workers (each worker contributes once); a collective operation,
-    so every worker must call it at the same point."""
+    so every worker must call it at the same point. ``timeout_seconds`` overrides the strategy's
+    collective timeout (0: wait as long as it takes)."""
     import tensorflow as tf
 
     local = tf.constant(np.asarray(values, dtype=np.float64))
@@ -260,23 +299,32 @@ def workers_sum(strategy: "tf.distribute.Strategy", worker: WorkerInfo, values: 
         return tf.where(replica % local_replicas == 0, local, tf.zeros_like(local))
 
     per_replica = strategy.run(contribute)
-    return np.asarray(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+    if timeout_seconds is None:
+        return np.asarray(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
+    total = strategy.extended.reduce_to(tf.distribute.ReduceOp.SUM, per_replica,
+                                        destinations=strategy.extended.worker_devices[0], options=options)
+    return np.asarray(strategy.experimental_local_results(total)[0])
 
 
 def barrier(strategy: "tf.distribute.Strategy", worker: WorkerInfo) -> None:
-    """Wait until every worker gets here (no-op for one worker)."""
+    """Wait until every worker gets here, without a timeout: a worker may be busy alone for long
+    (the chief preparing the data); a dead one is noticed by TensorFlow's heartbeats. No-op for one worker."""
     if worker.num_workers > 1:
-        workers_sum(strategy, worker, [1.0])
+        workers_sum(strategy, worker, [1.0], timeout_seconds=0)
 
 
 def chief_first(strategy: "tf.distribute.Strategy", worker: WorkerInfo, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on the chief, then on the other workers (e.g. filling a shared cache once, then reading it)."""
+    """``fn()`` on the chief, then on the other workers (e.g. filling a shared cache once, then reading
+    it); all leave together, so the collective timeout of what follows does not count ``fn``'s time."""
     if worker.is_chief:
         result = fn()
         barrier(strategy, worker)
-        return result
+    else:
+        barrier(strategy, worker)
+        result = fn()
     barrier(strategy, worker)
-    return fn()
+    return result
 
 
 def any_worker(strategy: "tf.distribute.Strategy", worker: WorkerInfo, flag: bool) -> bool:
@@ -301,6 +349,14 @@ def check_same_on_all_workers(
             received=Received(f"{values.tolist()}, a different value elsewhere"),
             hint="On resume every worker reads the chief's run directory: put output_dir on a file system they all share.",
         ))
+
+
+def lost_workers_reported(worker: WorkerInfo, timeout_seconds: float | None, run_dir: Path):
+    """A context in which a TensorFlow error meaning another worker failed becomes
+    :class:`segpipe.training.cluster.WorkerLost`, naming it (nothing changes for one worker)."""
+    if worker.num_workers == 1:
+        return contextlib.nullcontext()
+    return cluster.lost_workers_reported(read_tf_config(), timeout_seconds, run_dir)
 
 
 # ---------------------------------------------------------------- where a worker writes

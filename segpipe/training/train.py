@@ -129,12 +129,19 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
         StorageError: the run directory cannot be written (checked before any work).
+        WorkerLost: multi_worker: another worker died, hung or never joined (train.collective_timeout_seconds).
     """
 
     # multi_worker: the strategy must be set up before TensorFlow runs anything else
     distributed.warn_if_tf_config_unused(config.train.distribute)
-    strategy = distributed.make_strategy(config.train.distribute)
+    strategy = distributed.make_strategy(config.train.distribute, config.train.collective_timeout_seconds)
     worker = distributed.worker_info(strategy)
+    with distributed.lost_workers_reported(worker, config.train.collective_timeout_seconds, RunDir.of(config).path):
+        return _train(config, strategy, worker, resume=resume, overwrite=overwrite, verbose=verbose)
+
+
+def _train(config: Config, strategy: "tf.distribute.Strategy", worker: WorkerInfo, *, resume: bool, overwrite: bool,
+           verbose: int | None) -> Path:
     distributed.per_replica_batch(config.data.batch_size, strategy.num_replicas_in_sync)
     enable_determinism(config.train.deterministic)
 
