@@ -10,7 +10,9 @@ import contextlib
 import errno
 import json
 import math
+import multiprocessing
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if tmp.is_file():  # mkstemp makes it 0600; give it the mode an ordinary write would (umask)
             os.chmod(tmp, 0o666 & ~_UMASK)
+        failpoint("atomic_write", path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -116,6 +119,40 @@ def explain_write_errors(path: str | os.PathLike) -> Iterator[None]:
             "free space and a writable folder for this file", key="path", received=Received(f"{path} ({exc.strerror or exc})"),
             hint="Nothing was half-written: an earlier version of the file, if any, is unchanged.",
         )) from exc
+
+
+# ---------------------------------------------------------------- fault injection (testing hook)
+
+# SEGPIPE_FAILPOINT=NAME[@TEXT][#N]: SIGKILL the program the N-th time (default 1) this process reaches
+# failpoint NAME with a path containing TEXT. Read once at import; unset (always, outside the
+# fault-injection tests: tests/test_fault_injection.py, benchmarks/fault_injection.py) it costs one
+# comparison per call. Points: "atomic_write" (the temporary file is complete, not yet renamed onto
+# its path) and, in segpipe.training.checkpoints, "checkpoint_written" (last.tmp/ complete and
+# flushed), "checkpoint_swap" (last/ renamed to last.old/, last.tmp/ not yet renamed to last/) and
+# "checkpoint_swapped" (the new last/ in place, last.old/ not yet removed).
+_FAILPOINT = os.environ.get("SEGPIPE_FAILPOINT") or None
+_failpoint_hits = 0
+
+
+def failpoint(name: str, path: str | os.PathLike = "") -> None:
+    """Kill the program here with SIGKILL if ``SEGPIPE_FAILPOINT`` names this point (see above).
+
+    In a worker process of :func:`segpipe.parallel.parallel_map` the parent is killed first, so the
+    whole program dies as it would on a real SIGKILL of its main process.
+    """
+    if _FAILPOINT is None:
+        return
+    global _failpoint_hits
+    spec, _, count = _FAILPOINT.partition("#")
+    point, _, text = spec.partition("@")
+    if point != name or text not in str(path):
+        return
+    _failpoint_hits += 1
+    if _failpoint_hits == int(count or 1):
+        parent = multiprocessing.parent_process()
+        if parent is not None and parent.pid is not None:
+            os.kill(parent.pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:

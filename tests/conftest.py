@@ -104,3 +104,24 @@ def resumed_tiny_run(phantom_root, tmp_path_factory):
     seen["resume_code"] = train.main(["--resume", str(run_dir)])
     seen["run_dir"] = run_dir
     return seen
+
+
+@pytest.fixture(scope="session")
+def crash_overrides(phantom_root, tmp_path_factory):
+    """The run of the crash-safety and fault-injection tests: 4 epochs of 6 steps on the tiny phantoms,
+    with the session's shared data cache."""
+    from process_helpers import shared_cache_dir
+
+    return [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
+            "data.val_fraction=0.34", f"data.cache_dir={shared_cache_dir(tmp_path_factory)}", "model.depth=2",
+            "model.base_filters=4", "train.epochs=4", "train.steps_per_epoch=6"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(crash_overrides, tmp_path_factory):
+    """That run trained once without interruption (in this process): its run directory."""
+    import train
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train.main(["--set", *crash_overrides, f"output_dir={out}", "name=straight"]) == 0
+    return out / "straight"

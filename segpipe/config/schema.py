@@ -113,6 +113,10 @@ class TrainConfig:
     # (docs/training.md#when-a-worker-fails). A dead worker is also noticed by TensorFlow's heartbeats (~30 s).
     collective_timeout_seconds: float = field(default=300.0, metadata=_range(0, exclusive_min=True))
     deterministic: bool = False  # TensorFlow op determinism: same config + seed -> same history (slower on GPU)
+    # Mid-epoch checkpoints (besides every epoch end): after every N-th step of the run and/or when this
+    # many minutes passed since the last checkpoint; a SIGKILL then loses at most that much (docs/training.md).
+    checkpoint_every_steps: int | None = field(default=None, metadata=_range(1))
+    checkpoint_every_minutes: float | None = field(default=None, metadata=_range(0, exclusive_min=True))
     # At the end of training the chief writes the deployable bundle (segpipe.export.bundle) into RUN_DIR/bundle,
     # from the best checkpoint (else model.keras); export_onnx adds model.onnx (needs the onnx extra).
     export_bundle: bool = True

@@ -11,6 +11,12 @@ previous or the new checkpoint is complete:
     last.tmp/ written + fsynced  ->  last/ renamed to last.old/  ->  last.tmp/ renamed to last/  ->  last.old/ removed
 
 :func:`segpipe.runs.rundir.find_last_checkpoint` falls back to ``last.old`` when a crash happened between the renames.
+
+Besides the epoch ends (and a stop request), :class:`CheckpointSchedule` saves the same mid-epoch
+checkpoint every ``train.checkpoint_every_steps`` steps and/or ``train.checkpoint_every_minutes``,
+so a SIGKILL loses at most that much training. A resumed run first rewrites the files derived from
+the checkpoint (``history.csv``, ``epoch_times.csv``) and :func:`remove_stale_temporaries` clears
+what killed writes left behind.
 """
 from __future__ import annotations
 
@@ -30,10 +36,10 @@ from typing import Any, Iterator
 import keras
 import numpy as np
 
-from segpipe.errors import Received, StorageError, expected
-from segpipe.io import atomic_path, read_json, write_json, write_text
+from segpipe.errors import Received, SettingError, StorageError, expected
+from segpipe.io import atomic_path, failpoint, read_json, write_json, write_text
 from segpipe.reports.progress import write_progress_plot
-from segpipe.runs.rundir import RunDir
+from segpipe.runs.rundir import RunDir, find_last_checkpoint
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -127,12 +133,55 @@ def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        failpoint("checkpoint_written", folder)
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
+            failpoint("checkpoint_swap", folder)
         os.replace(tmp, folder)
         _fsync_file(folder.parent)
+        failpoint("checkpoint_swapped", folder)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what killed writes left in a run directory; returns the paths removed.
+
+    The temporary files of :func:`segpipe.io.atomic_path` in the run directory and ``checkpoints/``
+    (only training writes there), and the bundle's temporary and old folders
+    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``, :mod:`segpipe.export.bundle`) of processes that no
+    longer run; ``checkpoints/last.tmp/`` (never trusted), and ``checkpoints/last.old/`` when
+    ``last/`` is complete (otherwise ``last.old/`` is the checkpoint, kept). Nothing reads these
+    names: this is for the disk space (a run resumed with no step left to train saves no
+    checkpoint that would remove them).
+    """
+    run = RunDir(run_dir)
+    stale = [p for folder in (run.path, run.checkpoints_dir) if folder.is_dir()
+             for p in folder.glob(".*.tmp*") if p.is_file()]
+    last = run.last_checkpoint_dir
+    stale += [p for p in (last.with_name(last.name + ".tmp"),) if p.is_dir()]
+    if find_last_checkpoint(last) == last:
+        stale += [p for p in (last.with_name(last.name + ".old"),) if p.is_dir()]
+    for pattern in (f".{run.bundle_dir.name}.tmp-*", f".{run.bundle_dir.name}.old-*"):
+        stale += [p for p in run.path.glob(pattern) if p.is_dir() and not _process_alive(p.name.rpartition("-")[2])]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+def _process_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync_file(path: Path) -> None:
@@ -154,8 +203,11 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return read_json(checkpoint / "state.json")
 
 
-def write_history_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write per-epoch log rows as CSV (atomically); columns in first-seen order, missing values empty."""
+def write_history_csv(path: Path, rows: list[dict[str, Any]]) -> bool:
+    """Write per-epoch log rows as CSV (atomically); columns in first-seen order, missing values empty.
+
+    Returns False (and writes nothing) when the file already holds exactly these rows.
+    """
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -163,13 +215,70 @@ def write_history_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
-    write_text(path, buffer.getvalue())
+    text = buffer.getvalue()
+    try:
+        if Path(path).read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text(path, text)
+    return True
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return str(value)
+
+
+class CheckpointSchedule:
+    """When to save a checkpoint in the middle of an epoch (``train.checkpoint_every_steps`` / ``_minutes``).
+
+    Due after every ``every_steps``-th step of the run (steps counted over all epochs, so the saves
+    fall on the same steps after a resume), and/or when ``every_minutes`` have passed since the last
+    save of any kind (the clock restarts at :meth:`saved`). Epoch ends are saved anyway; between two
+    saves there are then at most ``every_steps`` steps.
+
+    Args:
+        every_steps: an integer >= 1, or None.
+        every_minutes: a number > 0 (``inf``: never), or None.
+        clock: seconds, monotonic (tests pass a fake one).
+
+    Raises:
+        SettingError: a value out of range (keyed ``every_steps`` / ``every_minutes``).
+
+    Examples
+    --------
+    >>> schedule = CheckpointSchedule(every_steps=4)
+    >>> [step for step in range(1, 13) if schedule.due(step)]
+    [4, 8, 12]
+    """
+
+    def __init__(self, every_steps: int | None = None, every_minutes: float | None = None, *,
+                 clock: Any = time.monotonic):
+        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int)
+                                        or every_steps < 1):
+            raise SettingError("every_steps", "an integer >= 1 or None", every_steps)
+        if every_minutes is not None and (isinstance(every_minutes, bool) or not isinstance(every_minutes, (int, float))
+                                          or not every_minutes > 0):  # also NaN
+            raise SettingError("every_minutes", "a number > 0 or None", every_minutes)
+        self.every_steps, self.every_minutes, self.clock = every_steps, every_minutes, clock
+        self._last_save = clock()
+
+    @property
+    def timed(self) -> bool:
+        """Whether the schedule depends on the clock (several workers must then agree: their clocks differ)."""
+        return self.every_minutes is not None
+
+    def due(self, global_step: int) -> bool:
+        """Whether to checkpoint after ``global_step`` steps of the run."""
+        if self.every_steps is not None and global_step % self.every_steps == 0:
+            return True
+        return self.every_minutes is not None and self.clock() - self._last_save >= 60 * self.every_minutes
+
+    def saved(self) -> None:
+        """A checkpoint was just saved: the time-based interval starts again."""
+        self._last_save = self.clock()
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -179,7 +288,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     ``history.csv`` is rewritten from the rows stored in the checkpoint state, so after a resume it
     has exactly one row per finished epoch, none duplicated and none missing; its rows add the
     optimizer's ``learning_rate`` after the epoch to the logs. Wall-clock seconds per epoch go to
-    ``epoch_times.csv`` (also kept in the state), not the history, which stays reproducible.
+    ``epoch_times.csv`` (also kept in the state), not the history, which stays reproducible. At the
+    start of a resumed run both files are rewritten from the state (a crash between the checkpoint
+    and ``history.csv`` would otherwise leave the last epoch out when no epoch is left to train).
 
     Args:
         run_dir: where to write (the run directory; a temporary folder on a non-chief worker).
@@ -188,11 +299,13 @@ class RunCheckpoint(keras.callbacks.Callback):
         seed, samples_per_step, steps_per_epoch: record the data RNG position in the state
             (``next_sample_index``); optional.
         progress_plot: redraw ``progress.png`` from the history files after every epoch (the chief).
+        schedule: when to save mid-epoch checkpoints (:class:`CheckpointSchedule`); None: only at epoch
+            ends and on a stop request. The training loop asks it after every step.
     """
 
     def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None, *,
                  seed: int | None = None, samples_per_step: int | None = None, steps_per_epoch: int | None = None,
-                 progress_plot: bool = False):
+                 progress_plot: bool = False, schedule: CheckpointSchedule | None = None):
         super().__init__()
         self.run = RunDir(run_dir)
         self.monitor = monitor
@@ -203,7 +316,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.epoch_times: list[dict[str, Any]] = list(state.get("epoch_times", []))
         self.seed, self.samples_per_step, self.steps_per_epoch = seed, samples_per_step, steps_per_epoch
         self.progress_plot = progress_plot
+        self.schedule = schedule
         self._epoch_start: float | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self.rows:  # resumed: the files derived from the checkpoint say what it says
+            self._write_history_files(resumed=True)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_start = time.monotonic()
@@ -221,12 +339,17 @@ class RunCheckpoint(keras.callbacks.Callback):
         if improved and not math.isnan(value):
             self.best = value
             save_model_atomic(self.model, self.run.best_model)
-        save_checkpoint(self.run.last_checkpoint_dir, self.model, self.state(epoch + 1, 0))
+        self._save(self.state(epoch + 1, 0))
+        self._write_history_files()
+
+    def _write_history_files(self, resumed: bool = False) -> None:
+        """``history.csv`` and ``epoch_times.csv`` from the rows, then ``progress.png`` (at the start of a
+        resumed run only if the history file was out of date)."""
         with explain_storage_errors(self.run.history_csv):
-            write_history_csv(self.run.history_csv, self.rows)
+            changed = write_history_csv(self.run.history_csv, self.rows)
             if self.epoch_times:
                 write_history_csv(self.run.epoch_times_csv, self.epoch_times)
-        if self.progress_plot:
+        if self.progress_plot and (changed or not resumed):
             self._redraw_progress()
 
     def _redraw_progress(self) -> None:
@@ -237,7 +360,12 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def save_partial(self, epoch: int, step: int, metrics: dict[str, list]) -> None:
         """Checkpoint after ``step`` steps of epoch ``epoch`` (0-based), with its metric accumulators."""
-        save_checkpoint(self.run.last_checkpoint_dir, self.model, self.state(epoch, step, metrics))
+        self._save(self.state(epoch, step, metrics))
+
+    def _save(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.run.last_checkpoint_dir, self.model, state)
+        if self.schedule is not None:
+            self.schedule.saved()
 
     def state(self, epoch: int, step: int, metrics: dict[str, list] | None = None) -> dict[str, Any]:
         """The ``state.json`` of a checkpoint after ``epoch`` finished epochs and ``step`` more steps."""

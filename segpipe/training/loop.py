@@ -12,7 +12,8 @@ the first step, with Keras's own ``CategoricalCrossentropy`` as well: "Attempt t
 So ``fit`` cannot be the one path for every strategy, and this loop stays: it runs the same
 compiled loss as ``fit`` (``model.compute_loss``), logs the same history as ``fit`` on one process
 (tests/test_distributed.py), and adds what ``fit`` lacks here: stop requests agreed between
-workers every step and mid-epoch checkpoints with the metric accumulators.
+workers every step and mid-epoch checkpoints with the metric accumulators (on a stop request, and
+every ``train.checkpoint_every_steps`` / ``_minutes``).
 
 A step, in each replica: forward pass with ``training=True``, ``model.compute_loss`` (the compiled
 loss: one loss per output with ``loss_weights`` for deep supervision, already divided by the
@@ -142,10 +143,22 @@ class TrainingLoop:
             callback_list.on_train_batch_begin(step)
             self._train_step(next(iterator))
             callback_list.on_train_batch_end(step, self._batch_logs())
-            if self._stop_requested():
+            stop = self._stop_requested()
+            # the last step of an epoch is saved at its end, after validation
+            if stop or (step + 1 < steps and self._checkpoint_due(checkpoint, epoch * steps + step + 1)):
                 checkpoint.save_partial(epoch, step + 1, self.metric_state())
+            if stop:
                 return step + 1
         return None
+
+    def _checkpoint_due(self, checkpoint: RunCheckpoint, global_step: int) -> bool:
+        """A periodic mid-epoch checkpoint (``checkpoint.schedule``). Every worker must save at the same
+        step (reading the metric accumulators is collective), so a clock-based one is agreed on."""
+        schedule = checkpoint.schedule
+        if schedule is None:
+            return False
+        due = schedule.due(global_step)
+        return any_worker(self.strategy, self.worker, due) if schedule.timed else due
 
     def evaluate(self, val_data: Iterable) -> dict[str, float]:
         """Loss and Dice over all of ``val_data`` (unprefixed keys)."""

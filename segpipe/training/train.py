@@ -23,7 +23,8 @@ from segpipe.models.unet3d import build_unet3d
 from segpipe.runs.rundir import RunDir
 from segpipe.training import distributed
 from segpipe.training.budget import WallTimeLimit
-from segpipe.training.checkpoints import RunCheckpoint, check_free_space, check_writable, read_state, save_model_atomic
+from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, check_free_space, check_writable, read_state,
+                                         remove_stale_temporaries, save_model_atomic)
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
 from segpipe.training.interrupts import StopRequest, TrainingInterrupted
 from segpipe.training.loop import LoopPosition, TrainingLoop
@@ -151,6 +152,7 @@ def _train(config: Config, strategy: "tf.distribute.Strategy", worker: WorkerInf
         return run_dir
     if worker.is_chief:  # the others write to a temporary folder
         check_writable(run_dir)
+        remove_stale_temporaries(run_dir)  # of writes a crash interrupted
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
     checkpoint = run.last_checkpoint() if resume else None
     state: dict[str, Any] = read_state(checkpoint) if checkpoint else {}
@@ -204,9 +206,21 @@ def _check_before_data(config: Config, num_classes: int) -> None:
     check_patch_size(config.data.patch_size, config.model.depth, config.model.strides)
     build_loss(config, num_classes)  # a bad loss option fails here, not mid-training
     check_inference_classes(config.inference, num_classes)  # used by the bundle at the end
+    checkpoint_schedule(config)
     if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
         raise ConfigError(expected('tf2onnx installed (pip install "segpipe[onnx]")', key="train.export_onnx",
                                    received=True, hint="tf2onnx is not importable."))
+
+
+def checkpoint_schedule(config: Config) -> CheckpointSchedule | None:
+    """The mid-epoch checkpoints of ``train.checkpoint_every_steps`` / ``train.checkpoint_every_minutes``, or None."""
+    t = config.train
+    if t.checkpoint_every_steps is None and t.checkpoint_every_minutes is None:
+        return None
+    try:
+        return CheckpointSchedule(t.checkpoint_every_steps, t.checkpoint_every_minutes)
+    except SettingError as exc:  # keyed "every_steps" / "every_minutes"
+        raise ConfigError(str(exc.with_prefix("train.checkpoint_"))) from None
 
 
 def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
@@ -226,7 +240,8 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
     run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
-                                   steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief)
+                                   steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief,
+                                   schedule=checkpoint_schedule(config))
     callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     time_limit = None
     if t.max_train_minutes is not None:
