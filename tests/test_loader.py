@@ -15,7 +15,7 @@ from segpipe.data.sampling import PatchSampler
 def prepared(phantom_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("loader")
     config = load_config(None, [f"data.root={phantom_root}", f"output_dir={out}", "data.preprocess_workers=1",
-                                "data.val_fraction=0.34", "model.depth=2"])
+                                "data.val_fraction=0.34", "model.depth=2", "data.patch_size=[16, 16, 8]"])  # fits the 24×24×16 phantoms
     return config, prepare_data(config, progress=False)
 
 

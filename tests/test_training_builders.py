@@ -53,9 +53,14 @@ def test_adamw_decays_weights_that_get_no_gradient():
 
 
 def test_a_second_signal_aborts_at_once():
-    with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and stop.signal_number == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
+    # Python's own handler first: a process started in the background (nohup, `&`) inherits SIGINT ignored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+            assert stop.requested and stop.signal_number == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
