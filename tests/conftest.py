@@ -125,3 +125,14 @@ def uninterrupted_run(crash_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     assert train.main(["--set", *crash_overrides, f"output_dir={out}", "name=straight"]) == 0
     return out / "straight"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A compiled one-level U-Net with a built optimizer: what checkpoint writers save."""
+    from segpipe.models.unet3d import build_unet3d
+
+    model = build_unet3d(1, 2, depth=1, base_filters=2)
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model

@@ -117,16 +117,6 @@ def test_unwritable_output_dir_fails_before_any_work(overrides, tmp_path, capsys
 # ---------------------------------------------------------------- checkpoint files
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from segpipe.models.unet3d import build_unet3d
-
-    model = build_unet3d(1, 2, depth=1, base_filters=2)
-    model.compile(optimizer="adam", loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    return model
-
-
 def test_a_failed_save_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints" / "last"
     save_checkpoint(folder, tiny_model, {"epoch": 1})

@@ -139,16 +139,6 @@ def test_a_read_only_cache_folder_is_one_error_naming_it(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- checkpoints (segpipe.training.checkpoints)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from segpipe.models.unet3d import build_unet3d
-
-    model = build_unet3d(1, 2, depth=1, base_filters=2)
-    model.compile(optimizer="adam", loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    return model
-
-
 def test_a_read_only_folder_while_saving_the_best_model_keeps_the_previous_one(tiny_model, tmp_path, monkeypatch):
     from segpipe.training.checkpoints import save_model_atomic
 
