@@ -113,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                        lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
                        lesion_dilation_vox=args.lesion_dilation_vox, report=not args.no_report,
                        image_dir=args.images)
-        target = args.out or (Path(args.run_dir) / "evaluation" if args.run_dir is not None else args.pred / "evaluation")
-        with explain_write_errors(target):  # a full disk or read-only folder: one error naming the folder
+        out_dir = args.out or (RunDir(args.run_dir).evaluation_dir if args.run_dir is not None else args.pred / "evaluation")
+        with explain_write_errors(out_dir):  # a full disk or read-only folder: one error naming the folder
             if args.run_dir is not None:
                 summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
             else:
-                out_dir = args.out or args.pred / "evaluation"
                 summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
     except (FileNotFoundError, ValueError, StorageError) as exc:  # StorageError: a full or read-only output folder
         print(f"{prog}: error: {exc}", file=sys.stderr)

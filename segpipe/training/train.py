@@ -256,8 +256,9 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     if stopped is not None:
         out.write_status("interrupted")
         raise TrainingInterrupted(run_dir, stop.signal_number, stopped.epoch, stopped.step)
-    if time_limit is not None and time_limit.message(t.epochs) and worker.is_chief:
-        print(time_limit.message(t.epochs))
+    stopped_early = time_limit.message(t.epochs) if time_limit is not None else None
+    if stopped_early and worker.is_chief:
+        print(stopped_early)
     save_model_atomic(model, out.final_model)
 
 
