@@ -1,8 +1,11 @@
-"""Shared by test_export.py and test_predict.py: a tiny model, a hand-made run directory, scans."""
+"""Shared by test_export.py, test_predict.py and test_bad_inputs.py: a tiny model, a hand-made run directory,
+scans, edited bundles."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,3 +70,19 @@ def phantom_scan(shape=(20, 14, 12), seed: int = 0) -> np.ndarray:
 def write_scan(path: Path, image: np.ndarray, affine: np.ndarray) -> Path:
     write_nifti(path, image, affine)
     return path
+
+
+DELETE = object()  # edit_bundle_json(key=DELETE) removes the key
+
+
+def edit_bundle_json(**changes: Any) -> Callable[[Path], None]:
+    """A function that rewrites a bundle folder's bundle.json with ``changes`` (value DELETE: remove the key)."""
+    def edit(bundle: Path) -> None:
+        meta = json.loads((bundle / "bundle.json").read_text())
+        for key, value in changes.items():
+            if value is DELETE:
+                del meta[key]
+            else:
+                meta[key] = value
+        (bundle / "bundle.json").write_text(json.dumps(meta))
+    return edit

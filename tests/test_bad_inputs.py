@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from inference_helpers import DELETE, edit_bundle_json
 from segpipe.cli import evaluate as evaluate_cli
 from segpipe.cli import plan as plan_cli
 from segpipe.cli import predict as predict_cli
@@ -142,18 +143,6 @@ def _bundle_copy(tmp: Path, source: Path, edit: Callable[[Path], None] | None = 
     if edit is not None:
         edit(folder)
     return folder
-
-
-def _edit_meta(**changes) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        meta = json.loads((folder / "bundle.json").read_text())
-        for key, value in changes.items():
-            if value is None:
-                del meta[key]
-            else:
-                meta[key] = value
-        (folder / "bundle.json").write_text(json.dumps(meta))
-    return edit
 
 
 def _truncate_model(folder: Path) -> None:
@@ -329,13 +318,13 @@ ROWS = [
          lambda t, b: _predict(t, _bundle_copy(t, b, lambda f: (f / "bundle.json").write_text("{")), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected valid JSON. Received: contents=invalid JSON"),
     _row("bundle-newer-version", "a bundle of a newer format version", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, _edit_meta(format_version=2)), _scan(t)),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(format_version=2)), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected format version 1. Received: format_version=2. Written by a newer segpipe"),
     _row("bundle-missing-key", "a bundle.json without patch_size", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, _edit_meta(patch_size=None)), _scan(t)),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(patch_size=DELETE)), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected 3 positive integers. Received: patch_size=<missing>."),
     _row("bundle-listed-file-missing", "a bundle.json listing a model file that is not there", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, _edit_meta(files={"keras": "model.keras", "onnx": "model.onnx"})),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.keras", "onnx": "model.onnx"})),
                                _scan(t)),
          "Expected every model file bundle.json lists. Received: files.onnx=model.onnx (missing: model.onnx;"),
     _row("bundle-model-truncated", "a bundle whose model file is truncated", "predict",
@@ -343,7 +332,7 @@ ROWS = [
          "{tmp}/bundle/bundle.json: Expected a model file that loads with format='keras'. "
          "Received: files.keras={tmp}/bundle/model.keras (cannot load: "),
     _row("bundle-bad-inference", "a bundle.json with an overlap out of range", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, _edit_meta(inference={"overlap": 1.5})), _scan(t)),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(inference={"overlap": 1.5})), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected a number in [0, 0.95]. Received: inference.overlap=1.5."),
     # ---- prediction inputs (predict.py --input), checked before the network is loaded
     _row("scan-not-nifti", "a predict input that is not NIfTI", "predict",

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from inference_helpers import PATCH, PREPROCESSING, make_run_dir, tiny_model
+from inference_helpers import DELETE, PATCH, PREPROCESSING, edit_bundle_json, make_run_dir, tiny_model
 
 import predict
 from segpipe.inference.settings import InferenceSettings
@@ -103,17 +103,7 @@ def test_write_bundle_checks_names_against_the_model(tmp_path):
 
 
 def _edit_json(key, value):
-    def edit(bundle):
-        meta = json.loads((bundle / "bundle.json").read_text())
-        if value is _DELETE:
-            del meta[key]
-        else:
-            meta[key] = value
-        (bundle / "bundle.json").write_text(json.dumps(meta))
-    return edit
-
-
-_DELETE = object()
+    return edit_bundle_json(**{key: value})
 
 
 @pytest.mark.parametrize("break_it, message", [
@@ -121,8 +111,8 @@ _DELETE = object()
     (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'), r"bundle.json: Expected valid JSON\. Received: contents=invalid JSON"),
     (lambda b: (b / "model.keras").unlink(), r"bundle.json: Expected every model file bundle.json lists\. Received: files.keras=model.keras \(missing: model.keras;"),
     (lambda b: shutil.rmtree(b / "savedmodel"), r"Received: files.savedmodel=savedmodel \(missing: savedmodel/saved_model.pb;"),
-    (_edit_json("patch_size", _DELETE), r"bundle.json: Expected 3 positive integers\. Received: patch_size=<missing>\."),
-    (_edit_json("preprocessing", _DELETE), r"Expected the preprocessing settings\. Received: preprocessing=<missing>\."),
+    (_edit_json("patch_size", DELETE), r"bundle.json: Expected 3 positive integers\. Received: patch_size=<missing>\."),
+    (_edit_json("preprocessing", DELETE), r"Expected the preprocessing settings\. Received: preprocessing=<missing>\."),
     (_edit_json("format_version", 2), r"Expected format version 1\. Received: format_version=2\. Written by a newer segpipe"),
     (_edit_json("format_version", "1"), r"Expected the integer 1\. Received: format_version='1'\."),
     (_edit_json("format", "nnunet"), r"Expected the string 'segpipe-bundle' \(a segpipe bundle\)\. Received: format='nnunet'\."),
