@@ -197,7 +197,9 @@ def class_positions(label: np.ndarray, ornt: np.ndarray) -> dict[int, list[float
         return {}
     crop = label[box]
     values = [int(v) for v in np.unique(crop) if v > 0]
-    centroids = ndimage.center_of_mass(np.ones(crop.shape), crop, values)
+    # the label map as its own weights: constant (= v) inside each class, so each class's centroid is
+    # unweighted, without allocating a float64 array of ones the size of the box
+    centroids = ndimage.center_of_mass(crop, crop, values)
     order = np.argsort(ornt[:, 0])  # source axis of each RAS axis
     positions = {}
     for value, centroid in zip(values, centroids):
