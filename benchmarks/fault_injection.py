@@ -10,8 +10,10 @@ cache as a chain of starts, each killed with SIGKILL (the whole process group) a
 each start after the first continuing the previous one (``train.py --resume RUN_DIR``, or the first
 command with ``--resume`` while the run has not saved its config yet):
 
-* random moments drawn uniformly over a phase of the uninterrupted run (the phase a kill really
-  landed in is read from the run directory at that moment);
+* random moments: a delay drawn uniformly over a phase's length in the uninterrupted run, counted
+  from a marker of that phase in this start's run directory or cache (its first cache entry, a
+  checkpoint, the bundle's temporary folder), so that the kill lands near the phase however busy the
+  machine is; the phase a kill really landed in is read from the run directory at that moment;
 * failpoints, where the program kills itself (``SEGPIPE_FAILPOINT``, :func:`segpipe.io.failpoint`):
   a cache file, ``history.csv``, a prediction, ``per_case.csv`` or ``bundle.json`` complete under its
   temporary name but not renamed, and the three moments of a checkpoint swap. Random moments alone
@@ -26,8 +28,7 @@ chain is done: the history equals the uninterrupted run's, the evaluation too, a
 file or folder is left in the run directory. A kill point *holds* when all of this is true.
 
 Prints one row per phase: kill points tried (kills that landed there), held, and the harmless
-temporary files left outside the run directory (cache, predictions: never read; removed when the
-entry is rebuilt). ``tests/test_fault_injection.py`` runs a few fixed kill points of the same harness.
+temporary files left in the data cache (never read; removed when the entry is rebuilt). ``tests/test_fault_injection.py`` runs a few fixed kill points of the same harness.
 """
 from __future__ import annotations
 
@@ -240,17 +241,19 @@ def check_finished(run_dir: Path, reference: Reference) -> list[str]:
 
 
 def run_leftovers(run_dir: Path) -> list[Path]:
-    """Temporary files and folders of killed writes in the run directory (outside predictions/, evaluation/)."""
+    """Temporary files and folders of killed writes in the run directory, predictions/ and evaluation/
+    included (the next evaluation removes those of killed ones)."""
     found = [p for folder in (run_dir, run_dir / "checkpoints") if folder.is_dir() for p in folder.glob(".*.tmp*")]
+    found += [p for folder in (run_dir / "predictions", run_dir / "evaluation") if folder.is_dir()
+              for p in folder.rglob(".*.tmp*")]
     found += list(run_dir.glob(".bundle.*"))
     found += [p for p in (run_dir / "checkpoints" / "last.tmp", run_dir / "checkpoints" / "last.old") if p.exists()]
     return found
 
 
-def other_leftovers(run_dir: Path, cache_dir: Path) -> list[Path]:
-    """Temporary files of killed writes that nothing reads: in the data cache, predictions/, evaluation/."""
-    return [p for folder in (cache_dir, run_dir / "predictions", run_dir / "evaluation") if folder.is_dir()
-            for p in folder.rglob(".*.tmp*")]
+def cache_leftovers(cache_dir: Path) -> list[Path]:
+    """Temporary files of killed writes in the data cache (never read; removed when the entry is rebuilt)."""
+    return list(cache_dir.rglob(".*.tmp*")) if cache_dir.is_dir() else []
 
 
 def _check_cache(cache_dir: Path, reference_dir: Path) -> list[str]:
@@ -399,8 +402,10 @@ def run_chain(points: Sequence[KillPoint], *, overrides: list[str], output_dir: 
         end += check_run(run_dir, cache_dir, reference)
         if command == "train":
             end += check_finished(run_dir, reference)
-        elif reference.per_case is not None and not (run_dir / "evaluation" / "per_case.csv").is_file():
-            end.append("evaluation/per_case.csv missing after the last evaluation")
+        else:
+            if reference.per_case is not None and not (run_dir / "evaluation" / "per_case.csv").is_file():
+                end.append("evaluation/per_case.csv missing after the last evaluation")
+            end += [f"left behind: {p}" for p in run_leftovers(run_dir)]
         if end:
             outcomes[-1].problems += end
     return outcomes
@@ -466,14 +471,22 @@ def reference_run(work: Path, phantom_root: Path) -> tuple[Reference, Timeline]:
     return reference, timeline
 
 
-def trial_points(rng: random.Random, timeline: Timeline) -> list[KillPoint]:
+def caching(cache_dir: Path) -> Callable[[Path, float], bool]:
+    """This start is writing the data cache (it has completed a case): a moment tied to the run's
+    progress, so that a kill lands in the phase it is meant for however busy the machine is."""
+    def cache_case_written(run_dir: Path, since: float) -> bool:
+        return any(_mtime(meta) > since for meta in cache_dir.glob("preprocessed-*/*/meta.json"))
+    return cache_case_written
+
+
+def trial_points(rng: random.Random, timeline: Timeline, cache_dir: Path) -> list[KillPoint]:
     """One trial's kill points in pipeline order (11: failpoints at random counts, random moments)."""
     t = timeline
     cache_file = rng.choice(["image.npy", "label.npy", "locations.npy", "meta.json"])
     train_seconds = max(1.0, t.export_start - t.config)
     return [
         KillPoint(PREPROCESSING, failpoint=f"atomic_write@{cache_file}#{rng.randint(1, 2)}"),
-        KillPoint(PREPROCESSING, delay=(t.cache_start, t.config)),  # the rest of the cache, or later
+        KillPoint(PREPROCESSING, after=caching(cache_dir), delay=(0.0, t.config - t.cache_start)),  # the rest of the cache
         KillPoint(SWAP, failpoint=f"checkpoint_{rng.choice(['written', 'swap', 'swapped'])}#{rng.randint(1, 3)}"),
         KillPoint(EPOCH, after=checkpoint_written, delay=(0.0, train_seconds / 6)),
         KillPoint(HISTORY, failpoint=f"atomic_write@history.csv#{rng.randint(1, 2)}"),
@@ -514,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work / f"trial{trial}"
         cache = work / "cache"
         overrides = run_overrides(phantoms, cache, preprocess_workers=2, epochs=BENCH_EPOCHS)
-        outcomes += run_chain(trial_points(rng, timeline), overrides=overrides, output_dir=work / "out", cache_dir=cache,
+        outcomes += run_chain(trial_points(rng, timeline, cache), overrides=overrides, output_dir=work / "out", cache_dir=cache,
                               reference=reference, rng=rng, logs=work / "logs", verbose=True)
-        leftovers += len(other_leftovers(work / "out" / "run", cache))
+        leftovers += len(cache_leftovers(cache))
     rows = summarize(outcomes)
     missed = sum(not o.killed and o.held for o in outcomes)
     print("\n| phase | kill points tried | held |\n|---|---|---|")
@@ -525,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     tried, held = sum(r[1] for r in rows), sum(r[2] for r in rows)
     print(f"| all | {tried} | {held} |")
     print(f"\n{missed} kill point(s) missed (the start ended first; not counted); {leftovers} temporary file(s) "
-          f"left in caches/predictions (never read); {time.monotonic() - began:.0f} s in all")
+          f"left in the data caches (never read); {time.monotonic() - began:.0f} s in all")
     broken = [o for o in outcomes if not o.held]
     for o in broken:
         print(f"BROKEN at {o.point.phase} ({o.point.describe()}): " + "\n  ".join(o.problems), file=sys.stderr)

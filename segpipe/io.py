@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -80,12 +81,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     The temporary name keeps the final suffix (``.nii.gz``, ``.npy``, ``.keras``) because several
-    writers choose their format from it. On error the temporary file is removed.
+    writers choose their format from it, and holds the writer's process id, so that
+    :func:`remove_orphaned_temporaries` can tell a killed write from one under way. On error the
+    temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -98,6 +101,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+# ".<stem>.<pid>.<8 random characters of mkstemp>.tmp<suffix>" (atomic_path); the stem may hold dots.
+_TEMPORARY_NAME = re.compile(r"^\..*\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp(\.|$)")
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` writes whose process no longer runs.
+
+    A SIGKILL between writing a temporary file and renaming it leaves the file behind; nothing ever
+    reads it (only the final name is read), so this is for the disk space. Files of processes that
+    still run (another writer into the same folder) are kept. Returns the paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*"):
+        match = _TEMPORARY_NAME.match(path.name)
+        if match is None or not path.is_file() or process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (someone else's counts)."""
+    if pid <= 0:  # 0 and negative ids would address process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

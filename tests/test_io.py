@@ -9,6 +9,9 @@ import errno
 import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -17,7 +20,8 @@ import pytest
 
 import segpipe.io
 from segpipe.errors import StorageError
-from segpipe.io import atomic_path, explain_write_errors, save_npy, write_nifti, write_text
+from segpipe.io import (atomic_path, explain_write_errors, remove_orphaned_temporaries, save_npy, write_nifti,
+                        write_text)
 
 NO_SPACE = "No space left on device"
 READ_ONLY = "Read-only file system"
@@ -36,6 +40,36 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("crash")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def _killed_writes(folder, names):
+    """Temporary files of writes whose process died before the rename (os._exit: no clean-up runs)."""
+    script = ("import os, sys; from segpipe.io import atomic_path\n"
+              "writes = [atomic_path(os.path.join(sys.argv[1], name)) for name in sys.argv[2:]]\n"
+              "for write in writes: write.__enter__().write_text('half')\n"
+              "os._exit(0)")  # the writes stay referenced: a collected one would clean up after itself
+    subprocess.run([sys.executable, "-c", script, str(folder), *names], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(Path(segpipe.io.__file__).parents[1])})
+    return sorted(p.name for p in folder.rglob(".*.tmp*"))
+
+
+def test_temporaries_of_killed_writes_are_removed_and_those_of_running_writers_kept(tmp_path):
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "case.1.nii.gz").write_text("complete")
+    orphans = _killed_writes(tmp_path, ["case.1.nii.gz", "per_case.csv", "overlays/case.png"])
+    assert len(orphans) == 3 and any(name.startswith(".case.1.nii.") for name in orphans)
+    foreign = tmp_path / ".notes.tmp.txt"  # not one of segpipe's names: left alone
+    foreign.write_text("someone else's")
+    with atomic_path(tmp_path / "summary.json") as running:
+        running.write_text("{}")
+        removed = remove_orphaned_temporaries(tmp_path)
+        assert sorted(p.name for p in removed) == [n for n in orphans if not n.endswith(".png")]
+        assert running.is_file()  # this process still writes it
+        assert [p.name for p in remove_orphaned_temporaries(tmp_path, recursive=True)] == [
+            n for n in orphans if n.endswith(".png")]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        ".notes.tmp.txt", "case.1.nii.gz", "summary.json"]
+    assert remove_orphaned_temporaries(tmp_path / "missing") == []
 
 
 def _disk_full_after_half(real):

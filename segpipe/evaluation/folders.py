@@ -31,7 +31,8 @@ import numpy as np
 from segpipe.arrays import nan_stats
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
 from segpipe.errors import Received, expected
-from segpipe.io import NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, strip_nifti_suffix, write_json, write_text
+from segpipe.io import (NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, remove_orphaned_temporaries, strip_nifti_suffix,
+                        write_json, write_text)
 from segpipe.metrics.lesions import (
     LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
 )
@@ -230,6 +231,7 @@ def evaluate_folders(
     summary = summarize(rows, labels=labels, class_names=class_names)
     summary["tolerance_mm"] = {str(c): _tolerance(tolerance_mm, c) for c in labels}
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)
+    remove_orphaned_temporaries(out_dir, recursive=True)  # of an earlier evaluation killed while writing
     write_text(out_dir / "per_case.csv", _to_csv(rows))
     if lesion_labels:
         summary["lesion_wise"] = _write_lesions(out_dir, results, lesion_labels, lesion_min_size_mm3,

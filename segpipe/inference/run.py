@@ -16,7 +16,7 @@ from segpipe.data.pipeline import prepare_data
 from segpipe.errors import Received, expected
 from segpipe.inference.segment import segment_preprocessed
 from segpipe.inference.sliding_window import keras_predict_fn
-from segpipe.io import explain_write_errors, write_nifti
+from segpipe.io import explain_write_errors, remove_orphaned_temporaries, write_nifti
 from segpipe.runs.rundir import RunDir
 
 
@@ -57,6 +57,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     ref_dir = run.evaluation_dir / "references"
     with explain_write_errors(ref_dir):
         ref_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(pred_dir)  # of an earlier evaluation killed while writing a prediction
     for cached in tqdm(prepared.subset("val"), desc="Predicting", unit="case"):
         result = segment_preprocessed(
             predict_fn, np.asarray(cached.load_image()), cached.meta, patch_size=config.data.patch_size,

@@ -37,7 +37,7 @@ from segpipe.export.bundle import Bundle, load_predictor, read_bundle
 from segpipe.inference.postprocess import keep_largest_component
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
-from segpipe.io import NIFTI_SUFFIXES, strip_nifti_suffix, write_nifti
+from segpipe.io import NIFTI_SUFFIXES, remove_orphaned_temporaries, strip_nifti_suffix, write_nifti
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -283,6 +283,7 @@ def predict_files(
     settings.check_classes(bundle.num_classes)
     predict_fn = load_predictor(bundle, format)
 
+    remove_orphaned_temporaries(output_dir)  # of an earlier run killed while writing a label map
     written = []
     for case in tqdm(cases, desc="Segmenting", unit="scan", disable=not progress):
         result = segment_case(bundle, predict_fn, case, settings=settings,

@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
-from segpipe.io import atomic_path, failpoint, read_json, write_json, write_text
+from segpipe.io import atomic_path, failpoint, process_alive, read_json, write_json, write_text
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
 
@@ -163,7 +163,7 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     if find_last_checkpoint(last) == last:
         stale += [p for p in (last.with_name(last.name + ".old"),) if p.is_dir()]
     for pattern in (f".{run.bundle_dir.name}.tmp-*", f".{run.bundle_dir.name}.old-*"):
-        stale += [p for p in run.path.glob(pattern) if p.is_dir() and not _process_alive(p.name.rpartition("-")[2])]
+        stale += [p for p in run.path.glob(pattern) if p.is_dir() and not _bundle_writer_alive(p)]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -172,16 +172,9 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _process_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def _bundle_writer_alive(folder: Path) -> bool:
+    pid = folder.name.rpartition("-")[2]
+    return pid.isdigit() and process_alive(int(pid))
 
 
 def _fsync_file(path: Path) -> None:
@@ -377,3 +370,4 @@ class RunCheckpoint(keras.callbacks.Callback):
             state["rng"] = {"seed": self.seed,
                             "next_sample_index": (epoch * self.steps_per_epoch + step) * self.samples_per_step}
         return state
+
