@@ -50,7 +50,7 @@ def hippocampus_fingerprint(root: Path, cache: Path):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hippocampus", type=Path, default=ROOT.parent.parent / "shared" / "data" / "hippocampus")
+    parser.add_argument("--hippocampus", type=Path, default=ROOT.parent / "shared" / "data" / "hippocampus")
     parser.add_argument("--budget-minutes", type=float, default=60)
     parser.add_argument("--memory-gib", type=float, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "plan_table.json")
