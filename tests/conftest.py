@@ -109,12 +109,13 @@ def resumed_tiny_run(phantom_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def crash_overrides(phantom_root, tmp_path_factory):
     """The run of the crash-safety and fault-injection tests: 4 epochs of 6 steps on the tiny phantoms,
-    with the session's shared data cache."""
+    with the session's shared data cache, no bundle (13 s of a 20 s run here; the fault-injection chain
+    adds it back for its export kill point)."""
     from process_helpers import shared_cache_dir
 
     return [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
             "data.val_fraction=0.34", f"data.cache_dir={shared_cache_dir(tmp_path_factory)}", "model.depth=2",
-            "model.base_filters=4", "train.epochs=4", "train.steps_per_epoch=6"]
+            "model.base_filters=4", "train.epochs=4", "train.steps_per_epoch=6", "train.export_bundle=false"]
 
 
 @pytest.fixture(scope="session")

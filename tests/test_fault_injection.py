@@ -44,7 +44,7 @@ def test_killed_in_every_phase_the_run_resumes_to_the_uninterrupted_result(
         crash_overrides, uninterrupted_run, reference_evaluation, tmp_path, tmp_path_factory):
     cache, out = tmp_path / "cache", tmp_path / "out"
     overrides = [*(o for o in crash_overrides if not o.startswith("data.cache_dir=")), f"data.cache_dir={cache}",
-                 "data.preprocess_workers=1", f"train.checkpoint_every_steps={fi.EVERY}"]
+                 "data.preprocess_workers=1", f"train.checkpoint_every_steps={fi.EVERY}", "train.export_bundle=true"]
     reference = fi.Reference(read_history(uninterrupted_run), shared_cache_dir(tmp_path_factory), reference_evaluation)
     points = [
         fi.KillPoint(fi.PREPROCESSING, failpoint="atomic_write@label.npy#3"),  # case 3: image.npy written, no meta
