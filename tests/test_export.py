@@ -77,11 +77,13 @@ def test_exported_formats_agree_with_keras_on_any_spatial_size(trained, fmt):
 def test_export_cli_from_the_last_checkpoint(trained, tmp_path, capsys):
     _, run_dir, _ = trained
     out = tmp_path / "b"
-    assert predict.main(["export", str(run_dir), "--checkpoint", "last", "--out", str(out)]) == 0
-    assert read_bundle(out).meta["source"]["checkpoint"] == "last"
-    assert predict.main(["export", str(run_dir), "--out", str(out)]) == 1  # exists, no --overwrite
+    out.mkdir()  # an earlier export's folder (one export in this test: each costs seconds)
+    (out / "bundle.json").write_text("{}")
+    assert predict.main(["export", str(run_dir), "--checkpoint", "last", "--out", str(out)]) == 1  # no --overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert predict.main(["export", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "bundle.json").read_text() == "{}"  # refused before any work: untouched
+    assert predict.main(["export", str(run_dir), "--checkpoint", "last", "--out", str(out), "--overwrite"]) == 0
+    assert read_bundle(out).meta["source"]["checkpoint"] == "last"
 
 
 def test_export_names_what_a_run_lacks(trained, tmp_path, capsys):
