@@ -28,7 +28,8 @@ chain is done: the history equals the uninterrupted run's, the evaluation too, a
 file or folder is left in the run directory. A kill point *holds* when all of this is true.
 
 Prints one row per phase: kill points tried (kills that landed there), held, and the harmless
-temporary files left in the data cache (never read; removed when the entry is rebuilt). ``tests/test_fault_injection.py`` runs a few fixed kill points of the same harness.
+temporary files left in the data cache (never read; removed when the entry is rebuilt).
+``tests/test_fault_injection.py`` runs a few fixed kill points of the same harness.
 """
 from __future__ import annotations
 

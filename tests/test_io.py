@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 import segpipe.io
+from process_helpers import REPO
 from segpipe.errors import StorageError
 from segpipe.io import (atomic_path, explain_write_errors, remove_orphaned_temporaries, save_npy, write_nifti,
                         write_text)
@@ -49,7 +49,7 @@ def _killed_writes(folder, names):
               "for write in writes: write.__enter__().write_text('half')\n"
               "os._exit(0)")  # the writes stay referenced: a collected one would clean up after itself
     subprocess.run([sys.executable, "-c", script, str(folder), *names], check=True, timeout=60,
-                   env={**os.environ, "PYTHONPATH": str(Path(segpipe.io.__file__).parents[1])})
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
     return sorted(p.name for p in folder.rglob(".*.tmp*"))
 
 

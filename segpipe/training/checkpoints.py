@@ -370,4 +370,3 @@ class RunCheckpoint(keras.callbacks.Callback):
             state["rng"] = {"seed": self.seed,
                             "next_sample_index": (epoch * self.steps_per_epoch + step) * self.samples_per_step}
         return state
-
