@@ -103,6 +103,11 @@ class TrainConfig:
     lr_schedule: Literal["constant", "poly", "cosine"] = "poly"
     weight_decay: float = field(default=0.0, metadata=_range(0))
     momentum: float = field(default=0.99, metadata=_range(0, 1))  # sgd only
+    # Numeric precision (docs/training.md#precision): float32, or a Keras mixed policy (bfloat16/float16
+    # compute; variables, normalisation statistics, losses, metrics and the softmax stay float32;
+    # mixed_float16 adds loss scaling). auto: a time-budget plan times a step in each precision this
+    # machine supports and picks the fastest; float32 when the run is not planned with a budget.
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     monitor: str = "val_dice_fg_mean"  # what "best checkpoint" maximises (or minimises, for a loss)
     # tf.distribute (README.md, "Several GPUs"): none | mirrored (the GPUs of one machine) | multi_worker
     # (several machines, cluster from TF_CONFIG). data.batch_size is the global batch, split over replicas.

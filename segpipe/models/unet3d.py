@@ -41,53 +41,55 @@ class DeepSupervisionModel(keras.Model):
     """
 
 
-def _norm(x, norm: str, name: str, sync_batch_norm: bool = False):
+def _norm(x, norm: str, name: str, sync_batch_norm: bool = False, dtype=None):
+    # Under a mixed policy both layers compute their statistics in float32 and keep float32
+    # variables (Keras upcasts the inputs), then return the compute dtype.
     if norm == "batch":
         # synchronized: statistics over the global batch under tf.distribute (one all-reduce per layer)
-        return layers.BatchNormalization(synchronized=sync_batch_norm, name=f"{name}_bn")(x)
+        return layers.BatchNormalization(synchronized=sync_batch_norm, name=f"{name}_bn", dtype=dtype)(x)
     if norm == "instance":
         # GroupNormalization with one group per channel is instance normalisation.
-        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in")(x)
+        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in", dtype=dtype)(x)
     return x
 
 
 def _conv_block(x, filters: int, norm: str, name: str, first_stride=1, sync_batch_norm: bool = False, *,
-                kernel_size=3, convs: int = 2, init: dict | None = None):
+                kernel_size=3, convs: int = 2, init: dict | None = None, dtype=None):
     """``convs`` × (convolution, normalisation, LeakyReLU); the first convolution has ``first_stride``."""
     for i in range(convs):
         stride = first_stride if i == 0 else 1
         x = layers.Conv3D(filters, kernel_size, strides=stride, padding="same", use_bias=norm == "none",
-                          name=f"{name}_conv{i}", **(init or {}))(x)
-        x = _norm(x, norm, f"{name}_{i}", sync_batch_norm)
-        x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act{i}")(x)
+                          name=f"{name}_conv{i}", dtype=dtype, **(init or {}))(x)
+        x = _norm(x, norm, f"{name}_{i}", sync_batch_norm, dtype)
+        x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act{i}", dtype=dtype)(x)
     return x
 
 
 def _residual_stage(x, filters: int, norm: str, name: str, stride, sync_batch_norm: bool, *, kernel_size,
-                    blocks: int, init: dict | None, stem: bool):
+                    blocks: int, init: dict | None, stem: bool, dtype=None):
     """A stage of basic residual blocks (conv-norm-act-conv-norm + skip, then act), nnU-Net ResEnc style.
 
     The first block carries the stage's stride; its skip is a strided 1×1×1 convolution + norm where
     the shape or width changes. Stage 0 starts with a stem convolution to ``filters`` channels.
     """
     if stem:
-        x = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{name}_stem", **(init or {}))(x)
-        x = _norm(x, norm, f"{name}_stem", sync_batch_norm)
-        x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_stem_act")(x)
+        x = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{name}_stem", dtype=dtype, **(init or {}))(x)
+        x = _norm(x, norm, f"{name}_stem", sync_batch_norm, dtype)
+        x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_stem_act", dtype=dtype)(x)
     for b in range(blocks):
         block = f"{name}_block{b}"
         s = stride if b == 0 else 1
-        y = layers.Conv3D(filters, kernel_size, strides=s, padding="same", use_bias=norm == "none", name=f"{block}_conv0", **(init or {}))(x)
-        y = _norm(y, norm, f"{block}_0", sync_batch_norm)
-        y = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act0")(y)
-        y = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{block}_conv1", **(init or {}))(y)
-        y = _norm(y, norm, f"{block}_1", sync_batch_norm)
+        y = layers.Conv3D(filters, kernel_size, strides=s, padding="same", use_bias=norm == "none", name=f"{block}_conv0", dtype=dtype, **(init or {}))(x)
+        y = _norm(y, norm, f"{block}_0", sync_batch_norm, dtype)
+        y = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act0", dtype=dtype)(y)
+        y = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{block}_conv1", dtype=dtype, **(init or {}))(y)
+        y = _norm(y, norm, f"{block}_1", sync_batch_norm, dtype)
         skip = x
         if s not in (1, (1, 1, 1)) or x.shape[-1] != filters:
-            skip = layers.Conv3D(filters, 1, strides=s, use_bias=False, name=f"{block}_skip", **(init or {}))(x)
-            skip = _norm(skip, norm, f"{block}_skip", sync_batch_norm)
-        x = layers.Add(name=f"{block}_add")([y, skip])
-        x = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act1")(x)
+            skip = layers.Conv3D(filters, 1, strides=s, use_bias=False, name=f"{block}_skip", dtype=dtype, **(init or {}))(x)
+            skip = _norm(skip, norm, f"{block}_skip", sync_batch_norm, dtype)
+        x = layers.Add(name=f"{block}_add", dtype=dtype)([y, skip])
+        x = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act1", dtype=dtype)(x)
     return x
 
 
@@ -121,6 +123,7 @@ def build_unet3d(
     decoder_convs: int | None = None,
     blocks_per_stage=None,
     init: str = "glorot_uniform",
+    dtype: str | None = None,
 ) -> keras.Model:
     """Build a 3D U-Net taking (B, X, Y, Z, in_channels) and returning softmax (B, X, Y, Z, num_classes).
 
@@ -151,6 +154,12 @@ def build_unet3d(
             None keeps the plain encoder.
         init: "glorot_uniform" (Keras's default) or "he_normal" (He et al. 2015, nnU-Net's choice
             for LeakyReLU networks) for the convolution kernels of encoder and decoder.
+        dtype: the Keras dtype policy of every layer except the output heads (float32 convolution
+            and activation): None
+            (Keras's global policy, float32 unless changed), "float32", "mixed_bfloat16" or
+            "mixed_float16" (``segpipe.training.precision``). Variables stay float32 under a mixed
+            policy, normalisation statistics are computed in float32, and the outputs (softmax
+            or logits) are float32 whatever the policy.
     """
     for key, value, choices in (("output", output, OUTPUTS), ("norm", norm, NORMS), ("init", init, INITS)):
         if value not in choices:
@@ -184,19 +193,20 @@ def build_unet3d(
     for level, f in enumerate(filters):
         if blocks_per_stage is None:
             x = _conv_block(x, f, norm, f"enc{level}", first_stride=stage_strides[level], sync_batch_norm=sync_batch_norm,
-                            kernel_size=kernels[level], convs=convs_per_stage, init=kernel_init)
+                            kernel_size=kernels[level], convs=convs_per_stage, init=kernel_init, dtype=dtype)
         else:
             x = _residual_stage(x, f, norm, f"enc{level}", stage_strides[level], sync_batch_norm,
-                                kernel_size=kernels[level], blocks=blocks[level], init=kernel_init, stem=level == 0)
+                                kernel_size=kernels[level], blocks=blocks[level], init=kernel_init, stem=level == 0,
+                                dtype=dtype)
         skips.append(x)
 
     outputs = []
     for level in reversed(range(depth - 1)):
         up = 2 if strides is None else stage_strides[level + 1]  # transposed conv undoes the stage's stride
-        x = layers.Conv3DTranspose(filters[level], up, strides=up, name=f"up{level}", **kernel_init)(x)
-        x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+        x = layers.Conv3DTranspose(filters[level], up, strides=up, name=f"up{level}", dtype=dtype, **kernel_init)(x)
+        x = layers.Concatenate(name=f"skip{level}", dtype=dtype)([x, skips[level]])
         x = _conv_block(x, filters[level], norm, f"dec{level}", sync_batch_norm=sync_batch_norm,
-                        kernel_size=kernels[level], convs=dec_convs, init=kernel_init)
+                        kernel_size=kernels[level], convs=dec_convs, init=kernel_init, dtype=dtype)
         if deep_supervision or level == 0:
             outputs.append(_head(x, num_classes, f"out{level}", output))
 
@@ -207,7 +217,9 @@ def build_unet3d(
 
 
 def _head(x, num_classes: int, name: str, output: str = "softmax"):
-    logits = layers.Conv3D(num_classes, 1, name=f"{name}_logits")(x)
+    # float32 under a mixed policy too: the bias gradient sums the loss gradient over every voxel, and a
+    # bfloat16 sum of ~10^4 terms lost 90 % of it (tests/test_precision.py); the 1×1×1 convolution is cheap
+    logits = layers.Conv3D(num_classes, 1, name=f"{name}_logits", dtype="float32")(x)
     # "linear" keeps the logits (in float32); the layer name stays the output's name either way
     return layers.Activation("softmax" if output == "softmax" else "linear", dtype="float32", name=name)(logits)
 

@@ -28,6 +28,7 @@ from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, che
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
 from segpipe.training.interrupts import StopRequest, TrainingInterrupted
 from segpipe.training.loop import LoopPosition, TrainingLoop
+from segpipe.training.precision import model_dtype, resolve_precision, wrap_optimizer
 from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Mod
     m = config.model
     kwargs = dict(depth=m.depth, base_filters=m.base_filters, max_filters=m.max_filters, norm=m.norm,
                   deep_supervision=m.deep_supervision, output=m.output, sync_batch_norm=config.train.sync_batch_norm,
-                  strides=m.strides, kernel_sizes=m.kernel_sizes)
+                  strides=m.strides, kernel_sizes=m.kernel_sizes, dtype=model_dtype(config.train.precision))
     if m.init is not None:
         kwargs["init"] = m.init
     if m.name == "resenc_unet":
@@ -48,7 +49,8 @@ def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Mod
 
 
 def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps."""
+    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps (loss scaling
+    added for ``train.precision: mixed_float16``)."""
     t = config.train
     total_steps = t.epochs * t.steps_per_epoch
     if t.lr_schedule == "poly":
@@ -58,10 +60,12 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     else:
         lr = t.learning_rate
     if t.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay or None)
-    if t.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
-    return keras.optimizers.Adam(lr, weight_decay=t.weight_decay or None)
+        optimizer = keras.optimizers.SGD(lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay or None)
+    elif t.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(lr, weight_decay=t.weight_decay or None)
+    return wrap_optimizer(optimizer, t.precision)
 
 
 def build_loss(config: Config, num_classes: int):
@@ -235,6 +239,9 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
         print(f"Resuming {run_dir} after epoch {position.epoch}" + (f", step {position.step}" if position.step else ""))
     check_free_space(out.path, model)
     print(distributed.describe(t.distribute, strategy, worker, config.data.batch_size))
+    if worker.is_chief:
+        print(f"Precision: {resolve_precision(t.precision)}" + (" (train.precision: auto, not planned with a time budget)"
+                                                                 if t.precision == "auto" else ""))
     write_run_info(out.run_info_json, config, prepared.split, _distribution(config, strategy, worker),
                    resumed_from=(position.epoch, position.step) if checkpoint is not None else None)
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
@@ -305,7 +312,7 @@ def _distribution(config: Config, strategy: "tf.distribute.Strategy", worker: "W
     replicas = strategy.num_replicas_in_sync
     return {"strategy": config.train.distribute, "num_replicas": replicas, "num_workers": worker.num_workers,
             "global_batch": config.data.batch_size, "per_replica_batch": config.data.batch_size // replicas,
-            "sync_batch_norm": config.train.sync_batch_norm}
+            "sync_batch_norm": config.train.sync_batch_norm, "precision": resolve_precision(config.train.precision)}
 
 
 def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "ShardSpec") -> "tf.data.Dataset":
