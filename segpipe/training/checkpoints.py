@@ -294,11 +294,14 @@ class RunCheckpoint(keras.callbacks.Callback):
         progress_plot: redraw ``progress.png`` from the history files after every epoch (the chief).
         schedule: when to save mid-epoch checkpoints (:class:`CheckpointSchedule`); None: only at epoch
             ends and on a stop request. The training loop asks it after every step.
+        extra_state: ``{key: function}``: each function's value is saved under ``key`` in every
+            ``state.json`` (e.g. ``time_limit``: :meth:`segpipe.training.budget.WallTimeLimit.state`).
     """
 
     def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None, *,
                  seed: int | None = None, samples_per_step: int | None = None, steps_per_epoch: int | None = None,
-                 progress_plot: bool = False, schedule: CheckpointSchedule | None = None):
+                 progress_plot: bool = False, schedule: CheckpointSchedule | None = None,
+                 extra_state: dict[str, Any] | None = None):
         super().__init__()
         self.run = RunDir(run_dir)
         self.monitor = monitor
@@ -310,6 +313,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.seed, self.samples_per_step, self.steps_per_epoch = seed, samples_per_step, steps_per_epoch
         self.progress_plot = progress_plot
         self.schedule = schedule
+        self.extra_state = extra_state or {}
         self._epoch_start: float | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -366,6 +370,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                                  "history": self.rows, "epoch_times": self.epoch_times}
         if metrics is not None:
             state["metrics"] = metrics
+        state.update({key: get() for key, get in self.extra_state.items()})
         if None not in (self.seed, self.samples_per_step, self.steps_per_epoch):
             state["rng"] = {"seed": self.seed,
                             "next_sample_index": (epoch * self.steps_per_epoch + step) * self.samples_per_step}

@@ -22,7 +22,7 @@ from segpipe.models.resenc_unet import build_resenc_unet
 from segpipe.models.unet3d import build_unet3d
 from segpipe.runs.rundir import RunDir
 from segpipe.training import distributed
-from segpipe.training.budget import WallTimeLimit
+from segpipe.training.budget import AnytimeDecay, WallTimeLimit, anytime_schedule
 from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, check_free_space, check_writable, read_state,
                                          remove_stale_temporaries, save_model_atomic)
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
@@ -49,11 +49,15 @@ def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Mod
 
 
 def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps (loss scaling
-    added for ``train.precision: mixed_float16``)."""
+    """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps (with
+    ``train.max_train_minutes``: the anytime schedule, :class:`segpipe.training.budget.AnytimeDecay`), loss
+    scaling added for ``train.precision: mixed_float16``."""
     t = config.train
     total_steps = t.epochs * t.steps_per_epoch
-    if t.lr_schedule == "poly":
+    if t.lr_schedule in ("poly", "cosine") and t.max_train_minutes is not None:
+        # the anytime schedule: the same decay, re-fitted to end when the time limit will cut the run
+        lr = AnytimeDecay(t.learning_rate, total_steps, t.lr_schedule)
+    elif t.lr_schedule == "poly":
         lr = keras.optimizers.schedules.PolynomialDecay(t.learning_rate, total_steps, 0.0, power=0.9)
     elif t.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(t.learning_rate, total_steps)
@@ -246,15 +250,14 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
                    resumed_from=(position.epoch, position.step) if checkpoint is not None else None)
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
+    time_limit = _time_limit(config, model, strategy, worker, state)
     run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
                                    steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief,
-                                   schedule=checkpoint_schedule(config))
-    callbacks = [run_checkpoint, keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
-    time_limit = None
-    if t.max_train_minutes is not None:
-        spent = sum(row["seconds"] for row in state.get("epoch_times", []))  # before a resume
-        time_limit = WallTimeLimit(t.max_train_minutes, spent_seconds=spent)
-        callbacks.append(time_limit)
+                                   schedule=checkpoint_schedule(config),
+                                   extra_state={"time_limit": time_limit.state} if time_limit is not None else None)
+    # the time limit first: its re-fit of the schedule after an epoch goes into that epoch's checkpoint
+    callbacks = [*([time_limit] if time_limit is not None else []), run_checkpoint,
+                 keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
         loop = TrainingLoop(model, strategy, worker, prepared.dataset.class_names, verbose=verbose, stop=stop)
@@ -267,6 +270,23 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     if stopped_early and worker.is_chief:
         print(stopped_early)
     save_model_atomic(model, out.final_model)
+
+
+def _time_limit(config: Config, model: keras.Model, strategy: "tf.distribute.Strategy", worker: WorkerInfo,
+                state: dict[str, Any]) -> WallTimeLimit | None:
+    """``train.max_train_minutes``'s callback (None without it), driving the optimizer's anytime schedule and
+    restored from the checkpoint's ``time_limit`` state; several workers agree on the time through their mean."""
+    t = config.train
+    if t.max_train_minutes is None:
+        return None
+    spent = sum(row["seconds"] for row in state.get("epoch_times", []))  # before a resume (older checkpoints)
+    agree = None
+    if worker.num_workers > 1:
+        def agree(values):
+            return [v / worker.num_workers for v in distributed.workers_sum(strategy, worker, values)]
+    return WallTimeLimit(t.max_train_minutes, spent_seconds=spent, schedule=anytime_schedule(model.optimizer),
+                         planned_epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, state=state.get("time_limit"),
+                         agree=agree)
 
 
 def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
