@@ -65,6 +65,83 @@ def nvidia_memory_bytes(run: Callable[..., subprocess.CompletedProcess] = subpro
     return min(sizes.values()) if sizes else None
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU units that run bfloat16 arithmetic natively
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The feature flags of the first CPU in ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def gpu_compute_capability(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> float | None:
+    """The lowest compute capability of the visible NVIDIA GPUs (``nvidia-smi``), e.g. 8.0; None if unknown."""
+    if run is subprocess.run and shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = run(["nvidia-smi", "--query-gpu=index,compute_cap", "--format=csv,noheader"],
+                     capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    caps = {}
+    for line in result.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            caps[parts[0]] = float(parts[1])
+        except (IndexError, ValueError):
+            continue
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        caps = {k: v for k, v in caps.items() if k in {i.strip() for i in visible.split(",")}}
+    return min(caps.values()) if caps else None
+
+
+def supported_precisions(device: str, *, flags: set[str] | None = None,
+                         compute_capability: float | None = None) -> tuple[tuple[str, ...], str]:
+    """The ``train.precision`` values worth timing on this device, and why.
+
+    A CPU: bfloat16 only with native bfloat16 units (``avx512_bf16`` or ``amx_bf16``: otherwise it is
+    emulated and slower than float32); float16 never (no CPU runs float16 convolutions natively).
+    A GPU: bfloat16 from compute capability 8.0 (Ampere), float16 from 7.0 (Volta tensor cores).
+
+    Parameters
+    ----------
+    device : "cpu" or "gpu".
+    flags : the CPU's flags (default: :func:`cpu_flags`).
+    compute_capability : the GPU's (default: :func:`gpu_compute_capability`).
+
+    Returns
+    -------
+    (precisions, reason) : float32 first.
+
+    Examples
+    --------
+    >>> supported_precisions("cpu", flags={"avx2", "avx512_bf16"})[0]
+    ('float32', 'mixed_bfloat16')
+    >>> supported_precisions("gpu", compute_capability=7.5)[0]
+    ('float32', 'mixed_float16')
+    """
+    if device == "cpu":
+        flags = cpu_flags() if flags is None else flags
+        found = [f for f in BF16_CPU_FLAGS if f in flags]
+        if found:
+            return ("float32", "mixed_bfloat16"), f"bf16: the CPU has {' and '.join(found)}; no CPU float16 units"
+        return ("float32",), "the CPU has no bfloat16 units (avx512_bf16, amx_bf16) nor float16 ones"
+    capability = gpu_compute_capability() if compute_capability is None else compute_capability
+    if capability is None:
+        return ("float32",), "the GPU's compute capability was not read (nvidia-smi)"
+    precisions = ["float32"] + (["mixed_bfloat16"] if capability >= 8.0 else []) + (["mixed_float16"] if capability >= 7.0 else [])
+    return tuple(precisions), f"GPU compute capability {capability:g} (bf16 from 8.0, fp16 from 7.0)"
+
+
 def gpu_budget(device_bytes: int | None) -> tuple[int, str]:
     """nnU-Net's 8 GiB target, or less on a GPU too small for it (85 % of its memory)."""
     if device_bytes is None:
@@ -93,5 +170,7 @@ def detect_hardware(*, memory_gib: float | None = None, device: str | None = Non
         free = available_ram_bytes()
         budget = int(min(CPU_MAX_BUDGET, free / 2))
         how = f"half of {free / GIB:.1f} GiB available RAM, at most 8 GiB"
+    precisions, why = supported_precisions(device)
     return Hardware(device=device, memory_bytes=budget, cores=cores,
-                    description=f"{device.upper()}, {cores} cores, budget {budget / GIB:.1f} GiB ({how})")
+                    description=f"{device.upper()}, {cores} cores, budget {budget / GIB:.1f} GiB ({how})",
+                    precisions=precisions, precision_reason=why)

@@ -22,7 +22,7 @@ KEY_REASONS = {
     "model.strides": "strides", "model.kernel_sizes": "kernel_sizes", "model.blocks_per_stage": "blocks_per_stage",
     "train.epochs": "schedule", "train.steps_per_epoch": "schedule", "inference.overlap": "inference_overlap",
     "inference.mirror_axes": "inference_mirror_axes", "loss": "loss", "data.augment.mirror.axes": "mirror_axes",
-    "train.max_train_minutes": "time_limit",
+    "train.max_train_minutes": "time_limit", "train.precision": "precision",
 }
 
 

@@ -44,6 +44,9 @@ class Hardware:
     memory_bytes: int  # the training memory budget (RAM share on CPU, device memory on GPU)
     cores: int = 1
     description: str = ""
+    # the train.precision values worth timing here (float32 first) and why (hardware.supported_precisions)
+    precisions: tuple[str, ...] = ("float32",)
+    precision_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "gpu"):
@@ -116,6 +119,7 @@ def make_plan(
     spacing_mm: Sequence[float] | None = None,
     patch_size: Sequence[int] | None = None,
     batch_size: int | None = None,
+    precision: str = "auto",
 ) -> Plan:
     """Plan a training run for the dataset described by ``fingerprint`` on ``hardware``.
 
@@ -135,6 +139,9 @@ def make_plan(
     max_stages, base_features : caps of the topology and the width (default: 16 on a CPU, else 32).
     spacing_mm, patch_size, batch_size : values the user fixed; the dependent choices follow them
         (a fixed patch gets the deepest topology that divides it; a fixed batch is costed as is).
+    precision : ``train.precision``. ``auto`` with a time budget: the planned network's step is timed in
+        each precision ``hardware.precisions`` lists and the fastest is chosen (:func:`rules.plan_precision`);
+        a given precision is timed alone.
     """
     if model not in MODELS:
         raise ValueError(f"Expected model to be one of {MODELS}. Received: model={model!r}")
@@ -150,8 +157,16 @@ def make_plan(
     patch_plan = _plan_patch(inputs, spacing, median, patch_size)
     timed = None
     if time_budget_minutes is not None and step_timer is not None:
+        fitting = "float32" if precision == "auto" else precision
         patch_plan, timed = _fit_time_budget(plan, inputs, spacing, median, patch_plan, budget_minutes=time_budget_minutes,
-                                             step_timer=step_timer, patch_size=patch_size, timer_batch=batch_size or 2)
+                                             step_timer=step_timer, patch_size=patch_size, timer_batch=batch_size or 2,
+                                             precision=fitting)
+        timed = _plan_precision(plan, inputs, spacing, patch_plan, timed, step_timer=step_timer, setting=precision,
+                                timer_batch=batch_size or 2)
+    else:
+        plan.choices["precision"] = (
+            Choice(precision, f"{precision}: given (train.precision)") if precision != "auto" else
+            Choice("float32", "float32: auto is decided by timed steps, and there is no time budget to time them"))
     _record_network(plan, inputs, patch_plan)
     batch = _plan_batch(plan, inputs, patch_plan, median, batch_size)
     _plan_data(plan, inputs, patch_plan, median)
@@ -253,13 +268,14 @@ def _plan_patch(inputs: _Inputs, spacing: Sequence[float], median: Sequence[floa
 
 def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], median: Sequence[float],
                      patch_plan: rules.PatchPlan, *, budget_minutes: float, step_timer: StepTimer,
-                     patch_size: Sequence[int] | None, timer_batch: int) -> tuple[rules.PatchPlan, dict[str, float]]:
+                     patch_size: Sequence[int] | None, timer_batch: int,
+                     precision: str = "float32") -> tuple[rules.PatchPlan, dict[str, float]]:
     """Step 3, with a time budget: calibrate seconds per FLOP on a small reference network, then shrink
     the patch further until MIN_TOTAL_STEPS predicted steps fit; the final network is timed again.
 
     Returns the patch plan and the last timing of the planned network.
     """
-    network = {"_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
+    network = {"_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes, "train.precision": precision}
     train_seconds = budget_minutes * 60 * (1 - FINAL_EVAL_SHARE) - MARGIN_SECONDS
     max_step = max(train_seconds, 1.0) / MIN_TOTAL_STEPS  # an isolated step (the loop's overhead comes on top)
     ref_topo = rules.pool_and_kernels([32, 32, 32], [1.0, 1.0, 1.0], max_stages=4)
@@ -292,6 +308,35 @@ def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], medi
     return patch_plan, timed
 
 
+def _plan_precision(plan: Plan, inputs: _Inputs, spacing: Sequence[float], patch_plan: rules.PatchPlan,
+                    timed: dict[str, float], *, step_timer: StepTimer, setting: str, timer_batch: int) -> dict[str, float]:
+    """Step 3b, with a time budget: the planned network's step in each precision this machine supports (``auto``),
+    the fastest chosen; returns the timing the schedule is fitted to.
+
+    The final evaluation's windows are costed at the slower of float32 and the chosen precision: a bundle may
+    predict in float32 whatever the training precision.
+    """
+    hardware = inputs.hardware
+    if setting != "auto":
+        plan.choices["precision"] = Choice(setting, f"{setting}: given (train.precision), "
+                                                    f"{timed['step_seconds']:.2f} s per timed step")
+        plan.measured["precision"] = {setting: timed}
+        return timed
+    timings = {"float32": timed}
+    keys = {**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch),
+            "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
+    for precision in hardware.precisions:
+        if precision not in timings:
+            timings[precision] = step_timer({**keys, "train.precision": precision})
+    choice = rules.plan_precision({p: t["step_seconds"] for p, t in timings.items()},
+                                  supported_reason=hardware.precision_reason)
+    plan.choices["precision"] = choice
+    plan.measured["precision"] = timings
+    chosen = dict(timings[choice.value])
+    chosen["window_seconds"] = max(chosen["window_seconds"], timings["float32"]["window_seconds"])
+    return chosen
+
+
 def _record_network(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan) -> None:
     """The network's choices: patch, stages, strides, kernels, features (and residual blocks)."""
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
@@ -322,6 +367,9 @@ def _plan_batch(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median
     memory = rules.estimate_training_memory(topo, spec, batch)
     plan.predicted["memory_bytes"] = memory
     plan.predicted["memory_bytes_batch2"] = rules.estimate_training_memory(topo, spec, 2)  # what the timer runs
+    # per precision (the patch and batch are fitted with float32's, the larger)
+    plan.predicted["memory_bytes_by_precision"] = {
+        p: rules.estimate_training_memory(topo, spec, batch, precision=p) for p in ("float32", "mixed_bfloat16")}
     plan.predicted["activation_units"] = rules.activation_units(topo, spec)
     plan.predicted["parameters"] = rules.parameter_count(topo, spec)
     plan.predicted["training_flops_per_sample"] = rules.training_flops(topo, spec)
@@ -396,6 +444,7 @@ def _plan_config(plan: Plan, patch_plan: rules.PatchPlan, spacing: Sequence[floa
         config["inference.overlap"] = c["inference_overlap"].value
         config["inference.mirror_axes"] = c["inference_mirror_axes"].value
         config["train.max_train_minutes"] = c["time_limit"].value
+        config["train.precision"] = c["precision"].value
     return config
 
 

@@ -276,12 +276,16 @@ def training_flops(topology: Topology, spec: NetworkSpec) -> float:
 
 def estimate_training_memory(topology: Topology, spec: NetworkSpec, batch_size: int, *,
                              tensors_per_unit: float = TENSORS_PER_UNIT,
-                             fixed_bytes: int = FIXED_OVERHEAD_BYTES) -> int:
-    """Bytes of one training step: ``batch × units × 4 B × tensors_per_unit + 16 B × params + fixed``.
+                             fixed_bytes: int = FIXED_OVERHEAD_BYTES, precision: str = "float32") -> int:
+    """Bytes of one training step: ``batch × units × B × tensors_per_unit + 16 B × params + fixed``.
 
-    The 16 bytes per parameter are the weight, its gradient and Adam's two moments (float32).
+    ``B`` is 4 bytes per activation in float32 and 2 under a mixed precision (the activations kept for
+    the backward pass are 16-bit; not measured yet: the planner fits patches with the float32 model).
+    The 16 bytes per parameter are the weight, its gradient and Adam's two moments (float32 under every
+    precision).
     """
-    per_sample = activation_units(topology, spec) * BYTES_PER_FLOAT * tensors_per_unit
+    per_value = BYTES_PER_FLOAT if precision == "float32" else BYTES_PER_FLOAT // 2
+    per_sample = activation_units(topology, spec) * per_value * tensors_per_unit
     return int(batch_size * per_sample + 4 * BYTES_PER_FLOAT * parameter_count(topology, spec) + fixed_bytes)
 
 
@@ -545,6 +549,41 @@ def plan_inference(
     if cost > budget_seconds:
         reason_m += " — over budget even without mirroring at overlap 0"
     return Choice(overlap, reason_o), Choice(axes, reason_m), float(cost)
+
+
+PRECISION_MIN_GAIN = 0.05  # a mixed precision must be this much faster than float32 to be chosen
+
+
+def plan_precision(step_seconds: dict[str, float], *, supported_reason: str,
+                   min_gain: float = PRECISION_MIN_GAIN) -> Choice:
+    """The fastest precision of the timed training steps (``{precision: seconds}``, float32 included).
+
+    A mixed precision is chosen only when its step is at least ``min_gain`` faster than float32's:
+    with less to gain, float32's exact arithmetic wins. ``supported_reason`` says why the others were
+    (not) timed on this machine.
+
+    Examples
+    --------
+    >>> plan_precision({"float32": 4.2, "mixed_bfloat16": 2.7}, supported_reason="bf16: the CPU has avx512_bf16").value
+    'mixed_bfloat16'
+    >>> plan_precision({"float32": 1.0, "mixed_bfloat16": 0.97}, supported_reason="").value
+    'float32'
+    """
+    if "float32" not in step_seconds:
+        raise ValueError(expected("a float32 step time among the timings", key="step_seconds",
+                                  received=Received(", ".join(step_seconds) or "none")))
+    fastest = min(step_seconds, key=lambda p: (step_seconds[p], p != "float32"))
+    reference = step_seconds["float32"]
+    if fastest != "float32" and step_seconds[fastest] > (1 - min_gain) * reference:
+        fastest = "float32"
+    times = ", ".join(f"{p} {t:.2f} s" for p, t in step_seconds.items())
+    if len(step_seconds) == 1:
+        why = "the only precision timed"
+    elif fastest == "float32":
+        why = f"no mixed precision was {100 * min_gain:.0f} % faster"
+    else:
+        why = f"{reference / step_seconds[fastest]:.2f}× faster than float32"
+    return Choice(fastest, f"{fastest}: {why} (timed steps: {times}); {supported_reason}".rstrip("; "))
 
 
 def plan_schedule(

@@ -95,13 +95,15 @@ def plan_config(
         val_fraction=base.data.val_fraction,
         max_stages=given("model.depth") or 6, base_features=given("model.base_filters"),
         spacing_mm=given("data.target_spacing_mm"), patch_size=given("data.patch_size"),
-        batch_size=given("data.batch_size"),
+        batch_size=given("data.batch_size"), precision=_get(config, "train.precision", "auto"),
     )
     depth = given("model.depth")
     if depth is not None and depth != plan.config["model.depth"]:
         # the planned per-stage lists would not match the given depth: keep the isotropic defaults
         for key in ("model.strides", "model.kernel_sizes", "model.blocks_per_stage"):
             plan.config.pop(key, None)
-    merged = apply_plan(config, plan, keep=explicit)
+    # an explicit train.precision=auto asks the plan to decide: the plan's timed choice replaces it
+    keep = explicit - {"train.precision"} if _get(config, "train.precision") == "auto" else explicit
+    merged = apply_plan(config, plan, keep=keep)
     json_path, yaml_path = write_plan(out_dir if out_dir is not None else cache, plan, merged)
     return PlanResult(plan, merged, json_path, yaml_path)

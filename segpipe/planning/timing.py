@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``) belongs
 to that network alone and the planning process never loads TensorFlow. The worker builds the
-network from the plan's config keys, compiles it with Adam and Dice + CE, and reports the median
+network from the plan's config keys (in ``train.precision``, float32 if absent), compiles it with
+Adam and Dice + CE (loss scaling for mixed_float16), and reports the median
 seconds of a training step (after warm-up steps that include tracing), of a forward pass of one
 window (batch 1, what sliding-window inference runs), the resident memory before the first step
 and the peak after the steps.
@@ -28,11 +29,12 @@ def build_from_keys(keys: dict[str, Any], in_channels: int, num_classes: int):
     """The network the plan's ``model.*`` keys describe (imports Keras)."""
     from segpipe.models.resenc_unet import build_resenc_unet  # TensorFlow: only in the timing worker
     from segpipe.models.unet3d import build_unet3d  # TensorFlow: only in the timing worker
+    from segpipe.training.precision import model_dtype  # Keras: only in the timing worker
 
     kwargs = dict(depth=keys["model.depth"], base_filters=keys["model.base_filters"],
                   max_filters=keys.get("model.max_filters", 320), norm=keys.get("model.norm", "batch"),
                   strides=keys.get("model.strides"), kernel_sizes=keys.get("model.kernel_sizes"),
-                  init=keys.get("model.init", "glorot_uniform"))
+                  init=keys.get("model.init", "glorot_uniform"), dtype=model_dtype(keys.get("train.precision", "float32")))
     if keys.get("model.name", "unet3d") == "resenc_unet":
         return build_resenc_unet(in_channels, num_classes, blocks_per_stage=keys.get("model.blocks_per_stage"), **kwargs)
     return build_unet3d(in_channels, num_classes, **kwargs)
@@ -61,6 +63,7 @@ def worker(keys: dict[str, Any]) -> dict[str, Any]:
     import keras
 
     from segpipe.losses import get_loss  # TensorFlow: only in the timing worker
+    from segpipe.training.precision import wrap_optimizer  # Keras: only in the timing worker
 
     in_channels, num_classes = int(keys["_in_channels"]), int(keys["_num_classes"])
     patch, batch = [int(p) for p in keys["data.patch_size"]], int(keys["data.batch_size"])
@@ -68,7 +71,8 @@ def worker(keys: dict[str, Any]) -> dict[str, Any]:
     model = build_from_keys(keys, in_channels, num_classes)
     loss = get_loss(keys.get("loss") or {"terms": [{"name": "dice", "weight": 1.0, "include_background": False},
                                                    {"name": "ce", "weight": 1.0}]}, num_classes=num_classes)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    precision = keys.get("train.precision", "float32")
+    model.compile(optimizer=wrap_optimizer(keras.optimizers.Adam(1e-3), precision), loss=loss)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *patch, in_channels)).astype("float32")
     y = np.eye(num_classes, dtype="float32")[rng.integers(0, num_classes, (batch, *patch))]
@@ -89,7 +93,7 @@ def worker(keys: dict[str, Any]) -> dict[str, Any]:
     _, peak = _rss_bytes()
     return {"step_seconds": statistics.median(times), "window_seconds": statistics.median(forward),
             "baseline_bytes": baseline, "peak_bytes": peak, "parameters": int(model.count_params()),
-            "steps_timed": STEPS}
+            "steps_timed": STEPS, "precision": precision}
 
 
 def time_steps(keys: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:

@@ -14,3 +14,11 @@ def test_time_steps_measures_a_tiny_anisotropic_network():
     assert 0 < result["window_seconds"] and 0 < result["step_seconds"] < 60
     assert result["peak_bytes"] >= result["baseline_bytes"] > 0
     assert result["parameters"] > 0
+
+
+def test_time_steps_in_a_mixed_precision():
+    keys = {"data.patch_size": [16, 16, 16], "data.batch_size": 2, "model.name": "unet3d", "model.depth": 2,
+            "model.base_filters": 4, "model.init": "he_normal", "_in_channels": 1, "_num_classes": 2,
+            "train.precision": "mixed_float16"}  # loss scaling included
+    result = time_steps(keys, timeout=300)
+    assert result["precision"] == "mixed_float16" and 0 < result["step_seconds"] < 60
