@@ -152,3 +152,30 @@ def test_mixed_precision_trains_under_two_mirrored_replicas(precision, crash_ove
     assert "2 replica(s) on 1 worker(s)" in text and f"Precision: {precision}" in text
     rows = read_history(tmp_path / "two")
     assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"])) and np.isfinite(float(rows[0]["val_loss"]))
+
+
+def test_a_bfloat16_model_exports_float32_probabilities_equal_to_keras(tmp_path):
+    """The export path of a mixed-precision network: its float32 copy (``float32_model``) in a bundle, each
+    format's probabilities float32 and equal to the Keras float32 copy's; the bf16 network's own
+    probabilities within bf16's rounding of them."""
+    from segpipe.data.preprocess import PreprocessSettings
+    from segpipe.export.bundle import load_predictor, read_bundle, write_bundle
+    from segpipe.training.precision import float32_model
+
+    mixed = _model("mixed_bfloat16", "model.depth=2")
+    x, y = _batch(2)
+    for _ in range(2):
+        _step(mixed, x, y)
+    plain = float32_model(mixed)
+    assert all(layer.dtype_policy.name == "float32" for layer in plain.layers)
+    assert all(np.array_equal(a, b) for a, b in zip(mixed.get_weights(), plain.get_weights()))
+    expected = np.asarray(plain.predict_on_batch(x[:1]))
+    assert np.abs(np.asarray(mixed.predict_on_batch(x[:1])) - expected).max() < 0.05  # bf16 against float32
+
+    settings = PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.0), normalization=("zscore",), crop_to_nonzero=False)
+    bundle = write_bundle(plain, tmp_path / "bundle", class_names=CLASSES, preprocessing=settings,
+                          patch_size=[16, 16, 16], onnx=True, segment=False)
+    for fmt in read_bundle(bundle).files:
+        probabilities = np.asarray(load_predictor(bundle, fmt)(x[:1]))
+        assert probabilities.dtype == np.float32, fmt
+        assert np.abs(probabilities - expected).max() < 1e-4, fmt

@@ -74,3 +74,33 @@ def wrap_optimizer(optimizer: keras.optimizers.Optimizer, precision: str) -> ker
     if resolve_precision(precision) == "mixed_float16" and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """The same network with every layer in float32 and the same weights (a new model; ``model`` is unchanged).
+
+    What an export needs from a network trained in a mixed precision: ONNX (tf2onnx) cannot convert
+    bfloat16 casts, and a deployed model should not depend on the training hardware's 16-bit units.
+    The variables of a mixed-precision model are float32 already, so the weights carry over exactly.
+    A model whose layers are all float32 is returned as it is.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional model (a segpipe U-Net, deep supervision or not).
+
+    Returns
+    -------
+    keras.Model
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+
+    def float32_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=float32_layer)
+    clone.set_weights(model.get_weights())
+    return clone
