@@ -100,6 +100,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+CaseTimer = Callable[[dict[str, Any]], dict[str, Any]]
+"""Takes the plan's network keys (as :data:`StepTimer`, with ``train.precision`` and ``data.normalization``)
+and returns :func:`segpipe.planning.timing.case_worker`'s timings of one median case predicted at overlap
+0.5 without mirroring: ``predict_seconds``, ``write_seconds``, ``network_seconds``, ``windows``, ...."""
+
 StepTimer = Callable[[dict[str, Any]], dict[str, float]]
 """Takes the plan's config keys (dotted) plus ``_in_channels``/``_num_classes`` and returns
 ``{"step_seconds", "window_seconds", "peak_bytes", "baseline_bytes"}`` measured on this machine."""
@@ -120,6 +125,7 @@ def make_plan(
     patch_size: Sequence[int] | None = None,
     batch_size: int | None = None,
     precision: str = "auto",
+    case_timer: CaseTimer | None = None,
 ) -> Plan:
     """Plan a training run for the dataset described by ``fingerprint`` on ``hardware``.
 
@@ -142,6 +148,9 @@ def make_plan(
     precision : ``train.precision``. ``auto`` with a time budget: the planned network's step is timed in
         each precision ``hardware.precisions`` lists and the fastest is chosen (:func:`rules.plan_precision`);
         a given precision is timed alone.
+    case_timer : with a time budget: predicts one median case as the final evaluation will and times its
+        parts; the final evaluation is then costed as windows + the case's other costs (blending, mapping
+        back, writing) instead of windows alone.
     """
     if model not in MODELS:
         raise ValueError(f"Expected model to be one of {MODELS}. Received: model={model!r}")
@@ -171,8 +180,15 @@ def make_plan(
     batch = _plan_batch(plan, inputs, patch_plan, median, batch_size)
     _plan_data(plan, inputs, patch_plan, median)
     if timed is not None:
+        case = None
+        if case_timer is not None:
+            keys = {**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=batch),
+                    "train.precision": plan.choices["precision"].value,
+                    "data.normalization": plan.choices["normalization"].value,
+                    "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
+            case = case_timer(keys)
         _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=time_budget_minutes, batch=batch,
-                   timer_batch=batch_size or 2)
+                   timer_batch=batch_size or 2, case=case)
     elif time_budget_minutes is not None:
         raise ValueError("Expected a step timer with a time budget (the schedule is fitted to measured steps). "
                          "Received: step_timer=None")
@@ -398,8 +414,10 @@ def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
 
 
 def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median: Sequence[float],
-               timed: dict[str, float], *, budget_minutes: float, batch: int, timer_batch: int) -> None:
-    """Step 6, with a time budget: the schedule and the inference settings from the measured step."""
+               timed: dict[str, float], *, budget_minutes: float, batch: int, timer_batch: int,
+               case: dict[str, Any] | None = None) -> None:
+    """Step 6, with a time budget: the schedule and the inference settings from the measured step (and,
+    with ``case``, the final evaluation from a whole timed case: its windows' time and everything else)."""
     c = plan.choices
     # the timer ran timer_batch; the loop adds its own cost to every step
     step_seconds = timed["step_seconds"] * batch / timer_batch * LOOP_STEP_FACTOR + LOOP_OVERHEAD_SECONDS
@@ -409,9 +427,15 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
     else:
         val_seconds = inputs.num_val * 4 * window  # val_patches_per_case
     val_seconds += EPOCH_OVERHEAD_SECONDS
+    final_window, overhead = window, 0.0
+    if case is not None and case.get("windows"):
+        final_window = case["network_seconds"] / case["windows"]
+        overhead = max(0.0, case["predict_seconds"] + case["write_seconds"] - case["network_seconds"])
+        plan.measured["final_evaluation_case"] = dict(case)
     overlap, mirror, final_seconds = rules.plan_inference(
-        median_shape=median, patch=patch_plan.topology.patch_size, num_cases=inputs.num_val, window_seconds=window,
-        budget_seconds=budget_minutes * 60 * FINAL_EVAL_SHARE, mirror_axes=c["mirror_axes"].value)
+        median_shape=median, patch=patch_plan.topology.patch_size, num_cases=inputs.num_val,
+        window_seconds=final_window, budget_seconds=budget_minutes * 60 * FINAL_EVAL_SHARE,
+        mirror_axes=c["mirror_axes"].value, case_overhead_seconds=overhead)
     c["inference_overlap"], c["inference_mirror_axes"] = overlap, mirror
     c["schedule"] = rules.plan_schedule(budget_minutes=budget_minutes, step_seconds=step_seconds,
                                         validation_seconds=val_seconds, final_seconds=final_seconds,
@@ -421,6 +445,11 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
                                               f"training stops before an epoch that would end later")
     plan.predicted.update(validation_seconds=val_seconds, final_evaluation_seconds=final_seconds,
                           loop_step_seconds=step_seconds)
+    windows = rules.sliding_windows(median, patch_plan.topology.patch_size, overlap.value) * 2 ** len(mirror.value)
+    plan.predicted["final_evaluation"] = {
+        "cases": inputs.num_val, "windows_per_case": windows, "window_seconds": final_window,
+        "network_seconds_per_case": windows * final_window, "other_seconds_per_case": overhead,
+        "timed_case": case is not None}
     plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes") if k in timed})
     plan.measured["patch_size"] = list(patch_plan.topology.patch_size)
 

@@ -524,27 +524,30 @@ def sliding_windows(shape: Sequence[float], patch: Sequence[int], overlap: float
 
 def plan_inference(
     *, median_shape: Sequence[float], patch: Sequence[int], num_cases: int, window_seconds: float,
-    budget_seconds: float, mirror_axes: Sequence[int] = (0, 1, 2),
+    budget_seconds: float, mirror_axes: Sequence[int] = (0, 1, 2), case_overhead_seconds: float = 0.0,
 ) -> tuple[Choice, Choice, float]:
     """Overlap and mirroring whose final evaluation of ``num_cases`` fits ``budget_seconds``.
 
     Try, in order, overlap 0.5 with mirroring along all of ``mirror_axes`` (the axes the model is
     trained to mirror, :func:`plan_mirror_axes`), then along fewer of them, then none, then overlap
     0.25 and 0 without mirroring; the first that fits is chosen. ``window_seconds`` is the forward
-    time of one window (batch 1). Returns (overlap, mirror axes, predicted seconds).
+    time of one window; ``case_overhead_seconds`` what a case costs besides its windows (blending,
+    mapping the probabilities back onto the original grid, writing), measured on a median case.
+    Returns (overlap, mirror axes, predicted seconds).
     """
     allowed = list(mirror_axes)
     options = [(0.5, allowed[:k]) for k in range(len(allowed), 0, -1)] + [(0.5, []), (0.25, []), (0.0, [])]
     cost = None
     for overlap, axes in options:
         windows = sliding_windows(median_shape, patch, overlap)
-        cost = num_cases * windows * 2 ** len(axes) * window_seconds
+        cost = num_cases * (windows * 2 ** len(axes) * window_seconds + case_overhead_seconds)
         if cost <= budget_seconds:
             break
     per_case = cost / max(1, num_cases)
     reason_o = f"{overlap}: {windows} windows per median case"
     mirror = f"{len(axes)} axes ({2 ** len(axes)} passes)" if axes else "off"
-    reason_m = (f"{axes}: mirroring {mirror}; {per_case:.1f} s per case, {cost / 60:.1f} min for {num_cases} "
+    besides = f" ({case_overhead_seconds:.1f} s besides the windows)" if case_overhead_seconds else ""
+    reason_m = (f"{axes}: mirroring {mirror}; {per_case:.1f} s per case{besides}, {cost / 60:.1f} min for {num_cases} "
                 f"validation cases (budget {budget_seconds / 60:.1f} min)")
     if cost > budget_seconds:
         reason_m += " — over budget even without mirroring at overlap 0"

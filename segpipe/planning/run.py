@@ -7,17 +7,22 @@ gets a topology that divides it, a given spacing is planned at).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from segpipe.config import Config, from_dict
-from segpipe.data.pipeline import dataset_cache_dir, open_dataset, read_split_file, run_integrity_check, run_label_check
+from segpipe.data.layouts import Dataset
+from segpipe.data.pipeline import (dataset_cache_dir, open_dataset, read_split_file, resolve_settings, run_integrity_check,
+                                   run_label_check)
 from segpipe.planning.fingerprint import load_or_compute_fingerprint
 from segpipe.planning.hardware import detect_hardware
 from segpipe.planning.output import apply_plan, write_plan
 from segpipe.planning.planner import Plan, make_plan
-from segpipe.planning.timing import time_steps
+from segpipe.planning.timing import time_case, time_steps
 
 
 @dataclass
@@ -58,6 +63,7 @@ def plan_config(
     device: str | None = None,
     progress: bool = True,
     step_timer: Any = None,
+    case_timer: Any = None,
 ) -> PlanResult:
     """Plan the dataset of ``config`` (a merged config dict) and return the config with the plan applied.
 
@@ -65,7 +71,8 @@ def plan_config(
     The fingerprint is the dataset cache's ``fingerprint.json`` (computed once). ``plan.json`` and
     ``plan.yaml`` go to ``out_dir`` (default: the dataset's cache folder). With
     ``train.time_budget_minutes`` set, real training steps are timed (``step_timer`` or
-    :func:`segpipe.planning.timing.time_steps`).
+    :func:`segpipe.planning.timing.time_steps`), and, with the real step timer (or ``case_timer``), one
+    median case is predicted as the final evaluation will predict it (:func:`segpipe.planning.timing.time_case`).
     """
     explicit = set(explicit)
     light = {k: config[k] for k in ("data", "output_dir", "seed") if k in config}
@@ -88,6 +95,8 @@ def plan_config(
     timer = step_timer
     if budget is not None and timer is None:
         timer = time_steps
+        if case_timer is None:
+            case_timer = median_case_timer(base, dataset, fingerprint, normalization=given("data.normalization"))
     hardware = detect_hardware(memory_gib=memory_gib, device=device)
     plan = make_plan(
         fingerprint, hardware=hardware, model=_get(config, "model.name", "unet3d"),
@@ -96,6 +105,7 @@ def plan_config(
         max_stages=given("model.depth") or 6, base_features=given("model.base_filters"),
         spacing_mm=given("data.target_spacing_mm"), patch_size=given("data.patch_size"),
         batch_size=given("data.batch_size"), precision=_get(config, "train.precision", "auto"),
+        case_timer=case_timer if budget is not None else None,
     )
     depth = given("model.depth")
     if depth is not None and depth != plan.config["model.depth"]:
@@ -107,3 +117,25 @@ def plan_config(
     merged = apply_plan(config, plan, keep=keep)
     json_path, yaml_path = write_plan(out_dir if out_dir is not None else cache, plan, merged)
     return PlanResult(plan, merged, json_path, yaml_path)
+
+
+def median_case(fingerprint: dict[str, Any]) -> str:
+    """The case id of the median original size (voxels) in the fingerprint (the lower median)."""
+    cases = fingerprint["cases"]
+    ordered = sorted(cases, key=lambda c: (int(np.prod(cases[c]["shape"])), c))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def median_case_timer(base: Config, dataset: Dataset, fingerprint: dict[str, Any], *, normalization: Any = None):
+    """The planner's ``case_timer``: predict :func:`median_case` with the planned network and preprocessing
+    (``normalization``: the user's, else the plan's) at overlap 0.5 without mirroring, in a subprocess."""
+
+    def timer(keys: dict[str, Any]) -> dict[str, Any]:
+        data = dataclasses.replace(base.data, target_spacing_mm=list(keys["data.target_spacing_mm"]),
+                                   normalization=normalization if normalization is not None else keys["data.normalization"])
+        settings = resolve_settings(data, fingerprint)
+        return time_case({"keys": keys, "root": str(Path(dataset.root).resolve()), "layout": dataset.layout,
+                          "case_id": median_case(fingerprint), "preprocessing": settings.to_dict(),
+                          "inference": {"overlap": 0.5, "mirror_axes": []}})
+
+    return timer

@@ -8,6 +8,10 @@ seconds of a training step (after warm-up steps that include tracing), of a forw
 window (batch 1, what sliding-window inference runs), the resident memory before the first step
 and the peak after the steps.
 
+A second worker (:func:`case_worker`, :func:`time_case`) predicts one whole case of the dataset the
+way the final evaluation will (preprocessing, windows, blending, mapping back, writing) and times
+each part.
+
     python -m segpipe.planning.timing < keys.json      # the worker; prints one JSON line
 """
 from __future__ import annotations
@@ -96,6 +100,71 @@ def worker(keys: dict[str, Any]) -> dict[str, Any]:
             "steps_timed": STEPS, "precision": precision}
 
 
+def case_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Predict one case the way the final evaluation does, timing each part (in the timing subprocess).
+
+    ``job``: ``keys`` (the network, as :func:`worker`), ``root`` and ``layout`` of the dataset, ``case_id``,
+    ``preprocessing`` (:meth:`PreprocessSettings.to_dict`) and ``inference`` (settings mapping). The
+    network is built untrained (its weights do not change the time), warmed up on one window, then:
+    preprocessing of the raw case, sliding-window prediction with blending and the mapping back onto
+    the original grid (:func:`segpipe.inference.segment.segment_preprocessed`, as ``evaluate.py``),
+    and writing the label map. The network's own share is the time inside its predict calls.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
+    import keras
+
+    # the case worker's whole inference path: only in the timing subprocess, never in the planner's process
+    from segpipe.data.layouts import load_dataset  # only in the timing worker
+    from segpipe.data.preprocess import PreprocessSettings, preprocess_case  # only in the timing worker
+    from segpipe.inference.segment import segment_preprocessed  # only in the timing worker
+    from segpipe.inference.settings import InferenceSettings  # only in the timing worker
+    from segpipe.inference.sliding_window import keras_predict_fn  # only in the timing worker
+    from segpipe.io import write_nifti  # only in the timing worker
+    from segpipe.models.unet3d import probability_model  # TensorFlow: only in the timing worker
+
+    keys = job["keys"]
+    in_channels, num_classes = int(keys["_in_channels"]), int(keys["_num_classes"])
+    patch = [int(p) for p in keys["data.patch_size"]]
+    keras.utils.set_random_seed(0)
+    predict = keras_predict_fn(probability_model(build_from_keys(keys, in_channels, num_classes)))
+    inference = InferenceSettings.from_mapping(job["inference"])
+    predict(np.zeros((inference.batch_size, *patch, in_channels), np.float32))  # tracing: not part of a case
+    network = {"seconds": 0.0, "windows": 0}
+
+    def timed_predict(x: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = predict(x)
+        network["seconds"] += time.perf_counter() - start
+        network["windows"] += int(x.shape[0])
+        return out
+
+    case = load_dataset(job["root"], job.get("layout")).case(job["case_id"])
+    settings = PreprocessSettings.from_dict(job["preprocessing"], where="the case timing job")
+    start = time.perf_counter()
+    pre = preprocess_case(case, settings)
+    preprocessed = time.perf_counter()
+    result = segment_preprocessed(timed_predict, pre.image, pre.meta, patch_size=patch, settings=inference)
+    predicted = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        write_nifti(Path(folder) / "case.nii.gz", result.labels, result.affine)
+    written = time.perf_counter()
+    return {"case_id": job["case_id"], "preprocess_seconds": preprocessed - start,
+            "predict_seconds": predicted - preprocessed, "write_seconds": written - predicted,
+            "network_seconds": network["seconds"], "windows": network["windows"],
+            "preprocessed_shape": list(pre.image.shape[:3]), "original_shape": list(result.labels.shape),
+            "overlap": inference.overlap, "mirror_axes": list(inference.mirror_axes)}
+
+
+def time_case(job: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:
+    """Run :func:`case_worker` in a subprocess (the planner's ``case_timer``)."""
+    return time_steps({**job, "_mode": "case"}, timeout=timeout)
+
+
 def time_steps(keys: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:
     """Run :func:`worker` in a subprocess (the planner's ``step_timer``)."""
     proc = subprocess.run([sys.executable, "-m", "segpipe.planning.timing"], input=json.dumps(keys),
@@ -107,4 +176,5 @@ def time_steps(keys: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(json.loads(sys.stdin.read()))))
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(case_worker(job) if job.pop("_mode", None) == "case" else worker(job)))
