@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 import sys
+import time
 from pathlib import Path
 
 from segpipe.cli import evaluate, prog_name
@@ -12,6 +14,8 @@ from segpipe.cli.plan import planned_config, report
 from segpipe.config import ConfigError, load_config
 from segpipe.data.pipeline import DataError
 from segpipe.errors import Received, expected
+from segpipe.io import read_json, write_json
+from segpipe.planning.output import budget_line, budget_report
 from segpipe.runs.rundir import RunDir
 from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
 
@@ -42,6 +46,7 @@ press it twice to abort at once. Several GPUs or machines: train.distribute (REA
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     """``train.py``: train one config or a sweep of configs (x folds); returns the exit code.
 
     0: every run finished or had finished; 1: a run failed; 2: a config could not be loaded;
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plan", action="store_true", help="never plan: train the configs as written")
     args = parser.parse_args(argv)
 
+    result = None  # the plan, when this command plans
     try:
         if isinstance(args.resume, str):
             if args.config or args.set or args.experiment or args.folds is not None or args.fold:
@@ -99,8 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and budgeted and not isinstance(args.resume, str):
         # the budget covers the final evaluation of the validation cases: run it now
         for config in budgeted:
+            evaluated = time.monotonic()
             code = max(code, evaluate.main([str(RunDir.of(config).path), "--model", "best"]))
+            if result is not None:
+                _report_budget(RunDir.of(config), result.json_path, config.train.time_budget_minutes,
+                               final_seconds=time.monotonic() - evaluated, command_seconds=time.monotonic() - started)
     return code
+
+
+def _report_budget(run: RunDir, plan_json: Path, budget_minutes: float, *, final_seconds: float,
+                   command_seconds: float) -> None:
+    """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line."""
+    seconds = []
+    if run.epoch_times_csv.is_file():
+        with open(run.epoch_times_csv, newline="") as f:
+            seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    report = budget_report(read_json(plan_json), epoch_seconds=seconds,
+                           final_evaluation_seconds=final_seconds, command_seconds=command_seconds,
+                           budget_minutes=budget_minutes)
+    write_json(run.budget_json, report)
+    print(budget_line(report))
 
 
 def _wants_plan(args: argparse.Namespace, configs: list) -> bool:

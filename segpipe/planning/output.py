@@ -6,8 +6,9 @@ train with ``python train.py --config plan.yaml``.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -85,3 +86,53 @@ def write_plan(folder: str | Path, plan: Plan, config: dict[str, Any]) -> tuple[
     write_json(json_path, plan.to_dict())
     write_text(yaml_path, render_yaml(config, plan))
     return json_path, yaml_path
+
+
+def budget_report(plan: dict[str, Any], *, epoch_seconds: Sequence[float], final_evaluation_seconds: float | None,
+                  command_seconds: float, budget_minutes: float) -> dict[str, Any]:
+    """Predicted against measured, per part of a time-budgeted command (``RUN_DIR/budget.json``).
+
+    Parameters
+    ----------
+    plan : the ``plan.json`` the run was planned with (:meth:`Plan.to_dict`).
+    epoch_seconds : the run's measured epochs (``epoch_times.csv``; validation included).
+    final_evaluation_seconds : the measured final evaluation (None: not run).
+    command_seconds : the whole command, planning included.
+    budget_minutes : ``train.time_budget_minutes``.
+
+    Returns
+    -------
+    dict
+        ``parts``: ``{part: {"predicted", "measured"}}`` in seconds (epochs as counts), ``within_budget``,
+        and the plan's ``precision``.
+    """
+    predicted, config = plan.get("predicted", {}), plan.get("config", {})
+    epochs, steps = config.get("train.epochs"), config.get("train.steps_per_epoch")
+    epoch = None
+    if steps is not None and "loop_step_seconds" in predicted:
+        epoch = steps * predicted["loop_step_seconds"] + predicted.get("validation_seconds", 0.0)
+    measured_epoch = statistics.median(epoch_seconds) if epoch_seconds else None
+    parts = {
+        "epochs": {"predicted": epochs, "measured": len(epoch_seconds)},
+        "epoch_seconds": {"predicted": epoch, "measured": measured_epoch},
+        "training_seconds": {"predicted": epoch * epochs if epoch is not None and epochs else None,
+                             "measured": float(sum(epoch_seconds))},
+        "final_evaluation_seconds": {"predicted": predicted.get("final_evaluation_seconds"),
+                                     "measured": final_evaluation_seconds},
+        "command_seconds": {"predicted": budget_minutes * 60.0, "measured": command_seconds},
+    }
+    precision = (plan.get("choices", {}).get("precision") or {}).get("value")
+    return {"budget_minutes": budget_minutes, "within_budget": command_seconds <= budget_minutes * 60.0,
+            "precision": precision, "parts": parts}
+
+
+def budget_line(report: dict[str, Any]) -> str:
+    """One printed line of :func:`budget_report`: each part's measured against predicted minutes."""
+    def minutes(part: str) -> str:
+        values = report["parts"][part]
+        fmt = [f"{v / 60:.1f}" if isinstance(v, (int, float)) else "?" for v in (values["measured"], values["predicted"])]
+        return f"{fmt[0]} (planned {fmt[1]})"
+
+    return (f"Time budget: {minutes('command_seconds')} min in all"
+            f"{'' if report['within_budget'] else ' — OVER BUDGET'}; training {minutes('training_seconds')}, "
+            f"final evaluation {minutes('final_evaluation_seconds')} min; precision {report['precision']}")

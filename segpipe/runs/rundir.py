@@ -18,6 +18,7 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     bundle/              the deployable bundle (segpipe.export)
     predictions/         ``evaluate.py RUN_DIR``: the validation cases, predicted
     evaluation/          ``evaluate.py RUN_DIR``: per_case.csv, summary.json, report.html, overlays/, references/
+    budget.json          a time-budgeted ``train.py``: the plan's predicted seconds against the measured ones, per part
 
 No TensorFlow here: comparing and evaluating runs read run directories without it.
 """
@@ -89,6 +90,7 @@ class RunDir:
     bundle_dir = property(lambda self: self.path / "bundle")
     predictions_dir = property(lambda self: self.path / "predictions")
     evaluation_dir = property(lambda self: self.path / "evaluation")
+    budget_json = property(lambda self: self.path / "budget.json")
 
     def is_run(self) -> bool:
         """Whether the folder holds a (started) run: it has its config."""

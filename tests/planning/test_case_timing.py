@@ -72,3 +72,32 @@ def test_a_median_case_is_predicted_and_each_part_timed(tmp_path):
     assert timed["windows"] == expected_windows
     assert 0 < timed["network_seconds"] <= timed["predict_seconds"]
     assert timed["preprocess_seconds"] > 0 and timed["write_seconds"] > 0
+
+
+def test_the_budget_report_puts_each_measured_part_beside_its_prediction(tmp_path, capsys):
+    from segpipe.cli.train import _report_budget
+    from segpipe.io import read_json, write_json, write_text
+    from segpipe.planning.output import budget_report
+    from segpipe.runs.rundir import RunDir
+
+    plan = {"config": {"train.epochs": 4, "train.steps_per_epoch": 10},
+            "predicted": {"loop_step_seconds": 2.0, "validation_seconds": 5.0, "final_evaluation_seconds": 90.0},
+            "choices": {"precision": {"value": "mixed_bfloat16", "reason": "..."}}}
+    report = budget_report(plan, epoch_seconds=[24.0, 26.0, 30.0], final_evaluation_seconds=120.0,
+                           command_seconds=250.0, budget_minutes=4.0)
+    parts = report["parts"]
+    assert parts["epoch_seconds"] == {"predicted": 25.0, "measured": 26.0}  # 10 × 2 s + 5 s; the median
+    assert parts["training_seconds"] == {"predicted": 100.0, "measured": 80.0}
+    assert parts["epochs"] == {"predicted": 4, "measured": 3}
+    assert parts["final_evaluation_seconds"] == {"predicted": 90.0, "measured": 120.0}
+    assert report["within_budget"] is False and report["precision"] == "mixed_bfloat16"  # 250 s > 240 s
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    write_text(run.epoch_times_csv, "epoch,seconds\n1,24\n2,26\n3,30\n")
+    write_json(tmp_path / "plan.json", plan)
+    _report_budget(run, tmp_path / "plan.json", 5.0, final_seconds=60.0, command_seconds=200.0)
+    saved = read_json(run.budget_json)
+    assert saved["within_budget"] is True and saved["parts"]["training_seconds"]["measured"] == 80.0
+    assert "Time budget: 3.3 (planned 5.0) min in all; training 1.3 (planned 1.7), final evaluation 1.0 (planned 1.5)" \
+        in capsys.readouterr().out
