@@ -185,6 +185,9 @@ def make_plan(
             keys = {**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=batch),
                     "train.precision": plan.choices["precision"].value,
                     "data.normalization": plan.choices["normalization"].value,
+                    "data.foreground_fraction": plan.choices["foreground_fraction"].value,
+                    "data.augment.mirror.axes": list(plan.choices["mirror_axes"].value),
+                    "loss": plan.choices["loss"].value,
                     "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
             case = case_timer(keys)
         _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=time_budget_minutes, batch=batch,
@@ -420,7 +423,13 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
     with ``case``, the final evaluation from a whole timed case: its windows' time and everything else)."""
     c = plan.choices
     # the timer ran timer_batch; the loop adds its own cost to every step
-    step_seconds = timed["step_seconds"] * batch / timer_batch * LOOP_STEP_FACTOR + LOOP_OVERHEAD_SECONDS
+    bare_model = timed["step_seconds"] * batch / timer_batch * LOOP_STEP_FACTOR + LOOP_OVERHEAD_SECONDS
+    step_seconds = bare_model
+    if case is not None and case.get("loop_step_seconds") is not None:
+        # measured as training runs it (loader, augmentation, the planned batch); × 1.1 as a margin for the
+        # loop's per-step metrics and bookkeeping (not measured apart)
+        step_seconds = case["loop_step_seconds"] * LOOP_STEP_FACTOR
+        plan.predicted["loop_step_seconds_bare_model"] = bare_model
     window = timed["window_seconds"]
     if c["validation"].value == "whole":
         val_seconds = inputs.num_val * max(1.0, _patches_per_case(median, patch_plan)) * window

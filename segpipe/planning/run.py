@@ -128,14 +128,20 @@ def median_case(fingerprint: dict[str, Any]) -> str:
 
 def median_case_timer(base: Config, dataset: Dataset, fingerprint: dict[str, Any], *, normalization: Any = None):
     """The planner's ``case_timer``: predict :func:`median_case` with the planned network and preprocessing
-    (``normalization``: the user's, else the plan's) at overlap 0.5 without mirroring, in a subprocess."""
+    (``normalization``: the user's, else the plan's) at overlap 0.5 without mirroring, then time training
+    loop steps on that case (the planned batch, sampling and augmentation through the tf.data loader), in
+    a subprocess."""
 
     def timer(keys: dict[str, Any]) -> dict[str, Any]:
         data = dataclasses.replace(base.data, target_spacing_mm=list(keys["data.target_spacing_mm"]),
                                    normalization=normalization if normalization is not None else keys["data.normalization"])
         settings = resolve_settings(data, fingerprint)
+        augment = dict(base.data.augment)
+        augment["mirror"] = {**dict(augment.get("mirror") or {}), "axes": list(keys["data.augment.mirror.axes"])}
+        loop = {"batch_size": keys["data.batch_size"], "foreground_fraction": keys["data.foreground_fraction"],
+                "augment": augment, "num_workers": base.data.num_workers}
         return time_case({"keys": keys, "root": str(Path(dataset.root).resolve()), "layout": dataset.layout,
                           "case_id": median_case(fingerprint), "preprocessing": settings.to_dict(),
-                          "inference": {"overlap": 0.5, "mirror_axes": []}})
+                          "inference": {"overlap": 0.5, "mirror_axes": []}, "loop": loop})
 
     return timer

@@ -153,11 +153,67 @@ def case_worker(job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         write_nifti(Path(folder) / "case.nii.gz", result.labels, result.affine)
     written = time.perf_counter()
-    return {"case_id": job["case_id"], "preprocess_seconds": preprocessed - start,
-            "predict_seconds": predicted - preprocessed, "write_seconds": written - predicted,
-            "network_seconds": network["seconds"], "windows": network["windows"],
-            "preprocessed_shape": list(pre.image.shape[:3]), "original_shape": list(result.labels.shape),
-            "overlap": inference.overlap, "mirror_axes": list(inference.mirror_axes)}
+    timings = {"case_id": job["case_id"], "preprocess_seconds": preprocessed - start,
+               "predict_seconds": predicted - preprocessed, "write_seconds": written - predicted,
+               "network_seconds": network["seconds"], "windows": network["windows"],
+               "preprocessed_shape": list(pre.image.shape[:3]), "original_shape": list(result.labels.shape),
+               "overlap": inference.overlap, "mirror_axes": list(inference.mirror_axes)}
+    if job.get("loop"):
+        timings.update(_loop_steps(job, keys, case, settings))
+    return timings
+
+
+def _loop_steps(job: dict[str, Any], keys: dict[str, Any], case: Any, settings: Any) -> dict[str, Any]:
+    """The training loop's step as training runs it: patches of the cached case sampled and augmented by the
+    run's tf.data loader (on the same cores) feeding a compiled step of the planned network."""
+    import dataclasses
+    import tempfile
+
+    import keras
+
+    from segpipe.data.augment import AugmentSettings, Augmenter  # only in the timing worker
+    from segpipe.data.cache import build_cache  # only in the timing worker
+    from segpipe.data.layouts import load_dataset  # only in the timing worker
+    from segpipe.data.loader import train_dataset  # TensorFlow: only in the timing worker
+    from segpipe.data.sampling import PatchSampler  # only in the timing worker
+
+    loop = job["loop"]
+    num_classes = int(keys["_num_classes"])
+    model = _compiled(keys)
+    dataset = load_dataset(job["root"], job.get("layout"))
+    with tempfile.TemporaryDirectory() as folder:
+        cached = build_cache(dataclasses.replace(dataset, cases=[case]), folder, settings, progress=False)
+        sampler = PatchSampler(cached, [int(p) for p in keys["data.patch_size"]],
+                               foreground_fraction=float(loop["foreground_fraction"]), batch_size=int(loop["batch_size"]),
+                               augmenter=Augmenter(AugmentSettings.from_dict(loop.get("augment"))), seed=0)
+        batches = iter(train_dataset(sampler, num_classes, num_workers=int(loop.get("num_workers", 2))))
+        times = []
+        for i in range(WARMUP + STEPS):
+            start = time.perf_counter()
+            x, y = next(batches)
+            model.train_on_batch(x, y)
+            if i >= WARMUP:
+                times.append(time.perf_counter() - start)
+        del batches
+    keras.backend.clear_session()
+    return {"loop_step_seconds": statistics.median(times), "loop_steps_timed": STEPS,
+            "loop_batch_size": int(loop["batch_size"])}
+
+
+def _compiled(keys: dict[str, Any]):
+    """The planned network compiled as :func:`worker` compiles it (Adam, Dice + CE, loss scaling for fp16)."""
+    import keras
+
+    from segpipe.losses import get_loss  # TensorFlow: only in the timing worker
+    from segpipe.training.precision import wrap_optimizer  # Keras: only in the timing worker
+
+    num_classes = int(keys["_num_classes"])
+    keras.utils.set_random_seed(0)
+    model = build_from_keys(keys, int(keys["_in_channels"]), num_classes)
+    loss = get_loss(keys.get("loss") or {"terms": [{"name": "dice", "weight": 1.0, "include_background": False},
+                                                   {"name": "ce", "weight": 1.0}]}, num_classes=num_classes)
+    model.compile(optimizer=wrap_optimizer(keras.optimizers.Adam(1e-3), keys.get("train.precision", "float32")), loss=loss)
+    return model
 
 
 def time_case(job: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:

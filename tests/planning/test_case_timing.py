@@ -29,7 +29,7 @@ def test_the_plan_costs_the_final_evaluation_from_a_timed_case():
     def case_timer(keys):
         seen.append(keys)
         return {"predict_seconds": 12.0, "write_seconds": 3.0, "network_seconds": 5.0, "windows": 50,
-                "preprocess_seconds": 4.0}
+                "preprocess_seconds": 4.0, "loop_step_seconds": 0.5}
 
     fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[64, 64, 64]] * 20)
     hardware = Hardware("cpu", 8 * GIB, precisions=("float32", "mixed_bfloat16"), precision_reason="faked")
@@ -42,6 +42,10 @@ def test_the_plan_costs_the_final_evaluation_from_a_timed_case():
     assert plan.predicted["final_evaluation_seconds"] == pytest.approx(
         final["cases"] * (final["windows_per_case"] * 0.1 + 10.0))
     assert plan.measured["final_evaluation_case"]["write_seconds"] == 3.0
+    # the schedule is costed with the loop's measured step (× 1.1), not the bare step's model
+    assert plan.predicted["loop_step_seconds"] == pytest.approx(0.55)
+    assert "loop_step_seconds_bare_model" in plan.predicted
+    assert keys["data.foreground_fraction"] == plan.config["data.foreground_fraction"] and "loss" in keys
 
 
 def test_a_median_case_is_predicted_and_each_part_timed(tmp_path):
@@ -60,7 +64,8 @@ def test_a_median_case_is_predicted_and_each_part_timed(tmp_path):
     sizes = sorted(int(np.prod(c["shape"])) for c in fp["cases"].values())
     assert int(np.prod(fp["cases"][case_id]["shape"])) == sizes[1]
     keys = {"data.target_spacing_mm": [1.0, 1.0, 1.0], "data.patch_size": [16, 16, 16], "data.batch_size": 2,
-            "data.normalization": "zscore", "model.name": "unet3d", "model.depth": 2, "model.base_filters": 4,
+            "data.normalization": "zscore", "data.foreground_fraction": 0.33, "data.augment.mirror.axes": [0],
+            "model.name": "unet3d", "model.depth": 2, "model.base_filters": 4,
             "model.init": "he_normal", "train.precision": "float32", "_in_channels": 1,
             "_num_classes": len(dataset.labels)}
     timed = median_case_timer(base, dataset, fp)(keys)
@@ -72,6 +77,8 @@ def test_a_median_case_is_predicted_and_each_part_timed(tmp_path):
     assert timed["windows"] == expected_windows
     assert 0 < timed["network_seconds"] <= timed["predict_seconds"]
     assert timed["preprocess_seconds"] > 0 and timed["write_seconds"] > 0
+    # the loop's step: the planned batch from the loader (sampling, augmentation) into a compiled step
+    assert timed["loop_batch_size"] == 2 and timed["loop_steps_timed"] == 3 and 0 < timed["loop_step_seconds"] < 60
 
 
 def test_the_budget_report_puts_each_measured_part_beside_its_prediction(tmp_path, capsys):
