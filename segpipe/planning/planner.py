@@ -9,6 +9,7 @@ and the config keys it sets. Nothing here imports TensorFlow; the timer is passe
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -165,6 +166,9 @@ def make_plan(
     spacing, median = _plan_spacing(plan, inputs, spacing_mm)
     patch_plan = _plan_patch(inputs, spacing, median, patch_size)
     timed = None
+    timers_seconds = [0.0]  # the timings' own wall time: spent from the budget before training starts
+    step_timer = _clocked(step_timer, timers_seconds) if step_timer is not None else None
+    case_timer = _clocked(case_timer, timers_seconds) if case_timer is not None else None
     if time_budget_minutes is not None and step_timer is not None:
         fitting = "float32" if precision == "auto" else precision
         patch_plan, timed = _fit_time_budget(plan, inputs, spacing, median, patch_plan, budget_minutes=time_budget_minutes,
@@ -190,8 +194,9 @@ def make_plan(
                     "loss": plan.choices["loss"].value,
                     "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
             case = case_timer(keys)
+        plan.measured["timing_seconds"] = timers_seconds[0]
         _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=time_budget_minutes, batch=batch,
-                   timer_batch=batch_size or 2, case=case)
+                   timer_batch=batch_size or 2, case=case, spent_seconds=timers_seconds[0])
     elif time_budget_minutes is not None:
         raise ValueError("Expected a step timer with a time budget (the schedule is fitted to measured steps). "
                          "Received: step_timer=None")
@@ -356,6 +361,18 @@ def _plan_precision(plan: Plan, inputs: _Inputs, spacing: Sequence[float], patch
     return chosen
 
 
+def _clocked(timer: Callable[[dict[str, Any]], dict[str, Any]], total: list[float]):
+    """``timer`` adding its calls' wall time to ``total[0]``."""
+    def clocked(keys: dict[str, Any]) -> dict[str, Any]:
+        start = time.monotonic()
+        try:
+            return timer(keys)
+        finally:
+            total[0] += time.monotonic() - start
+
+    return clocked
+
+
 def _record_network(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan) -> None:
     """The network's choices: patch, stages, strides, kernels, features (and residual blocks)."""
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
@@ -418,7 +435,7 @@ def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
 
 def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median: Sequence[float],
                timed: dict[str, float], *, budget_minutes: float, batch: int, timer_batch: int,
-               case: dict[str, Any] | None = None) -> None:
+               case: dict[str, Any] | None = None, spent_seconds: float = 0.0) -> None:
     """Step 6, with a time budget: the schedule and the inference settings from the measured step (and,
     with ``case``, the final evaluation from a whole timed case: its windows' time and everything else)."""
     c = plan.choices
@@ -448,10 +465,11 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
     c["inference_overlap"], c["inference_mirror_axes"] = overlap, mirror
     c["schedule"] = rules.plan_schedule(budget_minutes=budget_minutes, step_seconds=step_seconds,
                                         validation_seconds=val_seconds, final_seconds=final_seconds,
-                                        overhead_seconds=MARGIN_SECONDS)
-    limit = max(budget_minutes - (final_seconds + MARGIN_SECONDS) / 60, 0.1 * budget_minutes)
-    c["time_limit"] = Choice(round(limit, 2), f"{limit:.1f} min: the budget minus the final evaluation and the margin; "
-                                              f"training stops before an epoch that would end later")
+                                        overhead_seconds=MARGIN_SECONDS + spent_seconds)
+    limit = max(budget_minutes - (final_seconds + MARGIN_SECONDS + spent_seconds) / 60, 0.1 * budget_minutes)
+    c["time_limit"] = Choice(round(limit, 2), f"{limit:.1f} min: the budget minus the final evaluation, the margin and "
+                                              f"the {spent_seconds / 60:.1f} min of timings; training stops before an "
+                                              f"epoch that would end later")
     plan.predicted.update(validation_seconds=val_seconds, final_evaluation_seconds=final_seconds,
                           loop_step_seconds=step_seconds)
     windows = rules.sliding_windows(median, patch_plan.topology.patch_size, overlap.value) * 2 ** len(mirror.value)
