@@ -3,6 +3,8 @@ variables and normalisation statistics; a mixed step's loss matches float32's; a
 with an identical history; mixed precision under MirroredStrategy."""
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -179,3 +181,27 @@ def test_a_bfloat16_model_exports_float32_probabilities_equal_to_keras(tmp_path)
         probabilities = np.asarray(load_predictor(bundle, fmt)(x[:1]))
         assert probabilities.dtype == np.float32, fmt
         assert np.abs(probabilities - expected).max() < 1e-4, fmt
+
+
+def test_two_workers_train_in_float16_with_loss_scaling_and_the_anytime_schedule(crash_overrides, tmp_path):
+    """multi_worker with mixed_float16 (LossScaleOptimizer's state mirrored over workers) and a time limit,
+    whose anytime schedule the workers agree on every epoch (a collective mean of their clocks)."""
+    from process_helpers import TRAIN, free_port, tf_config
+
+    ports = [free_port(), free_port()]
+    args = [str(TRAIN), "--set", *crash_overrides, "train.precision=mixed_float16", "train.epochs=2",
+            "train.steps_per_epoch=2", "train.max_train_minutes=60", "train.distribute=multi_worker",
+            f"output_dir={tmp_path / 'runs'}", "name=mw"]
+    procs = []
+    for i in range(2):
+        (tmp_path / f"tmp{i}").mkdir()
+        procs.append(start(args, tmp_path / f"w{i}.log", TF_CONFIG=tf_config(ports, i), TMPDIR=str(tmp_path / f"tmp{i}")))
+    with running(*procs):
+        codes = [proc.wait(timeout=300) for proc in procs]
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    assert "2 replica(s) on 2 worker(s)" in logs[0] and "Precision: mixed_float16" in logs[0]
+    rows = read_history(tmp_path / "runs" / "mw")
+    assert len(rows) == 2 and all(np.isfinite(float(row[key])) for row in rows for key in ("loss", "val_loss"))
+    state = json.loads((tmp_path / "runs" / "mw" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["time_limit"]["final_epoch"] == 2 and state["time_limit"]["schedule"]["rate"] == pytest.approx(1 / 4)
