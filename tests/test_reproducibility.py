@@ -54,7 +54,7 @@ def test_run_info_records_seed_config_split_versions_and_commit(two_runs):
     split = json.loads((run_dir / "splits.json").read_text())
     assert info["split"] == {"train": split["train"], "val": split["val"]}
     assert info["distribution"] == {"strategy": "none", "num_replicas": 1, "num_workers": 1, "global_batch": 2,
-                                    "per_replica_batch": 2, "sync_batch_norm": False}
+                                    "per_replica_batch": 2, "sync_batch_norm": False, "precision": "float32"}
     packages = info["environment"]["packages"]
     assert packages["tensorflow"] and packages["keras"] and packages["numpy"] and packages["segpipe"]
     git = info["environment"]["git"]
