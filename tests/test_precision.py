@@ -205,3 +205,18 @@ def test_two_workers_train_in_float16_with_loss_scaling_and_the_anytime_schedule
     assert len(rows) == 2 and all(np.isfinite(float(row[key])) for row in rows for key in ("loss", "val_loss"))
     state = json.loads((tmp_path / "runs" / "mw" / "checkpoints" / "last" / "state.json").read_text())
     assert state["time_limit"]["final_epoch"] == 2 and state["time_limit"]["schedule"]["rate"] == pytest.approx(1 / 4)
+
+
+def test_a_bfloat16_run_ends_with_a_float32_bundle(crash_overrides, tmp_path):
+    from segpipe.export.bundle import load_predictor, read_bundle
+
+    overrides = [*crash_overrides, "train.precision=mixed_bfloat16", "train.epochs=1", "train.steps_per_epoch=2",
+                 "train.export_bundle=true", f"output_dir={tmp_path}", "name=bf16"]
+    assert train.main(["--set", *overrides]) == 0
+    run = tmp_path / "bf16"
+    bundle = read_bundle(run / "bundle")
+    assert (run / "checkpoints" / "best.float32.keras").is_file()  # what the bundle was written from
+    assert bundle.meta["source"]["model_file"].endswith("best.float32.keras")
+    x = np.zeros((1, 16, 16, 16, 1), np.float32)
+    for fmt in bundle.files:
+        assert np.asarray(load_predictor(bundle, fmt)(x)).dtype == np.float32, fmt

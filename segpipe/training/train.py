@@ -28,7 +28,7 @@ from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, che
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
 from segpipe.training.interrupts import StopRequest, TrainingInterrupted
 from segpipe.training.loop import LoopPosition, TrainingLoop
-from segpipe.training.precision import model_dtype, resolve_precision, wrap_optimizer
+from segpipe.training.precision import float32_model, model_dtype, resolve_precision, wrap_optimizer
 from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:
@@ -293,9 +293,23 @@ def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
     """Write the run's deployable bundle into ``RUN_DIR/bundle`` (replacing an older one), from the model
     ``evaluate.py RUN_DIR`` uses (:meth:`RunDir.model_file`: the best checkpoint, else model.keras)."""
     run = RunDir(run_dir)
-    bundle = export_run(run.path, run.bundle_dir, checkpoint=run.model_file()[0], onnx=onnx, overwrite=True)
+    checkpoint, path = run.model_file()
+    if resolve_precision(run.config().train.precision) != "float32":
+        # exports are float32 (tf2onnx and OpenVINO refuse a bfloat16 graph): export a float32 copy, kept beside
+        # the checkpoint so the bundle's provenance names a file that exists
+        checkpoint = str(_float32_checkpoint(path))
+    bundle = export_run(run.path, run.bundle_dir, checkpoint=checkpoint, onnx=onnx, overwrite=True)
     print(f"Wrote bundle {bundle}")
     return bundle
+
+
+def _float32_checkpoint(path: Path) -> Path:
+    """``<name>.float32.keras`` beside ``path``: the network of a mixed-precision checkpoint with float32 layers
+    and the same weights (:func:`segpipe.training.precision.float32_model`), without optimizer."""
+    model = float32_model(keras.models.load_model(path, compile=False))  # safe_mode stays on
+    out = Path(path).with_name(Path(path).stem + ".float32.keras")
+    save_model_atomic(model, out)
+    return out
 
 
 def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
