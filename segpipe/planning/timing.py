@@ -227,7 +227,7 @@ def time_steps(keys: dict[str, Any], *, timeout: float = 900) -> dict[str, Any]:
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(expected("a timing subprocess that exits 0", key="data.patch_size",
-                                    received=keys.get("data.patch_size"), hint="It failed:") + f"\n{proc.stderr[-2000:]}")
+                                    received=keys.get("data.patch_size", (keys.get("keys") or {}).get("data.patch_size")), hint="It failed:") + f"\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
