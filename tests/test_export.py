@@ -9,7 +9,9 @@ from inference_helpers import DELETE, PATCH, PREPROCESSING, edit_bundle_json, ma
 
 import predict
 from segpipe.inference.settings import InferenceSettings
-from segpipe.export.bundle import BundleError, export_run, load_predictor, read_bundle, write_bundle
+from segpipe.export.bundle import export_run, write_bundle
+from segpipe.inference.bundle import BundleError, read_bundle
+from segpipe.inference.runtimes import load_predictor
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 
@@ -231,7 +233,7 @@ def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter
 
 
 def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
-    from segpipe.export import runtimes
+    from segpipe.inference import runtimes
 
     model = tiny_model(depth=2, deep_supervision=False)
     installed = runtimes.is_installed
@@ -259,7 +261,7 @@ def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
 
 
 def test_auto_picks_the_first_installed_format_of_the_documented_order(monkeypatch):
-    from segpipe.export import runtimes
+    from segpipe.inference import runtimes
 
     every = {"keras", "savedmodel", "onnx", "openvino"}
     monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
@@ -294,8 +296,8 @@ def test_bfloat16_out_of_tolerance_is_refused_when_asked_for(tmp_path, monkeypat
     tolerance at export keeps its float32 formats, and asking for bf16 names the recorded difference."""
     import dataclasses
 
-    from segpipe.export import runtimes
-    from segpipe.export.bundle import Bundle
+    from segpipe.inference import runtimes
+    from segpipe.inference.bundle import Bundle
 
     monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
     bundle = Bundle(tmp_path, ("background", "fg"), 1, ("t1",), PREPROCESSING, "RAS", PATCH, InferenceSettings(),

@@ -15,8 +15,8 @@ from typing import Sequence
 from segpipe.cli import prog_name
 from segpipe.data.checks import check_scans
 from segpipe.errors import Received, StorageError, expected
-from segpipe.export.bundle import Bundle, BundleError, export_run, read_bundle
-from segpipe.export.runtimes import RUNTIMES
+from segpipe.inference.bundle import Bundle, BundleError, read_bundle
+from segpipe.inference.runtimes import RUNTIMES
 from segpipe.inference.segment import find_cases, predict_files
 
 
@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="NIfTI file(s) or folder(s); CASE_0000.nii.gz, CASE_0001... form one multi-channel case")
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the label maps CASE.nii.gz")
     parser.add_argument("--format", choices=("auto", *RUNTIMES), default="keras",
-                        help="runtime: auto = the fastest installed one the bundle holds (docs/inference.md); default keras")
+                        help="runtime: auto = the fastest installed one the bundle holds that cannot run code "
+                             "(docs/inference.md); default keras")
+    parser.add_argument("--trust-bundle", action="store_true",
+                        help="allow a format that can run code (savedmodel): only for a bundle from a source you trust "
+                             "(docs/deployment.md, Trust)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz (X, Y, Z, C) float32")
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 0.95] (default: the bundle's, 0.5)")
     mirror = parser.add_mutually_exclusive_group()
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle, args.input, args.output, format=args.format,
             overlap=args.overlap, mirror_axes=() if args.no_mirror else args.mirror_axes, batch_size=args.batch_size,
             postprocess_largest_component=args.largest_component,
-            save_probabilities=args.save_probabilities, progress=not args.quiet,
+            save_probabilities=args.save_probabilities, progress=not args.quiet, trust_bundle=args.trust_bundle,
         )
     except (BundleError, StorageError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')}: error: {exc}", file=sys.stderr)
@@ -84,15 +88,17 @@ def export_main(argv: list[str] | None = None) -> int:
     """``predict.py export RUN_DIR``: write the deployable bundle of a trained run; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog=f"{prog_name('predict')} export",
-        description="Write a deployable bundle (model.keras, SavedModel, optional ONNX, bundle.json) of a trained run.",
+        description="Write a deployable bundle (weights, SavedModel, optional ONNX, OpenVINO, bundle.json) of a trained run.",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder (runs/<name>)")
     parser.add_argument("--checkpoint", default="best", metavar="best|last|final|FILE.keras",
                         help="best (checkpoints/best.keras, default), last (last finished epoch), final (model.keras), or a file")
     parser.add_argument("--out", type=Path, metavar="DIR", help="bundle folder (default RUN_DIR/bundle)")
     parser.add_argument("--onnx", action="store_true", help='also write model.onnx (pip install "segpipe[onnx]")')
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder that segpipe wrote")
     args = parser.parse_args(argv)
+
+    from segpipe.export.bundle import export_run  # TensorFlow: only when exporting
 
     try:
         out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)

@@ -18,7 +18,7 @@ of the probability path (to float rounding). No array of every class at full siz
 per input voxel is measured in tests/test_predict.py and docs/inference.md.
 
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
-this for files or folders using only a bundle (:mod:`segpipe.export.bundle`); ``predict.py`` is its CLI.
+this for files or folders using only a bundle (:mod:`segpipe.inference.bundle`); ``predict.py`` is its CLI.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ import numpy as np
 from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
-from segpipe.export.bundle import Bundle, load_predictor, read_bundle
+from segpipe.inference.bundle import Bundle, read_bundle
 from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
 from segpipe.io import NIFTI_SUFFIXES, remove_orphaned_temporaries, strip_nifti_suffix, write_nifti
@@ -66,7 +67,7 @@ def segment_volume(
 
     Args:
         predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
-            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.export.bundle.load_predictor`.
+            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.inference.runtimes.load_predictor`.
         image: the raw scan, in its own orientation and spacing.
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
@@ -251,20 +252,23 @@ def predict_files(
     postprocess_largest_component: Sequence[int] | None = None,
     save_probabilities: bool = False,
     progress: bool = True,
+    trust_bundle: bool = False,
 ) -> list[Path]:
     """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
 
     Args:
-        bundle: a bundle folder or a :class:`segpipe.export.bundle.Bundle`.
+        bundle: a bundle folder or a :class:`segpipe.inference.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
         output_dir: where label maps go; must not be an input folder.
         format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
             ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
-            has (see :mod:`segpipe.export.runtimes`).
+            has (see :mod:`segpipe.inference.runtimes`).
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
         save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.
         progress: progress bars over cases and windows.
+        trust_bundle: allow a format that can run code (``savedmodel``); only for a bundle from a
+            source you trust (docs/deployment.md, "Trust").
 
     Returns:
         The label map files written, in case order.
@@ -281,7 +285,7 @@ def predict_files(
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
                                         postprocess_largest_component=postprocess_largest_component)
     settings.check_classes(bundle.num_classes)
-    predict_fn = load_predictor(bundle, format)
+    predict_fn = load_predictor(bundle, format, trust_bundle=trust_bundle)
 
     remove_orphaned_temporaries(output_dir)  # of an earlier run killed while writing a label map
     written = []

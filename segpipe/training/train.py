@@ -18,8 +18,7 @@ from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
 from segpipe.losses import deep_supervision_losses, get_loss
 from segpipe.metrics.streaming import PerClassDice
-from segpipe.models.resenc_unet import build_resenc_unet
-from segpipe.models.unet3d import build_unet3d
+from segpipe.models.architecture import architecture_from_model_config, build_network
 from segpipe.runs.rundir import RunDir
 from segpipe.training import distributed
 from segpipe.training.budget import WallTimeLimit
@@ -35,16 +34,13 @@ if TYPE_CHECKING:
 
 
 def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Model:
-    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled)."""
-    m = config.model
-    kwargs = dict(depth=m.depth, base_filters=m.base_filters, max_filters=m.max_filters, norm=m.norm,
-                  deep_supervision=m.deep_supervision, output=m.output, sync_batch_norm=config.train.sync_batch_norm,
-                  strides=m.strides, kernel_sizes=m.kernel_sizes)
-    if m.init is not None:
-        kwargs["init"] = m.init
-    if m.name == "resenc_unet":
-        return build_resenc_unet(in_channels, num_classes, blocks_per_stage=m.blocks_per_stage, **kwargs)
-    return build_unet3d(in_channels, num_classes, convs_per_stage=m.convs_per_stage, **kwargs)
+    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled).
+
+    Built from its description (:func:`segpipe.models.architecture.architecture_from_model_config`),
+    the same one a bundle records so that its network can be rebuilt without running received code.
+    """
+    architecture = architecture_from_model_config(config.model, in_channels=in_channels, num_classes=num_classes)
+    return build_network(architecture, sync_batch_norm=config.train.sync_batch_norm)
 
 
 def build_optimizer(config: Config) -> keras.optimizers.Optimizer:

@@ -100,7 +100,8 @@ def test_resenc_trains_one_step():
 def test_resenc_bundle_exports_and_formats_agree(tmp_path, phantom_root):
     from inference_helpers import make_run_dir
 
-    from segpipe.export.bundle import export_run, load_predictor
+    from segpipe.export.bundle import export_run
+    from segpipe.inference.runtimes import load_predictor
 
     keras.utils.set_random_seed(0)
     model = build_resenc_unet(1, 3, depth=3, base_filters=4, strides=STRIDES, kernel_sizes=KERNELS)
