@@ -24,7 +24,8 @@ def has_marker(folder: Path, kind: str) -> bool:
 def check_replaceable(folder: Path, kind: str, *, key: str) -> None:
     folder = Path(folder)
     if folder.exists() and not has_marker(folder, kind):
-        raise FileExistsError(expected(f"a {kind} folder segpipe wrote", key=key, received=Received(str(folder))))
+        names = sorted(p.name for p in folder.iterdir())[:5]
+        raise FileExistsError(expected(f"a {kind} folder segpipe wrote", key=key, received=Received(f"{folder} ({names})")))
 
 
 def remove_owned(folder: Path, kind: str, *, key: str) -> None:

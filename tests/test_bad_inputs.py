@@ -113,7 +113,7 @@ def _plan(tmp: Path, root: Path) -> list[str]:
 # A bundle as write_bundle writes it, with only the Keras model (files may hold just "keras"), made
 # once per module: hand-written bundle.json + a real 1-stage, 2-filter network.
 BUNDLE_META = {
-    "format": "segpipe-bundle", "format_version": 1,
+    "format": "segpipe-bundle", "format_version": 2,
     "classes": [{"value": 0, "name": "background"}, {"value": 1, "name": "organ"}],
     "input_channels": 1, "channel_names": ["t1"], "orientation": "RAS",
     "preprocessing": {"target_spacing_mm": [1.0, 1.0, 1.0], "normalization": "zscore", "crop_to_nonzero": True,
@@ -121,19 +121,21 @@ BUNDLE_META = {
     "patch_size": [8, 8, 8],
     "inference": {"overlap": 0.5, "mirror_axes": [], "batch_size": 2, "sigma_scale": 0.125,
                   "postprocess_largest_component": []},
-    "files": {"keras": "model.keras"}, "versions": {},
+    "files": {"keras": "model.weights.h5"}, "versions": {}, "activation_bytes_per_voxel": 100,
+    "architecture": {"builder": "unet3d", "in_channels": 1, "num_classes": 2, "args": {"depth": 1, "base_filters": 2}},
 }
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
-    from segpipe.export.bundle import inference_model
-    from segpipe.models.unet3d import build_unet3d
+    from segpipe.inference.integrity import file_manifest
+    from segpipe.models.architecture import build_network
+    from segpipe.models.unet3d import probability_model
 
     folder = tmp_path_factory.mktemp("bundle") / "bundle"
     folder.mkdir()
-    inference_model(build_unet3d(1, 2, depth=1, base_filters=2)).save(folder / "model.keras")
-    (folder / "bundle.json").write_text(json.dumps(BUNDLE_META))
+    probability_model(build_network(BUNDLE_META["architecture"])).save_weights(folder / "model.weights.h5")
+    (folder / "bundle.json").write_text(json.dumps({**BUNDLE_META, "manifest": file_manifest(folder)}))
     return folder
 
 
@@ -146,8 +148,13 @@ def _bundle_copy(tmp: Path, source: Path, edit: Callable[[Path], None] | None = 
 
 
 def _truncate_model(folder: Path) -> None:
-    data = (folder / "model.keras").read_bytes()
-    (folder / "model.keras").write_bytes(data[: len(data) // 2])
+    data = (folder / "model.weights.h5").read_bytes()
+    (folder / "model.weights.h5").write_bytes(data[: len(data) // 2])
+
+
+def _link_out(folder: Path) -> None:
+    (folder / "model.weights.h5").unlink()
+    (folder / "model.weights.h5").symlink_to("/etc/hostname")
 
 
 def _predict(tmp: Path, bundle: Path, *inputs: Path) -> list[str]:
@@ -318,19 +325,41 @@ ROWS = [
          lambda t, b: _predict(t, _bundle_copy(t, b, lambda f: (f / "bundle.json").write_text("{")), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected valid JSON. Received: contents=invalid JSON"),
     _row("bundle-newer-version", "a bundle of a newer format version", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(format_version=2)), _scan(t)),
-         "{tmp}/bundle/bundle.json: Expected format version 1. Received: format_version=2. Written by a newer segpipe"),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(format_version=3)), _scan(t)),
+         "{tmp}/bundle/bundle.json: Expected format version 2. Received: format_version=3. Written by a newer segpipe"),
     _row("bundle-missing-key", "a bundle.json without patch_size", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(patch_size=DELETE)), _scan(t)),
-         "{tmp}/bundle/bundle.json: Expected 3 positive integers. Received: patch_size=<missing>."),
+         "{tmp}/bundle/bundle.json: Expected 3 integers from 1 to 1024, at most 16777216 voxels in all. "
+         "Received: patch_size=<missing>."),
+    _row("bundle-absurd-patch", "a bundle.json claiming a 100000³ patch", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(patch_size=[100000] * 3)), _scan(t)),
+         "{tmp}/bundle/bundle.json: Expected 3 integers from 1 to 1024, at most 16777216 voxels in all. "
+         "Received: patch_size=[100000, 100000, 100000]."),
+    _row("bundle-absurd-spacing", "a bundle.json with a target spacing of 10⁻⁶ mm", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(
+             preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [1e-6, 1e-6, 1e-6]})), _scan(t)),
+         "{tmp}/bundle/bundle.json: Expected 3 voxel sizes from 0.001 to 1000.0 mm (or null). "
+         "Received: preprocessing.target_spacing_mm=[1e-06, 1e-06, 1e-06]."),
+    _row("bundle-keras-file-renamed", "a bundle.json naming model.h5 as the Keras file", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.h5"})), _scan(t)),
+         "Expected 'model.weights.h5' (the one file name of the keras format). Received: files.keras='model.h5'."),
+    _row("bundle-symlink-out", "a bundle whose weights file is a link out of the bundle", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, _link_out), _scan(t)),
+         "Expected no symbolic link in the folder (a link can point outside it). "
+         "Received: files={tmp}/bundle/model.weights.h5 -> /etc/hostname."),
+    _row("bundle-savedmodel-untrusted", "--format savedmodel without --trust-bundle", "predict",
+         lambda t, b: [*_predict(t, b, _scan(t)), "--format", "savedmodel"],
+         "Expected a format that cannot run code (keras, onnx, openvino, auto) for a bundle not marked as trusted. "
+         "Received: format='savedmodel'. A savedmodel model is a program"),
     _row("bundle-listed-file-missing", "a bundle.json listing a model file that is not there", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.keras", "onnx": "model.onnx"})),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.weights.h5", "onnx": "model.onnx"})),
                                _scan(t)),
-         "Expected every model file bundle.json lists. Received: files.onnx=model.onnx (missing: model.onnx;"),
+         "Expected every model file bundle.json lists, in its manifest. "
+         "Received: files.onnx=model.onnx (model.onnx is not in the manifest; incomplete bundle?)."),
     _row("bundle-model-truncated", "a bundle whose model file is truncated", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, _truncate_model), _scan(t)),
-         "{tmp}/bundle/bundle.json: Expected a model file that loads with format='keras'. "
-         "Received: files.keras={tmp}/bundle/model.keras (cannot load: "),
+         "{tmp}/bundle/bundle.json: Expected ",
+         " bytes. Received: manifest.model.weights.h5={tmp}/bundle/model.weights.h5 ("),
     _row("bundle-bad-inference", "a bundle.json with an overlap out of range", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(inference={"overlap": 1.5})), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected a number in [0, 0.95]. Received: inference.overlap=1.5."),

@@ -134,8 +134,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     files = _read_files(fields)
     architecture = _read_architecture(fields, input_channels, len(classes), files)
     _read_bounded_number(fields, "activation_bytes_per_voxel", MAX_ACTIVATION_BYTES_PER_VOXEL)
+    manifest = fields.get("manifest", dict, "a mapping file -> {bytes, sha256}")
+    _check_files_in_manifest(fields, files, manifest)
     try:
-        integrity.check_manifest(path, fields.get("manifest", dict, "a mapping file -> {bytes, sha256}"))
+        integrity.check_manifest(path, manifest)
     except integrity.IntegrityError as exc:
         raise BundleError(str(exc)) from None
     versions = fields.get("versions", dict, "a mapping package -> version")
@@ -295,6 +297,17 @@ def _read_files(fields: _BundleFields) -> dict[str, str]:
             raise BundleError(expected(f"{FILES[fmt]!r} (the one file name of the {fmt} format)", key=f"files.{fmt}",
                                        received=name, where=fields.where))
     return files
+
+
+def _check_files_in_manifest(fields: _BundleFields, files: Mapping[str, str], manifest: Mapping[str, Any]) -> None:
+    """Every model file ``files`` names is one the manifest lists (a folder format: its marker files)."""
+    for fmt, name in files.items():
+        needed = {"savedmodel": [f"{name}/saved_model.pb"], "openvino": [name, name[: -len(".xml")] + ".bin"]}.get(fmt, [name])
+        missing = [n for n in needed if n not in manifest]
+        if missing:
+            raise BundleError(expected("every model file bundle.json lists, in its manifest", key=f"files.{fmt}",
+                                       received=Received(f"{name} ({missing[0]} is not in the manifest; incomplete bundle?)"),
+                                       where=fields.where))
 
 
 def _read_architecture(fields: _BundleFields, input_channels: int, num_classes: int,

@@ -162,6 +162,8 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     where = str(bundle.path / "bundle.json")
+    if format != "auto":
+        bundle.file(file_format(format))  # a format the bundle lacks: the error says why it was not written
     format = choose_format(bundle.files, format)
     if runtime(format).runs_code and not trust_bundle:
         raise BundleError(expected(
