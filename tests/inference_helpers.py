@@ -44,14 +44,14 @@ def tiny_model(*, depth: int = 3, deep_supervision: bool = True, seed: int = 0, 
     return model
 
 
-def make_run_dir(root: Path, model, phantom_root: Path, *, depth: int = 3) -> Path:
+def make_run_dir(root: Path, model, phantom_root: Path, *, depth: int = 3, overrides: tuple[str, ...] = ()) -> Path:
     """A finished-looking run directory: config.yaml, preprocessing.json and the three checkpoints."""
     from segpipe.training.checkpoints import save_checkpoint
 
     run_dir = Path(root) / "runs" / "hand"
     config = load_config(None, [
         f"data.root={phantom_root}", "data.phantoms=null", f"data.patch_size={PATCH}",
-        f"model.depth={depth}", "model.base_filters=4", "model.deep_supervision=true", "name=hand",
+        f"model.depth={depth}", "model.base_filters=4", "model.deep_supervision=true", "name=hand", *overrides,
     ])
     write_text(run_dir / "config.yaml", to_yaml(config))
     write_json(run_dir / "preprocessing.json", dataclasses.asdict(PREPROCESSING))

@@ -144,7 +144,7 @@ PATCH_WHAT = r"Expected 3 integers from 1 to 1024, at most 16777216 voxels in al
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda b: (b / "bundle.json").unlink(), r"Expected bundle.json in the bundle folder, a plain file .*Received: bundle.json=.*bundle.json \(no such file\)"),
+    (lambda b: (b / "bundle.json").unlink(), r"Expected bundle.json in the bundle folder .*Received: bundle.json=.*bundle.json \(no such file\)"),
     (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'), r"bundle.json: Expected valid JSON\. Received: contents=invalid JSON"),
     (lambda b: (b / "model.weights.h5").unlink(), r"bundle.json: Expected every file the manifest lists\. Received: manifest.model.weights.h5=.*model.weights.h5 \(missing; incomplete bundle\?\)"),
     (lambda b: shutil.rmtree(b / "savedmodel"), r"Expected every file the manifest lists\. Received: manifest.savedmodel/"),

@@ -22,7 +22,7 @@ def test_train_then_evaluate(tiny_run, tmp_path, phantom_root):
     run_dir, overrides = tiny_run  # train.main(["--set", *overrides]) == 0, bundle exported
     for name in ("config.yaml", "splits.json", "history.csv", "model.keras", "checkpoints/best.keras",
                  "checkpoints/last/model.keras", "checkpoints/last/state.json", "bundle/bundle.json",
-                 "bundle/model.keras", "bundle/savedmodel/saved_model.pb"):
+                 "bundle/model.weights.h5", "bundle/savedmodel/saved_model.pb"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard" / "train").iterdir())
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished"}

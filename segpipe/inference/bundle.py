@@ -166,10 +166,12 @@ def _read_bundle_json(path: Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_dir():
         raise BundleError(expected("a bundle folder", key="bundle", received=Received(f"{path} (no such folder)")))
     json_path = path / "bundle.json"
-    if json_path.is_symlink() or not json_path.is_file():
-        raise BundleError(expected("bundle.json in the bundle folder, a plain file (it is written last: without it the "
-                                   "bundle is incomplete)", key="bundle.json",
-                                   received=Received(f"{json_path} ({'a symbolic link' if json_path.is_symlink() else 'no such file'})")))
+    if json_path.is_symlink():
+        raise BundleError(expected("bundle.json as a plain file, not a symbolic link", key="bundle.json",
+                                   received=Received(f"{json_path} -> {os.readlink(json_path)}")))
+    if not json_path.is_file():
+        raise BundleError(expected("bundle.json in the bundle folder (it is written last: without it the bundle is "
+                                   "incomplete)", key="bundle.json", received=Received(f"{json_path} (no such file)")))
     size = json_path.stat().st_size
     if size > MAX_BUNDLE_JSON_BYTES:
         raise BundleError(expected(f"at most {MAX_BUNDLE_JSON_BYTES} bytes", key="bundle.json",

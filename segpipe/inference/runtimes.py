@@ -162,15 +162,15 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     where = str(bundle.path / "bundle.json")
-    if format != "auto":
-        bundle.file(file_format(format))  # a format the bundle lacks: the error says why it was not written
-    format = choose_format(bundle.files, format)
-    if runtime(format).runs_code and not trust_bundle:
+    if format != "auto" and runtime(format).runs_code and not trust_bundle:
         raise BundleError(expected(
             "a format that cannot run code (keras, onnx, openvino, auto) for a bundle not marked as trusted",
             key="format", received=format, where=where,
             hint=f"A {format} model is a program: loading it can read and write files. Only for a bundle from a "
                  "source you trust: pass --trust-bundle (trust_bundle=True)."))
+    if format != "auto":
+        bundle.file(file_format(format))  # a format the bundle lacks: the error says why it was not written
+    format = choose_format(bundle.files, format)
     path = bundle.file(file_format(format))
     verification = bundle.meta.get("verification") or {}
     if format == "openvino-bf16" and verification.get("openvino-bf16_within_tolerance") is False:
@@ -230,7 +230,7 @@ def check_weights_file(path: Path, *, expected_values: int) -> None:
     Refused: links to other objects or files (soft and external links), datasets stored in other
     files (external or virtual), non-numeric data (object references, strings), filters other
     than deflate/shuffle/fletcher32/lzf (an unknown one makes HDF5 look for a plugin library), and
-    more values than the rebuilt network has (``expected_values``), before any array is read.
+    another number of values than the rebuilt network has (``expected_values``), before any array is read.
     """
     import h5py
 
@@ -261,7 +261,7 @@ def check_weights_file(path: Path, *, expected_values: int) -> None:
 
     with h5py.File(path, "r") as f:
         visit(f, "")
-    if total > expected_values:
+    if total != expected_values:
         problems.append(f"{total} values where the network has {expected_values}")
     if problems:
         raise BundleError(expected("a Keras weights file of plain numeric arrays", key="files.keras",
