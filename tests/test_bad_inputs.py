@@ -340,6 +340,11 @@ ROWS = [
              preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [1e-6, 1e-6, 1e-6]})), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected 3 voxel sizes from 0.001 to 1000.0 mm (or null). "
          "Received: preprocessing.target_spacing_mm=[1e-06, 1e-06, 1e-06]."),
+    _row("bundle-fine-spacing-huge-grid", "a bundle whose 0.001 mm target spacing would resample a scan to 10¹² voxels", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(
+             preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [0.001, 0.001, 0.001]})), _scan(t)),
+         "{tmp}/scans/scan.nii.gz: Expected a scan of at most 1073741824 voxels at the bundle's target spacing "
+         "[0.001, 0.001, 0.001] mm. Received: --input=shape (12, 10, 8) at [1.0, 1.0, 1.0] mm -> about 9.6e+11 voxels."),
     _row("bundle-keras-file-renamed", "a bundle.json naming model.h5 as the Keras file", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.h5"})), _scan(t)),
          "Expected 'model.weights.h5' (the one file name of the keras format). Received: files.keras='model.h5'."),

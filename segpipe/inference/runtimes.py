@@ -209,7 +209,7 @@ def load_keras(path: Path, architecture: Mapping[str, Any] | None) -> tuple[Pred
     object or nested SavedModel can run. The HDF5 file is checked first (:func:`check_weights_file`).
     """
     from segpipe.models.architecture import build_network  # Keras: only when this runtime is used
-    from segpipe.models.unet3d import probability_model
+    from segpipe.models.unet3d import probability_model  # Keras, as above
 
     if architecture is None:
         raise BundleError(expected("the network's architecture in bundle.json for Keras weights", key="architecture",

@@ -196,6 +196,40 @@ def segment_case(
     )
 
 
+MAX_RESAMPLED_VOXELS = 2**30  # a scan resampled to the bundle's spacing: ~10⁹ voxels (1024³) at most
+
+
+def check_resampled_sizes(cases: Sequence[Case], preprocessing: PreprocessSettings, *,
+                          max_voxels: int = MAX_RESAMPLED_VOXELS) -> None:
+    """Refuse a scan whose grid at the bundle's target spacing would exceed ``max_voxels``, from headers alone.
+
+    A fine target spacing in a received bundle, or a scan with a huge field of view, would otherwise
+    allocate the resampled volume before anything fails.
+
+    Raises
+    ------
+    ValueError
+        Naming the scan, its shape and spacing, and the resampled voxel count.
+    """
+    import nibabel as nib
+
+    if preprocessing.target_spacing_mm is None:
+        return
+    target = np.asarray(preprocessing.target_spacing_mm, dtype=np.float64)
+    for case in cases:
+        header = nib.load(str(case.image_paths[0])).header
+        shape = np.asarray(header.get_data_shape()[:3], dtype=np.float64)
+        spacing = np.abs(np.asarray(header.get_zooms()[:3], dtype=np.float64))
+        # the scan's volume over a target voxel's: independent of the axis order reorientation picks
+        voxels = float(np.prod(shape)) * float(np.prod(spacing)) / float(np.prod(target))
+        if voxels > max_voxels:
+            raise ValueError(expected(
+                f"a scan of at most {max_voxels} voxels at the bundle's target spacing {list(target)} mm",
+                key="--input", where=str(case.image_paths[0]),
+                received=Received(f"shape {tuple(int(v) for v in shape)} at {[round(float(z), 4) for z in spacing]} mm "
+                                  f"-> about {voxels:.3g} voxels")))
+
+
 def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_channels: int = 1) -> list[Case]:
     """The scans to segment from files and/or folders of NIfTI files.
 
@@ -285,6 +319,7 @@ def predict_files(
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
                                         postprocess_largest_component=postprocess_largest_component)
     settings.check_classes(bundle.num_classes)
+    check_resampled_sizes(cases, bundle.preprocessing)
     predict_fn = load_predictor(bundle, format, trust_bundle=trust_bundle)
 
     remove_orphaned_temporaries(output_dir)  # of an earlier run killed while writing a label map

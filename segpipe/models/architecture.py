@@ -96,58 +96,58 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
     ValueError
         Naming the key (``architecture.args.depth``), what was expected and what was received.
     """
-    def fail(key: str, what: str, received: Any) -> ValueError:
-        return ValueError(expected(what, key=f"architecture.{key}", received=received, where=where))
+    def _expected(key: str, what: str, received: Any) -> str:
+        return expected(what, key=f"architecture.{key}", received=received, where=where)
 
     if not isinstance(spec, Mapping):
-        raise fail("", "a mapping with builder, in_channels, num_classes and args", Received(type(spec).__name__))
+        raise ValueError(_expected("", "a mapping with builder, in_channels, num_classes and args", Received(type(spec).__name__)))
     unknown = sorted(set(spec) - {"builder", "in_channels", "num_classes", "args"})
     if unknown:
-        raise fail(unknown[0], "only the keys builder, in_channels, num_classes, args", sorted(spec))
+        raise ValueError(_expected(unknown[0], "only the keys builder, in_channels, num_classes, args", sorted(spec)))
     if spec.get("builder") not in BUILDERS:
-        raise fail("builder", f"one of {list(BUILDERS)}", spec.get("builder"))
+        raise ValueError(_expected("builder", f"one of {list(BUILDERS)}", spec.get("builder")))
     out: dict[str, Any] = {"builder": spec["builder"],
-                           "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", fail),
-                           "num_classes": _bounded_int(spec.get("num_classes"), 2, MAX_CLASSES, "num_classes", fail)}
+                           "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", _expected),
+                           "num_classes": _bounded_int(spec.get("num_classes"), 2, MAX_CLASSES, "num_classes", _expected)}
     args = spec.get("args")
     if not isinstance(args, Mapping):
-        raise fail("args", "a mapping of builder arguments", Received(type(args).__name__))
+        raise ValueError(_expected("args", "a mapping of builder arguments", Received(type(args).__name__)))
     allowed = {*_INT_ARGS, *_CHOICE_ARGS, *_TRIPLE_ARGS, *_LIST_ARGS, *_BOOL_ARGS}
     allowed -= {"convs_per_stage"} if out["builder"] == "resenc_unet" else {"blocks_per_stage"}
     unknown = sorted(set(args) - allowed)
     if unknown:
-        raise fail(f"args.{unknown[0]}", f"arguments of {out['builder']} among {sorted(allowed)}", unknown[0])
+        raise ValueError(_expected(f"args.{unknown[0]}", f"arguments of {out['builder']} among {sorted(allowed)}", unknown[0]))
     checked: dict[str, Any] = {}
     for key, value in args.items():
         name = f"args.{key}"
         if key in _INT_ARGS:
-            checked[key] = _bounded_int(value, *_INT_ARGS[key], name, fail)
+            checked[key] = _bounded_int(value, *_INT_ARGS[key], name, _expected)
         elif key in _CHOICE_ARGS:
             if value not in _CHOICE_ARGS[key]:
-                raise fail(name, f"one of {list(_CHOICE_ARGS[key])}", value)
+                raise ValueError(_expected(name, f"one of {list(_CHOICE_ARGS[key])}", value))
             checked[key] = value
         elif key in _BOOL_ARGS:
             if not isinstance(value, bool):
-                raise fail(name, "true or false", value)
+                raise ValueError(_expected(name, "true or false", value))
             checked[key] = value
         elif key in _LIST_ARGS:
             low, high = _LIST_ARGS[key]
             if not isinstance(value, (list, tuple)) or len(value) > MAX_DEPTH:
-                raise fail(name, f"a list of at most {MAX_DEPTH} integers", value)
-            checked[key] = [_bounded_int(v, low, high, name, fail) for v in value]
+                raise ValueError(_expected(name, f"a list of at most {MAX_DEPTH} integers", value))
+            checked[key] = [_bounded_int(v, low, high, name, _expected) for v in value]
         else:
             allowed_values = _TRIPLE_ARGS[key]
             if (not isinstance(value, (list, tuple)) or len(value) > MAX_DEPTH
                     or not all(isinstance(t, (list, tuple)) and len(t) == 3 for t in value)):
-                raise fail(name, f"a list of at most {MAX_DEPTH} triples", value)
+                raise ValueError(_expected(name, f"a list of at most {MAX_DEPTH} triples", value))
             if any(isinstance(v, bool) or v not in allowed_values for t in value for v in t):
-                raise fail(name, f"triples of values in {list(allowed_values)}", value)
+                raise ValueError(_expected(name, f"triples of values in {list(allowed_values)}", value))
             checked[key] = [[int(v) for v in t] for t in value]
     out["args"] = checked
     parameters = estimated_parameters(out)
     if parameters > MAX_PARAMETERS:
-        raise fail("args", f"a network of at most {MAX_PARAMETERS:,} parameters",
-                   Received(f"about {parameters:,} parameters"))
+        raise ValueError(_expected("args", f"a network of at most {MAX_PARAMETERS:,} parameters",
+                   Received(f"about {parameters:,} parameters")))
     return out
 
 
@@ -191,7 +191,7 @@ def build_network(spec: Mapping[str, Any], **options: Any):
     keras.Model
     """
     from segpipe.models.resenc_unet import build_resenc_unet  # Keras: only when a network is built
-    from segpipe.models.unet3d import build_unet3d
+    from segpipe.models.unet3d import build_unet3d  # Keras, as above
 
     spec = check_architecture(spec)
     builder = build_resenc_unet if spec["builder"] == "resenc_unet" else build_unet3d
@@ -201,9 +201,9 @@ def build_network(spec: Mapping[str, Any], **options: Any):
         raise ValueError(expected(exc.what, key=f"architecture.args.{exc.key}", received=exc.received)) from None
 
 
-def _bounded_int(value: Any, low: int, high: int, key: str, fail) -> int:
+def _bounded_int(value: Any, low: int, high: int, key: str, _expected) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise fail(key, f"an integer from {low} to {high}", value)
+        raise ValueError(_expected(key, f"an integer from {low} to {high}", value))
     return int(value)
 
 
