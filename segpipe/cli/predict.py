@@ -90,7 +90,8 @@ def export_main(argv: list[str] | None = None) -> int:
         prog=f"{prog_name('predict')} export",
         description="Write a deployable bundle (weights, SavedModel, optional ONNX, OpenVINO, bundle.json) of a trained run.",
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder (runs/<name>)")
+    parser.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="trained run folder (runs/<name>); several: one ensemble bundle averaging them (needs --out)")
     parser.add_argument("--checkpoint", default="best", metavar="best|last|final|FILE.keras",
                         help="best (checkpoints/best.keras, default), last (last finished epoch), final (model.keras), or a file")
     parser.add_argument("--out", type=Path, metavar="DIR", help="bundle folder (default RUN_DIR/bundle)")
@@ -99,9 +100,16 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segpipe.export.bundle import export_run  # TensorFlow: only when exporting
+    from segpipe.export.ensemble import export_ensemble  # TensorFlow, as above
 
     try:
-        out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)
+        if len(args.run_dir) == 1:
+            out = export_run(args.run_dir[0], args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)
+        elif args.out is None:
+            raise ValueError(expected("--out DIR for an ensemble of several runs", key="--out", received=None))
+        else:
+            out = export_ensemble(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx,
+                                  overwrite=args.overwrite)
     except (BundleError, StorageError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')} export: error: {exc}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,10 +69,22 @@ def activation_bytes_per_voxel(net, window: Sequence[int]) -> int:
     import keras
 
     window = tuple(int(w) for w in window)
-    probe = keras.Model(net.inputs, [layer.output for layer in net.layers[1:]])
-    specs = probe.compute_output_spec(keras.KerasTensor((1, *window, int(net.inputs[0].shape[-1]))))
-    total = sum(4 * math.prod(int(d) for d in spec.shape[1:]) for spec in keras.tree.flatten(specs))
-    return int(math.ceil(total / math.prod(window)))
+    return int(math.ceil(_activation_bytes(net, window) / math.prod(window)))
+
+
+def _activation_bytes(net, window: tuple[int, ...]) -> int:
+    """Float32 bytes of all layer outputs of ``net`` for one window; nested models (ensemble members) counted
+    by their own layers (they may run side by side, so they add up)."""
+    import keras
+
+    nested = [layer for layer in net.layers[1:] if isinstance(layer, keras.Model)]
+    plain = [layer.output for layer in net.layers[1:] if not isinstance(layer, keras.Model)]
+    total = sum(_activation_bytes(model, window) for model in nested)
+    if plain:
+        probe = keras.Model(net.inputs, plain)
+        specs = probe.compute_output_spec(keras.KerasTensor((1, *window, int(net.inputs[0].shape[-1]))))
+        total += sum(4 * math.prod(int(d) for d in spec.shape[1:]) for spec in keras.tree.flatten(specs))
+    return total
 
 
 def write_bundle(
@@ -86,6 +99,7 @@ def write_bundle(
     inference: InferenceSettings | Mapping[str, Any] | None = None,
     training_config: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
     onnx: bool = False,
     openvino: bool | None = None,
     segment: bool = True,
@@ -109,6 +123,7 @@ def write_bundle(
         inference: default inference settings stored in the bundle.
         training_config: the run's resolved config (stored for provenance).
         source: free-form provenance (run directory, checkpoint).
+        extra_meta: more keys for ``bundle.json`` (an ensemble's ``members`` and ``postprocessing``).
         onnx: also write ``model.onnx`` (needs tf2onnx, and onnxruntime for the check).
         openvino: write ``openvino/model.xml``: ``None`` (default) when ``openvino`` is installed
             (otherwise ``bundle.json`` records under ``formats_not_written`` why not), ``True``
@@ -151,6 +166,7 @@ def write_bundle(
         meta["verification"] = verify_formats(net, tmp, files, patch_size, architecture) if verify else {"run": False}
         if verify and SEGMENT_SIGNATURE in signatures:
             meta["verification"].update(verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference))
+        meta.update(extra_meta or {})
         meta["manifest"] = file_manifest(tmp)
         write_json(tmp / "bundle.json", meta)  # last: its presence marks the bundle complete
         _swap_into_place(tmp, out_dir)
@@ -280,10 +296,49 @@ def export_run(
             that folder is not readable.
         verify: check the SavedModel/ONNX against Keras after writing.
     """
+    member = load_run_member(run_dir, checkpoint, preprocessing=preprocessing, class_names=class_names)
+    return write_bundle(
+        member.model,
+        Path(out_dir) if out_dir is not None else member.run_dir / "bundle",
+        class_names=member.class_names,
+        preprocessing=member.preprocessing,
+        patch_size=member.config.data.patch_size,
+        channel_names=member.channel_names,
+        architecture=member.architecture,
+        inference=member.config.inference if inference is None else inference,
+        training_config=member.config.to_dict(),
+        source=member.source,
+        onnx=onnx,
+        verify=verify,
+        overwrite=overwrite,
+    )
+
+
+@dataclass
+class RunMember:
+    """A trained run's network with everything a bundle needs from the run (:func:`load_run_member`)."""
+
+    run_dir: Path
+    config: Any  # segpipe.config.Config
+    model: Any  # keras.Model
+    architecture: dict[str, Any]
+    preprocessing: PreprocessSettings
+    class_names: list[str]
+    channel_names: list[str] | None
+    source: dict[str, str]
+
+
+def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
+                    preprocessing: PreprocessSettings | None = None,
+                    class_names: Sequence[str] | None = None) -> RunMember:
+    """Load a run's checkpoint with its config, preprocessing, names and builder arguments.
+
+    The run is the user's own (its checkpoint is loaded with Keras, safe mode on); what a bundle
+    then holds loads without running code.
+    """
     import keras
 
     run = RunDir(run_dir)
-    run_dir = run.path
     config = run.config()
     _, model_path = run.model_file(checkpoint)
     if preprocessing is None:
@@ -304,23 +359,8 @@ def export_run(
     channel_names = None
     if class_names is None:
         class_names, channel_names = _dataset_names(config.data.root, num_classes)
-    if inference is None:
-        inference = config.inference
-    return write_bundle(
-        model,
-        Path(out_dir) if out_dir is not None else run_dir / "bundle",
-        class_names=class_names,
-        preprocessing=preprocessing,
-        patch_size=config.data.patch_size,
-        channel_names=channel_names,
-        architecture=architecture,
-        inference=inference,
-        training_config=config.to_dict(),
-        source={"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint, "model_file": str(model_path.resolve())},
-        onnx=onnx,
-        verify=verify,
-        overwrite=overwrite,
-    )
+    return RunMember(run.path, config, model, architecture, preprocessing, list(class_names), channel_names,
+                     {"run_dir": str(run.path.resolve()), "checkpoint": checkpoint, "model_file": str(model_path.resolve())})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 from segpipe.errors import Received, SettingError, expected
 
 BUILDERS = ("unet3d", "resenc_unet")
+ENSEMBLE = "ensemble"  # several networks of the builders above, their probabilities averaged
+MAX_MEMBERS = 16
 NORMS = ("batch", "instance", "none")  # the builders' own lists, restated so this module needs no Keras
 INITS = ("glorot_uniform", "he_normal")
 OUTPUTS = ("softmax", "logits")
@@ -99,6 +101,8 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
     def _expected(key: str, what: str, received: Any) -> str:
         return expected(what, key=f"architecture.{key}", received=received, where=where)
 
+    if isinstance(spec, Mapping) and spec.get("builder") == ENSEMBLE:
+        return _check_ensemble(spec, where, _expected)
     if not isinstance(spec, Mapping):
         raise ValueError(_expected("", "a mapping with builder, in_channels, num_classes and args", Received(type(spec).__name__)))
     unknown = sorted(set(spec) - {"builder", "in_channels", "num_classes", "args"})
@@ -151,12 +155,44 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
     return out
 
 
+def _check_ensemble(spec: Mapping[str, Any], where: str | None, _expected) -> dict[str, Any]:
+    """An ensemble: 2 to :data:`MAX_MEMBERS` single networks with the same channels and classes."""
+    unknown = sorted(set(spec) - {"builder", "in_channels", "num_classes", "members"})
+    if unknown:
+        raise ValueError(_expected(unknown[0], "only the keys builder, in_channels, num_classes, members", sorted(spec)))
+    members = spec.get("members")
+    if not isinstance(members, list) or not 2 <= len(members) <= MAX_MEMBERS:
+        raise ValueError(_expected("members", f"a list of 2 to {MAX_MEMBERS} networks",
+                                   Received(f"{type(members).__name__} of {len(members) if isinstance(members, list) else '?'}")))
+    out = {"builder": ENSEMBLE,
+           "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", _expected),
+           "num_classes": _bounded_int(spec.get("num_classes"), 2, MAX_CLASSES, "num_classes", _expected)}
+    checked = []
+    for k, member in enumerate(members):
+        if isinstance(member, Mapping) and member.get("builder") == ENSEMBLE:
+            raise ValueError(_expected(f"members.{k}.builder", f"one of {list(BUILDERS)} (no nested ensembles)", ENSEMBLE))
+        member = check_architecture(member, where=where)
+        if (member["in_channels"], member["num_classes"]) != (out["in_channels"], out["num_classes"]):
+            raise ValueError(_expected(f"members.{k}", f"{out['in_channels']} input channel(s) and {out['num_classes']} "
+                                       "classes, as the ensemble", Received(f"in_channels={member['in_channels']}, "
+                                                                            f"num_classes={member['num_classes']}")))
+        checked.append(member)
+    out["members"] = checked
+    parameters = estimated_parameters(out)
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(_expected("members", f"networks of at most {MAX_PARAMETERS:,} parameters in all",
+                                   Received(f"about {parameters:,} parameters")))
+    return out
+
+
 def estimated_parameters(spec: Mapping[str, Any]) -> int:
     """An upper estimate of the parameter count of a checked description (no Keras, nothing built).
 
     Every encoder and decoder convolution counted with the largest kernel of its stage, plus the
     transposed convolutions and heads; normalisation adds a few per channel.
     """
+    if spec["builder"] == ENSEMBLE:
+        return sum(estimated_parameters(member) for member in spec["members"])
     args = spec["args"]
     depth = args.get("depth", 4)
     features = args.get("features") or [min(args.get("base_filters", 16) * 2**i, args.get("max_filters", 320))
@@ -194,6 +230,8 @@ def build_network(spec: Mapping[str, Any], **options: Any):
     from segpipe.models.unet3d import build_unet3d  # Keras, as above
 
     spec = check_architecture(spec)
+    if spec["builder"] == ENSEMBLE:
+        return _build_ensemble(spec, **options)
     builder = build_resenc_unet if spec["builder"] == "resenc_unet" else build_unet3d
     try:
         return builder(spec["in_channels"], spec["num_classes"], **spec["args"], **options)
@@ -209,3 +247,20 @@ def _bounded_int(value: Any, low: int, high: int, key: str, _expected) -> int:
 
 __all__ = ["BUILDERS", "MAX_PARAMETERS", "architecture_from_model_config", "build_network", "check_architecture",
            "estimated_parameters"]
+
+
+def _build_ensemble(spec: Mapping[str, Any], **options: Any):
+    """One functional model: each member (its full-resolution probabilities) as a nested model
+    ``member_<k>``, their probabilities averaged in float32. Every export format then holds the
+    whole ensemble, and averaging before test-time mirroring equals averaging after (both linear)."""
+    import keras
+
+    from segpipe.models.unet3d import probability_model  # Keras, as above
+
+    inputs = keras.Input(shape=(None, None, None, spec["in_channels"]), name="image")
+    outputs = []
+    for k, member in enumerate(spec["members"]):
+        net = probability_model(build_network(member, **options))
+        outputs.append(keras.Model(net.inputs, net.outputs[0], name=f"member_{k}")(inputs))
+    averaged = keras.layers.Average(dtype="float32", name="ensemble_mean")(outputs)
+    return keras.Model(inputs, averaged, name="ensemble")
