@@ -224,7 +224,7 @@ def check_resampled_sizes(cases: Sequence[Case], preprocessing: PreprocessSettin
         voxels = float(np.prod(shape)) * float(np.prod(spacing)) / float(np.prod(target))
         if voxels > max_voxels:
             raise ValueError(expected(
-                f"a scan of at most {max_voxels} voxels at the bundle's target spacing {list(target)} mm",
+                f"a scan of at most {max_voxels} voxels at the bundle's target spacing {target.tolist()} mm",
                 key="--input", where=str(case.image_paths[0]),
                 received=Received(f"shape {tuple(int(v) for v in shape)} at {[round(float(z), 4) for z in spacing]} mm "
                                   f"-> about {voxels:.3g} voxels")))
