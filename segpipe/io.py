@@ -2,7 +2,12 @@
 
 Everything the pipeline writes (checkpoints, caches, predictions, tables) goes through a
 temporary file in the destination folder followed by ``os.replace``, so a crash leaves either
-the old file or the new one, never a half-written file that a later run would trust.
+the old file or the new one, never a half-written file that a later run would trust. The file is
+flushed to disk (``fsync``) before the rename and its folder after it, so this holds after a power
+loss too: without the first flush a journaling file system may commit the rename before the data,
+leaving an empty file under the final name; without the second the rename itself may be lost.
+Folders written whole and then renamed into place (a checkpoint, a bundle) use
+:func:`durable_replace`.
 """
 from __future__ import annotations
 
@@ -95,12 +100,142 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if tmp.is_file():  # mkstemp makes it 0600; give it the mode an ordinary write would (umask)
             os.chmod(tmp, 0o666 & ~_UMASK)
+        # The writer (nibabel, np.save, model.save, savefig ...) has closed the file: flush it, so the
+        # rename never reaches the disk before the data does.
+        fsync_file(tmp)
         failpoint("atomic_write", path)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data and metadata to disk (``os.fsync``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing, closed (or at least flushed) file.
+
+    Raises
+    ------
+    OSError
+        The file cannot be opened or the disk reports a write error (``EIO``, ``ENOSPC``): the data
+        may not be on disk, so the caller must not rename it into place.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     _ = f.write(b"data"); f.flush(); fsync_file(f.name)
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk.
+
+    A no-op where the platform cannot open folders (Windows) or the file system does not flush
+    them (``EINVAL``/``EBADF`` from ``fsync``, e.g. some network file systems).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing folder.
+
+    Raises
+    ------
+    OSError
+        The folder cannot be opened, or the disk reports a write error.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     fsync_directory(folder)
+    """
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:
+        return
+    fd = os.open(path, os.O_RDONLY | flag)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder and everything in it (files first, then each folder), to disk.
+
+    Symbolic links are not followed (their targets are not part of the tree).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing file or folder.
+
+    Raises
+    ------
+    OSError
+        As :func:`fsync_file` and :func:`fsync_directory`.
+    """
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        if not path.is_symlink():
+            fsync_file(path)
+        return
+    for folder, _, files in os.walk(path, topdown=False):  # children before the folder naming them
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_file(os.path.join(folder, name))
+        fsync_directory(folder)
+
+
+def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace(src, dst)`` that survives a power loss: ``src`` (a file, or a folder tree: every file
+    and folder in it) is flushed to disk first, then renamed, then the folder of ``dst`` is flushed
+    (and that of ``src``, before and after, where it differs).
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        The finished file or folder (typically a temporary beside ``dst``).
+    dst : str or os.PathLike
+        Its final name; an existing file (or empty folder) there is replaced atomically.
+
+    Raises
+    ------
+    OSError
+        From ``os.replace`` or a flush; ``dst`` is then either unchanged or the new ``src``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     tmp = Path(folder, ".result.tmp"); _ = tmp.write_text("done")
+    ...     durable_replace(tmp, Path(folder, "result.txt"))
+    ...     print(Path(folder, "result.txt").read_text())
+    done
+    """
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
+    other_folder = src.parent.resolve() != dst.parent.resolve()
+    if other_folder:
+        fsync_directory(src.parent)
+    os.replace(src, dst)
+    fsync_directory(dst.parent)
+    if other_folder:
+        fsync_directory(src.parent)
 
 
 # ".<stem>.<pid>.<8 random characters of mkstemp>.tmp<suffix>" (atomic_path); the stem may hold dots.
