@@ -223,7 +223,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    durable_mkdir(path.parent)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
@@ -264,7 +264,10 @@ def fsync_file(path: str | os.PathLike) -> None:
     >>> with tempfile.NamedTemporaryFile() as f:
     ...     _ = f.write(b"data"); f.flush(); fsync_file(f.name)
     """
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a file we may write but not read (a umask of 0o2xx): fsync works on either
+        fd = os.open(path, os.O_WRONLY)
     try:
         os.fsync(fd)
     finally:
@@ -274,8 +277,10 @@ def fsync_file(path: str | os.PathLike) -> None:
 def fsync_directory(path: str | os.PathLike) -> None:
     """Flush a folder's entries (names created, renamed or removed in it) to disk.
 
-    A no-op where the platform cannot open folders (Windows) or the file system does not flush
-    them (``EINVAL``/``EBADF`` from ``fsync``, e.g. some network file systems).
+    A no-op where the platform cannot open folders (Windows), where this process may write into the
+    folder but not read it (it cannot be opened), or where the file system does not flush folders
+    (``EINVAL``/``EBADF`` from ``fsync``, e.g. some network file systems): there is nothing more
+    this process can do, and the write itself has succeeded.
 
     Parameters
     ----------
@@ -285,7 +290,7 @@ def fsync_directory(path: str | os.PathLike) -> None:
     Raises
     ------
     OSError
-        The folder cannot be opened, or the disk reports a write error.
+        The folder does not exist, or the disk reports a write error (``EIO``).
 
     Examples
     --------
@@ -296,7 +301,10 @@ def fsync_directory(path: str | os.PathLike) -> None:
     flag = getattr(os, "O_DIRECTORY", None)
     if flag is None:
         return
-    fd = os.open(path, os.O_RDONLY | flag)
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     except OSError as exc:
@@ -304,6 +312,27 @@ def fsync_directory(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def durable_mkdir(path: str | os.PathLike) -> Path:
+    """Create a folder and its missing parents (``mkdir -p``), each recorded on disk in its parent.
+
+    Without flushing the parent, a file written durably into a new folder can still vanish with the
+    folder after a power loss. Existing folders cost nothing. Returns ``path``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     durable_mkdir(Path(folder, "a", "b")).is_dir()
+    True
+    """
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):
+        fsync_directory(folder.parent)
+    return path
 
 
 def fsync_tree(path: str | os.PathLike) -> None:
@@ -333,7 +362,7 @@ def fsync_tree(path: str | os.PathLike) -> None:
         fsync_directory(folder)
 
 
-def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def durable_replace(src: str | os.PathLike, dst: str | os.PathLike, *, flushed: bool = False) -> None:
     """``os.replace(src, dst)`` that survives a power loss: ``src`` (a file, or a folder tree: every file
     and folder in it) is flushed to disk first, then renamed, then the folder of ``dst`` is flushed
     (and that of ``src``, before and after, where it differs).
@@ -344,6 +373,9 @@ def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         The finished file or folder (typically a temporary beside ``dst``).
     dst : str or os.PathLike
         Its final name; an existing file (or empty folder) there is replaced atomically.
+    flushed : bool, optional
+        ``src`` is on disk already (the caller ran :func:`fsync_tree` on it, and nothing changed it
+        since): skip flushing it again. Default False.
 
     Raises
     ------
@@ -360,7 +392,8 @@ def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     done
     """
     src, dst = Path(src), Path(dst)
-    fsync_tree(src)
+    if not flushed:
+        fsync_tree(src)
     other_folder = src.parent.resolve() != dst.parent.resolve()
     if other_folder:
         fsync_directory(src.parent)

@@ -4,7 +4,8 @@ it lands in, so a power loss leaves the old version or the complete new one (doc
 
 The real writers run (cache build, checkpoint, best model, prediction, evaluation, history, the
 phantom dataset folder) with ``os.fsync`` and ``os.replace`` wrapped to record, in order, which
-path each flush reached (read back from ``/proc/self/fd``) and what each rename moved.
+file or folder each flush reached (its path, read back from ``/proc/self/fd``, and its inode, which
+a rename keeps) and what each rename moved.
 """
 import os
 import sys
@@ -15,26 +16,28 @@ import numpy as np
 import pytest
 
 import segpipe.io
-from segpipe.io import durable_replace, fsync_directory, fsync_file, write_nifti
+from segpipe.io import durable_mkdir, durable_replace, fsync_directory, fsync_file, write_nifti
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
 
 
 class Recorder:
-    """Records ``("fsync", path)`` and ``("replace", src, dst, files_in_src)`` events, in order."""
+    """Records ``("fsync", path, inode)`` and ``("replace", src, dst, [(path, inode) moved])`` events, in order."""
 
     def __init__(self, monkeypatch):
         self.events: list[tuple] = []
         real_fsync, real_replace = os.fsync, os.replace
 
         def fsync(fd):
-            self.events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+            stat = os.fstat(fd)
+            self.events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")), (stat.st_dev, stat.st_ino)))
             return real_fsync(fd)
 
         def replace(src, dst, *args, **kwargs):
             src, dst = Path(src).resolve(), Path(dst).resolve()
             tree = [Path(folder) / name for folder, dirs, files in os.walk(src) for name in [*dirs, *files]]
-            self.events.append(("replace", src, dst, [src, *tree]))
+            moved = [(p, (p.lstat().st_dev, p.lstat().st_ino)) for p in [src, *tree] if not p.is_symlink()]
+            self.events.append(("replace", src, dst, moved))
             return real_replace(src, dst, *args, **kwargs)
 
         monkeypatch.setattr(os, "fsync", fsync)
@@ -53,13 +56,14 @@ class Recorder:
             if event[0] != "replace":
                 continue
             _, src, dst, moved = event
-            flushed_before = {e[1] for e in self.events[:i] if e[0] == "fsync"}
-            missing = [str(p) for p in moved if p not in flushed_before]
+            flushed_before = {e[2] for e in self.events[:i] if e[0] == "fsync"}
+            missing = [str(p) for p, inode in moved if inode not in flushed_before]
             assert not missing, f"renamed {src.name} -> {dst} without flushing {missing}"
             # the destination folder is flushed after this rename, before the next one
             following = self.events[i + 1:]
             end = next((j for j, e in enumerate(following) if e[0] == "replace"), len(following))
-            assert ("fsync", dst.parent) in following[:end], f"{dst.parent} not flushed after renaming onto {dst.name}"
+            assert any(e[0] == "fsync" and e[1] == dst.parent for e in following[:end]), \
+                f"{dst.parent} not flushed after renaming onto {dst.name}"
 
 
 @pytest.fixture
@@ -89,9 +93,8 @@ def test_durable_replace_flushes_every_file_and_folder_of_a_tree(tmp_path, recor
     (src / "sub" / "b.bin").write_bytes(b"b")
     os.symlink("/nonexistent", src / "link")  # not followed, not flushed
     durable_replace(src, tmp_path / "run")
-    recorder.events = [e if e[0] == "fsync" else (*e[:3], [p for p in e[3] if p.name != "link"])
-                       for e in recorder.events]
     recorder.assert_durable([tmp_path / "run"])
+    assert len(recorder.replaces()[0][3]) == 4  # the folder, sub/, a.bin, sub/b.bin
     flushed = [e[1] for e in recorder.events if e[0] == "fsync"]
     # the folder the temporary left is flushed too (before and after), as is the destination's
     assert flushed.count(tmp_path / "staging") == 2 and tmp_path in flushed
@@ -114,6 +117,29 @@ def test_fsync_of_a_folder_ignores_file_systems_that_cannot_and_reports_real_err
     (tmp_path / "f").write_text("x")
     with pytest.raises(OSError, match="Input/output error"):
         fsync_file(tmp_path / "f")
+
+
+def test_new_folders_are_recorded_in_their_parents(tmp_path, recorder):
+    """A file flushed into a folder that is itself not on disk would vanish with it."""
+    write_nifti(tmp_path / "a" / "b" / "c.nii.gz", np.ones((2, 2, 2), np.uint8), np.eye(4))
+    flushed = [e[1] for e in recorder.events if e[0] == "fsync"]
+    assert flushed[:2] == [tmp_path, tmp_path / "a"]  # each new folder's parent, outermost first
+    recorder.events.clear()
+    durable_mkdir(tmp_path / "a" / "b")  # nothing new: nothing flushed
+    assert recorder.events == []
+
+
+def test_a_folder_this_process_cannot_open_is_not_an_error_after_the_write(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_read(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECTORY", 0):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_read)
+    write_nifti(tmp_path / "c.nii.gz", np.ones((2, 2, 2), np.uint8), np.eye(4))
+    assert nib.load(tmp_path / "c.nii.gz").shape == (2, 2, 2)
 
 
 def test_a_failed_flush_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
@@ -161,9 +187,9 @@ def test_a_checkpoint_and_the_best_model_are_durable(tiny_model, tmp_path, recor
     save_model_atomic(tiny_model, tmp_path / "best.keras")
     recorder.assert_durable([last, last.with_name("last.old"), last.with_name("last.tmp") / "state.json",
                              tmp_path / "best.keras"])
-    # the second checkpoint's folder swap moved a folder holding model.keras, each flushed beforehand
+    # each checkpoint's folder swap moved a folder holding model.keras, each flushed beforehand
     folder_renames = [e for e in recorder.replaces() if e[2] == last]
-    assert len(folder_renames) == 2 and all(any(p.name == "model.keras" for p in e[3]) for e in folder_renames)
+    assert len(folder_renames) == 2 and all(any(p.name == "model.keras" for p, _ in e[3]) for e in folder_renames)
 
 
 def test_history_and_evaluation_files_are_durable(tmp_path, recorder):
@@ -188,7 +214,7 @@ def test_the_phantom_dataset_folder_is_durable(tmp_path, recorder):
     recorder.assert_durable([root])
     # the folder rename moved (and first flushed) every scan written into it
     folder_rename = next(e for e in recorder.replaces() if e[2] == root.resolve())
-    assert sum(p.name.endswith(".nii.gz") for p in folder_rename[3]) == 4
+    assert sum(p.name.endswith(".nii.gz") for p, _ in folder_rename[3]) == 4
 
 
 def test_atomic_path_flushes_after_the_writer_closed_the_file(tmp_path, recorder, monkeypatch):

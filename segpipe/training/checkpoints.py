@@ -37,7 +37,8 @@ import keras
 import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
-from segpipe.io import atomic_path, durable_replace, failpoint, fsync_tree, process_alive, read_json, write_json, write_text
+from segpipe.io import (atomic_path, durable_mkdir, durable_replace, failpoint, fsync_tree, process_alive, read_json,
+                        write_json, write_text)
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
 
@@ -123,7 +124,8 @@ def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> 
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     with explain_storage_errors(folder):
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        durable_mkdir(folder.parent)  # a new checkpoints/ folder is recorded in the run directory
+        tmp.mkdir()
         try:
             model.save(tmp / "model.keras")
             write_json(tmp / "state.json", state)
@@ -134,9 +136,9 @@ def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> 
         failpoint("checkpoint_written", folder)
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
-            durable_replace(folder, old)  # flushes again: cheap, nothing of it is unwritten by now
+            durable_replace(folder, old, flushed=True)  # flushed when it was written as last.tmp/
             failpoint("checkpoint_swap", folder)
-        durable_replace(tmp, folder)
+        durable_replace(tmp, folder, flushed=True)
         failpoint("checkpoint_swapped", folder)
         shutil.rmtree(old, ignore_errors=True)  # should a power loss bring it back, a resume removes it
 
