@@ -198,7 +198,10 @@ def _cast(array: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
         return array.astype(dtype, copy=False)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = array.astype(dtype)
-    overflow = np.isinf(cast) & np.isfinite(array)
+    infinite = np.isinf(cast)
+    if not infinite.any():  # the common case: one boolean pass
+        return cast
+    overflow = infinite & np.isfinite(array)
     count = int(np.count_nonzero(overflow))
     if count:
         largest = float(np.max(np.abs(array[overflow])))
