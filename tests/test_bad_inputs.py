@@ -92,6 +92,36 @@ def _with_nan(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _beyond_float32(image: np.ndarray) -> np.ndarray:
+    """``image`` as float64 with two finite values that float32 reads as inf."""
+    image = image.astype(np.float64)
+    image[4, 4, 4], image[5, 5, 5] = 1e39, -1e39
+    return image
+
+
+def _size_claim(path: Path, shape: tuple[int, ...], dtype=np.float32) -> Path:
+    """A .nii.gz of a few dozen bytes whose header claims ``shape`` (no voxel data)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    return path
+
+
+def _folders_with_twin(tmp: Path) -> Path:
+    """An images/ + labels/ dataset of 3 cases with images/case_1.nii beside images/case_1.nii.gz."""
+    for i in range(3):
+        image, label = _arrays(i)
+        _save(tmp / "ds" / "images" / f"case_{i}.nii.gz", image)
+        _save(tmp / "ds" / "labels" / f"case_{i}.nii.gz", label)
+    _save(tmp / "ds" / "images" / "case_1.nii", _arrays(1)[0])
+    return tmp / "ds"
+
+
 def _train(tmp: Path, root: Path | str, *overrides: str) -> list[str]:
     """``train.py --no-plan`` on ``root`` with a tiny network, every output under ``tmp/out``."""
     return ["--no-plan", "--set", f"data.root={root}", "data.phantoms=null", f"output_dir={tmp / OUT}",
@@ -269,6 +299,23 @@ ROWS = [
     _row("image-nan", "NaN intensities (data.check: full)", "train",
          lambda t: _train(t, _msd(t, images={0: _with_nan(_arrays(0)[0])}), "data.check=full"),
          "[non-finite] imagesTr/case_0.nii.gz: Expected finite intensities. Received: 1 NaN/inf voxels"),
+    _row("image-float32-overflow", "finite float64 intensities beyond float32's range (data.check: full)", "train",
+         lambda t: _train(t, _msd(t, images={0: _beyond_float32(_arrays(0)[0])}), "data.check=full"),
+         "[non-finite] imagesTr/case_0.nii.gz: Expected finite intensities. Received: 2 NaN/inf voxels as float32 "
+         "(2 finite float64 value(s) beyond float32's range"),
+    _row("image-float32-overflow-headers", "finite float64 intensities beyond float32's range (found on reading)",
+         "train", lambda t: _train(t, _msd(t, images={0: _beyond_float32(_arrays(0)[0])})),
+         "{tmp}/ds/imagesTr/case_0.nii.gz: Expected values within float32's range (|x| <= 3.4e+38). "
+         "Received: values=2 finite float64 voxel(s) beyond it (largest |x| 1e+39)."),
+    _row("image-size-claim", "a 56-byte .nii.gz whose header claims 1000×1000×100 float32 (381 MiB)", "train",
+         lambda t: (_msd(t), _size_claim(t / "ds" / "imagesTr" / "case_1.nii.gz", (1000, 1000, 100)),
+                    _train(t, t / "ds"))[-1],
+         "[size-claim] imagesTr/case_1.nii.gz: Expected a gzip file that can hold the voxels its header claims",
+         "Received: shape (1000, 1000, 100) float32: 100000000 voxels, 381.5 MiB (400000000 bytes) (file: "),
+    _row("dataset-nii-twins", "images/case_1.nii beside images/case_1.nii.gz", "plan",
+         lambda t: _plan(t, _folders_with_twin(t)),
+         "{tmp}/ds: Expected one file per case name (NAME.nii or NAME.nii.gz, not both). "
+         "Received: files=images/case_1.nii and images/case_1.nii.gz."),
     _row("nnunet-regions", "an nnU-Net dataset.json with region labels", "train",
          lambda t: _with_file(t / "ds" / "dataset.json", json.dumps(
              {"channel_names": {"0": "t1"}, "labels": {"background": 0, "whole": [1, 2]}, "file_ending": ".nii.gz"}),
@@ -387,6 +434,13 @@ ROWS = [
     _row("scan-nan", "a scan with NaN intensities", "predict",
          lambda t, b: _predict(t, b, _scan(t, _with_nan(_arrays(5)[0]))),
          "[non-finite] {tmp}/scans/scan.nii.gz: Expected finite intensities. Received: 1 NaN/inf voxels"),
+    _row("scan-float32-overflow", "a float64 scan with values beyond float32's range", "predict",
+         lambda t, b: _predict(t, b, _scan(t, _beyond_float32(_arrays(5)[0]))),
+         "[non-finite] {tmp}/scans/scan.nii.gz: Expected finite intensities. Received: 2 NaN/inf voxels as float32"),
+    _row("scan-size-claim", "a scan whose header claims 10^10 voxels", "predict",
+         lambda t, b: _predict(t, b, _size_claim(t / "scans" / "scan.nii.gz", (2000, 2000, 2500), np.int16)),
+         "[size-claim] {tmp}/scans/scan.nii.gz: Expected at most 2147483648 voxels",
+         "Received: shape (2000, 2000, 2500) int16: 10000000000 voxels, 18.6 GiB (20000000000 bytes)"),
     _row("scan-channels", "a 2-channel scan for a 1-channel bundle", "predict",
          lambda t, b: _predict(t, b, _scan(t, _arrays(5, channels=2)[0])),
          "[channel-count] {tmp}/scans/scan.nii.gz: Expected 1 channel(s) ['t1'] (the model's input). "

@@ -167,6 +167,7 @@ def _load_msd(root: Path, key: str = "root") -> Dataset:
     # Label files that no training entry names.
     named = {c.label_path.resolve() for c in cases if c.label_path is not None}
     orphans = [p for p in _nifti_files(root / "labelsTr") if p.resolve() not in named]
+    _refuse_twins(root, root / "imagesTr", root / "labelsTr")
     return Dataset(root=root, layout="msd", cases=cases, labels=labels, channel_names=channel_names,
                    orphan_labels=orphans)
 
@@ -190,6 +191,7 @@ def _load_nnunet(root: Path) -> Dataset:
     channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
     ending = meta.get("file_ending", ".nii.gz")
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    _refuse_twins(root, images_dir, labels_dir)
     pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
     case_ids = sorted({m["case"] for p in _listdir(images_dir) if (m := pattern.match(p.name))})
     cases = [
@@ -207,6 +209,7 @@ def _load_nnunet(root: Path) -> Dataset:
 
 
 def _load_folders(root: Path) -> Dataset:
+    _refuse_twins(root, root / "images", root / "labels")
     images = {strip_nifti_suffix(p.name): p for p in _nifti_files(root / "images")}
     label_files = {strip_nifti_suffix(p.name): p for p in _nifti_files(root / "labels")}
     cases = []
@@ -220,6 +223,33 @@ def _load_folders(root: Path) -> Dataset:
     labels = _labels_by_value(read_json(labels_json), where=str(labels_json)) if labels_json.is_file() else {}
     return Dataset(root=root, layout="folders", cases=cases, labels=labels, channel_names=[],
                    orphan_labels=orphans)
+
+
+def _refuse_twins(root: Path, *folders: Path) -> None:
+    """Refuse ``NAME.nii`` beside ``NAME.nii.gz`` in a dataset folder: both would be case ``NAME``, and
+    which one is the case would be a silent guess. One error naming every such pair.
+
+    Raises:
+        ValueError: names the files (relative to ``root``).
+    """
+    twins = []
+    for folder in folders:
+        by_name: dict[str, list[Path]] = {}
+        for path in _nifti_files(folder):
+            by_name.setdefault(strip_nifti_suffix(path.name), []).append(path)
+        twins += [paths for paths in by_name.values() if len(paths) > 1]
+    if twins:
+        shown = "; ".join(" and ".join(_relative(p, root) for p in paths) for paths in twins)
+        raise ValueError(expected("one file per case name (NAME.nii or NAME.nii.gz, not both)", key="files",
+                                  received=Received(shown), where=str(root),
+                                  hint="Remove or rename one file of each pair."))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _listdir(folder: Path) -> list[Path]:

@@ -37,7 +37,8 @@ import keras
 import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
-from segpipe.io import atomic_path, failpoint, process_alive, read_json, write_json, write_text
+from segpipe.io import (atomic_path, durable_mkdir, durable_replace, failpoint, fsync_tree, process_alive, read_json,
+                        write_json, write_text)
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
 
@@ -112,10 +113,9 @@ def explain_storage_errors(path: Path) -> Iterator[None]:
 
 
 def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
+    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path`` (flushed before and after)."""
     with explain_storage_errors(Path(path)), atomic_path(path) as tmp:
         model.save(tmp)
-        _fsync_file(tmp)
 
 
 def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> None:
@@ -124,24 +124,23 @@ def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> 
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     with explain_storage_errors(folder):
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        durable_mkdir(folder.parent)  # a new checkpoints/ folder is recorded in the run directory
+        tmp.mkdir()
         try:
             model.save(tmp / "model.keras")
             write_json(tmp / "state.json", state)
-            for path in (tmp / "model.keras", tmp / "state.json", tmp):
-                _fsync_file(path)  # the data is on disk before the rename makes it "the" checkpoint
+            fsync_tree(tmp)  # the data is on disk before the rename makes it "the" checkpoint
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         failpoint("checkpoint_written", folder)
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
+            durable_replace(folder, old, flushed=True)  # flushed when it was written as last.tmp/
             failpoint("checkpoint_swap", folder)
-        os.replace(tmp, folder)
-        _fsync_file(folder.parent)
+        durable_replace(tmp, folder, flushed=True)
         failpoint("checkpoint_swapped", folder)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # should a power loss bring it back, a resume removes it
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
@@ -175,21 +174,6 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
 def _bundle_writer_alive(folder: Path) -> bool:
     pid = folder.name.rpartition("-")[2]
     return pid.isdigit() and process_alive(int(pid))
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk; a no-op where the platform cannot."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. folders on some file systems
-    finally:
-        os.close(fd)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
