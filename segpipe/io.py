@@ -592,8 +592,3 @@ def _json_default(value: Any) -> Any:
         return str(value)
     raise TypeError(expected("a JSON-serialisable value (number, string, list, mapping, numpy value or path)",
                              key="value", received=Received(f"an object of type {type(value).__name__}")))
-
-
-def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """PLACEHOLDER until branch `durable` lands."""
-    os.replace(src, dst)

@@ -229,3 +229,19 @@ def test_atomic_path_flushes_after_the_writer_closed_the_file(tmp_path, recorder
     monkeypatch.setattr(os, "fsync", fsync)
     segpipe.io.save_npy(tmp_path / "a.npy", np.arange(1000, dtype=np.int64))
     assert sizes[0] == (tmp_path / "a.npy").stat().st_size > 8000
+
+
+def test_a_bundle_and_every_file_in_it_are_durable(tmp_path, recorder):
+    """The bundle folder is renamed into place (and an old one aside) only after every file in it was flushed."""
+    from inference_helpers import PATCH, PREPROCESSING, tiny_architecture, tiny_model
+
+    from segpipe.export.bundle import write_bundle
+
+    model = tiny_model(depth=2, deep_supervision=False)
+    for overwrite in (False, True):  # the second export swaps the first one aside
+        out = write_bundle(model, tmp_path / "bundle", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
+                           patch_size=PATCH, architecture=tiny_architecture(depth=2, deep_supervision=False),
+                           verify=False, openvino=False, segment=False, overwrite=overwrite)
+    recorder.assert_durable([out])
+    swaps = [e for e in recorder.replaces() if e[2] == out.resolve()]
+    assert len(swaps) == 2 and any(p.name == "model.weights.h5" for p, _ in swaps[-1][3])

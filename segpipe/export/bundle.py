@@ -409,8 +409,8 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
-        os.replace(out_dir, old)
-    durable_replace(tmp, out_dir)
+        durable_replace(out_dir, old)
+    durable_replace(tmp, out_dir)  # flushes every file of the new bundle, then the rename
     shutil.rmtree(old, ignore_errors=True)
 
 
