@@ -8,8 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from segpipe.evaluation.postprocessing import case_dice_variants, choose_postprocessing, choose_postprocessing_folders
-from segpipe.inference.postprocess import apply_largest_component_steps, keep_largest_foreground_component
+from segpipe.evaluation.postprocessing import (
+    case_dice_variants,
+    choose_postprocessing,
+    choose_postprocessing_folders,
+)
+from segpipe.inference.postprocess import (
+    apply_largest_component_steps,
+    keep_largest_foreground_component,
+)
 from segpipe.io import write_nifti
 from segpipe.metrics.overlap import confusion_counts, overlap_metrics
 
@@ -199,3 +206,16 @@ def test_keep_largest_foreground_component_keeps_touching_classes():
     out = keep_largest_foreground_component(labels)
     assert out[:, 0, 0].tolist() == [1, 1, 1, 2, 2] + [0] * 15
     assert out.dtype == labels.dtype and labels[12, 0, 0] == 1  # input untouched
+
+
+def test_decide_checks_its_arrays():
+    from segpipe.evaluation.postprocessing import decide
+
+    good = {name: [[1.0, 0.5]] for name in ("raw", "foreground", "classes", "foreground_classes")}
+    assert decide(good, labels=[1, 2])["n_cases"] == 1
+    with pytest.raises(ValueError, match=r"dice\['classes'\].shape"):
+        decide({**good, "classes": [[1.0]]}, labels=[1, 2])
+    with pytest.raises(ValueError, match="no \\['foreground'\\]"):
+        decide({k: v for k, v in good.items() if k != "foreground"}, labels=[1, 2])
+    with pytest.raises(ValueError, match="at least one out-of-fold case"):
+        decide({name: [] for name in good}, labels=[1, 2])

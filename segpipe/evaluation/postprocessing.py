@@ -35,7 +35,10 @@ import numpy as np
 
 from segpipe.errors import Received, expected
 from segpipe.evaluation.compare import paired_test
-from segpipe.inference.postprocess import keep_largest_component, keep_largest_foreground_component
+from segpipe.inference.postprocess import (
+    keep_largest_component,
+    keep_largest_foreground_component,
+)
 from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix
 from segpipe.metrics.overlap import confusion_counts, overlap_metrics
 from segpipe.parallel import parallel_map
@@ -115,8 +118,16 @@ def decide(dice: Mapping[str, Sequence[Sequence[float]] | np.ndarray], *,
     labels = [int(v) for v in labels]
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise ValueError(expected("a significance level in (0, 1)", key="alpha", received=alpha))
-    arrays = {name: np.asarray(dice[name], dtype=np.float64).reshape(-1, len(labels)) for name in VARIANTS}
-    n_cases = arrays["raw"].shape[0]
+    missing = [name for name in VARIANTS if name not in dice]
+    if missing:
+        raise ValueError(expected(f"per-case Dice under every variant {list(VARIANTS)}", key="dice",
+                                  received=Received(f"no {missing}")))
+    arrays = {name: np.asarray(dice[name], dtype=np.float64) for name in VARIANTS}
+    n_cases = arrays["raw"].shape[0] if arrays["raw"].ndim == 2 else 0
+    for name, array in arrays.items():
+        if array.size and array.shape != (n_cases, len(labels)):
+            raise ValueError(expected(f"an array (cases, {len(labels)} labels) like dice['raw'] {arrays['raw'].shape}",
+                                      key=f"dice[{name!r}].shape", received=array.shape))
     if n_cases == 0:
         raise ValueError(expected("at least one out-of-fold case", key="cases", received=Received("none")))
 

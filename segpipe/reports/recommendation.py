@@ -60,7 +60,7 @@ def recommendation_markdown(rec: Mapping[str, Any]) -> str:
     """
     test, ci = rec["test"], rec["ci"]
     lines = ["## Recommendation", "", f"**{rec['best']}**. {rec['summary']}", "",
-             f"| rank | config | mean foreground Dice | post-processing |", "|---|---|---|---|"]
+             "| rank | config | mean foreground Dice | post-processing |", "|---|---|---|---|"]
     for i, row in enumerate(rec["ranking"], 1):
         lines.append(f"| {i} | {row['config']} | {_number(row['mean_foreground_dice'])} | "
                      f"{describe_postprocessing(row['postprocessing'])} |")
