@@ -164,3 +164,11 @@ def test_an_evaluated_folder_with_other_cases_is_refused(tmp_path, capsys):
 def test_recommend_needs_two_candidates():
     with pytest.raises(ComparisonError, match="at least two candidates"):
         recommend([group("a", {1: [0.5]})], [1])
+
+
+def test_a_folder_without_candidates_is_named(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert evaluate.main(["--compare", str(tmp_path / "empty")]) == 1
+    assert "or folders with evaluation/per_case.csv" in capsys.readouterr().err
+    assert evaluate.main(["--compare", str(tmp_path / "missing")]) == 1
+    assert "missing (not found)" in capsys.readouterr().err

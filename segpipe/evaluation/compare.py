@@ -96,11 +96,12 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
         elif path.is_dir():
             runs += sorted(p for p in path.iterdir() if p.is_dir() and _is_candidate(p))
         else:
-            raise ComparisonError(expected("a run folder or an experiment folder of runs", key="--compare",
-                                           received=Received(f"{path} (not found)")))
+            raise ComparisonError(expected(
+                "a run folder, a folder with evaluation/per_case.csv or an experiment folder of those",
+                key="--compare", received=Received(f"{path} (not found)")))
     if not runs:
-        raise ComparisonError(expected("run folders (with config.yaml)", key="--compare",
-                                       received=Received(f"{[str(p) for p in paths]} (none found)")))
+        raise ComparisonError(expected("run folders (with config.yaml) or folders with evaluation/per_case.csv",
+                                       key="--compare", received=Received(f"{[str(p) for p in paths]} (none found)")))
     return runs
 
 

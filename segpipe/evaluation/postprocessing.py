@@ -307,7 +307,9 @@ def _score_job(job: tuple) -> dict[str, list[float]]:
                                       received=pred.shape))
         return case_dice_variants(pred, ref, labels=labels, connectivity=connectivity)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise type(exc)(f"Case {case_id!r}: {exc}") from exc
+        # Exceptions cross the process boundary without their traceback: name the case here.
+        wrapped = type(exc)(f"Case {case_id!r}: {exc}")
+        raise wrapped from exc
 
 
 def _label_map(value: LabelMapLike, name: str) -> np.ndarray:
