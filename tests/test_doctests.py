@@ -6,7 +6,10 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
-                                    "segpipe.inference.postprocess", "segpipe.inference.sliding_window"])
+                                    "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
+                                    "segpipe.inference.integrity", "segpipe.models.architecture",
+                                    "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
+                                    "segpipe.evaluation.compare"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

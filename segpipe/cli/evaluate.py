@@ -22,9 +22,11 @@ Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--data
                                  [--lesion-wise LABEL ... [--lesion-min-size-mm3 X] [--lesion-dilation-vox K]]
                                  [--images DIR] [--no-report]
 Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
-Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
+Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR | EVALUATED_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
-              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html)
+              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html,
+              and the recommendation: the best by mean foreground Dice, its margin over the runner-up
+              with a paired test and a bootstrap CI, its post-processing; recommendation.json)
 
 Writes per_case.csv, summary.json, report.html and overlays/ (best, median and worst case per
 class as slice overlays) into --out (default: PRED/evaluation, or RUN_DIR/evaluation), with
@@ -55,7 +57,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="run mode: the best checkpoint (chosen on these validation cases; the default) "
                              "or the final model")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
-                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
+                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME), run folders or folders with "
+                             "evaluation/per_case.csv (scored predictions, an ensemble) to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
     parser.add_argument("--lesion-wise", type=int, nargs="+", metavar="LABEL",
                         help="also score these labels lesion by lesion (connected components: detection "
@@ -161,7 +164,7 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(result["markdown"])
-    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json and plots")
+    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json, recommendation.json and plots")
     return 0
 
 

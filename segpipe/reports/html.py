@@ -430,6 +430,7 @@ def comparison_report_html(
     lower_is_better: Iterable[str] = (),
     images: Sequence[tuple[str, bytes]] = (),
     title: str = "Comparison",
+    extra_html: str = "",
 ) -> str:
     """The HTML text of a run comparison (:func:`segpipe.compare.compare` result).
 
@@ -447,6 +448,9 @@ def comparison_report_html(
         Plots to embed (box plots, training curves).
     title : str, optional
         Page title.
+    extra_html : str, optional
+        A section shown after the list of configurations (the recommendation,
+        :func:`segpipe.reports.recommendation.recommendation_html`).
     """
     metrics, lower_is_better = tuple(metrics), set(lower_is_better)
     body = ["<h2>Configurations</h2>", "<ul>"]
@@ -454,6 +458,8 @@ def comparison_report_html(
              + ", ".join(f"<code>{_e(r)}</code>" for r in dirs) + "</li>" for name, dirs in runs.items()]
     body += ["</ul>", '<p class="note">Per class: mean ± std (median) over cases; best mean in bold. '
              "HD95/ASSD in mm, with undefined distances (one mask empty) counted as the image diagonal.</p>"]
+    if extra_html:
+        body.append(extra_html)
     summary = result["summary"]
     labels = list(dict.fromkeys(s["class"] for s in summary))
     for label in [*labels, "fg"]:
@@ -520,11 +526,12 @@ def write_comparison_report(
         ("HD95 per case (box plots, mm)", "boxplot_hd95.png"),
         ("Training curves", "training_curves.png"),
     ),
+    extra_html: str = "",
 ) -> Path:
     """Write ``OUT_DIR/report.html`` with the comparison tables and the PNGs of ``plots`` found in ``out_dir``."""
     out_dir = Path(out_dir)
     images = [(caption, (out_dir / name).read_bytes()) for caption, name in plots if (out_dir / name).is_file()]
     path = out_dir / REPORT_FILE
     write_text(path, comparison_report_html(result, runs=runs, metrics=metrics, lower_is_better=lower_is_better,
-                                            images=images))
+                                            images=images, extra_html=extra_html))
     return path
