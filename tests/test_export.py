@@ -24,7 +24,7 @@ def trained(tmp_path_factory, phantom_root):
     model = tiny_model(depth=3, deep_supervision=True)
     assert len(model.outputs) == 2
     run_dir = make_run_dir(root, model, phantom_root, depth=3)
-    bundle_dir = export_run(run_dir, onnx=HAVE_ONNX, inference={"batch_size": 2, "postprocess_largest_component": [1]})
+    bundle_dir = export_run(run_dir, onnx=HAVE_ONNX, inference={"batch_size": 2, "postprocess_largest_component": [1], "postprocess_largest_foreground": False})
     return model, run_dir, bundle_dir
 
 
@@ -40,7 +40,7 @@ def test_bundle_holds_everything_prediction_needs(trained):
     assert meta["preprocessing"]["target_spacing_mm"] == [1.0, 1.0, 1.5]
     assert meta["preprocessing"]["normalization"] == "zscore"
     assert meta["inference"] == {"overlap": 0.5, "mirror_axes": [0, 1, 2], "batch_size": 2, "sigma_scale": 0.125,
-                                 "postprocess_largest_component": [1]}
+                                 "postprocess_largest_component": [1], "postprocess_largest_foreground": False}
     assert {"segpipe", "tensorflow", "keras", "numpy", "python"} <= set(meta["versions"])
     assert meta["training_config"]["model"]["depth"] == 3 and meta["training_config"]["name"] == "hand"
     assert meta["source"]["checkpoint"] == "best"

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     mirror.add_argument("--no-mirror", action="store_true", help="no test-time mirroring (8x faster than 3 axes)")
     parser.add_argument("--batch-size", type=int, help="windows per network call (default: the bundle's)")
     parser.add_argument("--largest-component", type=int, nargs="*", metavar="LABEL",
-                        help="keep only the largest connected component of these labels (none given: switch the bundle's off)")
+                        help="keep only the largest connected component of these labels, instead of the bundle's post-processing "
+                             "(none given: no post-processing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 

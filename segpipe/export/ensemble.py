@@ -50,8 +50,8 @@ def export_ensemble(
         Inference settings; default: the first member's config.
     postprocessing
         A post-processing decision record (``segpipe.evaluation.postprocessing``); its
-        ``postprocess_largest_component`` labels replace the inference settings' ones, and the
-        record is stored in ``bundle.json``.
+        ``postprocess_largest_component`` labels and ``postprocess_largest_foreground`` replace the
+        inference settings' ones, and the record is stored in ``bundle.json``.
     onnx, overwrite, verify
         As for :func:`segpipe.export.bundle.write_bundle`.
 
@@ -82,7 +82,8 @@ def export_ensemble(
     settings = settings if isinstance(settings, InferenceSettings) else InferenceSettings.from_mapping(settings or {})
     if postprocessing is not None:
         settings = dataclasses.replace(settings, postprocess_largest_component=tuple(
-            int(v) for v in postprocessing.get("postprocess_largest_component", ())))
+            int(v) for v in postprocessing.get("postprocess_largest_component", ())),
+            postprocess_largest_foreground=bool(postprocessing.get("postprocess_largest_foreground", False)))
     extra = {"members": [{**m.source, "architecture": m.architecture} for m in members]}
     if postprocessing is not None:
         extra["postprocessing"] = dict(postprocessing)

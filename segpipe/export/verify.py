@@ -71,7 +71,8 @@ def verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, pat
     image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
     image[:2] = 0
     reference = segment_volume(keras_predict_fn(net), image, np.diag([*spacing, 1.0]), preprocessing=preprocessing,
-                               patch_size=patch_size, settings=inference.replace(postprocess_largest_component=()),
+                               patch_size=patch_size, settings=inference.replace(postprocess_largest_component=(),
+                                                                             postprocess_largest_foreground=False),
                                return_probabilities=True).labels
     signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
     labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()

@@ -34,7 +34,7 @@ from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
 from segpipe.inference.bundle import Bundle, read_bundle
-from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.postprocess import apply_largest_component_steps
 from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
@@ -117,8 +117,9 @@ def segment_preprocessed(
         labels = restore_to_original(sliding_window_labels(predict_fn, image, patch_size, **window), meta, order=0)
     else:
         labels = labels_from_slabs(iter_blended_slabs(predict_fn, image, patch_size, **window), meta)
-    if settings.postprocess_largest_component:
-        labels = keep_largest_component(labels, settings.postprocess_largest_component)
+    if settings.postprocess_largest_component or settings.postprocess_largest_foreground:
+        labels = apply_largest_component_steps(labels, largest_foreground=settings.postprocess_largest_foreground,
+                                               classes=settings.postprocess_largest_component)
     affine = np.asarray(meta["original_affine"], dtype=np.float64)
     return Segmentation(labels, probabilities, affine)
 
@@ -317,7 +318,10 @@ def predict_files(
         raise ValueError(expected("an output folder other than an input folder (outputs would replace inputs)",
                                   key="--output", received=Received(str(output_dir))))
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
-                                        postprocess_largest_component=postprocess_largest_component)
+                                        postprocess_largest_component=postprocess_largest_component,
+                                        # an explicit list replaces the bundle's post-processing as a whole
+                                        postprocess_largest_foreground=None if postprocess_largest_component is None
+                                        else False)
     settings.check_classes(bundle.num_classes)
     check_resampled_sizes(cases, bundle.preprocessing)
     predict_fn = load_predictor(bundle, format, trust_bundle=trust_bundle)
