@@ -294,7 +294,8 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
     plot_training_curves(groups, class_names, labels, out_dir / "training_curves.png")
 
     columns = ["config", "run", "case", "class", "class_name", *METRICS, "image_diagonal_mm"]
-    write_csv(out_dir / "comparison.csv", ({**row, "config": group.name} for group in groups for row in group.rows), columns)
+    rows = ({**row, "config": group.name} for group in groups for row in group.rows)
+    write_csv(out_dir / "comparison.csv", rows, columns)
     write_json(out_dir / "comparison.json", result)
 
     # the tables are computed once and shown twice: report.md (and the terminal), report.html

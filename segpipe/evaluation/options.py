@@ -81,9 +81,11 @@ class LesionOptions:
     def __post_init__(self) -> None:
         labels = _labels(self.labels or (), "lesion_labels")
         if any(v <= 0 for v in labels):
-            raise ValueError(expected("lesion_labels > 0 (foreground labels)", key="lesion_labels", received=list(labels)))
+            raise ValueError(expected("lesion_labels > 0 (foreground labels)", key="lesion_labels",
+                                      received=list(labels)))
         if not (_is_number(self.min_size_mm3) and math.isfinite(self.min_size_mm3) and self.min_size_mm3 >= 0):
-            raise ValueError(expected("lesion_min_size_mm3 >= 0", key="lesion_min_size_mm3", received=self.min_size_mm3))
+            raise ValueError(expected("lesion_min_size_mm3 >= 0", key="lesion_min_size_mm3",
+                                      received=self.min_size_mm3))
         if not _is_integer(self.dilation_vox) or self.dilation_vox < 0:
             raise ValueError(expected("lesion_dilation_vox as an integer >= 0", key="lesion_dilation_vox",
                                       received=self.dilation_vox))
@@ -163,7 +165,8 @@ class EvaluationOptions:
         what = "tolerance_mm >= 0 (mm; a number or a mapping of label to number)"
         value = self.tolerance_mm
         if isinstance(value, Mapping):
-            if not all((_is_integer(k) or (isinstance(k, str) and k.isdigit())) and _is_number(v) for k, v in value.items()):
+            if not all((_is_integer(k) or (isinstance(k, str) and k.isdigit())) and _is_number(v)
+                       for k, v in value.items()):
                 raise ValueError(expected(what, key="tolerance_mm", received=dict(value)))
             value = {int(k): float(v) for k, v in value.items()}
             bad = {k: v for k, v in value.items() if not (math.isfinite(v) and v >= 0)}

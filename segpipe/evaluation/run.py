@@ -42,9 +42,11 @@ def evaluate_run(
         Where the scores go. Default ``RUN_DIR/evaluation``; predictions go to ``RUN_DIR/predictions``.
     model : {"best", "final"}, optional
         The model to predict with. Default: the best checkpoint if there is one.
-    labels, class_names, tolerance_mm, workers, lesion_labels, lesion_min_size_mm3, lesion_dilation_vox, report, image_dir
+    labels, class_names, tolerance_mm, workers, report, image_dir
         As :func:`segpipe.evaluation.folders.evaluate_folders`; labels and class names default to the
         run's. The report finds the scans beside the dataset's label maps, which the references link to.
+    lesion_labels, lesion_min_size_mm3, lesion_dilation_vox
+        As :func:`segpipe.evaluation.folders.evaluate_folders`.
 
     Returns
     -------

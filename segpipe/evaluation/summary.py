@@ -127,7 +127,8 @@ def _mean_of_means(stats: list[Mapping[str, float] | None]) -> float:
 
 def class_name(class_names: Sequence[str] | Mapping[int, str] | None, value: int,
                rows: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The name of class ``value``: from ``class_names``, else the ``class_name`` of its rows, else ``class_<value>``."""
+    """The name of class ``value``: from ``class_names``, else the ``class_name`` of its rows, else
+    ``class_<value>``."""
     if isinstance(class_names, Mapping):
         if value in class_names:
             return str(class_names[value])

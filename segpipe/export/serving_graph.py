@@ -253,7 +253,8 @@ class _SegmentGraph:
         valid = tf.cast(ids < rows.per_row, tf.float32)
         ids = tf.minimum(ids, rows.per_row - 1)  # a short last batch repeats a window at weight 0
         corner = tf.gather(rows.corners_yz, ids)
-        x = tf.stack([tf.slice(rows.image, tf.stack([x0, corner[k, 0], corner[k, 1], 0]), [*self.window, self.in_channels])
+        size = [*self.window, self.in_channels]
+        x = tf.stack([tf.slice(rows.image, tf.stack([x0, corner[k, 0], corner[k, 1], 0]), size)
                       for k in range(self.batch_size)])
         p = self.predict_mirrored(x) * tf.constant(self.weights[None, ..., None]) * valid[:, None, None, None, None]
         return b + 1, outputs.write(b, p)

@@ -113,8 +113,10 @@ def lesion_table(lesion_wise: Mapping[str, Any]) -> Table:
     names = lesion_wise.get("class_names", {})
     rows = []
     for value, entry in lesion_wise["per_class"].items():
-        cells = [Cell(str(value)), Cell(str(names.get(value, value))), _count(entry["n_cases"], "n_cases", **{"class": value})]
-        cells += [Cell(Stat.of_mapping(entry[k]), ".4f", {"metric": k, "class": value}) for k in ("lesion_dice", "lesion_f1")]
+        cells = [Cell(str(value)), Cell(str(names.get(value, value))),
+                 _count(entry["n_cases"], "n_cases", **{"class": value})]
+        cells += [Cell(Stat.of_mapping(entry[k]), ".4f", {"metric": k, "class": value})
+                  for k in ("lesion_dice", "lesion_f1")]
         cells += [_count(entry[k], k, **{"class": value}) for k in
                   ("n_ref_lesions", "n_pred_lesions", "lesion_tp", "lesion_fn", "lesion_fp",
                    "pooled_precision", "pooled_recall", "pooled_f1")]

@@ -266,7 +266,8 @@ def _definitions(summary: Mapping[str, Any]) -> str:
     items = [f"<li><b>{escape(k)}</b>: {escape(v)}</li>" for k, v in summary.get("definitions", {}).items()]
     tolerance = summary.get("tolerance_mm")
     if tolerance:
-        items.append(f"<li><b>NSD tolerance (mm)</b>: {escape(', '.join(f'{k}: {v}' for k, v in tolerance.items()))}</li>")
+        shown = ", ".join(f"{k}: {v}" for k, v in tolerance.items())
+        items.append(f"<li><b>NSD tolerance (mm)</b>: {escape(shown)}</li>")
     items.append("<li><b>missed / spurious</b>: cases with a reference but an empty prediction / a "
                  "prediction but an empty reference; their HD95 is undefined (n/a in the per-case table)</li>")
     return '<ul class="note">' + "".join(items) + "</ul>"

@@ -192,7 +192,7 @@ def data_attributes(data: Mapping[str, Any]) -> str:
 
 
 def to_html(table: Table, *, heading: str = "h2") -> str:
-    """The table as an HTML ``<table>`` (with ``<thead>``/``<tbody>``), its title as ``heading``, notes as paragraphs."""
+    """The table as an HTML ``<table>`` (``<thead>``, ``<tbody>``), its title as ``heading``, notes as paragraphs."""
     parts = [f"<{heading}>{escape(table.title)}</{heading}>"] if table.title else []
     attributes = (f' id="{escape(table.html_id)}"' if table.html_id else "") + (
         f' class="{escape(table.css_class)}"' if table.css_class else "") + data_attributes(table.data)
