@@ -9,7 +9,8 @@ import pytest
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
                                     "segpipe.inference.integrity", "segpipe.models.architecture",
                                     "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
-                                    "segpipe.evaluation.compare"])
+                                    "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
+                                    "segpipe.evaluation.options", "segpipe.evaluation.summary"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -11,8 +11,10 @@ from segpipe.cli import prog_name
 from segpipe.data.layouts import load_dataset
 from segpipe.errors import Received, StorageError, expected
 from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
-from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
+from segpipe.evaluation.folders import evaluate_folders
+from segpipe.evaluation.run import evaluate_run
 from segpipe.io import explain_write_errors
+from segpipe.reports.evaluation_tables import format_lesion_markdown, format_summary_markdown
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.

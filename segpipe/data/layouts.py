@@ -357,3 +357,54 @@ def read_case_label(case: Case) -> np.ndarray:
     if array.min(initial=0) >= 0 and array.max(initial=0) <= 255:
         return array.astype(np.uint8)
     return array.astype(np.int64)
+
+
+# ---------------------------------------------------------------- files of one case, by name
+
+
+def find_image(image_dir: str | Path, case: str) -> Path | None:
+    """The scan of ``case`` in ``image_dir``: ``CASE_0000.nii(.gz)`` (first channel) or ``CASE.nii(.gz)``, or None."""
+    for stem in (f"{case}_0000", case):
+        for suffix in NIFTI_SUFFIXES:
+            path = Path(image_dir) / f"{stem}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def image_folder_of(label_dir: Path) -> Path | None:
+    """The scans beside a label folder: ``labelsTr`` -> ``imagesTr``, ``labelsTs`` -> ``imagesTs``,
+    ``labels`` -> ``images`` (MSD, nnU-Net v2 and ``images/``+``labels/``), if that folder exists."""
+    if label_dir.name.startswith("labels"):
+        candidate = label_dir.with_name("images" + label_dir.name[len("labels"):])
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def image_of_label(case: str, label_file: Path, image_dir: str | Path | None = None) -> Path | None:
+    """The scan of ``case``: in ``image_dir`` if given, else beside the label folder of ``label_file`` or
+    of the file it links to (run mode links the dataset's label maps), or None."""
+    if image_dir is not None:
+        return find_image(image_dir, case)
+    for folder in dict.fromkeys((label_file.parent, label_file.resolve().parent)):
+        images = image_folder_of(folder)
+        found = find_image(images, case) if images is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def label_file(folder: Path, case: str) -> Path:
+    """``folder/CASE.nii.gz`` or ``folder/CASE.nii``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither exists.
+    """
+    for suffix in NIFTI_SUFFIXES:
+        if (folder / f"{case}{suffix}").is_file():
+            return folder / f"{case}{suffix}"
+    raise FileNotFoundError(expected(f"a label map of case {case!r} ({', '.join(NIFTI_SUFFIXES)})", key="folder",
+                                     received=Received(f"{folder} (has none)")))

@@ -21,8 +21,6 @@ bootstrap confidence interval, and the post-processing it uses (:func:`candidate
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -33,10 +31,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from segpipe.errors import Received, expected
-from segpipe.io import atomic_path, json_safe, write_json, write_text
+from segpipe.io import atomic_path, write_text
+from segpipe.reports.evaluation_tables import COMPARISON_NOTE, comparison_markdown, comparison_tables, tests_table
 from segpipe.reports.html import write_comparison_report
 from segpipe.reports.recommendation import recommendation_html, recommendation_markdown
 from segpipe.runs.rundir import RunDir
+from segpipe.tables import read_csv, write_csv, write_json
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 LOWER_IS_BETTER = {"hd95", "assd"}
@@ -163,13 +163,11 @@ def check_comparable(groups: Sequence[ConfigRuns]) -> None:
 
 
 def load_per_case(path: Path) -> list[dict[str, Any]]:
-    """Rows of an evaluation's per_case.csv with numbers parsed (NaN kept)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """Rows of an evaluation's per_case.csv (:func:`segpipe.tables.read_csv`: NaN kept); metrics as float."""
+    rows = read_csv(path, text=("case", "class_name"))
     for row in rows:
-        row["class"] = int(row["class"])
         for key in (*METRICS, "image_diagonal_mm"):
-            row[key] = float(row[key]) if row[key] not in ("", "nan", "NaN") else float("nan")
+            row[key] = float(row[key])
     return rows
 
 
@@ -452,46 +450,6 @@ def recommend(groups: Sequence[ConfigRuns], labels: Sequence[int], *, alpha: flo
     }
 
 
-def _fmt(value: float, metric: str) -> str:
-    return "n/a" if math.isnan(value) else (f"{value:.2f}" if metric in DISTANCES else f"{value:.4f}")
-
-
-def markdown_tables(result: dict[str, Any], labels: Sequence[int], class_names: dict[int, str]) -> str:
-    """One table per class (configs × metrics, mean ± std (median), best bold), then the foreground mean and tests."""
-    lines = []
-    summary = result["summary"]
-    for label in [*labels, "fg"]:
-        title = "foreground mean" if label == "fg" else f"class {label} ({class_names.get(label, label)})"
-        lines += [f"### {title}", "", "| config | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-        cells: dict[tuple[str, str], float] = {}
-        for config in result["configs"]:
-            for metric in METRICS:
-                rows = [s for s in summary if s["config"] == config and s["metric"] == metric
-                        and (label == "fg" or s["class"] == label)]
-                cells[config, metric] = float(np.mean([r["mean"] for r in rows]))
-        best = {m: (min if m in LOWER_IS_BETTER else max)(cells[c, m] for c in result["configs"]) for m in METRICS}
-        for config in result["configs"]:
-            row = [config]
-            for metric in METRICS:
-                text = _fmt(cells[config, metric], metric)
-                if label != "fg":
-                    (s,) = [s for s in summary if s["config"] == config and s["metric"] == metric and s["class"] == label]
-                    text = f"{text} ± {_fmt(s['std'], metric)} ({_fmt(s['median'], metric)})"
-                row.append(f"**{text}**" if cells[config, metric] == best[metric] else text)
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    if result["tests"]:
-        lines += [f"### Paired tests against `{result['reference']}`", "",
-                  "Wilcoxon signed-rank over cases, two-sided; wins/losses = cases where the config is better/worse "
-                  "than the reference; p (Holm) corrected over all rows of this table.", "",
-                  "| config | class | metric | n | wins | losses | ties | p | p (Holm) |", "|---" * 9 + "|"]
-        for t in result["tests"]:
-            lines.append(f"| {t['config']} | {t['class_name']} | {t['metric']} | {t['n']} | {t['wins']} | "
-                         f"{t['losses']} | {t['ties']} | {t['p']:.4g} | {t['p_holm']:.4g} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- plots
 
 
@@ -560,33 +518,32 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
     result = compare(groups, labels, class_names)
     result["recommendation"] = recommend(groups, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / RECOMMENDATION_FILE, json_safe(result["recommendation"]))
+    write_json(out_dir / RECOMMENDATION_FILE, result["recommendation"])  # NaN as null (segpipe.tables)
     plot_boxes(groups, labels, class_names, "dice", out_dir / "boxplot_dice.png")
     plot_boxes(groups, labels, class_names, "hd95", out_dir / "boxplot_hd95.png")
     plot_training_curves(groups, class_names, labels, out_dir / "training_curves.png")
 
     columns = ["config", "run", "case", "class", "class_name", *METRICS, "image_diagonal_mm"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, restval="", extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**row, "config": group.name} for group in groups for row in group.rows)
-    write_text(out_dir / "comparison.csv", buffer.getvalue())
-    write_json(out_dir / "comparison.json", json_safe(result))
+    rows = ({**row, "config": group.name} for group in groups for row in group.rows)
+    write_csv(out_dir / "comparison.csv", rows, columns)
+    write_json(out_dir / "comparison.json", result)
 
-    tables = markdown_tables(result, labels, class_names)
+    # the tables are computed once and shown twice: report.md (and the terminal), report.html
+    class_tables = comparison_tables(result, metrics=METRICS, lower_is_better=LOWER_IS_BETTER)
+    tests = tests_table(result)
+    tables = comparison_markdown(class_tables, tests)
     runs = "\n".join(f"- `{g.name}`: " + ", ".join(f"`{d}`" for d in g.run_dirs) for g in groups)
     report = (
         "# Comparison\n\n"
         f"Configurations (reference first):\n{runs}\n\n"
         f"{recommendation_markdown(result['recommendation'])}\n"
-        "Per class: mean ± std (median) over cases; best mean in bold. HD95/ASSD in mm, with undefined "
-        "distances (one mask empty) counted as the image diagonal.\n\n"
+        f"{COMPARISON_NOTE}\n\n"
         f"{tables}\n"
         "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n![Training curves](training_curves.png)\n"
     )
     write_text(out_dir / "report.md", report)
-    write_comparison_report(out_dir, result, runs={g.name: [str(d) for d in g.run_dirs] for g in groups},
-                            metrics=METRICS, lower_is_better=LOWER_IS_BETTER,
+    write_comparison_report(out_dir, class_tables, tests=tests, reference=result["reference"],
+                            runs={g.name: [str(d) for d in g.run_dirs] for g in groups},
                             extra_html=recommendation_html(result["recommendation"]))
     result["markdown"] = recommendation_markdown(result["recommendation"]) + "\n" + tables
     return result

@@ -23,7 +23,6 @@ No TensorFlow here: comparing and evaluating runs read run directories without i
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from segpipe.config import Config, load_config, to_yaml
 from segpipe.data.preprocess import PreprocessSettings
 from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json, write_text
+from segpipe.tables import read_csv
 
 MODEL_CHOICES = ("best", "last", "final")
 STATUSES = ("running", "interrupted", "finished")
@@ -127,12 +127,12 @@ class RunDir:
         """The folder of the last complete checkpoint (``model.keras`` + ``state.json``), or None."""
         return find_last_checkpoint(self.last_checkpoint_dir)
 
-    def history(self) -> list[dict[str, str]]:
-        """The rows of ``history.csv`` (strings, as written), or [] before the first epoch ended."""
+    def history(self) -> list[dict[str, Any]]:
+        """The rows of ``history.csv`` (numbers; NaN where written ``nan`` or empty, :mod:`segpipe.tables`),
+        or [] before the first epoch ended."""
         if not self.history_csv.is_file():
             return []
-        with open(self.history_csv, newline="") as f:
-            return list(csv.DictReader(f))
+        return read_csv(self.history_csv)
 
     def model_file(self, which: str | os.PathLike | None = None) -> tuple[str, Path]:
         """The one checkpoint resolver: ``(name, path)`` of the model a run is evaluated or exported with.

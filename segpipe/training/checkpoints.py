@@ -21,8 +21,6 @@ what killed writes left behind.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import errno
 import math
 import os
@@ -41,6 +39,7 @@ from segpipe.io import (atomic_path, durable_mkdir, durable_replace, failpoint, 
                         write_json, write_text)
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
+from segpipe.tables import write_csv
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -180,32 +179,17 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return read_json(checkpoint / "state.json")
 
 
+# history.csv and epoch_times.csv keep six significant digits (the bytes runs have always had).
+HISTORY_FLOAT_FORMAT = "%.6g"
+
+
 def write_history_csv(path: Path, rows: list[dict[str, Any]]) -> bool:
     """Write per-epoch log rows as CSV (atomically); columns in first-seen order, missing values empty.
 
-    Returns False (and writes nothing) when the file already holds exactly these rows.
+    Floats keep six significant digits, NaN is ``nan`` (:mod:`segpipe.tables`). Returns False (and
+    writes nothing) when the file already holds exactly these rows.
     """
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
-    text = buffer.getvalue()
-    try:
-        if Path(path).read_text() == text:
-            return False
-    except (OSError, UnicodeDecodeError):
-        pass
-    write_text(path, text)
-    return True
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
+    return write_csv(path, rows, float_format=HISTORY_FLOAT_FORMAT, unless_same=True)
 
 
 class CheckpointSchedule:
