@@ -58,9 +58,33 @@ def test_predict_py_with_an_ensemble_gives_the_members_mean_probabilities(folds,
     probabilities = []
     for name, bundle in [("ensemble", bundle_dir), *[(f"m{k}", b) for k, b in enumerate(member_bundles)]]:
         assert predict.main(["--model", str(bundle), "--input", str(scan), "--output", str(tmp_path / name), "--quiet",
-                             "--save-probabilities", "--largest-component"]) == 0
+                             "--save-probabilities", "--probabilities-dtype", "float32", "--largest-component"]) == 0
         probabilities.append(read_nifti(tmp_path / name / "s_probabilities.nii.gz").array)
     np.testing.assert_allclose(probabilities[0], (probabilities[1] + probabilities[2]) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "npz"])
+def test_saved_probabilities_sum_to_one_and_match_the_label_map(folds, tmp_path, fmt):
+    """float16 by default: per voxel the classes sum to 1 within float16 rounding, and their argmax is the
+    label map wherever the two most likely classes are further apart than that rounding."""
+    _, _, bundle_dir = folds
+    scan = write_scan(tmp_path / "scans" / "s.nii.gz", phantom_scan((18, 26, 20), seed=3), NON_RAS_AFFINE)
+    assert predict.main(["--model", str(bundle_dir), "--input", str(scan), "--output", str(tmp_path / "out"), "--quiet",
+                         "--no-mirror", "--save-probabilities", fmt, "--largest-component"]) == 0
+    labels = read_nifti(tmp_path / "out" / "s.nii.gz").array
+    if fmt == "npz":
+        stored = np.load(tmp_path / "out" / "s_probabilities.npz")
+        probabilities = stored["probabilities"]
+        np.testing.assert_array_equal(stored["affine"], read_nifti(scan).affine)
+        assert list(stored["class_names"]) == ["background", "organ", "lesion"]
+    else:
+        probabilities = read_nifti(tmp_path / "out" / "s_probabilities.nii.gz").array
+    assert probabilities.dtype == np.float16 and probabilities.shape == (*labels.shape, 3)
+    np.testing.assert_allclose(probabilities.astype(np.float64).sum(-1), 1.0, atol=3e-3)
+    top2 = np.sort(probabilities.astype(np.float32), -1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 2e-3
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(np.argmax(probabilities, -1)[clear], labels[clear])
 
 
 def test_members_must_share_classes_channels_and_preprocessing(folds):

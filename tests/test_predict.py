@@ -148,7 +148,7 @@ def test_formats_give_the_same_probabilities(bundle, scans, tmp_path, fmt):
     if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino extra not installed")
     _, bundle_dir = bundle
-    args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities",
+    args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities", "--probabilities-dtype", "float32",
             "--no-mirror", "--batch-size", "2"]
     assert predict.main([*args, "--output", str(tmp_path / "keras")]) == 0
     trust = ["--trust-bundle"] if fmt == "savedmodel" else []  # a SavedModel can run code: only when trusted

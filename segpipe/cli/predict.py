@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-bundle", action="store_true",
                         help="allow a format that can run code (savedmodel): only for a bundle from a source you trust "
                              "(docs/deployment.md, Trust)")
-    parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz (X, Y, Z, C) float32")
+    parser.add_argument("--save-probabilities", nargs="?", const="nifti", choices=("nifti", "npz"),
+                        help="also write the per-class probabilities: CASE_probabilities.nii.gz (X, Y, Z, C; default) "
+                             "or .npz (probabilities, affine, class_names)")
+    parser.add_argument("--probabilities-dtype", choices=("float16", "float32"), default="float16",
+                        help="dtype of the saved probabilities (default float16: half the size, ~1e-3 resolution)")
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 0.95] (default: the bundle's, 0.5)")
     mirror = parser.add_mutually_exclusive_group()
     mirror.add_argument("--mirror-axes", type=int, nargs="+", choices=(0, 1, 2), metavar="AXIS",
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             bundle, args.input, args.output, format=args.format,
             overlap=args.overlap, mirror_axes=() if args.no_mirror else args.mirror_axes, batch_size=args.batch_size,
             postprocess_largest_component=args.largest_component,
-            save_probabilities=args.save_probabilities, progress=not args.quiet, trust_bundle=args.trust_bundle,
+            save_probabilities=args.save_probabilities or False, probabilities_dtype=args.probabilities_dtype,
+            progress=not args.quiet, trust_bundle=args.trust_bundle,
         )
     except (BundleError, StorageError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')}: error: {exc}", file=sys.stderr)

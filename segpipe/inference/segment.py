@@ -38,7 +38,8 @@ from segpipe.inference.postprocess import apply_largest_component_steps
 from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
-from segpipe.io import NIFTI_SUFFIXES, remove_orphaned_temporaries, strip_nifti_suffix, write_nifti
+from segpipe.io import (NIFTI_SUFFIXES, atomic_path, explain_write_errors, remove_orphaned_temporaries,
+                        strip_nifti_suffix, write_nifti)
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -285,11 +286,12 @@ def predict_files(
     mirror_axes: Sequence[int] | None = None,
     batch_size: int | None = None,
     postprocess_largest_component: Sequence[int] | None = None,
-    save_probabilities: bool = False,
+    save_probabilities: bool | str = False,
+    probabilities_dtype: str = "float16",
     progress: bool = True,
     trust_bundle: bool = False,
 ) -> list[Path]:
-    """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
+    """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and the probabilities).
 
     Args:
         bundle: a bundle folder or a :class:`segpipe.inference.bundle.Bundle`.
@@ -300,7 +302,10 @@ def predict_files(
             has (see :mod:`segpipe.inference.runtimes`).
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
-        save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.
+        save_probabilities: also write the per-class probabilities (X, Y, Z, C) on the scan's grid
+            (an ensemble's: the members' average), as ``"nifti"`` (or True): ``CASE_probabilities.nii.gz``,
+            or ``"npz"``: ``CASE_probabilities.npz`` (:func:`write_probabilities`).
+        probabilities_dtype: ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
         progress: progress bars over cases and windows.
         trust_bundle: allow a format that can run code (``savedmodel``); only for a bundle from a
             source you trust (docs/deployment.md, "Trust").
@@ -310,6 +315,7 @@ def predict_files(
     """
     from tqdm import tqdm
 
+    probabilities_format = _probabilities_format(save_probabilities, probabilities_dtype)
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     cases = find_cases(inputs, bundle.input_channels)
     output_dir = Path(output_dir)
@@ -330,10 +336,49 @@ def predict_files(
     written = []
     for case in tqdm(cases, desc="Segmenting", unit="scan", disable=not progress):
         result = segment_case(bundle, predict_fn, case, settings=settings,
-                              return_probabilities=save_probabilities, progress=progress)
+                              return_probabilities=probabilities_format is not None, progress=progress)
         path = output_dir / f"{case.case_id}.nii.gz"
         write_nifti(path, result.labels, result.affine)
-        if save_probabilities:
-            write_nifti(output_dir / f"{case.case_id}_probabilities.nii.gz", result.probabilities, result.affine)
+        if probabilities_format is not None:
+            write_probabilities(output_dir / f"{case.case_id}_probabilities", result.probabilities, result.affine,
+                                class_names=bundle.class_names, format=probabilities_format,
+                                dtype=probabilities_dtype)
         written.append(path)
     return written
+
+
+PROBABILITY_FORMATS = ("nifti", "npz")
+PROBABILITY_DTYPES = ("float16", "float32")
+
+
+def write_probabilities(base: Path, probabilities: np.ndarray, affine: np.ndarray, *, class_names: Sequence[str],
+                        format: str = "nifti", dtype: str = "float16") -> Path:
+    """Write per-class probabilities (X, Y, Z, C) on the scan's grid, atomically.
+
+    ``nifti``: ``BASE.nii.gz``, a 4-D image with the scan's affine, channel c = class c.
+    ``npz``: ``BASE.npz`` (compressed) with ``probabilities`` (X, Y, Z, C), ``affine`` (4×4 float64)
+    and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
+    stored probabilities can differ from the label map only where two classes are within that.
+    """
+    array = np.asarray(probabilities).astype(dtype, copy=False)
+    if format == "nifti":
+        path = base.with_name(base.name + ".nii.gz")
+        write_nifti(path, array, affine)
+        return path
+    path = base.with_name(base.name + ".npz")
+    with explain_write_errors(path), atomic_path(path) as tmp:
+        np.savez_compressed(tmp, probabilities=array, affine=np.asarray(affine, np.float64),
+                            class_names=np.asarray(list(class_names)))
+    return path
+
+
+def _probabilities_format(save: bool | str, dtype: str) -> str | None:
+    if dtype not in PROBABILITY_DTYPES:
+        raise ValueError(expected(f"one of {PROBABILITY_DTYPES}", key="probabilities_dtype", received=dtype))
+    if save is False or save is None:
+        return None
+    if save is True:
+        return "nifti"
+    if save not in PROBABILITY_FORMATS:
+        raise ValueError(expected(f"one of {PROBABILITY_FORMATS}", key="--save-probabilities", received=save))
+    return save
