@@ -2,7 +2,9 @@
 
 Before the network is loaded, every scan is checked against the bundle (readable 3-D/4-D NIfTI, no
 empty axis, an invertible affine, finite intensities, the bundle's channel count): a bad scan is named
-in one error and nothing is written. A full disk or a read-only output folder is one error naming the
+in one error and nothing is written. So is the output folder: label maps that exist already are
+replaced only with ``--overwrite``, and a folder holding an input scan or a dataset's reference
+labels (``labelsTr/``, ``labels/``) is refused. A full disk or a read-only output folder is one error naming the
 file; the label maps written before it are complete.
 """
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--largest-component", type=int, nargs="*", metavar="LABEL",
                         help="keep only the largest connected component of these labels (none given: switch the bundle's off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace label maps that exist in --output (never an input scan or a dataset's labels)")
     args = parser.parse_args(argv)
 
     try:
@@ -57,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             bundle, args.input, args.output, format=args.format,
             overlap=args.overlap, mirror_axes=() if args.no_mirror else args.mirror_axes, batch_size=args.batch_size,
             postprocess_largest_component=args.largest_component,
-            save_probabilities=args.save_probabilities, progress=not args.quiet,
+            save_probabilities=args.save_probabilities, progress=not args.quiet, overwrite=args.overwrite,
         )
-    except (BundleError, StorageError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (BundleError, StorageError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')}: error: {exc}", file=sys.stderr)
         return 1
     print(f"Wrote {len(written)} label map(s) to {args.output}")

@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.arrays import nan_stats
+from segpipe.locks import hold
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
 from segpipe.errors import Received, expected
 from segpipe.io import (NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, remove_orphaned_temporaries, strip_nifti_suffix,
@@ -264,19 +265,24 @@ def evaluate_run(
     options are those of :func:`evaluate_folders` (the report finds the scans beside the dataset's
     label maps, which the references link to). Imports TensorFlow (seconds), so only call it when a
     model must run.
+
+    One evaluation of a run at a time: it holds the lock of ``RUN_DIR/evaluation``
+    (:mod:`segpipe.locks`) while it writes ``predictions/`` and the scores, so a second one stops at
+    once naming the first (:class:`segpipe.locks.LockHeldError`) instead of mixing their predictions.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
     run_dir = Path(run_dir)
-    pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
-    summary = evaluate_folders(
-        pred_dir, ref_dir, out,
-        labels=labels if labels is not None else run_labels,
-        class_names=class_names if class_names is not None else run_names,
-        tolerance_mm=tolerance_mm, workers=workers, lesion_labels=lesion_labels,
-        lesion_min_size_mm3=lesion_min_size_mm3, lesion_dilation_vox=lesion_dilation_vox, report=report,
-        image_dir=image_dir,
-    )
+    with hold(RunDir(run_dir).evaluation_dir, what="evaluation folder"):
+        pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
+        summary = evaluate_folders(
+            pred_dir, ref_dir, out,
+            labels=labels if labels is not None else run_labels,
+            class_names=class_names if class_names is not None else run_names,
+            tolerance_mm=tolerance_mm, workers=workers, lesion_labels=lesion_labels,
+            lesion_min_size_mm3=lesion_min_size_mm3, lesion_dilation_vox=lesion_dilation_vox, report=report,
+            image_dir=image_dir,
+        )
     return summary, out
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from segpipe.data.layouts import Case, read_case_image
+from segpipe.data.layouts import Case, is_reference_label_folder, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
 from segpipe.export.bundle import Bundle, load_predictor, read_bundle
@@ -251,13 +251,15 @@ def predict_files(
     postprocess_largest_component: Sequence[int] | None = None,
     save_probabilities: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
 
     Args:
         bundle: a bundle folder or a :class:`segpipe.export.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
-        output_dir: where label maps go; must not be an input folder.
+        output_dir: where label maps go; must not be a folder holding an input scan or a dataset's
+            reference label maps (:func:`check_output`).
         format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
             ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
             has (see :mod:`segpipe.export.runtimes`).
@@ -265,19 +267,22 @@ def predict_files(
             inference settings (``None`` keeps them).
         save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.
         progress: progress bars over cases and windows.
+        overwrite: replace label maps (and probabilities) that exist already; without it they are refused.
 
     Returns:
         The label map files written, in case order.
+
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is off (checked before any scan is
+            segmented, so nothing is written).
+        ValueError: the output folder holds an input scan or reference label maps (even with ``overwrite``).
     """
     from tqdm import tqdm
 
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     cases = find_cases(inputs, bundle.input_channels)
     output_dir = Path(output_dir)
-    sources = {p.parent.resolve() for c in cases for p in c.image_paths}
-    if output_dir.resolve() in sources:
-        raise ValueError(expected("an output folder other than an input folder (outputs would replace inputs)",
-                                  key="--output", received=Received(str(output_dir))))
+    check_output(cases, output_dir, overwrite=overwrite, save_probabilities=save_probabilities)
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
                                         postprocess_largest_component=postprocess_largest_component)
     settings.check_classes(bundle.num_classes)
@@ -288,9 +293,65 @@ def predict_files(
     for case in tqdm(cases, desc="Segmenting", unit="scan", disable=not progress):
         result = segment_case(bundle, predict_fn, case, settings=settings,
                               return_probabilities=save_probabilities, progress=progress)
-        path = output_dir / f"{case.case_id}.nii.gz"
+        path, *probability_path = output_files(case, output_dir, save_probabilities=save_probabilities)
         write_nifti(path, result.labels, result.affine)
-        if save_probabilities:
-            write_nifti(output_dir / f"{case.case_id}_probabilities.nii.gz", result.probabilities, result.affine)
+        if probability_path:
+            write_nifti(probability_path[0], result.probabilities, result.affine)
         written.append(path)
     return written
+
+
+def output_files(case: Case, output_dir: Path, *, save_probabilities: bool = False) -> list[Path]:
+    """The files :func:`predict_files` writes for ``case``: ``CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``)."""
+    return [output_dir / f"{case.case_id}.nii.gz",
+            *([output_dir / f"{case.case_id}_probabilities.nii.gz"] if save_probabilities else [])]
+
+
+def check_output(cases: Sequence[Case], output_dir: str | os.PathLike, *, overwrite: bool = False,
+                 save_probabilities: bool = False) -> None:
+    """Refuse an output folder prediction must not write into, before any scan is segmented.
+
+    Parameters
+    ----------
+    cases : sequence of Case
+        The scans to segment (:func:`find_cases`).
+    output_dir : path
+        Where the label maps would go.
+    overwrite : bool
+        Whether existing label maps of these cases may be replaced.
+    save_probabilities : bool
+        Whether probability maps are written too (their files are checked as well).
+
+    Raises
+    ------
+    ValueError
+        ``output_dir`` holds an input scan, or is a dataset's reference label folder
+        (:func:`segpipe.data.layouts.is_reference_label_folder`); ``overwrite`` does not change this.
+    FileExistsError
+        Without ``overwrite``: an output file exists (the first few named, and their count).
+    """
+    output_dir = Path(output_dir)
+    inputs = {p.resolve() for c in cases for p in c.image_paths}
+    held = sorted(str(p) for p in inputs if p.parent == output_dir.resolve())
+    if held:
+        raise ValueError(expected(
+            "an output folder that holds no input scan (label maps would replace or sit among the scans)",
+            key="--output", received=Received(f"{output_dir} (holds {len(held)} input(s): {', '.join(held[:3])}"
+                                              f"{', ...' if len(held) > 3 else ''})")))
+    if is_reference_label_folder(output_dir):
+        raise ValueError(expected(
+            "an output folder other than a dataset's reference label maps", key="--output",
+            received=Received(f"{output_dir} (a dataset's label folder)"),
+            hint="Predictions would replace the reference label maps of the same name: choose another folder.",
+        ))
+    if overwrite:
+        return
+    existing = [str(p) for c in cases for p in output_files(c, output_dir, save_probabilities=save_probabilities)
+                if p.exists() or p.is_symlink()]
+    if existing:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise FileExistsError(expected(
+            "output files that do not exist yet", key="--output",
+            received=Received(f"{output_dir} (holds {len(existing)} of them: {shown})"),
+            hint="Nothing was written. Pass --overwrite (overwrite=True) to replace them, or choose another folder.",
+        ))
