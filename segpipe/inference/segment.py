@@ -335,7 +335,7 @@ def check_output(cases: Sequence[Case], output_dir: str | os.PathLike, *, overwr
     held = sorted(str(p) for p in inputs if p.parent == output_dir.resolve())
     if held:
         raise ValueError(expected(
-            "an output folder that holds no input scan (label maps would replace or sit among the scans)",
+            "an output folder other than an input folder (outputs would replace inputs)",
             key="--output", received=Received(f"{output_dir} (holds {len(held)} input(s): {', '.join(held[:3])}"
                                               f"{', ...' if len(held) > 3 else ''})")))
     if is_reference_label_folder(output_dir):
