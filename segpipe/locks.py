@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from segpipe.errors import Received, expected
-from segpipe.io import process_alive
+from segpipe.io import explain_write_errors, process_alive
 
 LOCK_SUFFIX = ".lock"
 _UNREADABLE_GRACE_S = 5.0  # a lock file stays empty only between its creation and its first write
@@ -113,6 +113,8 @@ def hold(folder: str | os.PathLike, *, what: str, wait_seconds: float = 0.0, pol
     ------
     LockHeldError
         Another live process (or one on another host) holds the lock (after ``wait_seconds``).
+    StorageError
+        The lock file cannot be written (read-only or full disk, a file where its folder should be).
 
     Examples
     --------
@@ -125,7 +127,8 @@ def hold(folder: str | os.PathLike, *, what: str, wait_seconds: float = 0.0, pol
     False
     """
     path = lock_file(folder)
-    me = _acquire(path, Path(folder), what=what, wait_seconds=wait_seconds, poll_seconds=poll_seconds)
+    with explain_write_errors(path):  # a read-only or full disk: one error naming the lock file
+        me = _acquire(path, Path(folder), what=what, wait_seconds=wait_seconds, poll_seconds=poll_seconds)
     try:
         yield me
     finally:

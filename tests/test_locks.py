@@ -64,6 +64,15 @@ def test_the_lock_file_names_this_process_and_goes_on_exit_also_after_an_error(t
         pass
 
 
+def test_a_lock_that_cannot_be_written_is_one_storage_error_naming_it(tmp_path):
+    from segpipe.errors import StorageError
+
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(StorageError, match=rf"Received: path={tmp_path / 'a_file' / 'runs' / '.x.lock'} "):
+        with hold(tmp_path / "a_file" / "runs" / "x", what="run directory"):
+            pass
+
+
 def test_a_live_holder_refuses_a_second_process_at_once_naming_it(tmp_path):
     folder = tmp_path / "run"
     holder = start_holder(folder, tmp_path / "holder.log")

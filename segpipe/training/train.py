@@ -153,6 +153,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     distributed.warn_if_tf_config_unused(config.train.distribute)
     strategy = distributed.make_strategy(config.train.distribute, config.train.collective_timeout_seconds)
     worker = distributed.worker_info(strategy)
+    if worker.is_chief:  # the others write to a temporary folder
+        check_writable(run.path)  # before the lock beside it is written
     # only the chief writes the run directory, so only it holds the run's lock
     lock = hold(run.path, what="run directory") if worker.is_chief else contextlib.nullcontext()
     with distributed.lost_workers_reported(worker, config.train.collective_timeout_seconds, run.path), lock:
@@ -168,8 +170,7 @@ def _train(config: Config, run: RunDir, strategy: "tf.distribute.Strategy", work
     if not _may_train(run, config, resume=resume, overwrite=overwrite, is_chief=worker.is_chief):
         print(f"Run {run_dir} has already finished; nothing to do (use --overwrite to train it again).")
         return run_dir
-    if worker.is_chief:  # the others write to a temporary folder
-        check_writable(run_dir)
+    if worker.is_chief:
         remove_stale_temporaries(run_dir)  # of writes a crash interrupted (the lock keeps out live writers)
     data_config = _located(config, run)
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
