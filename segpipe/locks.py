@@ -155,7 +155,10 @@ def _acquire(path: Path, folder: Path, *, what: str, wait_seconds: float, poll_s
             _take_over(path, holder, folder, what)
             continue
         if time.monotonic() >= deadline:
-            raise LockHeldError(_held_message(path, folder, what, holder, waited=wait_seconds))
+            shown = holder.describe() if holder is not None else "a process whose lock file cannot be read"
+            raise LockHeldError(expected(f"a {what} no other process is writing", key=what.replace(" ", "_"),
+                                         received=Received(f"{folder} (locked by {shown}; lock file {path})"),
+                                         hint=_held_hint(path, what, holder, waited=wait_seconds)))
         if not announced and holder is not None:
             print(f"Waiting for {holder.describe()}, which is writing the {what} {folder} ...", file=sys.stderr, flush=True)
             announced = True
@@ -213,14 +216,11 @@ def _release(path: Path, me: Holder) -> None:
         path.unlink(missing_ok=True)
 
 
-def _held_message(path: Path, folder: Path, what: str, holder: Holder | None, *, waited: float) -> str:
-    shown = holder.describe() if holder is not None else "a process whose lock file cannot be read"
+def _held_hint(path: Path, what: str, holder: Holder | None, *, waited: float) -> str:
     other_host = holder is not None and holder.host != socket.gethostname()
-    hint = (f"Only one process writes a {what} at a time: wait for it to finish or stop it"
+    return (f"Only one process writes a {what} at a time: wait for it to finish or stop it"
             + (f" (it runs on another host; if it is gone, delete {path} by hand)." if other_host else ".")
             + (f" Waited {waited:g} s." if waited > 0 else ""))
-    return expected(f"a {what} no other process is writing", key=what.replace(" ", "_"),
-                    received=Received(f"{folder} (locked by {shown}; lock file {path})"), hint=hint)
 
 
 def _age_seconds(path: Path) -> float:
