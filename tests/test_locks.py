@@ -237,6 +237,14 @@ def test_a_second_evaluation_of_a_run_exits_at_once_naming_the_first(tmp_path, t
     assert not (run_dir / "predictions").exists() and not (run_dir / "evaluation").exists()
 
 
+def test_evaluating_a_folder_that_is_no_run_creates_nothing(tmp_path, capsys):
+    import evaluate
+
+    assert evaluate.main([str(tmp_path / "typo"), "--workers", "1"]) == 1
+    assert "Expected a run directory with config.yaml" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no folder made for a lock
+
+
 def test_the_reference_link_is_replaced_in_one_step(tmp_path):
     from segpipe.inference.run import _link
 

@@ -271,10 +271,12 @@ def evaluate_run(
     once naming the first (:class:`segpipe.locks.LockHeldError`) instead of mixing their predictions.
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
-    with hold(RunDir(run_dir).evaluation_dir, what="evaluation folder"):
-        pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
+    run = RunDir(run_dir)
+    if not run.is_run():  # before the lock, which would create the folder
+        raise FileNotFoundError(expected("a run directory with config.yaml", key="run_dir", received=str(run.path)))
+    out = Path(out_dir) if out_dir is not None else run.evaluation_dir
+    with hold(run.evaluation_dir, what="evaluation folder"):
+        pred_dir, ref_dir, run_labels, run_names = predict_run(run.path, model=model)
         summary = evaluate_folders(
             pred_dir, ref_dir, out,
             labels=labels if labels is not None else run_labels,
