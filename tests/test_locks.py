@@ -213,6 +213,32 @@ def test_resume_of_a_run_still_training_exits_at_once_naming_the_holder(tmp_path
     assert not (tmp_path / "runs" / ".cache").exists()  # the data cache was not touched
 
 
+def test_a_real_training_holds_its_run_and_a_second_train_py_is_refused(tmp_path, tiny_overrides, tmp_path_factory,
+                                                                       capsys):
+    """``train.py`` in another process, mid-training: ``--resume`` and a second ``train.py`` of the run exit at
+    once naming it (its pid, also in status.json); the training is not disturbed."""
+    import train
+    from process_helpers import TRAIN, shared_cache_dir, start
+
+    overrides = [*tiny_overrides, f"data.cache_dir={shared_cache_dir(tmp_path_factory)}", "name=live",
+                 "train.epochs=1000", "train.steps_per_epoch=2"]  # trains until killed
+    run_dir = tmp_path / "runs" / "live"
+    training = start([str(TRAIN), "--set", *overrides, "--no-plan"], tmp_path / "training.log")
+    with running(training):
+        try:
+            wait_until(lambda: (run_dir / "history.csv").is_file(), 240, "the training's first epoch", (training,))
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}\n{(tmp_path / 'training.log').read_text()[-3000:]}") from None
+        assert json.loads((run_dir / "status.json").read_text())["pid"] == training.pid
+        for args in (["--resume", str(run_dir)], ["--set", *overrides, "--no-plan", "--resume"]):
+            began = time.monotonic()
+            assert train.main(args) == 1
+            assert time.monotonic() - began < 30
+            err = capsys.readouterr().err
+            assert f"locked by process {training.pid} on host {socket.gethostname()}" in err, err
+        assert training.poll() is None  # still training
+
+
 def test_status_json_names_the_training_process(tmp_path):
     from segpipe.runs.rundir import RunDir
 
