@@ -172,14 +172,14 @@ def _train(config: Config, run: RunDir, strategy: "tf.distribute.Strategy", work
         return run_dir
     if worker.is_chief:
         remove_stale_temporaries(run_dir)  # of writes a crash interrupted (the lock keeps out live writers)
-    data_config = _located(config, run)
+    data_config = _located(config, run)  # the default data cache sits under the run's own output_dir
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
     checkpoint = run.last_checkpoint() if resume else None
     state: dict[str, Any] = read_state(checkpoint) if checkpoint else {}
     distributed.check_same_on_all_workers(
         strategy, worker, [state.get("epoch", 0), state.get("step", 0)], "checkpoint (epoch, step)")
 
-    dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(data_config.data))  # may generate phantoms
+    dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
     _check_before_data(config, dataset.num_classes)
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
