@@ -55,7 +55,8 @@ class Holder:
 
     def describe(self) -> str:
         """``process 4242 on host gpu-3 since 2026-01-05T10:22:03+00:00 (train.py ...)``."""
-        command = f" ({self.command})" if self.command else ""
+        shown = self.command if len(self.command) <= 120 else self.command[:117] + "..."  # a long --set list
+        command = f" ({shown})" if shown else ""
         return f"process {self.pid} on host {self.host} since {self.since}{command}"
 
     def is_stale(self) -> bool:
