@@ -215,8 +215,8 @@ def test_resume_of_a_run_still_training_exits_at_once_naming_the_holder(tmp_path
 
 def test_a_real_training_holds_its_run_and_a_second_train_py_is_refused(tmp_path, tiny_overrides, tmp_path_factory,
                                                                        capsys):
-    """``train.py`` in another process, mid-training: ``--resume`` and a second ``train.py`` of the run exit at
-    once naming it (its pid, also in status.json); the training is not disturbed."""
+    """``train.py`` in another process, mid-training: ``--resume``, a second ``train.py`` and ``--overwrite`` of
+    the run exit at once naming it (its pid, also in status.json); the training is not disturbed."""
     import train
     from process_helpers import TRAIN, shared_cache_dir, start
 
@@ -230,13 +230,15 @@ def test_a_real_training_holds_its_run_and_a_second_train_py_is_refused(tmp_path
         except (TimeoutError, RuntimeError) as exc:
             raise AssertionError(f"{exc}\n{(tmp_path / 'training.log').read_text()[-3000:]}") from None
         assert json.loads((run_dir / "status.json").read_text())["pid"] == training.pid
-        for args in (["--resume", str(run_dir)], ["--set", *overrides, "--no-plan", "--resume"]):
+        for args in (["--resume", str(run_dir)], ["--set", *overrides, "--no-plan", "--resume"],
+                     ["--set", *overrides, "--no-plan", "--overwrite"]):  # a live run is not deleted either
             began = time.monotonic()
             assert train.main(args) == 1
             assert time.monotonic() - began < 30
             err = capsys.readouterr().err
             assert f"locked by process {training.pid} on host {socket.gethostname()}" in err, err
         assert training.poll() is None  # still training
+        assert (run_dir / "history.csv").is_file() and (run_dir / "config.yaml").is_file()
 
 
 def test_status_json_names_the_training_process(tmp_path):
