@@ -549,7 +549,7 @@ def test_a_full_disk_while_writing_predictions_names_the_file_and_keeps_complete
 
     monkeypatch.setattr(segpipe.io.nib, "save", full_on_b)
     capsys.readouterr()
-    assert predict_cli.main(_predict(tmp_path, bundle_dir, *scans)) == 1
+    assert predict_cli.main([*_predict(tmp_path, bundle_dir, *scans), "--overwrite"]) == 1  # b.nii.gz exists
     err = capsys.readouterr().err
     assert err.startswith(f"predict.py: error: Expected free space and a writable folder for this file. "
                           f"Received: path={out / 'b.nii.gz'} (No space left on device). Nothing was half-written"), err

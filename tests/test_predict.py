@@ -169,7 +169,7 @@ def test_predict_py_errors_are_clear(bundle, scans, tmp_path, capsys):
     assert "Expected a NIfTI file or a folder of them. Received:" in capsys.readouterr().err
     assert predict.main(["--model", str(bundle_dir), "--input", str(scans), "--output", str(scans)]) == 1
     assert ("Expected an output folder other than an input folder (outputs would replace inputs). "
-            f"Received: --output={scans}.") in capsys.readouterr().err
+            f"Received: --output={scans} (holds 2 input(s): {scans / 'a.nii.gz'}, ") in capsys.readouterr().err
     two_channels = tmp_path / "two.nii.gz"
     write_scan(two_channels, np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
     assert predict.main(["--model", str(bundle_dir), "--input", str(two_channels), "--output", str(tmp_path / "o")]) == 1

@@ -25,7 +25,10 @@ def test_train_then_evaluate(tiny_run, tmp_path, phantom_root):
                  "bundle/model.weights.h5", "bundle/savedmodel/saved_model.pb"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard" / "train").iterdir())
-    assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished"}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "finished" and isinstance(status["pid"], int) and status["host"]
+    assert json.loads((run_dir / ".segpipe").read_text())["kind"] == "run"  # --overwrite may delete it
+    assert not (run_dir.parent / f".{run_dir.name}.lock").exists()  # released at the end
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.train.epochs == 2 and resolved.data.patch_size == [16, 16, 16]
 

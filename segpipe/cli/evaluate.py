@@ -15,6 +15,7 @@ from segpipe.evaluation.folders import evaluate_folders
 from segpipe.evaluation.run import evaluate_run
 from segpipe.io import explain_write_errors
 from segpipe.reports.evaluation_tables import format_lesion_markdown, format_summary_markdown
+from segpipe.locks import hold
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
@@ -120,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                        image_dir=args.images)
         out_dir = args.out or (RunDir(args.run_dir).evaluation_dir if args.run_dir is not None else args.pred / "evaluation")
         with explain_write_errors(out_dir):  # a full disk or read-only folder: one error naming the folder
-            if args.run_dir is not None:
+            if args.run_dir is not None:  # holds the run's evaluation lock
                 summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
             else:
-                summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
-    except (FileNotFoundError, ValueError, StorageError) as exc:  # StorageError: a full or read-only output folder
+                with hold(out_dir, what="evaluation folder"):  # one writer of the folder at a time
+                    summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
+    # StorageError: a full or read-only output folder; FileExistsError: another evaluation holds the folder
+    except (FileNotFoundError, FileExistsError, ValueError, StorageError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))
@@ -162,7 +165,7 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         default_out = args.compare[0] / "comparison" if len(args.compare) == 1 and not RunDir(args.compare[0]).is_run() else Path("comparison")
         out_dir = args.out or default_out
         result = write_comparison(groups, out_dir, class_names)
-    except (ComparisonError, FileNotFoundError, ValueError) as exc:
+    except (ComparisonError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(result["markdown"])

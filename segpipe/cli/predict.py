@@ -2,7 +2,9 @@
 
 Before the network is loaded, every scan is checked against the bundle (readable 3-D/4-D NIfTI, no
 empty axis, an invertible affine, finite intensities, the bundle's channel count): a bad scan is named
-in one error and nothing is written. A full disk or a read-only output folder is one error naming the
+in one error and nothing is written. So is the output folder: label maps that exist already are
+replaced only with ``--overwrite``, and a folder holding an input scan or a dataset's reference
+labels (``labelsTr/``, ``labels/``) is refused. A full disk or a read-only output folder is one error naming the
 file; the label maps written before it are complete.
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep only the largest connected component of these labels, instead of the bundle's post-processing "
                              "(none given: no post-processing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace label maps that exist in --output (never an input scan or a dataset's labels)")
     args = parser.parse_args(argv)
 
     try:
@@ -67,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             overlap=args.overlap, mirror_axes=() if args.no_mirror else args.mirror_axes, batch_size=args.batch_size,
             postprocess_largest_component=args.largest_component,
             save_probabilities=args.save_probabilities or False, probabilities_dtype=args.probabilities_dtype,
-            progress=not args.quiet, trust_bundle=args.trust_bundle,
+            progress=not args.quiet, trust_bundle=args.trust_bundle, overwrite=args.overwrite,
         )
-    except (BundleError, StorageError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (BundleError, StorageError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog_name('predict')}: error: {exc}", file=sys.stderr)
         return 1
     print(f"Wrote {len(written)} label map(s) to {args.output}")

@@ -408,3 +408,34 @@ def label_file(folder: Path, case: str) -> Path:
             return folder / f"{case}{suffix}"
     raise FileNotFoundError(expected(f"a label map of case {case!r} ({', '.join(NIFTI_SUFFIXES)})", key="folder",
                                      received=Received(f"{folder} (has none)")))
+
+
+def is_reference_label_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a dataset's reference label maps: ``labelsTr``/``labelsTs`` beside a
+    ``dataset.json`` (MSD, nnU-Net v2), a folder the MSD ``training`` entries name labels in, or
+    ``labels`` beside ``images`` (folders layout). Prediction never writes there.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> (root / "images").mkdir(); (root / "labels").mkdir()
+    >>> is_reference_label_folder(root / "labels"), is_reference_label_folder(root / "images")
+    (True, False)
+    """
+    folder = Path(folder).resolve()
+    root = folder.parent
+    if folder.name == "labels" and (root / "images").is_dir():
+        return True
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return False
+    if folder.name in ("labelsTr", "labelsTs"):
+        return True
+    try:
+        training = read_json(meta_path).get("training", [])
+    except (OSError, ValueError, AttributeError):  # not a dataset.json segpipe reads: no labels named
+        return False
+    entries = training if isinstance(training, list) else []
+    named = {(root / e["label"]).resolve().parent for e in entries if isinstance(e, dict) and isinstance(e.get("label"), str)}
+    return folder in named

@@ -10,8 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from segpipe.errors import expected
 from segpipe.evaluation.folders import score_folders
 from segpipe.evaluation.options import EvaluationOptions, LesionOptions
+from segpipe.locks import hold
 from segpipe.runs.rundir import RunDir
 
 __all__ = ["evaluate_run"]
@@ -59,6 +61,10 @@ def evaluate_run(
     ------
     ValueError
         An option out of range (checked before anything is predicted).
+    FileNotFoundError
+        ``run_dir`` is not a run directory.
+    segpipe.locks.LockHeldError
+        Another process evaluates this run (it holds the lock of ``RUN_DIR/evaluation``).
     """
     options = EvaluationOptions(
         labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=workers, report=report,
@@ -67,9 +73,14 @@ def evaluate_run(
     )
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
 
-    run_dir = Path(run_dir)
-    pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
-    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
-    options = replace(options, labels=options.labels if options.labels is not None else run_labels,
-                      class_names=options.class_names if options.class_names is not None else run_names)
-    return score_folders(pred_dir, ref_dir, out, options), out
+    run = RunDir(run_dir)
+    if not run.is_run():  # before the lock, which would create the folder
+        raise FileNotFoundError(expected("a run directory with config.yaml", key="run_dir", received=str(run.path)))
+    out = Path(out_dir) if out_dir is not None else run.evaluation_dir
+    # one evaluation of a run at a time: a second one stops at once naming the first
+    # (segpipe.locks.LockHeldError) instead of mixing their predictions
+    with hold(run.evaluation_dir, what="evaluation folder"):
+        pred_dir, ref_dir, run_labels, run_names = predict_run(run.path, model=model)
+        options = replace(options, labels=options.labels if options.labels is not None else run_labels,
+                          class_names=options.class_names if options.class_names is not None else run_names)
+        return score_folders(pred_dir, ref_dir, out, options), out

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from segpipe.data.layouts import Case, read_case_image
+from segpipe.data.layouts import Case, is_reference_label_folder, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
 from segpipe.inference.bundle import Bundle, read_bundle
@@ -290,13 +290,15 @@ def predict_files(
     probabilities_dtype: str = "float16",
     progress: bool = True,
     trust_bundle: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and the probabilities).
 
     Args:
         bundle: a bundle folder or a :class:`segpipe.inference.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
-        output_dir: where label maps go; must not be an input folder.
+        output_dir: where label maps go; must not be a folder holding an input scan or a dataset's
+            reference label maps (:func:`check_output`).
         format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
             ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
             has (see :mod:`segpipe.inference.runtimes`).
@@ -309,9 +311,15 @@ def predict_files(
         progress: progress bars over cases and windows.
         trust_bundle: allow a format that can run code (``savedmodel``); only for a bundle from a
             source you trust (docs/deployment.md, "Trust").
+        overwrite: replace label maps (and probabilities) that exist already; without it they are refused.
 
     Returns:
         The label map files written, in case order.
+
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is off (checked before any scan is
+            segmented, so nothing is written).
+        ValueError: the output folder holds an input scan or reference label maps (even with ``overwrite``).
     """
     from tqdm import tqdm
 
@@ -319,10 +327,7 @@ def predict_files(
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     cases = find_cases(inputs, bundle.input_channels)
     output_dir = Path(output_dir)
-    sources = {p.parent.resolve() for c in cases for p in c.image_paths}
-    if output_dir.resolve() in sources:
-        raise ValueError(expected("an output folder other than an input folder (outputs would replace inputs)",
-                                  key="--output", received=Received(str(output_dir))))
+    check_output(cases, output_dir, overwrite=overwrite, save_probabilities=probabilities_format)
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
                                         postprocess_largest_component=postprocess_largest_component,
                                         # an explicit list replaces the bundle's post-processing as a whole
@@ -337,12 +342,11 @@ def predict_files(
     for case in tqdm(cases, desc="Segmenting", unit="scan", disable=not progress):
         result = segment_case(bundle, predict_fn, case, settings=settings,
                               return_probabilities=probabilities_format is not None, progress=progress)
-        path = output_dir / f"{case.case_id}.nii.gz"
+        path, *probability_path = output_files(case, output_dir, save_probabilities=probabilities_format)
         write_nifti(path, result.labels, result.affine)
-        if probabilities_format is not None:
-            write_probabilities(output_dir / f"{case.case_id}_probabilities", result.probabilities, result.affine,
-                                class_names=bundle.class_names, format=probabilities_format,
-                                dtype=probabilities_dtype)
+        if probability_path:
+            write_probabilities(probability_path[0], result.probabilities, result.affine,
+                                class_names=bundle.class_names, dtype=probabilities_dtype)
         written.append(path)
     return written
 
@@ -351,21 +355,18 @@ PROBABILITY_FORMATS = ("nifti", "npz")
 PROBABILITY_DTYPES = ("float16", "float32")
 
 
-def write_probabilities(base: Path, probabilities: np.ndarray, affine: np.ndarray, *, class_names: Sequence[str],
-                        format: str = "nifti", dtype: str = "float16") -> Path:
-    """Write per-class probabilities (X, Y, Z, C) on the scan's grid, atomically.
+def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarray, *, class_names: Sequence[str],
+                        dtype: str = "float16") -> Path:
+    """Write per-class probabilities (X, Y, Z, C) on the scan's grid, atomically; the format by the suffix.
 
-    ``nifti``: ``BASE.nii.gz``, a 4-D image with the scan's affine, channel c = class c.
-    ``npz``: ``BASE.npz`` (compressed) with ``probabilities`` (X, Y, Z, C), ``affine`` (4×4 float64)
-    and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
+    ``.nii.gz``: a 4-D image with the scan's affine, channel c = class c.
+    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C), ``affine`` (4×4 float64) and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
     stored probabilities can differ from the label map only where two classes are within that.
     """
     array = np.asarray(probabilities).astype(dtype, copy=False)
-    if format == "nifti":
-        path = base.with_name(base.name + ".nii.gz")
+    if not path.name.endswith(".npz"):
         write_nifti(path, array, affine)
         return path
-    path = base.with_name(base.name + ".npz")
     with explain_write_errors(path), atomic_path(path) as tmp:
         np.savez_compressed(tmp, probabilities=array, affine=np.asarray(affine, np.float64),
                             class_names=np.asarray(list(class_names)))
@@ -382,3 +383,61 @@ def _probabilities_format(save: bool | str, dtype: str) -> str | None:
     if save not in PROBABILITY_FORMATS:
         raise ValueError(expected(f"one of {PROBABILITY_FORMATS}", key="--save-probabilities", received=save))
     return save
+
+
+def output_files(case: Case, output_dir: Path, *, save_probabilities: str | None = None) -> list[Path]:
+    """The files :func:`predict_files` writes for ``case``: ``CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``
+    or ``.npz`` for ``save_probabilities`` ``"nifti"`` / ``"npz"``)."""
+    suffix = {"nifti": ".nii.gz", "npz": ".npz"}.get(save_probabilities or "")
+    return [output_dir / f"{case.case_id}.nii.gz",
+            *([output_dir / f"{case.case_id}_probabilities{suffix}"] if suffix else [])]
+
+
+def check_output(cases: Sequence[Case], output_dir: str | os.PathLike, *, overwrite: bool = False,
+                 save_probabilities: str | None = None) -> None:
+    """Refuse an output folder prediction must not write into, before any scan is segmented.
+
+    Parameters
+    ----------
+    cases : sequence of Case
+        The scans to segment (:func:`find_cases`).
+    output_dir : path
+        Where the label maps would go.
+    overwrite : bool
+        Whether existing label maps of these cases may be replaced.
+    save_probabilities : str or None
+        Whether probability maps are written too (their files are checked as well).
+
+    Raises
+    ------
+    ValueError
+        ``output_dir`` holds an input scan, or is a dataset's reference label folder
+        (:func:`segpipe.data.layouts.is_reference_label_folder`); ``overwrite`` does not change this.
+    FileExistsError
+        Without ``overwrite``: an output file exists (the first few named, and their count).
+    """
+    output_dir = Path(output_dir)
+    inputs = {p.resolve() for c in cases for p in c.image_paths}
+    held = sorted(str(p) for p in inputs if p.parent == output_dir.resolve())
+    if held:
+        raise ValueError(expected(
+            "an output folder other than an input folder (outputs would replace inputs)",
+            key="--output", received=Received(f"{output_dir} (holds {len(held)} input(s): {', '.join(held[:3])}"
+                                              f"{', ...' if len(held) > 3 else ''})")))
+    if is_reference_label_folder(output_dir):
+        raise ValueError(expected(
+            "an output folder other than a dataset's reference label maps", key="--output",
+            received=Received(f"{output_dir} (a dataset's label folder)"),
+            hint="Predictions would replace the reference label maps of the same name: choose another folder.",
+        ))
+    if overwrite:
+        return
+    existing = [str(p) for c in cases for p in output_files(c, output_dir, save_probabilities=save_probabilities)
+                if p.exists() or p.is_symlink()]
+    if existing:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise FileExistsError(expected(
+            "output files that do not exist yet", key="--output",
+            received=Received(f"{output_dir} (holds {len(existing)} of them: {shown})"),
+            hint="Nothing was written. Pass --overwrite (overwrite=True) to replace them, or choose another folder.",
+        ))

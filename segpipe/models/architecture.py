@@ -29,7 +29,7 @@ ENSEMBLE = "ensemble"  # several networks of the builders above, their probabili
 MAX_MEMBERS = 16
 NORMS = ("batch", "instance", "none")  # the builders' own lists, restated so this module needs no Keras
 INITS = ("glorot_uniform", "he_normal")
-OUTPUTS = ("softmax", "logits")
+OUTPUTS = ("softmax", "logits", "sigmoid")
 # Bounds for a description read from a file: generous for real networks (nnU-Net's largest 3D
 # presets have 6-7 stages, 320 features, ~100 M parameters), small enough that building one is safe.
 MAX_DEPTH = 8
@@ -47,7 +47,8 @@ _LIST_ARGS = {"features": (1, MAX_FEATURES), "blocks_per_stage": (1, MAX_CONVS)}
 _BOOL_ARGS = ("deep_supervision",)
 
 
-def architecture_from_model_config(model_config: Any, *, in_channels: int, num_classes: int) -> dict[str, Any]:
+def architecture_from_model_config(model_config: Any, *, in_channels: int, num_classes: int,
+                                   output: str | None = None) -> dict[str, Any]:
     """The description of the network a ``model`` config section builds (see :class:`segpipe.config.schema.ModelConfig`).
 
     Parameters
@@ -55,7 +56,9 @@ def architecture_from_model_config(model_config: Any, *, in_channels: int, num_c
     model_config
         The ``model`` section (``name``, ``depth``, ``base_filters``, ...).
     in_channels, num_classes
-        Input channels and output classes of the network.
+        Input channels and output classes (or regions) of the network.
+    output
+        The head, if not the config's ``model.output`` (``sigmoid`` for region training).
 
     Returns
     -------
@@ -64,7 +67,7 @@ def architecture_from_model_config(model_config: Any, *, in_channels: int, num_c
     """
     m = model_config
     args: dict[str, Any] = dict(depth=m.depth, base_filters=m.base_filters, max_filters=m.max_filters, norm=m.norm,
-                                deep_supervision=m.deep_supervision, output=m.output, strides=m.strides,
+                                deep_supervision=m.deep_supervision, output=output or m.output, strides=m.strides,
                                 kernel_sizes=m.kernel_sizes)
     if m.init is not None:
         args["init"] = m.init

@@ -36,7 +36,7 @@ import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
 from segpipe.io import (atomic_path, durable_mkdir, durable_replace, failpoint, fsync_tree, process_alive, read_json,
-                        write_json, write_text)
+                        remove_orphaned_temporaries, write_json, write_text)
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
 from segpipe.tables import write_csv
@@ -146,16 +146,16 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     """Delete what killed writes left in a run directory; returns the paths removed.
 
     The temporary files of :func:`segpipe.io.atomic_path` in the run directory and ``checkpoints/``
-    (only training writes there), and the bundle's temporary and old folders
-    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``, :mod:`segpipe.export.bundle`) of processes that no
-    longer run; ``checkpoints/last.tmp/`` (never trusted), and ``checkpoints/last.old/`` when
+    (:func:`segpipe.io.remove_orphaned_temporaries`), and the bundle's temporary and old folders
+    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``, :mod:`segpipe.export.bundle`), of processes that
+    no longer run; ``checkpoints/last.tmp/`` (never trusted), and ``checkpoints/last.old/`` when
     ``last/`` is complete (otherwise ``last.old/`` is the checkpoint, kept). Nothing reads these
     names: this is for the disk space (a run resumed with no step left to train saves no
     checkpoint that would remove them).
     """
     run = RunDir(run_dir)
-    stale = [p for folder in (run.path, run.checkpoints_dir) if folder.is_dir()
-             for p in folder.glob(".*.tmp*") if p.is_file()]
+    # only the temporaries of dead processes: an export or evaluation of this run may be writing
+    stale = [p for folder in (run.path, run.checkpoints_dir) for p in remove_orphaned_temporaries(folder)]
     last = run.last_checkpoint_dir
     stale += [p for p in (last.with_name(last.name + ".tmp"),) if p.is_dir()]
     if find_last_checkpoint(last) == last:
@@ -163,6 +163,8 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     for pattern in (f".{run.bundle_dir.name}.tmp-*", f".{run.bundle_dir.name}.old-*"):
         stale += [p for p in run.path.glob(pattern) if p.is_dir() and not _bundle_writer_alive(p)]
     for path in stale:
+        if not path.exists():
+            continue  # removed above
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
