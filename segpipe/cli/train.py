@@ -13,7 +13,7 @@ from segpipe.config import ConfigError, load_config
 from segpipe.data.pipeline import DataError
 from segpipe.errors import Received, expected
 from segpipe.runs.rundir import RunDir
-from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 

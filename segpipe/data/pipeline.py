@@ -41,7 +41,7 @@ from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings, target_shape
 from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json
-from segpipe.planning.fingerprint import load_or_compute_fingerprint
+from segpipe.data.fingerprint import load_or_compute_fingerprint
 
 
 SPLITS_VERSION = 1

@@ -265,7 +265,7 @@ def evaluate_run(
     label maps, which the references link to). Imports TensorFlow (seconds), so only call it when a
     model must run.
     """
-    from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
+    from segpipe.evaluation.predictions import predict_run  # TensorFlow: only the run mode needs it
     run_dir = Path(run_dir)
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir

@@ -1,1 +1,1 @@
-"""Inference: settings, the sliding window, segmenting scans with a bundle, post-processing, predicting a run."""
+"""Inference: settings, the sliding window, segmenting scans with a bundle, post-processing."""

@@ -125,7 +125,7 @@ def make_plan(
 
     Parameters
     ----------
-    fingerprint : from :func:`segpipe.planning.fingerprint.compute_fingerprint` (``cases`` with spacing,
+    fingerprint : from :func:`segpipe.data.fingerprint.compute_fingerprint` (``cases`` with spacing,
         cropped shape and class voxels; ``channel_names``; ``classes``; ``intensity``).
     hardware : device and memory budget (:func:`segpipe.planning.hardware.detect_hardware`).
     model : ``unet3d`` (plain, nnU-Net's default) or ``resenc_unet`` (residual encoder).
