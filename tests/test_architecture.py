@@ -1,4 +1,5 @@
-"""The package's shape: no import circles among segpipe modules, and TensorFlow only where a model runs."""
+"""The package's shape: no import circles among segpipe modules or its top-level packages (the layer order of
+docs/architecture.md), and TensorFlow only where a model runs."""
 from __future__ import annotations
 
 import ast
@@ -74,7 +75,7 @@ def import_edges(package: Path = PACKAGE) -> list[tuple[str, str, bool]]:
                     if step in modules and step != name and not (name.startswith(step + ".") and
                                                                   modules[step].name == "__init__.py"):
                         edges.append((name, step, lazy))
-    return edges
+    return list(dict.fromkeys(edges))
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
@@ -103,6 +104,9 @@ def package_graph(package: Path = PACKAGE) -> dict[str, dict[str, list[str]]]:
         a, b = _top_level(importer), _top_level(imported)
         if a != b and not lazy:
             graph[a].setdefault(b, []).append(f"{importer} -> {imported}")
+    for targets in graph.values():  # name each import by its module, not also by the packages on the way
+        for b, why in targets.items():
+            targets[b] = [w for w in why if not any(o.startswith(w + ".") for o in why)]
     return graph
 
 
@@ -169,6 +173,51 @@ def test_no_import_circles_among_segpipe_modules():
     assert len(graph) > 40 and "segpipe.runs.rundir" in graph["segpipe.training.train"]
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / "fakepkg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "fakepkg"
+
+
+def test_the_package_check_finds_a_planted_circle(tmp_path):
+    """A fake package tree: ``low`` -> ``high`` -> ``low`` through a module-level and a function-level import."""
+    package = _write_tree(tmp_path, {
+        "__init__.py": "",
+        "base.py": "",
+        "low/__init__.py": "",
+        "low/settings.py": "from fakepkg.base import *\n",
+        "low/pipeline.py": "def prepare():\n    from fakepkg.high.config import Config  # a planted circle\n",
+        "high/__init__.py": "",
+        "high/config.py": "from fakepkg.low.settings import *\n",
+        "side/__init__.py": "",
+        "side/typing_only.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fakepkg.high import config\n",
+    })
+    assert find_cycle(import_graph(package)) is None  # no circle among the modules themselves
+    assert package_circles(package) == [{"high", "low"}]
+    assert describe_circle({"high", "low"}, package) == ("  high -> low: fakepkg.high.config -> fakepkg.low.settings\n"
+                                                         "  low -> high: fakepkg.low.pipeline -> fakepkg.high.config")
+    assert "side" not in package_graph(package)["side"] and not package_graph(package)["side"]  # TYPE_CHECKING
+
+    # the one exception: a function-level import whose comment says it keeps TensorFlow out
+    (package / "low" / "pipeline.py").write_text(
+        "def prepare():\n    from fakepkg.high.config import Config  # TensorFlow: only when preparing\n")
+    assert package_circles(package) == []
+    # ... at module level the same comment does not excuse it
+    (package / "low" / "pipeline.py").write_text("from fakepkg.high.config import Config  # TensorFlow\n")
+    assert package_circles(package) == [{"high", "low"}]
+
+
+def test_no_import_circles_among_segpipe_packages():
+    """The top-level packages form layers (docs/architecture.md, "Layers"): no package imports one that imports it."""
+    graph = package_graph()
+    assert "config" in graph["training"] and "data" in graph["config"]  # the graph sees real imports
+    circles = package_circles()
+    assert not circles, "import circles among segpipe's packages:\n" + "\n".join(
+        f"{' <-> '.join(sorted(group))}:\n{describe_circle(group)}" for group in circles)
 
 
 def test_every_stage_is_a_package():

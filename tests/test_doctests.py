@@ -6,6 +6,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.parallel", "segpipe.runs.rundir",
+                                    "segpipe.settings", "segpipe.models.geometry", "segpipe.data.preprocess",
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

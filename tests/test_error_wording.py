@@ -1,8 +1,8 @@
 """Every error says "Expected … Received: key=value" (segpipe.errors), naming the key once.
 
 (a) An AST scan over segpipe/: the message of each ``raise X(<message>)`` is built by
-    ``expected(...)`` / ``SettingError(...)`` (or the config loader's ``_expected``/``_unknown_key``,
-    built on ``expected``), or is a literal/f-string of that form. Modules other helpers own are
+    ``expected(...)`` / ``SettingError(...)`` (or ``UnknownKeyError``, a SettingError of
+    segpipe.settings), or is a literal/f-string of that form. Modules other helpers own are
     exempt as a whole; single sites are exempt only with a reason.
 (b) Real bad inputs: the full message text, and the key appears once.
 """
@@ -42,7 +42,7 @@ JUSTIFIED = {
         "Python's attribute protocol in __getattr__: the message is the attribute name, as Python's own",
 }
 
-BUILDERS = {"expected", "_expected", "_unknown_key"}
+BUILDERS = {"expected"}
 WORDED = re.compile(r"^(\S+: )?Expected .+?\. Received: [^\s=]+=", re.S)
 
 
@@ -90,7 +90,7 @@ def badly_worded_raises(source: str, module: str = "<string>") -> list[tuple[int
         if not isinstance(node, ast.Raise) or not isinstance(node.exc, ast.Call):
             continue  # bare ``raise`` and ``raise exc``: re-raising an error made elsewhere
         call = node.exc
-        if _name(call.func) in ("SettingError", "with_prefix") or _name(call.func) in NOT_MESSAGES:
+        if _name(call.func) in ("SettingError", "UnknownKeyError", "with_prefix") or _name(call.func) in NOT_MESSAGES:
             continue
         if call.args and _worded(call.args[0], assignments):
             continue
@@ -374,19 +374,19 @@ CASES = [
     ("inference-overlap", _inference(overlap=0.99), ValueError,
      "Expected a number in [0, 0.95]. Received: overlap=0.99.", "overlap"),
     ("inference-unknown", _inference_mapping({"overlaps": 0.5}), ValueError,
-     "Expected an inference setting out of ['overlap', 'mirror_axes', 'batch_size', 'sigma_scale', "
-     "'postprocess_largest_component']. Received: overlaps=0.5.", "overlaps"),
+     "Expected a key of inference settings (overlap, mirror_axes, batch_size, sigma_scale, "
+     "postprocess_largest_component). Received: overlaps=0.5. Did you mean 'overlap'?", "overlaps"),
     ("rundir-choice", _model_file("latest"), ValueError,
      "Expected one of ['best', 'last', 'final'] or a .keras file. Received: model='latest'.", "model"),
     ("rundir-missing", _model_file(None), FileNotFoundError,
      "Expected a trained model (checkpoints/best.keras or model.keras). Received: run_dir={tmp}/run (neither exists).",
      "run_dir"),
     ("preprocess-value", _preprocess({"normalization": "minmax"}, prefix="preprocessing."), ValueError,
-     "bundle/bundle.json: Expected one of ('zscore', 'zscore_nonzero', 'ct', 'none'). "
+     "bundle/bundle.json: Expected one of ['zscore', 'zscore_nonzero', 'ct', 'none']. "
      "Received: preprocessing.normalization='minmax'.", "preprocessing.normalization"),
     ("preprocess-unknown", _preprocess({"spacing": [1, 1, 1]}), ValueError,
-     "bundle/bundle.json: Expected preprocessing settings out of ['target_spacing_mm', 'normalization', "
-     "'crop_to_nonzero', 'image_order', 'label_interpolation', 'intensity_stats']. Received: spacing=[1, 1, 1].",
+     "bundle/bundle.json: Expected a key of preprocessing settings (target_spacing_mm, normalization, "
+     "crop_to_nonzero, image_order, label_interpolation, intensity_stats). Received: spacing=[1, 1, 1].",
      "spacing"),
     ("folders-no-ref", _folders(True, False), FileNotFoundError,
      "Expected a folder of NIfTI label maps. Received: ref_dir={tmp}/ref (no such folder).", "ref_dir"),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from segpipe.cli import prog_name
-from segpipe.config import Config, ConfigError, apply_overrides, from_dict, read_yaml_with_extends
+from segpipe.config import Config, ConfigError, apply_overrides, read_yaml_with_extends
 from segpipe.data.fingerprint import load_or_compute_fingerprint
 from segpipe.data.pipeline import (DataError, dataset_cache_dir, open_dataset, read_split_file, run_integrity_check,
                                    run_label_check)
@@ -82,7 +82,7 @@ def plan_config(
     """
     explicit = set(explicit)
     light = {k: config[k] for k in ("data", "output_dir", "seed") if k in config}
-    base = from_dict(Config, light)  # only the sections opening the dataset needs
+    base = Config.from_dict(light)  # only the sections opening the dataset needs
     dataset = open_dataset(base.data)
     # the checks training would run, before anything is read into the cache
     run_integrity_check(dataset, base.data.check, workers=base.data.preprocess_workers, progress=progress)
