@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
+import numbers
 import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar
@@ -39,15 +41,17 @@ from segpipe.errors import Received, SettingError, expected
 T = TypeVar("T")
 
 
-def is_number(value: Any) -> bool:
-    """An int or float that is not a bool (YAML's ``true`` is no number).
+def is_number(value: Any, *, finite: bool = False) -> bool:
+    """A real number (Python or NumPy) that is not a bool (YAML's ``true`` is no number); ``finite``: not NaN or inf.
+
+    The one test of "is this a number" of segpipe's settings and options.
 
     Examples
     --------
-    >>> is_number(0.5), is_number(3), is_number(True), is_number("1")
-    (True, True, False, False)
+    >>> is_number(0.5), is_number(3), is_number(True), is_number("1"), is_number(float("nan"), finite=True)
+    (True, True, False, False, False)
     """
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and (not finite or math.isfinite(value))
 
 
 def number_range(minimum: float | None = None, maximum: float | None = None, *,
