@@ -220,6 +220,29 @@ def test_no_import_circles_among_segpipe_packages():
         f"{' <-> '.join(sorted(group))}:\n{describe_circle(group)}" for group in circles)
 
 
+def documented_layers() -> dict[str, int]:
+    """Top-level package -> its layer, from the "Layers" table of docs/architecture.md."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, int] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            for name in cells[1].split(","):
+                layers[name.strip().strip("`")] = int(cells[0])
+    return layers
+
+
+def test_every_import_goes_down_the_documented_layers():
+    layers = documented_layers()
+    graph = package_graph()
+    assert set(layers) == set(graph) - {"segpipe"}, "every top-level package in exactly one layer of the table"
+    upward = [f"{a} (layer {layers[a]}) -> {b} (layer {layers[b]}): {', '.join(why)}"
+              for a, targets in sorted(graph.items()) if a in layers
+              for b, why in sorted(targets.items()) if layers[b] >= layers[a]]
+    assert not upward, "imports against the layers of docs/architecture.md:\n" + "\n".join(upward)
+
+
 def test_every_stage_is_a_package():
     for stage in ("config", "data", "planning", "models", "losses", "metrics", "training", "runs", "inference",
                   "export", "evaluation", "cli"):
