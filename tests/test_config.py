@@ -124,12 +124,12 @@ def test_inference_section_defaults_and_overrides():
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["inference.overlap=0.96"], "Expected <= 0.95. Received: inference.overlap=0.96"),
-        (["inference.overlap=-0.1"], "Expected >= 0.0. Received: inference.overlap=-0.1"),
+        (["inference.overlap=0.96"], "Expected a number in [0, 0.95]. Received: inference.overlap=0.96"),
+        (["inference.overlap=-0.1"], "Expected a number in [0, 0.95]. Received: inference.overlap=-0.1"),
         (["inference.mirror_axes=[0, 3]"], "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[0, 3]"),
         (["inference.mirror_axes=[1, 1]"], "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[1, 1]"),
         (["inference.mirror_axes=2"], "Expected a list of int. Received: inference.mirror_axes=2"),
-        (["inference.batch_size=0"], "Expected >= 1. Received: inference.batch_size=0"),
+        (["inference.batch_size=0"], "Expected an integer >= 1. Received: inference.batch_size=0"),
         (["inference.postprocess_largest_component=[0]"], "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[0]"),
         (["inference.postprocess_largest_component=[2, 2]"], "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[2, 2]"),
         (["inference.overlaps=0.5"], "Expected a key of inference … Received: inference.overlaps=0.5. Did you mean 'inference.overlap'?"),

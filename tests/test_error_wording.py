@@ -368,7 +368,7 @@ CASES = [
      "Expected every side divisible by 8 (model.depth=4 halves the patch 3 times). "
      "Received: data.patch_size=[30, 32, 32]. Nearest valid: [32, 32, 32]", "data.patch_size"),
     ("config-inference", _config("inference.overlap=0.96"), ValueError,
-     "Expected <= 0.95. Received: inference.overlap=0.96.", "inference.overlap"),
+     "Expected a number in [0, 0.95]. Received: inference.overlap=0.96.", "inference.overlap"),
     ("config-override", _config("train.epochs"), ValueError,
      "Expected an override of the form key.sub=value. Received: --set='train.epochs'.", "--set"),
     ("inference-overlap", _inference(overlap=0.99), ValueError,

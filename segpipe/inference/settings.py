@@ -7,7 +7,7 @@ No TensorFlow here: the config loader imports this module.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from segpipe.errors import SettingError
@@ -53,10 +53,12 @@ class InferenceSettings(Settings):
 
     SECTION = "inference settings"  # names them in an unknown key's message when read without a key path
 
-    overlap: float = field(default=0.5, metadata={"min": 0.0, "max": MAX_OVERLAP})
+    # the ranges are checked in __post_init__ alone (no field metadata), so a setting read from the
+    # config, from bundle.json or given in Python gets the same message
+    overlap: float = 0.5
     mirror_axes: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = field(default=2, metadata={"min": 1})
-    sigma_scale: float = field(default=0.125, metadata={"min": 0.0, "exclusive_min": True})
+    batch_size: int = 2
+    sigma_scale: float = 0.125
     postprocess_largest_component: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
