@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 import segpipe.evaluation.folders
+import segpipe.evaluation.summary
 import segpipe.metrics.overlap
 import segpipe.metrics.surface
-from segpipe.evaluation.folders import evaluate_folders, format_summary_markdown, summarize
+from segpipe.evaluation.folders import evaluate_folders
+from segpipe.evaluation.summary import summarize
+from segpipe.reports.evaluation_tables import format_summary_markdown
 from segpipe.io import write_json, write_nifti
 
 
@@ -223,7 +226,8 @@ def test_cli_default_out_labels_and_errors(tmp_path, capsys):
         evaluate.main(["--pred", "p", "--ref", "r", "--tolerance-mm", "1", "x"])
 
 
-@pytest.mark.parametrize("module", [segpipe.metrics.overlap, segpipe.metrics.surface, segpipe.evaluation.folders])
+@pytest.mark.parametrize("module", [segpipe.metrics.overlap, segpipe.metrics.surface, segpipe.evaluation.folders,
+                                    segpipe.evaluation.summary])
 def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
@@ -235,6 +239,8 @@ def test_cli_run_mode_uses_predict_run(tmp_path, monkeypatch, capsys):
 
     pred_dir, ref_dir = make_folders(tmp_path)
     run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}\n")  # a run: evaluate_run refuses a folder without its config
     calls = []
 
     def predict_run(path, model=None):
