@@ -6,6 +6,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
+                                    "segpipe.settings", "segpipe.models.geometry", "segpipe.data.preprocess",
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
                                     "segpipe.inference.integrity", "segpipe.models.architecture", "segpipe.models.transfer",
                                     "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",

@@ -16,7 +16,7 @@ from segpipe.data.pipeline import DataError
 from segpipe.errors import Received, StorageError, expected
 from segpipe.ownership import check_replaceable
 from segpipe.runs.rundir import RunDir
-from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 

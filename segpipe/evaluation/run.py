@@ -1,6 +1,6 @@
 """Run mode: predict a trained run's validation cases, then score them like folders.
 
-Imports TensorFlow (through :mod:`segpipe.inference.run`) only when called, so the folder mode of
+Imports TensorFlow (through :mod:`segpipe.evaluation.predictions`) only when called, so the folder mode of
 ``evaluate.py`` never loads it.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def evaluate_run(
         image_dir=image_dir, lesions=LesionOptions(labels=lesion_labels or (), min_size_mm3=lesion_min_size_mm3,
                                                    dilation_vox=lesion_dilation_vox),
     )
-    from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
+    from segpipe.evaluation.predictions import predict_run  # TensorFlow: only the run mode needs it
 
     run = RunDir(run_dir)
     if not run.is_run():  # before the lock, which would create the folder
