@@ -13,7 +13,7 @@ forward FLOPs: forward, gradient w.r.t. activations and w.r.t. weights), and tha
 forward pass's GFLOP/s, the practical peak of this machine for these convolutions.
 
 TensorFlow runs in each ``--precisions`` (``train.precision``: float32 and Keras's mixed policies, built
-as training builds them: ``segpipe.training.precision``); the default is float32 and every mixed
+as training builds them: ``segpipe.models.precision``); the default is float32 and every mixed
 precision this machine supports (``segpipe.planning.hardware.supported_precisions``). PyTorch runs
 in float32.
 
@@ -81,7 +81,7 @@ def compiled_unet_and_batch(patch, batch: int, base: int, depth: int, norm: str 
     import keras
 
     from segpipe.models import unet3d
-    from segpipe.training.precision import model_dtype, wrap_optimizer
+    from segpipe.models.precision import model_dtype, wrap_optimizer
 
     model = unet3d.build_unet3d(1, 3, depth=depth, base_filters=base, norm=norm, dtype=model_dtype(precision))
     model.compile(optimizer=wrap_optimizer(keras.optimizers.Adam(1e-3), precision), loss="categorical_crossentropy")

@@ -5,8 +5,13 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.parallel", "segpipe.runs.rundir",
-                                    "segpipe.inference.postprocess", "segpipe.inference.sliding_window"])
+@pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
+                                    "segpipe.settings", "segpipe.models.geometry", "segpipe.data.preprocess",
+                                    "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
+                                    "segpipe.inference.integrity", "segpipe.models.architecture", "segpipe.models.transfer",
+                                    "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
+                                    "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
+                                    "segpipe.evaluation.options", "segpipe.evaluation.summary"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -13,8 +13,8 @@ import tensorflow as tf
 import train
 from process_helpers import assert_same_history, read_history, running, start
 from segpipe.config import ConfigError, load_config
+from segpipe.models.precision import PRECISIONS, model_dtype, resolve_precision
 from segpipe.training.checkpoints import RunCheckpoint
-from segpipe.training.precision import PRECISIONS, model_dtype, resolve_precision
 from segpipe.training.train import build_model, compile_model
 
 CLASSES = ["background", "a", "b"]
@@ -157,13 +157,17 @@ def test_mixed_precision_trains_under_two_mirrored_replicas(precision, crash_ove
 
 
 def test_a_bfloat16_model_exports_float32_probabilities_equal_to_keras(tmp_path):
-    """The export path of a mixed-precision network: its float32 copy (``float32_model``) in a bundle, each
-    format's probabilities float32 and equal to the Keras float32 copy's; the bf16 network's own
-    probabilities within bf16's rounding of them."""
+    """The export path of a mixed-precision network: ``write_bundle`` given the bf16 network itself writes its
+    float32 copy (``float32_model``, through ``inference_model``); each format's probabilities are float32 and
+    equal to the Keras float32 copy's, and the bf16 network's own probabilities are within bf16's rounding."""
     from segpipe.data.preprocess import PreprocessSettings
-    from segpipe.export.bundle import load_predictor, read_bundle, write_bundle
-    from segpipe.training.precision import float32_model
+    from segpipe.export.bundle import inference_model, write_bundle
+    from segpipe.inference.bundle import read_bundle
+    from segpipe.inference.runtimes import load_predictor
+    from segpipe.models.architecture import architecture_from_model_config
+    from segpipe.models.precision import float32_model
 
+    config = _config("mixed_bfloat16", "model.depth=2")
     mixed = _model("mixed_bfloat16", "model.depth=2")
     x, y = _batch(2)
     for _ in range(2):
@@ -171,13 +175,17 @@ def test_a_bfloat16_model_exports_float32_probabilities_equal_to_keras(tmp_path)
     plain = float32_model(mixed)
     assert all(layer.dtype_policy.name == "float32" for layer in plain.layers)
     assert all(np.array_equal(a, b) for a, b in zip(mixed.get_weights(), plain.get_weights()))
+    assert all(layer.dtype_policy.name == "float32" for layer in inference_model(mixed).layers)
     expected = np.asarray(plain.predict_on_batch(x[:1]))
     assert np.abs(np.asarray(mixed.predict_on_batch(x[:1])) - expected).max() < 0.05  # bf16 against float32
 
     settings = PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.0), normalization=("zscore",), crop_to_nonzero=False)
-    bundle = write_bundle(plain, tmp_path / "bundle", class_names=CLASSES, preprocessing=settings,
-                          patch_size=[16, 16, 16], onnx=True, segment=False)
-    for fmt in read_bundle(bundle).files:
+    architecture = architecture_from_model_config(config.model, in_channels=1, num_classes=3)
+    bundle = write_bundle(mixed, tmp_path / "bundle", class_names=CLASSES, preprocessing=settings,
+                          patch_size=[16, 16, 16], architecture=architecture, onnx=True, segment=False)
+    files = read_bundle(bundle).files
+    assert {"keras", "savedmodel", "onnx"} <= set(files)
+    for fmt in files:
         probabilities = np.asarray(load_predictor(bundle, fmt)(x[:1]))
         assert probabilities.dtype == np.float32, fmt
         assert np.abs(probabilities - expected).max() < 1e-4, fmt
@@ -208,15 +216,16 @@ def test_two_workers_train_in_float16_with_loss_scaling_and_the_anytime_schedule
 
 
 def test_a_bfloat16_run_ends_with_a_float32_bundle(crash_overrides, tmp_path):
-    from segpipe.export.bundle import load_predictor, read_bundle
+    from segpipe.inference.bundle import read_bundle
+    from segpipe.inference.runtimes import load_predictor
 
     overrides = [*crash_overrides, "train.precision=mixed_bfloat16", "train.epochs=1", "train.steps_per_epoch=2",
                  "train.export_bundle=true", f"output_dir={tmp_path}", "name=bf16"]
     assert train.main(["--set", *overrides]) == 0
     run = tmp_path / "bf16"
     bundle = read_bundle(run / "bundle")
-    assert (run / "checkpoints" / "best.float32.keras").is_file()  # what the bundle was written from
-    assert bundle.meta["source"]["model_file"].endswith("best.float32.keras")
+    assert bundle.meta["source"]["model_file"].endswith("best.keras")  # the checkpoint as trained, converted on export
+    assert not list((run / "checkpoints").glob("*.float32.keras"))  # no float32 copy beside it any more
     x = np.zeros((1, 16, 16, 16, 1), np.float32)
     for fmt in bundle.files:
         assert np.asarray(load_predictor(bundle, fmt)(x)).dtype == np.float32, fmt

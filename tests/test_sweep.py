@@ -16,7 +16,7 @@ import train
 from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.config import ConfigError, load_config, to_yaml
 from segpipe.training.interrupts import TrainingInterrupted
-from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 from segpipe.runs.rundir import RunDir
 from segpipe.training.train import check_resumed_config
 
@@ -176,3 +176,5 @@ def test_folds_sweep_then_compare_the_experiment(tiny_overrides, tmp_path, phant
     rows = read_rows(exp / "comparison" / "comparison.csv")
     assert {r["run"] for r in rows} == {"dice_fold0", "dice_fold1", "iou_fold0", "iou_fold1"}
     assert (exp / "comparison" / "report.md").is_file()
+    recommendation = json.loads((exp / "comparison" / "recommendation.json").read_text())
+    assert recommendation["n_cases"] == len(cases) and {recommendation["best"], recommendation["runner_up"]} == {"dice", "iou"}

@@ -4,6 +4,7 @@ Folder mode never imports TensorFlow."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from segpipe.cli import prog_name
 from segpipe.data.layouts import load_dataset
 from segpipe.errors import Received, StorageError, expected
 from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
-from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
+from segpipe.evaluation.folders import evaluate_folders
+from segpipe.evaluation.run import evaluate_run
 from segpipe.io import explain_write_errors
+from segpipe.locks import hold
+from segpipe.reports.evaluation_tables import format_lesion_markdown, format_summary_markdown
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
@@ -22,9 +26,11 @@ Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--data
                                  [--lesion-wise LABEL ... [--lesion-min-size-mm3 X] [--lesion-dilation-vox K]]
                                  [--images DIR] [--no-report]
 Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
-Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
+Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR | EVALUATED_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
-              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html)
+              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html,
+              and the recommendation: the best by mean foreground Dice, its margin over the runner-up
+              with a paired test and a bootstrap CI, its post-processing; recommendation.json)
 
 Writes per_case.csv, summary.json, report.html and overlays/ (best, median and worst case per
 class as slice overlays) into --out (default: PRED/evaluation, or RUN_DIR/evaluation), with
@@ -55,8 +61,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="run mode: the best checkpoint (chosen on these validation cases; the default) "
                              "or the final model")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
-                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
+                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME), run folders or folders with "
+                             "evaluation/per_case.csv (scored predictions, an ensemble) to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
+    parser.add_argument("--ensemble", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="the folds of a k-fold split as one ensemble: out-of-fold evaluation, post-processing "
+                             "chosen on it, one bundle of all (--out, default <name>_ensemble beside the runs)")
     parser.add_argument("--lesion-wise", type=int, nargs="+", metavar="LABEL",
                         help="also score these labels lesion by lesion (connected components: detection "
                              "TP/FP/FN, precision/recall/F1, BraTS 2023 lesion-wise Dice; lesions.csv)")
@@ -84,6 +94,25 @@ def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--lesion-min-size-mm3 and --lesion-dilation-vox need --lesion-wise LABEL ...")
 
 
+def _ensemble(args: argparse.Namespace, prog: str) -> int:
+    """``evaluate.py --ensemble RUN RUN ...``: the ensemble folder of chosen runs (:mod:`segpipe.evaluation.ensemble`)."""
+    from segpipe.evaluation.ensemble import build_ensemble_run  # TensorFlow: the runs predict and export
+
+    try:
+        out = build_ensemble_run(args.ensemble, args.out, checkpoint=args.model or "best", workers=args.workers or 1,
+                                 overwrite=True)
+    except (FileExistsError, FileNotFoundError, ValueError, StorageError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    record = json.loads((out / "ensemble.json").read_text())["postprocessing"]
+    print(f"Ensemble of {len(args.ensemble)} runs: {out}\n"
+          f"  out-of-fold foreground Dice {record['dice_before']['foreground_mean']:.4f} -> "
+          f"{record['dice_after']['foreground_mean']:.4f} with the chosen post-processing "
+          f"(largest foreground component: {record['postprocess_largest_foreground']}, "
+          f"largest component of labels {record['postprocess_largest_component']})\n  bundle: {out / 'bundle'}")
+    return 0
+
+
 def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None]:
     """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win)."""
     if dataset_json is None:
@@ -101,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_dir is not None or args.pred or args.ref:
             parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
         return _compare(args, prog)
+    if args.ensemble:
+        if args.run_dir is not None or args.pred or args.ref:
+            parser.error("--ensemble takes its own run folders; do not combine it with RUN_DIR or --pred/--ref")
+        return _ensemble(args, prog)
     _check_modes(parser, args)
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)
@@ -115,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                        image_dir=args.images)
         out_dir = args.out or (RunDir(args.run_dir).evaluation_dir if args.run_dir is not None else args.pred / "evaluation")
         with explain_write_errors(out_dir):  # a full disk or read-only folder: one error naming the folder
-            if args.run_dir is not None:
+            if args.run_dir is not None:  # holds the run's evaluation lock
                 summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
             else:
-                summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
-    except (FileNotFoundError, ValueError, StorageError) as exc:  # StorageError: a full or read-only output folder
+                with hold(out_dir, what="evaluation folder"):  # one writer of the folder at a time
+                    summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
+    # StorageError: a full or read-only output folder; FileExistsError: another evaluation holds the folder
+    except (FileNotFoundError, FileExistsError, ValueError, StorageError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))
@@ -157,11 +192,11 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         default_out = args.compare[0] / "comparison" if len(args.compare) == 1 and not RunDir(args.compare[0]).is_run() else Path("comparison")
         out_dir = args.out or default_out
         result = write_comparison(groups, out_dir, class_names)
-    except (ComparisonError, FileNotFoundError, ValueError) as exc:
+    except (ComparisonError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(result["markdown"])
-    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json and plots")
+    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json, recommendation.json and plots")
     return 0
 
 

@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import csv
+import copy
 import glob
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 from segpipe.cli import evaluate, prog_name
-from segpipe.cli.plan import planned_config, report
-from segpipe.config import ConfigError, load_config
+from segpipe.cli.plan import planned_config, planned_run_name, report
+from segpipe.config import Config, ConfigError, load_config
 from segpipe.data.pipeline import DataError
-from segpipe.errors import Received, expected
+from segpipe.errors import Received, StorageError, expected
 from segpipe.io import read_json, write_json
+from segpipe.ownership import check_replaceable
 from segpipe.planning.output import budget_line, budget_report
 from segpipe.runs.rundir import RunDir
-from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+from segpipe.tables import read_csv
+from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
@@ -46,7 +49,6 @@ press it twice to abort at once. Several GPUs or machines: train.distribute (REA
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
     """``train.py``: train one config or a sweep of configs (x folds); returns the exit code.
 
     0: every run finished or had finished; 1: a run failed; 2: a config could not be loaded;
@@ -65,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                         help="continue an interrupted run (its own config) from its last checkpoint; without "
                              "RUN_DIR, continue the unfinished runs of the configs given")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing run of the same name first (only a folder segpipe created as a run)")
     parser.add_argument("--plan-only", action="store_true", help="write and print the plan (plan.json, plan.yaml), do not train")
     parser.add_argument("--no-plan", action="store_true", help="never plan: train the configs as written")
     args = parser.parse_args(argv)
+    started = time.monotonic()  # the whole command, for budget.json
 
     result = None  # the plan, when this command plans
     try:
@@ -77,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--resume RUN_DIR continues a run with its saved config; "
                              "do not pass --config/--set/--experiment/--folds/--fold")
             runs = [RunDir(args.resume).config()]
+            run_dirs = [Path(args.resume)]  # the run itself, wherever this command runs from
         else:
             # quoted, so a name like 2024-05 stays a string (override values are parsed as YAML)
             overrides = [*args.set, *([f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else [])]
             paths = _config_paths(args.config) if args.config else [str(default_config_path())]
             configs = [load_config(p, overrides) for p in paths]
-            if _wants_plan(args, configs):
+            wants_plan = _wants_plan(args, configs)
+            if args.overwrite and not args.plan_only:  # before planning touches the data: a refusal writes nothing
+                named = configs
+                if wants_plan and len(paths) == 1:
+                    named = [_renamed(configs[0], planned_run_name(paths[0] if args.config else None, overrides))]
+                check_overwrite(plan_runs(named, folds=args.folds, only_folds=args.fold))
+            if wants_plan:
                 if len(paths) > 1:
                     parser.error("planning takes one config (or none); pass --no-plan to train several as written")
                 result = planned_config(paths[0] if args.config else None, overrides)
@@ -91,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 configs = [load_config(result.yaml_path)]
             runs = plan_runs(configs, folds=args.folds, only_folds=args.fold)
+            run_dirs = None
+            if args.overwrite:
+                check_overwrite(runs)
+    except FileExistsError as exc:  # --overwrite of a folder segpipe did not create
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except DataError as exc:  # found while planning: the run fails as it would have in training
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -100,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     warning = comparability_warning(runs) if len(runs) > 1 else None
     if warning:
         print(warning, file=sys.stderr)
-    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite)[1]
+    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite, run_dirs=run_dirs)[1]
     budgeted = [c for c in runs if c.train.time_budget_minutes is not None]
     if code == 0 and budgeted and not isinstance(args.resume, str):
         # the budget covers the final evaluation of the validation cases: run it now
@@ -110,21 +127,61 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None:
                 _report_budget(RunDir.of(config), result.json_path, config.train.time_budget_minutes,
                                final_seconds=time.monotonic() - evaluated, command_seconds=time.monotonic() - started)
+    if code == 0:
+        code = build_fold_ensembles(runs)
     return code
 
 
 def _report_budget(run: RunDir, plan_json: Path, budget_minutes: float, *, final_seconds: float,
                    command_seconds: float) -> None:
     """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line."""
-    seconds = []
-    if run.epoch_times_csv.is_file():
-        with open(run.epoch_times_csv, newline="") as f:
-            seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    seconds = [float(row["seconds"]) for row in read_csv(run.epoch_times_csv)] if run.epoch_times_csv.is_file() else []
     report = budget_report(read_json(plan_json), epoch_seconds=seconds,
                            final_evaluation_seconds=final_seconds, command_seconds=command_seconds,
                            budget_minutes=budget_minutes)
     write_json(run.budget_json, report)
     print(budget_line(report))
+
+
+def build_fold_ensembles(runs: list[Config]) -> int:
+    """After k-fold training: each configuration whose folds have all finished gets ``<name>_ensemble``
+    (out-of-fold evaluation, post-processing chosen on it, one bundle of all folds;
+    :mod:`segpipe.evaluation.ensemble`). Only with ``train.export_bundle`` (the default); a complete
+    ensemble folder is kept, so a resumed command does not redo it. Returns the exit code."""
+    from segpipe.evaluation.ensemble import build_ensemble_run  # TensorFlow: only when folds finished
+
+    groups: dict[str, list[Config]] = {}
+    for config in runs:
+        if config.data.folds and config.train.export_bundle:
+            groups.setdefault(re.sub(r"_fold\d+$", "", config.name), []).append(config)
+    for name, configs in groups.items():
+        folds = configs[0].data.folds
+        dirs = [RunDir.of(c).path for c in configs]
+        if len(configs) < 2 or len(configs) != folds or not all(RunDir(d).status() == "finished" for d in dirs):
+            continue  # only some folds were trained (--fold), or one did not finish
+        try:
+            out = build_ensemble_run(dirs)
+        except (FileExistsError, FileNotFoundError, ValueError, StorageError) as exc:
+            print(f"error: ensemble of {name}: {exc}", file=sys.stderr)
+            return 1
+        print(f"Ensemble of {folds} folds: {out} (bundle: {out / 'bundle'})")
+    return 0
+
+
+def check_overwrite(runs: list[Config]) -> None:
+    """``--overwrite`` deletes only run directories segpipe created (checked for every run before any work).
+
+    Raises:
+        FileExistsError: a run's folder exists without segpipe's run marker (names it and what it holds).
+    """
+    for config in runs:
+        check_replaceable(RunDir.of(config).path, "run", key="--overwrite")
+
+
+def _renamed(config: Config, name: str) -> Config:
+    renamed = copy.deepcopy(config)
+    renamed.name = name
+    return renamed
 
 
 def _wants_plan(args: argparse.Namespace, configs: list) -> bool:

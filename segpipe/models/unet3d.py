@@ -157,7 +157,7 @@ def build_unet3d(
         dtype: the Keras dtype policy of every layer except the output heads (float32 convolution
             and activation): None
             (Keras's global policy, float32 unless changed), "float32", "mixed_bfloat16" or
-            "mixed_float16" (``segpipe.training.precision``). Variables stay float32 under a mixed
+            "mixed_float16" (``segpipe.models.precision``). Variables stay float32 under a mixed
             policy, normalisation statistics are computed in float32, and the outputs (softmax
             or logits) are float32 whatever the policy.
     """

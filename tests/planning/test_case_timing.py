@@ -49,15 +49,15 @@ def test_the_plan_costs_the_final_evaluation_from_a_timed_case():
 
 
 def test_a_median_case_is_predicted_and_each_part_timed(tmp_path):
-    from segpipe.config import Config, from_dict
+    from segpipe.cli.plan import median_case, median_case_timer
+    from segpipe.config import Config
+    from segpipe.data.fingerprint import compute_fingerprint
     from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
     from segpipe.data.pipeline import open_dataset
-    from segpipe.planning.fingerprint import compute_fingerprint
-    from segpipe.planning.run import median_case, median_case_timer
 
     root = write_phantom_dataset(tmp_path / "ds", PhantomSettings(num_cases=3, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 2.0),
                                                                   seed=1))
-    base = from_dict(Config, {"data": {"root": str(root), "phantoms": None}})
+    base = Config.from_dict({"data": {"root": str(root), "phantoms": None}})
     dataset = open_dataset(base.data)
     fp = compute_fingerprint(dataset)
     case_id = median_case(fp)
