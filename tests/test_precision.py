@@ -186,7 +186,7 @@ def test_a_bfloat16_model_exports_float32_probabilities_equal_to_keras(tmp_path)
     files = read_bundle(bundle).files
     assert {"keras", "savedmodel", "onnx"} <= set(files)
     for fmt in files:
-        probabilities = np.asarray(load_predictor(bundle, fmt)(x[:1]))
+        probabilities = np.asarray(load_predictor(bundle, fmt, trust_bundle=True)(x[:1]))
         assert probabilities.dtype == np.float32, fmt
         assert np.abs(probabilities - expected).max() < 1e-4, fmt
 
@@ -228,4 +228,4 @@ def test_a_bfloat16_run_ends_with_a_float32_bundle(crash_overrides, tmp_path):
     assert not list((run / "checkpoints").glob("*.float32.keras"))  # no float32 copy beside it any more
     x = np.zeros((1, 16, 16, 16, 1), np.float32)
     for fmt in bundle.files:
-        assert np.asarray(load_predictor(bundle, fmt)(x)).dtype == np.float32, fmt
+        assert np.asarray(load_predictor(bundle, fmt, trust_bundle=True)(x)).dtype == np.float32, fmt
