@@ -36,6 +36,8 @@ from segpipe.io import (NIFTI_SUFFIXES, affine_text, json_safe, read_nifti, remo
 from segpipe.metrics.lesions import (
     LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
 )
+from segpipe.data.labels import Region
+from segpipe.metrics.regions import mask_ignored, region_case_metrics, region_lesion_metrics
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
 from segpipe.parallel import parallel_map
@@ -85,6 +87,9 @@ class CaseResult:
     spacing_mm: tuple[float, ...]
     image_diagonal_mm: float
     lesions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # with regions (segpipe.metrics.regions): region name -> metrics row, and lesion-wise rows
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    region_lesions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def evaluate_case(
@@ -97,6 +102,8 @@ def evaluate_case(
     lesion_labels: Iterable[int] = (),
     lesion_min_size_mm3: float = 0.0,
     lesion_dilation_vox: int = 0,
+    ignore_label: int | None = None,
+    regions: Sequence[Region] = (),
 ) -> CaseResult:
     """Read one prediction/reference pair of NIfTI label maps and score it.
 
@@ -117,6 +124,10 @@ def evaluate_case(
         Smaller connected components are not lesions (reference and prediction). Defaults to 0.
     lesion_dilation_vox : int, optional
         Matching reach of the reference lesions in voxels (BraTS 2023: 1-3). Defaults to 0 (overlap).
+    ignore_label : int, optional
+        Voxels holding it in the reference count nowhere (:func:`segpipe.metrics.regions.mask_ignored`).
+    regions : sequence of Region, optional
+        Also scored per region (and lesion-wise per region when ``lesion_labels`` is not empty).
 
     Returns
     -------
@@ -131,6 +142,11 @@ def evaluate_case(
         raise ValueError(expected(f"the shape {ref.shape} of the reference {ref_path}", key="shape",
                                   received=pred.shape, where=str(pred_path)))
     spacing_mm = ref_vol.spacing_mm
+    pred, ref = mask_ignored(pred, ref, ignore_label)
+    region_rows = region_case_metrics(pred, ref, regions, spacing_mm=spacing_mm,
+                                      tolerance_mm=1.0 if isinstance(tolerance_mm, Mapping) else tolerance_mm)
+    region_lesions = (region_lesion_metrics(pred, ref, regions, spacing_mm=spacing_mm, min_size_mm3=lesion_min_size_mm3,
+                                            dilation_vox=lesion_dilation_vox) if lesion_labels else {})
     metrics = case_metrics(
         pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
     )
@@ -144,6 +160,8 @@ def evaluate_case(
         spacing_mm=tuple(spacing_mm),
         image_diagonal_mm=float(np.sqrt(np.sum(extent_mm**2))),
         lesions=lesions,
+        regions=region_rows,
+        region_lesions=region_lesions,
     )
 
 
@@ -161,6 +179,8 @@ def evaluate_folders(
     lesion_dilation_vox: int = 0,
     report: bool = True,
     image_dir: str | os.PathLike | None = None,
+    ignore_label: int | None = None,
+    regions: Sequence[Region] | None = None,
 ) -> dict[str, Any]:
     """Score every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
 
@@ -192,6 +212,11 @@ def evaluate_folders(
     report : bool, optional
         Also write ``report.html`` and ``overlays/`` (default). Needs the label maps only; the scans
         come from ``image_dir`` or the ``images*`` folder beside the references.
+    ignore_label : int, optional
+        Reference voxels holding it count nowhere (not annotated).
+    regions : sequence of Region, optional
+        Also scored per region: ``regions.csv`` (one row per case and region) and the summary's
+        ``regions`` (as ``per_class``), and with ``lesion_labels`` ``regions_lesion_wise``.
     image_dir : path-like, optional
         Scans drawn under the overlays (see :func:`segpipe.reports.html.write_evaluation_report`).
 
@@ -224,7 +249,8 @@ def evaluate_folders(
     results = _run_cases([(c, pred, ref) for c, (pred, ref) in pairs.items()],
                          labels=labels, tolerance_mm=tolerance_mm, workers=workers,
                          lesion_labels=lesion_labels, lesion_min_size_mm3=lesion_min_size_mm3,
-                         lesion_dilation_vox=lesion_dilation_vox)
+                         lesion_dilation_vox=lesion_dilation_vox, ignore_label=ignore_label,
+                         regions=tuple(regions or ()))
     if labels is None:
         labels = _labels_found(results, ref_dir)
     rows = _rows(results, labels, class_names, tolerance_mm)
@@ -236,6 +262,15 @@ def evaluate_folders(
     if lesion_labels:
         summary["lesion_wise"] = _write_lesions(out_dir, results, lesion_labels, lesion_min_size_mm3,
                                                 lesion_dilation_vox, class_names)
+    if regions:  # one row per case and region; the summary's "regions" as its "per_class"
+        region_rows = [{"case": r.case_id, "region": name, **row, "image_diagonal_mm": r.image_diagonal_mm}
+                       for r in results for name, row in r.regions.items()]
+        write_text(out_dir / "regions.csv", _to_csv(region_rows, ["case", "region", *METRIC_NAMES, "image_diagonal_mm"]))
+        summary["regions"] = {g.name: _class_summary([row for row in region_rows if row["region"] == g.name], g.name)
+                              for g in regions}
+        if lesion_labels:
+            summary["regions_lesion_wise"] = {g.name: _mean_numbers([r.region_lesions[g.name] for r in results])
+                                              for g in regions}
     write_json(out_dir / "summary.json", json_safe(summary))
     if report:
         write_evaluation_report(out_dir, pred_dir=pred_dir, ref_dir=ref_dir, image_dir=image_dir)
@@ -534,6 +569,13 @@ def _rows(results: list[CaseResult], labels, class_names, tolerance_mm) -> list[
                 "image_diagonal_mm": result.image_diagonal_mm,
             })
     return rows
+
+
+def _mean_numbers(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The mean over cases (NaN ignored) of every numeric entry of the rows."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, bool)] if rows else []
+    return {k: float(np.nanmean([float(r[k]) for r in rows])) for k in keys}
 
 
 def _check_lesion_options(lesion_labels: Iterable[int] | None, min_size_mm3: float, dilation_vox: int) -> list[int]:

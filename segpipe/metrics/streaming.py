@@ -47,7 +47,7 @@ class PerClassDice(keras.metrics.Metric):
     ``y_true``, or a 1 in its extra last ignore-mask channel.
 
     With ``regions=True`` the channels are regions (one sigmoid each, no background channel;
-    ``class_names`` then names the regions): a voxel belongs to region c where ``y_pred_c >= 0.5``
+    ``class_names`` then names the regions): a voxel belongs to region c where ``y_pred_c > 0.5``
     (probabilities) and ``y_true_c >= 0.5``; every region is reported and ``fg_mean`` is their mean.
 
     ``update_state(y_true, y_pred)`` takes one-hot ``y_true`` (optionally with the ignore-mask
@@ -109,7 +109,7 @@ class PerClassDice(keras.metrics.Metric):
             annotated = ops.cast(ops.sum(y_true, axis=-1, keepdims=True) > 0, "int32")
         if self.regions:
             true_1h = ops.cast(y_true >= 0.5, "int32") * annotated
-            pred_1h = ops.cast(ops.cast(y_pred, "float32") >= 0.5, "int32") * annotated
+            pred_1h = ops.cast(ops.cast(y_pred, "float32") > 0.5, "int32") * annotated
         else:
             true_1h = ops.one_hot(ops.argmax(y_true, axis=-1), n, dtype="int32") * annotated
             pred_1h = ops.one_hot(ops.argmax(y_pred, axis=-1), n, dtype="int32") * annotated
