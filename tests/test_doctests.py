@@ -6,7 +6,8 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.parallel", "segpipe.runs.rundir",
-                                    "segpipe.inference.postprocess", "segpipe.inference.sliding_window"])
+                                    "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
+                                    "segpipe.data.labels", "segpipe.metrics.regions"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from segpipe.data.layouts import Case, read_case_image
+from segpipe.data.labels import regions_to_labels
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
 from segpipe.export.bundle import Bundle, load_predictor, read_bundle
@@ -94,6 +95,7 @@ def segment_preprocessed(
     settings: InferenceSettings = InferenceSettings(),
     return_probabilities: bool = False,
     progress: bool = False,
+    regions_class_order: Sequence[int] | None = None,
 ) -> Segmentation:
     """Steps 2-4 of :func:`segment_volume` for an image already preprocessed (e.g. a cached training case).
 
@@ -103,13 +105,22 @@ def segment_preprocessed(
         meta: its preprocessing record (``PreprocessedCase.meta`` / the cache's ``meta.json``), which
             maps it back to the original grid.
         patch_size, settings, return_probabilities, progress: see :func:`segment_volume`.
+        regions_class_order: for a region network (one sigmoid per region): the label value of each
+            region; the region probabilities are mapped back (outside the crop box: in no region) and
+            turned into labels by :func:`segpipe.data.labels.regions_to_labels`.
 
     Returns:
         A :class:`Segmentation` on the original grid, with the original affine.
     """
     window = dict(settings=settings, progress=progress)
     probabilities = None
-    if return_probabilities:
+    if regions_class_order is not None:
+        regions = sliding_window_predict(predict_fn, image, patch_size, **window).astype(np.float32, copy=False)
+        probabilities = restore_to_original(regions, meta, order=1,
+                                            fill_value=np.zeros(regions.shape[-1], np.float32))
+        labels = regions_to_labels(probabilities, regions_class_order)
+        probabilities = probabilities if return_probabilities else None
+    elif return_probabilities:
         probabilities = restore_probabilities(sliding_window_predict(predict_fn, image, patch_size, **window), meta)
         labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
     elif tuple(meta["shape"]) == tuple(meta["cropped_shape"]):  # no resampling: labels slab by slab, exact

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size, model_divisor
-from segpipe.data.loader import make_datasets, train_dataset, train_sampler, with_output_targets
+from segpipe.data.loader import make_datasets, targets_of, train_dataset, train_sampler, with_output_targets
 from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
 from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
@@ -34,11 +34,14 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
-def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Model:
-    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled)."""
+def build_model(config: Config, in_channels: int, num_classes: int, *, regions: bool = False) -> keras.Model:
+    """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled).
+
+    With ``regions`` (``num_classes`` = the number of regions) the head is one sigmoid per region."""
     m = config.model
     kwargs = dict(depth=m.depth, base_filters=m.base_filters, max_filters=m.max_filters, norm=m.norm,
-                  deep_supervision=m.deep_supervision, output=m.output, sync_batch_norm=config.train.sync_batch_norm,
+                  deep_supervision=m.deep_supervision, output=_output(config, regions),
+                  sync_batch_norm=config.train.sync_batch_norm,
                   strides=m.strides, kernel_sizes=m.kernel_sizes)
     if m.init is not None:
         kwargs["init"] = m.init
@@ -64,7 +67,18 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(lr, weight_decay=t.weight_decay or None)
 
 
-def build_loss(config: Config, num_classes: int):
+def _output(config: Config, regions: bool) -> str:
+    """The head's activation: ``model.output``, or for regions a sigmoid (logits heads: not for regions yet)."""
+    if not regions:
+        return config.model.output
+    if config.model.output == "logits":
+        raise ConfigError(expected("model.output: softmax (the default; region datasets get one sigmoid per region)",
+                                   key="model.output", received="logits",
+                                   hint="A logits head for regions is not supported yet."))
+    return "sigmoid"
+
+
+def build_loss(config: Config, num_classes: int, *, regions: bool = False):
     """The configured loss of one output, checked against the dataset's classes (before any data is loaded).
 
     With ``model.output: logits`` every term gets ``from_logits: true``; a loss config that sets
@@ -81,6 +95,8 @@ def build_loss(config: Config, num_classes: int):
     if any(value != logits for value in explicit):
         raise ConfigError(expected(f"from_logits: {str(logits).lower()} (or no from_logits) with model.output: "
                                    f"{config.model.output}", key="loss.from_logits", received=not logits))
+    if regions:  # one sigmoid per region: binary CE, no background channel to drop
+        loss = loss.with_options(sigmoid=True, include_background=True)
     return loss.with_options(from_logits=True) if logits else loss
 
 
@@ -97,12 +113,13 @@ def num_outputs(config: Config) -> int:
     return max(1, config.model.depth - 1) if config.model.deep_supervision else 1
 
 
-def compile_model(model, config: Config, class_names: list[str]) -> None:
+def compile_model(model, config: Config, class_names: list[str], *, regions: bool = False) -> None:
     """Compile with the configured loss; with deep supervision the same loss on every output and
-    nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader)."""
+    nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader).
+    With ``regions`` ``class_names`` names the regions (sigmoid outputs, region Dice)."""
 
-    dice = PerClassDice(class_names, name="dice")
-    loss = build_loss(config, len(class_names))
+    dice = PerClassDice(class_names, name="dice", regions=regions)
+    loss = build_loss(config, len(class_names), regions=regions)
     n = num_outputs(config)
     if len(model.outputs) != n:
         raise ValueError(expected(f"a model with {n} output(s) for model.deep_supervision: "
@@ -161,6 +178,9 @@ def _train(config: Config, strategy: "tf.distribute.Strategy", worker: WorkerInf
 
     dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
     _check_before_data(config, dataset.num_classes)
+    if dataset.regions:
+        build_loss(config, dataset.num_outputs, regions=True)
+        _output(config, True)
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
@@ -250,7 +270,8 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
         callbacks.append(time_limit)
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
-        loop = TrainingLoop(model, strategy, worker, prepared.dataset.class_names, verbose=verbose, stop=stop)
+        loop = TrainingLoop(model, strategy, worker, prepared.dataset.output_names, verbose=verbose, stop=stop,
+                            regions=bool(prepared.dataset.regions))
         stopped = loop.fit(train_input, val_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch,
                            start=position, callbacks=callbacks, checkpoint=run_checkpoint)
     if stopped is not None:
@@ -276,8 +297,9 @@ def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: 
     """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``."""
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
-        model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
-        compile_model(model, config, prepared.dataset.class_names)
+        regions = bool(prepared.dataset.regions)
+        model = build_model(config, prepared.num_channels, prepared.dataset.num_outputs, regions=regions)
+        compile_model(model, config, prepared.dataset.output_names, regions=regions)
         model.optimizer.build(model.trainable_variables)  # optimizer variables cannot be made in strategy.run
         if checkpoint is not None:
             model.load_weights(checkpoint / "model.keras")  # weights and optimizer state (step -> LR schedule)
@@ -313,7 +335,7 @@ def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "Shard
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
-    ds = train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+    ds = train_dataset(sampler, targets_of(prepared.dataset), num_workers=config.data.num_workers)
     return with_output_targets(ds, num_outputs(config))
 
 
