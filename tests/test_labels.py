@@ -191,3 +191,21 @@ def test_evaluation_per_region_hand_computed(tmp_path):
     assert dice == pytest.approx({"whole_tumor": 1.0, "tumor_core": 0.8, "enhancing_tumor": 2 / 3})
     assert (tmp_path / "e" / "regions.csv").is_file()
     assert summary["per_class"]["1"]["metrics"]["dice"]["mean"] == pytest.approx(2 / 3)  # the labels too
+
+
+def test_evaluate_cli_folder_mode_reads_regions_and_ignore_from_dataset_json(tmp_path, capsys):
+    import evaluate
+
+    root = _nnunet(tmp_path / "ds", {**BRATS, "ignore": 4}, regions_class_order=[1, 2, 3])
+    ref = np.zeros((4, 4, 4), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[0, 0, :] = [1, 2, 3, 4]   # the last voxel is unannotated ...
+    pred[0, 0, :] = [1, 2, 3, 3]  # ... so predicting enhancing tumour there is no false positive
+    (tmp_path / "p").mkdir(), (tmp_path / "r").mkdir()
+    write_nifti(tmp_path / "p" / "c.nii.gz", pred, np.eye(4))
+    write_nifti(tmp_path / "r" / "c.nii.gz", ref, np.eye(4))
+    assert evaluate.main(["--pred", str(tmp_path / "p"), "--ref", str(tmp_path / "r"), "--dataset-json",
+                          str(root / "dataset.json"), "--workers", "1", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    for name in ("whole_tumor", "tumor_core", "enhancing_tumor"):
+        assert f"| {name} | 1.0000 |" in out

@@ -302,9 +302,8 @@ def evaluate_run(
     """
     from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
     run_dir = Path(run_dir)
-    from segpipe.data.pipeline import open_dataset  # the config layer: only the run mode needs it
     pred_dir, ref_dir, run_labels, run_names = predict_run(run_dir, model=model)
-    dataset = open_dataset(RunDir(run_dir).config().data)  # its ignore label and regions
+    ignore_label, regions = _run_label_scheme(RunDir(run_dir))
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).evaluation_dir
     summary = evaluate_folders(
         pred_dir, ref_dir, out,
@@ -312,9 +311,18 @@ def evaluate_run(
         class_names=class_names if class_names is not None else run_names,
         tolerance_mm=tolerance_mm, workers=workers, lesion_labels=lesion_labels,
         lesion_min_size_mm3=lesion_min_size_mm3, lesion_dilation_vox=lesion_dilation_vox, report=report,
-        image_dir=image_dir, ignore_label=dataset.ignore_label, regions=dataset.regions,
+        image_dir=image_dir, ignore_label=ignore_label, regions=regions,
     )
     return summary, out
+
+
+def _run_label_scheme(run: RunDir) -> tuple[int | None, tuple[Region, ...] | None]:
+    """The ignore label and regions of a run's dataset (its config and dataset.json); none without a config."""
+    if not run.is_run():
+        return None, None
+    from segpipe.data.pipeline import open_dataset  # the config layer: only the run mode needs it
+    dataset = open_dataset(run.config().data)
+    return dataset.ignore_label, dataset.regions
 
 
 def summarize(
