@@ -209,3 +209,45 @@ def test_evaluate_cli_folder_mode_reads_regions_and_ignore_from_dataset_json(tmp
     out = capsys.readouterr().out
     for name in ("whole_tumor", "tumor_core", "enhancing_tumor"):
         assert f"| {name} | 1.0000 |" in out
+
+
+def test_lesion_wise_metrics_per_region_hand_computed():
+    """Two tumours; label 3 (enhancing) in one of them only, predicted there; the second tumour's
+    core (label 2) is missed. whole: 2 reference lesions, both found; core: 2 lesions, 1 found ->
+    lesion Dice (1 + 0) / 2; enhancing: 1 lesion, found."""
+    from segpipe.metrics.regions import region_lesion_metrics
+
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    ref[2, 2, 2] = 3
+    ref[6:9, 6:9, 6:9] = 1
+    ref[7, 7, 7] = 2
+    pred = ref.copy()
+    pred[7, 7, 7] = 1  # the second core missed (still whole tumour)
+    rows = region_lesion_metrics(pred, ref, REGIONS, spacing_mm=(1.0, 1.0, 1.0))
+    assert (rows["whole_tumor"]["n_ref_lesions"], rows["whole_tumor"]["lesion_tp"]) == (2, 2)
+    assert rows["whole_tumor"]["lesion_dice"] == pytest.approx(1.0)
+    assert (rows["tumor_core"]["n_ref_lesions"], rows["tumor_core"]["lesion_tp"], rows["tumor_core"]["lesion_fn"]) == (2, 1, 1)
+    assert rows["tumor_core"]["lesion_dice"] == pytest.approx(0.5)
+    assert (rows["enhancing_tumor"]["n_ref_lesions"], rows["enhancing_tumor"]["lesion_tp"]) == (1, 1)
+
+
+@pytest.mark.parametrize("regions", [None, REGIONS])
+def test_loader_targets_from_the_table(regions):
+    """The loader's batches hold region targets (plus the ignore-mask channel) or one-hot rows with
+    all-zero ignored voxels, exactly the table rows of the sampled label patch."""
+    from segpipe.data.loader import targets_of, train_dataset
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 5, (12, 12, 12)).astype(np.uint8)  # 4 = ignore
+    case = ArrayCase.from_arrays(rng.normal(size=(12, 12, 12, 2)).astype(np.float32), label)
+    dataset = Dataset(root=".", layout="nnunet", cases=[], labels={0: "bg", 1: "a", 2: "b", 3: "c"},
+                      ignore_label=4, regions=regions, regions_class_order=(1, 2, 3) if regions else None)
+    sampler = PatchSampler([case], (8, 8, 8), batch_size=2, ignore_label=4)
+    _, targets = next(iter(train_dataset(sampler, targets_of(dataset), num_workers=1)))
+    patch = sampler(0)[1]
+    expected = region_targets(patch, REGIONS, ignore_label=4) if regions else target_table(4, ignore_label=4)[patch]
+    assert targets.shape == (2, 8, 8, 8, 4)
+    np.testing.assert_array_equal(np.asarray(targets[0]), expected)
+    if not regions:
+        assert np.all(np.asarray(targets[0])[patch == 4] == 0)
