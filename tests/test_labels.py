@@ -251,3 +251,21 @@ def test_loader_targets_from_the_table(regions):
     np.testing.assert_array_equal(np.asarray(targets[0]), expected)
     if not regions:
         assert np.all(np.asarray(targets[0])[patch == 4] == 0)
+
+
+def test_fingerprint_keeps_the_ignore_label_out_of_the_classes(tmp_path):
+    """The planner counts outputs from ``classes``: the ignore label has its own entry; a stored
+    fingerprint computed without the ignore label is recomputed."""
+    from segpipe.data.phantoms import LESION_IGNORE, PhantomSettings, write_lesion_phantom_dataset
+    from segpipe.planning.fingerprint import load_or_compute_fingerprint
+
+    root = write_lesion_phantom_dataset(tmp_path / "ds", PhantomSettings(num_cases=2, shape=(16, 16, 8)),
+                                        annotate_every=2)
+    dataset = load_dataset(root)
+    fingerprint = load_or_compute_fingerprint(dataset, tmp_path / "fp.json")
+    assert sorted(fingerprint["classes"]) == ["0", "1", "2", "3"]
+    assert fingerprint["ignore_label"]["value"] == LESION_IGNORE
+    assert fingerprint["ignore_label"]["voxel_fraction"] == pytest.approx(0.5)  # every other slice of 8
+    dataset.ignore_label = None  # as if the ignore label were unknown: recomputed, and then a class
+    again = load_or_compute_fingerprint(dataset, tmp_path / "fp.json")
+    assert again["ignore_label"] is None and "4" in again["classes"]
