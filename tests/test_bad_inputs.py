@@ -262,12 +262,12 @@ ROWS = [
     _row("image-nan", "NaN intensities (data.check: full)", "train",
          lambda t: _train(t, _msd(t, images={0: _with_nan(_arrays(0)[0])}), "data.check=full"),
          "[non-finite] imagesTr/case_0.nii.gz: Expected finite intensities. Received: 1 NaN/inf voxels"),
-    _row("nnunet-regions", "an nnU-Net dataset.json with region labels", "train",
+    _row("nnunet-regions", "an nnU-Net dataset.json with region labels but no regions_class_order", "train",
          lambda t: _with_file(t / "ds" / "dataset.json", json.dumps(
              {"channel_names": {"0": "t1"}, "labels": {"background": 0, "whole": [1, 2]}, "file_ending": ".nii.gz"}),
              _train(t, t / "ds")),
-         "{tmp}/ds/dataset.json: Expected an integer label value (region-based labels are not supported). "
-         "Received: labels['whole']=[1, 2]."),
+         "{tmp}/ds/dataset.json: Expected one label value in 1..255 per region (1: ['whole']), written where the "
+         "region is predicted. Received: regions_class_order=None."),
     _row("root-missing", "a data.root that does not exist", "train",
          lambda t: _train(t, t / "nowhere"),
          "Received: data.root={tmp}/nowhere (no such folder, neither found)."),
