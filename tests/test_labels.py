@@ -269,3 +269,17 @@ def test_fingerprint_keeps_the_ignore_label_out_of_the_classes(tmp_path):
     dataset.ignore_label = None  # as if the ignore label were unknown: recomputed, and then a class
     again = load_or_compute_fingerprint(dataset, tmp_path / "fp.json")
     assert again["ignore_label"] is None and "4" in again["classes"]
+
+
+def test_region_loss_from_a_config_with_include_background_false():
+    """nnU-Net's compound (Dice without background + CE) becomes a sigmoid loss over every region,
+    a single region included; class_weights then have one entry per region."""
+    from segpipe.training.train import build_loss
+
+    config = from_dict(Config, {"loss": {"terms": [{"name": "dice", "include_background": False}, {"name": "ce"}]}})
+    loss = build_loss(config, 1, regions=True)
+    assert all(term.options["sigmoid"] and term.options["include_background"] for _, term in loss.terms)
+    weighted = from_dict(Config, {"loss": {"name": "dice", "class_weights": [1.0, 2.0]}})
+    with pytest.raises(ValueError, match="class_weights"):
+        build_loss(weighted, 3, regions=True)
+    assert build_loss(weighted, 2, regions=True).options["class_weights"] == [1.0, 2.0]

@@ -82,10 +82,15 @@ def build_loss(config: Config, num_classes: int, *, regions: bool = False):
     """The configured loss of one output, checked against the dataset's classes (before any data is loaded).
 
     With ``model.output: logits`` every term gets ``from_logits: true``; a loss config that sets
-    ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all).
+    ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all). With
+    ``regions`` (``num_classes`` = the regions) every term gets ``sigmoid: true`` and
+    ``include_background: true`` (no background channel), and per-class options have one entry per region.
     """
     try:
-        loss = get_loss(config.loss, num_classes=num_classes)
+        loss = get_loss(config.loss, num_classes=None if regions else num_classes)
+        if regions:  # one sigmoid per region: binary CE, no background channel to drop
+            loss = loss.with_options(sigmoid=True, include_background=True)
+            loss.check_num_classes(num_classes)
     except SettingError as exc:  # keyed by the loss option: add the section's path once
         raise ConfigError(str(exc.with_prefix("loss."))) from exc
     except ValueError as exc:
@@ -95,8 +100,6 @@ def build_loss(config: Config, num_classes: int, *, regions: bool = False):
     if any(value != logits for value in explicit):
         raise ConfigError(expected(f"from_logits: {str(logits).lower()} (or no from_logits) with model.output: "
                                    f"{config.model.output}", key="loss.from_logits", received=not logits))
-    if regions:  # one sigmoid per region: binary CE, no background channel to drop
-        loss = loss.with_options(sigmoid=True, include_background=True)
     return loss.with_options(from_logits=True) if logits else loss
 
 
