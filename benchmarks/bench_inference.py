@@ -89,7 +89,7 @@ def worker_segpipe(bundle: str, runtime: str, cells: list[tuple[int, bool]], pat
     import numpy as np
 
     import segpipe  # noqa: F401  (TensorFlow environment)
-    from segpipe.export.bundle import load_predictor, read_bundle
+    from segpipe.inference.runtimes import load_predictor, read_bundle
     from segpipe.inference.segment import segment_volume
     from segpipe.inference.settings import InferenceSettings
 
@@ -182,7 +182,7 @@ def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> di
     import numpy as np
 
     import segpipe  # noqa: F401  (TensorFlow environment)
-    from segpipe.export.bundle import load_predictor, read_bundle
+    from segpipe.inference.runtimes import load_predictor, read_bundle
     from segpipe.inference.settings import InferenceSettings
     from segpipe.inference.segment import segment_volume
 

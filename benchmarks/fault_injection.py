@@ -295,7 +295,7 @@ def _check_zip(path: Path) -> list[str]:
 def _check_bundle(bundle: Path) -> list[str]:
     if not bundle.exists():
         return []
-    from segpipe.export.bundle import read_bundle
+    from segpipe.inference.bundle import read_bundle
 
     try:
         read_bundle(bundle)

@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Check a dataset folder for integrity problems; one line per problem.
 
+Runs the checks training runs before it reads anything into the cache (``data.check: full``) and
+the label checks planning runs on the fingerprint (a value in only a few cases, gaps, absent classes:
+:func:`segpipe.data.checks.check_labels`); ``--headers-only`` reads no voxel, so it skips the value
+checks.
+
 Usage:
     python data_prep/check_dataset.py DATASET_DIR [--layout auto|msd|nnunet|folders] [--workers N] [--headers-only]
 
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR [layout] {args.dataset_dir}: {exc}")
         return 2
     problems = check_dataset(dataset, read_data=not args.headers_only, affine_tolerance_mm=args.affine_tolerance_mm,
-                             workers=args.workers, progress=args.progress)
+                             workers=args.workers, progress=args.progress, label_checks=True)
     for problem in problems:
         print(problem.format(dataset.root))
     n_errors = len(errors(problems))

@@ -17,6 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 
+MAX_SHOWN = 2000  # characters of a received value shown in a message
+
+
 def expected(what: str, *, key: str, received: Any, where: str | None = None, hint: str | None = None) -> str:
     """The message "[where: ]Expected <what>. Received: <key>=<received!r>.[ <hint>]".
 
@@ -35,9 +38,23 @@ def expected(what: str, *, key: str, received: Any, where: str | None = None, hi
         One more sentence: how to fix it, or the closest valid choice.
     """
     shown = received.text if isinstance(received, Received) else repr(received)
+    if len(shown) > MAX_SHOWN:  # a value from an untrusted file may be huge
+        shown = shown[: MAX_SHOWN - 3] + "..."
     prefix = f"{where}: " if where else ""
     suffix = f" {hint}" if hint else ""
     return f"{prefix}Expected {what}. Received: {key}={shown}.{suffix}"
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception, first line only and at most 300 characters (for one-line errors).
+
+    Examples
+    --------
+    >>> first_line(ValueError("bad value\\nmore detail"))
+    'ValueError: bad value'
+    """
+    text = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class Received:

@@ -2,7 +2,12 @@
 
 Everything the pipeline writes (checkpoints, caches, predictions, tables) goes through a
 temporary file in the destination folder followed by ``os.replace``, so a crash leaves either
-the old file or the new one, never a half-written file that a later run would trust.
+the old file or the new one, never a half-written file that a later run would trust. The file is
+flushed to disk (``fsync``) before the rename and its folder after it, so this holds after a power
+loss too: without the first flush a journaling file system may commit the rename before the data,
+leaving an empty file under the final name; without the second the rename itself may be lost.
+Folders written whole and then renamed into place (a checkpoint, a bundle) use
+:func:`durable_replace`.
 """
 from __future__ import annotations
 
@@ -51,25 +56,160 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def read_nifti(path: str | os.PathLike, *, dtype: Any = None) -> Volume:
+MAX_VOXELS = 2**31
+"""Most voxels (all channels) a scan may claim: 8 GiB as float32, far above any CT or MRI volume, far
+below what a hostile header can claim. :func:`read_nifti` refuses more before allocating anything;
+pass ``max_voxels=`` (or set ``segpipe.io.MAX_VOXELS``) for larger scans."""
+DEFLATE_MAX_RATIO = 1032
+"""deflate's largest compression ratio (258-byte matches in about 2 bits each): a gzip file of n bytes
+never holds more than 1032·n bytes, so a ``.nii.gz`` that claims more is refused before reading."""
+
+
+class ScanSizeError(ValueError):
+    """A scan's header claims more voxels than allowed, or than its file can hold.
+
+    ``what`` and ``received`` are the two halves of the message (for :mod:`segpipe.data.checks`).
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str, received: str):
+        self.path, self.what, self.received = Path(path), what, received
+        super().__init__(expected(what, key="header", received=Received(received), where=str(path)))
+
+
+def check_scan_size(path: str | os.PathLike, image: Any, *, max_voxels: int | None = None) -> None:
+    """Refuse a loaded (header-only) NIfTI image whose claimed size is absurd, before its voxels are read.
+
+    nibabel reads the header on ``nib.load`` and allocates the whole claimed array on the first data
+    access, before it finds out that the file is short: a 77-byte ``.nii.gz`` can make it allocate
+    hundreds of MiB. This checks the claim (shape x bytes per voxel) against ``max_voxels`` and
+    against what the file can hold: an uncompressed file at least its data offset plus the data
+    bytes, a gzip file at most :data:`DEFLATE_MAX_RATIO` times its size.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (named in the error).
+    image : nibabel image
+        ``nib.load(path)``; its voxel data not yet read.
+    max_voxels : int, optional
+        Most voxels allowed. Defaults to :data:`MAX_VOXELS` (read at call time).
+
+    Raises
+    ------
+    ScanSizeError
+        The claim is over ``max_voxels`` or more than the file can hold; names the file, the claimed
+        shape, dtype and bytes, and the file's size.
+
+    Examples
+    --------
+    >>> import nibabel as nib, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder, "a.nii")
+    ...     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
+    ...     check_scan_size(path, nib.load(path))  # fine
+    ...     check_scan_size(path, nib.load(path), max_voxels=10)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    segpipe.io.ScanSizeError: .../a.nii: Expected at most 10 voxels ... Received: header=shape (4, 4, 4) float32: 64 voxels, 256 bytes (file: 608 bytes).
+    """
+    limit = MAX_VOXELS if max_voxels is None else max_voxels
+    proxy = image.dataobj
+    shape = tuple(int(n) for n in getattr(proxy, "shape", image.shape))
+    dtype = np.dtype(getattr(proxy, "dtype", image.get_data_dtype()))
+    voxels = math.prod(shape)
+    data_bytes = voxels * dtype.itemsize
+    file_like = getattr(proxy, "file_like", None)  # the data file's name (``.img`` of a pair)
+    data_file = Path(file_like) if isinstance(file_like, (str, os.PathLike)) else Path(path)
+    offset = int(getattr(proxy, "offset", 0) or 0)
+    size = data_file.stat().st_size if data_file.is_file() else None
+    claim = f"shape {shape} {dtype}: {voxels} voxels, {_bytes_text(data_bytes)}"
+    on_disk = f"file: {_bytes_text(size)}" if data_file == Path(path) else f"data file {data_file}: {_bytes_text(size)}"
+    if voxels > limit:
+        raise ScanSizeError(path, f"at most {limit} voxels (segpipe.io.MAX_VOXELS; raise it with max_voxels=)",
+                            f"{claim} ({on_disk})")
+    if size is None:
+        return  # nibabel names a missing data file itself
+    suffix = data_file.name.lower()
+    if suffix.endswith(".gz"):
+        if offset + data_bytes > DEFLATE_MAX_RATIO * size:
+            raise ScanSizeError(path, f"a gzip file that can hold the voxels its header claims (at most "
+                                f"{DEFLATE_MAX_RATIO}x its size)", f"{claim} ({on_disk})")
+    elif not suffix.endswith((".bz2", ".zst")) and size < offset + data_bytes:
+        raise ScanSizeError(path, f"a file that holds the voxels its header claims (at least data offset {offset} + "
+                            f"{data_bytes} data bytes)", f"{claim} ({on_disk})")
+
+
+def _bytes_text(n: int | None) -> str:
+    """``77 bytes``, ``381.5 MiB (400000000 bytes)``; ``missing`` for None."""
+    if n is None:
+        return "missing"
+    unit, scale = next(((u, s) for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)) if n >= s), ("", 1))
+    return f"{n / scale:.1f} {unit} ({n} bytes)" if unit else f"{n} bytes"
+
+
+def read_nifti(path: str | os.PathLike, *, dtype: Any = None, max_voxels: int | None = None) -> Volume:
     """Read a NIfTI file (``.nii`` or ``.nii.gz``) into an array with its affine.
 
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable NIfTI image (names the file).
+    The header's size claim is checked (:func:`check_scan_size`) before any memory is allocated for
+    the voxels.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    dtype : numpy dtype, optional
+        Cast the voxels to this type. A cast to a narrower float type refuses finite values that would
+        overflow it (a float64 scan with values beyond float32's range would otherwise read as inf).
+    max_voxels : int, optional
+        Most voxels the header may claim; defaults to :data:`MAX_VOXELS`.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ScanSizeError
+        The header claims more voxels than ``max_voxels`` or than the file can hold (names the file).
+    ValueError
+        The file is not a readable NIfTI image, or values overflow ``dtype`` (names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(expected("an existing NIfTI file", key="path", received=str(path)))
     try:
-        image = nib.load(str(path))
-        array = np.asarray(image.dataobj)
+        image = nib.load(str(path))  # the header only
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise ValueError(expected("a readable NIfTI image", key="contents", received=Received(f"unreadable ({exc})"),
                                   where=str(path))) from exc
+    check_scan_size(path, image, max_voxels=max_voxels)
+    try:
+        array = np.asarray(image.dataobj)
+    except Exception as exc:
+        raise ValueError(expected("a readable NIfTI image", key="contents", received=Received(f"unreadable ({exc})"),
+                                  where=str(path))) from exc
     if dtype is not None:
-        array = array.astype(dtype, copy=False)
+        array = _cast(array, np.dtype(dtype), path)
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
+
+
+def _cast(array: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
+    """``array`` as ``dtype``; a ValueError naming ``path`` when finite values overflow a narrower float type."""
+    if not (np.issubdtype(dtype, np.floating) and np.issubdtype(array.dtype, np.floating)
+            and np.finfo(array.dtype).max > np.finfo(dtype).max):
+        return array.astype(dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(dtype)
+    infinite = np.isinf(cast)
+    if not infinite.any():  # the common case: one boolean pass
+        return cast
+    overflow = infinite & np.isfinite(array)
+    count = int(np.count_nonzero(overflow))
+    if count:
+        largest = float(np.max(np.abs(array[overflow])))
+        raise ValueError(expected(
+            f"values within {dtype}'s range (|x| <= {float(np.finfo(dtype).max):.3g})", key="values",
+            received=Received(f"{count} finite {array.dtype} voxel(s) beyond it (largest |x| {largest:.3g})"),
+            where=str(path)))
+    return cast
 
 
 _UMASK = os.umask(0o022)  # read once (os.umask can only read by setting), then restored
@@ -86,7 +226,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    durable_mkdir(path.parent)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
@@ -95,12 +235,175 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if tmp.is_file():  # mkstemp makes it 0600; give it the mode an ordinary write would (umask)
             os.chmod(tmp, 0o666 & ~_UMASK)
+        # The writer (nibabel, np.save, model.save, savefig ...) has closed the file: flush it, so the
+        # rename never reaches the disk before the data does.
+        fsync_file(tmp)
         failpoint("atomic_write", path)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data and metadata to disk (``os.fsync``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing, closed (or at least flushed) file.
+
+    Raises
+    ------
+    OSError
+        The file cannot be opened or the disk reports a write error (``EIO``, ``ENOSPC``): the data
+        may not be on disk, so the caller must not rename it into place.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     _ = f.write(b"data"); f.flush(); fsync_file(f.name)
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a file we may write but not read (a umask of 0o2xx): fsync works on either
+        fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk.
+
+    A no-op where the platform cannot open folders (Windows), where this process may write into the
+    folder but not read it (it cannot be opened), or where the file system does not flush folders
+    (``EINVAL``/``EBADF`` from ``fsync``, e.g. some network file systems): there is nothing more
+    this process can do, and the write itself has succeeded.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing folder.
+
+    Raises
+    ------
+    OSError
+        The folder does not exist, or the disk reports a write error (``EIO``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     fsync_directory(folder)
+    """
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except PermissionError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def durable_mkdir(path: str | os.PathLike) -> Path:
+    """Create a folder and its missing parents (``mkdir -p``), each recorded on disk in its parent.
+
+    Without flushing the parent, a file written durably into a new folder can still vanish with the
+    folder after a power loss. Existing folders cost nothing. Returns ``path``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     durable_mkdir(Path(folder, "a", "b")).is_dir()
+    True
+    """
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):
+        fsync_directory(folder.parent)
+    return path
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder and everything in it (files first, then each folder), to disk.
+
+    Symbolic links are not followed (their targets are not part of the tree).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An existing file or folder.
+
+    Raises
+    ------
+    OSError
+        As :func:`fsync_file` and :func:`fsync_directory`.
+    """
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        if not path.is_symlink():
+            fsync_file(path)
+        return
+    for folder, _, files in os.walk(path, topdown=False):  # children before the folder naming them
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_file(os.path.join(folder, name))
+        fsync_directory(folder)
+
+
+def durable_replace(src: str | os.PathLike, dst: str | os.PathLike, *, flushed: bool = False) -> None:
+    """``os.replace(src, dst)`` that survives a power loss: ``src`` (a file, or a folder tree: every file
+    and folder in it) is flushed to disk first, then renamed, then the folder of ``dst`` is flushed
+    (and that of ``src``, before and after, where it differs).
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        The finished file or folder (typically a temporary beside ``dst``).
+    dst : str or os.PathLike
+        Its final name; an existing file (or empty folder) there is replaced atomically.
+    flushed : bool, optional
+        ``src`` is on disk already (the caller ran :func:`fsync_tree` on it, and nothing changed it
+        since): skip flushing it again. Default False.
+
+    Raises
+    ------
+    OSError
+        From ``os.replace`` or a flush; ``dst`` is then either unchanged or the new ``src``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     tmp = Path(folder, ".result.tmp"); _ = tmp.write_text("done")
+    ...     durable_replace(tmp, Path(folder, "result.txt"))
+    ...     print(Path(folder, "result.txt").read_text())
+    done
+    """
+    src, dst = Path(src), Path(dst)
+    if not flushed:
+        fsync_tree(src)
+    other_folder = src.parent.resolve() != dst.parent.resolve()
+    if other_folder:
+        fsync_directory(src.parent)
+    os.replace(src, dst)
+    fsync_directory(dst.parent)
+    if other_folder:
+        fsync_directory(src.parent)
 
 
 # ".<stem>.<pid>.<8 random characters of mkstemp>.tmp<suffix>" (atomic_path); the stem may hold dots.

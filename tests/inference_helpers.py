@@ -21,14 +21,20 @@ PREPROCESSING = PreprocessSettings(target_spacing_mm=(1.0, 1.0, 1.5), normalizat
 NON_RAS_AFFINE = np.array([[0, 0, -1.8, 30.0], [-0.9, 0, 0, 12.0], [0, 1.3, 0, -7.0], [0, 0, 0, 1]])
 
 
+def tiny_architecture(*, depth: int = 3, deep_supervision: bool = True, num_classes: int = 3) -> dict[str, Any]:
+    """The builder arguments of :func:`tiny_model` (what a bundle records to rebuild it)."""
+    return {"builder": "unet3d", "in_channels": 1, "num_classes": num_classes,
+            "args": {"depth": depth, "base_filters": 4, "deep_supervision": deep_supervision}}
+
+
 def tiny_model(*, depth: int = 3, deep_supervision: bool = True, seed: int = 0, num_classes: int = 3):
     """An untrained 4-filter U-Net with fixed weights (agreement between paths is what is tested)."""
     import keras
 
-    from segpipe.models.unet3d import build_unet3d
+    from segpipe.models.architecture import build_network
 
     keras.utils.set_random_seed(seed)
-    model = build_unet3d(1, num_classes, depth=depth, base_filters=4, deep_supervision=deep_supervision)
+    model = build_network(tiny_architecture(depth=depth, deep_supervision=deep_supervision, num_classes=num_classes))
     # Non-trivial batch-norm statistics, so a bundle that lost them would show.
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -38,14 +44,14 @@ def tiny_model(*, depth: int = 3, deep_supervision: bool = True, seed: int = 0, 
     return model
 
 
-def make_run_dir(root: Path, model, phantom_root: Path, *, depth: int = 3) -> Path:
+def make_run_dir(root: Path, model, phantom_root: Path, *, depth: int = 3, overrides: tuple[str, ...] = ()) -> Path:
     """A finished-looking run directory: config.yaml, preprocessing.json and the three checkpoints."""
     from segpipe.training.checkpoints import save_checkpoint
 
     run_dir = Path(root) / "runs" / "hand"
     config = load_config(None, [
         f"data.root={phantom_root}", "data.phantoms=null", f"data.patch_size={PATCH}",
-        f"model.depth={depth}", "model.base_filters=4", "model.deep_supervision=true", "name=hand",
+        f"model.depth={depth}", "model.base_filters=4", "model.deep_supervision=true", "name=hand", *overrides,
     ])
     write_text(run_dir / "config.yaml", to_yaml(config))
     write_json(run_dir / "preprocessing.json", dataclasses.asdict(PREPROCESSING))
@@ -86,3 +92,13 @@ def edit_bundle_json(**changes: Any) -> Callable[[Path], None]:
                 meta[key] = value
         (bundle / "bundle.json").write_text(json.dumps(meta))
     return edit
+
+
+def rewrite_manifest(bundle: Path) -> None:
+    """Record the bundle's files as they are now in its manifest: what a sender who edits a file and
+    ``bundle.json`` together would do (the manifest is no signature)."""
+    from segpipe.inference.integrity import file_manifest
+
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["manifest"] = file_manifest(bundle)
+    (bundle / "bundle.json").write_text(json.dumps(meta))

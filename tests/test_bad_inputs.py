@@ -92,6 +92,36 @@ def _with_nan(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _beyond_float32(image: np.ndarray) -> np.ndarray:
+    """``image`` as float64 with two finite values that float32 reads as inf."""
+    image = image.astype(np.float64)
+    image[4, 4, 4], image[5, 5, 5] = 1e39, -1e39
+    return image
+
+
+def _size_claim(path: Path, shape: tuple[int, ...], dtype=np.float32) -> Path:
+    """A .nii.gz of a few dozen bytes whose header claims ``shape`` (no voxel data)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    return path
+
+
+def _folders_with_twin(tmp: Path) -> Path:
+    """An images/ + labels/ dataset of 3 cases with images/case_1.nii beside images/case_1.nii.gz."""
+    for i in range(3):
+        image, label = _arrays(i)
+        _save(tmp / "ds" / "images" / f"case_{i}.nii.gz", image)
+        _save(tmp / "ds" / "labels" / f"case_{i}.nii.gz", label)
+    _save(tmp / "ds" / "images" / "case_1.nii", _arrays(1)[0])
+    return tmp / "ds"
+
+
 def _train(tmp: Path, root: Path | str, *overrides: str) -> list[str]:
     """``train.py --no-plan`` on ``root`` with a tiny network, every output under ``tmp/out``."""
     return ["--no-plan", "--set", f"data.root={root}", "data.phantoms=null", f"output_dir={tmp / OUT}",
@@ -113,7 +143,7 @@ def _plan(tmp: Path, root: Path) -> list[str]:
 # A bundle as write_bundle writes it, with only the Keras model (files may hold just "keras"), made
 # once per module: hand-written bundle.json + a real 1-stage, 2-filter network.
 BUNDLE_META = {
-    "format": "segpipe-bundle", "format_version": 1,
+    "format": "segpipe-bundle", "format_version": 2,
     "classes": [{"value": 0, "name": "background"}, {"value": 1, "name": "organ"}],
     "input_channels": 1, "channel_names": ["t1"], "orientation": "RAS",
     "preprocessing": {"target_spacing_mm": [1.0, 1.0, 1.0], "normalization": "zscore", "crop_to_nonzero": True,
@@ -121,19 +151,21 @@ BUNDLE_META = {
     "patch_size": [8, 8, 8],
     "inference": {"overlap": 0.5, "mirror_axes": [], "batch_size": 2, "sigma_scale": 0.125,
                   "postprocess_largest_component": []},
-    "files": {"keras": "model.keras"}, "versions": {},
+    "files": {"keras": "model.weights.h5"}, "versions": {}, "activation_bytes_per_voxel": 100,
+    "architecture": {"builder": "unet3d", "in_channels": 1, "num_classes": 2, "args": {"depth": 1, "base_filters": 2}},
 }
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
-    from segpipe.export.bundle import inference_model
-    from segpipe.models.unet3d import build_unet3d
+    from segpipe.inference.integrity import file_manifest
+    from segpipe.models.architecture import build_network
+    from segpipe.models.unet3d import probability_model
 
     folder = tmp_path_factory.mktemp("bundle") / "bundle"
     folder.mkdir()
-    inference_model(build_unet3d(1, 2, depth=1, base_filters=2)).save(folder / "model.keras")
-    (folder / "bundle.json").write_text(json.dumps(BUNDLE_META))
+    probability_model(build_network(BUNDLE_META["architecture"])).save_weights(folder / "model.weights.h5")
+    (folder / "bundle.json").write_text(json.dumps({**BUNDLE_META, "manifest": file_manifest(folder)}))
     return folder
 
 
@@ -146,8 +178,13 @@ def _bundle_copy(tmp: Path, source: Path, edit: Callable[[Path], None] | None = 
 
 
 def _truncate_model(folder: Path) -> None:
-    data = (folder / "model.keras").read_bytes()
-    (folder / "model.keras").write_bytes(data[: len(data) // 2])
+    data = (folder / "model.weights.h5").read_bytes()
+    (folder / "model.weights.h5").write_bytes(data[: len(data) // 2])
+
+
+def _link_out(folder: Path) -> None:
+    (folder / "model.weights.h5").unlink()
+    (folder / "model.weights.h5").symlink_to("/etc/hostname")
 
 
 def _predict(tmp: Path, bundle: Path, *inputs: Path) -> list[str]:
@@ -262,6 +299,23 @@ ROWS = [
     _row("image-nan", "NaN intensities (data.check: full)", "train",
          lambda t: _train(t, _msd(t, images={0: _with_nan(_arrays(0)[0])}), "data.check=full"),
          "[non-finite] imagesTr/case_0.nii.gz: Expected finite intensities. Received: 1 NaN/inf voxels"),
+    _row("image-float32-overflow", "finite float64 intensities beyond float32's range (data.check: full)", "train",
+         lambda t: _train(t, _msd(t, images={0: _beyond_float32(_arrays(0)[0])}), "data.check=full"),
+         "[non-finite] imagesTr/case_0.nii.gz: Expected finite intensities. Received: 2 NaN/inf voxels as float32 "
+         "(2 finite float64 value(s) beyond float32's range"),
+    _row("image-float32-overflow-headers", "finite float64 intensities beyond float32's range (found on reading)",
+         "train", lambda t: _train(t, _msd(t, images={0: _beyond_float32(_arrays(0)[0])})),
+         "{tmp}/ds/imagesTr/case_0.nii.gz: Expected values within float32's range (|x| <= 3.4e+38). "
+         "Received: values=2 finite float64 voxel(s) beyond it (largest |x| 1e+39)."),
+    _row("image-size-claim", "a 56-byte .nii.gz whose header claims 1000×1000×100 float32 (381 MiB)", "train",
+         lambda t: (_msd(t), _size_claim(t / "ds" / "imagesTr" / "case_1.nii.gz", (1000, 1000, 100)),
+                    _train(t, t / "ds"))[-1],
+         "[size-claim] imagesTr/case_1.nii.gz: Expected a gzip file that can hold the voxels its header claims",
+         "Received: shape (1000, 1000, 100) float32: 100000000 voxels, 381.5 MiB (400000000 bytes) (file: "),
+    _row("dataset-nii-twins", "images/case_1.nii beside images/case_1.nii.gz", "plan",
+         lambda t: _plan(t, _folders_with_twin(t)),
+         "{tmp}/ds: Expected one file per case name (NAME.nii or NAME.nii.gz, not both). "
+         "Received: files=images/case_1.nii and images/case_1.nii.gz."),
     _row("nnunet-regions", "an nnU-Net dataset.json with region labels but no regions_class_order", "train",
          lambda t: _with_file(t / "ds" / "dataset.json", json.dumps(
              {"channel_names": {"0": "t1"}, "labels": {"background": 0, "whole": [1, 2]}, "file_ending": ".nii.gz"}),
@@ -318,19 +372,46 @@ ROWS = [
          lambda t, b: _predict(t, _bundle_copy(t, b, lambda f: (f / "bundle.json").write_text("{")), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected valid JSON. Received: contents=invalid JSON"),
     _row("bundle-newer-version", "a bundle of a newer format version", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(format_version=2)), _scan(t)),
-         "{tmp}/bundle/bundle.json: Expected format version 1. Received: format_version=2. Written by a newer segpipe"),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(format_version=3)), _scan(t)),
+         "{tmp}/bundle/bundle.json: Expected format version 2. Received: format_version=3. Written by a newer segpipe"),
     _row("bundle-missing-key", "a bundle.json without patch_size", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(patch_size=DELETE)), _scan(t)),
-         "{tmp}/bundle/bundle.json: Expected 3 positive integers. Received: patch_size=<missing>."),
+         "{tmp}/bundle/bundle.json: Expected 3 integers from 1 to 1024, at most 16777216 voxels in all. "
+         "Received: patch_size=<missing>."),
+    _row("bundle-absurd-patch", "a bundle.json claiming a 100000³ patch", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(patch_size=[100000] * 3)), _scan(t)),
+         "{tmp}/bundle/bundle.json: Expected 3 integers from 1 to 1024, at most 16777216 voxels in all. "
+         "Received: patch_size=[100000, 100000, 100000]."),
+    _row("bundle-absurd-spacing", "a bundle.json with a target spacing of 10⁻⁶ mm", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(
+             preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [1e-6, 1e-6, 1e-6]})), _scan(t)),
+         "{tmp}/bundle/bundle.json: Expected 3 voxel sizes from 0.001 to 1000.0 mm (or null). "
+         "Received: preprocessing.target_spacing_mm=[1e-06, 1e-06, 1e-06]."),
+    _row("bundle-fine-spacing-huge-grid", "a bundle whose 0.001 mm target spacing would resample a scan to 10¹² voxels", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(
+             preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [0.001, 0.001, 0.001]})), _scan(t)),
+         "{tmp}/scans/scan.nii.gz: Expected a scan of at most 1073741824 voxels at the bundle's target spacing "
+         "[0.001, 0.001, 0.001] mm. Received: --input=shape (12, 10, 8) at [1.0, 1.0, 1.0] mm -> about 9.6e+11 voxels."),
+    _row("bundle-keras-file-renamed", "a bundle.json naming model.h5 as the Keras file", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.h5"})), _scan(t)),
+         "Expected 'model.weights.h5' (the one file name of the keras format). Received: files.keras='model.h5'."),
+    _row("bundle-symlink-out", "a bundle whose weights file is a link out of the bundle", "predict",
+         lambda t, b: _predict(t, _bundle_copy(t, b, _link_out), _scan(t)),
+         "Expected no symbolic link in the folder (a link can point outside it). "
+         "Received: files={tmp}/bundle/model.weights.h5 -> /etc/hostname."),
+    _row("bundle-savedmodel-untrusted", "--format savedmodel without --trust-bundle", "predict",
+         lambda t, b: [*_predict(t, b, _scan(t)), "--format", "savedmodel"],
+         "Expected a format that cannot run code (keras, onnx, openvino, auto) for a bundle not marked as trusted. "
+         "Received: format='savedmodel'. A savedmodel model is a program"),
     _row("bundle-listed-file-missing", "a bundle.json listing a model file that is not there", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.keras", "onnx": "model.onnx"})),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.weights.h5", "onnx": "model.onnx"})),
                                _scan(t)),
-         "Expected every model file bundle.json lists. Received: files.onnx=model.onnx (missing: model.onnx;"),
+         "Expected every model file bundle.json lists, in its manifest. "
+         "Received: files.onnx=model.onnx (model.onnx is not in the manifest; incomplete bundle?)."),
     _row("bundle-model-truncated", "a bundle whose model file is truncated", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, _truncate_model), _scan(t)),
-         "{tmp}/bundle/bundle.json: Expected a model file that loads with format='keras'. "
-         "Received: files.keras={tmp}/bundle/model.keras (cannot load: "),
+         "{tmp}/bundle/bundle.json: Expected ",
+         " bytes. Received: manifest.model.weights.h5={tmp}/bundle/model.weights.h5 ("),
     _row("bundle-bad-inference", "a bundle.json with an overlap out of range", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(inference={"overlap": 1.5})), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected a number in [0, 0.95]. Received: inference.overlap=1.5."),
@@ -353,6 +434,13 @@ ROWS = [
     _row("scan-nan", "a scan with NaN intensities", "predict",
          lambda t, b: _predict(t, b, _scan(t, _with_nan(_arrays(5)[0]))),
          "[non-finite] {tmp}/scans/scan.nii.gz: Expected finite intensities. Received: 1 NaN/inf voxels"),
+    _row("scan-float32-overflow", "a float64 scan with values beyond float32's range", "predict",
+         lambda t, b: _predict(t, b, _scan(t, _beyond_float32(_arrays(5)[0]))),
+         "[non-finite] {tmp}/scans/scan.nii.gz: Expected finite intensities. Received: 2 NaN/inf voxels as float32"),
+    _row("scan-size-claim", "a scan whose header claims 10^10 voxels", "predict",
+         lambda t, b: _predict(t, b, _size_claim(t / "scans" / "scan.nii.gz", (2000, 2000, 2500), np.int16)),
+         "[size-claim] {tmp}/scans/scan.nii.gz: Expected at most 2147483648 voxels",
+         "Received: shape (2000, 2000, 2500) int16: 10000000000 voxels, 18.6 GiB (20000000000 bytes)"),
     _row("scan-channels", "a 2-channel scan for a 1-channel bundle", "predict",
          lambda t, b: _predict(t, b, _scan(t, _arrays(5, channels=2)[0])),
          "[channel-count] {tmp}/scans/scan.nii.gz: Expected 1 channel(s) ['t1'] (the model's input). "
@@ -461,7 +549,7 @@ def test_a_full_disk_while_writing_predictions_names_the_file_and_keeps_complete
 
     monkeypatch.setattr(segpipe.io.nib, "save", full_on_b)
     capsys.readouterr()
-    assert predict_cli.main(_predict(tmp_path, bundle_dir, *scans)) == 1
+    assert predict_cli.main([*_predict(tmp_path, bundle_dir, *scans), "--overwrite"]) == 1  # b.nii.gz exists
     err = capsys.readouterr().err
     assert err.startswith(f"predict.py: error: Expected free space and a writable folder for this file. "
                           f"Received: path={out / 'b.nii.gz'} (No space left on device). Nothing was half-written"), err

@@ -209,8 +209,11 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     from segpipe.training.checkpoints import remove_stale_temporaries
 
     (tmp_path / "checkpoints").mkdir()
-    stale = [tmp_path / ".history.k2j3.tmp.csv", tmp_path / "checkpoints" / ".best.x7.tmp.keras"]
-    for path in stale:
+    # atomic_path's names: ".<stem>.<pid>.<8 characters>.tmp<suffix>"; 999999999: no such process
+    stale = [tmp_path / ".history.999999999.k2j3ab_x.tmp.csv",
+             tmp_path / "checkpoints" / ".best.999999999.x7aaaaaa.tmp.keras"]
+    live = tmp_path / f".history.{os.getpid()}.k2j3ab_x.tmp.csv"  # a writer that still runs (an export, an evaluation)
+    for path in [*stale, live]:
         path.write_text("half")
     dead_bundle = tmp_path / ".bundle.tmp-999999999"  # no such process
     live_bundle = tmp_path / f".bundle.tmp-{os.getpid()}"  # an export in progress
@@ -220,7 +223,7 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     old.mkdir()
     for name in ("model.keras", "state.json"):
         (old / name).write_text("{}")
-    kept = [tmp_path / "history.csv", old, live_bundle]  # last.old: the only complete checkpoint
+    kept = [tmp_path / "history.csv", old, live_bundle, live]  # last.old: the only complete checkpoint
     kept[0].write_text("epoch\n")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted([*stale, dead_bundle])
     assert all(p.exists() for p in kept) and not any(p.exists() for p in [*stale, dead_bundle])

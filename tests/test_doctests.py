@@ -5,8 +5,12 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.parallel", "segpipe.runs.rundir",
+@pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
+                                    "segpipe.inference.integrity", "segpipe.models.architecture",
+                                    "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
+                                    "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
+                                    "segpipe.evaluation.options", "segpipe.evaluation.summary",
                                     "segpipe.data.labels", "segpipe.metrics.regions"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

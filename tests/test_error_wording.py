@@ -35,9 +35,9 @@ JUSTIFIED = {
         "not a bad value but a status: the class words it as 'SIGINT: stopped after … Continue with: …'",
     ("segpipe/training/interrupts.py", "KeyboardInterrupt(f'{signal.Signals(signal_number).name} received twice')"):
         "a user's second Ctrl-C aborting at once, not an input that was expected to be different",
-    ("segpipe/export/bundle.py", "BundleError(str(exc))"):
-        "re-raises PreprocessSettings.from_dict's own message (bundle.json, the key path preprocessing.<key>, "
-        "expected and received) as the bundle's error type",
+    ("segpipe/inference/bundle.py", "BundleError(str(exc))"):
+        "re-raises the message of PreprocessSettings.from_dict, check_architecture or the manifest check (bundle.json, "
+        "the key path, expected and received) as the bundle's error type",
     ("segpipe/training/distributed.py", "AttributeError(name)"):
         "Python's attribute protocol in __getattr__: the message is the attribute name, as Python's own",
 }
@@ -137,7 +137,8 @@ def test_the_scan_covers_the_modules_of_this_task():
                    "segpipe/inference/segment.py", "segpipe/inference/sliding_window.py", "segpipe/models/unet3d.py",
                    "segpipe/losses/base.py", "segpipe/losses/options.py", "segpipe/losses/compound.py",
                    "segpipe/reports/html.py", "segpipe/reports/progress.py", "segpipe/reports/overlays.py",
-                   "segpipe/export/bundle.py", "segpipe/export/runtimes.py", "segpipe/export/serving_graph.py"):
+                   "segpipe/export/bundle.py", "segpipe/inference/runtimes.py", "segpipe/export/serving_graph.py",
+                   "segpipe/inference/bundle.py", "segpipe/inference/integrity.py", "segpipe/models/architecture.py"):
         assert module in scanned
 
 

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 import segpipe.evaluation.folders
+import segpipe.evaluation.summary
 import segpipe.metrics.overlap
 import segpipe.metrics.surface
-from segpipe.evaluation.folders import evaluate_folders, format_summary_markdown, summarize
+from segpipe.evaluation.folders import evaluate_folders
+from segpipe.evaluation.summary import summarize
+from segpipe.reports.evaluation_tables import format_summary_markdown
 from segpipe.io import write_json, write_nifti
 
 
@@ -223,7 +226,8 @@ def test_cli_default_out_labels_and_errors(tmp_path, capsys):
         evaluate.main(["--pred", "p", "--ref", "r", "--tolerance-mm", "1", "x"])
 
 
-@pytest.mark.parametrize("module", [segpipe.metrics.overlap, segpipe.metrics.surface, segpipe.evaluation.folders])
+@pytest.mark.parametrize("module", [segpipe.metrics.overlap, segpipe.metrics.surface, segpipe.evaluation.folders,
+                                    segpipe.evaluation.summary])
 def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

@@ -5,11 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
-from inference_helpers import DELETE, PATCH, PREPROCESSING, edit_bundle_json, make_run_dir, tiny_model
+from inference_helpers import (DELETE, PATCH, PREPROCESSING, edit_bundle_json, make_run_dir, rewrite_manifest,
+                               tiny_architecture, tiny_model)
 
 import predict
 from segpipe.inference.settings import InferenceSettings
-from segpipe.export.bundle import BundleError, export_run, load_predictor, read_bundle, write_bundle
+from segpipe.export.bundle import export_run, write_bundle
+from segpipe.inference.bundle import BundleError, read_bundle
+from segpipe.inference.runtimes import load_predictor
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 
@@ -21,17 +24,15 @@ def trained(tmp_path_factory, phantom_root):
     model = tiny_model(depth=3, deep_supervision=True)
     assert len(model.outputs) == 2
     run_dir = make_run_dir(root, model, phantom_root, depth=3)
-    bundle_dir = export_run(run_dir, onnx=HAVE_ONNX, inference={"batch_size": 2, "postprocess_largest_component": [1]})
+    bundle_dir = export_run(run_dir, onnx=HAVE_ONNX, inference={"batch_size": 2, "postprocess_largest_component": [1], "postprocess_largest_foreground": False})
     return model, run_dir, bundle_dir
 
 
 def test_bundle_holds_everything_prediction_needs(trained):
-    import keras
-
     model, run_dir, bundle_dir = trained
     assert bundle_dir == run_dir / "bundle"
     meta = json.loads((bundle_dir / "bundle.json").read_text())
-    assert meta["format"] == "segpipe-bundle" and meta["format_version"] == 1
+    assert meta["format"] == "segpipe-bundle" and meta["format_version"] == 2
     assert meta["classes"] == [{"value": 0, "name": "background"}, {"value": 1, "name": "organ"},
                                {"value": 2, "name": "lesion"}]
     assert meta["input_channels"] == 1 and meta["orientation"] == "RAS"
@@ -39,7 +40,7 @@ def test_bundle_holds_everything_prediction_needs(trained):
     assert meta["preprocessing"]["target_spacing_mm"] == [1.0, 1.0, 1.5]
     assert meta["preprocessing"]["normalization"] == "zscore"
     assert meta["inference"] == {"overlap": 0.5, "mirror_axes": [0, 1, 2], "batch_size": 2, "sigma_scale": 0.125,
-                                 "postprocess_largest_component": [1]}
+                                 "postprocess_largest_component": [1], "postprocess_largest_foreground": False}
     assert {"segpipe", "tensorflow", "keras", "numpy", "python"} <= set(meta["versions"])
     assert meta["training_config"]["model"]["depth"] == 3 and meta["training_config"]["name"] == "hand"
     assert meta["source"]["checkpoint"] == "best"
@@ -51,12 +52,15 @@ def test_bundle_holds_everything_prediction_needs(trained):
     assert bundle.class_names == ("background", "organ", "lesion") and bundle.patch_size == (16, 16, 16)
     assert bundle.inference == InferenceSettings(batch_size=2, postprocess_largest_component=(1,))
 
-    # model.keras: a plain functional model (no segpipe class needed) with the full-resolution output only
-    net = keras.models.load_model(bundle_dir / "model.keras", compile=False, safe_mode=True)
-    assert type(net) is keras.Model or type(net).__name__ == "Functional"
-    assert len(net.outputs) == 1
+    # Keras: weight arrays only, the network rebuilt from its builder arguments, full-resolution output only
+    assert meta["files"]["keras"] == "model.weights.h5" and not (bundle_dir / "model.keras").exists()
+    assert meta["architecture"] == {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {
+        "depth": 3, "base_filters": 4, "max_filters": 320, "norm": "batch", "deep_supervision": True, "output": "softmax",
+        "convs_per_stage": 2}}
+    assert set(meta["manifest"]) >= {"model.weights.h5", "savedmodel/saved_model.pb"} and ".segpipe" not in meta["manifest"]
+    assert meta["verification"]["keras_max_abs_diff"] == 0.0
     x = np.random.default_rng(0).normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
-    np.testing.assert_array_equal(net.predict_on_batch(x), model.predict_on_batch(x)[0])
+    np.testing.assert_array_equal(load_predictor(bundle, "keras")(x), model.predict_on_batch(x)[0])
 
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "onnx"])
@@ -66,7 +70,7 @@ def test_exported_formats_agree_with_keras_on_any_spatial_size(trained, fmt):
         pytest.importorskip("onnxruntime")
     _, _, bundle_dir = trained
     keras_fn = load_predictor(bundle_dir, "keras")
-    other_fn = load_predictor(bundle_dir, fmt)
+    other_fn = load_predictor(bundle_dir, fmt, trust_bundle=True)
     x = np.random.default_rng(1).normal(size=(2, 16, 24, 32, 1)).astype(np.float32)  # not the patch size
     reference = keras_fn(x)
     out = other_fn(x)
@@ -76,9 +80,18 @@ def test_exported_formats_agree_with_keras_on_any_spatial_size(trained, fmt):
 
 def test_export_cli_from_the_last_checkpoint(trained, tmp_path, capsys):
     _, run_dir, _ = trained
+    from segpipe.ownership import write_marker
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "important.txt").write_text("not segpipe's")
+    assert predict.main(["export", str(run_dir), "--out", str(foreign), "--overwrite"]) == 1  # never replaced
+    assert "important.txt" in capsys.readouterr().err and (foreign / "important.txt").read_text() == "not segpipe's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # refused before any work: nothing written
     out = tmp_path / "b"
     out.mkdir()  # an earlier export's folder (one export in this test: each costs seconds)
     (out / "bundle.json").write_text("{}")
+    write_marker(out, "bundle")
     assert predict.main(["export", str(run_dir), "--checkpoint", "last", "--out", str(out)]) == 1  # no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "bundle.json").read_text() == "{}"  # refused before any work: untouched
@@ -100,7 +113,8 @@ def test_export_names_what_a_run_lacks(trained, tmp_path, capsys):
 def test_write_bundle_checks_names_against_the_model(tmp_path):
     model = tiny_model(depth=2, deep_supervision=False)
     with pytest.raises(ValueError, match=r"Expected one class name per model output channel \(3\)\. Received: class_names=\['bg', 'fg'\]\."):
-        write_bundle(model, tmp_path / "b", class_names=["bg", "fg"], preprocessing=PREPROCESSING, patch_size=PATCH)
+        write_bundle(model, tmp_path / "b", class_names=["bg", "fg"], preprocessing=PREPROCESSING, patch_size=PATCH,
+                     architecture=tiny_architecture(depth=2, deep_supervision=False))
     assert not (tmp_path / "b").exists()
 
 
@@ -108,21 +122,60 @@ def _edit_json(key, value):
     return edit_bundle_json(**{key: value})
 
 
+def _write(name, data=b"x", mode=0o644):
+    def write(b):
+        (b / name).write_bytes(data)
+        (b / name).chmod(mode)
+    return write
+
+
+def _symlink_out(b):
+    (b / "model.weights.h5").unlink()
+    (b / "model.weights.h5").symlink_to("/etc/hostname")
+
+
+def _outside_entry(b):
+    meta = json.loads((b / "bundle.json").read_text())
+    meta["manifest"]["../outside.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    (b / "bundle.json").write_text(json.dumps(meta))
+
+
+PATCH_WHAT = r"Expected 3 integers from 1 to 1024, at most 16777216 voxels in all\."
+
+
 @pytest.mark.parametrize("break_it, message", [
     (lambda b: (b / "bundle.json").unlink(), r"Expected bundle.json in the bundle folder .*Received: bundle.json=.*bundle.json \(no such file\)"),
     (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'), r"bundle.json: Expected valid JSON\. Received: contents=invalid JSON"),
-    (lambda b: (b / "model.keras").unlink(), r"bundle.json: Expected every model file bundle.json lists\. Received: files.keras=model.keras \(missing: model.keras;"),
-    (lambda b: shutil.rmtree(b / "savedmodel"), r"Received: files.savedmodel=savedmodel \(missing: savedmodel/saved_model.pb;"),
-    (_edit_json("patch_size", DELETE), r"bundle.json: Expected 3 positive integers\. Received: patch_size=<missing>\."),
+    (lambda b: (b / "model.weights.h5").unlink(), r"bundle.json: Expected every file the manifest lists\. Received: manifest.model.weights.h5=.*model.weights.h5 \(missing; incomplete bundle\?\)"),
+    (lambda b: shutil.rmtree(b / "savedmodel"), r"Expected every file the manifest lists\. Received: manifest.savedmodel/"),
+    (_write("model.weights.h5", b"changed"), r"Expected \d+ bytes\. Received: manifest.model.weights.h5=.*\(7 bytes: changed since it was written\)"),
+    (_write("notes.txt"), r"Expected only the files the manifest lists\. Received: manifest=.*notes.txt \(an extra file\)"),
+    (_symlink_out, r"Expected no symbolic link in the folder \(a link can point outside it\)\. Received: files=.*model.weights.h5 -> /etc/hostname"),
+    (lambda b: (b / "model.onnx" if (b / "model.onnx").exists() else b / "model.weights.h5").chmod(0o755), r"Expected no executable file\. Received: manifest.model"),
+    (_outside_entry, r"Expected relative paths inside the folder, in normal form\. Received: manifest='../outside.txt'\."),
+    (_edit_json("patch_size", DELETE), PATCH_WHAT + r" Received: patch_size=<missing>\."),
+    (_edit_json("patch_size", [16, 16]), PATCH_WHAT + r" Received: patch_size=\[16, 16\]\."),
+    (_edit_json("patch_size", [100000] * 3), PATCH_WHAT + r" Received: patch_size=\[100000, 100000, 100000\]\."),
+    (_edit_json("patch_size", [1024, 1024, 64]), PATCH_WHAT + r" Received: patch_size=\[1024, 1024, 64\]\."),
+    (_edit_json("inference", {"batch_size": 10**9}), r"Expected an integer from 1 to 256\. Received: inference.batch_size=1000000000\."),
+    (_edit_json("preprocessing", {"target_spacing_mm": [1e-6, 1, 1]}), r"Expected 3 voxel sizes from 0.001 to 1000.0 mm \(or null\)\. Received: preprocessing.target_spacing_mm=\[1e-06, 1.0, 1.0\]\."),
+    (_edit_json("input_channels", 10**6), r"Expected an integer from 1 to 64\. Received: input_channels=1000000\."),
+    (_edit_json("classes", [{"value": v, "name": str(v)} for v in range(300)]), r"Expected 2 to 256 entries .*Received: classes=\["),
+    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"depth": 100}}), r"Expected an integer from 1 to 8\. Received: architecture.args.depth=100\."),
+    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"base_filters": 1024, "max_filters": 1024, "depth": 8}}), r"Expected a network of at most 300,000,000 parameters\. Received: architecture.args=about [\d,]+ parameters\."),
+    (_edit_json("architecture", {"builder": "keras.layers.Lambda", "in_channels": 1, "num_classes": 3, "args": {}}), r"Expected one of \['unet3d', 'resenc_unet'\]\. Received: architecture.builder='keras.layers.Lambda'\."),
+    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"function": "os.system"}}), r"Expected arguments of unet3d among .* Received: architecture.args.function='function'\."),
+    (_edit_json("activation_bytes_per_voxel", 10**12), r"Expected an integer from 0 to 1048576\. Received: activation_bytes_per_voxel=1000000000000\."),
     (_edit_json("preprocessing", DELETE), r"Expected the preprocessing settings\. Received: preprocessing=<missing>\."),
-    (_edit_json("format_version", 2), r"Expected format version 1\. Received: format_version=2\. Written by a newer segpipe"),
-    (_edit_json("format_version", "1"), r"Expected the integer 1\. Received: format_version='1'\."),
+    (_edit_json("format_version", 3), r"Expected format version 2\. Received: format_version=3\. Written by a newer segpipe"),
+    (_edit_json("format_version", 1), r"Expected format version 2\. Received: format_version=1\. Version 1 bundles hold a serialised model.keras .* re-export the run"),
+    (_edit_json("format_version", "2"), r"Expected the integer 2\. Received: format_version='2'\."),
     (_edit_json("format", "nnunet"), r"Expected the string 'segpipe-bundle' \(a segpipe bundle\)\. Received: format='nnunet'\."),
-    (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]), r"Expected at least 2 entries .*Received: classes=\["),
-    (_edit_json("patch_size", [16, 16]), r"Expected 3 positive integers\. Received: patch_size=\[16, 16\]\."),
+    (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]), r"Expected 2 to 256 entries .*Received: classes=\["),
     (_edit_json("orientation", "LPS"), r"Expected 'RAS' .*Received: orientation='LPS'\."),
     (_edit_json("inference", {"overlap": 1.5}), r"bundle.json: Expected a number in \[0, 0.95\]\. Received: inference.overlap=1.5\."),
-    (_edit_json("files", {"keras": "../model.keras"}), r"Expected a path inside the bundle\. Received: files.keras='../model.keras'\."),
+    (_edit_json("files", {"keras": "../model.keras"}), r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='../model.keras'\."),
+    (_edit_json("files", {"keras": "model.h5"}), r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='model.h5'\."),
     (_edit_json("preprocessing", {"normalization": "minmax"}), r"bundle.json: Expected one of \(.*\)\. Received: preprocessing.normalization='minmax'\."),
     (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"bundle.json: Expected preprocessing settings out of \[.*\]\. Received: preprocessing.spacing=\[1, 1, 1\]\."),
 ])
@@ -137,8 +190,9 @@ def test_a_broken_bundle_is_a_clear_error(trained, tmp_path, break_it, message):
 def test_a_corrupt_or_mismatched_model_file_is_a_clear_error(trained, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(trained[2], bundle)
-    (bundle / "model.keras").write_bytes(b"not a zip file")
-    with pytest.raises(BundleError, match=r"bundle.json: Expected a model file that loads with format='keras'\. Received: files.keras=.*model.keras \(cannot load: "):
+    (bundle / "model.weights.h5").write_bytes(b"not an HDF5 file")
+    rewrite_manifest(bundle)  # past the manifest: the file itself is what is wrong
+    with pytest.raises(BundleError, match=r"bundle.json: Expected a model file that loads with format='keras'\. Received: files.keras=.*model.weights.h5 \(cannot load: "):
         load_predictor(bundle, "keras")
     with pytest.raises(BundleError, match=r"Expected a 'onnx' model in the bundle \(export with onnx=True"):
         meta = json.loads((bundle / "bundle.json").read_text())
@@ -147,8 +201,12 @@ def test_a_corrupt_or_mismatched_model_file_is_a_clear_error(trained, tmp_path):
         load_predictor(bundle, "onnx")
     meta["classes"].append({"value": 3, "name": "extra"})
     (bundle / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"Expected 1 input channel\(s\) and 4 classes \(input_channels and classes of bundle.json\)\. Received: architecture=in_channels=1, num_classes=3"):
+        read_bundle(bundle)
+    meta["architecture"]["num_classes"] = 4
+    (bundle / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=r"Expected a network with 1 input channel\(s\) and 4 classes \(from bundle.json\)\. Received: network=1 input channel\(s\), 3 output"):
-        load_predictor(bundle, "savedmodel")
+        load_predictor(bundle, "savedmodel", trust_bundle=True)
     with pytest.raises(BundleError, match="Expected a bundle folder. Received: .*nowhere"):
         read_bundle(tmp_path / "nowhere")
 
@@ -184,7 +242,8 @@ def trained_tiny_model():
 def segmenter(tmp_path_factory):
     model = trained_tiny_model()
     out = write_bundle(model, tmp_path_factory.mktemp("segment") / "bundle", class_names=["background", "organ", "lesion"],
-                       preprocessing=PREPROCESSING, patch_size=PATCH, inference={"mirror_axes": [0, 1, 2], "batch_size": 2})
+                       preprocessing=PREPROCESSING, patch_size=PATCH, inference={"mirror_axes": [0, 1, 2], "batch_size": 2},
+                       architecture=tiny_architecture(depth=3, deep_supervision=False))
     return model, out
 
 
@@ -231,13 +290,14 @@ def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter
 
 
 def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
-    from segpipe.export import runtimes
+    from segpipe.inference import runtimes
 
     model = tiny_model(depth=2, deep_supervision=False)
+    arch = tiny_architecture(depth=2, deep_supervision=False)
     installed = runtimes.is_installed
     monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name.startswith("openvino") else installed(name))
     out = write_bundle(model, tmp_path / "b", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
-                       segment=False)
+                       segment=False, architecture=arch)
     bundle = read_bundle(out)
     assert "openvino" not in bundle.files
     assert "openvino is not installed" in bundle.meta["formats_not_written"]["openvino"]
@@ -245,28 +305,35 @@ def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
         load_predictor(bundle, "openvino")
     with pytest.raises(ImportError, match=r'Expected openvino installed for the OpenVINO export\. Received: openvino=True\. Install the openvino extra: pip install "segpipe\[openvino\]"'):
         write_bundle(model, tmp_path / "c", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
-                     openvino=True)
+                     openvino=True, architecture=arch)
     assert not (tmp_path / "c").exists()
     # a format whose runtime is missing at prediction time is an error, never a silent fallback
     monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name == "onnx" else installed(name))
     with pytest.raises(ImportError, match=r"Expected tf2onnx \(and onnxruntime to check it\) installed for the ONNX export\. Received: onnx=True\."):
         write_bundle(model, tmp_path / "d", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH, onnx=True)
     unchecked = write_bundle(model, tmp_path / "e", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
-                             patch_size=PATCH, verify=False, openvino=False, segment=False)
+                             patch_size=PATCH, verify=False, openvino=False, segment=False, architecture=arch)
     meta = read_bundle(unchecked).meta
     assert meta["verification"] == {"run": False}
     assert meta["formats_not_written"] == {"savedmodel:segment": "segment=False"}
+    # a network not described by segpipe's builder arguments: no Keras weights (they could not load safely)
+    bare = read_bundle(write_bundle(model, tmp_path / "f", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
+                                    patch_size=PATCH, verify=False, openvino=False, segment=False))
+    assert "keras" not in bare.files and bare.architecture is None
+    assert "no architecture given" in bare.meta["formats_not_written"]["keras"]
 
 
 def test_auto_picks_the_first_installed_format_of_the_documented_order(monkeypatch):
-    from segpipe.export import runtimes
+    from segpipe.inference import runtimes
 
     every = {"keras", "savedmodel", "onnx", "openvino"}
     monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
     assert runtimes.choose_format(every) == runtimes.AUTO_ORDER[0] == "openvino"
-    assert runtimes.choose_format({"keras", "savedmodel"}) == "savedmodel"
+    assert runtimes.choose_format({"keras", "savedmodel"}) == "keras"  # auto never picks a format that runs code
     monkeypatch.setattr(runtimes, "is_installed", lambda name: not name.startswith("openvino"))
-    assert runtimes.choose_format(every) == "savedmodel"
+    assert runtimes.choose_format(every) == "keras"
+    with pytest.raises(ValueError, match=r"Expected a bundle with at least one format whose runtime is installed"):
+        runtimes.choose_format({"savedmodel"})
     with pytest.raises(ImportError, match=r"Expected openvino installed to predict with it\. Received: format='openvino'\. Install the openvino extra: pip install \"segpipe\[openvino\]\""):
         runtimes.choose_format(every, "openvino")
     with pytest.raises(ValueError, match=r"Expected one of \('auto', 'keras'"):
@@ -294,13 +361,13 @@ def test_bfloat16_out_of_tolerance_is_refused_when_asked_for(tmp_path, monkeypat
     tolerance at export keeps its float32 formats, and asking for bf16 names the recorded difference."""
     import dataclasses
 
-    from segpipe.export import runtimes
-    from segpipe.export.bundle import Bundle
+    from segpipe.inference import runtimes
+    from segpipe.inference.bundle import Bundle
 
     monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
     bundle = Bundle(tmp_path, ("background", "fg"), 1, ("t1",), PREPROCESSING, "RAS", PATCH, InferenceSettings(),
-                    {"keras": "model.keras", "openvino": "openvino/model.xml"}, {}, {},
-                    {"verification": {"openvino-bf16_max_abs_diff": 0.0216, "openvino-bf16_within_tolerance": False}})
+                    {"keras": "model.weights.h5", "openvino": "openvino/model.xml"}, {},
+                    meta={"verification": {"openvino-bf16_max_abs_diff": 0.0216, "openvino-bf16_within_tolerance": False}})
     with pytest.raises(BundleError, match=r"bundle.json: Expected bfloat16 probabilities within .* Received: "
                                           r"format='openvino-bf16'. This network differs by 0.0216"):
         load_predictor(bundle, "openvino-bf16")

@@ -269,7 +269,7 @@ def test_module_does_not_import_tensorflow():
 def test_evaluate_folders_writes_lesion_rows_and_summary(tmp_path):
     from segpipe.evaluation.folders import evaluate_folders
     from segpipe.io import read_json, write_nifti
-    from segpipe.reports.html import read_rows
+    from segpipe.tables import read_csv
 
     affine = np.diag([1.0, 1.0, 2.0, 1.0])  # 2 mm³ voxels
     ref_a = np.zeros((16, 16, 16), np.uint8)
@@ -287,7 +287,7 @@ def test_evaluate_folders_writes_lesion_rows_and_summary(tmp_path):
         write_nifti(tmp_path / "pred" / f"{case}.nii.gz", pred, affine)
     summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", workers=1,
                                lesion_labels=[1], lesion_min_size_mm3=4.0, report=False)
-    rows = {r["case"]: r for r in read_rows(tmp_path / "eval" / "lesions.csv")}
+    rows = {r["case"]: r for r in read_csv(tmp_path / "eval" / "lesions.csv", text=("case", "class_name"))}
     assert rows["a"]["lesion_dice"] == pytest.approx(6 / 7) and rows["a"]["n_pred_lesions"] == 2
     assert rows["b"]["lesion_dice"] == pytest.approx(0.5) and rows["b"]["lesion_fp"] == 1  # the speck is ignored
     lesion = summary["lesion_wise"]
@@ -305,7 +305,7 @@ def test_evaluate_folders_writes_lesion_rows_and_summary(tmp_path):
     # along at most two axes, so 9 steps (max 6 <= 9, sum 18 <= 2 * 9) reach it: matched, no false positive,
     # and part of the union: Dice_b = 2 * 27 / (27 + 27 + 8) = 54/62.
     assert wide["dilation_vox"] == 9 and wide["per_class"]["1"]["lesion_fp"] == 0
-    rows = {r["case"]: r for r in read_rows(tmp_path / "eval_wide" / "lesions.csv")}
+    rows = {r["case"]: r for r in read_csv(tmp_path / "eval_wide" / "lesions.csv", text=("case", "class_name"))}
     assert rows["b"]["lesion_dice"] == pytest.approx(54 / 62)
     eight = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval_8", workers=1, lesion_labels=[1],
                              lesion_min_size_mm3=4.0, lesion_dilation_vox=8, report=False)["lesion_wise"]

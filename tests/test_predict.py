@@ -3,6 +3,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from inference_helpers import tiny_architecture
 from inference_helpers import NON_RAS_AFFINE, PATCH, PREPROCESSING, phantom_scan, tiny_model, write_scan
 from nibabel.orientations import aff2axcodes
 
@@ -45,7 +46,7 @@ def bundle(tmp_path_factory):
     model = tiny_model(depth=3, deep_supervision=True, seed=4)
     out = write_bundle(model, tmp_path_factory.mktemp("predict") / "bundle", class_names=["background", "organ", "lesion"],
                        preprocessing=PREPROCESSING, patch_size=PATCH, onnx=HAVE_ONNX, verify=False,
-                       segment=False)  # the segment signature has its own test (test_export.py)
+                       segment=False, architecture=tiny_architecture(depth=3, deep_supervision=True))  # the segment signature has its own test (test_export.py)
     return model, out
 
 
@@ -99,7 +100,7 @@ PERMUTED_AT_TARGET = np.array([[0, 0, -1.0, 20.0], [-1.0, 0, 0, 11.0], [0, 1.5, 
 def threshold_bundle(tmp_path_factory):
     return write_bundle(threshold_model(), tmp_path_factory.mktemp("threshold") / "bundle",
                         class_names=["background", "object"], preprocessing=PREPROCESSING, patch_size=PATCH,
-                        openvino=False, verify=False, segment=False)
+                        verify=False, segment=False)  # no builder arguments: OpenVINO (auto) and SavedModel, no Keras
 
 
 def test_predict_py_labels_a_scan_as_a_hand_built_network_must(threshold_bundle, tmp_path):
@@ -120,7 +121,8 @@ def test_predict_py_labels_a_scan_as_a_hand_built_network_must(threshold_bundle,
         image, truths[name] = two_level_scan(shape, seed=i)
         write_scan(scans / f"{name}.nii.gz", image, affine)
     out = tmp_path / "out"
-    assert predict.main(["--model", str(threshold_bundle), "--input", str(scans), "--output", str(out), "--quiet"]) == 0
+    assert predict.main(["--model", str(threshold_bundle), "--input", str(scans), "--output", str(out), "--quiet",
+                         "--format", "auto"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["permuted.nii.gz", "ras.nii.gz", "resampled.nii.gz"]
     for name, (affine, shape) in cases.items():
         written = read_nifti(out / f"{name}.nii.gz")
@@ -146,10 +148,11 @@ def test_formats_give_the_same_probabilities(bundle, scans, tmp_path, fmt):
     if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino extra not installed")
     _, bundle_dir = bundle
-    args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities",
+    args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities", "--probabilities-dtype", "float32",
             "--no-mirror", "--batch-size", "2"]
     assert predict.main([*args, "--output", str(tmp_path / "keras")]) == 0
-    assert predict.main([*args, "--output", str(tmp_path / fmt), "--format", fmt]) == 0
+    trust = ["--trust-bundle"] if fmt == "savedmodel" else []  # a SavedModel can run code: only when trusted
+    assert predict.main([*args, "--output", str(tmp_path / fmt), "--format", fmt, *trust]) == 0
     reference = read_nifti(tmp_path / "keras" / "scan_2024_probabilities.nii.gz").array
     other = read_nifti(tmp_path / fmt / "scan_2024_probabilities.nii.gz").array
     assert reference.shape == (18, 26, 20, 3)
@@ -166,7 +169,7 @@ def test_predict_py_errors_are_clear(bundle, scans, tmp_path, capsys):
     assert "Expected a NIfTI file or a folder of them. Received:" in capsys.readouterr().err
     assert predict.main(["--model", str(bundle_dir), "--input", str(scans), "--output", str(scans)]) == 1
     assert ("Expected an output folder other than an input folder (outputs would replace inputs). "
-            f"Received: --output={scans}.") in capsys.readouterr().err
+            f"Received: --output={scans} (holds 2 input(s): {scans / 'a.nii.gz'}, ") in capsys.readouterr().err
     two_channels = tmp_path / "two.nii.gz"
     write_scan(two_channels, np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
     assert predict.main(["--model", str(bundle_dir), "--input", str(two_channels), "--output", str(tmp_path / "o")]) == 1

@@ -176,3 +176,5 @@ def test_folds_sweep_then_compare_the_experiment(tiny_overrides, tmp_path, phant
     rows = read_rows(exp / "comparison" / "comparison.csv")
     assert {r["run"] for r in rows} == {"dice_fold0", "dice_fold1", "iou_fold0", "iou_fold1"}
     assert (exp / "comparison" / "report.md").is_file()
+    recommendation = json.loads((exp / "comparison" / "recommendation.json").read_text())
+    assert recommendation["n_cases"] == len(cases) and {recommendation["best"], recommendation["runner_up"]} == {"dice", "iou"}

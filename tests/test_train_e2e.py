@@ -22,10 +22,13 @@ def test_train_then_evaluate(tiny_run, tmp_path, phantom_root):
     run_dir, overrides = tiny_run  # train.main(["--set", *overrides]) == 0, bundle exported
     for name in ("config.yaml", "splits.json", "history.csv", "model.keras", "checkpoints/best.keras",
                  "checkpoints/last/model.keras", "checkpoints/last/state.json", "bundle/bundle.json",
-                 "bundle/model.keras", "bundle/savedmodel/saved_model.pb"):
+                 "bundle/model.weights.h5", "bundle/savedmodel/saved_model.pb"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard" / "train").iterdir())
-    assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished"}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "finished" and isinstance(status["pid"], int) and status["host"]
+    assert json.loads((run_dir / ".segpipe").read_text())["kind"] == "run"  # --overwrite may delete it
+    assert not (run_dir.parent / f".{run_dir.name}.lock").exists()  # released at the end
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.train.epochs == 2 and resolved.data.patch_size == [16, 16, 16]
 

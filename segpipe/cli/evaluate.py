@@ -11,8 +11,11 @@ from segpipe.cli import prog_name
 from segpipe.data.layouts import load_dataset
 from segpipe.errors import Received, StorageError, expected
 from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
-from segpipe.evaluation.folders import evaluate_folders, evaluate_run, format_lesion_markdown, format_summary_markdown
+from segpipe.evaluation.folders import evaluate_folders
+from segpipe.evaluation.run import evaluate_run
 from segpipe.io import explain_write_errors
+from segpipe.reports.evaluation_tables import format_lesion_markdown, format_summary_markdown
+from segpipe.locks import hold
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
@@ -22,9 +25,11 @@ Folder mode:  python evaluate.py --pred DIR --ref DIR [--labels 1 2 ...] [--data
                                  [--lesion-wise LABEL ... [--lesion-min-size-mm3 X] [--lesion-dilation-vox K]]
                                  [--images DIR] [--no-report]
 Run mode:     python evaluate.py RUN_DIR [--model best|final]   (predicts the run's validation cases, then scores them)
-Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR ... [--reference CONFIG]
+Compare mode: python evaluate.py --compare EXPERIMENT_DIR | RUN_DIR | EVALUATED_DIR ... [--reference CONFIG]
               (evaluates runs not yet evaluated, then writes comparison/: tables, paired
-              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html)
+              Wilcoxon tests with Holm correction, box plots, training curves, report.md, report.html,
+              and the recommendation: the best by mean foreground Dice, its margin over the runner-up
+              with a paired test and a bootstrap CI, its post-processing; recommendation.json)
 
 Writes per_case.csv, summary.json, report.html and overlays/ (best, median and worst case per
 class as slice overlays) into --out (default: PRED/evaluation, or RUN_DIR/evaluation), with
@@ -55,7 +60,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="run mode: the best checkpoint (chosen on these validation cases; the default) "
                              "or the final model")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
-                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME) or run folders to compare")
+                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME), run folders or folders with "
+                             "evaluation/per_case.csv (scored predictions, an ensemble) to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
     parser.add_argument("--lesion-wise", type=int, nargs="+", metavar="LABEL",
                         help="also score these labels lesion by lesion (connected components: detection "
@@ -117,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                        image_dir=args.images)
         out_dir = args.out or (RunDir(args.run_dir).evaluation_dir if args.run_dir is not None else args.pred / "evaluation")
         with explain_write_errors(out_dir):  # a full disk or read-only folder: one error naming the folder
-            if args.run_dir is not None:
+            if args.run_dir is not None:  # holds the run's evaluation lock
                 summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
             else:
-                summary = evaluate_folders(args.pred, args.ref, out_dir, **options, **scheme)
-    except (FileNotFoundError, ValueError, StorageError) as exc:  # StorageError: a full or read-only output folder
+                with hold(out_dir, what="evaluation folder"):  # one writer of the folder at a time
+                    summary = evaluate_folders(args.pred, args.ref, out_dir, **options, **scheme)
+    # StorageError: a full or read-only output folder; FileExistsError: another evaluation holds the folder
+    except (FileNotFoundError, FileExistsError, ValueError, StorageError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))
@@ -164,11 +172,11 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         default_out = args.compare[0] / "comparison" if len(args.compare) == 1 and not RunDir(args.compare[0]).is_run() else Path("comparison")
         out_dir = args.out or default_out
         result = write_comparison(groups, out_dir, class_names)
-    except (ComparisonError, FileNotFoundError, ValueError) as exc:
+    except (ComparisonError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(result["markdown"])
-    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json and plots")
+    print(f"Wrote {out_dir}/report.md, report.html, comparison.csv, comparison.json, recommendation.json and plots")
     return 0
 
 

@@ -40,6 +40,18 @@ def planned_config(config_path: str | None, overrides: list[str], *, out_dir: st
     Explicit keys: every ``--set`` key, and every key of the config file whose value differs from
     configs/base.yaml. Without an explicit ``name`` the run is named after the dataset folder.
     """
+    data, explicit = _plan_input(config_path, overrides)
+    return plan_config(data, explicit=explicit, out_dir=out_dir, memory_gib=memory_gib, device=device,
+                       progress=progress)
+
+
+def planned_run_name(config_path: str | None, overrides: list[str]) -> str:
+    """The run name :func:`planned_config` gives the plan (reads the config files only; plans nothing)."""
+    return str(_plan_input(config_path, overrides)[0]["name"])
+
+
+def _plan_input(config_path: str | None, overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """The config mapping to plan and its explicit keys (see :func:`planned_config`)."""
     base = read_yaml_with_extends(base_config_path())
     explicit = {item.partition("=")[0] for item in overrides}
     data: dict[str, Any] = base
@@ -51,8 +63,7 @@ def planned_config(config_path: str | None, overrides: list[str], *, out_dir: st
     if "name" not in explicit:
         root = (data.get("data") or {}).get("root")
         data["name"] = Path(config_path).stem if config_path is not None else Path(str(root)).name or "plan"
-    return plan_config(data, explicit=explicit, out_dir=out_dir, memory_gib=memory_gib, device=device,
-                       progress=progress)
+    return data, explicit
 
 
 def report(result: PlanResult) -> str:

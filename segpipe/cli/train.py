@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 import sys
 from pathlib import Path
 
 from segpipe.cli import evaluate, prog_name
-from segpipe.cli.plan import planned_config, report
-from segpipe.config import ConfigError, load_config
+from segpipe.cli.plan import planned_config, planned_run_name, report
+from segpipe.config import Config, ConfigError, load_config
 from segpipe.data.pipeline import DataError
 from segpipe.errors import Received, expected
+from segpipe.ownership import check_replaceable
 from segpipe.runs.rundir import RunDir
 from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
 
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                         help="continue an interrupted run (its own config) from its last checkpoint; without "
                              "RUN_DIR, continue the unfinished runs of the configs given")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing run of the same name first (only a folder segpipe created as a run)")
     parser.add_argument("--plan-only", action="store_true", help="write and print the plan (plan.json, plan.yaml), do not train")
     parser.add_argument("--no-plan", action="store_true", help="never plan: train the configs as written")
     args = parser.parse_args(argv)
@@ -71,12 +74,19 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--resume RUN_DIR continues a run with its saved config; "
                              "do not pass --config/--set/--experiment/--folds/--fold")
             runs = [RunDir(args.resume).config()]
+            run_dirs = [Path(args.resume)]  # the run itself, wherever this command runs from
         else:
             # quoted, so a name like 2024-05 stays a string (override values are parsed as YAML)
             overrides = [*args.set, *([f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else [])]
             paths = _config_paths(args.config) if args.config else [str(default_config_path())]
             configs = [load_config(p, overrides) for p in paths]
-            if _wants_plan(args, configs):
+            wants_plan = _wants_plan(args, configs)
+            if args.overwrite and not args.plan_only:  # before planning touches the data: a refusal writes nothing
+                named = configs
+                if wants_plan and len(paths) == 1:
+                    named = [_renamed(configs[0], planned_run_name(paths[0] if args.config else None, overrides))]
+                check_overwrite(plan_runs(named, folds=args.folds, only_folds=args.fold))
+            if wants_plan:
                 if len(paths) > 1:
                     parser.error("planning takes one config (or none); pass --no-plan to train several as written")
                 result = planned_config(paths[0] if args.config else None, overrides)
@@ -85,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 configs = [load_config(result.yaml_path)]
             runs = plan_runs(configs, folds=args.folds, only_folds=args.fold)
+            run_dirs = None
+            if args.overwrite:
+                check_overwrite(runs)
+    except FileExistsError as exc:  # --overwrite of a folder segpipe did not create
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except DataError as exc:  # found while planning: the run fails as it would have in training
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -94,13 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     warning = comparability_warning(runs) if len(runs) > 1 else None
     if warning:
         print(warning, file=sys.stderr)
-    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite)[1]
+    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite, run_dirs=run_dirs)[1]
     budgeted = [c for c in runs if c.train.time_budget_minutes is not None]
     if code == 0 and budgeted and not isinstance(args.resume, str):
         # the budget covers the final evaluation of the validation cases: run it now
         for config in budgeted:
             code = max(code, evaluate.main([str(RunDir.of(config).path), "--model", "best"]))
     return code
+
+
+def check_overwrite(runs: list[Config]) -> None:
+    """``--overwrite`` deletes only run directories segpipe created (checked for every run before any work).
+
+    Raises:
+        FileExistsError: a run's folder exists without segpipe's run marker (names it and what it holds).
+    """
+    for config in runs:
+        check_replaceable(RunDir.of(config).path, "run", key="--overwrite")
+
+
+def _renamed(config: Config, name: str) -> Config:
+    renamed = copy.deepcopy(config)
+    renamed.name = name
+    return renamed
 
 
 def _wants_plan(args: argparse.Namespace, configs: list) -> bool:

@@ -7,6 +7,11 @@ and its arrays open with the shapes and dtypes the meta records. Every file is w
 writing the meta last, so an interrupted run can leave stale or temporary files behind but never a
 case that passes the check with the wrong arrays.
 
+One process builds a case: it holds the entry's lock (``CACHE_DIR/.<case_id>.lock``,
+:mod:`segpipe.locks`) while it looks again and builds. Two trainings on one dataset build each case
+once: the second waits for the lock (a bounded poll, :data:`ENTRY_WAIT_SECONDS`) and then reads the
+finished case. A rebuild removes only the temporary files of writers that no longer run.
+
 Arrays: image (X, Y, Z, C) float32, label (X, Y, Z) uint8, locations (N, 4) int32
 ``[class, x, y, z]`` (see :func:`segpipe.data.sampling.class_locations`). Arrays are opened with
 memory mapping, so many large cases cost no RAM until patches are read.
@@ -27,11 +32,15 @@ from segpipe.data.layouts import Case, Dataset
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
 from segpipe.data.sampling import class_locations, pack_locations, unpack_locations
 from segpipe.errors import Received, StorageError, expected
-from segpipe.io import explain_write_errors, read_json, save_npy, write_json
+from segpipe.io import explain_write_errors, read_json, remove_orphaned_temporaries, save_npy, write_json
+from segpipe.locks import hold
 from segpipe.parallel import parallel_map
 
 CACHE_VERSION = 1  # bump when the cached format or the preprocessing code changes meaning
 _ARRAYS = {"image": (np.float32, 4), "label": (np.uint8, 3), "locations": (np.int32, 2)}
+# How long a process waits for another that is building the same case (a dead builder's lock is taken
+# over at the next look, at most a second later); longer than any one case takes to preprocess.
+ENTRY_WAIT_SECONDS = 3600.0
 
 
 @dataclass
@@ -159,10 +168,14 @@ def case_key(
 
 
 def _build_case_job(job: tuple) -> CachedCase | str:
-    """Build one case; returns the error message instead of raising, so all failures are reported."""
+    """Build one case (unless another process has built it meanwhile: one builder at a time, under the
+    entry's lock); returns the error message instead of raising, so all failures are reported."""
     case, settings, directory, key, max_locations = job
+    directory = Path(directory)
     try:
-        return _build_case(case, settings, Path(directory), key, max_locations)
+        with hold(directory, what="cache entry", wait_seconds=ENTRY_WAIT_SECONDS):
+            found = load_cached_case(directory, key=key)  # built by the process that held the lock
+            return found if found is not None else _build_case(case, settings, directory, key, max_locations)
     except StorageError:  # a full or read-only disk is no fault of this case: stop at once, naming the file
         raise
     except Exception as exc:  # noqa: BLE001 - reported with the case id by build_cache
@@ -174,8 +187,7 @@ def _build_case(case: Case, settings: PreprocessSettings, directory: Path, key: 
         directory.mkdir(parents=True, exist_ok=True)
         # Invalidate first: from here until the new meta lands, the case is never trusted.
         (directory / "meta.json").unlink(missing_ok=True)
-        for stale in directory.glob(".*.tmp*"):  # temporary files of an interrupted earlier run
-            stale.unlink(missing_ok=True)
+        remove_orphaned_temporaries(directory)  # of an interrupted earlier run (never a live writer's)
     result = preprocess_case(case, settings)
     # A seed from the case id, so the stored subsample is the same on every machine and run.
     seed = seed_from_text(case.case_id)

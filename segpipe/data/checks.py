@@ -14,13 +14,14 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.data.layouts import Case, Dataset, squeeze_trailing, squeeze_trailing_shape
-from segpipe.io import affine_problem, affine_text
+from segpipe.io import ScanSizeError, affine_problem, affine_text, check_scan_size
 from segpipe.parallel import parallel_map
 
 # Problem kinds, each with the severity it is reported with.
 KINDS = {
     "missing-file": "error",  # an image channel file that does not exist
     "unreadable": "error",  # not a readable NIfTI file (corrupt, truncated, wrong format)
+    "size-claim": "error",  # a header claiming more voxels than segpipe.io.MAX_VOXELS or than its file holds
     "missing-label": "error",  # image without label
     "orphan-label": "error",  # label without image
     "duplicate-case": "error",  # two cases with the same id
@@ -33,7 +34,7 @@ KINDS = {
     "channel-affine": "error",  # channel files of one case disagree in geometry
     "shape-mismatch": "error",  # image and label shapes differ
     "affine-mismatch": "error",  # image and label geometry differ beyond the tolerance
-    "non-finite": "error",  # NaN or inf intensities
+    "non-finite": "error",  # NaN or inf intensities, or finite values beyond float32's range (read as inf)
     "non-integer-label": "error",  # fractional, NaN or inf label values
     "undeclared-label": "error",  # label values outside the declared classes
     # from the per-case label values (check_labels; the fingerprint has them, no file is read again)
@@ -82,6 +83,7 @@ def check_dataset(
     affine_tolerance_mm: float = 1e-3,
     workers: int = 1,
     progress: bool = False,
+    label_checks: bool = False,
 ) -> list[Problem]:
     """Check every case of ``dataset`` and return all problems found (empty when clean).
 
@@ -94,6 +96,10 @@ def check_dataset(
             and its label (or between channel files). Defaults to 1e-3 mm.
         workers: processes reading cases in parallel. Defaults to 1 (in this process).
         progress: show a progress bar.
+        label_checks: also run :func:`check_labels` (what planning runs on the fingerprint: a value in
+            only a few cases, gaps, absent classes) on the label values read here; needs ``read_data``.
+            A file already named ``undeclared-label`` by the per-file check is not named twice.
+            ``data_prep/check_dataset.py`` sets it; training leaves it to the fingerprint.
     """
     problems: list[Problem] = _check_not_empty(dataset)
     declared = dataset.declared_values  # the classes and the ignore label
@@ -109,12 +115,17 @@ def check_dataset(
 
     jobs = [(case, declared, read_data, affine_tolerance_mm) for case in dataset.cases]
     results = parallel_map(_check_case_job, jobs, workers=workers, progress=progress, desc="checking")
-    channel_counts = {}
-    for case, (case_problems, channels) in zip(dataset.cases, results):
+    channel_counts, class_voxels = {}, {}
+    for case, (case_problems, channels, voxels) in zip(dataset.cases, results):
         problems.extend(case_problems)
         if channels is not None:
             channel_counts[case.case_id] = channels
+        if voxels is not None:
+            class_voxels[case.case_id] = voxels
     problems.extend(_check_channel_counts(dataset, channel_counts))
+    if label_checks and read_data:
+        named = {(p.kind, p.path) for p in problems}
+        problems.extend(p for p in check_labels(dataset, class_voxels) if (p.kind, p.path) not in named)
     return problems
 
 
@@ -211,12 +222,14 @@ def errors(problems: Iterable[Problem]) -> list[Problem]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_case_job(job: tuple) -> tuple[list[Problem], int | None]:
+def _check_case_job(job: tuple) -> tuple[list[Problem], int | None, dict[int, int] | None]:
     return _check_case(*job)
 
 
-def _check_case(case: Case, declared: set[int], read_data: bool, tol: float) -> tuple[list[Problem], int | None]:
-    """The problems of one case, and its channel count (None if its images are unusable)."""
+def _check_case(case: Case, declared: set[int], read_data: bool,
+                tol: float) -> tuple[list[Problem], int | None, dict[int, int] | None]:
+    """The problems of one case, its channel count (None if its images are unusable) and its voxels per
+    label value (None unless the label map was read and holds integer values)."""
     problems: list[Problem] = []
 
     def add(kind: str, path: Path | None, expected: str, received: str) -> None:
@@ -224,8 +237,8 @@ def _check_case(case: Case, declared: set[int], read_data: bool, tol: float) -> 
 
     channels, reference = _check_images(case, read_data, tol, add)
     image_ok = reference is not None and not problems
-    _check_label(case, declared, read_data, tol, reference, add)
-    return problems, channels if image_ok else None
+    voxels = _check_label(case, declared, read_data, tol, reference, add)
+    return problems, channels if image_ok else None, voxels
 
 
 def _check_images(case: Case, read_data: bool, tol: float, add) -> tuple[int, tuple | None]:
@@ -240,6 +253,9 @@ def _check_images(case: Case, read_data: bool, tol: float, add) -> tuple[int, tu
             add("missing-file", path, "an image file", "no such file")
             continue
         loaded = _load(path, read_data)
+        if isinstance(loaded, ScanSizeError):
+            add("size-claim", path, loaded.what, loaded.received)
+            continue
         if isinstance(loaded, str):
             add("unreadable", path, "a readable NIfTI image", loaded)
             continue
@@ -258,20 +274,27 @@ def _check_images(case: Case, read_data: bool, tol: float, add) -> tuple[int, tu
             add("channel-affine", path, f"the affine of {Path(reference[2]).name} (tolerance {tol} mm)",
                 f"max difference {np.abs(affine - reference[1]).max():.3g}")
         if array is not None and np.issubdtype(array.dtype, np.floating):
-            bad = int(np.count_nonzero(~np.isfinite(array)))
+            bad = _non_finite_as_float32(array)
             if bad:
-                add("non-finite", path, "finite intensities", f"{bad} NaN/inf voxels")
+                add("non-finite", path, "finite intensities", bad)
     return channels, reference
 
 
-def _check_label(case: Case, declared: set[int], read_data: bool, tol: float, reference: tuple | None, add) -> None:
-    """Label: existence, readability, dimensions, geometry against the image, values."""
+def _check_label(case: Case, declared: set[int], read_data: bool, tol: float, reference: tuple | None,
+                 add) -> dict[int, int] | None:
+    """Label: existence, readability, dimensions, geometry against the image, values.
+
+    Returns the voxels per label value (None when the values were not read or are not integers).
+    """
     label = case.label_path
     if label is None or not Path(label).is_file():
         add("missing-label", label if label is not None else case.image_paths[0],
             f"a label map{'' if label is None else ' at this path'}", "no such file")
         return
     loaded = _load(label, read_data)
+    if isinstance(loaded, ScanSizeError):
+        add("size-claim", label, loaded.what, loaded.received)
+        return
     if isinstance(loaded, str):
         add("unreadable", label, "a readable NIfTI label map", loaded)
         return
@@ -299,17 +322,22 @@ def _check_label(case: Case, declared: set[int], read_data: bool, tol: float, re
             add("non-integer-label", label, "integer label values",
                 f"{count} voxels with values like {', '.join(examples)} (dtype {array.dtype})")
             return
-    values = {int(v) for v in np.unique(array)}
-    outside = values - declared
+    found, counts = np.unique(array, return_counts=True)
+    voxels = {int(v): int(n) for v, n in zip(found, counts)}
+    outside = set(voxels) - declared
     if outside:
         add("undeclared-label", label, f"values among the declared classes {sorted(declared)}",
-            f"values {sorted(values)} (undeclared: {sorted(outside)})")
+            f"values {sorted(voxels)} (undeclared: {sorted(outside)})")
+    return voxels
 
 
-def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.ndarray | None] | str:
-    """Shape (trailing singletons squeezed), affine and optionally voxels; a message if unreadable."""
+def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.ndarray | None] | ScanSizeError | str:
+    """Shape (trailing singletons squeezed), affine and optionally voxels; a message if unreadable, the
+    :class:`ScanSizeError` if the header claims more than allowed or than the file holds (checked
+    before any voxel is read, also without ``read_data``)."""
     try:
         image = nib.load(str(path))
+        check_scan_size(path, image)
         shape = tuple(int(s) for s in image.shape)
         affine = np.asarray(image.affine, dtype=np.float64)
         array = None
@@ -318,9 +346,32 @@ def _load(path: Path, read_data: bool) -> tuple[tuple[int, ...], np.ndarray, np.
             shape = array.shape
         else:
             shape = squeeze_trailing_shape(shape)
+    except ScanSizeError as exc:
+        return exc
     except Exception as exc:  # nibabel and zlib raise many types for corrupt files
         return f"{type(exc).__name__}: {exc}".strip()[:200]
     return shape, affine, array
+
+
+def _non_finite_as_float32(array: np.ndarray) -> str | None:
+    """How many voxels are NaN/inf once read as float32 (what training and prediction read), or None.
+
+    Finite float64 values beyond float32's range (about 3.4e38) become inf there, so they are counted
+    here too, and named apart.
+    """
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    overflow = 0
+    if array.dtype.itemsize > 4:
+        # from half a float32 step above its largest value (2**128 - 2**104) on, the cast rounds to inf
+        largest = np.finfo(np.float32).max
+        limit = 2.0**128 - 2.0**103
+        overflow = int(np.count_nonzero(np.isfinite(array) & (np.abs(array) >= limit)))
+    if not bad + overflow:
+        return None
+    text = f"{bad + overflow} NaN/inf voxels as float32"
+    if overflow:
+        text += f" ({overflow} finite {array.dtype} value(s) beyond float32's range ±{float(largest):.3g})"
+    return text
 
 
 def _grid_ok(path: Path, shape: tuple[int, ...], affine: np.ndarray, add) -> bool:

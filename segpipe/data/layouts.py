@@ -189,6 +189,7 @@ def _load_msd(root: Path, key: str = "root") -> Dataset:
     # Label files that no training entry names.
     named = {c.label_path.resolve() for c in cases if c.label_path is not None}
     orphans = [p for p in _nifti_files(root / "labelsTr") if p.resolve() not in named]
+    _refuse_twins(root, root / "imagesTr", root / "labelsTr")
     return Dataset(root=root, layout="msd", cases=cases, labels=labels, channel_names=channel_names,
                    orphan_labels=orphans, ignore_label=ignore_label)
 
@@ -208,6 +209,7 @@ def _load_nnunet(root: Path) -> Dataset:
     channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
     ending = meta.get("file_ending", ".nii.gz")
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    _refuse_twins(root, images_dir, labels_dir)
     pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
     case_ids = sorted({m["case"] for p in _listdir(images_dir) if (m := pattern.match(p.name))})
     cases = [
@@ -226,6 +228,7 @@ def _load_nnunet(root: Path) -> Dataset:
 
 
 def _load_folders(root: Path) -> Dataset:
+    _refuse_twins(root, root / "images", root / "labels")
     images = {strip_nifti_suffix(p.name): p for p in _nifti_files(root / "images")}
     label_files = {strip_nifti_suffix(p.name): p for p in _nifti_files(root / "labels")}
     cases = []
@@ -240,6 +243,33 @@ def _load_folders(root: Path) -> Dataset:
                                         str(labels_json)) if labels_json.is_file() else ({}, None))
     return Dataset(root=root, layout="folders", cases=cases, labels=labels, channel_names=[],
                    orphan_labels=orphans, ignore_label=ignore_label)
+
+
+def _refuse_twins(root: Path, *folders: Path) -> None:
+    """Refuse ``NAME.nii`` beside ``NAME.nii.gz`` in a dataset folder: both would be case ``NAME``, and
+    which one is the case would be a silent guess. One error naming every such pair.
+
+    Raises:
+        ValueError: names the files (relative to ``root``).
+    """
+    twins = []
+    for folder in folders:
+        by_name: dict[str, list[Path]] = {}
+        for path in _nifti_files(folder):
+            by_name.setdefault(strip_nifti_suffix(path.name), []).append(path)
+        twins += [paths for paths in by_name.values() if len(paths) > 1]
+    if twins:
+        shown = "; ".join(" and ".join(_relative(p, root) for p in paths) for paths in twins)
+        raise ValueError(expected("one file per case name (NAME.nii or NAME.nii.gz, not both)", key="files",
+                                  received=Received(shown), where=str(root),
+                                  hint="Remove or rename one file of each pair."))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -356,3 +386,85 @@ def read_case_label(case: Case) -> np.ndarray:
     if array.min(initial=0) >= 0 and array.max(initial=0) <= 255:
         return array.astype(np.uint8)
     return array.astype(np.int64)
+
+
+# ---------------------------------------------------------------- files of one case, by name
+
+
+def find_image(image_dir: str | Path, case: str) -> Path | None:
+    """The scan of ``case`` in ``image_dir``: ``CASE_0000.nii(.gz)`` (first channel) or ``CASE.nii(.gz)``, or None."""
+    for stem in (f"{case}_0000", case):
+        for suffix in NIFTI_SUFFIXES:
+            path = Path(image_dir) / f"{stem}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def image_folder_of(label_dir: Path) -> Path | None:
+    """The scans beside a label folder: ``labelsTr`` -> ``imagesTr``, ``labelsTs`` -> ``imagesTs``,
+    ``labels`` -> ``images`` (MSD, nnU-Net v2 and ``images/``+``labels/``), if that folder exists."""
+    if label_dir.name.startswith("labels"):
+        candidate = label_dir.with_name("images" + label_dir.name[len("labels"):])
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def image_of_label(case: str, label_file: Path, image_dir: str | Path | None = None) -> Path | None:
+    """The scan of ``case``: in ``image_dir`` if given, else beside the label folder of ``label_file`` or
+    of the file it links to (run mode links the dataset's label maps), or None."""
+    if image_dir is not None:
+        return find_image(image_dir, case)
+    for folder in dict.fromkeys((label_file.parent, label_file.resolve().parent)):
+        images = image_folder_of(folder)
+        found = find_image(images, case) if images is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def label_file(folder: Path, case: str) -> Path:
+    """``folder/CASE.nii.gz`` or ``folder/CASE.nii``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither exists.
+    """
+    for suffix in NIFTI_SUFFIXES:
+        if (folder / f"{case}{suffix}").is_file():
+            return folder / f"{case}{suffix}"
+    raise FileNotFoundError(expected(f"a label map of case {case!r} ({', '.join(NIFTI_SUFFIXES)})", key="folder",
+                                     received=Received(f"{folder} (has none)")))
+
+
+def is_reference_label_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a dataset's reference label maps: ``labelsTr``/``labelsTs`` beside a
+    ``dataset.json`` (MSD, nnU-Net v2), a folder the MSD ``training`` entries name labels in, or
+    ``labels`` beside ``images`` (folders layout). Prediction never writes there.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> (root / "images").mkdir(); (root / "labels").mkdir()
+    >>> is_reference_label_folder(root / "labels"), is_reference_label_folder(root / "images")
+    (True, False)
+    """
+    folder = Path(folder).resolve()
+    root = folder.parent
+    if folder.name == "labels" and (root / "images").is_dir():
+        return True
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return False
+    if folder.name in ("labelsTr", "labelsTs"):
+        return True
+    try:
+        training = read_json(meta_path).get("training", [])
+    except (OSError, ValueError, AttributeError):  # not a dataset.json segpipe reads: no labels named
+        return False
+    entries = training if isinstance(training, list) else []
+    named = {(root / e["label"]).resolve().parent for e in entries if isinstance(e, dict) and isinstance(e.get("label"), str)}
+    return folder in named

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from segpipe.io import write_json, write_nifti
+from segpipe.io import durable_replace, write_json, write_nifti
 from segpipe.errors import Received, expected
 
 CLASS_NAMES = {0: "background", 1: "organ", 2: "lesion"}
@@ -130,7 +130,7 @@ def write_phantom_dataset(root: str | os.PathLike, settings: PhantomSettings = P
                 },
             },
         )
-        os.replace(tmp, root)
+        durable_replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

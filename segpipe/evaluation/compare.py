@@ -12,11 +12,15 @@ side is better, and Holm's step-down correction over all the comparisons of the 
 Distances (HD95, ASSD) of cases where one mask is empty are undefined (NaN); for the statistics
 they count as the worst possible value, the case's image diagonal in mm, so missing a structure
 is never rewarded.
+
+Candidates are training runs and any other folder of evaluated predictions (a folder with
+``evaluation/per_case.csv``, such as an ensemble's ``runs/<name>_ensemble/``); those are paired by
+case id only (their cases must be the reference's). :func:`recommend` names the best candidate by
+mean foreground Dice over the same cases, its margin over the runner-up with the paired test and a
+bootstrap confidence interval, and the post-processing it uses (:func:`candidate_postprocessing`).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -27,14 +31,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from segpipe.errors import Received, expected
-from segpipe.io import atomic_path, json_safe, write_json, write_text
+from segpipe.io import atomic_path, write_text
+from segpipe.reports.evaluation_tables import COMPARISON_NOTE, comparison_markdown, comparison_tables, tests_table
 from segpipe.reports.html import write_comparison_report
+from segpipe.reports.recommendation import recommendation_html, recommendation_markdown
 from segpipe.runs.rundir import RunDir
+from segpipe.tables import read_csv, write_csv, write_json
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 LOWER_IS_BETTER = {"hd95", "assd"}
 DISTANCES = {"hd95", "assd"}
 FOLD_SUFFIX = re.compile(r"_fold(\d+)$")
+ENSEMBLE_SUFFIX = re.compile(r"_ensemble$")
+RECOMMENDATION_FILE = "recommendation.json"
 
 
 class ComparisonError(ValueError):
@@ -64,20 +73,35 @@ class ConfigRuns:
 # ---------------------------------------------------------------- finding and checking runs
 
 
+def is_evaluated_folder(path: Path) -> bool:
+    """A candidate that is not a training run: a folder with ``evaluation/per_case.csv`` (predictions
+    scored by ``evaluate.py --pred``, an ensemble's ``<name>_ensemble/``) and no config.yaml, or any
+    ``*_ensemble`` folder. It is paired with the others by case id only."""
+    path = Path(path)
+    evaluated = (RunDir(path).evaluation_dir / "per_case.csv").is_file()
+    return evaluated and (not RunDir(path).is_run() or ENSEMBLE_SUFFIX.search(path.name) is not None)
+
+
+def _is_candidate(path: Path) -> bool:
+    return RunDir(path).is_run() or is_evaluated_folder(path)
+
+
 def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run folders among ``paths``: each path is a run (has config.yaml) or an experiment folder of runs."""
+    """Candidate folders among ``paths``: each path is a run (has config.yaml), a folder of evaluated
+    predictions (:func:`is_evaluated_folder`), or an experiment folder of those."""
     runs: list[Path] = []
     for path in map(Path, paths):
-        if RunDir(path).is_run():
+        if _is_candidate(path):
             runs.append(path)
         elif path.is_dir():
-            runs += sorted(p for p in path.iterdir() if RunDir(p).is_run())
+            runs += sorted(p for p in path.iterdir() if p.is_dir() and _is_candidate(p))
         else:
-            raise ComparisonError(expected("a run folder or an experiment folder of runs", key="--compare",
-                                           received=Received(f"{path} (not found)")))
+            raise ComparisonError(expected(
+                "a run folder, a folder with evaluation/per_case.csv or an experiment folder of those",
+                key="--compare", received=Received(f"{path} (not found)")))
     if not runs:
-        raise ComparisonError(expected("run folders (with config.yaml)", key="--compare",
-                                       received=Received(f"{[str(p) for p in paths]} (none found)")))
+        raise ComparisonError(expected("run folders (with config.yaml) or folders with evaluation/per_case.csv",
+                                       key="--compare", received=Received(f"{[str(p) for p in paths]} (none found)")))
     return runs
 
 
@@ -104,7 +128,13 @@ def _run_identity(run_dir: Path) -> tuple[str, int | None, str]:
 
 
 def check_comparable(groups: Sequence[ConfigRuns]) -> None:
-    """Refuse runs that did not see the same dataset and the same splits, naming the offenders."""
+    """Refuse runs that did not see the same dataset and the same splits, naming the offenders.
+
+    Evaluated folders (:func:`is_evaluated_folder`) have no split to check: :func:`compare` pairs
+    them by case id and refuses different cases."""
+    groups = [g for g in groups if not any(is_evaluated_folder(d) for d in g.run_dirs)]
+    if len(groups) < 2:
+        return
     reference = groups[0]
     ref_ids = {}
     for run_dir in reference.run_dirs:
@@ -133,13 +163,11 @@ def check_comparable(groups: Sequence[ConfigRuns]) -> None:
 
 
 def load_per_case(path: Path) -> list[dict[str, Any]]:
-    """Rows of an evaluation's per_case.csv with numbers parsed (NaN kept)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """Rows of an evaluation's per_case.csv (:func:`segpipe.tables.read_csv`: NaN kept); metrics as float."""
+    rows = read_csv(path, text=("case", "class_name"))
     for row in rows:
-        row["class"] = int(row["class"])
         for key in (*METRICS, "image_diagonal_mm"):
-            row[key] = float(row[key]) if row[key] not in ("", "nan", "NaN") else float("nan")
+            row[key] = float(row[key])
     return rows
 
 
@@ -226,44 +254,200 @@ def compare(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names: di
     return {"reference": reference.name, "configs": [g.name for g in groups], "summary": summary, "tests": tests}
 
 
-def _fmt(value: float, metric: str) -> str:
-    return "n/a" if math.isnan(value) else (f"{value:.2f}" if metric in DISTANCES else f"{value:.4f}")
+# ---------------------------------------------------------------- the recommendation
 
 
-def markdown_tables(result: dict[str, Any], labels: Sequence[int], class_names: dict[int, str]) -> str:
-    """One table per class (configs × metrics, mean ± std (median), best bold), then the foreground mean and tests."""
-    lines = []
-    summary = result["summary"]
-    for label in [*labels, "fg"]:
-        title = "foreground mean" if label == "fg" else f"class {label} ({class_names.get(label, label)})"
-        lines += [f"### {title}", "", "| config | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-        cells: dict[tuple[str, str], float] = {}
-        for config in result["configs"]:
-            for metric in METRICS:
-                rows = [s for s in summary if s["config"] == config and s["metric"] == metric
-                        and (label == "fg" or s["class"] == label)]
-                cells[config, metric] = float(np.mean([r["mean"] for r in rows]))
-        best = {m: (min if m in LOWER_IS_BETTER else max)(cells[c, m] for c in result["configs"]) for m in METRICS}
-        for config in result["configs"]:
-            row = [config]
-            for metric in METRICS:
-                text = _fmt(cells[config, metric], metric)
-                if label != "fg":
-                    (s,) = [s for s in summary if s["config"] == config and s["metric"] == metric and s["class"] == label]
-                    text = f"{text} ± {_fmt(s['std'], metric)} ({_fmt(s['median'], metric)})"
-                row.append(f"**{text}**" if cells[config, metric] == best[metric] else text)
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    if result["tests"]:
-        lines += [f"### Paired tests against `{result['reference']}`", "",
-                  "Wilcoxon signed-rank over cases, two-sided; wins/losses = cases where the config is better/worse "
-                  "than the reference; p (Holm) corrected over all rows of this table.", "",
-                  "| config | class | metric | n | wins | losses | ties | p | p (Holm) |", "|---" * 9 + "|"]
-        for t in result["tests"]:
-            lines.append(f"| {t['config']} | {t['class_name']} | {t['metric']} | {t['n']} | {t['wins']} | "
-                         f"{t['losses']} | {t['ties']} | {t['p']:.4g} | {t['p_holm']:.4g} |")
-        lines.append("")
-    return "\n".join(lines)
+def foreground_dice(group: ConfigRuns, labels: Sequence[int]) -> dict[str, float]:
+    """case id -> mean Dice over ``labels`` of one candidate (cases scored for every label only)."""
+    per_label = [group.values("dice", label) for label in labels]
+    cases = set.intersection(*(set(v) for v in per_label)) if per_label else set()
+    return {case: float(np.mean([v[case] for v in per_label])) for case in sorted(cases)}
+
+
+def bootstrap_mean_ci(differences: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 9999,
+                      seed: int = 0) -> dict[str, Any]:
+    """Bootstrap confidence interval of the mean of paired differences (``scipy.stats.bootstrap``).
+
+    BCa (scipy's default) with a fixed seed, so the report is reproducible; the percentile method
+    where BCa is undefined (few distinct values). All differences equal: the interval is that value.
+
+    Parameters
+    ----------
+    differences : sequence of float
+        Per-case differences.
+    confidence : float, optional
+        Confidence level in (0, 1). Defaults to 0.95.
+    n_resamples : int, optional
+        Bootstrap resamples. Defaults to 9999.
+    seed : int, optional
+        Seed of the resampling. Defaults to 0.
+
+    Returns
+    -------
+    dict
+        ``low``, ``high``, ``confidence``, ``method`` (``"BCa"``, ``"percentile"``, ``"constant"``
+        or ``"none"`` with fewer than 2 cases, then NaN bounds), ``n_resamples``, ``seed``.
+
+    Examples
+    --------
+    >>> bootstrap_mean_ci([0.1, 0.1, 0.1])["low"]
+    0.1
+    """
+    import warnings
+
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64)
+    out = {"confidence": float(confidence), "n_resamples": int(n_resamples), "seed": int(seed)}
+    if d.size < 2:
+        return {"low": math.nan, "high": math.nan, "method": "none", **out}
+    if np.all(d == d[0]):
+        return {"low": float(d[0]), "high": float(d[0]), "method": "constant", **out}
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BCa's degenerate-distribution warning: we fall back instead
+            ci = stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                                 method=method, rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            return {"low": float(ci.low), "high": float(ci.high), "method": method, **out}
+    return {"low": math.nan, "high": math.nan, "method": "none", **out}
+
+
+def candidate_postprocessing(run_dirs: Sequence[Path]) -> dict[str, Any]:
+    """The post-processing a candidate's evaluated predictions used, from the first file that says.
+
+    Looked up in the candidate's (first) folder, in this order:
+
+    1. ``evaluation/summary.json``, key ``postprocessing`` (a decision record of
+       :func:`segpipe.evaluation.postprocessing.choose_postprocessing`: chosen on data);
+    2. ``bundle/bundle.json``, key ``postprocessing`` (the same record);
+    3. ``config.yaml``, ``inference.postprocess_largest_component`` (a run: what ``evaluate.py RUN``
+       applied; fixed by hand, not chosen on data);
+    4. ``bundle/bundle.json``, ``inference.postprocess_largest_component``.
+
+    Parameters
+    ----------
+    run_dirs : sequence of Path
+        The candidate's folders (folds of one configuration share their config; the first is read).
+
+    Returns
+    -------
+    dict
+        ``postprocess_largest_component`` (list of labels, or None when unknown),
+        ``postprocess_largest_foreground`` (bool, or None), ``chosen_on_data`` (bool) and ``source``
+        (``"<file>#<key>"``, or None when no file says).
+    """
+    import yaml
+
+    folder = Path(run_dirs[0])
+    run = RunDir(folder)
+
+    def record(path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    for path in (run.evaluation_dir / "summary.json", run.bundle_dir / "bundle.json"):
+        chosen = (record(path) or {}).get("postprocessing")
+        if isinstance(chosen, dict) and "postprocess_largest_component" in chosen:
+            return {"postprocess_largest_component": [int(c) for c in chosen["postprocess_largest_component"]],
+                    "postprocess_largest_foreground": bool(chosen.get("postprocess_largest_foreground", False)),
+                    "chosen_on_data": True, "source": f"{path}#postprocessing"}
+    fixed = None
+    if run.is_run():
+        try:
+            config = yaml.safe_load(run.config_yaml.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            config = {}
+        fixed = (config.get("inference") or {}).get("postprocess_largest_component"), f"{run.config_yaml}#inference.postprocess_largest_component"
+    if fixed is None or fixed[0] is None:
+        bundle = record(run.bundle_dir / "bundle.json") or {}
+        value = (bundle.get("inference") or {}).get("postprocess_largest_component")
+        fixed = (value, f"{run.bundle_dir / 'bundle.json'}#inference.postprocess_largest_component") if value is not None else fixed
+    if fixed is None:
+        return {"postprocess_largest_component": None, "postprocess_largest_foreground": None,
+                "chosen_on_data": False, "source": None}
+    value, source = fixed
+    return {"postprocess_largest_component": [int(c) for c in value or []], "postprocess_largest_foreground": False,
+            "chosen_on_data": False, "source": source}
+
+
+def recommend(groups: Sequence[ConfigRuns], labels: Sequence[int], *, alpha: float = 0.05,
+              confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0) -> dict[str, Any]:
+    """The best candidate by mean foreground Dice on the same cases, and how sure that is.
+
+    Per case, the foreground Dice is the mean Dice over ``labels``; candidates are ranked by its mean
+    over the cases. The margin of the best over the runner-up is tested with the paired Wilcoxon
+    signed-rank test (:func:`paired_test`) and given a bootstrap confidence interval of the mean
+    per-case difference (:func:`bootstrap_mean_ci`). ``decisive`` is ``p < alpha``. The test is
+    chosen after ranking (the top two of several), so with many candidates read it as a screen,
+    not a confirmation.
+
+    Parameters
+    ----------
+    groups : sequence of ConfigRuns
+        The candidates with their per-case rows (at least two).
+    labels : sequence of int
+        The foreground labels.
+    alpha : float, optional
+        Level for ``decisive``. Defaults to 0.05.
+    confidence, n_resamples, seed
+        Of the bootstrap interval (defaults 0.95, 9999, 0).
+
+    Returns
+    -------
+    dict
+        ``best``, ``runner_up`` (names), ``n_cases``, ``ranking`` (``[{"config",
+        "mean_foreground_dice", "postprocessing"}]``, best first), ``margin`` (best minus runner-up
+        mean foreground Dice), ``test`` (:func:`paired_test` of the best against the runner-up:
+        ``wins`` = cases where the best is better), ``ci`` (:func:`bootstrap_mean_ci`), ``alpha``,
+        ``decisive``, ``tie`` (equal means: the first in the report's order is named best),
+        ``postprocessing`` (the best's, :func:`candidate_postprocessing`) and ``summary`` (one
+        sentence).
+
+    Raises
+    ------
+    ComparisonError
+        Fewer than two candidates, or candidates scored on different cases (naming them).
+    """
+    if len(groups) < 2:
+        raise ComparisonError(expected("at least two candidates to recommend from", key="--compare",
+                                       received=Received(f"{[g.name for g in groups]}")))
+    values = {g.name: foreground_dice(g, labels) for g in groups}
+    first = groups[0].name
+    for name, per_case in values.items():
+        if set(per_case) != set(values[first]):
+            raise ComparisonError(expected(
+                f"the cases {first} scored for every class", key=f"{name}.cases",
+                received=Received(f"only in {first}: {sorted(set(values[first]) - set(per_case))[:10]}, "
+                                  f"only in {name}: {sorted(set(per_case) - set(values[first]))[:10]}")))
+    cases = sorted(values[first])
+    means = {name: float(np.mean([v[c] for c in cases])) if cases else math.nan for name, v in values.items()}
+    order = sorted(range(len(groups)), key=lambda i: -means[groups[i].name])  # stable: report order on ties
+    ranked = [groups[i] for i in order]
+    best, runner_up = ranked[0].name, ranked[1].name
+    a = np.array([values[runner_up][c] for c in cases])
+    b = np.array([values[best][c] for c in cases])
+    test = paired_test(a, b)
+    ci = bootstrap_mean_ci(b - a, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    margin = means[best] - means[runner_up]
+    decisive = bool(test["p"] < alpha)
+    post = {g.name: candidate_postprocessing(g.run_dirs) for g in groups}
+    summary = (f"{best} has the highest mean foreground Dice ({means[best]:.4f} over {len(cases)} cases), "
+               f"{margin:+.4f} over {runner_up} ({100 * confidence:g}% CI [{ci['low']:+.4f}, {ci['high']:+.4f}], "
+               f"Wilcoxon p = {test['p']:.4g}, better in {test['wins']} cases, worse in {test['losses']}): "
+               + ("the difference is unlikely to be noise." if decisive else
+                  f"not distinguishable from {runner_up} on these cases (p >= {alpha:g})."))
+    return {
+        "criterion": "mean over cases of the per-case mean Dice over the foreground classes",
+        "best": best, "runner_up": runner_up, "n_cases": len(cases),
+        "ranking": [{"config": g.name, "mean_foreground_dice": means[g.name], "postprocessing": post[g.name]}
+                    for g in ranked],
+        "margin": margin, "test": test, "ci": ci, "alpha": float(alpha), "decisive": decisive,
+        "tie": bool(margin == 0), "postprocessing": post[best], "summary": summary,
+    }
 
 
 # ---------------------------------------------------------------- plots
@@ -309,7 +493,8 @@ def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, st
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
+    if axes[0][0].get_legend_handles_labels()[0]:  # folders without history.csv draw no curve
+        axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     _save_figure(fig, path)
 
@@ -326,35 +511,39 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: dict[int, str]) -> dict[str, Any]:
-    """Write report.md, report.html (the same tables, plots embedded), comparison.csv, comparison.json and
-    the PNG plots into ``out_dir``."""
+    """Write report.md, report.html (the same tables, plots embedded), comparison.csv, comparison.json,
+    recommendation.json (:func:`recommend`, also under ``comparison.json["recommendation"]``) and the
+    PNG plots into ``out_dir``."""
     labels = sorted({r["class"] for g in groups for r in g.rows})
     result = compare(groups, labels, class_names)
+    result["recommendation"] = recommend(groups, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / RECOMMENDATION_FILE, result["recommendation"])  # NaN as null (segpipe.tables)
     plot_boxes(groups, labels, class_names, "dice", out_dir / "boxplot_dice.png")
     plot_boxes(groups, labels, class_names, "hd95", out_dir / "boxplot_hd95.png")
     plot_training_curves(groups, class_names, labels, out_dir / "training_curves.png")
 
     columns = ["config", "run", "case", "class", "class_name", *METRICS, "image_diagonal_mm"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, restval="", extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**row, "config": group.name} for group in groups for row in group.rows)
-    write_text(out_dir / "comparison.csv", buffer.getvalue())
-    write_json(out_dir / "comparison.json", json_safe(result))
+    rows = ({**row, "config": group.name} for group in groups for row in group.rows)
+    write_csv(out_dir / "comparison.csv", rows, columns)
+    write_json(out_dir / "comparison.json", result)
 
-    tables = markdown_tables(result, labels, class_names)
+    # the tables are computed once and shown twice: report.md (and the terminal), report.html
+    class_tables = comparison_tables(result, metrics=METRICS, lower_is_better=LOWER_IS_BETTER)
+    tests = tests_table(result)
+    tables = comparison_markdown(class_tables, tests)
     runs = "\n".join(f"- `{g.name}`: " + ", ".join(f"`{d}`" for d in g.run_dirs) for g in groups)
     report = (
         "# Comparison\n\n"
         f"Configurations (reference first):\n{runs}\n\n"
-        "Per class: mean ± std (median) over cases; best mean in bold. HD95/ASSD in mm, with undefined "
-        "distances (one mask empty) counted as the image diagonal.\n\n"
+        f"{recommendation_markdown(result['recommendation'])}\n"
+        f"{COMPARISON_NOTE}\n\n"
         f"{tables}\n"
         "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n![Training curves](training_curves.png)\n"
     )
     write_text(out_dir / "report.md", report)
-    write_comparison_report(out_dir, result, runs={g.name: [str(d) for d in g.run_dirs] for g in groups},
-                            metrics=METRICS, lower_is_better=LOWER_IS_BETTER)
-    result["markdown"] = tables
+    write_comparison_report(out_dir, class_tables, tests=tests, reference=result["reference"],
+                            runs={g.name: [str(d) for d in g.run_dirs] for g in groups},
+                            extra_html=recommendation_html(result["recommendation"]))
+    result["markdown"] = recommendation_markdown(result["recommendation"]) + "\n" + tables
     return result

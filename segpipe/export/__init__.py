@@ -1,1 +1,1 @@
-"""Deployable bundles: writing, reading and validating them, and loading their network per runtime."""
+"""Writing deployable bundles: the bundle folder, each format's files, and their check against Keras."""

@@ -30,7 +30,9 @@ resampling temporaries); ``predict.py`` has the bounded-memory path.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -64,132 +66,229 @@ def build_segment_function(
 ):
     """A ``tf.function`` (image, spacing_mm) -> {"labels"} for ``keras.export.ExportArchive``.
 
-    Args:
-        net: the single-output Keras network (softmax, channels-last).
-        preprocessing: the training preprocessing (baked in).
-        patch_size, overlap, mirror_axes, batch_size, sigma_scale: the sliding window (baked in).
-        in_channels: input channels of the network.
+    Parameters
+    ----------
+    net : keras.Model
+        The single-output network (softmax, channels-last).
+    preprocessing : PreprocessSettings
+        The training preprocessing (baked in).
+    patch_size, overlap, mirror_axes, batch_size, sigma_scale
+        The sliding window (baked in).
+    in_channels : int
+        Input channels of the network.
 
-    Raises:
-        ValueError: settings the graph cannot reproduce (:func:`unsupported_reason`).
+    Returns
+    -------
+    segment : tf.function
+        With the input signature ``image`` float32 (X, Y, Z, in_channels), ``spacing_mm`` float64 (3,).
+
+    Raises
+    ------
+    ValueError
+        Settings the graph cannot reproduce (:func:`unsupported_reason`), or not one normalisation per
+        input channel.
     """
     import tensorflow as tf
 
-    reason = unsupported_reason(preprocessing)
-    if reason:
-        raise ValueError(expected("preprocessing the segment signature can reproduce", key="preprocessing",
-                                  received=Received(reason)))
-    window = tuple(int(w) for w in patch_size)
-    weights = gaussian_importance_map(window, sigma_scale)
-    axis_weights = _axis_gaussians(window, sigma_scale)
-    flips = mirror_combinations(mirror_axes)
-    num_classes = int(net.outputs[0].shape[-1])
-    schemes = preprocessing.normalization
-    schemes = (schemes,) * in_channels if isinstance(schemes, str) else tuple(schemes)
-    if len(schemes) != in_channels:
-        raise ValueError(expected(f"one normalization per input channel ({in_channels})", key="preprocessing.normalization",
-                                  received=list(schemes)))
-    target = preprocessing.target_spacing_mm
-    step = [max(1.0, w * (1.0 - overlap)) for w in window]
-
-    def network(x):
-        out = net(x, training=False)
-        return out[0] if isinstance(out, (list, tuple)) else out
-
-    def predict_mirrored(x):
-        total = None
-        for axes in flips:
-            batch_axes = [a + 1 for a in axes]
-            p = network(tf.reverse(x, batch_axes) if axes else x)
-            p = tf.reverse(p, batch_axes) if axes else p
-            total = p if total is None else total + p
-        return total / float(len(flips))
-
-    def blend(image):
-        """Σ w·p / Σ w over every window of an image (X, Y, Z, Cin) at least the window per side."""
-        shape = tf.shape(image)[:3]
-        starts = [_window_starts(shape[a], window[a], step[a]) for a in range(3)]
-        grid_y, grid_z = tf.meshgrid(starts[1], starts[2], indexing="ij")
-        corners_yz = tf.stack([tf.reshape(grid_y, [-1]), tf.reshape(grid_z, [-1])], axis=1)
-        per_row = tf.shape(corners_yz)[0]
-        batches = (per_row + batch_size - 1) // batch_size
-        sy, sz = shape[1], shape[2]
-        # flat index inside a window-thick slab (window[0], Y, Z) of each voxel of a window at (0, 0)
-        ix, iy, iz = tf.meshgrid(tf.range(window[0]), tf.range(window[1]), tf.range(window[2]), indexing="ij")
-        local = tf.reshape(ix * sy * sz + iy * sz + iz, [1, -1])
-        gauss = tf.constant(weights[None, ..., None])
-
-        def row(r, acc):
-            x0 = starts[0][r]
-
-            def one_batch(b, outputs):
-                ids = b * batch_size + tf.range(batch_size)
-                valid = tf.cast(ids < per_row, tf.float32)
-                ids = tf.minimum(ids, per_row - 1)  # a short last batch repeats a window at weight 0
-                corner = tf.gather(corners_yz, ids)
-                x = tf.stack([tf.slice(image, tf.stack([x0, corner[k, 0], corner[k, 1], 0]), [*window, in_channels])
-                              for k in range(batch_size)])
-                p = predict_mirrored(x) * gauss * valid[:, None, None, None, None]
-                return b + 1, outputs.write(b, p)
-
-            outputs = tf.TensorArray(tf.float32, size=batches, element_shape=[batch_size, *window, None])
-            _, outputs = tf.while_loop(lambda b, _: b < batches, one_batch, [0, outputs])
-            updates = outputs.concat()
-            classes = tf.shape(updates)[-1]
-            ids = tf.minimum(tf.range(batches * batch_size), per_row - 1)
-            corner = tf.gather(corners_yz, ids)
-            flat = tf.reshape(corner[:, 0] * sz + corner[:, 1], [-1, 1]) + local
-            slab = tf.scatter_nd(tf.reshape(flat, [-1, 1]), tf.reshape(updates, [-1, classes]),
-                                 tf.stack([window[0] * sy * sz, classes]))
-            slab = tf.reshape(slab, tf.stack([window[0], sy, sz, classes]))
-            return r + 1, acc + tf.pad(slab, [[x0, shape[0] - x0 - window[0]], [0, 0], [0, 0], [0, 0]])
-
-        acc0 = tf.zeros(tf.concat([shape, [num_classes]], 0))
-        _, acc = tf.while_loop(lambda r, _: r < tf.size(starts[0]), row, [0, acc0])
-        # Σ w is separable: the window weights are a product of per-axis Gaussians (over their maximum)
-        norms = [_axis_norm(shape[a], starts[a], axis_weights[a]) for a in range(3)]
-        norm = norms[0][:, None, None] * norms[1][None, :, None] * norms[2][None, None, :] / axis_weights.scale
-        return acc / norm[..., None]
-
+    graph = _SegmentGraph.create(net, preprocessing=preprocessing, patch_size=patch_size, overlap=overlap,
+                                 mirror_axes=mirror_axes, batch_size=batch_size, sigma_scale=sigma_scale,
+                                 in_channels=in_channels)
     spec = [tf.TensorSpec([None, None, None, in_channels], tf.float32, name="image"),
             tf.TensorSpec([3], tf.float64, name="spacing_mm")]
 
     @tf.function(input_signature=spec, autograph=False)
     def segment(image, spacing_mm):
+        return {"labels": graph.segment(image, spacing_mm)}
+
+    return segment
+
+
+@dataclass(frozen=True)
+class _SegmentGraph:
+    """What ``segment`` bakes in, and the steps of its graph as methods (TensorFlow imported by the caller)."""
+
+    net: Any
+    preprocessing: PreprocessSettings
+    schemes: tuple[str, ...]  # the normalisation of each input channel
+    window: tuple[int, ...]
+    step: tuple[float, ...]  # window step per axis, in voxels
+    weights: np.ndarray  # the Gaussian importance map of a window
+    axis_weights: "_AxisGaussians"  # its per-axis factors
+    flips: tuple[tuple[int, ...], ...]  # mirror combinations (spatial axes)
+    batch_size: int
+    in_channels: int
+    num_classes: int
+
+    @classmethod
+    def create(cls, net, *, preprocessing: PreprocessSettings, patch_size: Sequence[int], overlap: float,
+               mirror_axes: Sequence[int], batch_size: int, sigma_scale: float, in_channels: int) -> "_SegmentGraph":
+        """Check the settings and precompute the window weights (see :func:`build_segment_function`)."""
+        reason = unsupported_reason(preprocessing)
+        if reason:
+            raise ValueError(expected("preprocessing the segment signature can reproduce", key="preprocessing",
+                                      received=Received(reason)))
+        schemes = preprocessing.normalization
+        schemes = (schemes,) * in_channels if isinstance(schemes, str) else tuple(schemes)
+        if len(schemes) != in_channels:
+            raise ValueError(expected(f"one normalization per input channel ({in_channels})",
+                                      key="preprocessing.normalization", received=list(schemes)))
+        window = tuple(int(w) for w in patch_size)
+        return cls(net=net, preprocessing=preprocessing, schemes=schemes, window=window,
+                   step=tuple(max(1.0, w * (1.0 - overlap)) for w in window),
+                   weights=gaussian_importance_map(window, sigma_scale),
+                   axis_weights=_axis_gaussians(window, sigma_scale),
+                   flips=tuple(tuple(axes) for axes in mirror_combinations(mirror_axes)),
+                   batch_size=int(batch_size), in_channels=int(in_channels), num_classes=int(net.outputs[0].shape[-1]))
+
+    # ------------------------------------------------------------ the five steps
+
+    def segment(self, image, spacing_mm):
+        """Labels (X, Y, Z) uint8 of a scan (X, Y, Z, Cin) on its own grid."""
+        import tensorflow as tf
+
         full_shape = tf.shape(image)[:3]
-        # 1. crop to the non-zero box
-        if preprocessing.crop_to_nonzero:
+        cropped, nonzero, lo, hi = self.crop(image, full_shape)  # 1.
+        x = tf.stack([_normalize(cropped[..., c], nonzero, scheme, self.preprocessing, c)  # 2.
+                      for c, scheme in enumerate(self.schemes)], axis=-1)
+        x = self.to_training_spacing(x, hi - lo, spacing_mm)  # 3.
+        probabilities = self.sliding_window(x)  # 4.
+        if self.preprocessing.target_spacing_mm is not None:  # 5. back to the cropped grid (linear)
+            probabilities = _resample(probabilities, hi - lo, 1)
+        labels = tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)
+        return tf.pad(labels, tf.stack([lo, full_shape - hi], axis=1))  # background outside the box
+
+    def crop(self, image, full_shape):
+        """1. The image cropped to its non-zero box (or whole), the non-zero mask there, and the box."""
+        import tensorflow as tf
+
+        if self.preprocessing.crop_to_nonzero:
             nonzero = tf.reduce_any(tf.not_equal(image, 0.0), axis=-1)
             lo, hi = _bounding_box(nonzero)
         else:
             nonzero = tf.ones(full_shape, tf.bool)
             lo, hi = tf.zeros([3], tf.int32), full_shape
         cropped = tf.slice(image, tf.concat([lo, [0]], 0), tf.concat([hi - lo, [-1]], 0))
-        nonzero = tf.slice(nonzero, lo, hi - lo)
-        cropped_shape = hi - lo
-        # 2. normalise
-        channels = [_normalize(cropped[..., c], nonzero, scheme, preprocessing, c) for c, scheme in enumerate(schemes)]
-        x = tf.stack(channels, axis=-1)
-        # 3. resample to the training spacing
-        if target is not None:
-            new_shape = tf.cast(tf.maximum(tf.constant(1.0, tf.float64), tf.round(tf.cast(cropped_shape, tf.float64) * spacing_mm
-                                                          / tf.constant(target, tf.float64))), tf.int32)
-            x = tf.cast(_resample(tf.cast(x, tf.float64), new_shape, preprocessing.image_order), tf.float32)
-        # 4. sliding window (zero-padded, centred, to at least the window)
+        return cropped, tf.slice(nonzero, lo, hi - lo), lo, hi
+
+    def to_training_spacing(self, x, cropped_shape, spacing_mm):
+        """3. ``x`` resampled to ``round(shape · spacing / target)`` voxels (at least 1), if there is a target."""
+        import tensorflow as tf
+
+        target = self.preprocessing.target_spacing_mm
+        if target is None:
+            return x
+        new_shape = tf.cast(tf.maximum(tf.constant(1.0, tf.float64), tf.round(
+            tf.cast(cropped_shape, tf.float64) * spacing_mm / tf.constant(target, tf.float64))), tf.int32)
+        return tf.cast(_resample(tf.cast(x, tf.float64), new_shape, self.preprocessing.image_order), tf.float32)
+
+    def sliding_window(self, x):
+        """4. Probabilities of ``x``, zero-padded (centred) to at least the window while it is predicted."""
+        import tensorflow as tf
+
         shape = tf.shape(x)[:3]
-        missing = tf.maximum(0, tf.constant(window) - shape)
+        missing = tf.maximum(0, tf.constant(self.window) - shape)
         pad_lo = missing // 2
         x = tf.pad(x, tf.stack([tf.concat([pad_lo, [0]], 0), tf.concat([missing - pad_lo, [0]], 0)], axis=1))
-        probabilities = blend(x)
-        probabilities = tf.slice(probabilities, tf.concat([pad_lo, [0]], 0), tf.concat([shape, [-1]], 0))
-        # 5. back to the cropped grid (linear), argmax, background outside the box
-        if target is not None:
-            probabilities = _resample(probabilities, cropped_shape, 1)
-        labels = tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)
-        labels = tf.pad(labels, tf.stack([lo, full_shape - hi], axis=1))
-        return {"labels": labels}
+        probabilities = self.blend(x)
+        return tf.slice(probabilities, tf.concat([pad_lo, [0]], 0), tf.concat([shape, [-1]], 0))
 
-    return segment
+    # ------------------------------------------------------------ the sliding window
+
+    def network(self, x):
+        """The network's probabilities of a batch of windows."""
+        out = self.net(x, training=False)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def predict_mirrored(self, x):
+        """The mean of the network's probabilities over the mirror combinations."""
+        import tensorflow as tf
+
+        total = None
+        for axes in self.flips:
+            batch_axes = [a + 1 for a in axes]
+            p = self.network(tf.reverse(x, batch_axes) if axes else x)
+            p = tf.reverse(p, batch_axes) if axes else p
+            total = p if total is None else total + p
+        return total / float(len(self.flips))
+
+    def blend(self, image):
+        """Σ w·p / Σ w over every window of an image (X, Y, Z, Cin) at least the window per side.
+
+        Windows are blended one row (start along axis 0) at a time (:meth:`blend_row`).
+        """
+        import tensorflow as tf
+
+        rows = _Rows.of(image, self)
+        acc0 = tf.zeros(tf.concat([rows.shape, [self.num_classes]], 0))
+        _, acc = tf.while_loop(lambda r, _: r < tf.size(rows.starts[0]), functools.partial(self.blend_row, rows),
+                               [0, acc0])
+        # Σ w is separable: the window weights are a product of per-axis Gaussians (over their maximum)
+        norms = [_axis_norm(rows.shape[a], rows.starts[a], self.axis_weights[a]) for a in range(3)]
+        norm = norms[0][:, None, None] * norms[1][None, :, None] * norms[2][None, None, :] / self.axis_weights.scale
+        return acc / norm[..., None]
+
+    def blend_row(self, rows: "_Rows", r, acc):
+        """``acc`` plus the weighted probabilities of the windows of row ``r`` (one ``scatter_nd`` per row)."""
+        import tensorflow as tf
+
+        x0 = rows.starts[0][r]
+        outputs = tf.TensorArray(tf.float32, size=rows.batches, element_shape=[self.batch_size, *self.window, None])
+        _, outputs = tf.while_loop(lambda b, _: b < rows.batches, functools.partial(self.predict_batch, rows, x0),
+                                   [0, outputs])
+        updates = outputs.concat()
+        classes = tf.shape(updates)[-1]
+        ids = tf.minimum(tf.range(rows.batches * self.batch_size), rows.per_row - 1)
+        corner = tf.gather(rows.corners_yz, ids)
+        flat = tf.reshape(corner[:, 0] * rows.sz + corner[:, 1], [-1, 1]) + rows.local
+        slab = tf.scatter_nd(tf.reshape(flat, [-1, 1]), tf.reshape(updates, [-1, classes]),
+                             tf.stack([self.window[0] * rows.sy * rows.sz, classes]))
+        slab = tf.reshape(slab, tf.stack([self.window[0], rows.sy, rows.sz, classes]))
+        return r + 1, acc + tf.pad(slab, [[x0, rows.shape[0] - x0 - self.window[0]], [0, 0], [0, 0], [0, 0]])
+
+    def predict_batch(self, rows: "_Rows", x0, b, outputs):
+        """Write the weighted probabilities of batch ``b`` of the windows of the row at ``x0`` into ``outputs``."""
+        import tensorflow as tf
+
+        ids = b * self.batch_size + tf.range(self.batch_size)
+        valid = tf.cast(ids < rows.per_row, tf.float32)
+        ids = tf.minimum(ids, rows.per_row - 1)  # a short last batch repeats a window at weight 0
+        corner = tf.gather(rows.corners_yz, ids)
+        size = [*self.window, self.in_channels]
+        x = tf.stack([tf.slice(rows.image, tf.stack([x0, corner[k, 0], corner[k, 1], 0]), size)
+                      for k in range(self.batch_size)])
+        p = self.predict_mirrored(x) * tf.constant(self.weights[None, ..., None]) * valid[:, None, None, None, None]
+        return b + 1, outputs.write(b, p)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The windows of one image, as rows: the starts per axis, the (y, z) corners of a row, their batches."""
+
+    image: Any
+    shape: Any  # (X, Y, Z)
+    starts: list  # window starts per axis
+    corners_yz: Any  # (per_row, 2)
+    per_row: Any
+    batches: Any  # batches of batch_size windows per row
+    sy: Any
+    sz: Any
+    local: Any  # flat index in a window-thick slab (window[0], Y, Z) of each voxel of a window at (0, 0)
+
+    @classmethod
+    def of(cls, image, graph: _SegmentGraph) -> "_Rows":
+        import tensorflow as tf
+
+        window = graph.window
+        shape = tf.shape(image)[:3]
+        starts = [_window_starts(shape[a], window[a], graph.step[a]) for a in range(3)]
+        grid_y, grid_z = tf.meshgrid(starts[1], starts[2], indexing="ij")
+        corners_yz = tf.stack([tf.reshape(grid_y, [-1]), tf.reshape(grid_z, [-1])], axis=1)
+        per_row = tf.shape(corners_yz)[0]
+        sy, sz = shape[1], shape[2]
+        ix, iy, iz = tf.meshgrid(tf.range(window[0]), tf.range(window[1]), tf.range(window[2]), indexing="ij")
+        return cls(image=image, shape=shape, starts=starts, corners_yz=corners_yz, per_row=per_row,
+                   batches=(per_row + graph.batch_size - 1) // graph.batch_size, sy=sy, sz=sz,
+                   local=tf.reshape(ix * sy * sz + iy * sz + iz, [1, -1]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
 
 def _link(link: Path, target: Path) -> None:
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(Path(target).resolve())
+    """Point ``link`` at ``target``: a new link beside it, renamed over it (no moment without one, and no
+    ``FileExistsError`` if another process made it first)."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(target).resolve())
+    os.replace(tmp, link)

@@ -18,7 +18,7 @@ of the probability path (to float rounding). No array of every class at full siz
 per input voxel is measured in tests/test_predict.py and docs/inference.md.
 
 The label map has exactly the scan's shape and affine and dtype uint8. :func:`predict_files` does
-this for files or folders using only a bundle (:mod:`segpipe.export.bundle`); ``predict.py`` is its CLI.
+this for files or folders using only a bundle (:mod:`segpipe.inference.bundle`); ``predict.py`` is its CLI.
 """
 from __future__ import annotations
 
@@ -30,15 +30,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.labels import regions_to_labels
+from segpipe.data.layouts import Case, is_reference_label_folder, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
-from segpipe.export.bundle import Bundle, load_predictor, read_bundle
-from segpipe.inference.postprocess import keep_largest_component
+from segpipe.inference.bundle import Bundle, read_bundle
+from segpipe.inference.postprocess import apply_largest_component_steps
+from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
-from segpipe.io import NIFTI_SUFFIXES, remove_orphaned_temporaries, strip_nifti_suffix, write_nifti
+from segpipe.io import (NIFTI_SUFFIXES, atomic_path, explain_write_errors, remove_orphaned_temporaries,
+                        strip_nifti_suffix, write_nifti)
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -67,7 +69,7 @@ def segment_volume(
 
     Args:
         predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
-            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.export.bundle.load_predictor`.
+            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.inference.runtimes.load_predictor`.
         image: the raw scan, in its own orientation and spacing.
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
@@ -127,8 +129,9 @@ def segment_preprocessed(
         labels = restore_to_original(sliding_window_labels(predict_fn, image, patch_size, **window), meta, order=0)
     else:
         labels = labels_from_slabs(iter_blended_slabs(predict_fn, image, patch_size, **window), meta)
-    if settings.postprocess_largest_component:
-        labels = keep_largest_component(labels, settings.postprocess_largest_component)
+    if settings.postprocess_largest_component or settings.postprocess_largest_foreground:
+        labels = apply_largest_component_steps(labels, largest_foreground=settings.postprocess_largest_foreground,
+                                               classes=settings.postprocess_largest_component)
     affine = np.asarray(meta["original_affine"], dtype=np.float64)
     return Segmentation(labels, probabilities, affine)
 
@@ -206,6 +209,40 @@ def segment_case(
     )
 
 
+MAX_RESAMPLED_VOXELS = 2**30  # a scan resampled to the bundle's spacing: ~10⁹ voxels (1024³) at most
+
+
+def check_resampled_sizes(cases: Sequence[Case], preprocessing: PreprocessSettings, *,
+                          max_voxels: int = MAX_RESAMPLED_VOXELS) -> None:
+    """Refuse a scan whose grid at the bundle's target spacing would exceed ``max_voxels``, from headers alone.
+
+    A fine target spacing in a received bundle, or a scan with a huge field of view, would otherwise
+    allocate the resampled volume before anything fails.
+
+    Raises
+    ------
+    ValueError
+        Naming the scan, its shape and spacing, and the resampled voxel count.
+    """
+    import nibabel as nib
+
+    if preprocessing.target_spacing_mm is None:
+        return
+    target = np.asarray(preprocessing.target_spacing_mm, dtype=np.float64)
+    for case in cases:
+        header = nib.load(str(case.image_paths[0])).header
+        shape = np.asarray(header.get_data_shape()[:3], dtype=np.float64)
+        spacing = np.abs(np.asarray(header.get_zooms()[:3], dtype=np.float64))
+        # the scan's volume over a target voxel's: independent of the axis order reorientation picks
+        voxels = float(np.prod(shape)) * float(np.prod(spacing)) / float(np.prod(target))
+        if voxels > max_voxels:
+            raise ValueError(expected(
+                f"a scan of at most {max_voxels} voxels at the bundle's target spacing {target.tolist()} mm",
+                key="--input", where=str(case.image_paths[0]),
+                received=Received(f"shape {tuple(int(v) for v in shape)} at {[round(float(z), 4) for z in spacing]} mm "
+                                  f"-> about {voxels:.3g} voxels")))
+
+
 def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_channels: int = 1) -> list[Case]:
     """The scans to segment from files and/or folders of NIfTI files.
 
@@ -260,48 +297,158 @@ def predict_files(
     mirror_axes: Sequence[int] | None = None,
     batch_size: int | None = None,
     postprocess_largest_component: Sequence[int] | None = None,
-    save_probabilities: bool = False,
+    save_probabilities: bool | str = False,
+    probabilities_dtype: str = "float16",
     progress: bool = True,
+    trust_bundle: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``).
+    """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and the probabilities).
 
     Args:
-        bundle: a bundle folder or a :class:`segpipe.export.bundle.Bundle`.
+        bundle: a bundle folder or a :class:`segpipe.inference.bundle.Bundle`.
         inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
-        output_dir: where label maps go; must not be an input folder.
+        output_dir: where label maps go; must not be a folder holding an input scan or a dataset's
+            reference label maps (:func:`check_output`).
         format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
             ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
-            has (see :mod:`segpipe.export.runtimes`).
+            has (see :mod:`segpipe.inference.runtimes`).
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
-        save_probabilities: also write the probabilities (X, Y, Z, C) float32 on the scan's grid.
+        save_probabilities: also write the per-class probabilities (X, Y, Z, C) on the scan's grid
+            (an ensemble's: the members' average), as ``"nifti"`` (or True): ``CASE_probabilities.nii.gz``,
+            or ``"npz"``: ``CASE_probabilities.npz`` (:func:`write_probabilities`).
+        probabilities_dtype: ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
         progress: progress bars over cases and windows.
+        trust_bundle: allow a format that can run code (``savedmodel``); only for a bundle from a
+            source you trust (docs/deployment.md, "Trust").
+        overwrite: replace label maps (and probabilities) that exist already; without it they are refused.
 
     Returns:
         The label map files written, in case order.
+
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is off (checked before any scan is
+            segmented, so nothing is written).
+        ValueError: the output folder holds an input scan or reference label maps (even with ``overwrite``).
     """
     from tqdm import tqdm
 
+    probabilities_format = _probabilities_format(save_probabilities, probabilities_dtype)
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     cases = find_cases(inputs, bundle.input_channels)
     output_dir = Path(output_dir)
-    sources = {p.parent.resolve() for c in cases for p in c.image_paths}
-    if output_dir.resolve() in sources:
-        raise ValueError(expected("an output folder other than an input folder (outputs would replace inputs)",
-                                  key="--output", received=Received(str(output_dir))))
+    check_output(cases, output_dir, overwrite=overwrite, save_probabilities=probabilities_format)
     settings = bundle.inference.replace(overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
-                                        postprocess_largest_component=postprocess_largest_component)
+                                        postprocess_largest_component=postprocess_largest_component,
+                                        # an explicit list replaces the bundle's post-processing as a whole
+                                        postprocess_largest_foreground=None if postprocess_largest_component is None
+                                        else False)
     settings.check_classes(bundle.num_classes)
-    predict_fn = load_predictor(bundle, format)
+    check_resampled_sizes(cases, bundle.preprocessing)
+    predict_fn = load_predictor(bundle, format, trust_bundle=trust_bundle)
 
     remove_orphaned_temporaries(output_dir)  # of an earlier run killed while writing a label map
     written = []
     for case in tqdm(cases, desc="Segmenting", unit="scan", disable=not progress):
         result = segment_case(bundle, predict_fn, case, settings=settings,
-                              return_probabilities=save_probabilities, progress=progress)
-        path = output_dir / f"{case.case_id}.nii.gz"
+                              return_probabilities=probabilities_format is not None, progress=progress)
+        path, *probability_path = output_files(case, output_dir, save_probabilities=probabilities_format)
         write_nifti(path, result.labels, result.affine)
-        if save_probabilities:
-            write_nifti(output_dir / f"{case.case_id}_probabilities.nii.gz", result.probabilities, result.affine)
+        if probability_path:
+            write_probabilities(probability_path[0], result.probabilities, result.affine,
+                                class_names=bundle.class_names, dtype=probabilities_dtype)
         written.append(path)
     return written
+
+
+PROBABILITY_FORMATS = ("nifti", "npz")
+PROBABILITY_DTYPES = ("float16", "float32")
+
+
+def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarray, *, class_names: Sequence[str],
+                        dtype: str = "float16") -> Path:
+    """Write per-class probabilities (X, Y, Z, C) on the scan's grid, atomically; the format by the suffix.
+
+    ``.nii.gz``: a 4-D image with the scan's affine, channel c = class c.
+    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C), ``affine`` (4×4 float64) and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
+    stored probabilities can differ from the label map only where two classes are within that.
+    """
+    array = np.asarray(probabilities).astype(dtype, copy=False)
+    if not path.name.endswith(".npz"):
+        write_nifti(path, array, affine)
+        return path
+    with explain_write_errors(path), atomic_path(path) as tmp:
+        np.savez_compressed(tmp, probabilities=array, affine=np.asarray(affine, np.float64),
+                            class_names=np.asarray(list(class_names)))
+    return path
+
+
+def _probabilities_format(save: bool | str, dtype: str) -> str | None:
+    if dtype not in PROBABILITY_DTYPES:
+        raise ValueError(expected(f"one of {PROBABILITY_DTYPES}", key="probabilities_dtype", received=dtype))
+    if save is False or save is None:
+        return None
+    if save is True:
+        return "nifti"
+    if save not in PROBABILITY_FORMATS:
+        raise ValueError(expected(f"one of {PROBABILITY_FORMATS}", key="--save-probabilities", received=save))
+    return save
+
+
+def output_files(case: Case, output_dir: Path, *, save_probabilities: str | None = None) -> list[Path]:
+    """The files :func:`predict_files` writes for ``case``: ``CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``
+    or ``.npz`` for ``save_probabilities`` ``"nifti"`` / ``"npz"``)."""
+    suffix = {"nifti": ".nii.gz", "npz": ".npz"}.get(save_probabilities or "")
+    return [output_dir / f"{case.case_id}.nii.gz",
+            *([output_dir / f"{case.case_id}_probabilities{suffix}"] if suffix else [])]
+
+
+def check_output(cases: Sequence[Case], output_dir: str | os.PathLike, *, overwrite: bool = False,
+                 save_probabilities: str | None = None) -> None:
+    """Refuse an output folder prediction must not write into, before any scan is segmented.
+
+    Parameters
+    ----------
+    cases : sequence of Case
+        The scans to segment (:func:`find_cases`).
+    output_dir : path
+        Where the label maps would go.
+    overwrite : bool
+        Whether existing label maps of these cases may be replaced.
+    save_probabilities : str or None
+        Whether probability maps are written too (their files are checked as well).
+
+    Raises
+    ------
+    ValueError
+        ``output_dir`` holds an input scan, or is a dataset's reference label folder
+        (:func:`segpipe.data.layouts.is_reference_label_folder`); ``overwrite`` does not change this.
+    FileExistsError
+        Without ``overwrite``: an output file exists (the first few named, and their count).
+    """
+    output_dir = Path(output_dir)
+    inputs = {p.resolve() for c in cases for p in c.image_paths}
+    held = sorted(str(p) for p in inputs if p.parent == output_dir.resolve())
+    if held:
+        raise ValueError(expected(
+            "an output folder other than an input folder (outputs would replace inputs)",
+            key="--output", received=Received(f"{output_dir} (holds {len(held)} input(s): {', '.join(held[:3])}"
+                                              f"{', ...' if len(held) > 3 else ''})")))
+    if is_reference_label_folder(output_dir):
+        raise ValueError(expected(
+            "an output folder other than a dataset's reference label maps", key="--output",
+            received=Received(f"{output_dir} (a dataset's label folder)"),
+            hint="Predictions would replace the reference label maps of the same name: choose another folder.",
+        ))
+    if overwrite:
+        return
+    existing = [str(p) for c in cases for p in output_files(c, output_dir, save_probabilities=save_probabilities)
+                if p.exists() or p.is_symlink()]
+    if existing:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise FileExistsError(expected(
+            "output files that do not exist yet", key="--output",
+            received=Received(f"{output_dir} (holds {len(existing)} of them: {shown})"),
+            hint="Nothing was written. Pass --overwrite (overwrite=True) to replace them, or choose another folder.",
+        ))

@@ -46,6 +46,9 @@ class InferenceSettings:
         sigma_scale: σ of the Gaussian window weighting as a fraction of the window side (nnU-Net: 1/8).
         postprocess_largest_component: label values for which only the largest connected component
             is kept (``()`` = none).
+        postprocess_largest_foreground: first keep only the largest connected component of all
+            foreground together (nnU-Net's first post-processing step; chosen on data by
+            :func:`segpipe.evaluation.postprocessing.choose_postprocessing`).
 
     Raises:
         SettingError: a field is out of range; the message names the field.
@@ -56,6 +59,7 @@ class InferenceSettings:
     batch_size: int = field(default=2, metadata={"min": 1})
     sigma_scale: float = field(default=0.125, metadata={"min": 0.0, "exclusive_min": True})
     postprocess_largest_component: tuple[int, ...] = ()
+    postprocess_largest_foreground: bool = False
 
     def __post_init__(self) -> None:
         if not _number(self.overlap) or not 0 <= self.overlap <= MAX_OVERLAP:
@@ -68,6 +72,8 @@ class InferenceSettings:
         if len(set(classes)) != len(classes) or any(
                 isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255 for c in classes):
             raise SettingError("postprocess_largest_component", "distinct label values in 1..255", list(classes))
+        if not isinstance(self.postprocess_largest_foreground, bool):
+            raise SettingError("postprocess_largest_foreground", "true or false", self.postprocess_largest_foreground)
         object.__setattr__(self, "overlap", float(self.overlap))
         object.__setattr__(self, "mirror_axes", check_mirror_axes(self.mirror_axes))
         object.__setattr__(self, "sigma_scale", float(self.sigma_scale))

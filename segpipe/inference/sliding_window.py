@@ -20,7 +20,7 @@ of the whole-volume float32 Σ w·p and Σ w of a naive blend (4·(C + 1) bytes 
 The options (overlap, mirroring, windows per call, Gaussian σ) come as one
 :class:`segpipe.inference.settings.InferenceSettings`, which validates them. Everything here is NumPy; the network is any callable mapping a float32 batch
 (B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so Keras, a SavedModel, ONNX Runtime and
-OpenVINO run through the same code (see :mod:`segpipe.export.runtimes`).
+OpenVINO run through the same code (see :mod:`segpipe.inference.runtimes`).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from segpipe.errors import expected
-from segpipe.planning import rules
+from segpipe.planning import network, rules
 from segpipe.planning.rules import Choice
 
 PLAN_VERSION = 1
@@ -193,9 +193,9 @@ class _Inputs:
     def budget_text(self) -> str:
         return f"{self.hardware.memory_bytes / 2**30:.1f} GiB"
 
-    def fit_patch(self, spacing: Sequence[float], median: Sequence[float], **options: Any) -> rules.PatchPlan:
-        """:func:`rules.fit_patch` for this dataset, network and memory budget."""
-        return rules.fit_patch(spacing, median, in_channels=self.in_channels, num_classes=self.num_classes,
+    def fit_patch(self, spacing: Sequence[float], median: Sequence[float], **options: Any) -> network.PatchPlan:
+        """:func:`network.fit_patch` for this dataset, network and memory budget."""
+        return network.fit_patch(spacing, median, in_channels=self.in_channels, num_classes=self.num_classes,
                                budget_bytes=self.hardware.memory_bytes, base_features=self.base,
                                max_stages=self.max_stages, blocks_per_stage=self.blocks, **options)
 
@@ -242,7 +242,7 @@ def _plan_spacing(plan: Plan, inputs: _Inputs, spacing_mm: Sequence[float] | Non
 
 
 def _plan_patch(inputs: _Inputs, spacing: Sequence[float], median: Sequence[float],
-                patch_size: Sequence[int] | None) -> rules.PatchPlan:
+                patch_size: Sequence[int] | None) -> network.PatchPlan:
     """Step 2: patch and topology under the memory budget, or the deepest topology of a given patch."""
     patch_plan = inputs.fit_patch(spacing, median, budget_text=inputs.budget_text)  # also fails a budget too small for any patch
     if patch_size is not None:
@@ -252,26 +252,26 @@ def _plan_patch(inputs: _Inputs, spacing: Sequence[float], median: Sequence[floa
 
 
 def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], median: Sequence[float],
-                     patch_plan: rules.PatchPlan, *, budget_minutes: float, step_timer: StepTimer,
-                     patch_size: Sequence[int] | None, timer_batch: int) -> tuple[rules.PatchPlan, dict[str, float]]:
+                     patch_plan: network.PatchPlan, *, budget_minutes: float, step_timer: StepTimer,
+                     patch_size: Sequence[int] | None, timer_batch: int) -> tuple[network.PatchPlan, dict[str, float]]:
     """Step 3, with a time budget: calibrate seconds per FLOP on a small reference network, then shrink
     the patch further until MIN_TOTAL_STEPS predicted steps fit; the final network is timed again.
 
     Returns the patch plan and the last timing of the planned network.
     """
-    network = {"_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
+    shape_keys = {"_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
     train_seconds = budget_minutes * 60 * (1 - FINAL_EVAL_SHARE) - MARGIN_SECONDS
     max_step = max(train_seconds, 1.0) / MIN_TOTAL_STEPS  # an isolated step (the loop's overhead comes on top)
-    ref_topo = rules.pool_and_kernels([32, 32, 32], [1.0, 1.0, 1.0], max_stages=4)
-    ref_spec = rules.unet_spec(ref_topo, inputs.in_channels, inputs.num_classes, base=16)
-    ref = step_timer({**_config_keys(rules.PatchPlan(ref_topo, ref_spec, 0), [1.0, 1.0, 1.0], "unet3d", None, batch=2),
-                      **network})
-    seconds_per_flop = ref["step_seconds"] / (2 * rules.training_flops(ref_topo, ref_spec))
+    ref_topo = network.pool_and_kernels([32, 32, 32], [1.0, 1.0, 1.0], max_stages=4)
+    ref_spec = network.unet_spec(ref_topo, inputs.in_channels, inputs.num_classes, base=16)
+    ref = step_timer({**_config_keys(network.PatchPlan(ref_topo, ref_spec, 0), [1.0, 1.0, 1.0], "unet3d", None, batch=2),
+                      **shape_keys})
+    seconds_per_flop = ref["step_seconds"] / (2 * network.training_flops(ref_topo, ref_spec))
     plan.measured["reference"] = {"network": "unet3d 32³ × 2, 16 base features, 4 stages", **ref}
     plan.predicted["seconds_per_flop"] = seconds_per_flop
 
-    def fast_enough(topo: rules.Topology, spec: rules.NetworkSpec) -> bool:
-        return timer_batch * rules.training_flops(topo, spec) * seconds_per_flop <= max_step
+    def fast_enough(topo: network.Topology, spec: network.NetworkSpec) -> bool:
+        return timer_batch * network.training_flops(topo, spec) * seconds_per_flop <= max_step
 
     attempts = plan.measured.setdefault("attempts", [])
     for _ in range(MAX_TIMINGS):
@@ -279,9 +279,9 @@ def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], medi
             patch_plan = inputs.fit_patch(spacing, median, fits=fast_enough,
                                           budget_text=f"{inputs.budget_text} and {MIN_TOTAL_STEPS} steps in "
                                                       f"{budget_minutes:g} min")
-        flops = timer_batch * rules.training_flops(patch_plan.topology, patch_plan.spec)
+        flops = timer_batch * network.training_flops(patch_plan.topology, patch_plan.spec)
         predicted_step = flops * seconds_per_flop
-        timed = step_timer({**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch), **network})
+        timed = step_timer({**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch), **shape_keys})
         attempts.append({"patch_size": list(patch_plan.topology.patch_size), "predicted_step_seconds": predicted_step,
                          "step_seconds": timed["step_seconds"]})
         if patch_size is not None or timed["step_seconds"] <= 1.1 * max_step:
@@ -292,49 +292,49 @@ def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], medi
     return patch_plan, timed
 
 
-def _record_network(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan) -> None:
+def _record_network(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan) -> None:
     """The network's choices: patch, stages, strides, kernels, features (and residual blocks)."""
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
     c["patch_size"] = Choice(list(topo.patch_size), patch_plan.reason)
-    c["stages"] = Choice(topo.num_stages, f"{topo.num_stages}: the axes pool while they have >= {2 * rules.MIN_EDGE} "
+    c["stages"] = Choice(topo.num_stages, f"{topo.num_stages}: the axes pool while they have >= {2 * network.MIN_EDGE} "
                                           f"voxels (pools per axis {_x(topo.pools_per_axis)}), at most {inputs.max_stages}")
     c["strides"] = Choice([list(s) for s in topo.strides], "per stage; an axis halves while its spacing is within 2× of the finest")
     c["kernel_sizes"] = Choice([list(k) for k in topo.kernel_sizes],
-                               "\n".join(rules.topology_reasons(topo, plan.choices["spacing"].value)))
+                               "\n".join(network.topology_reasons(topo, plan.choices["spacing"].value)))
     c["features"] = Choice(list(spec.features), f"{inputs.base}·2^stage capped at 320; base {inputs.width_reason}")
     if inputs.model == "resenc_unet":
         c["blocks_per_stage"] = Choice(list(inputs.blocks[: topo.num_stages]),
                                        "nnU-Net ResEnc presets: residual blocks per encoder stage, one conv block per decoder stage")
 
 
-def _plan_batch(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median: Sequence[float],
+def _plan_batch(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],
                 batch_size: int | None) -> int:
     """Step 4: the batch under the memory budget, and the predicted memory and size of the network."""
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
     budget = inputs.hardware.memory_bytes
     c["batch_size"] = rules.plan_batch_size(
-        lambda b: rules.estimate_training_memory(topo, spec, b), budget, patch_voxels=int(np.prod(topo.patch_size)),
+        lambda b: network.estimate_training_memory(topo, spec, b), budget, patch_voxels=int(np.prod(topo.patch_size)),
         dataset_voxels=float(np.prod(median)) * inputs.num_cases, max_batch=2 if inputs.cpu else None,
         max_batch_reason="CPU: compute-bound, a larger batch lengthens every step by as much")
     if batch_size is not None:
         c["batch_size"] = Choice(int(batch_size), f"{batch_size}: given (data.batch_size)")
     batch = c["batch_size"].value
-    memory = rules.estimate_training_memory(topo, spec, batch)
+    memory = network.estimate_training_memory(topo, spec, batch)
     plan.predicted["memory_bytes"] = memory
-    plan.predicted["memory_bytes_batch2"] = rules.estimate_training_memory(topo, spec, 2)  # what the timer runs
-    plan.predicted["activation_units"] = rules.activation_units(topo, spec)
-    plan.predicted["parameters"] = rules.parameter_count(topo, spec)
-    plan.predicted["training_flops_per_sample"] = rules.training_flops(topo, spec)
+    plan.predicted["memory_bytes_batch2"] = network.estimate_training_memory(topo, spec, 2)  # what the timer runs
+    plan.predicted["activation_units"] = network.activation_units(topo, spec)
+    plan.predicted["parameters"] = network.parameter_count(topo, spec)
+    plan.predicted["training_flops_per_sample"] = network.training_flops(topo, spec)
     c["memory"] = Choice(memory, f"{memory / 2**30:.2f} GiB estimated for a training step of batch {batch} "
                                  f"(budget {inputs.budget_text})")
     return batch
 
 
-def _patches_per_case(median: Sequence[float], patch_plan: rules.PatchPlan) -> float:
+def _patches_per_case(median: Sequence[float], patch_plan: network.PatchPlan) -> float:
     return float(np.prod(median)) / int(np.prod(patch_plan.topology.patch_size))
 
 
-def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median: Sequence[float]) -> None:
+def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float]) -> None:
     """Step 5: normalisation, sampling, validation, loss."""
     c = plan.choices
     c["normalization"] = rules.plan_normalization(inputs.channel_names or ["image"] * inputs.in_channels)
@@ -349,7 +349,7 @@ def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
     c["mirror_axes"] = rules.plan_mirror_axes(inputs.cases, {k: v.get("name", k) for k, v in inputs.classes.items()})
 
 
-def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median: Sequence[float],
+def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],
                timed: dict[str, float], *, budget_minutes: float, batch: int, timer_batch: int) -> None:
     """Step 6, with a time budget: the schedule and the inference settings from the measured step."""
     c = plan.choices
@@ -377,7 +377,7 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: rules.PatchPlan, median:
     plan.measured["patch_size"] = list(patch_plan.topology.patch_size)
 
 
-def _plan_config(plan: Plan, patch_plan: rules.PatchPlan, spacing: Sequence[float], inputs: _Inputs,
+def _plan_config(plan: Plan, patch_plan: network.PatchPlan, spacing: Sequence[float], inputs: _Inputs,
                  batch: int) -> dict[str, Any]:
     """The config keys the plan sets (dotted key -> value)."""
     c = plan.choices
@@ -400,13 +400,13 @@ def _plan_config(plan: Plan, patch_plan: rules.PatchPlan, spacing: Sequence[floa
 
 
 def _fixed_patch(patch_size: Sequence[int], spacing: Sequence[float], in_channels: int, num_classes: int,
-                 base: int, max_stages: int, blocks: Sequence[int] | None) -> rules.PatchPlan:
+                 base: int, max_stages: int, blocks: Sequence[int] | None) -> network.PatchPlan:
     """The deepest topology (at most ``max_stages``) whose padded patch is the given patch itself."""
     for stages in range(max_stages, 0, -1):
-        topo = rules.pool_and_kernels(patch_size, spacing, max_stages=stages)
+        topo = network.pool_and_kernels(patch_size, spacing, max_stages=stages)
         if list(topo.patch_size) == [int(p) for p in patch_size]:
-            spec = rules.unet_spec(topo, in_channels, num_classes, base=base, blocks_per_stage=blocks)
-            return rules.PatchPlan(topo, spec, rules.estimate_training_memory(topo, spec, 2), (),
+            spec = network.unet_spec(topo, in_channels, num_classes, base=base, blocks_per_stage=blocks)
+            return network.PatchPlan(topo, spec, network.estimate_training_memory(topo, spec, 2), (),
                                    f"{_x(patch_size)}: given (data.patch_size); {stages} stages divide it")
     raise AssertionError(expected("a stage count that divides the patch (1 stage always does)", key="data.patch_size",
                                   received=list(patch_size)))  # unreachable
@@ -416,7 +416,7 @@ def _x(values: Sequence[int]) -> str:
     return "×".join(str(v) for v in values)
 
 
-def _config_keys(patch_plan: rules.PatchPlan, spacing: Sequence[float], model: str, blocks: Sequence[int] | None,
+def _config_keys(patch_plan: network.PatchPlan, spacing: Sequence[float], model: str, blocks: Sequence[int] | None,
                  *, batch: int) -> dict[str, Any]:
     topo, spec = patch_plan.topology, patch_plan.spec
     keys: dict[str, Any] = {

@@ -16,8 +16,6 @@ Redraw a finished run by hand with ``python -m segpipe.reports.progress RUN_DIR`
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -25,15 +23,16 @@ from typing import Mapping, Sequence
 import matplotlib
 import numpy as np
 
-from segpipe.errors import Received, expected
+from segpipe.errors import expected
 from segpipe.io import atomic_path
 from segpipe.runs.rundir import RunDir
+from segpipe.tables import read_columns
 
 __all__ = ["read_history", "best_epoch", "progress_figure", "plot_progress", "write_progress_plot"]
 
 
 def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Columns of a per-epoch CSV file as float64 arrays (empty cells and ``nan`` are NaN).
+    """Columns of a per-epoch CSV file as float64 arrays (empty cells and ``nan`` are NaN, :mod:`segpipe.tables`).
 
     Raises
     ------
@@ -43,21 +42,10 @@ def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
         A cell is not a number, or there is no ``epoch`` column (names the file, row and column).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(expected("a history file (CSV)", key="path", received=Received(f"{path} (no such file)")))
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns: dict[str, list[float]] = {name: [] for name in reader.fieldnames or []}
-        for line, row in enumerate(reader, start=2):
-            for name in columns:
-                cell = (row.get(name) or "").strip()
-                try:
-                    columns[name].append(float(cell) if cell else math.nan)
-                except ValueError:
-                    raise ValueError(expected("numbers", key=name, received=cell, where=f"{path}:{line}")) from None
+    columns = read_columns(path)
     if columns and "epoch" not in columns:
         raise ValueError(expected("an 'epoch' column", key="columns", received=list(columns), where=str(path)))
-    return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+    return columns
 
 
 def best_epoch(history: Mapping[str, Sequence[float]], monitor: str) -> tuple[int, float] | None:

@@ -5,7 +5,9 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     config.yaml          the fully resolved config
     splits.json          the train/validation case ids (a copy of the dataset's split)
     preprocessing.json   the resolved preprocessing settings (PreprocessSettings as a dict)
-    status.json          "running", "interrupted" (stopped by a signal, after a checkpoint) or "finished"
+    .segpipe             the ownership marker (segpipe.ownership): --overwrite deletes only a folder with it
+    status.json          "running", "interrupted" (stopped by a signal, after a checkpoint) or "finished",
+                         with the process id and host of the training that wrote it
     run_info.json        seed, resolved config, split, distribution, versions, git commit
     history.csv          one row per finished epoch (loss, val_loss, per-class Dice, ..., learning_rate)
     epoch_times.csv      seconds per finished epoch (wall clock; apart so histories stay reproducible)
@@ -19,12 +21,15 @@ A run directory (``<output_dir>/<name>/``, or ``<output_dir>/<experiment>/<name>
     predictions/         ``evaluate.py RUN_DIR``: the validation cases, predicted
     evaluation/          ``evaluate.py RUN_DIR``: per_case.csv, summary.json, report.html, overlays/, references/
 
+Beside it, ``.<name>.lock`` while a training holds the run (and ``RUN_DIR/.evaluation.lock`` while
+an evaluation writes ``predictions/`` and ``evaluation/``): one writer at a time (segpipe.locks).
+
 No TensorFlow here: comparing and evaluating runs read run directories without it.
 """
 from __future__ import annotations
 
-import csv
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,8 @@ from segpipe.config import Config, load_config, to_yaml
 from segpipe.data.preprocess import PreprocessSettings
 from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json, write_text
+from segpipe.ownership import has_marker, write_marker
+from segpipe.tables import read_csv
 
 MODEL_CHOICES = ("best", "last", "final")
 STATUSES = ("running", "interrupted", "finished")
@@ -90,6 +97,12 @@ class RunDir:
     predictions_dir = property(lambda self: self.path / "predictions")
     evaluation_dir = property(lambda self: self.path / "evaluation")
 
+    def create(self) -> None:
+        """Create the run directory (if needed) with segpipe's run marker, so ``--overwrite`` may delete it later."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not has_marker(self.path, "run"):
+            write_marker(self.path, "run")
+
     def is_run(self) -> bool:
         """Whether the folder holds a (started) run: it has its config."""
         return self.config_yaml.is_file()
@@ -127,12 +140,12 @@ class RunDir:
         """The folder of the last complete checkpoint (``model.keras`` + ``state.json``), or None."""
         return find_last_checkpoint(self.last_checkpoint_dir)
 
-    def history(self) -> list[dict[str, str]]:
-        """The rows of ``history.csv`` (strings, as written), or [] before the first epoch ended."""
+    def history(self) -> list[dict[str, Any]]:
+        """The rows of ``history.csv`` (numbers; NaN where written ``nan`` or empty, :mod:`segpipe.tables`),
+        or [] before the first epoch ended."""
         if not self.history_csv.is_file():
             return []
-        with open(self.history_csv, newline="") as f:
-            return list(csv.DictReader(f))
+        return read_csv(self.history_csv)
 
     def model_file(self, which: str | os.PathLike | None = None) -> tuple[str, Path]:
         """The one checkpoint resolver: ``(name, path)`` of the model a run is evaluated or exported with.
@@ -188,4 +201,5 @@ class RunDir:
     def write_status(self, status: str) -> None:
         if status not in STATUSES:
             raise ValueError(expected(f"one of {list(STATUSES)}", key="status", received=status))
-        write_json(self.status_json, {"status": status})
+        # the process id and host: which process a "running" run belongs to (its lock names the same)
+        write_json(self.status_json, {"status": status, "pid": os.getpid(), "host": socket.gethostname()})

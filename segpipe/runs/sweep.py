@@ -114,6 +114,7 @@ def run_sweep(
     train_fn: Callable[..., Path] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    run_dirs: Sequence[Path] | None = None,
 ) -> tuple[list[RunOutcome], int]:
     """Train ``runs`` in turn; returns the outcomes and the exit code (0, 1 if any failed, 130/143 on a stop signal).
 
@@ -123,6 +124,8 @@ def run_sweep(
         overwrite: train every run anew, finished or not.
         train_fn: :func:`segpipe.training.train.train` (replaceable in tests).
         out, err: where progress and errors go (default stdout, stderr).
+        run_dirs: the run directory of each run (``train.py --resume RUN_DIR``: the folder itself, not
+            ``RunDir.of(config)``, which resolves a relative ``output_dir`` against the current folder).
     """
     from segpipe.training.train import train  # TensorFlow: planning and summarising a sweep do not need it
 
@@ -131,12 +134,13 @@ def run_sweep(
     outcomes: list[RunOutcome] = []
     code = 0
     for i, config in enumerate(runs):
-        run_dir = RunDir.of(config).path
+        run_dir = RunDir.of(config).path if run_dirs is None else Path(run_dirs[i])
+        where = {} if run_dirs is None else {"run_dir": run_dir}
         if len(runs) > 1:
             print(f"\n[{i + 1}/{len(runs)}] {config.name} -> {run_dir}", file=out, flush=True)
         finished_before = not overwrite and RunDir(run_dir).status() == "finished"
         try:
-            run_dir = train_fn(config, resume=resume, overwrite=overwrite)
+            run_dir = train_fn(config, resume=resume, overwrite=overwrite, **where)
             print(f"Run directory: {run_dir}", file=out, flush=True)
             outcomes.append(RunOutcome(config.name, run_dir, "skipped" if finished_before else "finished"))
         except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved; stop the sweep

@@ -21,8 +21,6 @@ what killed writes left behind.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import errno
 import math
 import os
@@ -37,9 +35,11 @@ import keras
 import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
-from segpipe.io import atomic_path, failpoint, process_alive, read_json, write_json, write_text
+from segpipe.io import (atomic_path, durable_mkdir, durable_replace, failpoint, fsync_tree, process_alive, read_json,
+                        remove_orphaned_temporaries, write_json, write_text)
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
+from segpipe.tables import write_csv
 
 # Errors that mean "this disk or folder cannot take the run", as opposed to a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -112,10 +112,9 @@ def explain_storage_errors(path: Path) -> Iterator[None]:
 
 
 def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
+    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path`` (flushed before and after)."""
     with explain_storage_errors(Path(path)), atomic_path(path) as tmp:
         model.save(tmp)
-        _fsync_file(tmp)
 
 
 def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> None:
@@ -124,40 +123,39 @@ def save_checkpoint(folder: Path, model: keras.Model, state: dict[str, Any]) -> 
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     with explain_storage_errors(folder):
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        durable_mkdir(folder.parent)  # a new checkpoints/ folder is recorded in the run directory
+        tmp.mkdir()
         try:
             model.save(tmp / "model.keras")
             write_json(tmp / "state.json", state)
-            for path in (tmp / "model.keras", tmp / "state.json", tmp):
-                _fsync_file(path)  # the data is on disk before the rename makes it "the" checkpoint
+            fsync_tree(tmp)  # the data is on disk before the rename makes it "the" checkpoint
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         failpoint("checkpoint_written", folder)
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
+            durable_replace(folder, old, flushed=True)  # flushed when it was written as last.tmp/
             failpoint("checkpoint_swap", folder)
-        os.replace(tmp, folder)
-        _fsync_file(folder.parent)
+        durable_replace(tmp, folder, flushed=True)
         failpoint("checkpoint_swapped", folder)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # should a power loss bring it back, a resume removes it
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     """Delete what killed writes left in a run directory; returns the paths removed.
 
     The temporary files of :func:`segpipe.io.atomic_path` in the run directory and ``checkpoints/``
-    (only training writes there), and the bundle's temporary and old folders
-    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``, :mod:`segpipe.export.bundle`) of processes that no
-    longer run; ``checkpoints/last.tmp/`` (never trusted), and ``checkpoints/last.old/`` when
+    (:func:`segpipe.io.remove_orphaned_temporaries`), and the bundle's temporary and old folders
+    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``, :mod:`segpipe.export.bundle`), of processes that
+    no longer run; ``checkpoints/last.tmp/`` (never trusted), and ``checkpoints/last.old/`` when
     ``last/`` is complete (otherwise ``last.old/`` is the checkpoint, kept). Nothing reads these
     names: this is for the disk space (a run resumed with no step left to train saves no
     checkpoint that would remove them).
     """
     run = RunDir(run_dir)
-    stale = [p for folder in (run.path, run.checkpoints_dir) if folder.is_dir()
-             for p in folder.glob(".*.tmp*") if p.is_file()]
+    # only the temporaries of dead processes: an export or evaluation of this run may be writing
+    stale = [p for folder in (run.path, run.checkpoints_dir) for p in remove_orphaned_temporaries(folder)]
     last = run.last_checkpoint_dir
     stale += [p for p in (last.with_name(last.name + ".tmp"),) if p.is_dir()]
     if find_last_checkpoint(last) == last:
@@ -165,6 +163,8 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     for pattern in (f".{run.bundle_dir.name}.tmp-*", f".{run.bundle_dir.name}.old-*"):
         stale += [p for p in run.path.glob(pattern) if p.is_dir() and not _bundle_writer_alive(p)]
     for path in stale:
+        if not path.exists():
+            continue  # removed above
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -177,51 +177,21 @@ def _bundle_writer_alive(folder: Path) -> bool:
     return pid.isdigit() and process_alive(int(pid))
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk; a no-op where the platform cannot."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. folders on some file systems
-    finally:
-        os.close(fd)
-
-
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return read_json(checkpoint / "state.json")
+
+
+# history.csv and epoch_times.csv keep six significant digits (the bytes runs have always had).
+HISTORY_FLOAT_FORMAT = "%.6g"
 
 
 def write_history_csv(path: Path, rows: list[dict[str, Any]]) -> bool:
     """Write per-epoch log rows as CSV (atomically); columns in first-seen order, missing values empty.
 
-    Returns False (and writes nothing) when the file already holds exactly these rows.
+    Floats keep six significant digits, NaN is ``nan`` (:mod:`segpipe.tables`). Returns False (and
+    writes nothing) when the file already holds exactly these rows.
     """
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
-    text = buffer.getvalue()
-    try:
-        if Path(path).read_text() == text:
-            return False
-    except (OSError, UnicodeDecodeError):
-        pass
-    write_text(path, text)
-    return True
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
+    return write_csv(path, rows, float_format=HISTORY_FLOAT_FORMAT, unless_same=True)
 
 
 class CheckpointSchedule:

@@ -3,8 +3,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
-import shutil
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,10 +18,11 @@ from segpipe.data.loader import make_datasets, targets_of, train_dataset, train_
 from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
 from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
+from segpipe.locks import hold
 from segpipe.losses import deep_supervision_losses, get_loss
 from segpipe.metrics.streaming import PerClassDice
-from segpipe.models.resenc_unet import build_resenc_unet
-from segpipe.models.unet3d import build_unet3d
+from segpipe.models.architecture import architecture_from_model_config, build_network
+from segpipe.ownership import check_replaceable, has_marker, remove_owned
 from segpipe.runs.rundir import RunDir
 from segpipe.training import distributed
 from segpipe.training.budget import WallTimeLimit
@@ -37,17 +40,13 @@ if TYPE_CHECKING:
 def build_model(config: Config, in_channels: int, num_classes: int, *, regions: bool = False) -> keras.Model:
     """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled).
 
-    With ``regions`` (``num_classes`` = the number of regions) the head is one sigmoid per region."""
-    m = config.model
-    kwargs = dict(depth=m.depth, base_filters=m.base_filters, max_filters=m.max_filters, norm=m.norm,
-                  deep_supervision=m.deep_supervision, output=_output(config, regions),
-                  sync_batch_norm=config.train.sync_batch_norm,
-                  strides=m.strides, kernel_sizes=m.kernel_sizes)
-    if m.init is not None:
-        kwargs["init"] = m.init
-    if m.name == "resenc_unet":
-        return build_resenc_unet(in_channels, num_classes, blocks_per_stage=m.blocks_per_stage, **kwargs)
-    return build_unet3d(in_channels, num_classes, convs_per_stage=m.convs_per_stage, **kwargs)
+    Built from its description (:func:`segpipe.models.architecture.architecture_from_model_config`),
+    the same one a bundle records so that its network can be rebuilt without running received code.
+    With ``regions`` (``num_classes`` = the number of regions) the head is one sigmoid per region.
+    """
+    architecture = architecture_from_model_config(config.model, in_channels=in_channels, num_classes=num_classes,
+                                                  output=_output(config, regions))
+    return build_network(architecture, sync_batch_norm=config.train.sync_batch_norm)
 
 
 def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
@@ -137,11 +136,18 @@ def compile_model(model, config: Config, class_names: list[str], *, regions: boo
                   metrics=[[dice]] + [[] for _ in range(n - 1)])
 
 
-def train(config: Config, *, resume: bool = False, overwrite: bool = False, verbose: int | None = None) -> Path:
+def train(config: Config, *, resume: bool = False, overwrite: bool = False, verbose: int | None = None,
+          run_dir: str | os.PathLike | None = None) -> Path:
     """Train the run described by ``config``; returns its run directory.
 
     A finished run is left alone (unless ``overwrite``); an unfinished one needs ``resume`` (continue
-    from its last checkpoint, with the config it was started with) or ``overwrite`` (start again).
+    from its last checkpoint, with the config it was started with) or ``overwrite`` (start again;
+    only a folder with segpipe's run marker is deleted, checked before any work). ``run_dir``: the
+    run directory (default ``RunDir.of(config)``; ``train.py --resume RUN_DIR`` passes the folder
+    itself, so a relative ``output_dir`` does not depend on the current folder).
+
+    One process trains a run: the chief holds the run's lock (:mod:`segpipe.locks`) for the whole
+    training, so a second ``train.py`` or ``--resume`` of it stops at once naming the holder.
     Under ``train.distribute: multi_worker`` every worker calls this; only the chief writes the run
     directory. With ``train.export_bundle`` the chief writes ``RUN_DIR/bundle`` after the final
     model, before the run is marked finished (a failed export leaves the run resumable).
@@ -149,30 +155,39 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
         StorageError: the run directory cannot be written (checked before any work).
+        FileExistsError: ``overwrite`` of a folder without segpipe's run marker, or an unfinished run
+            without ``resume`` (before any work).
+        LockHeldError: another process is training this run (names it).
         WorkerLost: multi_worker: another worker died, hung or never joined (train.collective_timeout_seconds).
     """
 
+    run = RunDir(run_dir) if run_dir is not None else RunDir.of(config)
+    if overwrite:  # before any work, so a refused command has written nothing
+        check_replaceable(run.path, "run", key="--overwrite")
     # multi_worker: the strategy must be set up before TensorFlow runs anything else
     distributed.warn_if_tf_config_unused(config.train.distribute)
     strategy = distributed.make_strategy(config.train.distribute, config.train.collective_timeout_seconds)
     worker = distributed.worker_info(strategy)
-    with distributed.lost_workers_reported(worker, config.train.collective_timeout_seconds, RunDir.of(config).path):
-        return _train(config, strategy, worker, resume=resume, overwrite=overwrite, verbose=verbose)
+    if worker.is_chief:  # the others write to a temporary folder
+        check_writable(run.path)  # before the lock beside it is written
+    # only the chief writes the run directory, so only it holds the run's lock
+    lock = hold(run.path, what="run directory") if worker.is_chief else contextlib.nullcontext()
+    with distributed.lost_workers_reported(worker, config.train.collective_timeout_seconds, run.path), lock:
+        return _train(config, run, strategy, worker, resume=resume, overwrite=overwrite, verbose=verbose)
 
 
-def _train(config: Config, strategy: "tf.distribute.Strategy", worker: WorkerInfo, *, resume: bool, overwrite: bool,
-           verbose: int | None) -> Path:
+def _train(config: Config, run: RunDir, strategy: "tf.distribute.Strategy", worker: WorkerInfo, *, resume: bool,
+           overwrite: bool, verbose: int | None) -> Path:
     distributed.per_replica_batch(config.data.batch_size, strategy.num_replicas_in_sync)
     enable_determinism(config.train.deterministic)
 
-    run = RunDir.of(config)
     run_dir = run.path
     if not _may_train(run, config, resume=resume, overwrite=overwrite, is_chief=worker.is_chief):
         print(f"Run {run_dir} has already finished; nothing to do (use --overwrite to train it again).")
         return run_dir
-    if worker.is_chief:  # the others write to a temporary folder
-        check_writable(run_dir)
-        remove_stale_temporaries(run_dir)  # of writes a crash interrupted
+    if worker.is_chief:
+        remove_stale_temporaries(run_dir)  # of writes a crash interrupted (the lock keeps out live writers)
+    data_config = _located(config, run)  # the default data cache sits under the run's own output_dir
     distributed.barrier(strategy, worker)  # every worker has looked at the run directory before it changes
     checkpoint = run.last_checkpoint() if resume else None
     state: dict[str, Any] = read_state(checkpoint) if checkpoint else {}
@@ -187,11 +202,14 @@ def _train(config: Config, strategy: "tf.distribute.Strategy", worker: WorkerInf
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
-        config, dataset=dataset, split=run.split(), settings=run.preprocessing()))
+        data_config, dataset=dataset, split=run.split(), settings=run.preprocessing()))
     out_dir = distributed.write_dir(run_dir, worker)
     out = RunDir(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if worker.is_chief:
+            out.create()  # with segpipe's run marker: a later --overwrite may delete it
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
         out.write_config(config)
         out.write_split(prepared.split)
         out.write_preprocessing(prepared.settings)
@@ -211,10 +229,11 @@ def _train(config: Config, strategy: "tf.distribute.Strategy", worker: WorkerInf
 
 def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is_chief: bool) -> bool:
     """Whether to train into ``run``: False for a finished run (kept); an unfinished one needs
-    ``resume`` (with the config it was started with) or ``overwrite`` (the chief deletes it)."""
+    ``resume`` (with the config it was started with) or ``overwrite`` (the chief deletes it, if it
+    holds segpipe's run marker)."""
     if run.path.exists() and overwrite:
         if is_chief:
-            shutil.rmtree(run.path)
+            remove_owned(run.path, "run", key="--overwrite")
         return True
     if run.status() == "finished":
         return False
@@ -224,8 +243,24 @@ def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is
             hint="Use --resume to continue it, --overwrite to start again, or --set name=... for a new run.",
         ))
     if resume:
+        if run.path.exists() and any(run.path.iterdir()) and not (run.is_run() or has_marker(run.path, "run")):
+            raise FileExistsError(expected(
+                "a run directory to resume (config.yaml or segpipe's run marker)", key="run_dir",
+                received=Received(f"{run.path} (a folder segpipe did not create)"),
+                hint="Choose another name (--set name=...) or move the folder away.",
+            ))
         check_resumed_config(run.path, config)
     return True
+
+
+def _located(config: Config, run: RunDir) -> Config:
+    """``config`` with ``output_dir`` where ``run`` is, when the two disagree (``--resume RUN_DIR`` from
+    another folder, with a relative ``output_dir``), so the default dataset cache under it is found."""
+    if RunDir.of(config).path.absolute() == run.path.absolute():
+        return config
+    located = copy.deepcopy(config)
+    located.output_dir = str(run.path.parent.parent if config.experiment else run.path.parent)
+    return located
 
 
 def _check_before_data(config: Config, num_classes: int) -> None:

@@ -74,9 +74,12 @@ def test_interrupted_write_is_redone_and_not_trusted(dataset, tmp_path, count_pr
     # case_000: killed after writing a new image, before its meta (meta deleted first by design).
     (cache_dir / "case_000" / "meta.json").unlink()
     (cache_dir / "case_000" / "image.npy").write_bytes(b"\x93NUMPY half")
-    # case_001: a half-written temporary file left by a killed writer.
-    stale = cache_dir / "case_001" / ".image.abc123.tmp.npy"
+    # case_001: a half-written temporary file left by a killed writer (999999999: no such process), and
+    # one of a writer that still runs (another training building the case), which a rebuild keeps
+    stale = cache_dir / "case_001" / ".image.999999999.abc123_x.tmp.npy"
     stale.write_bytes(b"\x93NUMPY")
+    live = cache_dir / "case_001" / f".image.{os.getppid()}.abc123_x.tmp.npy"
+    live.write_bytes(b"\x93NUMPY")
     # case_002: an array truncated behind an intact meta (disk trouble): the header check catches it.
     with open(cache_dir / "case_002" / "label.npy", "r+b") as f:
         f.truncate(100)
@@ -90,7 +93,7 @@ def test_interrupted_write_is_redone_and_not_trusted(dataset, tmp_path, count_pr
     # A rebuild clears temporary leftovers in the case folder it rebuilds.
     (cache_dir / "case_001" / "meta.json").unlink()
     build_cache(dataset, cache_dir, SETTINGS, progress=False)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
 
 
 def test_old_meta_is_removed_before_rebuilding(dataset, tmp_path, monkeypatch):

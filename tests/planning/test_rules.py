@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from segpipe.planning import rules
+from segpipe.planning import network, rules
 from segpipe.planning.planner import MARGIN_SECONDS, MIN_TOTAL_STEPS, Hardware, make_plan
 
 GIB = 2**30
@@ -54,7 +54,7 @@ def test_spacing_coarse_axis_never_finer_than_the_others():
 
 def test_topology_isotropic_40x56x40():
     # 40,56,40 -> 20,28,20 -> 10,14,10 -> 5,7,5 (no axis >= 8 left): 3 pools per axis, 4 stages
-    t = rules.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
+    t = network.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
     assert t.strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
     assert t.kernel_sizes == ((3, 3, 3),) * 4
     assert t.pools_per_axis == (3, 3, 3) and t.divisor == (8, 8, 8)
@@ -66,7 +66,7 @@ def test_topology_thick_slices_0_8x0_8x3():
     # z spacing 3.75× the finest: stage 0 kernel 3×3×1 and only x, y pool (64,64,16 -> 32,32,16;
     # spacing 1.6,1.6,3: now within 2×). Then all pool twice (16,16,8 -> 8,8,4) and z stops (< 8 voxels);
     # x, y pool once more to 4,4,4 (two axes left, so >= 8 suffices). 5 stages.
-    t = rules.pool_and_kernels([64, 64, 16], [0.8, 0.8, 3.0])
+    t = network.pool_and_kernels([64, 64, 16], [0.8, 0.8, 3.0])
     assert t.strides == ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1))
     assert t.kernel_sizes == ((3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3))
     assert t.pools_per_axis == (4, 4, 2) and t.patch_size == (64, 64, 16)
@@ -74,24 +74,24 @@ def test_topology_thick_slices_0_8x0_8x3():
 
 def test_topology_kernel_stays_1_while_the_axis_is_more_than_2x_coarser():
     # 0.5×0.5×3 mm: ratio 6 -> 3 -> 1.5: kernels 1 along z in stages 0 and 1, 3 from stage 2
-    t = rules.pool_and_kernels([128, 128, 32], [0.5, 0.5, 3.0])
+    t = network.pool_and_kernels([128, 128, 32], [0.5, 0.5, 3.0])
     assert [k[2] for k in t.kernel_sizes[:3]] == [1, 1, 3]
     assert t.strides[1] == (2, 2, 1) and t.strides[2] == (2, 2, 1) and t.strides[3] == (2, 2, 2)
 
 
 def test_topology_single_axis_needs_12_voxels():
     # 8,8,20 at 1,1,1: all pool -> 4,4,10; now only z is >= 8 but < 12: stop. 2 stages.
-    t = rules.pool_and_kernels([8, 8, 20], [1.0, 1.0, 1.0])
+    t = network.pool_and_kernels([8, 8, 20], [1.0, 1.0, 1.0])
     assert t.strides == ((1, 1, 1), (2, 2, 2))
     # 8,8,24 -> 4,4,12: z alone has 12 >= 12 voxels: pools once more
-    assert rules.pool_and_kernels([8, 8, 24], [1.0, 1.0, 1.0]).strides[-1] == (1, 1, 2)
+    assert network.pool_and_kernels([8, 8, 24], [1.0, 1.0, 1.0]).strides[-1] == (1, 1, 2)
 
 
 def test_topology_pads_to_the_divisor_and_caps_stages():
-    t = rules.pool_and_kernels([37, 50, 35], [1.0, 1.0, 1.0])
+    t = network.pool_and_kernels([37, 50, 35], [1.0, 1.0, 1.0])
     # 37 -> 19 -> 10 -> 5; 50 -> 25 -> 13 -> 7; 35 -> 18 -> 9 -> 5: 3 pools, padded to multiples of 8
     assert t.patch_size == (40, 56, 40)
-    capped = rules.pool_and_kernels([256, 256, 256], [1.0, 1.0, 1.0], max_stages=4)
+    capped = network.pool_and_kernels([256, 256, 256], [1.0, 1.0, 1.0], max_stages=4)
     assert capped.num_stages == 4 and capped.kernel_sizes[-1] == (3, 3, 3)
 
 
@@ -112,29 +112,29 @@ def test_tiny_volumes_smaller_than_any_patch():
 
 
 def test_activation_units_by_hand():
-    t = rules.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
-    spec = rules.unet_spec(t, in_channels=1, num_classes=3, base=16)
+    t = network.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
+    spec = network.unet_spec(t, in_channels=1, num_classes=3, base=16)
     assert spec.features == (16, 32, 64, 128)
     v = [40 * 56 * 40, 20 * 28 * 20, 10 * 14 * 10, 5 * 7 * 5]
     expected = (v[0] * 1  # input
                 + 2 * (v[0] * 16 + v[1] * 32 + v[2] * 64 + v[3] * 128)  # two convs per encoder stage
                 + (1 + 2 + 2) * (v[0] * 16 + v[1] * 32 + v[2] * 64)  # up-conv, concat (2×), two convs
                 + 2 * v[0] * 3)  # logits and softmax
-    assert rules.activation_units(t, spec) == expected == 13_843_200
-    memory = rules.estimate_training_memory(t, spec, 2)
-    assert memory == 2 * expected * 4 * rules.TENSORS_PER_UNIT + 16 * rules.parameter_count(t, spec) + rules.FIXED_OVERHEAD_BYTES
+    assert network.activation_units(t, spec) == expected == 13_843_200
+    memory = network.estimate_training_memory(t, spec, 2)
+    assert memory == 2 * expected * 4 * network.TENSORS_PER_UNIT + 16 * network.parameter_count(t, spec) + network.FIXED_OVERHEAD_BYTES
 
 
 def test_parameter_count_matches_keras(tmp_path):
     pytest.importorskip("keras")
     from segpipe.models.unet3d import build_unet3d
 
-    t = rules.pool_and_kernels([64, 64, 16], [0.8, 0.8, 3.0])
-    spec = rules.unet_spec(t, 2, 3, base=8)
+    t = network.pool_and_kernels([64, 64, 16], [0.8, 0.8, 3.0])
+    spec = network.unet_spec(t, 2, 3, base=8)
     model = build_unet3d(2, 3, depth=t.num_stages, base_filters=8, strides=t.strides, kernel_sizes=t.kernel_sizes, norm="none")
     biases = sum(int(np.prod(w.shape)) for w in model.weights if w.path.endswith("bias"))
     # parameter_count neglects biases (and the transposed convolutions' are the only extra ones)
-    assert model.count_params() - biases == rules.parameter_count(t, spec)
+    assert model.count_params() - biases == network.parameter_count(t, spec)
 
 
 # ------------------------------------------------------------------ patch under a memory budget
@@ -146,22 +146,22 @@ def test_patch_shrinks_along_the_axis_most_out_of_proportion():
     kwargs = dict(in_channels=1, num_classes=2, base_features=8)
 
     def estimate(patch):
-        t = rules.pool_and_kernels(patch, spacing)
-        return rules.estimate_training_memory(t, rules.unet_spec(t, 1, 2, base=8), 2)
+        t = network.pool_and_kernels(patch, spacing)
+        return network.estimate_training_memory(t, network.unet_spec(t, 1, 2, base=8), 2)
 
-    unshrunk = rules.fit_patch(spacing, median, budget_bytes=estimate([80, 64, 16]), **kwargs)
+    unshrunk = network.fit_patch(spacing, median, budget_bytes=estimate([80, 64, 16]), **kwargs)
     assert unshrunk.topology.patch_size == (80, 64, 16) and unshrunk.shrunk == ()
     # one byte less: the ratios patch/median are all 1, x comes first: 80 - 16 = 64
-    one = rules.fit_patch(spacing, median, budget_bytes=estimate([80, 64, 16]) - 1, **kwargs)
+    one = network.fit_patch(spacing, median, budget_bytes=estimate([80, 64, 16]) - 1, **kwargs)
     assert one.topology.patch_size == (64, 64, 16) and one.shrunk == ((0, 64),)
     # below that: ratios 0.8, 1, 1 -> y. 64 - 16 = 48 would pool y only 3 times (divisor 8), so y
     # steps by 8 instead of 16 (no valid size skipped): 56.
-    two = rules.fit_patch(spacing, median, budget_bytes=estimate([64, 64, 16]) - 1, **kwargs)
+    two = network.fit_patch(spacing, median, budget_bytes=estimate([64, 64, 16]) - 1, **kwargs)
     assert two.topology.patch_size == (64, 56, 16)
     assert two.topology.strides[-1] == (2, 2, 2) and two.topology.pools_per_axis == (3, 3, 2)
     assert "shrunk along xy" in two.reason and two.memory_bytes <= estimate([64, 64, 16]) - 1
     with pytest.raises(ValueError, match=r"Expected a memory budget that a patch of at least one voxel per axis fits .*Received: memory budget="):
-        rules.fit_patch(spacing, median, budget_bytes=1000, **kwargs)
+        network.fit_patch(spacing, median, budget_bytes=1000, **kwargs)
 
 
 def test_one_huge_volume():
@@ -176,8 +176,8 @@ def test_one_huge_volume():
     # 256³ shrinks x, y, z in turn by 32 (the divisor of 5 pools) down to 128³, then by 16 (4 pools):
     # 96 -> 48 -> 24 -> 12 -> 6 pools 4 times, 5 stages
     assert patch == [96, 96, 96] and plan.choices["stages"].value == 5
-    t = rules.pool_and_kernels([96, 96, 112], [0.7] * 3)  # the patch before the last step did not fit
-    assert rules.estimate_training_memory(t, rules.unet_spec(t, 1, 2, base=16), 2) > budget
+    t = network.pool_and_kernels([96, 96, 112], [0.7] * 3)  # the patch before the last step did not fit
+    assert network.estimate_training_memory(t, network.unet_spec(t, 1, 2, base=16), 2) > budget
     # one case of 512³ is hundreds of patches: validate on patches, whole volumes only at the end
     assert plan.config["data.validation"] == "patches"
     assert plan.choices["batch_size"].value == 2
@@ -187,15 +187,15 @@ def test_one_huge_volume():
 
 
 def test_batch_size_memory_bound_and_5_percent_cap():
-    t = rules.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
-    spec = rules.unet_spec(t, 1, 3, base=32)
-    per_sample = rules.activation_units(t, spec) * 4 * rules.TENSORS_PER_UNIT
-    fixed = 16 * rules.parameter_count(t, spec) + rules.FIXED_OVERHEAD_BYTES
+    t = network.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
+    spec = network.unet_spec(t, 1, 3, base=32)
+    per_sample = network.activation_units(t, spec) * 4 * network.TENSORS_PER_UNIT
+    fixed = 16 * network.parameter_count(t, spec) + network.FIXED_OVERHEAD_BYTES
     budget = 8 * GIB
     by_memory = int((budget - fixed) // per_sample)  # largest b with b × per_sample + fixed <= budget
 
     def memory(b):
-        return rules.estimate_training_memory(t, spec, b)
+        return network.estimate_training_memory(t, spec, b)
 
     voxels = 40 * 56 * 40
     big = rules.plan_batch_size(memory, budget, patch_voxels=voxels, dataset_voxels=voxels * 10_000)
@@ -229,8 +229,8 @@ def test_two_channels_ct_and_mr():
     assert plan.config["data.normalization"] == ["ct", "zscore"]
     assert "CT: ct" in plan.choices["normalization"].reason and "T2: zscore" in plan.choices["normalization"].reason
     # the input has 2 channels: it counts twice in the activation units
-    t = rules.pool_and_kernels([40, 40, 40], [1, 1, 1])
-    one = rules.activation_units(t, rules.unet_spec(t, 1, 2, base=16))
+    t = network.pool_and_kernels([40, 40, 40], [1, 1, 1])
+    one = network.activation_units(t, network.unet_spec(t, 1, 2, base=16))
     assert plan.predicted["activation_units"] == one + 40 * 40 * 40
 
 
@@ -275,9 +275,9 @@ def flop_timer(gflops_per_second=20.0):
     calls = []
 
     def timer(keys):
-        t = rules.pool_and_kernels(keys["data.patch_size"], keys["data.target_spacing_mm"], max_stages=keys["model.depth"])
-        spec = rules.unet_spec(t, keys["_in_channels"], keys["_num_classes"], base=keys["model.base_filters"])
-        flops = keys["data.batch_size"] * rules.training_flops(t, spec)
+        t = network.pool_and_kernels(keys["data.patch_size"], keys["data.target_spacing_mm"], max_stages=keys["model.depth"])
+        spec = network.unet_spec(t, keys["_in_channels"], keys["_num_classes"], base=keys["model.base_filters"])
+        flops = keys["data.batch_size"] * network.training_flops(t, spec)
         calls.append(keys["data.patch_size"])
         return {"step_seconds": flops / (gflops_per_second * 1e9), "window_seconds": flops / 6 / (gflops_per_second * 1e9),
                 "peak_bytes": 1, "baseline_bytes": 0}
@@ -310,14 +310,14 @@ def test_time_budget_schedule_fits_and_shrinks_the_patch():
 
 
 def test_resenc_activation_units_by_hand():
-    t = rules.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
-    spec = rules.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3, 4, 6, 6])
+    t = network.pool_and_kernels([40, 56, 40], [1.0, 1.0, 1.0])
+    spec = network.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3, 4, 6, 6])
     v, f, b = [89600, 11200, 1400, 175], [16, 32, 64, 128], [1, 3, 4, 6]
     # per stage: 2 convs per block + stem/projection, + 1 kept sum per block; decoder: 1 conv per stage
     expected = v[0] + sum((3 * b[s] + 1) * v[s] * f[s] for s in range(4)) + sum(4 * v[s] * f[s] for s in range(3)) + 6 * v[0]
-    assert rules.activation_units(t, spec) == expected
+    assert network.activation_units(t, spec) == expected
     with pytest.raises(ValueError, match="Expected a block count for each of 4 stages"):
-        rules.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3])
+        network.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3])
 
 
 def test_a_step_slower_than_predicted_re_plans_with_the_measured_rate():

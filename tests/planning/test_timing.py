@@ -1,10 +1,10 @@
 """The real step timer: a tiny planned network timed in a subprocess."""
-from segpipe.planning import rules
+from segpipe.planning import network
 from segpipe.planning.timing import time_steps
 
 
 def test_time_steps_measures_a_tiny_anisotropic_network():
-    t = rules.pool_and_kernels([16, 16, 8], [0.8, 0.8, 3.0])
+    t = network.pool_and_kernels([16, 16, 8], [0.8, 0.8, 3.0])
     keys = {"data.patch_size": list(t.patch_size), "data.batch_size": 2, "model.name": "resenc_unet",
             "model.depth": t.num_stages, "model.base_filters": 4, "model.strides": [list(s) for s in t.strides],
             "model.kernel_sizes": [list(k) for k in t.kernel_sizes], "model.blocks_per_stage": [1, 2, 2][: t.num_stages],

@@ -1,0 +1,348 @@
+"""Reading a received bundle: ``bundle.json`` checked and bounded, every file checked against its manifest.
+
+A bundle is untrusted input (someone sent it). :func:`read_bundle` reads nothing but
+``bundle.json`` and the bytes of the files it lists, and refuses, with one error naming the file or
+key:
+
+- a ``bundle.json`` over :data:`MAX_BUNDLE_JSON_BYTES`, invalid, of another format or version;
+- any number that would size an allocation beyond its bound: patch (:data:`MAX_PATCH_VOXELS`),
+  windows per call (:data:`MAX_BATCH_SIZE`), target spacing (:data:`SPACING_RANGE_MM`), classes
+  (:data:`segpipe.models.architecture.MAX_CLASSES`), channels, the network's size
+  (:func:`segpipe.models.architecture.check_architecture`);
+- a file that breaks the manifest (:mod:`segpipe.inference.integrity`): missing, changed, extra,
+  executable, a symbolic link, or a path that leaves the folder;
+- a model file under any name other than the fixed one of its format (:data:`FILES`).
+
+Which formats may then be loaded without trusting the sender is :mod:`segpipe.inference.runtimes`'
+business (docs/deployment.md, "Trust").
+
+Layout (version 2)::
+
+    BUNDLE/
+      .segpipe           segpipe's marker (a folder segpipe created and may replace)
+      bundle.json        classes, channels, preprocessing, orientation, patch size, inference
+                         settings, the network's architecture (builder arguments), the file manifest
+                         (size and SHA-256 of every file), versions, provenance
+      model.weights.h5   the network's weight arrays (Keras); the network is rebuilt from
+                         ``architecture`` with segpipe's own builders
+      savedmodel/        TensorFlow SavedModel (``serving_default`` and ``segment`` signatures)
+      model.onnx         optional
+      openvino/          ``model.xml`` + ``model.bin``, OpenVINO IR (when openvino is installed)
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from segpipe.data.preprocess import ORIENTATION, PreprocessSettings
+from segpipe.errors import Received, SettingError, expected, first_line
+from segpipe.inference import integrity
+from segpipe.inference.settings import InferenceSettings
+from segpipe.models.architecture import MAX_CHANNELS, MAX_CLASSES, check_architecture
+
+BUNDLE_FORMAT = "segpipe-bundle"
+BUNDLE_VERSION = 2  # 2: weights + architecture instead of a serialised model.keras, a file manifest
+FORMATS = ("keras", "savedmodel", "onnx", "openvino")  # the model files a bundle can hold
+FILES = {"keras": "model.weights.h5", "savedmodel": "savedmodel", "onnx": "model.onnx",
+         "openvino": "openvino/model.xml"}  # each format's one allowed path
+SIGNATURE = "serving_default"
+SEGMENT_SIGNATURE = "segment"
+INPUT_NAME = "image"
+# Bounds on what bundle.json may claim (checked before anything is allocated)
+MAX_BUNDLE_JSON_BYTES = 16 * 2**20
+MAX_PATCH_SIDE = 1024
+MAX_PATCH_VOXELS = 2**24  # 256³; the largest nnU-Net 3D patches are ~ 2·10⁶ voxels
+MAX_BATCH_SIZE = 256
+SPACING_RANGE_MM = (1e-3, 1e3)
+MAX_ACTIVATION_BYTES_PER_VOXEL = 2**20
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file or key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle folder (see :func:`read_bundle`)."""
+
+    path: Path
+    class_names: tuple[str, ...]  # indexed by label value = output channel
+    input_channels: int
+    channel_names: tuple[str, ...]
+    preprocessing: PreprocessSettings
+    orientation: str
+    patch_size: tuple[int, int, int]
+    inference: InferenceSettings
+    files: dict[str, str]  # format -> path relative to the bundle
+    versions: dict[str, str]
+    architecture: dict[str, Any] | None = None  # builder arguments; None: no Keras weights in the bundle
+    training_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole bundle.json
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def file(self, fmt: str) -> Path:
+        """Path of the model file of format ``fmt`` (``keras``, ``savedmodel``, ``onnx``, ``openvino``)."""
+        if fmt not in FORMATS:
+            raise ValueError(expected(f"one of {FORMATS}", key="format", received=fmt))
+        if fmt not in self.files:
+            how = {"onnx": " (export with onnx=True / --onnx)",
+                   "openvino": ' (export with openvino installed: pip install "segpipe[openvino]")'}.get(fmt, "")
+            reason = self.meta.get("formats_not_written", {}).get(fmt)
+            raise BundleError(expected(f"a '{fmt}' model in the bundle{how}", key="files", received=sorted(self.files),
+                                       where=str(self.path / "bundle.json"),
+                                       hint=f"Not written: {reason}." if reason else None))
+        return self.path / self.files[fmt]
+
+
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """Read and validate a bundle folder (or its ``bundle.json``), files included.
+
+    Parameters
+    ----------
+    path
+        The bundle folder or its ``bundle.json``.
+
+    Returns
+    -------
+    Bundle
+
+    Raises
+    ------
+    BundleError
+        The folder or ``bundle.json`` is missing, too large or invalid JSON, a key is missing or has
+        a wrong type or an out-of-bounds value, the format version is not supported, or a file
+        breaks the manifest. The message names the file or key.
+    """
+    path, meta = _read_bundle_json(Path(path))
+    fields = _BundleFields(meta, str(path / "bundle.json"))
+    _check_format(fields)
+    classes = _read_classes(fields)
+    input_channels, channel_names = _read_channels(fields)
+    orientation = _read_orientation(fields)
+    preprocessing = _read_preprocessing(fields)
+    patch_size = _read_patch_size(fields)
+    inference = _read_inference(fields)
+    files = _read_files(fields)
+    architecture = _read_architecture(fields, input_channels, len(classes), files)
+    _read_bounded_number(fields, "activation_bytes_per_voxel", MAX_ACTIVATION_BYTES_PER_VOXEL)
+    manifest = fields.get("manifest", dict, "a mapping file -> {bytes, sha256}")
+    _check_files_in_manifest(fields, files, manifest)
+    try:
+        integrity.check_manifest(path, manifest)
+    except integrity.IntegrityError as exc:
+        raise BundleError(str(exc)) from None
+    versions = fields.get("versions", dict, "a mapping package -> version")
+    _warn_on_version_change(versions)
+    return Bundle(
+        path=path,
+        class_names=tuple(c["name"] for c in classes),
+        input_channels=input_channels,
+        channel_names=tuple(str(n) for n in channel_names),
+        preprocessing=preprocessing,
+        orientation=orientation,
+        patch_size=tuple(patch_size),
+        inference=inference,
+        files=dict(files),
+        versions={str(k): str(v) for k, v in versions.items()},
+        architecture=architecture,
+        training_config=dict(meta.get("training_config") or {}),
+        meta=meta,
+    )
+
+
+def _read_bundle_json(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The bundle folder and its parsed ``bundle.json`` (a JSON object of bounded size, not a link)."""
+    if path.name == "bundle.json" and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise BundleError(expected("a bundle folder", key="bundle", received=Received(f"{path} (no such folder)")))
+    json_path = path / "bundle.json"
+    if json_path.is_symlink():
+        raise BundleError(expected("bundle.json as a plain file, not a symbolic link", key="bundle.json",
+                                   received=Received(f"{json_path} -> {os.readlink(json_path)}")))
+    if not json_path.is_file():
+        raise BundleError(expected("bundle.json in the bundle folder (it is written last: without it the bundle is "
+                                   "incomplete)", key="bundle.json", received=Received(f"{json_path} (no such file)")))
+    size = json_path.stat().st_size
+    if size > MAX_BUNDLE_JSON_BYTES:
+        raise BundleError(expected(f"at most {MAX_BUNDLE_JSON_BYTES} bytes", key="bundle.json",
+                                   received=Received(f"{size} bytes"), where=str(json_path)))
+    try:
+        meta = json.loads(json_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(expected("valid JSON", key="contents", received=Received(f"invalid JSON ({exc})"),
+                                   where=str(json_path))) from None
+    if not isinstance(meta, dict):
+        raise BundleError(expected("a JSON object", key="contents", received=Received(f"a {type(meta).__name__}"),
+                                   where=str(json_path)))
+    return path, meta
+
+
+class _BundleFields:
+    """The keys of a ``bundle.json``, each read with its type checked; errors name the file and key."""
+
+    def __init__(self, meta: dict[str, Any], where: str):
+        self.meta, self.where = meta, where
+
+    def get(self, key: str, kind: type | tuple[type, ...], description: str) -> Any:
+        if key not in self.meta:
+            raise BundleError(expected(description, key=key, received=Received("<missing>"), where=self.where))
+        value = self.meta[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise BundleError(expected(description, key=key, received=value, where=self.where))
+        return value
+
+
+def _check_format(fields: _BundleFields) -> None:
+    """``format`` names a segpipe bundle and ``format_version`` is one this segpipe reads."""
+    if fields.get("format", str, f"the string {BUNDLE_FORMAT!r}") != BUNDLE_FORMAT:
+        raise BundleError(expected(f"the string {BUNDLE_FORMAT!r} (a segpipe bundle)", key="format",
+                                   received=fields.meta["format"], where=fields.where))
+    version = fields.get("format_version", int, f"the integer {BUNDLE_VERSION}")
+    if version != BUNDLE_VERSION:
+        newer = ("Written by a newer segpipe: upgrade segpipe." if version > BUNDLE_VERSION else
+                 "Version 1 bundles hold a serialised model.keras and no file manifest; re-export the run: "
+                 "python predict.py export RUN_DIR --overwrite.")
+        raise BundleError(expected(f"format version {BUNDLE_VERSION}", key="format_version", received=version,
+                                   where=fields.where, hint=newer))
+
+
+def _read_classes(fields: _BundleFields) -> list[dict[str, Any]]:
+    classes = fields.get("classes", list, "a list of {'value': int, 'name': str}")
+    if not 2 <= len(classes) <= MAX_CLASSES or any(
+        not isinstance(c, dict) or c.get("value") != i or not isinstance(c.get("name"), str) for i, c in enumerate(classes)
+    ):
+        raise BundleError(expected(f"2 to {MAX_CLASSES} entries {{'value': i, 'name': str}} with values 0, 1, 2, ... in order",
+                                   key="classes", received=classes, where=fields.where))
+    return classes
+
+
+def _read_channels(fields: _BundleFields) -> tuple[int, list[Any]]:
+    """``input_channels`` and ``channel_names`` (default ``channel_<i>``), one name per channel."""
+    input_channels = fields.get("input_channels", int, "a positive integer")
+    if not 1 <= input_channels <= MAX_CHANNELS:
+        raise BundleError(expected(f"an integer from 1 to {MAX_CHANNELS}", key="input_channels", received=input_channels, where=fields.where))
+    channel_names = fields.meta.get("channel_names") or [f"channel_{i}" for i in range(input_channels)]
+    if not isinstance(channel_names, list) or len(channel_names) != input_channels:
+        raise BundleError(expected(f"{input_channels} names (one per input channel)", key="channel_names",
+                                   received=channel_names, where=fields.where))
+    return input_channels, channel_names
+
+
+def _read_orientation(fields: _BundleFields) -> str:
+    orientation = fields.get("orientation", str, "'RAS'")
+    if orientation != ORIENTATION:
+        raise BundleError(expected("'RAS' (the only orientation preprocessing produces)", key="orientation",
+                                   received=orientation, where=fields.where))
+    return orientation
+
+
+def _read_preprocessing(fields: _BundleFields) -> PreprocessSettings:
+    """``preprocessing``, validated by :class:`PreprocessSettings` (errors keyed ``preprocessing.<key>``)."""
+    settings = fields.get("preprocessing", dict, "the preprocessing settings")
+    try:
+        preprocessing = PreprocessSettings.from_dict(settings, where=fields.where, prefix="preprocessing.")
+    except ValueError as exc:  # worded by PreprocessSettings.from_dict: the file, preprocessing.<key>, values
+        raise BundleError(str(exc)) from None
+    low, high = SPACING_RANGE_MM
+    spacing = preprocessing.target_spacing_mm
+    if spacing is not None and not all(low <= s <= high for s in spacing):
+        raise BundleError(expected(f"3 voxel sizes from {low} to {high} mm (or null)", key="preprocessing.target_spacing_mm",
+                                   received=list(spacing), where=fields.where))
+    return preprocessing
+
+
+def _read_patch_size(fields: _BundleFields) -> list[int]:
+    what = f"3 integers from 1 to {MAX_PATCH_SIDE}, at most {MAX_PATCH_VOXELS} voxels in all"
+    patch_size = fields.get("patch_size", list, what)
+    if (len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_PATCH_SIDE
+                                    for s in patch_size) or math.prod(patch_size) > MAX_PATCH_VOXELS):
+        raise BundleError(expected(what, key="patch_size", received=patch_size, where=fields.where))
+    return patch_size
+
+
+def _read_inference(fields: _BundleFields) -> InferenceSettings:
+    """``inference``, validated by :class:`InferenceSettings` (errors keyed ``inference.<key>``)."""
+    settings = fields.get("inference", dict, "the inference settings")
+    batch_size = settings.get("batch_size", 1)
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > MAX_BATCH_SIZE:
+        raise BundleError(expected(f"an integer from 1 to {MAX_BATCH_SIZE}", key="inference.batch_size",
+                                   received=batch_size, where=fields.where))
+    try:
+        return InferenceSettings.from_mapping(settings)
+    except SettingError as exc:
+        raise BundleError(expected(exc.what, key="inference." + exc.key, received=exc.received, where=fields.where,
+                                   hint=exc.hint)) from None
+    except (TypeError, ValueError) as exc:  # e.g. mirror_axes that is not a list
+        raise BundleError(expected("the inference settings", key="inference", received=settings,
+                                   where=fields.where, hint=first_line(exc))) from exc
+
+
+def _read_files(fields: _BundleFields) -> dict[str, str]:
+    """``files``: format -> the one path of that format (:data:`FILES`); its bytes are the manifest's business."""
+    files = fields.get("files", dict, "a mapping format -> file")
+    unknown = sorted(set(files) - set(FORMATS))
+    if not files or unknown:
+        raise BundleError(expected(f"formats among {list(FORMATS)}", key="files", received=sorted(files),
+                                   where=fields.where))
+    for fmt, name in files.items():
+        if name != FILES[fmt]:
+            raise BundleError(expected(f"{FILES[fmt]!r} (the one file name of the {fmt} format)", key=f"files.{fmt}",
+                                       received=name, where=fields.where))
+    return files
+
+
+def _check_files_in_manifest(fields: _BundleFields, files: Mapping[str, str], manifest: Mapping[str, Any]) -> None:
+    """Every model file ``files`` names is one the manifest lists (a folder format: its marker files)."""
+    for fmt, name in files.items():
+        needed = {"savedmodel": [f"{name}/saved_model.pb"], "openvino": [name, name[: -len(".xml")] + ".bin"]}.get(fmt, [name])
+        missing = [n for n in needed if n not in manifest]
+        if missing:
+            raise BundleError(expected("every model file bundle.json lists, in its manifest", key=f"files.{fmt}",
+                                       received=Received(f"{name} ({missing[0]} is not in the manifest; incomplete bundle?)"),
+                                       where=fields.where))
+
+
+def _read_architecture(fields: _BundleFields, input_channels: int, num_classes: int,
+                       files: Mapping[str, str]) -> dict[str, Any] | None:
+    """``architecture`` (builder arguments), bounded; required with Keras weights, matching channels and classes."""
+    if "keras" not in files:
+        return None
+    spec = fields.get("architecture", dict, "the network's builder and its arguments")
+    try:
+        spec = check_architecture(spec, where=fields.where)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    found = (spec["in_channels"], spec["num_classes"])
+    if found != (input_channels, num_classes):
+        raise BundleError(expected(f"{input_channels} input channel(s) and {num_classes} classes (input_channels and "
+                                   "classes of bundle.json)", key="architecture", where=fields.where,
+                                   received=Received(f"in_channels={found[0]}, num_classes={found[1]}")))
+    return spec
+
+
+def _read_bounded_number(fields: _BundleFields, key: str, high: int) -> int:
+    value = fields.get(key, int, f"an integer from 0 to {high}")
+    if not 0 <= value <= high:
+        raise BundleError(expected(f"an integer from 0 to {high}", key=key, received=value, where=fields.where))
+    return value
+
+
+def _warn_on_version_change(versions: Mapping[str, Any]) -> None:
+    """Warn when the bundle's Keras major version differs (read without importing TensorFlow)."""
+    written = str(versions.get("keras", ""))
+    try:
+        installed = importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if written and written.split(".")[0] != installed.split(".")[0]:
+        warnings.warn(f"Bundle written with Keras {written}; this is Keras {installed}", stacklevel=3)
