@@ -215,11 +215,7 @@ def _train(config: Config, run: RunDir, strategy: "tf.distribute.Strategy", work
         out.write_preprocessing(prepared.settings)
         out.write_status("running")
         _train_model(config, prepared, strategy, worker, run_dir, out, checkpoint, state, verbose)
-        if config.train.export_bundle and worker.is_chief and prepared.dataset.regions:
-            # bundles (segpipe/export) do not carry regions yet: an argmax over sigmoid outputs would be wrong
-            print(f"Not writing {run_dir / 'bundle'}: bundles do not support region-based networks yet; "
-                  f"evaluate.py {run_dir} predicts and scores the run with its regions.")
-        elif config.train.export_bundle and worker.is_chief:
+        if config.train.export_bundle and worker.is_chief:  # region runs too: the bundle carries the regions
             export_bundle(run_dir, onnx=config.train.export_onnx)
         out.write_status("finished")
     finally:
