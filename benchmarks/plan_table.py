@@ -42,7 +42,7 @@ def synthetic_fingerprint(name, n, shape, spacing, channels, fractions, seed=0, 
 
 
 def hippocampus_fingerprint(root: Path, cache: Path):
-    from segpipe.planning.fingerprint import load_or_compute_fingerprint
+    from segpipe.data.fingerprint import load_or_compute_fingerprint
     from segpipe.data.layouts import load_dataset
 
     return load_or_compute_fingerprint(load_dataset(root), cache / "hippocampus_fingerprint.json", workers=2)

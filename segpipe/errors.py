@@ -70,6 +70,8 @@ class Received:
 class SettingError(ValueError):
     """An invalid setting; knows its key, so a caller can prefix the key's path (``with_prefix``).
 
+    ``where`` is the file the setting came from, if any (named first in the message).
+
     Examples
     --------
     >>> err = SettingError("overlap", "a number in [0, 1)", 1.5)
@@ -77,14 +79,21 @@ class SettingError(ValueError):
     'Expected a number in [0, 1). Received: overlap=1.5.'
     >>> str(err.with_prefix("inference."))
     'Expected a number in [0, 1). Received: inference.overlap=1.5.'
+    >>> str(err.with_prefix("inference.", where="bundle.json"))
+    'bundle.json: Expected a number in [0, 1). Received: inference.overlap=1.5.'
     """
 
-    def __init__(self, key: str, what: str, received: Any, *, hint: str | None = None):
-        self.key, self.what, self.received, self.hint = key, what, received, hint
-        super().__init__(expected(what, key=key, received=received, hint=hint))
+    def __init__(self, key: str, what: str, received: Any, *, hint: str | None = None, where: str | None = None):
+        self.key, self.what, self.received, self.hint, self.where = key, what, received, hint, where
+        super().__init__(expected(what, key=key, received=received, hint=hint, where=where))
 
-    def with_prefix(self, prefix: str) -> "SettingError":
-        return SettingError(prefix + self.key, self.what, self.received, hint=self.hint)
+    def with_prefix(self, prefix: str, *, where: str | None = None) -> "SettingError":
+        """The same error with ``prefix`` before the key (and ``where`` if it had none)."""
+        return SettingError(prefix + self.key, self.what, self.received, hint=self.hint, where=self.where or where)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key (``segpipe.config`` re-exports it)."""
 
 
 class StorageError(OSError):

@@ -22,7 +22,7 @@ from segpipe.errors import Received, expected
 from segpipe.io import read_json, write_json
 
 MARKER_NAME = ".segpipe"
-KINDS = ("run", "bundle")
+KINDS = ("run", "bundle", "ensemble")
 _SHOWN_ENTRIES = 5
 
 

@@ -1,4 +1,5 @@
-"""The package's shape: no import circles among segpipe modules, and TensorFlow only where a model runs."""
+"""The package's shape: no import circles among segpipe modules or its top-level packages (the layer order of
+docs/architecture.md), and TensorFlow only where a model runs."""
 from __future__ import annotations
 
 import ast
@@ -9,35 +10,48 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "segpipe"
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
+    return {_module_name(p, package): p for p in package.rglob("*.py") if "__pycache__" not in p.parts}
 
 
 def _is_type_checking(node: ast.If) -> bool:
     return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the segpipe modules it imports (at module level or inside functions; not under TYPE_CHECKING).
+def _keeps_tensorflow_out(line: str) -> bool:
+    """A function-level import whose comment says it keeps TensorFlow (or Keras) out of the caller's path."""
+    comment = line.partition("#")[2].lower()
+    return "tensorflow" in comment or "keras" in comment
 
-    Importing ``a.b.c`` also runs the ``__init__`` of ``a.b``, so the packages on the way count too,
-    except the importer's own packages (already being imported when it runs).
+
+def import_edges(package: Path = PACKAGE) -> list[tuple[str, str, bool]]:
+    """Every import of one module of ``package`` by another: ``(importer, imported, lazy)``.
+
+    Module- and function-level imports count; imports under ``TYPE_CHECKING`` do not (they never run).
+    ``lazy`` marks a function-level import whose comment says it keeps TensorFlow out. Importing
+    ``a.b.c`` also runs the ``__init__`` of ``a.b``, so the packages on the way count too, except the
+    importer's own packages (already being imported when it runs).
     """
-    modules = _modules()
-    graph: dict[str, set[str]] = {}
+    root = package.name
+    modules = _modules(package)
+    edges: list[tuple[str, str, bool]] = []
     for name, path in modules.items():
-        targets: set[str] = set()
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        own_package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        source = path.read_text()
+        lines = source.splitlines()
+        tree = ast.parse(source)
         skip: set[int] = set()
-        tree = ast.parse(path.read_text())
+        in_function: set[int] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.If) and _is_type_checking(node):
                 skip |= {id(n) for n in ast.walk(node)}
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                in_function |= {id(n) for n in ast.walk(node) if n is not node}
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue
@@ -46,21 +60,84 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    parts = own_package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
                 found = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
+            lazy = id(node) in in_function and _keeps_tensorflow_out(lines[node.lineno - 1])
             for target in found:
-                if not target.startswith("segpipe"):
+                if target != root and not target.startswith(root + "."):
                     continue
                 parts = target.split(".")
                 for i in range(1, len(parts) + 1):
                     step = ".".join(parts[:i])
                     if step in modules and step != name and not (name.startswith(step + ".") and
                                                                   modules[step].name == "__init__.py"):
-                        targets.add(step)
-        graph[name] = targets
+                        edges.append((name, step, lazy))
+    return list(dict.fromkeys(edges))
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports (at module level or inside functions; not under TYPE_CHECKING)."""
+    graph: dict[str, set[str]] = {name: set() for name in _modules(package)}
+    for importer, imported, _ in import_edges(package):
+        graph[importer].add(imported)
     return graph
+
+
+def _top_level(module: str) -> str:
+    """``segpipe.data.pipeline`` -> ``data``; a top-level module (``segpipe.io``) is its own package."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_graph(package: Path = PACKAGE) -> dict[str, dict[str, list[str]]]:
+    """Top-level package -> the top-level packages it imports -> the module imports that make the edge.
+
+    A function-level import whose comment says it keeps TensorFlow out does not count: it runs only
+    when the function is called, so it is how a light path reaches a heavy stage on demand (the same
+    exception the module-circle test has always made for such imports).
+    """
+    graph: dict[str, dict[str, list[str]]] = {_top_level(m): {} for m in _modules(package)}
+    for importer, imported, lazy in import_edges(package):
+        a, b = _top_level(importer), _top_level(imported)
+        if a != b and not lazy:
+            graph[a].setdefault(b, []).append(f"{importer} -> {imported}")
+    for targets in graph.values():  # name each import by its module, not also by the packages on the way
+        for b, why in targets.items():
+            targets[b] = [w for w in why if not any(o.startswith(w + ".") for o in why)]
+    return graph
+
+
+def package_circles(package: Path = PACKAGE) -> list[set[str]]:
+    """The groups of top-level packages that import each other round a circle (strongly connected, 2 or more)."""
+    graph = package_graph(package)
+    reach = {a: _reachable(graph, a) for a in graph}
+    groups: list[set[str]] = []
+    for a in sorted(graph):
+        group = {b for b in reach[a] if a in reach[b]} | {a}
+        if len(group) > 1 and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def _reachable(graph: dict[str, dict[str, list[str]]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(graph.get(start, ()))
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return seen
+
+
+def describe_circle(group: set[str], package: Path = PACKAGE) -> str:
+    """The imports inside one circle, one per line (what to move to break it)."""
+    graph = package_graph(package)
+    return "\n".join(f"  {a} -> {b}: {', '.join(graph[a][b])}" for a in sorted(group) for b in sorted(graph[a])
+                     if b in group)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -96,6 +173,74 @@ def test_no_import_circles_among_segpipe_modules():
     assert len(graph) > 40 and "segpipe.runs.rundir" in graph["segpipe.training.train"]
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / "fakepkg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "fakepkg"
+
+
+def test_the_package_check_finds_a_planted_circle(tmp_path):
+    """A fake package tree: ``low`` -> ``high`` -> ``low`` through a module-level and a function-level import."""
+    package = _write_tree(tmp_path, {
+        "__init__.py": "",
+        "base.py": "",
+        "low/__init__.py": "",
+        "low/settings.py": "from fakepkg.base import *\n",
+        "low/pipeline.py": "def prepare():\n    from fakepkg.high.config import Config  # a planted circle\n",
+        "high/__init__.py": "",
+        "high/config.py": "from fakepkg.low.settings import *\n",
+        "side/__init__.py": "",
+        "side/typing_only.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fakepkg.high import config\n",
+    })
+    assert find_cycle(import_graph(package)) is None  # no circle among the modules themselves
+    assert package_circles(package) == [{"high", "low"}]
+    assert describe_circle({"high", "low"}, package) == ("  high -> low: fakepkg.high.config -> fakepkg.low.settings\n"
+                                                         "  low -> high: fakepkg.low.pipeline -> fakepkg.high.config")
+    assert "side" not in package_graph(package)["side"] and not package_graph(package)["side"]  # TYPE_CHECKING
+
+    # the one exception: a function-level import whose comment says it keeps TensorFlow out
+    (package / "low" / "pipeline.py").write_text(
+        "def prepare():\n    from fakepkg.high.config import Config  # TensorFlow: only when preparing\n")
+    assert package_circles(package) == []
+    # ... at module level the same comment does not excuse it
+    (package / "low" / "pipeline.py").write_text("from fakepkg.high.config import Config  # TensorFlow\n")
+    assert package_circles(package) == [{"high", "low"}]
+
+
+def test_no_import_circles_among_segpipe_packages():
+    """The top-level packages form layers (docs/architecture.md, "Layers"): no package imports one that imports it."""
+    graph = package_graph()
+    assert "config" in graph["training"] and "data" in graph["config"]  # the graph sees real imports
+    circles = package_circles()
+    assert not circles, "import circles among segpipe's packages:\n" + "\n".join(
+        f"{' <-> '.join(sorted(group))}:\n{describe_circle(group)}" for group in circles)
+
+
+def documented_layers() -> dict[str, int]:
+    """Top-level package -> its layer, from the "Layers" table of docs/architecture.md."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, int] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            for name in cells[1].split(","):
+                layers[name.strip().strip("`")] = int(cells[0])
+    return layers
+
+
+def test_every_import_goes_down_the_documented_layers():
+    layers = documented_layers()
+    graph = package_graph()
+    assert set(layers) == set(graph) - {"segpipe"}, "every top-level package in exactly one layer of the table"
+    upward = [f"{a} (layer {layers[a]}) -> {b} (layer {layers[b]}): {', '.join(why)}"
+              for a, targets in sorted(graph.items()) if a in layers
+              for b, why in sorted(targets.items()) if layers[b] >= layers[a]]
+    assert not upward, "imports against the layers of docs/architecture.md:\n" + "\n".join(upward)
 
 
 def test_every_stage_is_a_package():

@@ -124,12 +124,12 @@ def test_inference_section_defaults_and_overrides():
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["inference.overlap=0.96"], "Expected <= 0.95. Received: inference.overlap=0.96"),
-        (["inference.overlap=-0.1"], "Expected >= 0.0. Received: inference.overlap=-0.1"),
+        (["inference.overlap=0.96"], "Expected a number in [0, 0.95]. Received: inference.overlap=0.96"),
+        (["inference.overlap=-0.1"], "Expected a number in [0, 0.95]. Received: inference.overlap=-0.1"),
         (["inference.mirror_axes=[0, 3]"], "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[0, 3]"),
         (["inference.mirror_axes=[1, 1]"], "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[1, 1]"),
         (["inference.mirror_axes=2"], "Expected a list of int. Received: inference.mirror_axes=2"),
-        (["inference.batch_size=0"], "Expected >= 1. Received: inference.batch_size=0"),
+        (["inference.batch_size=0"], "Expected an integer >= 1. Received: inference.batch_size=0"),
         (["inference.postprocess_largest_component=[0]"], "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[0]"),
         (["inference.postprocess_largest_component=[2, 2]"], "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[2, 2]"),
         (["inference.overlaps=0.5"], "Expected a key of inference … Received: inference.overlaps=0.5. Did you mean 'inference.overlap'?"),
@@ -158,3 +158,53 @@ def test_inference_config_feeds_the_bundle_settings():
     check_inference_classes(config.inference, 2)
     with pytest.raises(ConfigError, match=r"Expected foreground label values of the model's classes \(1..2\). Received: inference.postprocess_largest_component=\[1, 3\]"):
         check_inference_classes(load_config(None, ["inference.postprocess_largest_component=[1, 3]"]).inference, 3)
+
+
+# ---------------------------------------------------------------- settings that check themselves
+
+
+def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
+    from segpipe.config import Config, DataConfig, ModelConfig, TrainConfig
+    from segpipe.errors import SettingError
+
+    # each section checks itself when made, naming the key relative to the section
+    with pytest.raises(SettingError, match=r"^Expected >= 1\. Received: epochs=0\.$"):
+        TrainConfig(epochs=0)
+    with pytest.raises(SettingError, match=r"^Expected 3 sizes \[x, y, z\]\. Received: patch_size=\[16, 16\]\.$"):
+        DataConfig(patch_size=[16, 16])
+    with pytest.raises(SettingError, match=r"Received: normalization='zscor'\. Did you mean 'zscore'\?$"):
+        DataConfig(normalization="zscor")
+    with pytest.raises(SettingError, match=r"^Expected a probability in \[0, 1\]\. Received: augment\.rotation\.p=2\.$"):
+        DataConfig(augment={"rotation": {"p": 2}})
+    with pytest.raises(SettingError, match=r"Received: blocks_per_stage=\[1, 2\]\."):
+        ModelConfig(depth=2, blocks_per_stage=[1, 2])  # resenc_unet only
+    # the config checks what involves several sections, as load_config does
+    with pytest.raises(ConfigError, match=r"Received: data\.patch_size=\[30, 32, 32\]\. Nearest valid: \[32, 32, 32\]"):
+        Config(data=DataConfig(patch_size=[30, 32, 32]), model=ModelConfig(depth=4))
+    with pytest.raises(ConfigError, match=r"Received: model\.norm='instance'\."):
+        Config(model=ModelConfig(norm="instance"), train=TrainConfig(sync_batch_norm=True))
+    # a section given as a mapping is read with the section's path in the message
+    with pytest.raises(ConfigError, match=r"^Expected an integer\. Received: data\.batch_size='2'\.$"):
+        Config(data={"batch_size": "2"})
+    assert Config(data={"batch_size": 4}).data == DataConfig(batch_size=4)
+    # values are normalised as when read: an int for a float field becomes a float
+    assert TrainConfig(learning_rate=1).learning_rate == 1.0 and isinstance(TrainConfig(learning_rate=1).learning_rate, float)
+
+
+def test_every_settings_class_reads_a_mapping_the_same_way():
+    """One convention: ``Cls.from_dict(data, *, where=None, prefix="")``, errors naming where and prefix + key."""
+    from segpipe.config import Config, DataConfig, ModelConfig, PhantomConfig, TrainConfig
+    from segpipe.data.augment import AugmentSettings
+    from segpipe.data.preprocess import PreprocessSettings
+    from segpipe.inference.settings import InferenceSettings
+
+    bad = {Config: {"seed": "x"}, DataConfig: {"batch_size": 0}, ModelConfig: {"depth": 9},
+           PhantomConfig: {"num_cases": 1}, TrainConfig: {"epochs": 0}, AugmentSettings: {"order": 9},
+           PreprocessSettings: {"image_order": 9}, InferenceSettings: {"overlap": 0.99}}
+    for cls, data in bad.items():
+        with pytest.raises(ValueError) as info:
+            cls.from_dict(data, where="run/file.yaml", prefix="section.")
+        key = next(iter(data))
+        assert str(info.value).startswith("run/file.yaml: Expected "), (cls, str(info.value))
+        assert f"Received: section.{key}=" in str(info.value), (cls, str(info.value))
+        assert cls.from_dict({}) == cls()

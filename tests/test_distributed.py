@@ -197,7 +197,7 @@ def test_the_lost_worker_message_says_what_happened_and_how_to_resume(tmp_path):
 def test_a_lost_worker_fails_the_run_with_its_message_alone(tmp_path):
     import io
 
-    from segpipe.runs.sweep import run_sweep
+    from segpipe.training.sweep import run_sweep
 
     message = "Expected every worker ... Received: TF_CONFIG.cluster.worker[1]=h:1 (worker1: nothing listens there)."
 

@@ -6,8 +6,9 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
+                                    "segpipe.settings", "segpipe.models.geometry", "segpipe.data.preprocess",
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
-                                    "segpipe.inference.integrity", "segpipe.models.architecture",
+                                    "segpipe.inference.integrity", "segpipe.models.architecture", "segpipe.models.transfer",
                                     "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
                                     "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
                                     "segpipe.evaluation.options", "segpipe.evaluation.summary",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_predict_py_with_an_ensemble_gives_the_members_mean_probabilities(folds,
 
 @pytest.mark.parametrize("fmt", ["nifti", "npz"])
 def test_saved_probabilities_sum_to_one_and_match_the_label_map(folds, tmp_path, fmt):
-    """float16 by default: per voxel the classes sum to 1 within float16 rounding, and their argmax is the
+    """16 bits by default: per voxel the classes sum to 1 within the rounding, and their argmax is the
     label map wherever the two most likely classes are further apart than that rounding."""
     _, _, bundle_dir = folds
     scan = write_scan(tmp_path / "scans" / "s.nii.gz", phantom_scan((18, 26, 20), seed=3), NON_RAS_AFFINE)
@@ -77,9 +78,13 @@ def test_saved_probabilities_sum_to_one_and_match_the_label_map(folds, tmp_path,
         probabilities = stored["probabilities"]
         np.testing.assert_array_equal(stored["affine"], read_nifti(scan).affine)
         assert list(stored["class_names"]) == ["background", "organ", "lesion"]
-    else:
+        assert probabilities.dtype == np.float16
+    else:  # 16 bits as uint16 with the header's scale factor (NIfTI-1 has no float16)
+        import nibabel as nib
+
+        assert nib.load(tmp_path / "out" / "s_probabilities.nii.gz").get_data_dtype() == np.uint16
         probabilities = read_nifti(tmp_path / "out" / "s_probabilities.nii.gz").array
-    assert probabilities.dtype == np.float16 and probabilities.shape == (*labels.shape, 3)
+    assert probabilities.shape == (*labels.shape, 3)
     np.testing.assert_allclose(probabilities.astype(np.float64).sum(-1), 1.0, atol=3e-3)
     top2 = np.sort(probabilities.astype(np.float32), -1)[..., -2:]
     clear = top2[..., 1] - top2[..., 0] > 2e-3
@@ -123,3 +128,42 @@ def test_predict_export_with_several_runs_writes_an_ensemble(folds, tmp_path, ca
     assert predict.main(["export", *map(str, runs), "--out", str(out)]) == 0
     meta = json.loads((out / "bundle.json").read_text())
     assert len(meta["members"]) == 2 and meta["architecture"]["builder"] == "ensemble"
+
+
+_EXPORT = """
+import sys
+from segpipe.export.ensemble import export_ensemble
+export_ensemble(sys.argv[1:-1], sys.argv[-1], overwrite=True, verify=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["atomic_write@.segpipe", "atomic_write@bundle.json"])
+def test_an_ensemble_export_killed_leaves_the_old_bundle_or_none(folds, tmp_path, point):
+    """SIGKILL at the first and the last write of an export: where a bundle existed it is still complete
+    and unchanged; where none did, none appears; the next export removes the killed one's folder."""
+    import os
+    import subprocess
+    import sys
+
+    from process_helpers import REPO
+
+    _, runs, bundle_dir = folds
+
+    def export(out, failpoint=None):
+        env = {**os.environ, **({"SEGPIPE_FAILPOINT": point} if failpoint else {})}
+        return subprocess.run([sys.executable, "-c", _EXPORT, *map(str, runs), str(out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    fresh = tmp_path / "fresh"
+    assert export(fresh, point).returncode == -9
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert not fresh.exists() and len(leftovers) == 1 and leftovers[0].startswith(".fresh.tmp-")
+    old = tmp_path / "old"
+    shutil.copytree(bundle_dir, old)
+    before = read_bundle(old).meta["manifest"]
+    assert export(old, point).returncode == -9
+    assert read_bundle(old).meta["manifest"] == before  # complete and unchanged (every file's SHA-256)
+    result = export(fresh)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_bundle(fresh).architecture["builder"] == "ensemble"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh.")]  # the killed export's folder is gone

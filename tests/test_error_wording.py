@@ -1,8 +1,8 @@
 """Every error says "Expected … Received: key=value" (segpipe.errors), naming the key once.
 
 (a) An AST scan over segpipe/: the message of each ``raise X(<message>)`` is built by
-    ``expected(...)`` / ``SettingError(...)`` (or the config loader's ``_expected``/``_unknown_key``,
-    built on ``expected``), or is a literal/f-string of that form. Modules other helpers own are
+    ``expected(...)`` / ``SettingError(...)`` (or ``UnknownKeyError``, a SettingError of
+    segpipe.settings), or is a literal/f-string of that form. Modules other helpers own are
     exempt as a whole; single sites are exempt only with a reason.
 (b) Real bad inputs: the full message text, and the key appears once.
 """
@@ -25,6 +25,8 @@ ROOT = PACKAGE.parent
 EXEMPT_MODULES: set[str] = set()
 EXEMPT_PACKAGES: tuple[str, ...] = ()
 NOT_MESSAGES = {"SystemExit"}  # takes an exit code, not a message
+# errors whose constructor words the message through expected(): (key, what, received), not a message
+SELF_WORDED = {"SettingError", "UnknownKeyError", "with_prefix", "ScanSizeError"}
 
 # (module, the raised expression as ast.unparse writes it): why it is not "Expected … Received".
 JUSTIFIED = {
@@ -42,7 +44,7 @@ JUSTIFIED = {
         "Python's attribute protocol in __getattr__: the message is the attribute name, as Python's own",
 }
 
-BUILDERS = {"expected", "_expected", "_unknown_key"}
+BUILDERS = {"expected", "_expected"}  # _expected: models.architecture's closure over expected (adds the key path)
 WORDED = re.compile(r"^(\S+: )?Expected .+?\. Received: [^\s=]+=", re.S)
 
 
@@ -90,7 +92,7 @@ def badly_worded_raises(source: str, module: str = "<string>") -> list[tuple[int
         if not isinstance(node, ast.Raise) or not isinstance(node.exc, ast.Call):
             continue  # bare ``raise`` and ``raise exc``: re-raising an error made elsewhere
         call = node.exc
-        if _name(call.func) in ("SettingError", "with_prefix") or _name(call.func) in NOT_MESSAGES:
+        if _name(call.func) in SELF_WORDED or _name(call.func) in NOT_MESSAGES:
             continue
         if call.args and _worded(call.args[0], assignments):
             continue
@@ -132,8 +134,8 @@ def test_every_justified_exception_still_exists():
 def test_the_scan_covers_the_modules_of_this_task():
     scanned = {_relative(p) for p in _modules() if not _exempt(_relative(p))}
     for module in ("segpipe/config/loading.py", "segpipe/data/layouts.py", "segpipe/evaluation/folders.py",
-                   "segpipe/training/checkpoints.py", "segpipe/runs/sweep.py", "segpipe/cli/train.py", "segpipe/io.py",
-                   "segpipe/metrics/streaming.py", "segpipe/inference/settings.py", "segpipe/inference/run.py",
+                   "segpipe/training/checkpoints.py", "segpipe/training/sweep.py", "segpipe/cli/train.py", "segpipe/io.py",
+                   "segpipe/metrics/streaming.py", "segpipe/inference/settings.py", "segpipe/evaluation/predictions.py",
                    "segpipe/inference/segment.py", "segpipe/inference/sliding_window.py", "segpipe/models/unet3d.py",
                    "segpipe/losses/base.py", "segpipe/losses/options.py", "segpipe/losses/compound.py",
                    "segpipe/reports/html.py", "segpipe/reports/progress.py", "segpipe/reports/overlays.py",
@@ -300,7 +302,7 @@ def _dataset(meta, layout=None, folder="ds"):
 
 def _folds(folds):
     def run(tmp_path):
-        from segpipe.runs.sweep import plan_runs
+        from segpipe.training.sweep import plan_runs
 
         return plan_runs([], folds=folds)
     return run
@@ -369,25 +371,25 @@ CASES = [
      "Expected every side divisible by 8 (model.depth=4 halves the patch 3 times). "
      "Received: data.patch_size=[30, 32, 32]. Nearest valid: [32, 32, 32]", "data.patch_size"),
     ("config-inference", _config("inference.overlap=0.96"), ValueError,
-     "Expected <= 0.95. Received: inference.overlap=0.96.", "inference.overlap"),
+     "Expected a number in [0, 0.95]. Received: inference.overlap=0.96.", "inference.overlap"),
     ("config-override", _config("train.epochs"), ValueError,
      "Expected an override of the form key.sub=value. Received: --set='train.epochs'.", "--set"),
     ("inference-overlap", _inference(overlap=0.99), ValueError,
      "Expected a number in [0, 0.95]. Received: overlap=0.99.", "overlap"),
     ("inference-unknown", _inference_mapping({"overlaps": 0.5}), ValueError,
-     "Expected an inference setting out of ['overlap', 'mirror_axes', 'batch_size', 'sigma_scale', "
-     "'postprocess_largest_component']. Received: overlaps=0.5.", "overlaps"),
+     "Expected a key of inference settings (overlap, mirror_axes, batch_size, sigma_scale, "
+     "postprocess_largest_component, postprocess_largest_foreground). Received: overlaps=0.5. Did you mean 'overlap'?", "overlaps"),
     ("rundir-choice", _model_file("latest"), ValueError,
      "Expected one of ['best', 'last', 'final'] or a .keras file. Received: model='latest'.", "model"),
     ("rundir-missing", _model_file(None), FileNotFoundError,
      "Expected a trained model (checkpoints/best.keras or model.keras). Received: run_dir={tmp}/run (neither exists).",
      "run_dir"),
     ("preprocess-value", _preprocess({"normalization": "minmax"}, prefix="preprocessing."), ValueError,
-     "bundle/bundle.json: Expected one of ('zscore', 'zscore_nonzero', 'ct', 'none'). "
+     "bundle/bundle.json: Expected one of ['zscore', 'zscore_nonzero', 'ct', 'none']. "
      "Received: preprocessing.normalization='minmax'.", "preprocessing.normalization"),
     ("preprocess-unknown", _preprocess({"spacing": [1, 1, 1]}), ValueError,
-     "bundle/bundle.json: Expected preprocessing settings out of ['target_spacing_mm', 'normalization', "
-     "'crop_to_nonzero', 'image_order', 'label_interpolation', 'intensity_stats']. Received: spacing=[1, 1, 1].",
+     "bundle/bundle.json: Expected a key of preprocessing settings (target_spacing_mm, normalization, "
+     "crop_to_nonzero, image_order, label_interpolation, intensity_stats). Received: spacing=[1, 1, 1].",
      "spacing"),
     ("folders-no-ref", _folders(True, False), FileNotFoundError,
      "Expected a folder of NIfTI label maps. Received: ref_dir={tmp}/ref (no such folder).", "ref_dir"),

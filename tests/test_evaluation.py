@@ -234,18 +234,20 @@ def test_docstring_examples(module):
 
 
 def test_cli_run_mode_uses_predict_run(tmp_path, monkeypatch, capsys):
-    # segpipe.inference.run imports TensorFlow; a stand-in module checks the wiring only.
+    # segpipe.evaluation.predictions imports TensorFlow; a stand-in module checks the wiring only.
     import types
 
     pred_dir, ref_dir = make_folders(tmp_path)
     run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}\n")  # a run: evaluate_run refuses a folder without its config
     calls = []
 
     def predict_run(path, model=None):
         calls.append((Path(path), model))
         return pred_dir, ref_dir, [1, 2], ["background", "liver", "tumour"]
 
-    monkeypatch.setitem(sys.modules, "segpipe.inference.run", types.SimpleNamespace(predict_run=predict_run))
+    monkeypatch.setitem(sys.modules, "segpipe.evaluation.predictions", types.SimpleNamespace(predict_run=predict_run))
     assert evaluate.main([str(run_dir), "--workers", "1"]) == 0
     assert evaluate.main([str(run_dir), "--workers", "1", "--model", "final"]) == 0
     assert calls == [(run_dir, None), (run_dir, "final")]

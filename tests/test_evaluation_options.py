@@ -75,7 +75,7 @@ def test_run_mode_refuses_bad_options_before_predicting(monkeypatch, tmp_path):
 
     import sys
     import types
-    monkeypatch.setitem(sys.modules, "segpipe.inference.run", types.SimpleNamespace(predict_run=predict_run))
+    monkeypatch.setitem(sys.modules, "segpipe.evaluation.predictions", types.SimpleNamespace(predict_run=predict_run))
     with pytest.raises(ValueError, match="lesion_dilation_vox"):
         run_mode.evaluate_run(tmp_path, lesion_labels=[1], lesion_dilation_vox=-1)
 

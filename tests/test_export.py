@@ -176,8 +176,8 @@ PATCH_WHAT = r"Expected 3 integers from 1 to 1024, at most 16777216 voxels in al
     (_edit_json("inference", {"overlap": 1.5}), r"bundle.json: Expected a number in \[0, 0.95\]\. Received: inference.overlap=1.5\."),
     (_edit_json("files", {"keras": "../model.keras"}), r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='../model.keras'\."),
     (_edit_json("files", {"keras": "model.h5"}), r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='model.h5'\."),
-    (_edit_json("preprocessing", {"normalization": "minmax"}), r"bundle.json: Expected one of \(.*\)\. Received: preprocessing.normalization='minmax'\."),
-    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"bundle.json: Expected preprocessing settings out of \[.*\]\. Received: preprocessing.spacing=\[1, 1, 1\]\."),
+    (_edit_json("preprocessing", {"normalization": "minmax"}), r"bundle.json: Expected one of \['zscore', 'zscore_nonzero', 'ct', 'none'\]\. Received: preprocessing.normalization='minmax'\.$"),
+    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"bundle.json: Expected a key of preprocessing \(target_spacing_mm, .*\)\. Received: preprocessing.spacing=\[1, 1, 1\]\.$"),
 ])
 def test_a_broken_bundle_is_a_clear_error(trained, tmp_path, break_it, message):
     bundle = tmp_path / "bundle"

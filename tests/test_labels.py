@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from segpipe.config import Config, from_dict
+from segpipe.config import Config
 from segpipe.data.checks import check_labels
 from segpipe.data.labels import (Region, parse_label_declaration, region_targets, regions_to_labels,
                                  target_table)
@@ -78,15 +78,15 @@ def test_msd_label_named_ignore(tmp_path):
 
 def test_config_keys_set_ignore_label_and_regions():
     dataset = Dataset(root=".", layout="folders", cases=[], labels={0: "bg", 1: "edema", 2: "core", 3: "class_3"})
-    config = from_dict(Config, {"data": {"ignore_label": 3, "regions": {"lesion": [1, 2], "core": 2},
+    config = Config.from_dict({"data": {"ignore_label": 3, "regions": {"lesion": [1, 2], "core": 2},
                                          "regions_class_order": [1, 2]}})
     apply_label_settings(dataset, config.data)
     assert dataset.ignore_label == 3 and dataset.labels == {0: "bg", 1: "edema", 2: "core"}
     assert dataset.regions == (Region("lesion", (1, 2)), Region("core", (2,)))
-    bad = from_dict(Config, {"data": {"regions": {"lesion": [1, 5]}, "regions_class_order": [1]}})
+    bad = Config.from_dict({"data": {"regions": {"lesion": [1, 5]}, "regions_class_order": [1]}})
     with pytest.raises(ValueError, match=r"data.regions.*Undeclared values: \[5\]"):
         apply_label_settings(Dataset(root=".", layout="folders", cases=[], labels={0: "bg", 1: "a"}), bad.data)
-    low = from_dict(Config, {"data": {"ignore_label": 1}})
+    low = Config.from_dict({"data": {"ignore_label": 1}})
     with pytest.raises(ValueError, match="data.ignore_label"):
         apply_label_settings(Dataset(root=".", layout="folders", cases=[], labels={0: "bg", 1: "a", 2: "b"}), low.data)
 
@@ -257,7 +257,7 @@ def test_fingerprint_keeps_the_ignore_label_out_of_the_classes(tmp_path):
     """The planner counts outputs from ``classes``: the ignore label has its own entry; a stored
     fingerprint computed without the ignore label is recomputed."""
     from segpipe.data.phantoms import LESION_IGNORE, PhantomSettings, write_lesion_phantom_dataset
-    from segpipe.planning.fingerprint import load_or_compute_fingerprint
+    from segpipe.data.fingerprint import load_or_compute_fingerprint
 
     root = write_lesion_phantom_dataset(tmp_path / "ds", PhantomSettings(num_cases=2, shape=(16, 16, 8)),
                                         annotate_every=2)
@@ -276,10 +276,10 @@ def test_region_loss_from_a_config_with_include_background_false():
     a single region included; class_weights then have one entry per region."""
     from segpipe.training.train import build_loss
 
-    config = from_dict(Config, {"loss": {"terms": [{"name": "dice", "include_background": False}, {"name": "ce"}]}})
+    config = Config.from_dict({"loss": {"terms": [{"name": "dice", "include_background": False}, {"name": "ce"}]}})
     loss = build_loss(config, 1, regions=True)
     assert all(term.options["sigmoid"] and term.options["include_background"] for _, term in loss.terms)
-    weighted = from_dict(Config, {"loss": {"name": "dice", "class_weights": [1.0, 2.0]}})
+    weighted = Config.from_dict({"loss": {"name": "dice", "class_weights": [1.0, 2.0]}})
     with pytest.raises(ValueError, match="class_weights"):
         build_loss(weighted, 3, regions=True)
     assert build_loss(weighted, 2, regions=True).options["class_weights"] == [1.0, 2.0]

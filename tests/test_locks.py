@@ -274,7 +274,7 @@ def test_evaluating_a_folder_that_is_no_run_creates_nothing(tmp_path, capsys):
 
 
 def test_the_reference_link_is_replaced_in_one_step(tmp_path):
-    from segpipe.inference.run import _link
+    from segpipe.evaluation.predictions import _link
 
     a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     a.write_text("a")

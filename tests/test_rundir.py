@@ -76,7 +76,7 @@ def test_files_round_trip_through_the_writers_and_readers(tmp_path):
 def test_a_bad_preprocessing_file_names_the_file_and_the_key(tmp_path):
     run = RunDir(tmp_path)
     run.preprocessing_json.write_text('{"target_spacing": [1, 1, 1]}')
-    with pytest.raises(ValueError, match=r"preprocessing.json: Expected preprocessing settings out of .* Received: target_spacing=\[1, 1, 1\]"):
+    with pytest.raises(ValueError, match=r"preprocessing.json: Expected a key of preprocessing settings \(target_spacing_mm, .*\)\. Received: target_spacing=\[1, 1, 1\]\. Did you mean 'target_spacing_mm'\?$"):
         run.preprocessing()
 
 

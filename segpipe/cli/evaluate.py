@@ -4,6 +4,7 @@ Folder mode never imports TensorFlow."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from segpipe.evaluation.compare import ComparisonError, check_comparable, find_r
 from segpipe.evaluation.folders import evaluate_folders
 from segpipe.evaluation.run import evaluate_run
 from segpipe.io import explain_write_errors
-from segpipe.reports.evaluation_tables import format_lesion_markdown, format_summary_markdown
 from segpipe.locks import hold
+from segpipe.reports.evaluation_tables import format_lesion_markdown, format_summary_markdown
 from segpipe.runs.rundir import RunDir
 
 EVALUATE_HELP = """Score segmentations: per-class overlap and surface metrics, per case and summarised.
@@ -63,6 +64,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME), run folders or folders with "
                              "evaluation/per_case.csv (scored predictions, an ensemble) to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
+    parser.add_argument("--ensemble", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="the folds of a k-fold split as one ensemble: out-of-fold evaluation, post-processing "
+                             "chosen on it, one bundle of all (--out, default <name>_ensemble beside the runs)")
     parser.add_argument("--lesion-wise", type=int, nargs="+", metavar="LABEL",
                         help="also score these labels lesion by lesion (connected components: detection "
                              "TP/FP/FN, precision/recall/F1, BraTS 2023 lesion-wise Dice; lesions.csv)")
@@ -90,6 +94,25 @@ def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--lesion-min-size-mm3 and --lesion-dilation-vox need --lesion-wise LABEL ...")
 
 
+def _ensemble(args: argparse.Namespace, prog: str) -> int:
+    """``evaluate.py --ensemble RUN RUN ...``: the ensemble folder of chosen runs (:mod:`segpipe.evaluation.ensemble`)."""
+    from segpipe.evaluation.ensemble import build_ensemble_run  # TensorFlow: the runs predict and export
+
+    try:
+        out = build_ensemble_run(args.ensemble, args.out, checkpoint=args.model or "best", workers=args.workers or 1,
+                                 overwrite=True)
+    except (FileExistsError, FileNotFoundError, ValueError, StorageError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    record = json.loads((out / "ensemble.json").read_text())["postprocessing"]
+    print(f"Ensemble of {len(args.ensemble)} runs: {out}\n"
+          f"  out-of-fold foreground Dice {record['dice_before']['foreground_mean']:.4f} -> "
+          f"{record['dice_after']['foreground_mean']:.4f} with the chosen post-processing "
+          f"(largest foreground component: {record['postprocess_largest_foreground']}, "
+          f"largest component of labels {record['postprocess_largest_component']})\n  bundle: {out / 'bundle'}")
+    return 0
+
+
 def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None, dict]:
     """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win), and its
     ignore label and regions as ``evaluate_folders`` options."""
@@ -109,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_dir is not None or args.pred or args.ref:
             parser.error("--compare takes its own folders; do not combine it with RUN_DIR or --pred/--ref")
         return _compare(args, prog)
+    if args.ensemble:
+        if args.run_dir is not None or args.pred or args.ref:
+            parser.error("--ensemble takes its own run folders; do not combine it with RUN_DIR or --pred/--ref")
+        return _ensemble(args, prog)
     _check_modes(parser, args)
     try:
         tolerance_mm = _parse_tolerance(args.tolerance_mm)

@@ -7,20 +7,117 @@ Fingerprints the dataset (cached), plans spacing, patch, network, batch, normali
 and loss (docs/planning.md), prints every choice with its reason and writes ``plan.json`` and a
 complete, editable ``plan.yaml`` (train with ``python train.py --config plan.yaml``). Keys given
 with ``--set`` (or set in ``--config FILE`` beyond configs/base.yaml) win over the plan.
+
+:func:`plan_config` plans a merged config dict end to end (open the dataset, fingerprint it, plan,
+merge into the config, write the files); it lives here, above ``config`` and ``data``, because the
+``planning`` package holds only the pure rules that ``data`` uses too (docs/architecture.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from segpipe.errors import expected
 from segpipe.cli import prog_name
-from segpipe.config import ConfigError, apply_overrides, read_yaml_with_extends
-from segpipe.data.pipeline import DataError
-from segpipe.planning.run import PlanResult, flatten, plan_config
+from segpipe.config import Config, ConfigError, apply_overrides, read_yaml_with_extends
+from segpipe.data.fingerprint import load_or_compute_fingerprint
+from segpipe.data.pipeline import (DataError, dataset_cache_dir, open_dataset, read_split_file, run_integrity_check,
+                                   run_label_check)
+from segpipe.errors import expected
+from segpipe.planning.hardware import detect_hardware
+from segpipe.planning.output import apply_plan, write_plan
+from segpipe.planning.planner import Plan, make_plan
+from segpipe.planning.timing import time_steps
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    config: dict[str, Any]  # the full config dict with the plan applied
+    json_path: Path
+    yaml_path: Path
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``loss`` stays one value: it is replaced whole)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted != "loss":
+            out.update(flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _get(data: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def plan_config(
+    config: dict[str, Any],
+    *,
+    explicit: Iterable[str] = (),
+    out_dir: str | Path | None = None,
+    memory_gib: float | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    step_timer: Any = None,
+) -> PlanResult:
+    """Plan the dataset of ``config`` (a merged config dict) and return the config with the plan applied.
+
+    ``explicit``: dotted keys the user set; they keep their values and fix the plan's inputs.
+    The fingerprint is the dataset cache's ``fingerprint.json`` (computed once). ``plan.json`` and
+    ``plan.yaml`` go to ``out_dir`` (default: the dataset's cache folder). With
+    ``train.time_budget_minutes`` set, real training steps are timed (``step_timer`` or
+    :func:`segpipe.planning.timing.time_steps`).
+    """
+    explicit = set(explicit)
+    light = {k: config[k] for k in ("data", "output_dir", "seed") if k in config}
+    base = Config.from_dict(light)  # only the sections opening the dataset needs
+    dataset = open_dataset(base.data)
+    # the checks training would run, before anything is read into the cache
+    run_integrity_check(dataset, base.data.check, workers=base.data.preprocess_workers, progress=progress)
+    cache = dataset_cache_dir(base, dataset)
+    fingerprint = load_or_compute_fingerprint(dataset, cache / "fingerprint.json",
+                                              workers=base.data.preprocess_workers, progress=progress)
+    run_label_check(dataset, fingerprint, base.data.check)
+    n_val = None
+    if base.data.split_file is not None:
+        n_val = len(read_split_file(base.data.split_file)["val"])
+
+    def given(key: str) -> Any:
+        return _get(config, key) if key in explicit else None
+
+    budget = _get(config, "train.time_budget_minutes")
+    timer = step_timer
+    if budget is not None and timer is None:
+        timer = time_steps
+    hardware = detect_hardware(memory_gib=memory_gib, device=device)
+    plan = make_plan(
+        fingerprint, hardware=hardware, model=_get(config, "model.name", "unet3d"),
+        time_budget_minutes=budget, step_timer=timer, num_val_cases=n_val,
+        val_fraction=base.data.val_fraction,
+        max_stages=given("model.depth") or 6, base_features=given("model.base_filters"),
+        spacing_mm=given("data.target_spacing_mm"), patch_size=given("data.patch_size"),
+        batch_size=given("data.batch_size"),
+    )
+    depth = given("model.depth")
+    if depth is not None and depth != plan.config["model.depth"]:
+        # the planned per-stage lists would not match the given depth: keep the isotropic defaults
+        for key in ("model.strides", "model.kernel_sizes", "model.blocks_per_stage"):
+            plan.config.pop(key, None)
+    merged = apply_plan(config, plan, keep=explicit)
+    json_path, yaml_path = write_plan(out_dir if out_dir is not None else cache, plan, merged)
+    return PlanResult(plan, merged, json_path, yaml_path)
 
 
 def base_config_path() -> Path:

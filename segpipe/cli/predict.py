@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the per-class probabilities: CASE_probabilities.nii.gz (X, Y, Z, C; default) "
                              "or .npz (probabilities, affine, class_names)")
     parser.add_argument("--probabilities-dtype", choices=("float16", "float32"), default="float16",
-                        help="dtype of the saved probabilities (default float16: half the size, ~1e-3 resolution)")
+                        help="saved probabilities: float16 (default; half the size; NIfTI stores it as uint16 "
+                             "scaled by ~1/65535) or float32")
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 0.95] (default: the bundle's, 0.5)")
     mirror = parser.add_mutually_exclusive_group()
     mirror.add_argument("--mirror-axes", type=int, nargs="+", choices=(0, 1, 2), metavar="AXIS",

@@ -5,6 +5,7 @@ import argparse
 import copy
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from segpipe.cli import evaluate, prog_name
 from segpipe.cli.plan import planned_config, planned_run_name, report
 from segpipe.config import Config, ConfigError, load_config
 from segpipe.data.pipeline import DataError
-from segpipe.errors import Received, expected
+from segpipe.errors import Received, StorageError, expected
 from segpipe.ownership import check_replaceable
 from segpipe.runs.rundir import RunDir
-from segpipe.runs.sweep import comparability_warning, plan_runs, run_sweep
+from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
@@ -116,7 +117,34 @@ def main(argv: list[str] | None = None) -> int:
         # the budget covers the final evaluation of the validation cases: run it now
         for config in budgeted:
             code = max(code, evaluate.main([str(RunDir.of(config).path), "--model", "best"]))
+    if code == 0:
+        code = build_fold_ensembles(runs)
     return code
+
+
+def build_fold_ensembles(runs: list[Config]) -> int:
+    """After k-fold training: each configuration whose folds have all finished gets ``<name>_ensemble``
+    (out-of-fold evaluation, post-processing chosen on it, one bundle of all folds;
+    :mod:`segpipe.evaluation.ensemble`). Only with ``train.export_bundle`` (the default); a complete
+    ensemble folder is kept, so a resumed command does not redo it. Returns the exit code."""
+    from segpipe.evaluation.ensemble import build_ensemble_run  # TensorFlow: only when folds finished
+
+    groups: dict[str, list[Config]] = {}
+    for config in runs:
+        if config.data.folds and config.train.export_bundle:
+            groups.setdefault(re.sub(r"_fold\d+$", "", config.name), []).append(config)
+    for name, configs in groups.items():
+        folds = configs[0].data.folds
+        dirs = [RunDir.of(c).path for c in configs]
+        if len(configs) < 2 or len(configs) != folds or not all(RunDir(d).status() == "finished" for d in dirs):
+            continue  # only some folds were trained (--fold), or one did not finish
+        try:
+            out = build_ensemble_run(dirs)
+        except (FileExistsError, FileNotFoundError, ValueError, StorageError) as exc:
+            print(f"error: ensemble of {name}: {exc}", file=sys.stderr)
+            return 1
+        print(f"Ensemble of {folds} folds: {out} (bundle: {out / 'bundle'})")
+    return 0
 
 
 def check_overwrite(runs: list[Config]) -> None:

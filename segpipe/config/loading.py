@@ -1,10 +1,10 @@
-"""Reading configs: YAML files with ``extends:``, dotted overrides, validation.
+"""Reading configs: YAML files with ``extends:``, dotted overrides, then :meth:`Config.from_dict`.
 
 A run is described by one :class:`Config`. It is read from YAML (``extends: base.yaml`` merges a
 parent file first, paths relative to the child), then dotted overrides such as
-``train.epochs=3`` are applied, then every key is checked against the dataclasses below: unknown
-keys name the closest valid key, wrong types and out-of-range values name the key, what was
-expected and what was received.
+``train.epochs=3`` are applied, then the mapping becomes a :class:`Config`, whose sections check
+themselves (:mod:`segpipe.settings`): unknown keys name the closest valid key, wrong types and
+out-of-range values name the key, what was expected and what was received.
 
 ``loss`` is the one free-form section: its keys depend on the loss, so it is checked by
 :func:`segpipe.losses.get_loss` when training is set up, before any data is read. A child file
@@ -14,18 +14,12 @@ another); every other mapping is merged key by key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from segpipe.config.schema import Config, ConfigError, DataConfig
-from segpipe.data.augment import AugmentSettings
-from segpipe.data.preprocess import NORMALIZATIONS
+from segpipe.config.schema import Config, ConfigError
 from segpipe.errors import Received, SettingError, expected
 from segpipe.inference.settings import InferenceSettings
 
@@ -98,154 +92,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read, merge, override and validate a config. ``name`` defaults to the file's stem."""
+    """Read, merge, override and check a config. ``name`` defaults to the file's stem."""
     data = read_yaml_with_extends(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    config = from_dict(Config, data)
+    config = Config.from_dict(data)
     if config.name is None:
         config.name = Path(path).stem if path is not None else "default"
     validate(config)
     return config
 
 
-# ---------------------------------------------------------------- typed conversion
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys, types and ranges."""
-    if not isinstance(data, dict):
-        raise ConfigError(_expected(prefix.rstrip(".") or "config", "a mapping", data))
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(_unknown_key(prefix, str(key), list(fields), data[key]))
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        kwargs[name] = _convert(value, hints[name], key)
-        _check_range(kwargs[name], fields[name].metadata, key)
-    try:
-        return cls(**kwargs)
-    except SettingError as exc:  # validated by the settings class itself; add the key's path once
-        raise ConfigError(str(exc.with_prefix(prefix))) from None
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        alternatives = [a for a in args if a is not type(None)]
-        if len(alternatives) == 1:
-            return _convert(value, alternatives[0], key)
-        for alternative in alternatives:  # e.g. str | list[str]: the first that fits
-            try:
-                return _convert(value, alternative, key)
-            except ConfigError:
-                continue
-        raise ConfigError(_expected(key, " or ".join(_describe(a) for a in alternatives), value))
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, {} if value is None else value, prefix=f"{key}.")
-    if origin is Literal:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean: map it back
-            value = next((a for a in args if isinstance(a, str) and yaml.safe_load(a) is value), value)
-        if value not in args:
-            raise ConfigError(_expected(key, f"one of {list(args)}", value, suggest=[str(a) for a in args]))
-        return value
-    if origin in (list, tuple):  # tuple[T, ...] of frozen settings
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(_expected(key, f"a list of {args[0].__name__}", value))
-        items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(_expected(key, "a mapping", value))
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(_expected(key, "true or false", value))
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(_expected(key, "an integer", value))
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(_expected(key, "a number", value))
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(_expected(key, "a string", value))
-        return value
-    # a bug in this module (a schema type it cannot read), not in the config
-    raise TypeError(expected("a config type this loader reads", key=key, received=Received(repr(tp))))
-
-
-def _describe(tp: Any) -> str:
-    """``str`` -> 'a string', ``list[str]`` -> 'a list of str' (for union error messages)."""
-    if typing.get_origin(tp) in (list, tuple):
-        return f"a list of {typing.get_args(tp)[0].__name__}"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
-    if not meta or value is None:
-        return
-    values = value if isinstance(value, list) else [value]
-    lo, hi, exclusive = meta.get("min"), meta.get("max"), meta.get("exclusive_min")
-    for v in values:
-        if lo is not None and (v <= lo if exclusive else v < lo):
-            raise ConfigError(_expected(key, f"{'>' if exclusive else '>='} {lo}", value))
-        if hi is not None and v > hi:
-            raise ConfigError(_expected(key, f"<= {hi}", value))
-
-
-def _expected(key: str, what: str, received: Any, suggest: list[str] | None = None) -> str:
-    hint = None
-    if suggest and isinstance(received, str):
-        close = difflib.get_close_matches(received, suggest, n=1)
-        hint = f"Did you mean {close[0]!r}?" if close else None
-    return expected(what, key=key, received=received, hint=hint)
-
-
-def _unknown_key(prefix: str, key: str, valid: list[str], value: Any) -> str:
-    """An unknown key, shown with its value: "Expected a key of data (...). Received: data.patch_sise=..."."""
-    section = prefix.rstrip(".") or "the top level"
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"Did you mean '{prefix}{close[0]}'?" if close else None
-    return expected(f"a key of {section} ({', '.join(valid)})", key=f"{prefix}{key}", received=value, hint=hint)
-
-
-# ---------------------------------------------------------------- cross-field checks
-
-
 def validate(config: Config) -> None:
-    """Checks that involve several keys (single keys are checked while converting)."""
-    data = config.data
-    if data.root is None:
+    """Check ``config`` again as a whole (after fields were changed, as a sweep does), and that it names a dataset.
+
+    A :class:`Config` checks itself when it is made; ``data.root`` may be null there (a config file
+    can leave it to the command line), not in a config that is about to run.
+    """
+    if config.data.root is None:
         raise ConfigError(expected("the dataset folder, which this config leaves to the command line", key="data.root",
                                    received=Received("null"), hint="Add --set data.root=PATH/TO/DATASET"))
-    validate_data(data)
-    validate_model(config.model)
-    check_patch_size(data.patch_size, config.model.depth, config.model.strides)
-    if not isinstance(config.loss, dict) or not ("name" in config.loss or "terms" in config.loss):
-        raise ConfigError(_expected("loss", "a mapping with 'name' (or 'terms' for a compound loss)", config.loss))
-    if config.train.sync_batch_norm and config.model.norm != "batch":
-        raise ConfigError(expected("'batch' when train.sync_batch_norm is true (only batch norm has "
-                                   "statistics to synchronise)", key="model.norm", received=config.model.norm))
-    if config.train.export_onnx and not config.train.export_bundle:
-        raise ConfigError(expected("true when train.export_onnx is true (model.onnx is part of the bundle)",
-                                   key="train.export_bundle", received=False))
-    for key in ("name", "experiment"):
-        check_folder_name(getattr(config, key), key)
+    Config.from_dict(_fields(config))  # every error a ConfigError naming the key's path
 
 
-def check_folder_name(value: str | None, key: str) -> None:
-    """``name`` and ``experiment`` become folder names: one non-empty path component."""
-    if value is not None and (not value or value in (".", "..") or "/" in value or "\\" in value):
-        raise ConfigError(_expected(key, "a folder name (no '/' or '\\', not '.' or '..')", value))
+def _fields(settings: Any) -> Any:
+    """A settings object as the mapping it was made from (nested settings too), for a fresh check."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return {f.name: _fields(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+    return settings
 
 
 def check_inference_classes(inference: InferenceSettings, num_classes: int) -> None:
@@ -254,118 +127,6 @@ def check_inference_classes(inference: InferenceSettings, num_classes: int) -> N
         inference.check_classes(num_classes)
     except SettingError as exc:
         raise ConfigError(str(exc.with_prefix("inference."))) from None
-
-
-def validate_data(data: DataConfig) -> None:
-    """Checks of the ``data`` section beyond single-key types and ranges."""
-    if len(data.patch_size) != 3:
-        raise ConfigError(_expected("data.patch_size", "3 sizes [x, y, z]", data.patch_size))
-    if data.phantoms is not None and len(data.phantoms.shape) != 3:
-        raise ConfigError(_expected("data.phantoms.shape", "3 sizes [x, y, z]", data.phantoms.shape))
-    if data.phantoms is not None and len(data.phantoms.spacing_mm) != 3:
-        raise ConfigError(_expected("data.phantoms.spacing_mm", "3 spacings [x, y, z]", data.phantoms.spacing_mm))
-    if data.target_spacing_mm is not None and len(data.target_spacing_mm) != 3:
-        raise ConfigError(_expected("data.target_spacing_mm", "3 spacings [x, y, z] in mm (RAS order) or null",
-                                    data.target_spacing_mm))
-    schemes = [data.normalization] if isinstance(data.normalization, str) else data.normalization
-    for i, scheme in enumerate(schemes):
-        if scheme not in NORMALIZATIONS:
-            key = "data.normalization" if isinstance(data.normalization, str) else f"data.normalization[{i}]"
-            raise ConfigError(_expected(key, f"one of {list(NORMALIZATIONS)}", scheme, suggest=list(NORMALIZATIONS)))
-    if not schemes:
-        raise ConfigError(_expected("data.normalization", "a scheme or a list with one per channel", data.normalization))
-    if data.split_file is not None and data.folds is not None:
-        raise ConfigError(_expected("data.folds", "null with data.split_file (the file fixes the split)", data.folds))
-    if data.folds is None and data.fold != 0:
-        raise ConfigError(_expected("data.fold", "0 when data.folds is null (no k-fold split)", data.fold))
-    if data.folds is not None and data.fold >= data.folds:
-        raise ConfigError(_expected("data.fold", f"a fold in 0..{data.folds - 1} (data.folds={data.folds})", data.fold))
-    validate_augment(data.augment)
-
-
-def validate_augment(augment: dict[str, Any]) -> None:
-    """Check ``data.augment`` entry by entry, so an error names ``data.augment.<transform>.<key>``."""
-    kinds = {f.name: f for f in dataclasses.fields(AugmentSettings)}
-    for name, spec in augment.items():
-        if name not in kinds:
-            raise ConfigError(_unknown_key("data.augment.", str(name), list(kinds), spec))
-        key = f"data.augment.{name}"
-        if name == "order":
-            if isinstance(spec, bool) or not isinstance(spec, int):
-                raise ConfigError(_expected(key, "an integer spline order in 0..5", spec))
-        elif not isinstance(spec, dict):
-            raise ConfigError(_expected(key, "a mapping like {p: 0.2, ...}", spec))
-        else:
-            defaults = kinds[name].default_factory()
-            allowed = [f.name for f in dataclasses.fields(defaults)]
-            for sub, value in spec.items():
-                if sub not in allowed:
-                    raise ConfigError(_unknown_key(f"{key}.", str(sub), allowed, value))
-                _check_augment_type(value, getattr(defaults, sub), f"{key}.{sub}")
-                _build_augment({name: {sub: value}})
-        _build_augment({name: spec})
-
-
-def _check_augment_type(value: Any, default: Any, key: str) -> None:
-    """A number where the default is a number, a list of numbers where it is a tuple."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(number(v) for v in value):
-            raise ConfigError(_expected(key, f"a list of numbers like {list(default)}", value))
-    elif not number(value):
-        raise ConfigError(_expected(key, f"a number like {default}", value))
-
-
-def _build_augment(entry: dict[str, Any]) -> None:
-    try:
-        AugmentSettings.from_dict(entry)
-    except SettingError as exc:  # keyed by "rotation.p": add the section's path once
-        raise ConfigError(str(exc.with_prefix("data.augment."))) from None
-
-
-def validate_model(model) -> None:
-    """Per-stage lists (``strides``, ``kernel_sizes``, ``blocks_per_stage``) must have one entry per stage."""
-    for key, allowed in (("strides", (1, 2)), ("kernel_sizes", (1, 3, 5))):
-        value = getattr(model, key)
-        if value is None:
-            continue
-        if len(value) != model.depth or any(len(t) != 3 or any(v not in allowed for v in t) for t in value):
-            raise ConfigError(_expected(f"model.{key}", f"{model.depth} triples (one per stage, model.depth) of "
-                                        f"values in {list(allowed)}", value))
-    if model.strides is not None and list(model.strides[0]) != [1, 1, 1]:
-        raise ConfigError(_expected("model.strides", "[1, 1, 1] for stage 0 (full resolution)", model.strides))
-    if model.blocks_per_stage is not None and len(model.blocks_per_stage) != model.depth:
-        raise ConfigError(_expected("model.blocks_per_stage", f"{model.depth} block counts (one per stage)",
-                                    model.blocks_per_stage))
-    if model.blocks_per_stage is not None and model.name != "resenc_unet":
-        raise ConfigError(_expected("model.blocks_per_stage", "null unless model.name is resenc_unet",
-                                    model.blocks_per_stage))
-    if model.deep_supervision and model.strides is not None and any(len(set(t)) > 1 for t in model.strides):
-        # the deep-supervision loss halves the target along every axis per level
-        raise ConfigError(_expected("model.deep_supervision", "false with anisotropic model.strides (the "
-                                    "deep-supervision targets are halved along every axis per level)", True))
-
-
-def model_divisor(depth: int, strides: list[list[int]] | None = None) -> list[int]:
-    """How much the network down-samples each axis: 2**(depth-1), or the product of that axis's strides."""
-    if strides is None:
-        return [2 ** (depth - 1)] * 3
-    return [int(math.prod(int(t[a]) for t in strides)) for a in range(3)]
-
-
-def check_patch_size(patch_size: list[int], depth: int, strides: list[list[int]] | None = None) -> None:
-    """Each patch side must be divisible by the network's down-sampling along it (2**(depth-1) by default)."""
-    divisor = model_divisor(depth, strides)
-    bad = [s for s, d in zip(patch_size, divisor) if s % d]
-    if bad:
-        nearest = [max(d, round(s / d) * d) for s, d in zip(patch_size, divisor)]
-        if strides is None:
-            why = f"every side divisible by {divisor[0]} (model.depth={depth} halves the patch {depth - 1} times)"
-        else:
-            why = f"every side divisible by {divisor} per axis (the product of model.strides)"
-        raise ConfigError(expected(why, key="data.patch_size", received=patch_size, hint=f"Nearest valid: {nearest}"))
 
 
 def to_yaml(config: Config) -> str:

@@ -1,7 +1,11 @@
 """The typed configuration tree: one dataclass per section, with ranges in field metadata.
 
-Each key is documented where it is declared. Reading YAML, overrides and validation are in
-:mod:`segpipe.config.loading`; ``inference`` is :class:`segpipe.inference.settings.InferenceSettings`.
+The config aggregates the stages' settings: ``data`` is :class:`segpipe.data.settings.DataConfig`,
+``inference`` is :class:`segpipe.inference.settings.InferenceSettings`; ``model`` and ``train`` are
+declared here. Every section checks itself when it is made (:mod:`segpipe.settings`), and
+:class:`Config` checks what involves several sections, so a config built in Python is checked as one
+read from YAML. Each key is documented where it is declared. Reading YAML and overrides are in
+:mod:`segpipe.config.loading`.
 """
 from __future__ import annotations
 
@@ -9,73 +13,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
+from segpipe.data.settings import DataConfig, PhantomConfig
+from segpipe.errors import ConfigError, SettingError, expected
 from segpipe.inference.settings import InferenceSettings
+from segpipe.models.geometry import model_divisor
+from segpipe.settings import Settings, check_fields
+from segpipe.settings import number_range as _range
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
-
-
-def _range(minimum: float | None = None, maximum: float | None = None, *, exclusive_min: bool = False) -> dict:
-    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
-
-
-@dataclass
-class PhantomConfig:
-    """Settings of the generated phantom dataset (see ``segpipe.data.phantoms``)."""
-
-    num_cases: int = field(default=24, metadata=_range(2))
-    shape: list[int] = field(default_factory=lambda: [48, 48, 48], metadata=_range(8))
-    spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0], metadata=_range(0, exclusive_min=True))
-    seed: int = 0
-    noise_std: float = field(default=0.25, metadata=_range(0))
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PhantomConfig", "TrainConfig", "check_folder_name",
+           "check_patch_size", "model_divisor"]
 
 
 @dataclass
-class DataConfig:
-    """The dataset, its preprocessing and cache, the split, and the patch loader (docs/data.md)."""
+class ModelConfig(Settings):
+    """The network (segpipe.models); the planner (docs/planning.md) fills strides, kernels and init.
 
-    # dataset folder, relative to the working dir; null in a config file means "give it on the command line"
-    root: str | None = "data/phantoms"
-    phantoms: PhantomConfig | None = None  # if set and ``root`` does not exist, generate phantoms there
-    layout: Literal["auto", "msd", "nnunet", "folders"] = "auto"
-    check: Literal["full", "headers", "off"] = "headers"  # integrity check before training
-    # Dataset cache folder (fingerprint, splits, preprocessed-<settings hash>/); None: under output_dir.
-    cache_dir: str | None = None
-    preprocess_workers: int = field(default=2, metadata=_range(1))  # processes for check/fingerprint/cache
-    # Preprocessing (segpipe.data.preprocess.PreprocessSettings); None spacing: the fingerprint's.
-    target_spacing_mm: list[float] | None = field(default=None, metadata=_range(0, exclusive_min=True))
-    normalization: str | list[str] = "zscore"  # one scheme, or one per channel
-    crop_to_nonzero: bool = True
-    image_order: int = field(default=3, metadata=_range(0, 5))
-    label_interpolation: Literal["onehot_linear", "nearest"] = "onehot_linear"
-    # Label conventions (docs/data.md, "Regions and ignored voxels"); dataset.json may declare them too.
-    # The value of unannotated voxels (not a class: no loss, no metric, no patch centred on it), above
-    # every class value, as nnU-Net's "ignore" label.
-    ignore_label: int | None = field(default=None, metadata=_range(1, 255))
-    # Region-based training: region name -> list of label values (in output order), one sigmoid per
-    # region; regions_class_order: the label value each region writes when predicted (later ones win).
-    regions: dict[str, Any] | None = None
-    regions_class_order: list[int] | None = field(default=None, metadata=_range(1, 255))
-    augment: dict[str, Any] = field(default_factory=dict)  # segpipe.data.augment.AugmentSettings; {} = defaults
-    # Split: a seeded fraction, or k-fold (fold ``fold`` of ``folds``); saved once per dataset.
-    val_fraction: float = field(default=0.2, metadata=_range(0, 1, exclusive_min=True))
-    folds: int | None = field(default=None, metadata=_range(2))
-    fold: int = field(default=0, metadata=_range(0))
-    # A fixed split instead: a JSON file {"train": [case ids], "val": [case ids]} (a run's splits.json
-    # works), relative to the working dir; val_fraction and folds are then unused.
-    split_file: str | None = None
-    validation: Literal["whole", "patches"] = "whole"  # whole preprocessed cases, or fixed patches
-    val_patches_per_case: int = field(default=4, metadata=_range(1))  # validation: patches only
-    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(4))
-    batch_size: int = field(default=2, metadata=_range(1))
-    foreground_fraction: float = field(default=0.33, metadata=_range(0, 1))
-    num_workers: int = field(default=2, metadata=_range(1))  # parallel patch extraction in tf.data
-
-
-@dataclass
-class ModelConfig:
-    """The network (segpipe.models); the planner (docs/planning.md) fills strides, kernels and init."""
+    Raises
+    ------
+    SettingError
+        A key of the wrong type or out of range, or per-stage lists that do not fit ``depth``.
+    """
 
     name: Literal["unet3d", "resenc_unet"] = "unet3d"  # plain U-Net, or nnU-Net's residual-encoder U-Net
     depth: int = field(default=4, metadata=_range(1, 7))  # resolution levels; the patch halves depth-1 times
@@ -95,9 +52,32 @@ class ModelConfig:
     blocks_per_stage: list[int] | None = field(default=None, metadata=_range(1))  # resenc_unet; null: 1, 3, 4, 6, 6, 6, 6
     init: Literal["glorot_uniform", "he_normal"] | None = None  # null: glorot_uniform (unet3d), he_normal (resenc_unet)
 
+    def __post_init__(self) -> None:
+        """Per-stage lists (``strides``, ``kernel_sizes``, ``blocks_per_stage``) have one entry per stage."""
+        check_fields(self)
+        for key, allowed in (("strides", (1, 2)), ("kernel_sizes", (1, 3, 5))):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if len(value) != self.depth or any(len(t) != 3 or any(v not in allowed for v in t) for t in value):
+                raise SettingError(key, f"{self.depth} triples (one per stage, model.depth) of values in "
+                                   f"{list(allowed)}", value)
+        if self.strides is not None and list(self.strides[0]) != [1, 1, 1]:
+            raise SettingError("strides", "[1, 1, 1] for stage 0 (full resolution)", self.strides)
+        if self.blocks_per_stage is not None and len(self.blocks_per_stage) != self.depth:
+            raise SettingError("blocks_per_stage", f"{self.depth} block counts (one per stage)", self.blocks_per_stage)
+        if self.blocks_per_stage is not None and self.name != "resenc_unet":
+            raise SettingError("blocks_per_stage", "null unless model.name is resenc_unet", self.blocks_per_stage)
+        if self.deep_supervision and self.strides is not None and any(len(set(t)) > 1 for t in self.strides):
+            # the deep-supervision loss halves the target along every axis per level
+            raise SettingError("deep_supervision", "false with anisotropic model.strides (the deep-supervision "
+                               "targets are halved along every axis per level)", True)
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
+    """Optimisation, schedule, distribution, checkpoints and the export at the end (docs/training.md)."""
+
     epochs: int = field(default=40, metadata=_range(1))
     steps_per_epoch: int = field(default=50, metadata=_range(1))
     # Plan the run to finish (training, validation, final evaluation) in this many minutes: times real
@@ -131,9 +111,26 @@ class TrainConfig:
     export_bundle: bool = True
     export_onnx: bool = False
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
-class Config:
+class Config(Settings):
+    """A run: every section, checked when made (each section by itself, then what involves several).
+
+    Read from YAML with :func:`segpipe.config.load_config`; ``Config.from_dict(mapping)`` builds one
+    from a mapping. ``data.root`` may be null here (a config file can leave it to the command line);
+    :func:`segpipe.config.validate` insists on it.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key's full path (``data.patch_size``, ``model.norm``).
+    """
+
+    SECTION = "the top level"  # how an unknown top-level key's message names where it was
+
     name: str | None = None  # run name; defaults to the config file's stem
     seed: int = 0
     output_dir: str = "runs"
@@ -144,8 +141,56 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceSettings = field(default_factory=InferenceSettings)  # segpipe.inference.settings
 
+    def __post_init__(self) -> None:
+        # ``loss`` is free-form (its keys depend on the loss): segpipe.losses.get_loss checks it in full
+        if not isinstance(self.loss, dict) or not ("name" in self.loss or "terms" in self.loss):
+            raise ConfigError(expected("a mapping with 'name' (or 'terms' for a compound loss)", key="loss",
+                                       received=self.loss))
+        try:
+            check_fields(self)
+        except SettingError as exc:
+            raise ConfigError(expected(exc.what, key=exc.key, received=exc.received, where=exc.where,
+                                       hint=exc.hint)) from None
+        check_patch_size(self.data.patch_size, self.model.depth, self.model.strides)
+        if self.train.sync_batch_norm and self.model.norm != "batch":
+            raise ConfigError(expected("'batch' when train.sync_batch_norm is true (only batch norm has "
+                                       "statistics to synchronise)", key="model.norm", received=self.model.norm))
+        if self.train.export_onnx and not self.train.export_bundle:
+            raise ConfigError(expected("true when train.export_onnx is true (model.onnx is part of the bundle)",
+                                       key="train.export_bundle", received=False))
+        for key in ("name", "experiment"):
+            check_folder_name(getattr(self, key), key)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str | None = None, prefix: str = "") -> "Config":
+        """A config from a mapping (the merged YAML); every error is a :class:`ConfigError` naming the key."""
+        try:
+            return super().from_dict(data, where=where, prefix=prefix)
+        except SettingError as exc:  # the same words, as the config's error type
+            raise ConfigError(expected(exc.what, key=exc.key, received=exc.received, where=exc.where,
+                                       hint=exc.hint)) from None
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+def check_folder_name(value: str | None, key: str) -> None:
+    """``name`` and ``experiment`` become folder names: one non-empty path component."""
+    if value is not None and (not value or value in (".", "..") or "/" in value or "\\" in value):
+        raise ConfigError(expected("a folder name (no '/' or '\\', not '.' or '..')", key=key, received=value))
+
+
+def check_patch_size(patch_size: list[int], depth: int, strides: list[list[int]] | None = None) -> None:
+    """Each patch side must be divisible by the network's down-sampling along it (2**(depth-1) by default)."""
+    divisor = model_divisor(depth, strides)
+    bad = [s for s, d in zip(patch_size, divisor) if s % d]
+    if bad:
+        nearest = [max(d, round(s / d) * d) for s, d in zip(patch_size, divisor)]
+        if strides is None:
+            why = f"every side divisible by {divisor[0]} (model.depth={depth} halves the patch {depth - 1} times)"
+        else:
+            why = f"every side divisible by {divisor} per axis (the product of model.strides)"
+        raise ConfigError(expected(why, key="data.patch_size", received=patch_size, hint=f"Nearest valid: {nearest}"))
 
 
 def _plain(value: Any) -> Any:

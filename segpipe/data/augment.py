@@ -27,6 +27,16 @@ from scipy.spatial.transform import Rotation as _Rotation
 
 from segpipe.data.spatial import warp
 from segpipe.errors import SettingError
+from segpipe.settings import UnknownKeyError, is_number
+
+
+def _check_type(value: Any, default: Any, key: str, where: str | None) -> None:
+    """A number where the default is a number, a list of numbers where it is a tuple."""
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not all(is_number(v) for v in value):
+            raise SettingError(key, f"a list of numbers like {list(default)}", value, where=where)
+    elif not is_number(value):
+        raise SettingError(key, f"a number like {default}", value, where=where)
 
 
 def _check_p(name: str, key: str, p: float) -> None:
@@ -167,28 +177,53 @@ class AugmentSettings:
                     object.__setattr__(spec, g.name, _check_range(f.name, g.name, value, positive=positive))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "AugmentSettings":
-        """Build from a config mapping like ``{"rotation": {"p": 0.2, "range_deg": [-15, 15]}, "order": 1}``;
-        missing entries keep their defaults."""
-        data = dict(data or {})
+    def from_dict(cls, data: Mapping[str, Any] | None, *, where: str | None = None,
+                  prefix: str = "") -> "AugmentSettings":
+        """Build from a mapping like ``{"rotation": {"p": 0.2, "range_deg": [-15, 15]}, "order": 1}``;
+        missing entries keep their defaults (``None``: all defaults).
+
+        The one check of augmentation settings (the config's ``data.augment`` is checked here too):
+        unknown transforms and keys name the closest valid one, a number must be a number and a range a
+        list of numbers, then each transform's own checks run.
+
+        Parameters
+        ----------
+        data : mapping or None
+            Transform name -> its settings, and ``order``.
+        where : str, optional
+            The file the settings came from (named first in an error).
+        prefix : str
+            The settings' key path (``"data.augment."`` in a config), put in front of the key an error names.
+
+        Raises
+        ------
+        SettingError
+            Naming ``prefix`` + the key (``data.augment.rotation.p``).
+        """
         kinds = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
-        for name, value in data.items():
+        for name, spec in dict(data or {}).items():
             if name not in kinds:
-                raise SettingError(str(name), f"an augmentation out of {sorted(kinds)}", value)
+                raise UnknownKeyError(prefix, str(name), list(kinds), spec, where=where, section=None if prefix else "augment settings")
+            key = f"{prefix}{name}"
             if name == "order":
-                kwargs[name] = int(value)
+                if isinstance(spec, bool) or not isinstance(spec, int):
+                    raise SettingError(key, "an integer spline order in 0..5", spec, where=where)
+                kwargs[name] = spec
                 continue
-            spec_cls = type(getattr(cls(), name))
-            if not isinstance(value, Mapping):
-                raise SettingError(name, "a mapping like {'p': ...}", value)
-            allowed = {g.name for g in fields(spec_cls)}
-            unknown = set(value) - allowed
-            if unknown:
-                first = sorted(unknown)[0]
-                raise SettingError(f"{name}.{first}", f"a key of {name} out of {sorted(allowed)}", value[first])
-            kwargs[name] = spec_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-        return cls(**kwargs)
+            if not isinstance(spec, Mapping):
+                raise SettingError(key, "a mapping like {p: 0.2, ...}", spec, where=where)
+            defaults = kinds[name].default_factory()
+            allowed = [g.name for g in fields(defaults)]
+            for sub, value in spec.items():
+                if sub not in allowed:
+                    raise UnknownKeyError(f"{key}.", str(sub), allowed, value, where=where)
+                _check_type(value, getattr(defaults, sub), f"{key}.{sub}", where)
+            kwargs[name] = type(defaults)(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        try:
+            return cls(**kwargs)
+        except SettingError as exc:  # keyed by "rotation.p": add the path once
+            raise exc.with_prefix(prefix, where=where) from None
 
     @classmethod
     def disabled(cls) -> "AugmentSettings":

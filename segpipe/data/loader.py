@@ -27,7 +27,7 @@ from segpipe.errors import expected
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from segpipe.config import DataConfig
+    from segpipe.data.settings import DataConfig
     from segpipe.data.pipeline import PreparedData
 
 

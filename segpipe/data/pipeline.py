@@ -29,23 +29,41 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from segpipe.config import Config, ConfigError, DataConfig, model_divisor
 from segpipe.data.cache import CachedCase, build_cache
 from segpipe.data.checks import check_dataset, check_labels, errors
+from segpipe.data.fingerprint import load_or_compute_fingerprint
 from segpipe.data.labels import check_ignore_label, parse_regions
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings, target_shape
-from segpipe.errors import Received, expected
+from segpipe.data.settings import DataConfig
+from segpipe.errors import ConfigError, Received, expected
 from segpipe.io import read_json, write_json
-from segpipe.planning.fingerprint import load_or_compute_fingerprint
+from segpipe.models.geometry import model_divisor
 
 
 SPLITS_VERSION = 1
+
+
+class _Network(Protocol):
+    depth: int
+    strides: list[list[int]] | None
+
+
+class RunConfig(Protocol):
+    """What the data preparation reads of a run's config: :class:`segpipe.config.Config` is one.
+
+    A protocol, not the class: the config aggregates the stages' settings and so sits above ``data``.
+    """
+
+    seed: int
+    output_dir: str
+    data: DataConfig
+    model: _Network
 
 
 class DataError(ValueError):
@@ -83,7 +101,7 @@ class PreparedData:
 
 
 def prepare_data(
-    config: Config,
+    config: RunConfig,
     *,
     dataset: Dataset | None = None,
     settings: PreprocessSettings | None = None,
@@ -250,7 +268,7 @@ def check_splittable(dataset: Dataset, data: DataConfig) -> None:
                                  received=Received(f"{dataset.root} with {len(dataset.cases)} case(s)")))
 
 
-def check_patch_fits(config: Config, fingerprint: dict[str, Any], settings: PreprocessSettings) -> None:
+def check_patch_fits(config: RunConfig, fingerprint: dict[str, Any], settings: PreprocessSettings) -> None:
     """``data.patch_size`` must not exceed the largest preprocessed case along every axis at once.
 
     A patch larger than every case along one axis is padded there (nnU-Net does the same, and
@@ -278,7 +296,7 @@ def check_patch_fits(config: Config, fingerprint: dict[str, Any], settings: Prep
         ))
 
 
-def dataset_cache_dir(config: Config, dataset: Dataset) -> Path:
+def dataset_cache_dir(config: RunConfig, dataset: Dataset) -> Path:
     """``data.cache_dir``, or ``<output_dir>/.cache/<dataset name>-<8 hex of its resolved path>``."""
     if config.data.cache_dir:
         return Path(config.data.cache_dir)

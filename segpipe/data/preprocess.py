@@ -19,7 +19,8 @@ spacing and orientation, the RAS shape, the crop box, the target and effective s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import difflib
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ from segpipe.arrays import bounding_box
 from segpipe.errors import Received, SettingError, expected
 from segpipe.io import affine_problem
 from segpipe.data.layouts import Case, read_case_image, read_case_label
+from segpipe.settings import Settings
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 LABEL_INTERPOLATIONS = ("nearest", "onehot_linear")
@@ -44,9 +46,45 @@ ORIENTATION = "RAS"  # the orientation preprocessing produces (and bundles expec
 RAS_ORNT = axcodes2ornt(tuple(ORIENTATION))
 
 
+def check_normalization(value: str | Sequence[str], *, key: str = "normalization") -> str | tuple[str, ...]:
+    """One normalisation scheme, or a non-empty list with one per channel; returned as a str or a tuple.
+
+    The one check of ``normalization`` (the config's ``data.normalization`` and
+    :class:`PreprocessSettings` both call it).
+
+    Raises
+    ------
+    SettingError
+        An unknown scheme (naming ``key`` or ``key[i]`` and the closest scheme), or an empty list.
+
+    Examples
+    --------
+    >>> check_normalization(["zscore", "ct"])
+    ('zscore', 'ct')
+    >>> check_normalization("zscor")
+    Traceback (most recent call last):
+    ...
+    segpipe.errors.SettingError: Expected one of ['zscore', 'zscore_nonzero', 'ct', 'none']. \
+Received: normalization='zscor'. Did you mean 'zscore'?
+    """
+    single = isinstance(value, str)
+    schemes = [value] if single else list(value)
+    if not schemes:
+        raise SettingError(key, "a scheme or a list with one per channel", value)
+    for i, scheme in enumerate(schemes):
+        if scheme not in NORMALIZATIONS:
+            close = difflib.get_close_matches(scheme, NORMALIZATIONS, n=1) if isinstance(scheme, str) else []
+            raise SettingError(key if single else f"{key}[{i}]", f"one of {list(NORMALIZATIONS)}", scheme,
+                               hint=f"Did you mean {close[0]!r}?" if close else None)
+    return value if single else tuple(schemes)
+
+
 @dataclass(frozen=True)
-class PreprocessSettings:
+class PreprocessSettings(Settings):
     """Every setting that changes the preprocessed arrays (and therefore the cache key).
+
+    Read from a file with ``PreprocessSettings.from_dict(data, where=path, prefix="preprocessing.")``
+    (:mod:`segpipe.settings`): unknown keys, types and the checks below name the file and the key.
 
     Attributes:
         target_spacing_mm: voxel size after resampling, in RAS axis order. ``None`` keeps each
@@ -64,6 +102,8 @@ class PreprocessSettings:
             foreground voxels over the dataset (the fingerprint's ``intensity`` entries); ``ct`` only.
     """
 
+    SECTION = "preprocessing settings"  # names them in an unknown key's message when read without a key path
+
     target_spacing_mm: tuple[float, float, float] | None = None
     normalization: str | tuple[str, ...] = "zscore"
     crop_to_nonzero: bool = True
@@ -72,10 +112,8 @@ class PreprocessSettings:
     intensity_stats: tuple[dict[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
-        schemes = (self.normalization,) if isinstance(self.normalization, str) else tuple(self.normalization)
-        for scheme in schemes:
-            if scheme not in NORMALIZATIONS:
-                raise SettingError("normalization", f"one of {NORMALIZATIONS}", scheme)
+        normalization = check_normalization(self.normalization)
+        schemes = (normalization,) if isinstance(normalization, str) else normalization
         if "ct" in schemes and not self.intensity_stats:
             raise SettingError("intensity_stats", "dataset statistics (from the fingerprint) for normalization='ct'",
                                self.intensity_stats)
@@ -91,39 +129,13 @@ class PreprocessSettings:
             if len(spacing) != 3 or min(spacing) <= 0:
                 raise SettingError("target_spacing_mm", "3 positive numbers", self.target_spacing_mm)
             object.__setattr__(self, "target_spacing_mm", spacing)
-        if not isinstance(self.normalization, str):
-            object.__setattr__(self, "normalization", schemes)
+        object.__setattr__(self, "normalization", normalization)
         if self.intensity_stats is not None:
             object.__setattr__(self, "intensity_stats", tuple(dict(s) for s in self.intensity_stats))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (the part of the cache key that comes from the config)."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, *, where: str, prefix: str = "") -> "PreprocessSettings":
-        """Rebuild from :meth:`to_dict` output read from ``where`` (a file).
-
-        ``prefix`` is the settings' key path in that file (``"preprocessing."`` in a bundle.json), put
-        in front of the key an error names.
-
-        Raises:
-            ValueError: not a mapping, an unknown key, or an invalid value; the message names ``where``
-                and the key.
-        """
-        if not isinstance(data, dict):
-            raise ValueError(expected("a JSON object of preprocessing settings", key=prefix.rstrip(".") or "preprocessing",
-                                      received=data, where=where))
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(expected(f"preprocessing settings out of {names}", key=prefix + unknown[0],
-                                      received=data[unknown[0]], where=where))
-        try:
-            return cls(**data)
-        except SettingError as exc:
-            raise ValueError(expected(exc.what, key=prefix + exc.key, received=exc.received, where=where,
-                                      hint=exc.hint)) from None
 
 
 @dataclass

@@ -1,17 +1,18 @@
 """Run mode: predict a trained run's validation cases, then score them like folders.
 
-Imports TensorFlow (through :mod:`segpipe.inference.run`) only when called, so the folder mode of
+Imports TensorFlow (through :mod:`segpipe.evaluation.predictions`) only when called, so the folder mode of
 ``evaluate.py`` never loads it.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from segpipe.data.labels import Region
-from segpipe.errors import expected
+from segpipe.errors import expected, first_line
 from segpipe.evaluation.folders import score_folders
 from segpipe.evaluation.options import EvaluationOptions, LesionOptions
 from segpipe.locks import hold
@@ -74,7 +75,7 @@ def evaluate_run(
         image_dir=image_dir, lesions=LesionOptions(labels=lesion_labels or (), min_size_mm3=lesion_min_size_mm3,
                                                    dilation_vox=lesion_dilation_vox),
     )
-    from segpipe.inference.run import predict_run  # TensorFlow: only the run mode needs it
+    from segpipe.evaluation.predictions import predict_run  # TensorFlow: only the run mode needs it
 
     run = RunDir(run_dir)
     if not run.is_run():  # before the lock, which would create the folder
@@ -92,7 +93,15 @@ def evaluate_run(
 
 
 def _run_label_scheme(run: RunDir) -> tuple[int | None, tuple[Region, ...] | None]:
-    """The ignore label and regions of a run's dataset (its config and dataset.json)."""
+    """The ignore label and regions of a run's dataset (its config and dataset.json); none, with a
+    warning, when the dataset cannot be opened (the predictions are then scored as plain labels)."""
     from segpipe.data.pipeline import open_dataset  # the config layer: only the run mode needs it
-    dataset = open_dataset(run.config().data)
+
+    config = run.config()
+    try:
+        dataset = open_dataset(config.data)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"Cannot open the run's dataset {config.data.root} ({first_line(exc)}): scoring without its "
+                      "ignore label and regions", stacklevel=3)
+        return None, None
     return dataset.ignore_label, dataset.regions

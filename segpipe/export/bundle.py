@@ -41,7 +41,7 @@ from segpipe.inference import runtimes
 from segpipe.inference.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, FILES, INPUT_NAME, SEGMENT_SIGNATURE, SIGNATURE
 from segpipe.inference.integrity import file_manifest
 from segpipe.inference.settings import InferenceSettings
-from segpipe.io import durable_replace, write_json
+from segpipe.io import durable_replace, process_alive, write_json
 from segpipe.models.architecture import architecture_from_model_config, check_architecture
 from segpipe.ownership import check_replaceable, write_marker
 from segpipe.runs.rundir import RunDir
@@ -161,6 +161,7 @@ def write_bundle(
     architecture = _checked_architecture(net, architecture, not_written)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    remove_orphaned_bundle_folders(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -482,6 +483,19 @@ def _versions(onnx: bool, openvino: bool) -> dict[str, str]:
 
         versions.update(openvino=openvino_module.__version__)
     return versions
+
+
+def remove_orphaned_bundle_folders(out_dir: Path) -> list[Path]:
+    """Delete ``.NAME.tmp-<pid>`` / ``.NAME.old-<pid>`` beside ``out_dir`` left by an export that was killed
+    (its process no longer runs); a running export's folders are kept. Returns the folders removed."""
+    removed = []
+    for path in out_dir.parent.glob(f".{out_dir.name}.*-*") if out_dir.parent.is_dir() else []:
+        kind, _, pid = path.name[len(out_dir.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not path.is_symlink() \
+                and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -1,1 +1,1 @@
-"""Inference: settings, reading bundles and loading their network per runtime, the sliding window, segmenting scans, post-processing, predicting a run."""
+"""Inference: settings, reading bundles and loading their network per runtime, the sliding window, segmenting scans, post-processing."""

@@ -368,10 +368,9 @@ def _read_inference(fields: _BundleFields) -> InferenceSettings:
         raise BundleError(expected(f"an integer from 1 to {MAX_BATCH_SIZE}", key="inference.batch_size",
                                    received=batch_size, where=fields.where))
     try:
-        return InferenceSettings.from_mapping(settings)
-    except SettingError as exc:
-        raise BundleError(expected(exc.what, key="inference." + exc.key, received=exc.received, where=fields.where,
-                                   hint=exc.hint)) from None
+        return InferenceSettings.from_dict(settings, where=fields.where, prefix="inference.")
+    except SettingError as exc:  # worded by InferenceSettings.from_dict: the file, inference.<key>, values
+        raise BundleError(str(exc)) from None
     except (TypeError, ValueError) as exc:  # e.g. mirror_axes that is not a list
         raise BundleError(expected("the inference settings", key="inference", received=settings,
                                    where=fields.where, hint=first_line(exc))) from exc

@@ -209,6 +209,13 @@ def load_keras(path: Path, architecture: Mapping[str, Any] | None) -> tuple[Pred
     Nothing of the file but arrays is used: no layer config is deserialised, so no Lambda, custom
     object or nested SavedModel can run. The HDF5 file is checked first (:func:`check_weights_file`).
     """
+    net = load_keras_network(path, architecture)
+    return keras_predict_fn(net), (net.inputs[0].shape[-1], net.outputs[0].shape[-1])
+
+
+def load_keras_network(path: Path, architecture: Mapping[str, Any] | None):
+    """The bundle's Keras network (full-resolution probabilities): built by segpipe's builders from
+    ``architecture``, its weight arrays read from ``path`` after :func:`check_weights_file`."""
     from segpipe.models.architecture import build_network  # Keras: only when this runtime is used
     from segpipe.models.unet3d import probability_model  # Keras, as above
 
@@ -218,7 +225,7 @@ def load_keras(path: Path, architecture: Mapping[str, Any] | None) -> tuple[Pred
     net = probability_model(build_network(architecture))
     check_weights_file(path, expected_values=sum(math.prod(v.shape) for v in net.weights))
     net.load_weights(path)
-    return keras_predict_fn(net), (net.inputs[0].shape[-1], net.outputs[0].shape[-1])
+    return net
 
 
 # HDF5 filters a Keras weights file may use: deflate, shuffle, fletcher32, lzf (no plugin is ever loaded)

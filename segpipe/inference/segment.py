@@ -376,14 +376,16 @@ def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarra
                         dtype: str = "float16") -> Path:
     """Write per-class probabilities (X, Y, Z, C) on the scan's grid, atomically; the format by the suffix.
 
-    ``.nii.gz``: a 4-D image with the scan's affine, channel c = class c.
-    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C), ``affine`` (4×4 float64) and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
+    ``.nii.gz``: a 4-D image with the scan's affine, channel c = class c; NIfTI-1 has no float16, so
+    ``dtype="float16"`` stores 16-bit unsigned integers with the header's scale factor (about
+    1/65535: finer than float16, read back as floating point).
+    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C) in ``dtype``, ``affine`` (4×4 float64) and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
     stored probabilities can differ from the label map only where two classes are within that.
     """
-    array = np.asarray(probabilities).astype(dtype, copy=False)
     if not path.name.endswith(".npz"):
-        write_nifti(path, array, affine)
+        write_nifti(path, np.asarray(probabilities, np.float32), affine, dtype=np.uint16 if dtype == "float16" else None)
         return path
+    array = np.asarray(probabilities).astype(dtype, copy=False)
     with explain_write_errors(path), atomic_path(path) as tmp:
         np.savez_compressed(tmp, probabilities=array, affine=np.asarray(affine, np.float64),
                             class_names=np.asarray(list(class_names)))

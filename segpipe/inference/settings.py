@@ -7,10 +7,11 @@ No TensorFlow here: the config loader imports this module.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from segpipe.errors import SettingError
+from segpipe.settings import Settings, is_number
 
 MAX_OVERLAP = 0.95  # beyond this the window count explodes (1 / (1 - overlap) per axis) for no gain
 
@@ -30,12 +31,8 @@ def check_label_values(values: Sequence[int], num_classes: int, *, key: str) -> 
         raise SettingError(key, f"foreground label values of the model's classes (1..{num_classes - 1})", list(values))
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
-class InferenceSettings:
+class InferenceSettings(Settings):
     """Sliding-window prediction of one volume.
 
     Attributes:
@@ -50,23 +47,30 @@ class InferenceSettings:
             foreground together (nnU-Net's first post-processing step; chosen on data by
             :func:`segpipe.evaluation.postprocessing.choose_postprocessing`).
 
+    Read from a mapping (the config's ``inference:``, ``bundle.json``'s ``inference``) with
+    ``InferenceSettings.from_dict(values, where=..., prefix=...)`` (:mod:`segpipe.settings`).
+
     Raises:
         SettingError: a field is out of range; the message names the field.
     """
 
-    overlap: float = field(default=0.5, metadata={"min": 0.0, "max": MAX_OVERLAP})
+    SECTION = "inference settings"  # names them in an unknown key's message when read without a key path
+
+    # the ranges are checked in __post_init__ alone (no field metadata), so a setting read from the
+    # config, from bundle.json or given in Python gets the same message
+    overlap: float = 0.5
     mirror_axes: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = field(default=2, metadata={"min": 1})
-    sigma_scale: float = field(default=0.125, metadata={"min": 0.0, "exclusive_min": True})
+    batch_size: int = 2
+    sigma_scale: float = 0.125
     postprocess_largest_component: tuple[int, ...] = ()
     postprocess_largest_foreground: bool = False
 
     def __post_init__(self) -> None:
-        if not _number(self.overlap) or not 0 <= self.overlap <= MAX_OVERLAP:
+        if not is_number(self.overlap) or not 0 <= self.overlap <= MAX_OVERLAP:
             raise SettingError("overlap", f"a number in [0, {MAX_OVERLAP}]", self.overlap)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise SettingError("batch_size", "an integer >= 1", self.batch_size)
-        if not _number(self.sigma_scale) or self.sigma_scale <= 0:
+        if not is_number(self.sigma_scale) or self.sigma_scale <= 0:
             raise SettingError("sigma_scale", "a number > 0", self.sigma_scale)
         classes = tuple(self.postprocess_largest_component)
         if len(set(classes)) != len(classes) or any(
@@ -80,13 +84,10 @@ class InferenceSettings:
         object.__setattr__(self, "postprocess_largest_component", tuple(sorted(classes)))
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "InferenceSettings":
-        """From a mapping such as the ``inference`` of ``bundle.json``; unknown keys are an error."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise SettingError(unknown[0], f"an inference setting out of {names}", values[unknown[0]])
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str | None = None,
+                     prefix: str = "") -> "InferenceSettings":
+        """The same as :meth:`from_dict` (the name ``export.bundle`` reads ``bundle.json``'s ``inference`` with)."""
+        return cls.from_dict(values, where=where, prefix=prefix)
 
     def replace(self, **changes: Any) -> "InferenceSettings":
         """A copy with the given fields changed; ``None`` values keep the current one (CLI overrides)."""

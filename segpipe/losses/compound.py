@@ -9,7 +9,7 @@ import keras
 from segpipe.errors import Received, SettingError, expected
 from segpipe.losses import region, voxel  # noqa: F401  (registers the single losses)
 from segpipe.losses.base import SERIALIZABLE, SegmentationLoss, check_reduction, lookup
-from segpipe.losses.options import is_number
+from segpipe.settings import is_number
 from segpipe.losses.tensors import reduce_per_sample
 
 __all__ = ["CompoundLoss", "build_loss_from_spec"]
@@ -79,7 +79,7 @@ class CompoundLoss(keras.losses.Loss):
             weight, loss = term
         else:
             raise SettingError(key, "a config dict, a loss name or a (weight, loss) pair", term)
-        if not (is_number(weight) and weight >= 0):
+        if not (is_number(weight, finite=True) and weight >= 0):
             raise SettingError(key + ".weight", "a non-negative number", weight)
         return float(weight), loss
 

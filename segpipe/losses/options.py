@@ -8,13 +8,13 @@ construction, as MONAI does, so a bad option in a config file fails before any d
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from segpipe.errors import SettingError
+from segpipe.settings import is_number
 
-__all__ = ["VALIDATORS", "yaml_hint", "is_number", "weights", "focal_alpha"]
+__all__ = ["VALIDATORS", "yaml_hint", "weights", "focal_alpha"]
 
 
 def yaml_hint(value: Any) -> str | None:
@@ -33,10 +33,6 @@ def yaml_hint(value: Any) -> str | None:
     return None
 
 
-def is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def boolean(loss: str, key: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise SettingError(key, f"a boolean for loss '{loss}'", v, hint=yaml_hint(v))
@@ -47,7 +43,7 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False,
            high_open: bool = False) -> Callable[[str, str, Any], float]:
     """A validator for a number in ``[low, high]`` (either end open)."""
     def check(loss: str, key: str, v: Any) -> float:
-        ok = is_number(v) and (v > low if low_open else v >= low) and (
+        ok = is_number(v, finite=True) and (v > low if low_open else v >= low) and (
             v < high if high_open else v <= high)
         if not ok:
             if high == math.inf:
@@ -70,7 +66,7 @@ def weights(loss: str, key: str, v: Any) -> list[float] | None:
     if v is None:
         return None
     if (not _is_list_like(v) or len(v) == 0
-            or not all(is_number(x) and x >= 0 for x in v) or sum(v) <= 0):
+            or not all(is_number(x, finite=True) and x >= 0 for x in v) or sum(v) <= 0):
         raise SettingError(key, "null or a non-empty list of non-negative numbers with a positive sum "
                                 f"(one per scored class) for loss '{loss}'", v, hint=yaml_hint(v))
     return [float(x) for x in v]

@@ -209,7 +209,7 @@ def match_lesions(
                      received=pred_mask.shape)
         )
     if isinstance(dilation_vox, bool) or not isinstance(dilation_vox, (int, np.integer)) or dilation_vox < 0:
-        raise ValueError(f"Expected dilation_vox as an integer >= 0. Received: dilation_vox={dilation_vox!r}")
+        raise ValueError(expected("an integer >= 0", key="dilation_vox", received=dilation_vox))
     voxel_mm3 = _voxel_volume(spacing_mm, ref_mask.ndim, min_size_mm3)
     ref_labels, n_ref = label_lesions(ref_mask, spacing_mm=spacing_mm, min_size_mm3=min_size_mm3)
     pred_labels, n_pred = label_lesions(pred_mask, spacing_mm=spacing_mm, min_size_mm3=min_size_mm3)
@@ -397,11 +397,9 @@ def _ratio(numerator: int, denominator: int, both_empty: bool) -> float:
 def _voxel_volume(spacing_mm: Sequence[float], ndim: int, min_size_mm3: float) -> float:
     spacing = tuple(float(s) for s in spacing_mm)
     if len(spacing) != ndim or not all(s > 0 and math.isfinite(s) for s in spacing):
-        raise ValueError(
-            f"Expected spacing_mm as {ndim} positive finite numbers. Received: spacing_mm={spacing_mm}"
-        )
+        raise ValueError(expected(f"{ndim} positive finite numbers", key="spacing_mm", received=spacing_mm))
     if not (min_size_mm3 >= 0 and math.isfinite(min_size_mm3)):
-        raise ValueError(f"Expected min_size_mm3 >= 0. Received: min_size_mm3={min_size_mm3}")
+        raise ValueError(expected("a number >= 0", key="min_size_mm3", received=min_size_mm3))
     return float(np.prod(spacing))
 
 

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from segpipe.errors import Received, expected
 from segpipe.metrics.surface import SurfaceDistances, _check_spacing, surface_distances, surface_metrics
 
 __all__ = [
@@ -312,32 +313,26 @@ def _check_label_maps(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np
     pred, ref = np.asarray(pred), np.asarray(ref)
     for name, array in (("pred", pred), ("ref", ref)):
         if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
-            raise TypeError(
-                f"Expected an integer label map for `{name}`. Received: {name}.dtype={array.dtype} "
-                f"(round or cast label maps read as float, e.g. `np.rint(x).astype(np.int16)`)"
-            )
+            raise TypeError(expected(
+                "an integer label map", key=f"{name}.dtype", received=Received(str(array.dtype)),
+                hint="Round or cast label maps read as float, e.g. `np.rint(x).astype(np.int16)`.",
+            ))
     if pred.shape != ref.shape:
-        raise ValueError(
-            f"Expected pred and ref of the same shape. Received: pred.shape={pred.shape}, "
-            f"ref.shape={ref.shape}"
-        )
+        raise ValueError(expected(f"pred of the same shape as ref {ref.shape}", key="pred.shape", received=pred.shape))
     # Boolean masks are label maps with the single label 1.
     pred = pred.view(np.uint8) if pred.dtype == bool else pred
     ref = ref.view(np.uint8) if ref.dtype == bool else ref
     for name, array in (("pred", pred), ("ref", ref)):
         if np.issubdtype(array.dtype, np.signedinteger) and array.size and array.min() < 0:
-            raise ValueError(
-                f"Expected non-negative label values in `{name}`. Received: min={array.min()}"
-            )
+            raise ValueError(expected(f"non-negative label values in {name}", key=f"min({name})",
+                                      received=Received(str(array.min()))))
     return pred, ref
 
 
 def _check_labels(labels: Iterable[int]) -> list[int]:
     values = [int(v) for v in labels]
     if any(v <= 0 for v in values) or len(set(values)) != len(values):
-        raise ValueError(
-            f"Expected distinct positive label values (0 is background). Received: labels={values}"
-        )
+        raise ValueError(expected("distinct positive label values (0 is background)", key="labels", received=values))
     return values
 
 
@@ -348,13 +343,11 @@ def _check_tolerance(
         tolerances = {int(k): float(v) for k, v in tolerance_mm.items()}
         missing = [c for c in labels if c not in tolerances]
         if missing:
-            raise ValueError(
-                f"Expected a tolerance_mm entry for every scored label {labels}. "
-                f"Received: tolerance_mm={dict(tolerance_mm)} (missing {missing})"
-            )
+            raise ValueError(expected(f"a tolerance_mm entry for every scored label {labels}", key="tolerance_mm",
+                                      received=Received(f"{dict(tolerance_mm)} (missing {missing})")))
     else:
         tolerances = {c: float(tolerance_mm) for c in labels}
     bad = {c: t for c, t in tolerances.items() if not (np.isfinite(t) and t >= 0)}
     if bad:
-        raise ValueError(f"Expected tolerance_mm >= 0. Received: tolerance_mm={bad}")
+        raise ValueError(expected("numbers >= 0", key="tolerance_mm", received=bad))
     return tolerances

@@ -11,15 +11,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from segpipe.data.labels import Region
 from segpipe.metrics.lesions import case_lesion_metrics
 from segpipe.metrics.overlap import case_metrics
 
-__all__ = ["mask_ignored", "region_mask", "region_case_metrics", "region_lesion_metrics"]
+__all__ = ["mask_ignored", "region_mask", "region_case_metrics", "region_lesion_metrics", "Region"]
+
+
+class Region(Protocol):
+    """What a region is to the metrics: a name and its label values (:class:`segpipe.data.labels.Region`;
+    metrics sit below the data layer, so they take any object with these two attributes)."""
+
+    name: str
+    values: tuple[int, ...]
 
 
 def mask_ignored(pred: np.ndarray, ref: np.ndarray, ignore_label: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +58,7 @@ def region_case_metrics(pred: np.ndarray, ref: np.ndarray, regions: Iterable[Reg
 
     Examples
     --------
+    >>> from segpipe.data.labels import Region
     >>> regions = [Region("whole", (1, 2)), Region("core", (2,))]
     >>> m = region_case_metrics(np.array([[[0, 1, 2, 2]]]), np.array([[[1, 1, 2, 0]]]), regions)
     >>> round(m["whole"]["dice"], 4), round(m["core"]["dice"], 4)

@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage, spatial
 
 from segpipe.arrays import bounding_box
+from segpipe.errors import Received, expected
 
 __all__ = [
     "SurfaceDistances",
@@ -169,15 +170,10 @@ def surface_distances(
     pred = _as_bool(pred, "pred")
     ref = _as_bool(ref, "ref")
     if pred.shape != ref.shape:
-        raise ValueError(
-            f"Expected pred and ref of the same shape. Received: pred.shape={pred.shape}, "
-            f"ref.shape={ref.shape}"
-        )
+        raise ValueError(expected(f"pred of the same shape as ref {ref.shape}", key="pred.shape", received=pred.shape))
     spacing_mm = _check_spacing(spacing_mm, pred.ndim)
     if method not in ("auto", "edt", "kdtree"):
-        raise ValueError(
-            f"Expected method in {{'auto', 'edt', 'kdtree'}}. Received: method={method!r}"
-        )
+        raise ValueError(expected("one of ['auto', 'edt', 'kdtree']", key="method", received=method))
     box = bounding_box(pred | ref, margin=1)
     if box is None:
         return SurfaceDistances.empty()
@@ -264,7 +260,7 @@ def percentile_hausdorff_distance(
     95.0
     """
     if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"Expected percentile in [0, 100]. Received: percentile={percentile}")
+        raise ValueError(expected("a number in [0, 100]", key="percentile", received=percentile))
     empty = _empty_value(distances, both=0.0, one=float("nan"))
     if empty is not None:
         return empty
@@ -336,7 +332,7 @@ def normalized_surface_dice(distances: SurfaceDistances, *, tolerance_mm: float 
     """
     tolerance_mm = float(tolerance_mm)
     if not tolerance_mm >= 0.0:
-        raise ValueError(f"Expected tolerance_mm >= 0. Received: tolerance_mm={tolerance_mm}")
+        raise ValueError(expected("a number >= 0", key="tolerance_mm", received=tolerance_mm))
     empty = _empty_value(distances, both=1.0, one=0.0)
     if empty is not None:
         return empty
@@ -393,18 +389,14 @@ def _empty_value(distances: SurfaceDistances, *, both: float, one: float) -> flo
 def _as_bool(array: np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype != bool:
-        raise TypeError(
-            f"Expected a boolean mask for `{name}`. Received: {name}.dtype={array.dtype} "
-            f"(use e.g. `labels == c`)"
-        )
+        raise TypeError(expected("a boolean mask", key=f"{name}.dtype", received=Received(str(array.dtype)),
+                                 hint="Use e.g. `labels == c`."))
     return array
 
 
 def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
     spacing = tuple(float(s) for s in np.atleast_1d(spacing_mm))
     if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(
-            f"Expected spacing_mm with {ndim} positive finite values (one per array axis). "
-            f"Received: spacing_mm={tuple(spacing_mm) if np.ndim(spacing_mm) else spacing_mm}"
-        )
+        raise ValueError(expected(f"{ndim} positive finite values (one per array axis)", key="spacing_mm",
+                                  received=tuple(spacing_mm) if np.ndim(spacing_mm) else spacing_mm))
     return spacing

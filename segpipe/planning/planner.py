@@ -47,9 +47,9 @@ class Hardware:
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "gpu"):
-            raise ValueError(f"Expected device 'cpu' or 'gpu'. Received: device={self.device!r}")
+            raise ValueError(expected("'cpu' or 'gpu'", key="device", received=self.device))
         if self.memory_bytes <= 0:
-            raise ValueError(f"Expected a positive memory budget. Received: memory_bytes={self.memory_bytes}")
+            raise ValueError(expected("a positive memory budget", key="memory_bytes", received=self.memory_bytes))
 
 
 @dataclass
@@ -125,7 +125,7 @@ def make_plan(
 
     Parameters
     ----------
-    fingerprint : from :func:`segpipe.planning.fingerprint.compute_fingerprint` (``cases`` with spacing,
+    fingerprint : from :func:`segpipe.data.fingerprint.compute_fingerprint` (``cases`` with spacing,
         cropped shape and class voxels; ``channel_names``; ``classes``; ``intensity``).
     hardware : device and memory budget (:func:`segpipe.planning.hardware.detect_hardware`).
     model : ``unet3d`` (plain, nnU-Net's default) or ``resenc_unet`` (residual encoder).
@@ -137,7 +137,7 @@ def make_plan(
         (a fixed patch gets the deepest topology that divides it; a fixed batch is costed as is).
     """
     if model not in MODELS:
-        raise ValueError(f"Expected model to be one of {MODELS}. Received: model={model!r}")
+        raise ValueError(expected(f"one of {list(MODELS)}", key="model", received=model))
     if time_budget_minutes is not None and time_budget_minutes <= 0:
         raise ValueError(expected("a positive time budget", key="train.time_budget_minutes", received=time_budget_minutes))
     inputs = _read_inputs(fingerprint, hardware=hardware, model=model, num_val_cases=num_val_cases,
@@ -159,8 +159,8 @@ def make_plan(
         _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=time_budget_minutes, batch=batch,
                    timer_batch=batch_size or 2)
     elif time_budget_minutes is not None:
-        raise ValueError("Expected a step timer with a time budget (the schedule is fitted to measured steps). "
-                         "Received: step_timer=None")
+        raise ValueError(expected("a step timer with a time budget (the schedule is fitted to measured steps)",
+                                  key="step_timer", received=None))
     plan.config = _plan_config(plan, patch_plan, spacing, inputs, batch)
     return plan
 

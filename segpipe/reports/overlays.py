@@ -208,7 +208,7 @@ def render_overlay(
             raise ValueError(expected(f"an image of the shape of the masks {ref_mask.shape}", key="image.shape",
                                       received=image.shape))
     if len(spacing_mm) != 3:
-        raise ValueError(f"Expected spacing_mm as 3 numbers. Received: spacing_mm={spacing_mm}")
+        raise ValueError(expected("3 numbers", key="spacing_mm", received=spacing_mm))
     slices = tuple(error_slices(ref_mask, pred_mask) if slices is None else (int(s) for s in slices))
     box = crop_box(ref_mask, pred_mask, spacing_mm=spacing_mm, margin_mm=margin_mm)
     low, high = intensity_window(image, percentiles=percentiles, region=box) if image is not None else (0.0, 1.0)

@@ -1,1 +1,1 @@
-"""The run directory (:class:`.rundir.RunDir`: every path and reader of a run) and sweeps of runs."""
+"""The run directory (:class:`.rundir.RunDir`: every path and reader of a run)."""

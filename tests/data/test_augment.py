@@ -145,9 +145,10 @@ def test_same_seed_same_result():
 
 
 def test_settings_validation_names_the_key():
-    with pytest.raises(ValueError, match=r"Expected an augmentation out of \[.*\]\. Received: rotate=\{'p': 1\}"):
+    with pytest.raises(ValueError, match=r"^Expected a key of augment settings \(mirror, .*, order\)\. "
+                                         r"Received: rotate=\{'p': 1\}\. Did you mean 'rotation'\?$"):
         AugmentSettings.from_dict({"rotate": {"p": 1}})
-    with pytest.raises(ValueError, match=r"Expected a key of noise out of \[.*\]\. Received: noise\.prob=1"):
+    with pytest.raises(ValueError, match=r"^Expected a key of noise \(p, variance\)\. Received: noise\.prob=1\.$"):
         AugmentSettings.from_dict({"noise": {"prob": 1}})
     with pytest.raises(ValueError, match=r"^Expected a probability in \[0, 1\]\. Received: gamma\.p=2\.$"):
         AugmentSettings.from_dict({"gamma": {"p": 2}})

@@ -102,7 +102,7 @@ def _folders_with_a_stray_value(root, n=10):
 
 def test_check_dataset_py_names_the_stray_label_value_planning_names(tmp_path, capsys):
     from segpipe.data.checks import check_labels
-    from segpipe.planning.fingerprint import compute_fingerprint
+    from segpipe.data.fingerprint import compute_fingerprint
 
     stray = _folders_with_a_stray_value(tmp_path)
     dataset = load_dataset(tmp_path)

@@ -22,7 +22,7 @@ from segpipe.data.pipeline import (
     run_integrity_check,
 )
 from segpipe.data.preprocess import PreprocessSettings, preprocess_case
-from segpipe.inference.run import predict_run
+from segpipe.evaluation.predictions import predict_run
 from segpipe.io import read_nifti
 from segpipe.inference.segment import restore_probabilities
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from segpipe.planning.fingerprint import class_positions
+from segpipe.data.fingerprint import class_positions
 from segpipe.planning.rules import plan_mirror_axes
 
 RAS = np.array([[0, 1], [1, 1], [2, 1]])

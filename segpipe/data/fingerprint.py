@@ -1,7 +1,9 @@
 """Dataset fingerprint: spacings, shapes, foreground intensities and class frequencies.
 
 Computed once per dataset and written as JSON; the config takes defaults from it (target spacing,
-patch size hint, CT normalisation statistics). Spacings and shapes are given in RAS axis order, the
+patch size hint, CT normalisation statistics). The target spacing is the planner's rule,
+:func:`segpipe.planning.rules.plan_target_spacing` (nnU-Net's), so a plain training run and a
+planned one resample a dataset the same way. Spacings and shapes are given in RAS axis order, the
 order preprocessing works in. Following nnU-Net, intensities are pooled from a random sample of
 foreground voxels of every case (10,000 per case by default).
 """
@@ -23,15 +25,17 @@ from segpipe.data.layouts import Case, Dataset, read_case_image, read_case_label
 from segpipe.data.preprocess import RAS_ORNT
 from segpipe.io import read_json, write_json
 from segpipe.parallel import parallel_map
+from segpipe.planning.rules import ANISOTROPY_THRESHOLD, plan_target_spacing
 
-FINGERPRINT_VERSION = 2  # 2: per-case class positions (the mirroring rule)
+# 2: per-case class positions (the mirroring rule); 3: target spacing by planning's rule (was a second rule here)
+FINGERPRINT_VERSION = 3
 
 
 def compute_fingerprint(
     dataset: Dataset,
     *,
     samples_per_case: int = 10_000,
-    anisotropy_threshold: float = 3.0,
+    anisotropy_threshold: float = ANISOTROPY_THRESHOLD,
     patch_divisor: int = 8,
     max_patch_size: int = 128,
     workers: int = 1,
@@ -40,7 +44,7 @@ def compute_fingerprint(
     """Read every case once and summarise the dataset.
 
     Returns a JSON-ready dict with ``cases`` (per case: spacing, shape, cropped shape, class voxel
-    counts), ``median_spacing_mm``, ``target_spacing_mm`` (see :func:`suggest_target_spacing`),
+    counts), ``median_spacing_mm``, ``target_spacing_mm`` (:func:`segpipe.planning.rules.plan_target_spacing`),
     ``median_shape``, ``median_shape_at_target``, ``patch_size_hint``, ``intensity`` (one dict per
     channel: mean, std, min, max, median, percentile_00_5, percentile_99_5 of foreground voxels) and
     ``classes`` (voxel fraction and number of cases containing each class; the ignore label is no
@@ -52,7 +56,7 @@ def compute_fingerprint(
     per_case = parallel_map(_case_stats_job, jobs, workers=workers, progress=progress, desc="fingerprint")
     spacings = np.array([c["spacing_mm"] for c in per_case])
     cropped = np.array([c["cropped_shape"] for c in per_case])
-    target = suggest_target_spacing(spacings, cropped, anisotropy_threshold=anisotropy_threshold)
+    target = plan_target_spacing(spacings, cropped, anisotropy_threshold=anisotropy_threshold).value
     at_target = np.median(cropped * spacings / np.asarray(target), axis=0)
 
     channels = max(len(c["samples"]) for c in per_case)
@@ -118,31 +122,6 @@ def dataset_key(dataset: Dataset) -> str:
                 st = Path(p).stat()
                 files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
-
-
-def suggest_target_spacing(
-    spacings: np.ndarray, shapes: np.ndarray | None = None, *, anisotropy_threshold: float = 3.0
-) -> list[float]:
-    """The median spacing; for strongly anisotropic data, a finer coarse axis (nnU-Net's rule).
-
-    If the coarsest median spacing is more than ``anisotropy_threshold`` times the finest and (when
-    ``shapes`` are given) that axis also has less than 1/threshold of the voxels of the others, the
-    coarse axis takes the 10th percentile of its spacings (never finer than the other axes), so
-    thick-slice cases are not interpolated into many invented slices.
-    """
-    spacings = np.asarray(spacings, dtype=np.float64)
-    target = np.median(spacings, axis=0)
-    worst = int(np.argmax(target))
-    others = [a for a in range(3) if a != worst]
-    aniso_spacing = target[worst] > anisotropy_threshold * min(target[others])
-    aniso_voxels = True
-    if shapes is not None:
-        size_at_target = np.median(np.asarray(shapes) * spacings / target, axis=0)
-        aniso_voxels = size_at_target[worst] * anisotropy_threshold < min(size_at_target[others])
-    if aniso_spacing and aniso_voxels:
-        coarse = float(np.percentile(spacings[:, worst], 10))
-        target[worst] = max(coarse, max(target[others]) + 1e-5)
-    return [float(s) for s in target]
 
 
 def suggest_patch_size(shape: Sequence[float], *, divisor: int = 8, max_size: int = 128) -> list[int]:

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from segpipe.config import Config, ConfigError, validate
-from segpipe.errors import StorageError
+from segpipe.errors import Received, StorageError, expected
 from segpipe.runs.rundir import RunDir
-from segpipe.errors import Received, expected
 from segpipe.training.cluster import WorkerLost
 from segpipe.training.interrupts import TrainingInterrupted
 

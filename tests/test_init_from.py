@@ -1,0 +1,91 @@
+"""Starting from a trained network: weights copied by path and shape, the first convolution adapted to other
+channels, new output heads for other classes, and the sources a run can start from."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from inference_helpers import PATCH, PREPROCESSING, make_run_dir, tiny_architecture, tiny_model
+
+from segpipe.export.bundle import write_bundle
+from segpipe.models.architecture import build_network
+from segpipe.models.transfer import adapt_input_channels, transfer_weights, variable_arrays
+from segpipe.training.init_from import initialise_from, source_weights
+
+
+def _spec(in_channels, num_classes, depth=3, base_filters=4):
+    return {"builder": "unet3d", "in_channels": in_channels, "num_classes": num_classes,
+            "args": {"depth": depth, "base_filters": base_filters}}
+
+
+def test_transfer_into_other_classes_and_channels_by_hand():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    source = build_network(_spec(1, 3))
+    arrays = variable_arrays(source)
+    keras.utils.set_random_seed(2)
+    target = build_network(_spec(2, 4))
+    untouched = variable_arrays(target)
+    report = transfer_weights(target, arrays)
+    after = variable_arrays(target)
+
+    # by hand: every variable of the target, and what must have happened to it
+    heads = {"out0_logits/kernel", "out0_logits/bias"}  # 4 classes instead of 3: re-initialised
+    assert set(report["new"]) == heads and report["adapted"] == ["enc0_conv0/kernel"]
+    assert set(report["loaded"]) == set(after) - heads - {"enc0_conv0/kernel"}
+    for path in report["loaded"]:
+        np.testing.assert_array_equal(after[path], arrays[path])
+    for path in heads:
+        np.testing.assert_array_equal(after[path], untouched[path])
+    assert report["new_reasons"]["out0_logits/kernel"] == "shape (1, 1, 1, 4, 4) vs the source's (1, 1, 1, 4, 3)"
+    # the first convolution: both input channels get the source's single filter, halved (equal channels
+    # give the same pre-activation as the source's one channel)
+    kernel = after["enc0_conv0/kernel"]
+    assert kernel.shape == (3, 3, 3, 2, 4)
+    np.testing.assert_allclose(kernel[..., 0, :], arrays["enc0_conv0/kernel"][..., 0, :] / 2, rtol=1e-6)
+    np.testing.assert_allclose(kernel[..., 1, :], kernel[..., 0, :])
+    x = np.random.default_rng(0).normal(size=(1, 8, 8, 8, 1)).astype(np.float32)
+    first = lambda net, inputs: keras.Model(net.inputs, net.get_layer("enc0_conv0").output)(inputs)  # noqa: E731
+    np.testing.assert_allclose(first(target, np.concatenate([x, x], -1)), first(source, x), atol=1e-5)
+
+
+def test_adapting_from_more_channels_keeps_the_sum():
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 3, 4, 8))
+    one = adapt_input_channels(kernel, 1)
+    np.testing.assert_allclose(one[..., 0, :], kernel.sum(axis=-2))
+
+
+def test_nothing_matching_is_refused():
+    import keras
+
+    other = keras.Sequential([keras.Input((None, None, None, 1)), keras.layers.Conv3D(2, 1, name="elsewhere")])
+    with pytest.raises(ValueError, match=r"Expected a source network sharing layers \(path and shape\) with the one to "
+                                         r"train\. Received: init_from=no match among 2 source variables"):
+        transfer_weights(build_network(_spec(1, 3)), variable_arrays(other))
+
+
+def test_sources_a_bundle_a_run_and_a_keras_file(tmp_path, phantom_root):
+    model = tiny_model(depth=3, deep_supervision=True, seed=5)
+    x = np.random.default_rng(2).normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
+    bundle = write_bundle(model, tmp_path / "bundle", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
+                          patch_size=PATCH, architecture=tiny_architecture(depth=3, deep_supervision=True),
+                          verify=False, openvino=False, segment=False)
+    run_dir = make_run_dir(tmp_path, model, phantom_root, depth=3)
+    sources = {"bundle": bundle, "run": run_dir, "keras": run_dir / "model.keras"}
+    for kind, path in sources.items():
+        arrays, described = source_weights(path)
+        assert described["kind"] == kind
+        target = build_network(tiny_architecture(depth=3, deep_supervision=True))
+        record = initialise_from(target, path)
+        assert record["source"]["kind"] == kind and record["adapted"] == []
+        if kind == "bundle":  # the bundle holds the inference network: the lower deep-supervision head is new
+            assert record["new"] == ["out1_logits/bias", "out1_logits/kernel"]
+        else:
+            assert record["new"] == []
+        np.testing.assert_allclose(target.predict_on_batch(x)[0], model.predict_on_batch(x)[0], atol=1e-6)
+        json.dumps(record)  # what run_info.json keeps
+    with pytest.raises(ValueError, match=r"Expected a segpipe bundle folder, a run directory or a \.keras file\. "
+                                         r"Received: train\.init_from=.*nowhere \(no such file or folder\)"):
+        source_weights(tmp_path / "nowhere")
