@@ -89,3 +89,36 @@ def test_sources_a_bundle_a_run_and_a_keras_file(tmp_path, phantom_root):
     with pytest.raises(ValueError, match=r"Expected a segpipe bundle folder, a run directory or a \.keras file\. "
                                          r"Received: train\.init_from=.*nowhere \(no such file or folder\)"):
         source_weights(tmp_path / "nowhere")
+
+
+def test_a_fine_tuned_run_records_its_source_and_resumes_identically(tiny_run, tiny_overrides, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A run started from the tiny run's bundle: run_info.json names what was loaded, and a run stopped in its
+    second epoch and resumed (from its own checkpoint, not the source again) ends with the same history."""
+    import os
+    import signal
+
+    import train
+    from process_helpers import assert_same_history, read_history
+
+    from segpipe.training.checkpoints import RunCheckpoint
+
+    source, _ = tiny_run
+    args = ["--set", *tiny_overrides, f"train.init_from={source / 'bundle'}", "name=ft"]
+    assert train.main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert "Started from" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a" / "ft" / "run_info.json").read_text())["init_from"]
+    assert record["source"]["kind"] == "bundle" and record["adapted"] == []
+    assert len(record["loaded"]) > 10 and all(path.startswith("out") for path in record["new"])
+
+    def interrupt_in_second_epoch(self, batch, logs=None):
+        if len(self.rows) == 1 and batch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(RunCheckpoint, "on_train_batch_end", interrupt_in_second_epoch, raising=False)
+    assert train.main([*args, f"output_dir={tmp_path / 'b'}"]) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    assert train.main(["--resume", str(tmp_path / "b" / "ft")]) == 0
+    assert_same_history(read_history(tmp_path / "a" / "ft"), read_history(tmp_path / "b" / "ft"))
+    info = json.loads((tmp_path / "b" / "ft" / "run_info.json").read_text())
+    assert info["init_from"] == record and len(info["resumes"]) == 1

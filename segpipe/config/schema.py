@@ -87,6 +87,9 @@ class TrainConfig(Settings):
     # pace of the recent epochs; the best and last checkpoints stay complete. A time-budget plan sets it
     # to its training share, so a machine that slows down mid-run still keeps the budget.
     max_train_minutes: float | None = field(default=None, metadata=_range(0, exclusive_min=True))
+    # Start from a trained network (docs/training.md, "Start from a trained model"): a segpipe bundle, a run
+    # directory or a .keras file; every weight whose layer path and shape match is copied (new runs only).
+    init_from: str | None = None
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = field(default=1e-3, metadata=_range(0, exclusive_min=True))
     lr_schedule: Literal["constant", "poly", "cosine"] = "poly"

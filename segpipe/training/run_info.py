@@ -109,11 +109,16 @@ def record_resume(info: dict[str, Any], epoch: int, step: int, distribution: dic
 
 
 def write_run_info(path: Path, config: Config, split: dict[str, Any], distribution: dict[str, Any],
-                   resumed_from: tuple[int, int] | None = None) -> None:
-    """Write ``run_info.json`` for a new run, or append this session to it when resuming at (epoch, step)."""
+                   resumed_from: tuple[int, int] | None = None, init_from: dict[str, Any] | None = None) -> None:
+    """Write ``run_info.json`` for a new run, or append this session to it when resuming at (epoch, step).
+
+    ``init_from``: the record of the weights a new run started from (``train.init_from``: the source and
+    the variables loaded, adapted and new); a resumed run keeps the record of its start."""
     path = Path(path)
     if resumed_from is not None and path.is_file():
         info = record_resume(read_json(path), *resumed_from, distribution)
     else:
         info = run_info(config, split, distribution)
+        if init_from is not None:
+            info["init_from"] = init_from
     write_json(path, info)

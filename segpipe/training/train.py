@@ -31,6 +31,7 @@ from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, che
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
 from segpipe.training.interrupts import StopRequest, TrainingInterrupted
 from segpipe.training.loop import LoopPosition, TrainingLoop
+from segpipe.training.init_from import initialise_from
 from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:
@@ -265,6 +266,9 @@ def _check_before_data(config: Config, num_classes: int) -> None:
     build_loss(config, num_classes)  # a bad loss option fails here, not mid-training
     check_inference_classes(config.inference, num_classes)  # used by the bundle at the end
     checkpoint_schedule(config)
+    if config.train.init_from and not Path(config.train.init_from).exists():
+        raise ConfigError(expected("a segpipe bundle folder, a run directory or a .keras file", key="train.init_from",
+                                   received=Received(f"{config.train.init_from} (no such file or folder)")))
     if config.train.export_onnx and importlib.util.find_spec("tf2onnx") is None:
         raise ConfigError(expected('tf2onnx installed (pip install "segpipe[onnx]")', key="train.export_onnx",
                                    received=True, hint="tf2onnx is not importable."))
@@ -287,14 +291,15 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     """Build (or restore) the model under the strategy, train it with the project's loop, save it."""
 
     t = config.train
-    model = _build_or_restore_model(config, prepared, strategy, checkpoint)
+    model, init_record = _build_or_restore_model(config, prepared, strategy, checkpoint)
     position = LoopPosition(int(state.get("epoch", 0)), int(state.get("step", 0)), state.get("metrics"))
     if checkpoint is not None:
         print(f"Resuming {run_dir} after epoch {position.epoch}" + (f", step {position.step}" if position.step else ""))
     check_free_space(out.path, model)
     print(distributed.describe(t.distribute, strategy, worker, config.data.batch_size))
     write_run_info(out.run_info_json, config, prepared.split, _distribution(config, strategy, worker),
-                   resumed_from=(position.epoch, position.step) if checkpoint is not None else None)
+                   resumed_from=(position.epoch, position.step) if checkpoint is not None else None,
+                   init_from=init_record)
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
     run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
@@ -331,17 +336,23 @@ def export_bundle(run_dir: Path, *, onnx: bool = False) -> Path:
 
 
 def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy",
-                            checkpoint: Path | None):
-    """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``."""
+                            checkpoint: Path | None) -> tuple[keras.Model, dict[str, Any] | None]:
+    """The compiled model with a built optimizer, variables made by ``strategy``, restored from ``checkpoint``
+    (else, with ``train.init_from``, started from that network's weights: the record of what was copied)."""
+    init_record = None
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         regions = bool(prepared.dataset.regions)
         model = build_model(config, prepared.num_channels, prepared.dataset.num_outputs, regions=regions)
+        if checkpoint is None and config.train.init_from:
+            init_record = initialise_from(model, config.train.init_from)
+            print(f"Started from {init_record['source']['path']}: {len(init_record['loaded'])} weights loaded, "
+                  f"{len(init_record['adapted'])} adapted, {len(init_record['new'])} new")
         compile_model(model, config, prepared.dataset.output_names, regions=regions)
         model.optimizer.build(model.trainable_variables)  # optimizer variables cannot be made in strategy.run
         if checkpoint is not None:
             model.load_weights(checkpoint / "model.keras")  # weights and optimizer state (step -> LR schedule)
-    return model
+    return model, init_record
 
 
 def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.Strategy", worker: "WorkerInfo",
