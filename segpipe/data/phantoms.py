@@ -94,11 +94,7 @@ def write_phantom_dataset(root: str | os.PathLike, settings: PhantomSettings = P
     from tqdm import tqdm
 
     root = Path(root)
-    if root.exists():
-        raise FileExistsError(expected("a new folder for the phantom dataset", key="root",
-                                       received=Received(f"{root} (exists)")))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = _new_dataset_folder(root)
     try:
         affine = np.diag([*settings.spacing_mm, 1.0])
         training = []
@@ -192,11 +188,7 @@ def write_lesion_phantom_dataset(root: str | os.PathLike, settings: PhantomSetti
     if isinstance(annotate_every, bool) or not isinstance(annotate_every, int) or annotate_every < 1:
         raise ValueError(expected("an integer >= 1", key="annotate_every", received=annotate_every))
     root = Path(root)
-    if root.exists():
-        raise FileExistsError(expected("a new folder for the phantom dataset", key="root",
-                                       received=Received(f"{root} (exists)")))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = _new_dataset_folder(root)
     try:
         affine = np.diag([*settings.spacing_mm, 1.0])
         for i in range(settings.num_cases):
@@ -223,3 +215,13 @@ def write_lesion_phantom_dataset(root: str | os.PathLike, settings: PhantomSetti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def _new_dataset_folder(root: Path) -> Path:
+    """A temporary folder beside ``root`` to write a phantom dataset into (renamed onto ``root`` at the end);
+    ``root`` must not exist."""
+    if root.exists():
+        raise FileExistsError(expected("a new folder for the phantom dataset", key="root",
+                                       received=Received(f"{root} (exists)")))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))

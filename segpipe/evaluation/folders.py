@@ -231,7 +231,7 @@ def score_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_d
     if options.image_dir is not None and not options.image_dir.is_dir():
         raise FileNotFoundError(expected("a folder of scans", key="image_dir",
                                          received=Received(f"{options.image_dir} (no such folder)")))
-    pairs = _match_cases(pred_dir, ref_dir)
+    pairs = match_cases(pred_dir, ref_dir)
     _check_geometry(pairs)
     jobs = [_Job(case, pred, ref, options.labels, options.tolerance_mm, options.lesions, options.ignore_label,
                  options.regions)
@@ -333,7 +333,7 @@ def _lesion_summary(rows: list[dict[str, Any]], options: EvaluationOptions) -> d
     }
 
 
-def _match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
+def match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
     """case id -> (prediction, reference), for every reference (sorted); missing predictions are an error."""
     refs = _list_label_files(ref_dir, "ref_dir")
     preds = _list_label_files(pred_dir, "pred_dir")
