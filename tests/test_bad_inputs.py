@@ -316,12 +316,12 @@ ROWS = [
          lambda t: _plan(t, _folders_with_twin(t)),
          "{tmp}/ds: Expected one file per case name (NAME.nii or NAME.nii.gz, not both). "
          "Received: files=images/case_1.nii and images/case_1.nii.gz."),
-    _row("nnunet-regions", "an nnU-Net dataset.json with region labels", "train",
+    _row("nnunet-regions", "an nnU-Net dataset.json with region labels but no regions_class_order", "train",
          lambda t: _with_file(t / "ds" / "dataset.json", json.dumps(
              {"channel_names": {"0": "t1"}, "labels": {"background": 0, "whole": [1, 2]}, "file_ending": ".nii.gz"}),
              _train(t, t / "ds")),
-         "{tmp}/ds/dataset.json: Expected an integer label value (region-based labels are not supported). "
-         "Received: labels['whole']=[1, 2]."),
+         "{tmp}/ds/dataset.json: Expected one label value in 1..255 per region (1: ['whole']), written where the "
+         "region is predicted. Received: regions_class_order=None."),
     _row("root-missing", "a data.root that does not exist", "train",
          lambda t: _train(t, t / "nowhere"),
          "Received: data.root={tmp}/nowhere (no such folder, neither found)."),

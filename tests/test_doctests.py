@@ -11,7 +11,8 @@ import pytest
                                     "segpipe.inference.integrity", "segpipe.models.architecture", "segpipe.models.transfer",
                                     "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
                                     "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
-                                    "segpipe.evaluation.options", "segpipe.evaluation.summary"])
+                                    "segpipe.evaluation.options", "segpipe.evaluation.summary",
+                                    "segpipe.data.labels", "segpipe.metrics.regions"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

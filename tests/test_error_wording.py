@@ -415,8 +415,12 @@ CASES = [
     ("layout-msd-key", _dataset({"labels": {"0": "bg"}}, layout="msd"), ValueError,
      "{tmp}/ds/dataset.json: Expected a key the MSD layout requires. Received: training=<missing>.", "training"),
     ("layout-regions", _dataset({"labels": {"background": 0, "whole": [1, 2]}, "channel_names": {"0": "t1"}}),
-     ValueError, "{tmp}/ds/dataset.json: Expected an integer label value (region-based labels are not supported). "
-     "Received: labels['whole']=[1, 2].", "labels['whole']"),
+     ValueError, "{tmp}/ds/dataset.json: Expected one label value in 1..255 per region (1: ['whole']), written "
+     "where the region is predicted. Received: regions_class_order=None.", "regions_class_order"),
+    ("layout-ignore", _dataset({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 1}, "channel_names": {"0": "t1"}}),
+     ValueError, "{tmp}/ds/dataset.json: Expected an integer label value above every class value (highest: 2) and at "
+     "most 255: the ignore label is the highest value, as in nnU-Net. Received: labels['ignore']=1.",
+     "labels['ignore']"),
     ("layout-background", _dataset({"labels": {"1": "organ"}, "training": []}), ValueError,
      "{tmp}/ds/dataset.json: Expected labels that declare the background value 0. Received: labels={{1: 'organ'}}.",
      "labels"),

@@ -107,3 +107,22 @@ def test_the_report_is_drawn_from_the_results_it_is_handed(tmp_path, monkeypatch
     # redrawn later from the files alone, the same page
     html.write_evaluation_report(tmp_path / "eval")
     assert (tmp_path / "eval" / "report.html").read_text() == text
+
+
+def test_evaluation_options_take_the_ignore_label_and_regions():
+    from segpipe.data.labels import Region
+
+    regions = [Region("whole", (1, 2, 3)), Region("core", (2, 3))]
+    options = EvaluationOptions(ignore_label=np.int64(4), regions=regions)
+    assert options.ignore_label == 4 and options.regions == tuple(regions)
+    assert EvaluationOptions().regions == () and EvaluationOptions(regions=None).regions == ()
+    for kwargs, message in [
+        ({"ignore_label": 0}, "Expected an ignore label in 1..255 or None. Received: ignore_label=0."),
+        ({"ignore_label": 2.5}, "Expected an ignore label in 1..255 or None. Received: ignore_label=2.5."),
+        ({"regions": [("whole", (1,))]}, "Received: regions=(('whole', (1,)),)."),
+        ({"regions": [Region("a", (1,)), Region("a", (2,))]}, "with unique names"),
+        ({"regions": [Region("a", (0, 1))]}, "values in 1..255"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            EvaluationOptions(**kwargs)
+        assert message in str(info.value), kwargs

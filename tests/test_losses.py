@@ -794,6 +794,6 @@ DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
 
 @pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
 def test_docs_examples_run(index):
-    assert len(DOC_BLOCKS) == 3  # the shape rule, two outputs, deep supervision
+    assert len(DOC_BLOCKS) == 4  # the shape rule, regions and ignored voxels, two outputs, deep supervision
     keras.utils.set_random_seed(0)
     exec(compile(DOC_BLOCKS[index], f"{DOCS.name}[{index}]", "exec"), {})

@@ -54,5 +54,17 @@ def test_deep_supervision_is_a_plain_keras_model():
 
 
 def test_unknown_output_is_refused():
-    with pytest.raises(ValueError, match=r"Received: output='sigmoid'"):
-        build_unet3d(1, 3, output="sigmoid")
+    with pytest.raises(ValueError, match=r"Received: output='tanh'"):
+        build_unet3d(1, 3, output="tanh")
+
+
+def test_sigmoid_head_for_regions():
+    """One sigmoid per region (a single region allowed); the probability model keeps it as it is."""
+    from segpipe.models.unet3d import outputs_sigmoid
+
+    model = build_unet3d(2, 1, depth=2, base_filters=4, output="sigmoid")
+    x = np.random.default_rng(0).normal(size=(1, 8, 8, 8, 2)).astype("float32")
+    p = np.asarray(model(x))
+    assert p.shape == (1, 8, 8, 8, 1) and outputs_sigmoid(model) and not outputs_logits(model)
+    assert np.all((p > 0) & (p < 1))
+    assert probability_model(model).outputs[0] is model.outputs[0]

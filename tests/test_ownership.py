@@ -28,7 +28,7 @@ def test_the_marker_is_small_json_of_its_kind(tmp_path):
     assert marker["kind"] == "run" and marker["segpipe"] == __version__ and marker["created"].startswith("20")
     assert has_marker(tmp_path / "run", "run") and not has_marker(tmp_path / "run", "bundle")
     assert not has_marker(tmp_path / "nothing", "run")
-    with pytest.raises(ValueError, match=r"Expected one of \['run', 'bundle'\]. Received: kind='model'"):
+    with pytest.raises(ValueError, match=r"Expected one of \['run', 'bundle', 'ensemble'\]. Received: kind='model'"):
         write_marker(tmp_path / "x", "model")
 
 

@@ -107,3 +107,32 @@ def test_fit_logs_per_class_and_foreground_mean(tmp_path):
     np.testing.assert_allclose(history.history["val_dice_liver"][-1], expected[1], rtol=1e-5)
     np.testing.assert_allclose(history.history["val_dice_fg_mean"][-1], expected[1:].mean(),
                                rtol=1e-5)
+
+
+def test_ignored_voxels_count_nowhere_hand_computed():
+    """1-D case, 3 classes; voxel 3 is unannotated (all-zero row) and predicted as class 1.
+    reference: [1, 1, 0, -, 2]; prediction: [1, 0, 0, 1, 2] -> class 1: TP 1, FP 0, FN 1 -> 2/3;
+    class 2: TP 1 -> 1. Counting voxel 3 (as background) would make class 1's FP 1 (Dice 1/2)."""
+    y_true = np.zeros((1, 5, 3), "float32")
+    for v, c in enumerate([1, 1, 0, None, 2]):
+        if c is not None:
+            y_true[0, v, c] = 1
+    y_pred = np.eye(3, dtype="float32")[[1, 0, 0, 1, 2]][None]
+    for target in (y_true, np.concatenate([y_true, (y_true.sum(-1, keepdims=True) == 0)], -1)):
+        metric = PerClassDice(["bg", "a", "b"])
+        metric.update_state(target, y_pred)
+        result = {k: float(v) for k, v in metric.result().items()}
+        assert result["dice_a"] == pytest.approx(2 / 3)
+        assert result["dice_b"] == pytest.approx(1.0)
+        assert result["dice_fg_mean"] == pytest.approx(5 / 6)
+
+
+def test_region_dice_hand_computed():
+    """Two nested regions over 4 voxels; voxel 3 ignored (mask channel).
+    whole: ref [1,1,0,-], pred [1,1,1,1] -> TP 2, FP 1 -> 4/5; core: ref [0,1,0,-], pred [0,0,0,1] -> 0."""
+    y_true = np.array([[[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1]]], "float32")
+    y_pred = np.array([[[0.9, 0.2], [0.8, 0.4], [0.6, 0.1], [0.7, 0.9]]], "float32")
+    metric = PerClassDice(["whole", "core"], regions=True)
+    metric.update_state(y_true, y_pred)
+    result = {k: float(v) for k, v in metric.result().items()}
+    assert result == pytest.approx({"dice_whole": 0.8, "dice_core": 0.0, "dice_fg_mean": 0.4})

@@ -113,12 +113,14 @@ def _ensemble(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
-def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None]:
-    """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win)."""
+def _dataset_classes(dataset_json: Path | None, labels: list[int] | None) -> tuple[list[int] | None, dict | None, dict]:
+    """Labels to score and class names from ``--dataset-json`` (explicit ``--labels`` win), and its
+    ignore label and regions as ``evaluate_folders`` options."""
     if dataset_json is None:
-        return labels, None
+        return labels, None, {}
     dataset = load_dataset(dataset_json.parent if dataset_json.is_file() else dataset_json)
-    return (labels if labels is not None else sorted(v for v in dataset.labels if v != 0)), dataset.labels
+    scheme = {"ignore_label": dataset.ignore_label, "regions": dataset.regions}
+    return (labels if labels is not None else sorted(v for v in dataset.labels if v != 0)), dataset.labels, scheme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     try:
-        labels, class_names = _dataset_classes(args.dataset_json, args.labels)
+        labels, class_names, scheme = _dataset_classes(args.dataset_json, args.labels)
         options = dict(labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=args.workers,
                        lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
                        lesion_dilation_vox=args.lesion_dilation_vox, report=not args.no_report,
@@ -152,16 +154,21 @@ def main(argv: list[str] | None = None) -> int:
                 summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
             else:
                 with hold(out_dir, what="evaluation folder"):  # one writer of the folder at a time
-                    summary = evaluate_folders(args.pred, args.ref, out_dir, **options)
+                    summary = evaluate_folders(args.pred, args.ref, out_dir, **options, **scheme)
     # StorageError: a full or read-only output folder; FileExistsError: another evaluation holds the folder
     except (FileNotFoundError, FileExistsError, ValueError, StorageError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_markdown(summary))
+    if "regions" in summary:  # region datasets (dataset.json regions, data.regions): Dice per region
+        print("\n| region | Dice (mean) |\n| --- | --- |")
+        for name, entry in summary["regions"].items():
+            print(f"| {name} | {entry['metrics']['dice']['mean']:.4f} |")
     if "lesion_wise" in summary:
         print()
         print(format_lesion_markdown(summary["lesion_wise"]))
-    written = ["per_case.csv", "summary.json", *(["lesions.csv"] if args.lesion_wise else []),
+    written = ["per_case.csv", "summary.json", *(["regions.csv"] if "regions" in summary else []),
+               *(["lesions.csv"] if args.lesion_wise else []),
                *([] if args.no_report else ["report.html", "overlays/"])]
     print(f"\nWrote {', '.join(str(out_dir / name) for name in written)}")
     return 0

@@ -42,6 +42,7 @@ class ModelConfig(Settings):
     deep_supervision: bool = False  # one output per decoder level, nnU-Net's loss weights (docs/losses-in-keras.md)
     # the network's last activation: softmax (probabilities) or logits (the losses then get from_logits: true and
     # use a log-softmax); inference, evaluation and every export format give probabilities either way
+    # (a region dataset, data.regions or dataset.json, always gets one sigmoid per region instead of the softmax)
     output: Literal["softmax", "logits"] = "softmax"
     # Per stage and axis (anisotropic data): stride 1 or 2 of the stage's first convolution (stage 0:
     # [1, 1, 1]) and kernel size 1, 3 or 5; null: stride 2 along every axis from stage 1 on, 3×3×3.

@@ -102,7 +102,7 @@ def check_dataset(
             ``data_prep/check_dataset.py`` sets it; training leaves it to the fingerprint.
     """
     problems: list[Problem] = _check_not_empty(dataset)
-    declared = set(dataset.labels)
+    declared = dataset.declared_values  # the classes and the ignore label
     seen: dict[str, Case] = {}
     for case in dataset.cases:
         if case.case_id in seen:
@@ -156,11 +156,11 @@ def check_labels(
                 present.setdefault(int(value), []).append(case_id)
     n = len(class_voxels)
     few = max(1, int(RARE_FRACTION * n)) if n >= MIN_CASES_FOR_RARE else 0
-    declared_values = set(dataset.labels) if declared else set()
+    declared_values = dataset.declared_values if declared else set()
     problems: list[Problem] = []
     meta = Path(dataset.root) / ("labels.json" if dataset.layout == "folders" else "dataset.json")
     for value, cases in sorted(present.items()):
-        if value == 0:
+        if value == 0 or value == dataset.ignore_label:  # the ignore label is no class: any count is fine
             continue
         where = f"{len(cases)} of {n} cases"
         if declared and value not in declared_values:
@@ -175,13 +175,13 @@ def check_labels(
                 problems.append(Problem(kind, by_id[case_id].label_path if case_id in by_id else None,
                                         f"every label value in more than {few} of {n} cases ({hint})",
                                         f"value {value} only in {where}", case_id))
-    values = sorted(set(present) | declared_values | {0})
+    values = sorted((set(present) | declared_values | {0}) - {dataset.ignore_label})
     if values != list(range(len(values))):
         missing = sorted(set(range(values[-1] + 1)) - set(values))
         problems.append(Problem("label-gaps", meta if declared else Path(dataset.root),
                                 f"label values 0..{len(values) - 1} (one network output each)",
                                 f"values {values}: {missing} never occur, {len(missing)} of {values[-1] + 1} outputs unused"))
-    for value in sorted(declared_values - set(present) - {0}):
+    for value in sorted(declared_values - set(present) - {0, dataset.ignore_label}):
         problems.append(Problem("absent-class", meta, "every declared class in at least one case",
                                 f"class {value} ({dataset.labels[value]!r}) in none of {n} cases"))
     return problems

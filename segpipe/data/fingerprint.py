@@ -47,11 +47,12 @@ def compute_fingerprint(
     counts), ``median_spacing_mm``, ``target_spacing_mm`` (:func:`segpipe.planning.rules.plan_target_spacing`),
     ``median_shape``, ``median_shape_at_target``, ``patch_size_hint``, ``intensity`` (one dict per
     channel: mean, std, min, max, median, percentile_00_5, percentile_99_5 of foreground voxels) and
-    ``classes`` (voxel fraction and number of cases containing each class). Per case also
+    ``classes`` (voxel fraction and number of cases containing each class; the ignore label is no
+    class: ``ignore_label`` holds its value, fraction and case count, or None). Per case also
     ``class_positions``: each foreground class's centroid as a fraction of the foreground's
     bounding box along each RAS axis (see :func:`class_positions`).
     """
-    jobs = [(case, samples_per_case) for case in dataset.cases]
+    jobs = [(case, samples_per_case, dataset.ignore_label) for case in dataset.cases]
     per_case = parallel_map(_case_stats_job, jobs, workers=workers, progress=progress, desc="fingerprint")
     spacings = np.array([c["spacing_mm"] for c in per_case])
     cropped = np.array([c["cropped_shape"] for c in per_case])
@@ -71,8 +72,13 @@ def compute_fingerprint(
             totals[int(value)] = totals.get(int(value), 0) + count
             present[int(value)] = present.get(int(value), 0) + (count > 0)
     all_voxels = sum(totals.values()) or 1
+    # the ignore label is no class: its own entry, so the planner never counts it as an output
     classes = {str(v): {"name": dataset.labels.get(v, f"class_{v}"), "voxel_fraction": totals.get(v, 0) / all_voxels,
-                        "cases_present": present.get(v, 0)} for v in sorted(set(dataset.labels) | set(totals))}
+                        "cases_present": present.get(v, 0)}
+               for v in sorted((set(dataset.labels) | set(totals)) - {dataset.ignore_label})}
+    ignore = None if dataset.ignore_label is None else {
+        "value": dataset.ignore_label, "voxel_fraction": totals.get(dataset.ignore_label, 0) / all_voxels,
+        "cases_present": present.get(dataset.ignore_label, 0)}
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "key": dataset_key(dataset),
@@ -86,6 +92,7 @@ def compute_fingerprint(
         "patch_size_hint": suggest_patch_size(at_target, divisor=patch_divisor, max_size=max_patch_size),
         "intensity": intensity,
         "classes": classes,
+        "ignore_label": ignore,
         "cases": {c["case_id"]: {k: c[k] for k in ("spacing_mm", "shape", "cropped_shape", "class_voxels", "class_positions")} for c in per_case},
     }
 
@@ -98,7 +105,8 @@ def load_or_compute_fingerprint(dataset: Dataset, path: str | os.PathLike, **kwa
             stored = read_json(path)
         except ValueError:
             stored = {}
-        if stored.get("fingerprint_version") == FINGERPRINT_VERSION and stored.get("key") == dataset_key(dataset):
+        if (stored.get("fingerprint_version") == FINGERPRINT_VERSION and stored.get("key") == dataset_key(dataset)
+                and (stored.get("ignore_label") or {}).get("value") == dataset.ignore_label):
             return stored
     fingerprint = compute_fingerprint(dataset, **kwargs)
     write_json(path, fingerprint)
@@ -126,13 +134,14 @@ def suggest_patch_size(shape: Sequence[float], *, divisor: int = 8, max_size: in
 
 
 def _case_stats_job(job: tuple) -> dict[str, Any]:
-    case, samples = job
-    return _case_stats(case, samples)
+    case, samples, ignore_label = job
+    return _case_stats(case, samples, ignore_label)
 
 
-def _case_stats(case: Case, samples_per_case: int) -> dict[str, Any]:
+def _case_stats(case: Case, samples_per_case: int, ignore_label: int | None = None) -> dict[str, Any]:
     image = read_case_image(case)
     label = read_case_label(case)
+    annotated = label if ignore_label is None else np.where(label == ignore_label, 0, label)
     # RAS axis order without moving data: permute the spacing and shape like the reorientation would.
     ornt = ornt_transform(io_orientation(image.affine), RAS_ORNT)
     order = np.argsort(ornt[:, 0])  # source axis of each RAS axis
@@ -142,7 +151,7 @@ def _case_stats(case: Case, samples_per_case: int) -> dict[str, Any]:
     box = bounding_box(mask)
     cropped = shape if box is None else np.array([s.stop - s.start for s in box])[order]
     rng = np.random.default_rng(seed_from_text(case.case_id))
-    foreground = np.flatnonzero(label.reshape(-1) > 0)
+    foreground = np.flatnonzero(annotated.reshape(-1) > 0)  # intensities of annotated foreground only
     if foreground.size > samples_per_case:
         foreground = rng.choice(foreground, samples_per_case, replace=False)
     flat = image.array.reshape(-1, image.array.shape[-1])
@@ -153,7 +162,7 @@ def _case_stats(case: Case, samples_per_case: int) -> dict[str, Any]:
         "shape": shape.tolist(),
         "cropped_shape": cropped.tolist(),
         "class_voxels": {int(v): int(n) for v, n in zip(values, counts)},
-        "class_positions": class_positions(label, ornt),
+        "class_positions": class_positions(annotated, ornt),
         "samples": [flat[foreground, c].astype(np.float64).tolist() for c in range(flat.shape[1])],
     }
 

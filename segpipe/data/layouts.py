@@ -31,6 +31,7 @@ import numpy as np
 
 from segpipe.io import NIFTI_SUFFIXES, Volume, read_json, read_nifti, strip_nifti_suffix
 from segpipe.errors import Received, expected
+from segpipe.data.labels import Region, check_ignore_label, parse_label_declaration
 
 LAYOUTS = ("msd", "nnunet", "folders")
 
@@ -59,6 +60,12 @@ class Dataset:
     channel_names: list[str] = field(default_factory=list)
     # Label files that belong to no case (label without image); reported by the integrity check.
     orphan_labels: list[Path] = field(default_factory=list)
+    # Not a class: the value of unannotated voxels (segpipe.data.labels), above every class value.
+    ignore_label: int | None = None
+    # Region-based training (segpipe.data.labels): the regions in output order, and the label
+    # value each one writes when predicted (later regions overwrite earlier ones).
+    regions: tuple[Region, ...] | None = None
+    regions_class_order: tuple[int, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -68,6 +75,21 @@ class Dataset:
     def class_names(self) -> list[str]:
         """Names indexed by label value; unnamed values in between get ``class_<v>``."""
         return [self.labels.get(v, f"class_{v}") for v in range(self.num_classes)]
+
+    @property
+    def declared_values(self) -> set[int]:
+        """The label values a label map may hold: the classes and the ignore label."""
+        return set(self.labels) | ({self.ignore_label} if self.ignore_label is not None else set())
+
+    @property
+    def num_outputs(self) -> int:
+        """Output channels of the network: one per region, else one per class."""
+        return len(self.regions) if self.regions else self.num_classes
+
+    @property
+    def output_names(self) -> list[str]:
+        """One name per output channel: the regions, else the classes (background first)."""
+        return [r.name for r in self.regions] if self.regions else self.class_names
 
     @property
     def num_channels(self) -> int:
@@ -153,7 +175,7 @@ def _load_msd(root: Path, key: str = "root") -> Dataset:
         if key not in meta:
             raise ValueError(expected("a key the MSD layout requires", key=key, received=Received("<missing>"),
                                       where=str(meta_path)))
-    labels = _labels_by_value(meta["labels"], where=str(meta_path))
+    labels, ignore_label = _pop_ignore(_labels_by_value(meta["labels"], where=str(meta_path)), str(meta_path))
     modality = meta.get("modality", {"0": "image"})
     channel_names = [str(modality[k]) for k in sorted(modality, key=int)]
     cases = []
@@ -169,7 +191,7 @@ def _load_msd(root: Path, key: str = "root") -> Dataset:
     orphans = [p for p in _nifti_files(root / "labelsTr") if p.resolve() not in named]
     _refuse_twins(root, root / "imagesTr", root / "labelsTr")
     return Dataset(root=root, layout="msd", cases=cases, labels=labels, channel_names=channel_names,
-                   orphan_labels=orphans)
+                   orphan_labels=orphans, ignore_label=ignore_label)
 
 
 def _load_nnunet(root: Path) -> Dataset:
@@ -179,14 +201,10 @@ def _load_nnunet(root: Path) -> Dataset:
         if key not in meta:
             raise ValueError(expected("a key the nnU-Net v2 layout requires", key=key, received=Received("<missing>"),
                                       where=str(meta_path)))
-    # nnU-Net v2 writes labels as name -> value; region-based training (lists of values) is not supported.
-    by_value: dict[int, str] = {}
-    for name, value in meta["labels"].items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(expected("an integer label value (region-based labels are not supported)",
-                                      key=f"labels[{name!r}]", received=value, where=str(meta_path)))
-        by_value[value] = str(name)
-    labels = _labels_by_value(by_value, where=str(meta_path))
+    # nnU-Net v2 writes labels as name -> value (or -> list of values: a region), "ignore" -> value.
+    scheme = parse_label_declaration(meta["labels"], regions_class_order=meta.get("regions_class_order"),
+                                     where=str(meta_path))
+    labels = _labels_by_value(scheme.labels, where=str(meta_path))
     channels = meta["channel_names"]
     channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
     ending = meta.get("file_ending", ".nii.gz")
@@ -205,7 +223,8 @@ def _load_nnunet(root: Path) -> Dataset:
     known = set(case_ids)
     orphans = [p for p in _listdir(labels_dir) if p.name.endswith(ending) and p.name[: -len(ending)] not in known]
     return Dataset(root=root, layout="nnunet", cases=cases, labels=labels, channel_names=channel_names,
-                   orphan_labels=orphans)
+                   orphan_labels=orphans, ignore_label=scheme.ignore_label, regions=scheme.regions,
+                   regions_class_order=scheme.regions_class_order)
 
 
 def _load_folders(root: Path) -> Dataset:
@@ -220,9 +239,10 @@ def _load_folders(root: Path) -> Dataset:
         cases.append(Case(case_id, (image,), label))
     orphans = [label_files[k] for k in sorted(label_files) if k not in images]
     labels_json = root / "labels.json"
-    labels = _labels_by_value(read_json(labels_json), where=str(labels_json)) if labels_json.is_file() else {}
+    labels, ignore_label = (_pop_ignore(_labels_by_value(read_json(labels_json), where=str(labels_json)),
+                                        str(labels_json)) if labels_json.is_file() else ({}, None))
     return Dataset(root=root, layout="folders", cases=cases, labels=labels, channel_names=[],
-                   orphan_labels=orphans)
+                   orphan_labels=orphans, ignore_label=ignore_label)
 
 
 def _refuse_twins(root: Path, *folders: Path) -> None:
@@ -274,6 +294,15 @@ def _labels_by_value(raw: Mapping, *, where: str | None = None) -> dict[int, str
     if min(labels) < 0 or max(labels) > 255:
         raise ValueError(expected("label values in 0..255", key="labels", received=sorted(labels), where=where))
     return labels
+
+
+def _pop_ignore(labels: dict[int, str], where: str) -> tuple[dict[int, str], int | None]:
+    """nnU-Net's convention in the value -> name form: the label named "ignore" is not a class."""
+    ignore = [v for v, name in labels.items() if name.lower() == "ignore"]
+    if not ignore:
+        return labels, None
+    classes = {v: name for v, name in labels.items() if v != ignore[0]}
+    return classes, check_ignore_label(ignore[0], classes, key=f"labels[{ignore[0]!r}]", where=where)
 
 
 def _labels_from_maps(dataset: Dataset) -> dict[int, str]:

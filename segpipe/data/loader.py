@@ -8,7 +8,10 @@ have seen, by starting the index at ``epoch * steps * batch``.
 
 Validation uses whole preprocessed cases (padded at the end to a size the network divides) or fixed
 patches (the same ones every epoch). Labels are one-hot encoded in TensorFlow, not in NumPy, so a
-large validation case costs one uint8 map in Python instead of a float32 volume per class.
+large validation case costs one uint8 map in Python instead of a float32 volume per class. Wherever
+a function takes ``num_classes`` it also takes a (256, K) target table (:func:`targets_of`): the
+ignore label becomes an all-zero one-hot row, regions one channel per region (plus a last
+ignore-mask channel with an ignore label); see :mod:`segpipe.data.labels`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from segpipe.data.augment import Augmenter, AugmentSettings
+from segpipe.data.labels import target_table
 from segpipe.data.sampling import PatchSampler, SamplingCase
 from segpipe.errors import expected
 
@@ -42,7 +46,7 @@ def make_datasets(
         num_outputs: the model's outputs; with more than one (deep supervision) every batch's target is
             a tuple, one per output (:func:`with_output_targets`).
     """
-    num_classes = prepared.dataset.num_classes
+    num_classes = targets_of(prepared.dataset)
     train = train_dataset(train_sampler(prepared, data, seed=seed), num_classes, start_index=start_index,
                           num_workers=data.num_workers)
     val_cases = prepared.subset("val")
@@ -50,11 +54,21 @@ def make_datasets(
         val = validation_patch_dataset(
             val_cases, num_classes, data.patch_size, patches_per_case=data.val_patches_per_case,
             batch_size=data.batch_size, foreground_fraction=data.foreground_fraction, seed=seed,
-            num_workers=data.num_workers,
+            num_workers=data.num_workers, ignore_label=prepared.dataset.ignore_label,
         )
     else:
         val = validation_dataset(val_cases, num_classes, divisor=divisor)
     return with_output_targets(train, num_outputs), with_output_targets(val, num_outputs)
+
+
+def targets_of(dataset) -> "int | np.ndarray":
+    """What the loader turns a label map into for ``dataset`` (a :class:`segpipe.data.layouts.Dataset`):
+    its class count (one-hot targets), or with an ignore label or regions the (256, K) lookup table of
+    :func:`segpipe.data.labels.target_table` (ignored voxels: an all-zero one-hot row, or for regions
+    an extra last ignore-mask channel)."""
+    if dataset.ignore_label is None and not dataset.regions:
+        return dataset.num_classes
+    return target_table(dataset.num_classes, ignore_label=dataset.ignore_label, regions=dataset.regions)
 
 
 def with_output_targets(ds: "tf.data.Dataset", num_outputs: int) -> "tf.data.Dataset":
@@ -73,11 +87,12 @@ def train_sampler(prepared: "PreparedData", data: "DataConfig", *, seed: int) ->
     return PatchSampler(
         prepared.subset("train"), data.patch_size, foreground_fraction=data.foreground_fraction,
         batch_size=data.batch_size, augmenter=Augmenter(AugmentSettings.from_dict(data.augment)), seed=seed,
+        ignore_label=prepared.dataset.ignore_label,
     )
 
 
 def train_dataset(
-    sampler: PatchSampler, num_classes: int, *, start_index: int = 0, num_workers: int = 2
+    sampler: PatchSampler, num_classes: "int | np.ndarray", *, start_index: int = 0, num_workers: int = 2
 ) -> "tf.data.Dataset":
     """Endless batches of (image (B, X, Y, Z, C) float32, one-hot (B, X, Y, Z, num_classes) float32).
 
@@ -95,7 +110,7 @@ def train_dataset(
 
 def validation_patch_dataset(
     cases: Sequence[SamplingCase],
-    num_classes: int,
+    num_classes: "int | np.ndarray",
     patch_size: Sequence[int],
     *,
     patches_per_case: int,
@@ -103,6 +118,7 @@ def validation_patch_dataset(
     foreground_fraction: float,
     seed: int,
     num_workers: int = 2,
+    ignore_label: int | None = None,
 ) -> "tf.data.Dataset":
     """``patches_per_case`` fixed, unaugmented patches of every case, the same ones every epoch.
 
@@ -112,13 +128,13 @@ def validation_patch_dataset(
     import tensorflow as tf
 
     sampler = PatchSampler(cases, patch_size, foreground_fraction=foreground_fraction, batch_size=None,
-                           augmenter=None, seed=seed, cycle_cases=True)
+                           augmenter=None, seed=seed, cycle_cases=True, ignore_label=ignore_label)
     ds = tf.data.Dataset.range(len(cases) * patches_per_case)
     ds = ds.map(_patch_map(sampler, num_classes), num_parallel_calls=num_workers, deterministic=True)
     return ds.batch(batch_size).prefetch(2)
 
 
-def validation_dataset(cases: Sequence[SamplingCase], num_classes: int, divisor: int) -> "tf.data.Dataset":
+def validation_dataset(cases: Sequence[SamplingCase], num_classes: "int | np.ndarray", divisor: int) -> "tf.data.Dataset":
     """Whole cases, one per batch, padded at the end so each side is divisible by ``divisor``."""
     import tensorflow as tf
 
@@ -153,7 +169,7 @@ def pad_to(image: np.ndarray, label: np.ndarray, shape: Sequence[int]) -> tuple[
 # ----------------------------------------------------------------------------------------------
 
 
-def _patch_map(sampler: PatchSampler, num_classes: int):
+def _patch_map(sampler: PatchSampler, num_classes: "int | np.ndarray"):
     """A tf.data map: sample index -> (image patch float32, one-hot label patch float32)."""
     import tensorflow as tf
 
@@ -172,9 +188,12 @@ def _patch_map(sampler: PatchSampler, num_classes: int):
     return map_fn
 
 
-def _one_hot(label: "tf.Tensor", num_classes: int) -> "tf.Tensor":
+def _one_hot(label: "tf.Tensor", num_classes: "int | np.ndarray") -> "tf.Tensor":
+    """One-hot targets of ``num_classes`` classes, or rows of a (256, K) target table."""
     import tensorflow as tf
 
+    if isinstance(num_classes, np.ndarray):
+        return tf.gather(tf.constant(num_classes), tf.cast(label, tf.int32))
     return tf.one_hot(tf.cast(label, tf.int32), num_classes, dtype=tf.float32)
 
 

@@ -6,6 +6,11 @@ foreground structures of different sizes: a lumpy ellipsoid ``organ`` (label 1) 
 per case but fully determined by ``(seed, case index)``, so the same settings always give the same
 dataset. Geometry is built in millimetres, so anisotropic spacing gives the same anatomy sampled
 differently.
+
+:func:`write_lesion_phantom_dataset` writes a second kind, for region-based training: two input
+channels and a lesion of three nested classes (BraTS-like: 1 edema ⊃ 2 core ⊃ 3 enhancing, declared
+as the regions whole ⊃ core ⊃ enhancing in an nnU-Net v2 ``dataset.json``), optionally sparsely
+annotated (only every n-th axial slice, the others the ignore label).
 """
 from __future__ import annotations
 
@@ -89,11 +94,7 @@ def write_phantom_dataset(root: str | os.PathLike, settings: PhantomSettings = P
     from tqdm import tqdm
 
     root = Path(root)
-    if root.exists():
-        raise FileExistsError(expected("a new folder for the phantom dataset", key="root",
-                                       received=Received(f"{root} (exists)")))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = _new_dataset_folder(root)
     try:
         affine = np.diag([*settings.spacing_mm, 1.0])
         training = []
@@ -130,3 +131,97 @@ def write_phantom_dataset(root: str | os.PathLike, settings: PhantomSettings = P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+LESION_REGIONS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+"""The regions of the lesion phantom, in nnU-Net v2's ``dataset.json`` syntax (regions_class_order [1, 2, 3])."""
+LESION_IGNORE = 4
+"""The ignore label of a sparsely annotated lesion phantom."""
+
+
+def make_lesion_phantom_case(index: int, settings: PhantomSettings) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (X, Y, Z, 2) float32, label uint8)`` of lesion phantom case ``index``.
+
+    Three nested lumpy spheres: edema (1) around a core (2) around an enhancing centre (3). Channel 0
+    ("FLAIR"-like) shows the whole lesion, brighter in the core; channel 1 ("T1c"-like) shows only
+    the enhancing part clearly, so telling core from enhancing needs both channels.
+    """
+    rng = np.random.default_rng([settings.seed, 7_919, index])
+    shape = tuple(settings.shape)
+    spacing = np.asarray(settings.spacing_mm, dtype=np.float64)
+    extent_mm = np.asarray(shape) * spacing
+    coords = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij"), -1)
+    centre = extent_mm * rng.uniform(0.4, 0.6, size=3)
+    distance = np.sqrt(((coords - centre) ** 2).sum(-1)) / extent_mm.min()
+    lumps = 0.03 * _smooth_noise(rng, shape, sigma_vox=4.0 / spacing)
+    radii = np.sort(rng.uniform([0.26, 0.16, 0.07], [0.32, 0.21, 0.11]))[::-1]  # edema > core > enhancing
+    label = np.zeros(shape, dtype=np.uint8)
+    for value, radius in zip((1, 2, 3), radii):
+        label[distance + lumps < radius] = value
+    flair = np.choose(label, [0.0, 1.0, 1.4, 1.4])
+    t1c = np.choose(label, [0.0, 0.1, 0.2, 1.5])
+    image = np.stack([flair, t1c], axis=-1)
+    image += 0.1 * np.stack([_smooth_noise(rng, shape, sigma_vox=2.0 / spacing) for _ in range(2)], -1)
+    image += settings.noise_std * rng.standard_normal(image.shape)
+    return (100.0 + 200.0 * image).astype(np.float32), label
+
+
+def write_lesion_phantom_dataset(root: str | os.PathLike, settings: PhantomSettings = PhantomSettings(), *,
+                                 annotate_every: int = 1) -> Path:
+    """Generate the 2-channel lesion phantom in nnU-Net v2 layout with regions at ``root``; return ``root``.
+
+    Parameters
+    ----------
+    root : path-like
+        A new folder (written beside it and renamed into place, as :func:`write_phantom_dataset`).
+    settings : PhantomSettings
+        Cases, shape, spacing, seed and noise.
+    annotate_every : int, optional
+        1 (default): every voxel annotated. n > 1: only every n-th axial slice is annotated; the
+        others hold the ignore label ``LESION_IGNORE`` (declared as ``"ignore"`` in dataset.json).
+
+    Returns
+    -------
+    Path
+        ``root``.
+    """
+    if isinstance(annotate_every, bool) or not isinstance(annotate_every, int) or annotate_every < 1:
+        raise ValueError(expected("an integer >= 1", key="annotate_every", received=annotate_every))
+    root = Path(root)
+    tmp = _new_dataset_folder(root)
+    try:
+        affine = np.diag([*settings.spacing_mm, 1.0])
+        for i in range(settings.num_cases):
+            image, label = make_lesion_phantom_case(i, settings)
+            if annotate_every > 1:
+                unannotated = np.ones(label.shape[2], bool)
+                unannotated[::annotate_every] = False
+                label[:, :, unannotated] = LESION_IGNORE
+            for c in range(image.shape[-1]):
+                write_nifti(tmp / "imagesTr" / f"lesion_{i:03d}_{c:04d}.nii.gz", image[..., c], affine)
+            write_nifti(tmp / "labelsTr" / f"lesion_{i:03d}.nii.gz", label, affine)
+        labels = dict(LESION_REGIONS, **({"ignore": LESION_IGNORE} if annotate_every > 1 else {}))
+        write_json(tmp / "dataset.json", {
+            "name": "segpipe-lesion-phantoms",
+            "description": "Synthetic 2-channel lesion phantoms with nested regions, generated by segpipe",
+            "channel_names": {"0": "FLAIR", "1": "T1c"},
+            "labels": labels,
+            "regions_class_order": [1, 2, 3],
+            "numTraining": settings.num_cases,
+            "file_ending": ".nii.gz",
+        })
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _new_dataset_folder(root: Path) -> Path:
+    """A temporary folder beside ``root`` to write a phantom dataset into (renamed onto ``root`` at the end);
+    ``root`` must not exist."""
+    if root.exists():
+        raise FileExistsError(expected("a new folder for the phantom dataset", key="root",
+                                       received=Received(f"{root} (exists)")))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))

@@ -36,6 +36,7 @@ import numpy as np
 from segpipe.data.cache import CachedCase, build_cache
 from segpipe.data.checks import check_dataset, check_labels, errors
 from segpipe.data.fingerprint import load_or_compute_fingerprint
+from segpipe.data.labels import check_ignore_label, parse_regions
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 from segpipe.data.preprocess import PreprocessSettings, target_shape
@@ -160,7 +161,40 @@ def open_dataset(data: DataConfig) -> Dataset:
     root = Path(data.root)
     if data.phantoms is not None:
         _ensure_phantoms(root, data.phantoms)
-    return load_dataset(root, data.layout, key="data.root")
+    return apply_label_settings(load_dataset(root, data.layout, key="data.root"), data)
+
+
+def apply_label_settings(dataset: Dataset, data: DataConfig) -> Dataset:
+    """Set the ignore label and regions of ``data`` (``data.ignore_label``, ``data.regions``) on ``dataset``.
+
+    A value the dataset also declares (dataset.json) must agree. Region label values must be classes
+    of the dataset. Returns ``dataset`` (changed in place).
+
+    Raises:
+        ConfigError: naming the key, for a conflict or a value the dataset does not declare.
+    """
+    if data.ignore_label is not None:
+        if dataset.ignore_label not in (None, data.ignore_label):
+            raise ConfigError(expected(f"the ignore label the dataset declares ({dataset.ignore_label}) or null",
+                                      key="data.ignore_label", received=data.ignore_label))
+        classes = {v: name for v, name in dataset.labels.items() if v != data.ignore_label}
+        dataset.ignore_label = check_ignore_label(data.ignore_label, classes, key="data.ignore_label")
+        dataset.labels = classes
+    if data.regions_class_order is not None and data.regions is None:
+        raise ConfigError(expected("data.regions with data.regions_class_order", key="data.regions",
+                                  received=None))
+    if data.regions is not None:
+        if dataset.regions is not None:
+            raise ConfigError(expected("null: the dataset's dataset.json already declares regions",
+                                      key="data.regions", received=data.regions))
+        regions, order = parse_regions(data.regions, data.regions_class_order, key="data.regions")
+        unknown = sorted({v for r in regions for v in r.values} - set(dataset.labels))
+        if unknown:
+            raise ConfigError(expected(f"region label values among the dataset's classes {sorted(dataset.labels)}",
+                                      key="data.regions", received=data.regions,
+                                      hint=f"Undeclared values: {unknown}."))
+        dataset.regions, dataset.regions_class_order = regions, order
+    return dataset
 
 
 def _ensure_phantoms(root: Path, phantoms: Any) -> None:

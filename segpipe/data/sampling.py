@@ -113,17 +113,19 @@ def choose_patch(
     *,
     locations: dict[int, np.ndarray] | None = None,
     force_foreground: bool = False,
+    ignore_label: int | None = None,
 ) -> tuple[np.ndarray, int | None]:
     """Lower corner of a patch in a volume of ``shape``, and the class it is centred on (or None).
 
     The corner ranges over ``[min(0, n - p), max(0, n - p)]`` per axis: inside the volume when it is
     larger than the patch, with padding around it when smaller. A foreground patch is centred on a
     random stored voxel of a random present class, then shifted into that range (the voxel stays
-    inside the patch). With no foreground in the case, the patch is random.
+    inside the patch). With no foreground in the case, the patch is random. The ``ignore_label``
+    (unannotated voxels, not a class) is never a centre, whatever the locations hold.
     """
     shape, size = np.asarray(shape[:3]), np.asarray(patch_size)
     low, high = np.minimum(0, shape - size), np.maximum(0, shape - size)
-    classes = sorted(k for k, v in (locations or {}).items() if len(v))
+    classes = sorted(k for k, v in (locations or {}).items() if len(v) and k != ignore_label)
     if force_foreground and classes:
         cls = classes[int(rng.integers(len(classes)))]
         voxels = locations[cls]
@@ -146,6 +148,7 @@ class PatchSampler:
         seed: the run's seed.
         cycle_cases: take case ``index % len(cases)`` instead of a random case (fixed validation
             patches: with ``augmenter=None`` index ``i`` gives the same patch every epoch).
+        ignore_label: the value of unannotated voxels; no patch is centred on it.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class PatchSampler:
         augmenter: "Augmenter | None" = None,
         seed: int = 0,
         cycle_cases: bool = False,
+        ignore_label: int | None = None,
     ):
         if not cases:
             raise ValueError(expected("at least one case to sample from", key="cases", received=list(cases)))
@@ -173,6 +177,7 @@ class PatchSampler:
         self.augmenter = augmenter
         self.seed = int(seed)
         self.cycle_cases = cycle_cases
+        self.ignore_label = ignore_label
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (X, Y, Z, C) float32 and label (X, Y, Z) uint8 of sample ``index``."""
@@ -190,7 +195,8 @@ class PatchSampler:
         else:
             force = bool(rng.random() < self.foreground_fraction)
         image, label = case.load_image(), case.load_label()
-        lower, cls = choose_patch(label.shape, self.patch_size, rng, locations=case.locations, force_foreground=force)
+        lower, cls = choose_patch(label.shape, self.patch_size, rng, locations=case.locations, force_foreground=force,
+                                  ignore_label=self.ignore_label)
         coords = self.augmenter.spatial_coords(self.patch_size, rng) if self.augmenter is not None else None
         if coords is None:
             image = extract_patch(image, lower, self.patch_size)

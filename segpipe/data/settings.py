@@ -68,6 +68,14 @@ class DataConfig(Settings):
     crop_to_nonzero: bool = True
     image_order: int = field(default=3, metadata=number_range(0, 5))
     label_interpolation: Literal["onehot_linear", "nearest"] = "onehot_linear"
+    # Label conventions (docs/data.md, "Regions and ignored voxels"); dataset.json may declare them too.
+    # The value of unannotated voxels (not a class: no loss, no metric, no patch centred on it), above
+    # every class value, as nnU-Net's "ignore" label.
+    ignore_label: int | None = field(default=None, metadata=number_range(1, 255))
+    # Region-based training: region name -> list of label values (in output order), one sigmoid per
+    # region; regions_class_order: the label value each region writes when predicted (later ones win).
+    regions: dict[str, Any] | None = None
+    regions_class_order: list[int] | None = field(default=None, metadata=number_range(1, 255))
     augment: dict[str, Any] = field(default_factory=dict)  # segpipe.data.augment.AugmentSettings; {} = defaults
     # Split: a seeded fraction, or k-fold (fold ``fold`` of ``folds``); saved once per dataset.
     val_fraction: float = field(default=0.2, metadata=number_range(0, 1, exclusive_min=True))

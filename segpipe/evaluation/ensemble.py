@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from segpipe.data.layouts import load_dataset
+from segpipe.data.pipeline import open_dataset
 from segpipe.errors import Received, expected
 from segpipe.evaluation.folders import evaluate_folders
 from segpipe.evaluation.postprocessing import DEFAULT_ALPHA, choose_postprocessing_folders
@@ -98,7 +98,7 @@ def build_ensemble_run(
         write_marker(out, "ensemble")
         oof, refs = out / "oof_predictions", out / "references"
         cases = _collect_out_of_fold(fold_dirs, oof, refs, checkpoint=checkpoint, workers=workers)
-        dataset = load_dataset(RunDir(fold_dirs[0]).config().data.root)
+        dataset = open_dataset(RunDir(fold_dirs[0]).config().data)  # as training: data.ignore_label, data.regions
         labels = [v for v in sorted(dataset.labels) if v != 0]
         record = choose_postprocessing_folders(oof, refs, labels=labels, alpha=alpha, workers=workers)
         post = out / "oof_postprocessed"
@@ -109,7 +109,7 @@ def build_ensemble_run(
                 classes=record["postprocess_largest_component"], connectivity=record["connectivity"])
             write_nifti(post / f"{case}.nii.gz", labels_after.astype(volume.array.dtype), volume.affine)
         summary = evaluate_folders(post, refs, out / "evaluation", labels=labels, class_names=dataset.class_names,
-                                   workers=workers)
+                                   workers=workers, ignore_label=dataset.ignore_label, regions=dataset.regions)
         summary["postprocessing"] = record  # where evaluate.py --compare's recommendation reads it
         write_json(out / "evaluation" / "summary.json", summary)
         export_ensemble(fold_dirs, out / "bundle", checkpoint=checkpoint, postprocessing=record, onnx=onnx,

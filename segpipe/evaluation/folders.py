@@ -8,6 +8,8 @@ all cases in parallel with :func:`segpipe.metrics.case_metrics`, and write
 - ``summary.json``: per class the mean, std and median of each metric, the counts of missed and
   spurious structures, distance statistics with NaN replaced by the worst value, and the
   foreground mean over classes (:func:`segpipe.evaluation.summary.summarize`);
+- with regions (:class:`segpipe.data.labels.Region`): ``regions.csv`` (one row per case and region)
+  and the summary's ``regions`` (as ``per_class``), with lesion labels also ``regions_lesion_wise``;
 - with lesion labels: ``lesions.csv`` (lesion-wise metrics per case and class,
   :mod:`segpipe.metrics.lesions`) and their summary under ``summary.json["lesion_wise"]``;
 - ``report.html`` and ``overlays/*.png`` (:func:`segpipe.reports.html.write_evaluation_report`).
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 
+from segpipe.data.labels import Region
 from segpipe.data.layouts import squeeze_trailing, squeeze_trailing_shape
 from segpipe.errors import Received, expected
 from segpipe.evaluation.options import EvaluationOptions, LesionOptions
@@ -35,6 +38,7 @@ from segpipe.io import NIFTI_SUFFIXES, affine_text, read_nifti, remove_orphaned_
 from segpipe.metrics.lesions import (
     LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
 )
+from segpipe.metrics.regions import mask_ignored, region_case_metrics, region_lesion_metrics
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
 from segpipe.metrics.surface import SurfaceDistances
 from segpipe.parallel import parallel_map
@@ -62,6 +66,9 @@ class CaseResult:
     spacing_mm: tuple[float, ...]
     image_diagonal_mm: float
     lesions: dict[int, dict[str, Any]]
+    # with regions (segpipe.metrics.regions): region name -> metrics row, and lesion-wise rows
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    region_lesions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def evaluate_case(
@@ -72,6 +79,8 @@ def evaluate_case(
     tolerance_mm: float | Mapping[int, float] = 1.0,
     case_id: str | None = None,
     lesions: LesionOptions | None = None,
+    ignore_label: int | None = None,
+    regions: Sequence[Region] = (),
 ) -> CaseResult:
     """Read one prediction/reference pair of NIfTI label maps and score it.
 
@@ -89,6 +98,10 @@ def evaluate_case(
     lesions : LesionOptions, optional
         Labels also scored lesion by lesion (:func:`segpipe.metrics.lesions.case_lesion_metrics`),
         with the minimum lesion size and matching reach. Default: none.
+    ignore_label : int, optional
+        Voxels holding it in the reference count nowhere (:func:`segpipe.metrics.regions.mask_ignored`).
+    regions : sequence of Region, optional
+        Also scored per region (and lesion-wise per region when lesion labels are given).
 
     Returns
     -------
@@ -109,6 +122,11 @@ def evaluate_case(
         raise ValueError(expected(f"the shape {ref.shape} of the reference {ref_path}", key="shape",
                                   received=pred.shape, where=str(pred_path)))
     spacing_mm = ref_vol.spacing_mm
+    pred, ref = mask_ignored(pred, ref, ignore_label)
+    region_rows = region_case_metrics(pred, ref, regions, spacing_mm=spacing_mm,
+                                      tolerance_mm=1.0 if isinstance(tolerance_mm, Mapping) else tolerance_mm)
+    region_lesions = (region_lesion_metrics(pred, ref, regions, spacing_mm=spacing_mm, min_size_mm3=lesions.min_size_mm3,
+                                            dilation_vox=lesions.dilation_vox) if lesions.enabled else {})
     metrics = case_metrics(pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm)
     lesion_metrics = case_lesion_metrics(pred, ref, labels=lesions.labels, spacing_mm=spacing_mm,
                                          min_size_mm3=lesions.min_size_mm3, dilation_vox=lesions.dilation_vox)
@@ -120,6 +138,8 @@ def evaluate_case(
         spacing_mm=tuple(spacing_mm),
         image_diagonal_mm=float(np.sqrt(np.sum(extent_mm**2))),
         lesions=lesion_metrics,
+        regions=region_rows,
+        region_lesions=region_lesions,
     )
 
 
@@ -137,6 +157,8 @@ def evaluate_folders(
     lesion_dilation_vox: int = 0,
     report: bool = True,
     image_dir: str | os.PathLike | None = None,
+    ignore_label: int | None = None,
+    regions: Sequence[Region] | None = None,
 ) -> dict[str, Any]:
     """Score every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
 
@@ -151,7 +173,7 @@ def evaluate_folders(
         (with a warning).
     out_dir : path-like
         Folder for ``per_case.csv`` and ``summary.json`` (created if needed).
-    labels, class_names, tolerance_mm, workers, report, image_dir
+    labels, class_names, tolerance_mm, workers, report, image_dir, ignore_label, regions
         See :class:`EvaluationOptions`.
     lesion_labels, lesion_min_size_mm3, lesion_dilation_vox
         See :class:`LesionOptions` (``labels``, ``min_size_mm3``, ``dilation_vox``).
@@ -160,7 +182,8 @@ def evaluate_folders(
     -------
     summary : dict
         What :func:`segpipe.evaluation.summary.summarize` returns (also written to
-        ``summary.json``), plus ``lesion_wise`` when lesion labels are given.
+        ``summary.json``), plus ``lesion_wise`` when lesion labels are given, ``regions`` (and
+        ``regions_lesion_wise``) with regions.
 
     Raises
     ------
@@ -178,6 +201,7 @@ def evaluate_folders(
         labels=labels, class_names=class_names, tolerance_mm=tolerance_mm, workers=workers, report=report,
         image_dir=image_dir, lesions=LesionOptions(labels=lesion_labels or (), min_size_mm3=lesion_min_size_mm3,
                                                    dilation_vox=lesion_dilation_vox),
+        ignore_label=ignore_label, regions=regions,
     )
     return score_folders(pred_dir, ref_dir, out_dir, options)
 
@@ -207,9 +231,10 @@ def score_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_d
     if options.image_dir is not None and not options.image_dir.is_dir():
         raise FileNotFoundError(expected("a folder of scans", key="image_dir",
                                          received=Received(f"{options.image_dir} (no such folder)")))
-    pairs = _match_cases(pred_dir, ref_dir)
+    pairs = match_cases(pred_dir, ref_dir)
     _check_geometry(pairs)
-    jobs = [_Job(case, pred, ref, options.labels, options.tolerance_mm, options.lesions)
+    jobs = [_Job(case, pred, ref, options.labels, options.tolerance_mm, options.lesions, options.ignore_label,
+                 options.regions)
             for case, (pred, ref) in pairs.items()]
     results = sorted(parallel_map(_score_job, jobs, workers=options.workers, progress=True, desc="Evaluating"),
                      key=lambda r: r.case_id)
@@ -227,6 +252,8 @@ def score_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_d
                        for r in results for c in options.lesions.labels]
         write_csv(out_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
         summary["lesion_wise"] = _lesion_summary(lesion_rows, options)
+    if options.regions:
+        summary.update(_write_regions(out_dir, results, options))
     write_json(out_dir / "summary.json", summary)
     if options.report:
         write_evaluation_report(out_dir, summary=summary, rows=rows, lesion_rows=lesion_rows, pred_dir=pred_dir,
@@ -247,13 +274,16 @@ class _Job:
     labels: tuple[int, ...] | None
     tolerance_mm: float | Mapping[int, float]
     lesions: LesionOptions
+    ignore_label: int | None = None
+    regions: tuple[Region, ...] = ()
 
 
 def _score_job(job: _Job) -> CaseResult:
     """Worker entry point: evaluate_case with the case named in any error."""
     try:
         return evaluate_case(job.pred_path, job.ref_path, labels=job.labels, tolerance_mm=job.tolerance_mm,
-                             case_id=job.case_id, lesions=job.lesions)
+                             case_id=job.case_id, lesions=job.lesions, ignore_label=job.ignore_label,
+                             regions=job.regions)
     except Exception as exc:
         # Exceptions cross the process boundary without their traceback: name the case here.
         message = f"Case {job.case_id!r} (pred {job.pred_path}, ref {job.ref_path}): {exc}"
@@ -262,6 +292,31 @@ def _score_job(job: _Job) -> CaseResult:
         except Exception:  # exception types whose constructor wants other arguments
             wrapped = RuntimeError(message)
         raise wrapped from exc
+
+
+def _write_regions(out_dir: Path, results: list[CaseResult], options: EvaluationOptions) -> dict[str, Any]:
+    """Write ``regions.csv`` (one row per case and region); return the summary's ``regions`` (as its
+    ``per_class``) and, with lesion labels, ``regions_lesion_wise`` (means over cases)."""
+    rows = [{"case": r.case_id, "region": name, **row, "image_diagonal_mm": r.image_diagonal_mm}
+            for r in results for name, row in r.regions.items()]
+    write_csv(out_dir / "regions.csv", rows, ("case", "region", *METRIC_NAMES, "image_diagonal_mm"))
+    entries: dict[str, Any] = {}
+    for g in options.regions:  # each region summarised as one class of its own rows
+        region_rows = [{**row, "class": 1} for row in rows if row["region"] == g.name]
+        entry = summarize(region_rows, labels=[1], class_names={1: g.name})["per_class"]["1"]
+        entries[g.name] = {**entry, "values": list(g.values)}
+    summary: dict[str, Any] = {"regions": entries}
+    if options.lesions.enabled:
+        summary["regions_lesion_wise"] = {g.name: _mean_numbers([r.region_lesions[g.name] for r in results])
+                                          for g in options.regions}
+    return summary
+
+
+def _mean_numbers(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The mean over cases (NaN ignored) of every numeric entry of the rows."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_))] if rows else []
+    return {k: float(np.nanmean([float(r[k]) for r in rows])) for k in keys}
 
 
 def _lesion_summary(rows: list[dict[str, Any]], options: EvaluationOptions) -> dict[str, Any]:
@@ -278,7 +333,7 @@ def _lesion_summary(rows: list[dict[str, Any]], options: EvaluationOptions) -> d
     }
 
 
-def _match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
+def match_cases(pred_dir: Path, ref_dir: Path) -> dict[str, tuple[Path, Path]]:
     """case id -> (prediction, reference), for every reference (sorted); missing predictions are an error."""
     refs = _list_label_files(ref_dir, "ref_dir")
     preds = _list_label_files(pred_dir, "pred_dir")

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from segpipe.data.labels import MAX_LABEL, Region
 from segpipe.errors import Received, expected
 
 __all__ = ["LesionOptions", "EvaluationOptions"]
@@ -120,6 +121,12 @@ class EvaluationOptions:
         Also write ``report.html`` and ``overlays/``. Default True.
     image_dir : path-like, optional
         Scans drawn under the report's overlays. Default: the ``images*`` folder beside the references.
+    ignore_label : int, optional
+        Reference voxels holding this value (1..255) were not annotated: they count nowhere, in no
+        class and no region (:func:`segpipe.metrics.regions.mask_ignored`). Default: none.
+    regions : sequence of Region, optional
+        Also scored per region (:class:`segpipe.data.labels.Region`; unique names, values 1..255);
+        stored as a tuple. Default: none.
 
     Raises
     ------
@@ -141,6 +148,8 @@ class EvaluationOptions:
     lesions: LesionOptions = field(default_factory=LesionOptions)
     report: bool = True
     image_dir: Path | None = None
+    ignore_label: int | None = None
+    regions: tuple[Region, ...] = ()
 
     def __post_init__(self) -> None:
         if self.labels is not None:
@@ -160,6 +169,19 @@ class EvaluationOptions:
             if not isinstance(self.image_dir, (str, os.PathLike)):
                 raise ValueError(expected("a folder path or None", key="image_dir", received=self.image_dir))
             object.__setattr__(self, "image_dir", Path(self.image_dir))
+        if self.ignore_label is not None and not (_is_integer(self.ignore_label) and 0 < self.ignore_label <= MAX_LABEL):
+            raise ValueError(expected(f"an ignore label in 1..{MAX_LABEL} or None", key="ignore_label",
+                                      received=self.ignore_label))
+        object.__setattr__(self, "regions", self._checked_regions())
+
+    def _checked_regions(self) -> tuple[Region, ...]:
+        regions = tuple(self.regions or ())
+        what = f"regions as Region(name, values) with unique names and values in 1..{MAX_LABEL}"
+        names = [g.name for g in regions if isinstance(g, Region)]
+        if len(names) != len(regions) or len(set(names)) != len(names) or not all(
+                g.values and all(_is_integer(v) and 0 < v <= MAX_LABEL for v in g.values) for g in regions):
+            raise ValueError(expected(what, key="regions", received=Received(repr(regions))))
+        return regions
 
     def _checked_tolerance(self) -> float | dict[int, float]:
         what = "tolerance_mm >= 0 (mm; a number or a mapping of label to number)"

@@ -35,11 +35,12 @@ import numpy as np
 
 from segpipe.errors import Received, expected
 from segpipe.evaluation.compare import paired_test
+from segpipe.evaluation.folders import match_cases
 from segpipe.inference.postprocess import (
     keep_largest_component,
     keep_largest_foreground_component,
 )
-from segpipe.io import NIFTI_SUFFIXES, read_nifti, strip_nifti_suffix
+from segpipe.io import read_nifti
 from segpipe.metrics.overlap import confusion_counts, overlap_metrics
 from segpipe.parallel import parallel_map
 
@@ -254,8 +255,8 @@ def choose_postprocessing_folders(pred_dir: str | os.PathLike, ref_dir: str | os
                                   workers: int | None = 1) -> dict[str, Any]:
     """:func:`choose_postprocessing` on two folders of NIfTI label maps matched by file name.
 
-    Every reference needs its prediction (a missing one is an error naming it); predictions
-    without a reference are ignored.
+    Matched by :func:`segpipe.evaluation.folders.match_cases`: every reference needs its prediction
+    (a missing one is an error naming it); predictions without a reference are ignored with a warning.
 
     Parameters
     ----------
@@ -269,17 +270,8 @@ def choose_postprocessing_folders(pred_dir: str | os.PathLike, ref_dir: str | os
     dict
         The decision record.
     """
-    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    preds, refs = _nifti_files(pred_dir, "pred_dir"), _nifti_files(ref_dir, "ref_dir")
-    if not refs:
-        raise ValueError(expected("NIfTI reference files (.nii, .nii.gz)", key="ref_dir",
-                                  received=Received(f"{ref_dir} (has none)")))
-    missing = sorted(set(refs) - set(preds))
-    if missing:
-        raise FileNotFoundError(expected("a prediction for every reference case", key="pred_dir", received=Received(
-            f"{pred_dir} (lacks {len(missing)} of {len(refs)}: {', '.join(missing[:10])}"
-            f"{' ...' if len(missing) > 10 else ''})")))
-    return choose_postprocessing({c: (preds[c], refs[c]) for c in sorted(refs)}, labels=labels, alpha=alpha,
+    pairs = match_cases(Path(pred_dir), Path(ref_dir))
+    return choose_postprocessing(pairs, labels=labels, alpha=alpha,
                                  connectivity=connectivity, workers=workers)
 
 
@@ -333,12 +325,4 @@ def _check_labels(labels: Sequence[int]) -> list[int]:
         raise ValueError(expected("distinct foreground label values (> 0)", key="labels", received=list(labels)))
     return values
 
-
-def _nifti_files(folder: Path, argument: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(expected("a folder of NIfTI label maps", key=argument,
-                                         received=Received(f"{folder} (no such folder)")))
-    # Dot-files include the temporaries of atomic writes in progress.
-    return {strip_nifti_suffix(p.name): p for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES)}
 

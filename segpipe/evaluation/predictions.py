@@ -61,7 +61,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     for cached in tqdm(prepared.subset("val"), desc="Predicting", unit="case"):
         result = segment_preprocessed(
             predict_fn, np.asarray(cached.load_image()), cached.meta, patch_size=config.data.patch_size,
-            settings=config.inference,
+            settings=config.inference, regions_class_order=prepared.dataset.regions_class_order,
         )
         name = f"{cached.case_id}.nii.gz"
         write_nifti(pred_dir / name, result.labels, result.affine)  # atomic; names the file on a full disk

@@ -6,11 +6,13 @@ Imports TensorFlow (through :mod:`segpipe.evaluation.predictions`) only when cal
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from segpipe.errors import expected
+from segpipe.data.labels import Region
+from segpipe.errors import expected, first_line
 from segpipe.evaluation.folders import score_folders
 from segpipe.evaluation.options import EvaluationOptions, LesionOptions
 from segpipe.locks import hold
@@ -47,6 +49,8 @@ def evaluate_run(
     labels, class_names, tolerance_mm, workers, report, image_dir
         As :func:`segpipe.evaluation.folders.evaluate_folders`; labels and class names default to the
         run's. The report finds the scans beside the dataset's label maps, which the references link to.
+        The run's dataset gives the ignore label and regions (``data.ignore_label``, ``data.regions``
+        or its ``dataset.json``).
     lesion_labels, lesion_min_size_mm3, lesion_dilation_vox
         As :func:`segpipe.evaluation.folders.evaluate_folders`.
 
@@ -81,6 +85,23 @@ def evaluate_run(
     # (segpipe.locks.LockHeldError) instead of mixing their predictions
     with hold(run.evaluation_dir, what="evaluation folder"):
         pred_dir, ref_dir, run_labels, run_names = predict_run(run.path, model=model)
+        ignore_label, regions = _run_label_scheme(run)
         options = replace(options, labels=options.labels if options.labels is not None else run_labels,
-                          class_names=options.class_names if options.class_names is not None else run_names)
+                          class_names=options.class_names if options.class_names is not None else run_names,
+                          ignore_label=ignore_label, regions=regions or ())
         return score_folders(pred_dir, ref_dir, out, options), out
+
+
+def _run_label_scheme(run: RunDir) -> tuple[int | None, tuple[Region, ...] | None]:
+    """The ignore label and regions of a run's dataset (its config and dataset.json); none, with a
+    warning, when the dataset cannot be opened (the predictions are then scored as plain labels)."""
+    from segpipe.data.pipeline import open_dataset  # the config layer: only the run mode needs it
+
+    config = run.config()
+    try:
+        dataset = open_dataset(config.data)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"Cannot open the run's dataset {config.data.root} ({first_line(exc)}): scoring without its "
+                      "ignore label and regions", stacklevel=3)
+        return None, None
+    return dataset.ignore_label, dataset.regions

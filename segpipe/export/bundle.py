@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import segpipe
-from segpipe.data.layouts import load_dataset
+from segpipe.data.labels import MAX_LABEL, Region
 from segpipe.data.preprocess import ORIENTATION, PreprocessSettings
 from segpipe.errors import Received, expected, first_line
 from segpipe.export.formats import write_model_files
@@ -103,6 +103,9 @@ def write_bundle(
     training_config: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    regions: Sequence[Region] | None = None,
+    regions_class_order: Sequence[int] | None = None,
+    ignore_label: int | None = None,
     onnx: bool = False,
     openvino: bool | None = None,
     segment: bool = True,
@@ -114,7 +117,8 @@ def write_bundle(
     Args:
         model: the trained Keras model (softmax output(s), channels-last input).
         out_dir: the bundle folder to create.
-        class_names: names indexed by label value; one per output channel.
+        class_names: names indexed by label value; one per output channel (with ``regions``: one per
+            label value of the label maps, 0 up to the largest of ``regions_class_order``).
         preprocessing: the resolved preprocessing of training (target spacing, normalisation
             statistics); new scans go through exactly this.
         patch_size: the training patch size, used as the sliding window.
@@ -127,6 +131,10 @@ def write_bundle(
         training_config: the run's resolved config (stored for provenance).
         source: free-form provenance (run directory, checkpoint).
         extra_meta: more keys for ``bundle.json`` (an ensemble's ``members`` and ``postprocessing``).
+        regions: a region network's regions (:class:`segpipe.data.labels.Region`), one sigmoid output
+            each; stored as ``regions`` with ``output_activation: "sigmoid"``.
+        regions_class_order: with ``regions``: the label value written for each region.
+        ignore_label: the training data's ignore label, stored for the record.
         onnx: also write ``model.onnx`` (needs tf2onnx, and onnxruntime for the check).
         openvino: write ``openvino/model.xml``: ``None`` (default) when ``openvino`` is installed
             (otherwise ``bundle.json`` records under ``formats_not_written`` why not), ``True``
@@ -150,7 +158,8 @@ def write_bundle(
     openvino, not_written = _export_formats(out_dir, onnx=onnx, openvino=openvino, verify=verify, overwrite=overwrite)
     inference, patch_size = _checked_settings(preprocessing, inference, patch_size)
     net = inference_model(model)
-    class_names, channel_names = _checked_names(net, class_names, channel_names)
+    regions, regions_class_order = _checked_regions(net, regions, regions_class_order)
+    class_names, channel_names = _checked_names(net, class_names, channel_names, regions_class_order)
     inference.check_classes(len(class_names))
     architecture = _checked_architecture(net, architecture, not_written)
 
@@ -162,14 +171,17 @@ def write_bundle(
         write_marker(tmp, "bundle")
         files, signatures = write_model_files(net, tmp, keras_weights=architecture is not None, onnx=onnx,
                                               openvino=openvino, segment=segment, not_written=not_written,
-                                              preprocessing=preprocessing, patch_size=patch_size, inference=inference)
+                                              preprocessing=preprocessing, patch_size=patch_size, inference=inference,
+                                              regions_class_order=regions_class_order)
         meta = _bundle_meta(net, class_names=class_names, channel_names=channel_names, preprocessing=preprocessing,
                             patch_size=patch_size, inference=inference, files=files, not_written=not_written,
                             signatures=signatures, onnx=onnx, openvino=openvino, source=source,
-                            training_config=training_config, architecture=architecture)
+                            training_config=training_config, architecture=architecture, regions=regions,
+                            regions_class_order=regions_class_order, ignore_label=ignore_label)
         meta["verification"] = verify_formats(net, tmp, files, patch_size, architecture) if verify else {"run": False}
         if verify and SEGMENT_SIGNATURE in signatures:
-            meta["verification"].update(verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference))
+            meta["verification"].update(verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference,
+                                                       regions_class_order=regions_class_order))
         meta.update(extra_meta or {})
         meta["manifest"] = file_manifest(tmp)
         write_json(tmp / "bundle.json", meta)  # last: its presence marks the bundle complete
@@ -230,11 +242,42 @@ def _checked_settings(preprocessing: Any, inference: InferenceSettings | Mapping
     return inference, patch_size
 
 
-def _checked_names(net, class_names: Sequence[str], channel_names: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """Class names (one per output channel) and channel names (one per input channel, default ``channel_<i>``)."""
+def _checked_regions(net, regions: Sequence[Region] | None, regions_class_order: Sequence[int] | None
+                     ) -> tuple[tuple[Region, ...] | None, tuple[int, ...] | None]:
+    """Regions (one per sigmoid output) with their class order, both or neither; a sigmoid head needs them."""
+    from segpipe.models.unet3d import outputs_sigmoid  # Keras: writing a bundle loads it anyway
+
+    outputs = int(net.outputs[0].shape[-1])
+    if not regions:
+        if regions_class_order is not None:
+            raise ValueError(expected("regions with regions_class_order", key="regions", received=regions))
+        if outputs_sigmoid(net):
+            raise ValueError(expected("the regions of a sigmoid (region) network, one per output channel",
+                                      key="regions", received=regions))
+        return None, None
+    regions = tuple(regions)
+    if (len(regions) != outputs or not all(isinstance(g, Region) for g in regions)
+            or len({g.name for g in regions}) != len(regions)):
+        raise ValueError(expected(f"one Region per model output channel ({outputs}), unique names", key="regions",
+                                  received=Received(repr(regions))))
+    order = tuple(int(v) for v in regions_class_order or ())
+    if len(order) != outputs or not all(1 <= v <= MAX_LABEL for v in order):
+        raise ValueError(expected(f"one label value in 1..{MAX_LABEL} per region ({outputs})", key="regions_class_order",
+                                  received=regions_class_order))
+    return regions, order
+
+
+def _checked_names(net, class_names: Sequence[str], channel_names: Sequence[str] | None,
+                   regions_class_order: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
+    """Class names (one per output channel; with regions one per label value up to the largest of
+    ``regions_class_order``) and channel names (one per input channel, default ``channel_<i>``)."""
     in_channels, num_classes = int(net.inputs[0].shape[-1]), int(net.outputs[0].shape[-1])
     class_names = [str(n) for n in class_names]
-    if len(class_names) != num_classes:
+    if regions_class_order is not None:
+        if len(class_names) <= max(regions_class_order):
+            raise ValueError(expected(f"a name for every label value 0..{max(regions_class_order)} (regions_class_order)",
+                                      key="class_names", received=class_names))
+    elif len(class_names) != num_classes:
         raise ValueError(expected(f"one class name per model output channel ({num_classes})", key="class_names",
                                   received=class_names))
     channel_names = [str(n) for n in channel_names] if channel_names else [f"channel_{i}" for i in range(in_channels)]
@@ -248,7 +291,8 @@ def _bundle_meta(net, *, class_names: list[str], channel_names: list[str], prepr
                  patch_size: tuple[int, ...], inference: InferenceSettings, files: dict[str, str],
                  not_written: dict[str, str], signatures: list[str], onnx: bool, openvino: bool,
                  source: Mapping[str, Any] | None, training_config: Mapping[str, Any] | None,
-                 architecture: Mapping[str, Any] | None) -> dict[str, Any]:
+                 architecture: Mapping[str, Any] | None, regions: Sequence[Region] | None = None,
+                 regions_class_order: Sequence[int] | None = None, ignore_label: int | None = None) -> dict[str, Any]:
     """The contents of ``bundle.json`` (without ``verification`` and ``manifest``)."""
     return {
         "format": BUNDLE_FORMAT,
@@ -262,6 +306,10 @@ def _bundle_meta(net, *, class_names: list[str], channel_names: list[str], prepr
         "patch_size": list(patch_size),
         "inference": inference.to_dict(),
         "files": files,
+        "output_activation": "sigmoid" if regions else "softmax",
+        "regions": [{"name": g.name, "values": list(g.values)} for g in regions] if regions else None,
+        "regions_class_order": list(regions_class_order) if regions else None,
+        "ignore_label": ignore_label,
         "architecture": dict(architecture) if architecture is not None else None,
         "formats_not_written": not_written,
         "signature": {"name": SIGNATURE, "input": INPUT_NAME},
@@ -296,8 +344,9 @@ def export_run(
         overwrite: replace an existing bundle folder.
         inference: inference settings; default: the run config's ``inference`` section.
         preprocessing: defaults to ``RUN_DIR/preprocessing.json`` (written at training time).
-        class_names: defaults to the classes of the run's dataset (``data.root``); ``class_<v>`` if
-            that folder is not readable.
+        class_names: defaults to the classes of the run's dataset (``data.root``, opened as training
+            opens it, so ``data.ignore_label`` and ``data.regions`` apply); ``class_<v>`` if that
+            folder is not readable (not for a region run, whose regions only the dataset knows).
         verify: check the SavedModel/ONNX against Keras after writing.
     """
     member = load_run_member(run_dir, checkpoint, preprocessing=preprocessing, class_names=class_names)
@@ -312,6 +361,9 @@ def export_run(
         inference=member.config.inference if inference is None else inference,
         training_config=member.config.to_dict(),
         source=member.source,
+        regions=member.regions,
+        regions_class_order=member.regions_class_order,
+        ignore_label=member.ignore_label,
         onnx=onnx,
         verify=verify,
         overwrite=overwrite,
@@ -330,6 +382,9 @@ class RunMember:
     class_names: list[str]
     channel_names: list[str] | None
     source: dict[str, str]
+    regions: tuple[Region, ...] | None = None  # a region run's regions (one sigmoid output each)
+    regions_class_order: tuple[int, ...] | None = None
+    ignore_label: int | None = None
 
 
 def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
@@ -341,6 +396,8 @@ def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     then holds loads without running code.
     """
     import keras
+
+    from segpipe.models.unet3d import outputs_sigmoid  # Keras, as above
 
     run = RunDir(run_dir)
     config = run.config()
@@ -357,27 +414,50 @@ def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     except Exception as exc:
         raise ValueError(expected("a Keras model file that loads", key="checkpoint",
                                   received=Received(f"{model_path} (cannot load: {first_line(exc)})"))) from exc
-    num_classes = int(inference_model(model).outputs[0].shape[-1])
+    num_outputs = int(inference_model(model).outputs[0].shape[-1])
+    dataset = _run_dataset(config, sigmoid=outputs_sigmoid(model))
+    regions = dataset.regions if dataset is not None else None
+    if regions and len(regions) != num_outputs:
+        raise ValueError(expected(f"a dataset with the model's {num_outputs} regions", key="data.regions",
+                                  received=Received(f"{config.data.root} with regions {[g.name for g in regions]}")))
     architecture = architecture_from_model_config(config.model, in_channels=int(model.inputs[0].shape[-1]),
-                                                  num_classes=num_classes)
+                                                  num_classes=num_outputs, output="sigmoid" if regions else None)
     channel_names = None
     if class_names is None:
-        class_names, channel_names = _dataset_names(config.data.root, num_classes)
+        class_names, channel_names = _dataset_names(dataset, config.data.root, num_outputs)
     return RunMember(run.path, config, model, architecture, preprocessing, list(class_names), channel_names,
-                     {"run_dir": str(run.path.resolve()), "checkpoint": checkpoint, "model_file": str(model_path.resolve())})
+                     {"run_dir": str(run.path.resolve()), "checkpoint": checkpoint, "model_file": str(model_path.resolve())},
+                     regions=regions, regions_class_order=dataset.regions_class_order if regions else None,
+                     ignore_label=dataset.ignore_label if dataset is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def _dataset_names(root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
-    """Class and channel names from the run's dataset; generic names if it cannot be read."""
+def _run_dataset(config, *, sigmoid: bool):
+    """The run's dataset opened as training opens it (``data.ignore_label``, ``data.regions`` applied); None
+    (with a warning) if it cannot be read, unless the network is a region network, which needs its regions."""
+    from segpipe.data.pipeline import open_dataset  # the config layer: only exporting a run needs it
+
     try:
-        dataset = load_dataset(root)
+        return open_dataset(config.data)
     except (OSError, ValueError) as exc:
-        warnings.warn(f"Cannot read the run's dataset {root} for class names ({exc}); using class_<value>", stacklevel=3)
+        if sigmoid:
+            raise ValueError(expected("the run's dataset, readable: a region network's bundle needs its regions and "
+                                      "regions_class_order", key="data.root",
+                                      received=Received(f"{config.data.root} ({first_line(exc)})"))) from exc
+        warnings.warn(f"Cannot read the run's dataset {config.data.root} for class names ({first_line(exc)}); "
+                      "using class_<value>", stacklevel=4)
+        return None
+
+
+def _dataset_names(dataset, root: str, num_classes: int) -> tuple[list[str], list[str] | None]:
+    """Class and channel names from the run's dataset; generic names without it."""
+    if dataset is None:
         return [f"class_{v}" if v else "background" for v in range(num_classes)], None
     names = dataset.class_names
+    if dataset.regions:  # the label values of the label maps: the classes, up to the largest region value
+        return names, list(dataset.channel_names) or None
     if len(names) != num_classes:
         raise ValueError(expected(f"a dataset with the model's {num_classes} classes", key="data.root",
                                   received=Received(f"{root} with {len(names)} classes {names}")))

@@ -8,8 +8,9 @@ once on the averaged probabilities (averaging before mirroring equals averaging 
 means). ``bundle.json`` lists the members (their run, checkpoint and architecture) under
 ``members``, and the post-processing decided on out-of-fold predictions under ``postprocessing``.
 
-Members must share classes, input channels, preprocessing and patch size; the first difference is
-one clear error.
+Members must share classes, regions (and their class order), input channels, preprocessing and
+patch size; the first difference is one clear error. Region members' sigmoid probabilities are
+averaged like class probabilities, and the bundle carries their regions.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def export_ensemble(
     Raises
     ------
     ValueError
-        Fewer than 2 or more than 16 members, or members that differ in classes, channels,
+        Fewer than 2 or more than 16 members, or members that differ in classes, regions, channels,
         preprocessing or patch size (the first difference is named).
     """
     if not 2 <= len(run_dirs) <= MAX_MEMBERS:
@@ -91,7 +92,8 @@ def export_ensemble(
         ensemble, out_dir, class_names=first.class_names, preprocessing=first.preprocessing,
         patch_size=first.config.data.patch_size, channel_names=first.channel_names, architecture=spec,
         inference=settings, training_config=first.config.to_dict(), source={"ensemble_of": len(members)},
-        extra_meta=extra, onnx=onnx, verify=verify, overwrite=overwrite,
+        extra_meta=extra, regions=first.regions, regions_class_order=first.regions_class_order,
+        ignore_label=first.ignore_label, onnx=onnx, verify=verify, overwrite=overwrite,
     )
 
 
@@ -100,6 +102,8 @@ def check_members_agree(members: Sequence[RunMember]) -> None:
     first = members[0]
     checks = (
         ("classes", lambda m: list(m.class_names)),
+        ("regions", lambda m: [[g.name, list(g.values)] for g in m.regions or ()]),
+        ("regions class order", lambda m: list(m.regions_class_order or ())),
         ("input channels", lambda m: m.architecture["in_channels"]),
         ("channel names", lambda m: list(m.channel_names or [])),
         ("preprocessing", lambda m: m.preprocessing.to_dict()),

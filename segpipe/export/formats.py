@@ -6,6 +6,7 @@ and the ``TensorSpec`` list of its input.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from segpipe.data.preprocess import PreprocessSettings
 from segpipe.export import serving_graph
@@ -15,8 +16,11 @@ from segpipe.inference.settings import InferenceSettings
 
 def write_model_files(net, folder: Path, *, keras_weights: bool, onnx: bool, openvino: bool, segment: bool,
                       not_written: dict[str, str], preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
-                      inference: InferenceSettings) -> tuple[dict[str, str], list[str]]:
-    """Every model file of the bundle into ``folder``; returns ``files`` (format -> path) and the SavedModel's signatures."""
+                      inference: InferenceSettings, regions_class_order: Sequence[int] | None = None
+                      ) -> tuple[dict[str, str], list[str]]:
+    """Every model file of the bundle into ``folder``; returns ``files`` (format -> path) and the SavedModel's signatures.
+
+    ``regions_class_order``: a region network's label value per region, for the ``segment`` signature."""
     import tensorflow as tf
 
     in_channels = int(net.inputs[0].shape[-1])
@@ -26,7 +30,8 @@ def write_model_files(net, folder: Path, *, keras_weights: bool, onnx: bool, ope
         files = {"keras": FILES["keras"], **files}
     signature = [tf.TensorSpec((None, None, None, None, in_channels), tf.float32, name=INPUT_NAME)]
     signatures = write_savedmodel(net, folder / FILES["savedmodel"], signature, segment=segment, not_written=not_written,
-                                  preprocessing=preprocessing, patch_size=patch_size, inference=inference)
+                                  preprocessing=preprocessing, patch_size=patch_size, inference=inference,
+                                  regions_class_order=regions_class_order)
     if onnx:
         export_onnx(net, folder / FILES["onnx"], signature)
         files["onnx"] = FILES["onnx"]
@@ -37,7 +42,8 @@ def write_model_files(net, folder: Path, *, keras_weights: bool, onnx: bool, ope
 
 
 def write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_written: dict[str, str],
-                     preprocessing: PreprocessSettings, patch_size: tuple[int, ...], inference: InferenceSettings) -> list[str]:
+                     preprocessing: PreprocessSettings, patch_size: tuple[int, ...], inference: InferenceSettings,
+                     regions_class_order: Sequence[int] | None = None) -> list[str]:
     """The SavedModel: ``serving_default`` (windows) and, if possible, ``segment`` (raw scan -> labels)."""
     import keras
 
@@ -50,7 +56,7 @@ def write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_wri
         fn = serving_graph.build_segment_function(
             net, preprocessing=preprocessing, patch_size=patch_size, overlap=inference.overlap,
             mirror_axes=inference.mirror_axes, batch_size=inference.batch_size, sigma_scale=inference.sigma_scale,
-            in_channels=int(net.inputs[0].shape[-1]),
+            in_channels=int(net.inputs[0].shape[-1]), regions_class_order=regions_class_order,
         )
         archive.add_endpoint(SEGMENT_SIGNATURE, fn)
         names.append(SEGMENT_SIGNATURE)

@@ -20,7 +20,9 @@ in the graph, with the bundle's settings baked in at export:
 4. Gaussian-weighted sliding window with the bundle's overlap, windows per call and mirroring
    (flips inside the graph); windows are blended one row (start along axis 0) at a time with one
    ``scatter_nd`` per row, because a per-window update of a whole-volume tensor copies it;
-5. probabilities resampled back linearly to the cropped grid, argmax, background outside the box.
+5. probabilities resampled back linearly to the cropped grid, argmax, background outside the box;
+   a region network (one sigmoid per region): label ``regions_class_order[i]`` where region i's
+   probability is above 0.5, regions in order (:func:`segpipe.data.labels.regions_to_labels`).
 
 It reproduces :func:`segpipe.inference.segment.segment_volume` up to float rounding (the tests require
 ≥ 99.9 % equal labels on an anisotropic, non-RAS scan). Not in the graph:
@@ -63,6 +65,7 @@ def build_segment_function(
     batch_size: int,
     sigma_scale: float,
     in_channels: int,
+    regions_class_order: Sequence[int] | None = None,
 ):
     """A ``tf.function`` (image, spacing_mm) -> {"labels"} for ``keras.export.ExportArchive``.
 
@@ -76,6 +79,8 @@ def build_segment_function(
         The sliding window (baked in).
     in_channels : int
         Input channels of the network.
+    regions_class_order : sequence of int, optional
+        For a region network (sigmoid outputs): the label value of each region. Default: classes (argmax).
 
     Returns
     -------
@@ -92,7 +97,7 @@ def build_segment_function(
 
     graph = _SegmentGraph.create(net, preprocessing=preprocessing, patch_size=patch_size, overlap=overlap,
                                  mirror_axes=mirror_axes, batch_size=batch_size, sigma_scale=sigma_scale,
-                                 in_channels=in_channels)
+                                 in_channels=in_channels, regions_class_order=regions_class_order)
     spec = [tf.TensorSpec([None, None, None, in_channels], tf.float32, name="image"),
             tf.TensorSpec([3], tf.float64, name="spacing_mm")]
 
@@ -118,10 +123,12 @@ class _SegmentGraph:
     batch_size: int
     in_channels: int
     num_classes: int
+    regions_class_order: tuple[int, ...] | None = None  # region networks: label value of each region
 
     @classmethod
     def create(cls, net, *, preprocessing: PreprocessSettings, patch_size: Sequence[int], overlap: float,
-               mirror_axes: Sequence[int], batch_size: int, sigma_scale: float, in_channels: int) -> "_SegmentGraph":
+               mirror_axes: Sequence[int], batch_size: int, sigma_scale: float, in_channels: int,
+               regions_class_order: Sequence[int] | None = None) -> "_SegmentGraph":
         """Check the settings and precompute the window weights (see :func:`build_segment_function`)."""
         reason = unsupported_reason(preprocessing)
         if reason:
@@ -133,12 +140,19 @@ class _SegmentGraph:
             raise ValueError(expected(f"one normalization per input channel ({in_channels})",
                                       key="preprocessing.normalization", received=list(schemes)))
         window = tuple(int(w) for w in patch_size)
+        num_outputs = int(net.outputs[0].shape[-1])
+        if regions_class_order is not None:
+            regions_class_order = tuple(int(v) for v in regions_class_order)
+            if len(regions_class_order) != num_outputs or not all(1 <= v <= 255 for v in regions_class_order):
+                raise ValueError(expected(f"one label value in 1..255 per network output ({num_outputs})",
+                                          key="regions_class_order", received=list(regions_class_order)))
         return cls(net=net, preprocessing=preprocessing, schemes=schemes, window=window,
                    step=tuple(max(1.0, w * (1.0 - overlap)) for w in window),
                    weights=gaussian_importance_map(window, sigma_scale),
                    axis_weights=_axis_gaussians(window, sigma_scale),
                    flips=tuple(tuple(axes) for axes in mirror_combinations(mirror_axes)),
-                   batch_size=int(batch_size), in_channels=int(in_channels), num_classes=int(net.outputs[0].shape[-1]))
+                   batch_size=int(batch_size), in_channels=int(in_channels), num_classes=num_outputs,
+                   regions_class_order=regions_class_order)
 
     # ------------------------------------------------------------ the five steps
 
@@ -154,8 +168,19 @@ class _SegmentGraph:
         probabilities = self.sliding_window(x)  # 4.
         if self.preprocessing.target_spacing_mm is not None:  # 5. back to the cropped grid (linear)
             probabilities = _resample(probabilities, hi - lo, 1)
-        labels = tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)
+        labels = self.to_labels(probabilities)
         return tf.pad(labels, tf.stack([lo, full_shape - hi], axis=1))  # background outside the box
+
+    def to_labels(self, probabilities):
+        """The label map of the probabilities: argmax, or for regions the later region above 0.5."""
+        import tensorflow as tf
+
+        if self.regions_class_order is None:
+            return tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8)
+        labels = tf.zeros(tf.shape(probabilities)[:-1], tf.uint8)
+        for i, value in enumerate(self.regions_class_order):  # later regions overwrite earlier ones (nnU-Net)
+            labels = tf.where(probabilities[..., i] > 0.5, tf.constant(value, tf.uint8), labels)
+        return labels
 
     def crop(self, image, full_shape):
         """1. The image cropped to its non-zero box (or whole), the non-zero mask there, and the box."""

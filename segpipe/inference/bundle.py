@@ -11,7 +11,14 @@ key:
   (:func:`segpipe.models.architecture.check_architecture`);
 - a file that breaks the manifest (:mod:`segpipe.inference.integrity`): missing, changed, extra,
   executable, a symbolic link, or a path that leaves the folder;
-- a model file under any name other than the fixed one of its format (:data:`FILES`).
+- a model file under any name other than the fixed one of its format (:data:`FILES`);
+- regions (``regions``, ``regions_class_order``, ``output_activation``) that are malformed, disagree
+  with one another, with ``classes`` or with the network's outputs, and an ``ignore_label`` that is
+  not a value above every class.
+
+A region bundle (nnU-Net's region-based training, :mod:`segpipe.data.labels`) has one sigmoid output
+per region (``output_activation: "sigmoid"``); prediction turns the region probabilities into labels
+by ``regions_class_order``. ``classes`` names the label values of the label maps it writes.
 
 Which formats may then be loaded without trusting the sender is :mod:`segpipe.inference.runtimes`'
 business (docs/deployment.md, "Trust").
@@ -21,7 +28,7 @@ Layout (version 2)::
     BUNDLE/
       .segpipe           segpipe's marker (a folder segpipe created and may replace)
       bundle.json        classes, channels, preprocessing, orientation, patch size, inference
-                         settings, the network's architecture (builder arguments), the file manifest
+                         settings, regions (optional), the output activation, the network's architecture (builder arguments), the file manifest
                          (size and SHA-256 of every file), versions, provenance
       model.weights.h5   the network's weight arrays (Keras); the network is rebuilt from
                          ``architecture`` with segpipe's own builders
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from segpipe.data.labels import MAX_LABEL, Region
 from segpipe.data.preprocess import ORIENTATION, PreprocessSettings
 from segpipe.errors import Received, SettingError, expected, first_line
 from segpipe.inference import integrity
@@ -61,6 +69,8 @@ MAX_PATCH_VOXELS = 2**24  # 256³; the largest nnU-Net 3D patches are ~ 2·10⁶
 MAX_BATCH_SIZE = 256
 SPACING_RANGE_MM = (1e-3, 1e3)
 MAX_ACTIVATION_BYTES_PER_VOXEL = 2**20
+MAX_NAME_CHARS = 256  # a class or region name
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")  # probabilities per class; one probability per region
 
 
 class BundleError(ValueError):
@@ -84,10 +94,25 @@ class Bundle:
     architecture: dict[str, Any] | None = None  # builder arguments; None: no Keras weights in the bundle
     training_config: dict[str, Any] = field(default_factory=dict, repr=False)
     meta: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole bundle.json
+    # region bundles: one sigmoid output per region, labels by regions_class_order (segpipe.data.labels)
+    regions: tuple[Region, ...] | None = None
+    regions_class_order: tuple[int, ...] | None = None
+    ignore_label: int | None = None  # of the training data, for the record (prediction never writes it)
 
     @property
     def num_classes(self) -> int:
+        """Label values of the label maps prediction writes (``classes``)."""
         return len(self.class_names)
+
+    @property
+    def num_outputs(self) -> int:
+        """Output channels of the network: one per region, else one per class."""
+        return len(self.regions) if self.regions else self.num_classes
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """One name per output channel: the regions, else the classes."""
+        return tuple(r.name for r in self.regions) if self.regions else self.class_names
 
     def file(self, fmt: str) -> Path:
         """Path of the model file of format ``fmt`` (``keras``, ``savedmodel``, ``onnx``, ``openvino``)."""
@@ -132,7 +157,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     patch_size = _read_patch_size(fields)
     inference = _read_inference(fields)
     files = _read_files(fields)
-    architecture = _read_architecture(fields, input_channels, len(classes), files)
+    regions, regions_class_order, activation = _read_regions(fields, len(classes))
+    ignore_label = _read_ignore_label(fields, len(classes))
+    architecture = _read_architecture(fields, input_channels, len(regions) if regions else len(classes), files,
+                                      activation)
     _read_bounded_number(fields, "activation_bytes_per_voxel", MAX_ACTIVATION_BYTES_PER_VOXEL)
     manifest = fields.get("manifest", dict, "a mapping file -> {bytes, sha256}")
     _check_files_in_manifest(fields, files, manifest)
@@ -156,6 +184,9 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         architecture=architecture,
         training_config=dict(meta.get("training_config") or {}),
         meta=meta,
+        regions=regions,
+        regions_class_order=regions_class_order,
+        ignore_label=ignore_label,
     )
 
 
@@ -224,6 +255,65 @@ def _read_classes(fields: _BundleFields) -> list[dict[str, Any]]:
         raise BundleError(expected(f"2 to {MAX_CLASSES} entries {{'value': i, 'name': str}} with values 0, 1, 2, ... in order",
                                    key="classes", received=classes, where=fields.where))
     return classes
+
+
+def _read_regions(fields: _BundleFields, num_classes: int
+                  ) -> tuple[tuple[Region, ...] | None, tuple[int, ...] | None, str]:
+    """``regions`` and ``regions_class_order`` (both or neither) and ``output_activation``.
+
+    Absent (or null) ``regions``: a class network, ``output_activation`` ``softmax`` (the default).
+    ``regions``: a list of ``{"name": str, "values": [int, ...]}`` (unique names, values 1..255),
+    ``regions_class_order`` one class value (1 .. classes - 1) per region, ``output_activation``
+    ``sigmoid``.
+    """
+    meta = fields.meta
+    activation = meta.get("output_activation", "softmax")
+    if activation not in OUTPUT_ACTIVATIONS:
+        raise BundleError(expected(f"one of {list(OUTPUT_ACTIVATIONS)}", key="output_activation", received=activation,
+                                   where=fields.where))
+    raw, order = meta.get("regions"), meta.get("regions_class_order")
+    if raw is None:
+        if order is not None:
+            raise BundleError(expected("null without regions", key="regions_class_order", received=order,
+                                       where=fields.where))
+        if activation != "softmax":
+            raise BundleError(expected("'softmax' (a bundle without regions has one probability per class)",
+                                       key="output_activation", received=activation, where=fields.where))
+        return None, None, activation
+    what = (f"a list of 1 to {MAX_CLASSES} regions {{'name': str, 'values': [int, ...]}} with unique names and "
+            f"values from 1 to {MAX_LABEL}")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CLASSES:
+        raise BundleError(expected(what, key="regions", received=raw, where=fields.where))
+    regions = []
+    for k, entry in enumerate(raw):
+        name, values = (entry.get("name"), entry.get("values")) if isinstance(entry, dict) else (None, None)
+        if (not isinstance(entry, dict) or set(entry) != {"name", "values"} or not isinstance(name, str)
+                or not 0 < len(name) <= MAX_NAME_CHARS or not isinstance(values, list) or not 1 <= len(values) <= MAX_LABEL
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LABEL for v in values)):
+            raise BundleError(expected(what, key=f"regions[{k}]", received=entry, where=fields.where))
+        regions.append(Region(name, tuple(values)))
+    names = [r.name for r in regions]
+    if len(set(names)) != len(names):
+        raise BundleError(expected(what, key="regions", received=Received(f"names {names}"), where=fields.where))
+    order_what = f"one class value from 1 to {num_classes - 1} (a value of classes) per region ({len(regions)})"
+    if (not isinstance(order, list) or len(order) != len(regions)
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < num_classes for v in order)):
+        raise BundleError(expected(order_what, key="regions_class_order", received=order, where=fields.where))
+    if activation != "sigmoid":
+        raise BundleError(expected("'sigmoid' (a region bundle has one probability per region)",
+                                   key="output_activation", received=activation, where=fields.where))
+    return tuple(regions), tuple(int(v) for v in order), activation
+
+
+def _read_ignore_label(fields: _BundleFields, num_classes: int) -> int | None:
+    """``ignore_label`` (optional, for the record): a value above every class value, at most 255."""
+    value = fields.meta.get("ignore_label")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not num_classes <= value <= MAX_LABEL:
+        raise BundleError(expected(f"null or an integer from {num_classes} to {MAX_LABEL} (above every class value)",
+                                   key="ignore_label", received=value, where=fields.where))
+    return value
 
 
 def _read_channels(fields: _BundleFields) -> tuple[int, list[Any]]:
@@ -312,8 +402,9 @@ def _check_files_in_manifest(fields: _BundleFields, files: Mapping[str, str], ma
 
 
 def _read_architecture(fields: _BundleFields, input_channels: int, num_classes: int,
-                       files: Mapping[str, str]) -> dict[str, Any] | None:
-    """``architecture`` (builder arguments), bounded; required with Keras weights, matching channels and classes."""
+                       files: Mapping[str, str], activation: str = "softmax") -> dict[str, Any] | None:
+    """``architecture`` (builder arguments), bounded; required with Keras weights, matching channels, outputs
+    (``num_classes``: classes, or regions) and ``output_activation``."""
     if "keras" not in files:
         return None
     spec = fields.get("architecture", dict, "the network's builder and its arguments")
@@ -322,10 +413,16 @@ def _read_architecture(fields: _BundleFields, input_channels: int, num_classes: 
     except ValueError as exc:
         raise BundleError(str(exc)) from None
     found = (spec["in_channels"], spec["num_classes"])
+    outputs = "regions" if activation == "sigmoid" else "classes"
     if found != (input_channels, num_classes):
-        raise BundleError(expected(f"{input_channels} input channel(s) and {num_classes} classes (input_channels and "
-                                   "classes of bundle.json)", key="architecture", where=fields.where,
+        raise BundleError(expected(f"{input_channels} input channel(s) and {num_classes} {outputs} (input_channels and "
+                                   f"{outputs} of bundle.json)", key="architecture", where=fields.where,
                                    received=Received(f"in_channels={found[0]}, num_classes={found[1]}")))
+    heads = {m.get("args", {}).get("output", "softmax") for m in spec.get("members", [spec])}
+    if (activation == "sigmoid") != (heads == {"sigmoid"}):
+        raise BundleError(expected(f"networks whose head matches output_activation {activation!r}",
+                                   key="architecture", where=fields.where,
+                                   received=Received(f"args.output={sorted(heads)}")))
     return spec
 
 

@@ -196,7 +196,8 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
                                    key=f"files.{file_format(format)}",
                                    received=Received(f"{path} (cannot load: {first_line(exc)})"),
                                    where=where)) from exc
-    _check_io(path, found, (bundle.input_channels, bundle.num_classes))
+    _check_io(path, found, (bundle.input_channels, bundle.num_outputs),
+              outputs="regions" if bundle.regions else "classes")
     predict_fn.format = format
     predict_fn.activation_bytes_per_voxel = bundle.meta.get("activation_bytes_per_voxel", 0)
     return predict_fn
@@ -413,9 +414,10 @@ def check_openvino_ir(path: Path) -> None:
                                    received=Received(f"{path} ({problem})")))
 
 
-def _check_io(path: Path, found: tuple[Any, Any], wanted: tuple[int, int]) -> None:
+def _check_io(path: Path, found: tuple[Any, Any], wanted: tuple[int, int], *, outputs: str = "classes") -> None:
+    """The loaded network's input channels and output channels (``outputs``: classes, or regions) are bundle.json's."""
     found = tuple(int(v) if isinstance(v, (int, np.integer)) else v for v in found)
     if found != wanted:
         raise BundleError(expected(
-            f"a network with {wanted[0]} input channel(s) and {wanted[1]} classes (from bundle.json)", key="network",
+            f"a network with {wanted[0]} input channel(s) and {wanted[1]} {outputs} (from bundle.json)", key="network",
             received=Received(f"{found[0]} input channel(s), {found[1]} output channel(s)"), where=str(path)))

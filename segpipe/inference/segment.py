@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from segpipe.data.labels import regions_to_labels
 from segpipe.data.layouts import Case, is_reference_label_folder, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
@@ -63,6 +64,7 @@ def segment_volume(
     settings: InferenceSettings = InferenceSettings(),
     return_probabilities: bool = False,
     progress: bool = False,
+    regions_class_order: Sequence[int] | None = None,
 ) -> Segmentation:
     """Segment one scan given as arrays: image (X, Y, Z) or (X, Y, Z, Cin) and its affine.
 
@@ -78,13 +80,16 @@ def segment_volume(
             that keep only their largest component.
         return_probabilities: also return the probabilities on the scan's grid.
         progress: progress bar over the windows.
+        regions_class_order: for a region network (one sigmoid per region, a region bundle's
+            ``regions_class_order``): the label value of each region (see :func:`segment_preprocessed`).
 
     Returns:
         A :class:`Segmentation` whose arrays have the scan's spatial shape.
     """
     case = preprocess_volume(image, affine, None, preprocessing)
     return segment_preprocessed(predict_fn, case.image, case.meta, patch_size=patch_size, settings=settings,
-                                return_probabilities=return_probabilities, progress=progress)
+                                return_probabilities=return_probabilities, progress=progress,
+                                regions_class_order=regions_class_order)
 
 
 def segment_preprocessed(
@@ -96,6 +101,7 @@ def segment_preprocessed(
     settings: InferenceSettings = InferenceSettings(),
     return_probabilities: bool = False,
     progress: bool = False,
+    regions_class_order: Sequence[int] | None = None,
 ) -> Segmentation:
     """Steps 2-4 of :func:`segment_volume` for an image already preprocessed (e.g. a cached training case).
 
@@ -105,13 +111,23 @@ def segment_preprocessed(
         meta: its preprocessing record (``PreprocessedCase.meta`` / the cache's ``meta.json``), which
             maps it back to the original grid.
         patch_size, settings, return_probabilities, progress: see :func:`segment_volume`.
+        regions_class_order: for a region network (one sigmoid per region): the label value of each
+            region; the region probabilities are mapped back (outside the crop box: in no region) and
+            turned into labels by :func:`segpipe.data.labels.regions_to_labels` (never the argmax
+            paths, which hold only class labels).
 
     Returns:
         A :class:`Segmentation` on the original grid, with the original affine.
     """
     window = dict(settings=settings, progress=progress)
     probabilities = None
-    if return_probabilities:
+    if regions_class_order is not None:
+        regions = sliding_window_predict(predict_fn, image, patch_size, **window).astype(np.float32, copy=False)
+        probabilities = restore_to_original(regions, meta, order=1,
+                                            fill_value=np.zeros(regions.shape[-1], np.float32))
+        labels = regions_to_labels(probabilities, regions_class_order)
+        probabilities = probabilities if return_probabilities else None
+    elif return_probabilities:
         probabilities = restore_probabilities(sliding_window_predict(predict_fn, image, patch_size, **window), meta)
         labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
     elif tuple(meta["shape"]) == tuple(meta["cropped_shape"]):  # no resampling: labels slab by slab, exact
@@ -195,6 +211,7 @@ def segment_case(
     return segment_volume(
         predict_fn, volume.array, volume.affine, preprocessing=bundle.preprocessing, patch_size=bundle.patch_size,
         settings=settings or bundle.inference, return_probabilities=return_probabilities, progress=progress,
+        regions_class_order=bundle.regions_class_order,
     )
 
 
@@ -305,7 +322,7 @@ def predict_files(
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
         save_probabilities: also write the per-class probabilities (X, Y, Z, C) on the scan's grid
-            (an ensemble's: the members' average), as ``"nifti"`` (or True): ``CASE_probabilities.nii.gz``,
+            (an ensemble's: the members' average; a region bundle's: one channel per region), as ``"nifti"`` (or True): ``CASE_probabilities.nii.gz``,
             or ``"npz"``: ``CASE_probabilities.npz`` (:func:`write_probabilities`).
         probabilities_dtype: ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
         progress: progress bars over cases and windows.
@@ -346,7 +363,7 @@ def predict_files(
         write_nifti(path, result.labels, result.affine)
         if probability_path:
             write_probabilities(probability_path[0], result.probabilities, result.affine,
-                                class_names=bundle.class_names, dtype=probabilities_dtype)
+                                class_names=bundle.output_names, dtype=probabilities_dtype)
         written.append(path)
     return written
 

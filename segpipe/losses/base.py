@@ -96,6 +96,9 @@ class SegmentationLoss(keras.losses.Loss):
         merged = {**defaults, **options}
         self.options = {key: self._validators.get(key, VALIDATORS[key])(self.registry_name, key, v)
                         for key, v in merged.items()}
+        if self.options.get("sigmoid") and not self.options.get("include_background", True):
+            raise SettingError("include_background", f"true for loss '{self.registry_name}' with sigmoid: true "
+                                                     "(region outputs have no background channel to drop)", False)
         self._check_options()
         super().__init__(name=name or self.registry_name, reduction=reduction, dtype=dtype)
 
@@ -147,7 +150,7 @@ class SegmentationLoss(keras.losses.Loss):
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(expected("a positive integer", key="num_classes", received=num_classes))
         include_background = self.options["include_background"]
-        scored = num_classes - (0 if include_background else 1)
+        scored = num_classes - (0 if include_background or self.options.get("sigmoid") else 1)
         if scored < 1:  # the dataset's class count, not an option: not a SettingError
             raise ValueError(expected(f"at least 2 classes for loss '{self.registry_name}' with "
                                       "include_background=False", key="num_classes", received=num_classes))

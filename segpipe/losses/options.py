@@ -87,7 +87,7 @@ def weight_type(loss: str, key: str, v: Any) -> str:
 
 VALIDATORS: dict[str, Callable[[str, str, Any], Any]] = {
     "include_background": boolean, "batch": boolean, "from_logits": boolean,
-    "squared_pred": boolean, "smooth_nr": number(0.0), "smooth_dr": number(0.0),
+    "squared_pred": boolean, "sigmoid": boolean, "smooth_nr": number(0.0), "smooth_dr": number(0.0),
     "alpha": number(0.0), "beta": number(0.0), "gamma": number(0.0, low_open=True),
     "class_weights": weights, "label_smoothing": number(0.0, 1.0, high_open=True),
     "weight_type": weight_type,

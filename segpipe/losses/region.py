@@ -5,6 +5,8 @@ summing over the spatial axes (p = prediction, g = one-hot reference)::
 
     TP = sum p * g        FP = sum p * (1 - g)        FN = sum (1 - p) * g
 
+over the annotated voxels only (ignored voxels: a zero one-hot row or the ignore-mask channel, see
+:func:`segpipe.losses.tensors.split_target`; ``FP = sum p (m - g)``),
 then a ratio per class and the (``class_weights``-weighted) class mean ``sum_c w_c l_bc / sum_c w_c``.
 With ``batch=True`` (nnU-Net's "batch Dice") TP, FP and FN are summed over the samples of the
 batch first (each scaled by ``pool_weights`` (B,) if given, and over all replicas under
@@ -26,7 +28,7 @@ __all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "iou_loss", "fo
 
 def dice_loss(y_true, y_pred, *, squared_pred: bool = False, include_background: bool = True,
               batch: bool = False, class_weights: Sequence[float] | None = None,
-              smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, from_logits: bool = False,
+              smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, from_logits: bool = False, sigmoid: bool = False,
               pool_weights=None):
     """Soft Dice loss per sample.
 
@@ -44,6 +46,9 @@ def dice_loss(y_true, y_pred, *, squared_pred: bool = False, include_background:
         class_weights: one non-negative weight per scored class for the class mean.
         smooth_nr, smooth_dr: added to numerator and denominator. Default 1e-5 each.
         from_logits: ``y_pred`` are logits; a softmax over the channel axis is applied.
+        sigmoid: the channels are independent region probabilities (one sigmoid per region, no
+            background channel): ``from_logits`` applies a sigmoid; ``include_background`` must
+            stay True. Defaults to False.
         pool_weights: with ``batch=True``, per-sample weights (B,) of the pooled counts.
 
     Returns:
@@ -54,6 +59,7 @@ def dice_loss(y_true, y_pred, *, squared_pred: bool = False, include_background:
     """
     stats = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
                          include_background=include_background, pool_weights=pool_weights,
+                              sigmoid=sigmoid,
                          squares=squared_pred)
     tp, fp, fn = stats[:3]
     denominator = stats[3] + stats[4] if squared_pred else 2.0 * tp + fp + fn
@@ -64,7 +70,7 @@ def dice_loss(y_true, y_pred, *, squared_pred: bool = False, include_background:
 def generalized_dice_loss(y_true, y_pred, *, weight_type: str = "square",
                           include_background: bool = True, batch: bool = False,
                           smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
-                          from_logits: bool = False, pool_weights=None):
+                          from_logits: bool = False, sigmoid: bool = False, pool_weights=None):
     """Generalized Dice loss (Sudre et al.) per sample.
 
     Formula (per sample, or over the pooled batch with ``batch=True``)::
@@ -94,7 +100,8 @@ def generalized_dice_loss(y_true, y_pred, *, weight_type: str = "square",
         function for highly unbalanced segmentations. DLMIA 2017, arXiv:1707.03237.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
-                              include_background=include_background, pool_weights=pool_weights)
+                              include_background=include_background, pool_weights=pool_weights,
+                              sigmoid=sigmoid)
     volume = tp + fn  # = sum g
     if weight_type == "uniform":
         w = ops.ones_like(volume)
@@ -115,7 +122,7 @@ def generalized_dice_loss(y_true, y_pred, *, weight_type: str = "square",
 def tversky_loss(y_true, y_pred, *, alpha: float = 0.5, beta: float = 0.5,
                  include_background: bool = True, batch: bool = False,
                  class_weights: Sequence[float] | None = None,
-                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, from_logits: bool = False,
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, from_logits: bool = False, sigmoid: bool = False,
                  pool_weights=None):
     """Tversky loss per sample; ``alpha`` weights false positives, ``beta`` false negatives.
 
@@ -140,14 +147,15 @@ def tversky_loss(y_true, y_pred, *, alpha: float = 0.5, beta: float = 0.5,
         convolutional deep networks. MLMI 2017, arXiv:1706.05721.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
-                              include_background=include_background, pool_weights=pool_weights)
+                              include_background=include_background, pool_weights=pool_weights,
+                              sigmoid=sigmoid)
     loss_bc = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
     return broadcast_to_batch(class_mean(loss_bc, class_weights, include_background), y_pred)
 
 
 def iou_loss(y_true, y_pred, *, include_background: bool = True, batch: bool = False,
              class_weights: Sequence[float] | None = None,
-             smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, from_logits: bool = False,
+             smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, from_logits: bool = False, sigmoid: bool = False,
              pool_weights=None):
     """Soft IoU (Jaccard) loss per sample.
 
@@ -163,7 +171,8 @@ def iou_loss(y_true, y_pred, *, include_background: bool = True, batch: bool = F
         segmentation. ISVC 2016, doi:10.1007/978-3-319-50835-1_22.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
-                              include_background=include_background, pool_weights=pool_weights)
+                              include_background=include_background, pool_weights=pool_weights,
+                              sigmoid=sigmoid)
     loss_bc = 1.0 - (tp + smooth_nr) / (tp + fp + fn + smooth_dr)
     return broadcast_to_batch(class_mean(loss_bc, class_weights, include_background), y_pred)
 
@@ -172,7 +181,7 @@ def focal_tversky_loss(y_true, y_pred, *, alpha: float = 0.3, beta: float = 0.7,
                        gamma: float = 0.75, include_background: bool = True, batch: bool = False,
                        class_weights: Sequence[float] | None = None,
                        smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
-                       from_logits: bool = False, pool_weights=None):
+                       from_logits: bool = False, sigmoid: bool = False, pool_weights=None):
     """Focal Tversky loss per sample.
 
     Formula::
@@ -197,7 +206,8 @@ def focal_tversky_loss(y_true, y_pred, *, alpha: float = 0.3, beta: float = 0.7,
         segmentation. ISBI 2019, arXiv:1810.07842.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
-                              include_background=include_background, pool_weights=pool_weights)
+                              include_background=include_background, pool_weights=pool_weights,
+                              sigmoid=sigmoid)
     tversky_index = (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
     loss_bc = power_from_zero(1.0 - tversky_index, gamma)
     return broadcast_to_batch(class_mean(loss_bc, class_weights, include_background), y_pred)

@@ -13,7 +13,7 @@ from keras import ops
 
 from segpipe.errors import Received, expected
 
-__all__ = ["EPSILON", "REDUCTIONS", "shape_str", "prepare", "region_stats", "power_from_zero",
+__all__ = ["EPSILON", "REDUCTIONS", "shape_str", "split_target", "prepare", "region_stats", "power_from_zero",
            "per_class_vector", "class_mean", "split_sample_weight", "reduce_per_sample",
            "pool_over_replicas"]
 
@@ -28,12 +28,19 @@ def shape_str(x) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in x.shape) + ")"
 
 
-def prepare(y_true, y_pred, *, from_logits: bool, include_background: bool,
-            label_smoothing: float = 0.0, with_log: bool = False):
-    """Check shapes, cast to float32, apply softmax / smoothing, drop background.
+def split_target(y_true, y_pred, *, sigmoid: bool = False):
+    """``(g, m)``: the class/region channels of ``y_true`` and the annotated-voxel weight ``m``.
 
-    Returns ``(g, p, log_p)``; ``log_p`` is ``None`` unless ``with_log``. With ``from_logits``
-    ``log_p`` is ``log_softmax(logits)`` (stable for any logit size), otherwise ``log(clip(p))``.
+    The ignore convention (docs/losses.md, "Ignored voxels"): a voxel nobody annotated weighs 0.
+
+    * ``y_true`` may carry **one extra last channel, the ignore mask** (1 = not annotated; the other
+      channels 0 there): then ``m = 1 - mask``. Region (sigmoid) targets use this form.
+    * Otherwise, for softmax (one-hot) targets, ``m = sum_c g_c``: an **all-zero one-hot row** is a
+      voxel without annotation (``tf.one_hot`` of an ignore value >= the class count gives it).
+      Sigmoid targets without the extra channel have ``m = 1``.
+
+    Down-sampled ("average") targets keep the meaning: ``m`` becomes the annotated fraction of the
+    block, and the class channels sum to it. ``m`` has shape (B, spatial..., 1).
     """
     if isinstance(y_pred, (list, tuple)):
         raise ValueError(expected("a single `y_pred` tensor; a model with several outputs (deep supervision) is "
@@ -43,29 +50,51 @@ def prepare(y_true, y_pred, *, from_logits: bool, include_background: bool,
     if len(y_pred.shape) < 3:
         raise ValueError(expected("`y_pred` of rank >= 3 (batch, spatial..., classes), channels last",
                                   key="y_pred.shape", received=Received(shape_str(y_pred))))
+    with_mask = (len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] is not None
+                 and y_pred.shape[-1] is not None and y_true.shape[-1] == y_pred.shape[-1] + 1)
+    true_shape = tuple(y_true.shape[:-1]) + ((y_true.shape[-1] - 1,) if with_mask else (y_true.shape[-1],))
     if len(y_true.shape) != len(y_pred.shape) or any(
-            a is not None and b is not None and a != b for a, b in zip(y_true.shape, y_pred.shape)):
-        raise ValueError(expected("`y_true` (one-hot) and `y_pred` of the same shape", key="y_true.shape",
+            a is not None and b is not None and a != b for a, b in zip(true_shape, y_pred.shape)):
+        raise ValueError(expected("`y_true` (one-hot, or one-hot plus a last ignore-mask channel) and `y_pred` of "
+                                  "the same shape", key="y_true.shape",
                                   received=Received(f"{shape_str(y_true)}, y_pred.shape={shape_str(y_pred)}")))
     g = ops.cast(y_true, "float32")
-    logits_or_p = ops.cast(y_pred, "float32")
+    if with_mask:
+        return g[..., :-1], 1.0 - g[..., -1:]
+    if sigmoid:
+        return g, ops.ones_like(g[..., :1])
+    return g, ops.sum(g, axis=-1, keepdims=True)
+
+
+def prepare(y_true, y_pred, *, from_logits: bool, include_background: bool,
+            label_smoothing: float = 0.0, with_log: bool = False, sigmoid: bool = False):
+    """Check shapes, cast to float32, apply softmax (sigmoid) / smoothing, drop background.
+
+    Returns ``(g, p, log_p, m)``; ``log_p`` is ``None`` unless ``with_log``; ``m`` (B, spatial..., 1)
+    is the annotated-voxel weight of :func:`split_target` (1 everywhere without ignored voxels).
+    With ``from_logits`` ``log_p`` is ``log_softmax(logits)`` (``log_sigmoid`` with ``sigmoid``;
+    stable for any logit size), otherwise ``log(clip(p))``. With ``sigmoid`` every channel is an
+    independent region probability and there is no background channel to drop.
+    """
+    g, m = split_target(y_true, y_pred, sigmoid=sigmoid)
+    logits_or_p = ops.cast(ops.convert_to_tensor(y_pred), "float32")
     if label_smoothing:
         num_classes = ops.cast(ops.shape(g)[-1], "float32")
-        g = g * (1.0 - label_smoothing) + label_smoothing / num_classes
+        g = g * (1.0 - label_smoothing) + label_smoothing * m / num_classes
     log_p = None
     if from_logits:
-        log_softmax = ops.log_softmax(logits_or_p, axis=-1)
-        p = ops.exp(log_softmax)
+        log_act = ops.log_sigmoid(logits_or_p) if sigmoid else ops.log_softmax(logits_or_p, axis=-1)
+        p = ops.exp(log_act)
         if with_log:
-            log_p = log_softmax
+            log_p = log_act
     else:
         p = logits_or_p
         if with_log:
             log_p = ops.log(ops.clip(p, EPSILON, 1.0))
-    if not include_background:
+    if not include_background and not sigmoid:
         g, p = g[..., 1:], p[..., 1:]
         log_p = None if log_p is None else log_p[..., 1:]
-    return g, p, log_p
+    return g, p, log_p, m
 
 
 def _spatial_sum(x):
@@ -74,18 +103,22 @@ def _spatial_sum(x):
 
 
 def region_stats(y_true, y_pred, *, from_logits: bool, include_background: bool, batch: bool,
-                 pool_weights=None, squares: bool = False):
+                 pool_weights=None, squares: bool = False, sigmoid: bool = False):
     """Per-sample counts ``TP, FP, FN`` (and ``sum p^2, sum g^2`` with ``squares``), each (B, C).
+
+    Only annotated voxels count: ``TP = sum p g``, ``FP = sum p (m - g)``, ``FN = sum (1 - p) g``
+    and ``sum m p^2`` with ``m`` the annotated weight of :func:`split_target` (``m = 1`` without
+    ignored voxels, which gives the usual counts); ``g`` is 0 on ignored voxels.
 
     With ``batch`` they are pooled over the batch, each sample scaled by ``pool_weights`` (B,) if
     given, and summed over the replicas of a ``tf.distribute`` strategy (:func:`pool_over_replicas`), so
     every replica gets the counts of the whole global batch; the result then has shape (1, C).
     """
-    g, p, _ = prepare(y_true, y_pred, from_logits=from_logits,
-                      include_background=include_background)
-    stats = [_spatial_sum(p * g), _spatial_sum(p * (1.0 - g)), _spatial_sum((1.0 - p) * g)]
+    g, p, _, m = prepare(y_true, y_pred, from_logits=from_logits,
+                         include_background=include_background, sigmoid=sigmoid)
+    stats = [_spatial_sum(p * g), _spatial_sum(p * (m - g)), _spatial_sum((1.0 - p) * g)]
     if squares:
-        stats += [_spatial_sum(p * p), _spatial_sum(g * g)]
+        stats += [_spatial_sum(m * p * p), _spatial_sum(g * g)]
     if batch:
         if pool_weights is None:
             w = ops.ones((ops.shape(stats[0])[0], 1), dtype="float32")

@@ -43,19 +43,31 @@ class PerClassDice(keras.metrics.Metric):
         include_background: also report channel 0. Defaults to False.
         name: prefix of the log keys. Defaults to "dice".
 
-    ``update_state(y_true, y_pred)`` takes one-hot ``y_true`` and probabilities/logits ``y_pred``
-    of the same shape (channels last, any rank >= 3). If ``y_pred`` (or ``y_true``) is a list or
+    Ignored voxels (docs/losses.md, "Ignored voxels") count nowhere: an all-zero one-hot row of
+    ``y_true``, or a 1 in its extra last ignore-mask channel.
+
+    With ``regions=True`` the channels are regions (one sigmoid each, no background channel;
+    ``class_names`` then names the regions): a voxel belongs to region c where ``y_pred_c > 0.5``
+    (probabilities) and ``y_true_c >= 0.5``; every region is reported and ``fg_mean`` is their mean.
+
+    ``update_state(y_true, y_pred)`` takes one-hot ``y_true`` (optionally with the ignore-mask
+    channel) and probabilities/logits ``y_pred`` (channels last, any rank >= 3). If ``y_pred`` (or ``y_true``) is a list or
     tuple, e.g. deep-supervision outputs, only the first (full-resolution) element is used.
     ``sample_weight`` is not supported.
     """
 
     def __init__(self, class_names: Sequence[str], include_background: bool = False,
-                 name: str = "dice", dtype=None):
+                 name: str = "dice", dtype=None, *, regions: bool = False):
         super().__init__(name=name, dtype=dtype)
+        if not isinstance(regions, bool):
+            raise ValueError(expected("a boolean", key="regions", received=regions))
+        least = 1 if regions else 2
         if isinstance(class_names, str) or not isinstance(class_names, Sequence) or len(
-                class_names) < 2 or not all(isinstance(c, str) and c for c in class_names):
-            raise ValueError(expected("a list of at least 2 non-empty names, background first", key="class_names",
+                class_names) < least or not all(isinstance(c, str) and c for c in class_names):
+            what = "region names" if regions else "names, background first"
+            raise ValueError(expected(f"a list of at least {least} non-empty {what}", key="class_names",
                                       received=class_names))
+        self.regions = regions
         keys = [re.sub(r"[^A-Za-z0-9_.\-]", "_", c) for c in class_names]
         if len(set(keys)) != len(keys) or "fg_mean" in keys:
             raise ValueError(expected("distinct class names (after replacing special characters) other than 'fg_mean'",
@@ -82,12 +94,25 @@ class PerClassDice(keras.metrics.Metric):
         y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
         n = len(self.class_names)
         if (len(y_true.shape) != len(y_pred.shape) or y_pred.shape[-1] != n
-                or y_true.shape[-1] != n):
-            raise ValueError(expected(f"one-hot y_true and y_pred with {n} channels (one per class name), channels last",
+                or y_true.shape[-1] not in (n, n + 1)):
+            raise ValueError(expected(f"y_true (one-hot, optionally plus an ignore-mask channel) and y_pred with {n} "
+                                      "channels (one per class name), channels last",
                                       key="y_pred.shape", received=Received(f"{tuple(y_pred.shape)} "
                                                                             f"(y_true.shape={tuple(y_true.shape)})")))
-        true_1h = ops.one_hot(ops.argmax(y_true, axis=-1), n, dtype="int32")
-        pred_1h = ops.one_hot(ops.argmax(y_pred, axis=-1), n, dtype="int32")
+        y_true = ops.cast(y_true, "float32")
+        if y_true.shape[-1] == n + 1:
+            annotated = ops.cast(y_true[..., -1:] < 0.5, "int32")
+            y_true = y_true[..., :n]
+        elif self.regions:
+            annotated = ops.ones_like(ops.cast(y_true[..., :1], "int32"))
+        else:
+            annotated = ops.cast(ops.sum(y_true, axis=-1, keepdims=True) > 0, "int32")
+        if self.regions:
+            true_1h = ops.cast(y_true >= 0.5, "int32") * annotated
+            pred_1h = ops.cast(ops.cast(y_pred, "float32") > 0.5, "int32") * annotated
+        else:
+            true_1h = ops.one_hot(ops.argmax(y_true, axis=-1), n, dtype="int32") * annotated
+            pred_1h = ops.one_hot(ops.argmax(y_pred, axis=-1), n, dtype="int32") * annotated
         axes = tuple(range(len(true_1h.shape) - 1))
         tp = ops.sum(true_1h * pred_1h, axis=axes)
         n_pred, n_true = ops.sum(pred_1h, axis=axes), ops.sum(true_1h, axis=axes)
@@ -104,9 +129,9 @@ class PerClassDice(keras.metrics.Metric):
 
     def result(self) -> dict[str, Any]:
         dice = self.per_class()
-        first = 0 if self.include_background else 1
+        first = 0 if self.include_background or self.regions else 1
         out = {f"{self.name}_{self._keys[c]}": dice[c] for c in range(first, len(self._keys))}
-        out[f"{self.name}_fg_mean"] = ops.mean(dice[1:])
+        out[f"{self.name}_fg_mean"] = ops.mean(dice if self.regions else dice[1:])
         return out
 
     def reset_state(self):
@@ -115,4 +140,4 @@ class PerClassDice(keras.metrics.Metric):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "class_names": self.class_names,
-                "include_background": self.include_background}
+                "include_background": self.include_background, "regions": self.regions}

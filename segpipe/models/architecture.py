@@ -115,7 +115,7 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
         raise ValueError(_expected("builder", f"one of {list(BUILDERS)}", spec.get("builder")))
     out: dict[str, Any] = {"builder": spec["builder"],
                            "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", _expected),
-                           "num_classes": _bounded_int(spec.get("num_classes"), 2, MAX_CLASSES, "num_classes", _expected)}
+                           "num_classes": _bounded_int(spec.get("num_classes"), 1, MAX_CLASSES, "num_classes", _expected)}
     args = spec.get("args")
     if not isinstance(args, Mapping):
         raise ValueError(_expected("args", "a mapping of builder arguments", Received(type(args).__name__)))
@@ -151,6 +151,9 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
                 raise ValueError(_expected(name, f"triples of values in {list(allowed_values)}", value))
             checked[key] = [[int(v) for v in t] for t in value]
     out["args"] = checked
+    if out["num_classes"] < 2 and checked.get("output") != "sigmoid":  # one region: one sigmoid; else background + 1
+        raise ValueError(_expected("num_classes", "an integer from 2 (1 only with args.output: sigmoid, one region)",
+                                   out["num_classes"]))
     parameters = estimated_parameters(out)
     if parameters > MAX_PARAMETERS:
         raise ValueError(_expected("args", f"a network of at most {MAX_PARAMETERS:,} parameters",
@@ -169,7 +172,7 @@ def _check_ensemble(spec: Mapping[str, Any], where: str | None, _expected) -> di
                                    Received(f"{type(members).__name__} of {len(members) if isinstance(members, list) else '?'}")))
     out = {"builder": ENSEMBLE,
            "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", _expected),
-           "num_classes": _bounded_int(spec.get("num_classes"), 2, MAX_CLASSES, "num_classes", _expected)}
+           "num_classes": _bounded_int(spec.get("num_classes"), 1, MAX_CLASSES, "num_classes", _expected)}
     checked = []
     for k, member in enumerate(members):
         if isinstance(member, Mapping) and member.get("builder") == ENSEMBLE:

@@ -5,7 +5,9 @@ resolution with a stride-2 convolution (as nnU-Net does, instead of max pooling)
 doubles it with a transposed convolution and concatenates the skip connection. The head is a
 1×1×1 convolution to the class logits followed by the output activation (``output``), in float32
 so mixed-precision training stays stable: "softmax" (probabilities, the default) or "logits" (a
-linear float32 activation; train with ``from_logits=True`` losses, which use a log-softmax).
+linear float32 activation; train with ``from_logits=True`` losses, which use a log-softmax), or
+"sigmoid" (region-based training: one independent probability per region, no background channel;
+``num_classes`` is then the number of regions, and the losses run with ``sigmoid=True``).
 :func:`probability_model` gives the full-resolution probabilities of either kind, which is what
 inference and every export format use.
 
@@ -29,7 +31,7 @@ from segpipe.errors import Received, SettingError, expected
 
 NORMS = ("batch", "instance", "none")
 INITS = ("glorot_uniform", "he_normal")
-OUTPUTS = ("softmax", "logits")
+OUTPUTS = ("softmax", "logits", "sigmoid")
 
 
 @keras.saving.register_keras_serializable(package="segpipe")
@@ -164,7 +166,7 @@ def build_unet3d(
     for key, value, choices in (("output", output, OUTPUTS), ("norm", norm, NORMS), ("init", init, INITS)):
         if value not in choices:
             raise SettingError(key, f"one of {list(choices)}", value)
-    for key, value, low in (("depth", depth, 1), ("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
+    for key, value, low in (("depth", depth, 1), ("in_channels", in_channels, 1), ("num_classes", num_classes, 1 if output == "sigmoid" else 2),
                             ("base_filters", base_filters, 1), ("convs_per_stage", convs_per_stage, 1),
                             ("decoder_convs", 1 if decoder_convs is None else decoder_convs, 1)):
         if value < low:
@@ -221,7 +223,8 @@ def _head(x, num_classes: int, name: str, output: str = "softmax"):
     # bfloat16 sum of ~10^4 terms lost 90 % of it (tests/test_precision.py); the 1×1×1 convolution is cheap
     logits = layers.Conv3D(num_classes, 1, name=f"{name}_logits", dtype="float32")(x)
     # "linear" keeps the logits (in float32); the layer name stays the output's name either way
-    return layers.Activation("softmax" if output == "softmax" else "linear", dtype="float32", name=name)(logits)
+    activation = {"softmax": "softmax", "sigmoid": "sigmoid"}.get(output, "linear")
+    return layers.Activation(activation, dtype="float32", name=name)(logits)
 
 
 def outputs_logits(model: keras.Model) -> bool:
@@ -232,6 +235,12 @@ def outputs_logits(model: keras.Model) -> bool:
     """
     last = _output_layer(model)
     return isinstance(last, layers.Activation) and last.activation is keras.activations.linear
+
+
+def outputs_sigmoid(model: keras.Model) -> bool:
+    """True if the model's first output is a sigmoid head (region-based: one probability per region)."""
+    last = _output_layer(model)
+    return isinstance(last, layers.Activation) and last.activation is keras.activations.sigmoid
 
 
 def probability_model(model: keras.Model) -> keras.Model:

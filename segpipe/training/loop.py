@@ -58,18 +58,20 @@ class TrainingLoop:
             optimizer variables cannot be created inside ``strategy.run``.
         strategy: the run's strategy (the default strategy for ``train.distribute: none``).
         worker: this process's role; several workers agree on stop requests every step.
-        class_names: one per output channel, background first (keys of the Dice logs).
+        class_names: one per output channel, background first (keys of the Dice logs); the regions'
+            names with ``regions`` (sigmoid outputs, region Dice).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch (as ``fit``).
         stop: a :class:`StopRequest` checked after every step, or None.
     """
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, worker: WorkerInfo,
-                 class_names: list[str], *, verbose: int = 2, stop: StopRequest | None = None):
+                 class_names: list[str], *, verbose: int = 2, stop: StopRequest | None = None,
+                 regions: bool = False):
         self.model, self.strategy, self.worker = model, strategy, worker
         self.verbose, self.stop = verbose, stop
         with strategy.scope():  # replica-local accumulators, summed on read
-            self.train_metrics = _loss_and_dice(class_names)
-        self.val_metrics = _loss_and_dice(class_names)  # plain variables: validation is not distributed
+            self.train_metrics = _loss_and_dice(class_names, regions)
+        self.val_metrics = _loss_and_dice(class_names, regions)  # plain variables: validation is not distributed
         self._train_step = tf.function(self._distributed_step)
         self._eval_step = tf.function(self._eval_batch, reduce_retracing=True)
 
@@ -202,8 +204,8 @@ class TrainingLoop:
                 variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
-def _loss_and_dice(class_names: list[str]) -> list[keras.metrics.Metric]:
-    return [keras.metrics.Mean(name="loss"), PerClassDice(class_names, name="dice")]
+def _loss_and_dice(class_names: list[str], regions: bool = False) -> list[keras.metrics.Metric]:
+    return [keras.metrics.Mean(name="loss"), PerClassDice(class_names, name="dice", regions=regions)]
 
 
 def _results(metrics: list[keras.metrics.Metric]) -> dict[str, float]:

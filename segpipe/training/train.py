@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from segpipe.config import Config, ConfigError, check_inference_classes, check_patch_size, model_divisor
-from segpipe.data.loader import make_datasets, train_dataset, train_sampler, with_output_targets
+from segpipe.data.loader import make_datasets, targets_of, train_dataset, train_sampler, with_output_targets
 from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
 from segpipe.errors import Received, SettingError, expected
 from segpipe.export.bundle import export_run
@@ -39,13 +39,15 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
-def build_model(config: Config, in_channels: int, num_classes: int) -> keras.Model:
+def build_model(config: Config, in_channels: int, num_classes: int, *, regions: bool = False) -> keras.Model:
     """The configured network for ``in_channels`` inputs and ``num_classes`` outputs (uncompiled).
 
     Built from its description (:func:`segpipe.models.architecture.architecture_from_model_config`),
     the same one a bundle records so that its network can be rebuilt without running received code.
+    With ``regions`` (``num_classes`` = the number of regions) the head is one sigmoid per region.
     """
-    architecture = architecture_from_model_config(config.model, in_channels=in_channels, num_classes=num_classes)
+    architecture = architecture_from_model_config(config.model, in_channels=in_channels, num_classes=num_classes,
+                                                  output=_output(config, regions))
     # the precision is a builder option, not part of the description: a bundle's network is float32
     return build_network(architecture, sync_batch_norm=config.train.sync_batch_norm,
                          dtype=model_dtype(config.train.precision))
@@ -75,14 +77,30 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     return wrap_optimizer(optimizer, t.precision)
 
 
-def build_loss(config: Config, num_classes: int):
+def _output(config: Config, regions: bool) -> str:
+    """The head's activation: ``model.output``, or for regions a sigmoid (logits heads: not for regions yet)."""
+    if not regions:
+        return config.model.output
+    if config.model.output == "logits":
+        raise ConfigError(expected("model.output: softmax (the default; region datasets get one sigmoid per region)",
+                                   key="model.output", received="logits",
+                                   hint="A logits head for regions is not supported yet."))
+    return "sigmoid"
+
+
+def build_loss(config: Config, num_classes: int, *, regions: bool = False):
     """The configured loss of one output, checked against the dataset's classes (before any data is loaded).
 
     With ``model.output: logits`` every term gets ``from_logits: true``; a loss config that sets
-    ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all).
+    ``from_logits`` against ``model.output`` is refused (a second softmax, or none at all). With
+    ``regions`` (``num_classes`` = the regions) every term gets ``sigmoid: true`` and
+    ``include_background: true`` (no background channel), and per-class options have one entry per region.
     """
     try:
-        loss = get_loss(config.loss, num_classes=num_classes)
+        loss = get_loss(config.loss, num_classes=None if regions else num_classes)
+        if regions:  # one sigmoid per region: binary CE, no background channel to drop
+            loss = loss.with_options(sigmoid=True, include_background=True)
+            loss.check_num_classes(num_classes)
     except SettingError as exc:  # keyed by the loss option: add the section's path once
         raise ConfigError(str(exc.with_prefix("loss."))) from exc
     except ValueError as exc:
@@ -108,12 +126,13 @@ def num_outputs(config: Config) -> int:
     return max(1, config.model.depth - 1) if config.model.deep_supervision else 1
 
 
-def compile_model(model, config: Config, class_names: list[str]) -> None:
+def compile_model(model, config: Config, class_names: list[str], *, regions: bool = False) -> None:
     """Compile with the configured loss; with deep supervision the same loss on every output and
-    nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader)."""
+    nnU-Net's ``loss_weights`` (a plain multi-output compile: targets come per output from the loader).
+    With ``regions`` ``class_names`` names the regions (sigmoid outputs, region Dice)."""
 
-    dice = PerClassDice(class_names, name="dice")
-    loss = build_loss(config, len(class_names))
+    dice = PerClassDice(class_names, name="dice", regions=regions)
+    loss = build_loss(config, len(class_names), regions=regions)
     n = num_outputs(config)
     if len(model.outputs) != n:
         raise ValueError(expected(f"a model with {n} output(s) for model.deep_supervision: "
@@ -188,6 +207,9 @@ def _train(config: Config, run: RunDir, strategy: "tf.distribute.Strategy", work
 
     dataset = distributed.chief_first(strategy, worker, lambda: open_dataset(config.data))  # may generate phantoms
     _check_before_data(config, dataset.num_classes)
+    if dataset.regions:
+        build_loss(config, dataset.num_outputs, regions=True)
+        _output(config, True)
     # Check, fingerprint, cache, split; a resumed run keeps its own split and preprocessing.
     # With several workers the chief fills the cache first and the others reuse it.
     prepared = distributed.chief_first(strategy, worker, lambda: prepare_data(
@@ -204,7 +226,7 @@ def _train(config: Config, run: RunDir, strategy: "tf.distribute.Strategy", work
         out.write_preprocessing(prepared.settings)
         out.write_status("running")
         _train_model(config, prepared, strategy, worker, run_dir, out, checkpoint, state, verbose)
-        if config.train.export_bundle and worker.is_chief:
+        if config.train.export_bundle and worker.is_chief:  # region runs too: the bundle carries the regions
             export_bundle(run_dir, onnx=config.train.export_onnx)
         out.write_status("finished")
     finally:
@@ -303,7 +325,8 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
                  keras.callbacks.TensorBoard(log_dir=str(out.tensorboard_dir), write_graph=False)]
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
-        loop = TrainingLoop(model, strategy, worker, prepared.dataset.class_names, verbose=verbose, stop=stop)
+        loop = TrainingLoop(model, strategy, worker, prepared.dataset.output_names, verbose=verbose, stop=stop,
+                            regions=bool(prepared.dataset.regions))
         stopped = loop.fit(train_input, val_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch,
                            start=position, callbacks=callbacks, checkpoint=run_checkpoint)
     if stopped is not None:
@@ -348,12 +371,13 @@ def _build_or_restore_model(config: Config, prepared: "PreparedData", strategy: 
     init_record = None
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
-        model = build_model(config, prepared.num_channels, prepared.dataset.num_classes)
+        regions = bool(prepared.dataset.regions)
+        model = build_model(config, prepared.num_channels, prepared.dataset.num_outputs, regions=regions)
         if checkpoint is None and config.train.init_from:
             init_record = initialise_from(model, config.train.init_from)
             print(f"Started from {init_record['source']['path']}: {len(init_record['loaded'])} weights loaded, "
                   f"{len(init_record['adapted'])} adapted, {len(init_record['new'])} new")
-        compile_model(model, config, prepared.dataset.class_names)
+        compile_model(model, config, prepared.dataset.output_names, regions=regions)
         model.optimizer.build(model.trainable_variables)  # optimizer variables cannot be made in strategy.run
         if checkpoint is not None:
             model.load_weights(checkpoint / "model.keras")  # weights and optimizer state (step -> LR schedule)
@@ -389,7 +413,7 @@ def _worker_train_dataset(prepared: "PreparedData", config: Config, spec: "Shard
     training sampler seen through :class:`segpipe.training.distributed.ShardedSampler`)."""
 
     sampler = ShardedSampler(train_sampler(prepared, config.data, seed=config.seed), spec)
-    ds = train_dataset(sampler, prepared.dataset.num_classes, num_workers=config.data.num_workers)
+    ds = train_dataset(sampler, targets_of(prepared.dataset), num_workers=config.data.num_workers)
     return with_output_targets(ds, num_outputs(config))
 
 

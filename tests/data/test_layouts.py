@@ -89,12 +89,13 @@ def test_unknown_folder_and_bad_arguments_name_what_was_expected(tmp_path):
         load_dataset(tmp_path, "bogus")
 
 
-def test_nnunet_region_labels_are_rejected(tmp_path):
+def test_nnunet_region_labels_need_regions_class_order(tmp_path):
     make_dataset(tmp_path, "nnunet", num_cases=1)
     meta = json.loads((tmp_path / "dataset.json").read_text())
     meta["labels"]["whole"] = [1, 2]
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"dataset\.json: Expected an integer label value \(region-based labels are not supported\)\. Received: labels\['whole'\]=\[1, 2\]\.$"):
+    with pytest.raises(ValueError, match=r"dataset\.json: Expected one label value in 1\.\.255 per region .*"
+                                         r"Received: regions_class_order=None\.$"):
         load_dataset(tmp_path)
 
 
