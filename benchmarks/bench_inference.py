@@ -68,9 +68,9 @@ def _free_network(x):
 
 
 def worker_export(folder: str, patch: int) -> dict:
-    import segpipe  # noqa: F401  (TensorFlow environment)
     import keras
 
+    import segpipe  # noqa: F401  (TensorFlow environment)
     from segpipe.data.preprocess import PreprocessSettings
     from segpipe.export.bundle import write_bundle
     from segpipe.models.unet3d import build_unet3d
@@ -183,8 +183,8 @@ def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> di
 
     import segpipe  # noqa: F401  (TensorFlow environment)
     from segpipe.inference.runtimes import load_predictor, read_bundle
-    from segpipe.inference.settings import InferenceSettings
     from segpipe.inference.segment import segment_volume
+    from segpipe.inference.settings import InferenceSettings
 
     b = read_bundle(bundle)
     predict_fn = load_predictor(b, runtime, threads=args.threads)

@@ -75,11 +75,10 @@ def compiled_unet_and_batch(patch, batch: int, base: int, depth: int, norm: str 
     """segpipe's U-Net (1 channel in, 3 classes) in ``precision`` compiled with Adam + cross-entropy, and a
     random batch (x, one-hot y) for it. Imports TensorFlow: call it in a worker process."""
     sys.path.insert(0, str(ROOT))
+    import keras
     import numpy as np
 
     import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
-    import keras
-
     from segpipe.models import unet3d
     from segpipe.models.precision import model_dtype, wrap_optimizer
 
@@ -101,7 +100,6 @@ def worker_tf(patch, batch, base, depth, warmup, repeats, precision="float32") -
 def worker_torch(patch, batch, base, depth, warmup, repeats, precision="float32") -> dict:
     import torch
     from torch import nn
-
     from torch_unet import build_torch_unet  # benchmarks/, beside this script
 
     torch.set_num_threads(2)

@@ -14,7 +14,6 @@ its own subprocess (segpipe.planning.timing); medians of 3 steps after 2 warm-up
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

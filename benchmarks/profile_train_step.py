@@ -76,15 +76,17 @@ def _patched_layers(variant: str):
 
 def worker(variant: str, patch, batch: int, base: int, depth: int, warmup: int, repeats: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
     import tensorflow as tf
+
+    import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
 
     if variant == "threads_inter1":
         tf.config.threading.set_inter_op_parallelism_threads(1)
     elif variant == "threads_intra1":
         tf.config.threading.set_intra_op_parallelism_threads(1)
-    import segpipe.models.unet3d as unet3d
     from bench_train_step import compiled_unet_and_batch, time_calls
+
+    import segpipe.models.unet3d as unet3d
 
     unet3d.layers = _patched_layers(variant)  # build_unet3d looks its layer classes up here
     norm = {"norm_none": "none", "norm_instance": "instance"}.get(variant, "batch")

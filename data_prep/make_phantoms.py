@@ -14,8 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from segpipe.data.phantoms import (PhantomSettings, write_lesion_phantom_dataset,  # noqa: E402
-                                   write_phantom_dataset)
+from segpipe.data.phantoms import PhantomSettings, write_lesion_phantom_dataset, write_phantom_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 MAX_SHOWN = 2000  # characters of a received value shown in a message
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import sys
 
-import segpipe  # noqa: F401  (TensorFlow's environment first)
-import tensorflow as tf
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402  (before CASES' weights)
+import tensorflow as tf
 
+import segpipe  # noqa: F401  (TensorFlow's environment first)
 from segpipe.losses import deep_supervision_losses, deep_supervision_targets, get_loss  # noqa: E402
 from segpipe.models.unet3d import build_unet3d  # noqa: E402
 

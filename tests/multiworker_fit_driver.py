@@ -10,8 +10,9 @@ import json
 import os
 import sys
 
-import segpipe  # noqa: F401  (TensorFlow's environment first)
 import tensorflow as tf
+
+import segpipe  # noqa: F401  (TensorFlow's environment first)
 
 distributed = "TF_CONFIG" in os.environ
 strategy = tf.distribute.MultiWorkerMirroredStrategy() if distributed else tf.distribute.get_strategy()

@@ -29,8 +29,8 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
-
 from inference_helpers import DELETE, edit_bundle_json
+
 from segpipe.cli import evaluate as evaluate_cli
 from segpipe.cli import plan as plan_cli
 from segpipe.cli import predict as predict_cli

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from inference_helpers import PATCH, PREPROCESSING, phantom_scan, rewrite_manifest, tiny_architecture, tiny_model, write_scan
+from inference_helpers import (
+    PATCH,
+    PREPROCESSING,
+    phantom_scan,
+    rewrite_manifest,
+    tiny_architecture,
+    tiny_model,
+    write_scan,
+)
 
 import predict
 from segpipe.export.bundle import write_bundle

@@ -1,10 +1,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from segpipe.config import ConfigError, load_config, read_yaml_with_extends, to_yaml
-
-import yaml
 
 
 def write(path, text):

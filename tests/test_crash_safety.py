@@ -9,12 +9,18 @@ import signal
 import time
 
 import pytest
+from process_helpers import TRAIN, assert_same_history, checkpoint_state, read_history, running, start, wait_until
 
 import train
 from segpipe.runs.rundir import find_last_checkpoint
-from segpipe.training.checkpoints import (CHECKPOINT_COPIES, RunCheckpoint, StorageError, check_free_space, read_state,
-                                 save_checkpoint)
-from process_helpers import TRAIN, assert_same_history, checkpoint_state, read_history, running, start, wait_until
+from segpipe.training.checkpoints import (
+    CHECKPOINT_COPIES,
+    RunCheckpoint,
+    StorageError,
+    check_free_space,
+    read_state,
+    save_checkpoint,
+)
 
 TIMEOUT = 240
 STEPS, EPOCHS = 6, 4

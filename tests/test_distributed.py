@@ -10,15 +10,29 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import (
+    TRAIN,
+    assert_same_history,
+    checkpoint_state,
+    free_port,
+    read_history,
+    running,
+    shared_cache_dir,
+    start,
+    tf_config,
+)
 
 import train
 from segpipe.config import ConfigError, load_config
-from segpipe.training.distributed import (ShardedSampler, ShardSpec, per_replica_batch, read_tf_config,
-                                 warn_if_tf_config_unused)
 from segpipe.training.cluster import Task, WorkerLost, lost_worker_message, lost_workers, wait_for_workers
+from segpipe.training.distributed import (
+    ShardedSampler,
+    ShardSpec,
+    per_replica_batch,
+    read_tf_config,
+    warn_if_tf_config_unused,
+)
 from segpipe.training.loop import TrainingLoop
-from process_helpers import (TRAIN, assert_same_history, checkpoint_state, free_port, read_history, running,
-                             shared_cache_dir, start, tf_config)
 
 TIMEOUT = 240  # seconds for any subprocess; they take ~20 s on 2 busy cores
 FAULT_DRIVER = Path(__file__).with_name("multiworker_fault_driver.py")

@@ -16,8 +16,8 @@ import segpipe.metrics.overlap
 import segpipe.metrics.surface
 from segpipe.evaluation.folders import evaluate_folders
 from segpipe.evaluation.summary import summarize
-from segpipe.reports.evaluation_tables import format_summary_markdown
 from segpipe.io import write_json, write_nifti
+from segpipe.reports.evaluation_tables import format_summary_markdown
 
 
 def _load_cli():

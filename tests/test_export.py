@@ -5,14 +5,22 @@ import shutil
 
 import numpy as np
 import pytest
-from inference_helpers import (DELETE, PATCH, PREPROCESSING, edit_bundle_json, make_run_dir, rewrite_manifest,
-                               tiny_architecture, tiny_model)
+from inference_helpers import (
+    DELETE,
+    PATCH,
+    PREPROCESSING,
+    edit_bundle_json,
+    make_run_dir,
+    rewrite_manifest,
+    tiny_architecture,
+    tiny_model,
+)
 
 import predict
-from segpipe.inference.settings import InferenceSettings
 from segpipe.export.bundle import export_run, write_bundle
 from segpipe.inference.bundle import BundleError, read_bundle
 from segpipe.inference.runtimes import load_predictor
+from segpipe.inference.settings import InferenceSettings
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 

@@ -13,10 +13,10 @@ import subprocess
 import sys
 
 import pytest
+from process_helpers import REPO, read_history, shared_cache_dir
 
 import evaluate
 import train
-from process_helpers import REPO, read_history, shared_cache_dir
 
 _spec = importlib.util.spec_from_file_location("fault_injection", REPO / "benchmarks" / "fault_injection.py")
 fi = sys.modules["fault_injection"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up

@@ -4,11 +4,11 @@ NumPy reference: the loss with an ignore label must equal the loss on the annota
 Both representations of an ignored voxel are tested (docs/losses.md, "Ignored voxels"): an all-zero
 one-hot row, and one extra last ignore-mask channel (the form region targets use).
 """
+import keras  # noqa: E402,F401  (after segpipe, which sets the backend)
 import numpy as np
 import pytest
 
 from segpipe.losses import get_loss
-import keras  # noqa: E402,F401  (after segpipe, which sets the backend)
 
 EPS = 1e-7
 S = 1e-5  # smooth_nr = smooth_dr default

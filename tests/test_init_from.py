@@ -98,9 +98,9 @@ def test_a_fine_tuned_run_records_its_source_and_resumes_identically(tiny_run, t
     import os
     import signal
 
-    import train
     from process_helpers import assert_same_history, read_history
 
+    import train
     from segpipe.training.checkpoints import RunCheckpoint
 
     source, _ = tiny_run

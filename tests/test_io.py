@@ -16,12 +16,11 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from process_helpers import REPO
 
 import segpipe.io
-from process_helpers import REPO
 from segpipe.errors import StorageError
-from segpipe.io import (atomic_path, explain_write_errors, remove_orphaned_temporaries, save_npy, write_nifti,
-                        write_text)
+from segpipe.io import atomic_path, explain_write_errors, remove_orphaned_temporaries, save_npy, write_nifti, write_text
 
 NO_SPACE = "No space left on device"
 READ_ONLY = "Read-only file system"

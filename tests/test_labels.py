@@ -7,8 +7,7 @@ import pytest
 
 from segpipe.config import Config
 from segpipe.data.checks import check_labels
-from segpipe.data.labels import (Region, parse_label_declaration, region_targets, regions_to_labels,
-                                 target_table)
+from segpipe.data.labels import Region, parse_label_declaration, region_targets, regions_to_labels, target_table
 from segpipe.data.layouts import Dataset, load_dataset
 from segpipe.data.pipeline import apply_label_settings
 from segpipe.data.sampling import ArrayCase, PatchSampler, choose_patch
@@ -256,8 +255,8 @@ def test_loader_targets_from_the_table(regions):
 def test_fingerprint_keeps_the_ignore_label_out_of_the_classes(tmp_path):
     """The planner counts outputs from ``classes``: the ignore label has its own entry; a stored
     fingerprint computed without the ignore label is recomputed."""
-    from segpipe.data.phantoms import LESION_IGNORE, PhantomSettings, write_lesion_phantom_dataset
     from segpipe.data.fingerprint import load_or_compute_fingerprint
+    from segpipe.data.phantoms import LESION_IGNORE, PhantomSettings, write_lesion_phantom_dataset
 
     root = write_lesion_phantom_dataset(tmp_path / "ds", PhantomSettings(num_cases=2, shape=(16, 16, 8)),
                                         annotate_every=2)

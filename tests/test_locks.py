@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from process_helpers import REPO, kill, running, wait_until
+
 from segpipe.locks import LockHeldError, hold, lock_file, read_holder
 
 DEAD_PID = 999_999_999  # above any pid_max: no such process
@@ -36,7 +36,7 @@ def start_holder(folder: Path, log: Path, *, seconds: float = 120.0) -> subproce
         wait_until(lambda: "held" in log.read_text(), TIMEOUT, "the holder to take the lock", procs=(proc,))
     except Exception:
         kill(proc)
-        raise RuntimeError(log.read_text())
+        raise RuntimeError(log.read_text()) from None
     return proc
 
 
@@ -217,8 +217,9 @@ def test_a_real_training_holds_its_run_and_a_second_train_py_is_refused(tmp_path
                                                                        capsys):
     """``train.py`` in another process, mid-training: ``--resume``, a second ``train.py`` and ``--overwrite`` of
     the run exit at once naming it (its pid, also in status.json); the training is not disturbed."""
-    import train
     from process_helpers import TRAIN, shared_cache_dir, start
+
+    import train
 
     overrides = [*tiny_overrides, f"data.cache_dir={shared_cache_dir(tmp_path_factory)}", "name=live",
                  "train.epochs=1000", "train.steps_per_epoch=2"]  # trains until killed

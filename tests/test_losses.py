@@ -9,14 +9,19 @@ import itertools
 import re
 from pathlib import Path
 
+import keras  # noqa: E402  (after segpipe, which sets the backend)
 import numpy as np
 import pytest
+import tensorflow as tf  # noqa: E402
 
 from segpipe.losses import (
-    available_losses, deep_supervision_losses, deep_supervision_targets, deep_supervision_weights,
-    downsample_target, get_loss)
-import keras  # noqa: E402  (after segpipe, which sets the backend)
-import tensorflow as tf  # noqa: E402
+    available_losses,
+    deep_supervision_losses,
+    deep_supervision_targets,
+    deep_supervision_weights,
+    downsample_target,
+    get_loss,
+)
 
 RTOL = 1e-5
 EPS = 1e-7
@@ -83,7 +88,7 @@ def ref_per_sample(name, y_true, y_pred, pool_weights=None, **options):
     snr, sdr = o["smooth_nr"], o["smooth_dr"]
     values = []
     for gg, pp, ww in groups:
-        def pooled(x):
+        def pooled(x, ww=ww):
             return np.array([sum(ww[b] * np.sum(x[b][:, c]) for b in range(len(ww)))
                              for c in range(n)])
         tp, fp, fn = pooled(pp * gg), pooled(pp * (1 - gg)), pooled((1 - pp) * gg)

@@ -183,6 +183,7 @@ def test_resume_from_another_folder_finds_the_run_where_it_is(tmp_path, tiny_ove
 def bundle(tmp_path_factory, phantom_root):
     """A bundle of a tiny untrained model (Keras format only is read before the refusals)."""
     from inference_helpers import make_run_dir, tiny_model
+
     from segpipe.export.bundle import export_run
 
     root = tmp_path_factory.mktemp("ownership_bundle")

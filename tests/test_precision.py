@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from process_helpers import assert_same_history, read_history, running, start
 
 import train
-from process_helpers import assert_same_history, read_history, running, start
 from segpipe.config import ConfigError, load_config
 from segpipe.models.precision import PRECISIONS, model_dtype, resolve_precision
 from segpipe.training.checkpoints import RunCheckpoint

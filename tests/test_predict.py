@@ -3,17 +3,24 @@ import importlib.util
 
 import numpy as np
 import pytest
-from inference_helpers import tiny_architecture
-from inference_helpers import NON_RAS_AFFINE, PATCH, PREPROCESSING, phantom_scan, tiny_model, write_scan
+from inference_helpers import (
+    NON_RAS_AFFINE,
+    PATCH,
+    PREPROCESSING,
+    phantom_scan,
+    tiny_architecture,
+    tiny_model,
+    write_scan,
+)
 from nibabel.orientations import aff2axcodes
 
 import predict
 from segpipe.data.preprocess import PreprocessSettings
 from segpipe.export.bundle import write_bundle
-from segpipe.inference.settings import InferenceSettings
-from segpipe.io import read_nifti
 from segpipe.inference.postprocess import keep_largest_component
 from segpipe.inference.segment import find_cases, segment_volume
+from segpipe.inference.settings import InferenceSettings
+from segpipe.io import read_nifti
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 ANISOTROPIC_RAS = np.diag([0.7, 1.2, 2.5, 1.0]) + np.array([[0, 0, 0, -5.0], [0, 0, 0, 3.0], [0, 0, 0, 1.0], [0, 0, 0, 0]])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import _tiny
 
 import evaluate
 import predict
 import train
-from conftest import _tiny
 from segpipe.data.labels import Region
 from segpipe.data.layouts import load_dataset
 from segpipe.data.phantoms import LESION_IGNORE, PhantomSettings, write_lesion_phantom_dataset

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import yaml
-
 from process_helpers import TRAIN, running, shared_cache_dir, start, wait_until
+
 from segpipe.training.run_info import PROJECT_ROOT
 
 TIMEOUT = 240

@@ -115,16 +115,16 @@ def test_real_files_pass_even_when_they_compress_extremely_well(tmp_path):
 
 
 def test_the_dataset_check_names_a_size_claim_without_reading_voxels(tmp_path):
+    from data import make_dataset
+
     from segpipe.data.checks import check_dataset
     from segpipe.data.layouts import load_dataset
-
-    from data import make_dataset
 
     root = make_dataset(tmp_path / "ds", "msd")
     _claim(root / "imagesTr" / "case_001.nii.gz", (1000, 1000, 100))
     _claim(root / "labelsTr" / "case_002.nii.gz", (2000, 2000, 2500), np.uint8)
     for read_data in (False, True):
-        problems, peak = _peak_bytes(lambda: check_dataset(load_dataset(root), read_data=read_data))
+        problems, peak = _peak_bytes(lambda read_data=read_data: check_dataset(load_dataset(root), read_data=read_data))
         assert peak < 4 * MiB
         assert [(p.kind, p.path.name) for p in problems] == [("size-claim", "case_001.nii.gz"),
                                                              ("size-claim", "case_002.nii.gz")]

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from segpipe.inference.settings import InferenceSettings
 from segpipe.inference.sliding_window import (
     gaussian_importance_map,
     mirror_combinations,
@@ -10,7 +11,6 @@ from segpipe.inference.sliding_window import (
     window_slices,
     window_starts,
 )
-from segpipe.inference.settings import InferenceSettings
 
 
 def pointwise_softmax(x: np.ndarray) -> np.ndarray:

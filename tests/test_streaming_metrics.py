@@ -1,12 +1,12 @@
 """Tests for segpipe.metrics.streaming.PerClassDice."""
 import csv
 
+import keras  # noqa: E402  (after segpipe, which sets the backend)
 import numpy as np
 import pytest
 
 from segpipe.losses import get_loss
 from segpipe.metrics.streaming import PerClassDice
-import keras  # noqa: E402  (after segpipe, which sets the backend)
 
 NAMES = ["background", "liver", "tumour core", "vessel"]
 

@@ -13,11 +13,11 @@ import yaml
 
 import evaluate
 import train
-from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.config import ConfigError, load_config, to_yaml
+from segpipe.runs.rundir import RunDir
+from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.training.interrupts import TrainingInterrupted
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
-from segpipe.runs.rundir import RunDir
 from segpipe.training.train import check_resumed_config
 
 

@@ -64,8 +64,9 @@ def test_the_allowance_must_be_positive(minutes):
 
 
 def test_a_run_past_its_allowance_ends_early_with_complete_checkpoints(phantom_root, tmp_path, capsys):
-    import train
     from process_helpers import read_history
+
+    import train
     from segpipe.runs.rundir import RunDir
 
     overrides = [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
@@ -187,8 +188,9 @@ def test_the_anytime_schedule_resumes_from_its_checkpoint_state_identically():
 
 
 def test_a_time_limited_run_ends_its_schedule_and_resumes_identically(phantom_root, tmp_path, monkeypatch):
-    import train
     from process_helpers import assert_same_history, read_history
+
+    import train
     from segpipe.training import train as training
     from segpipe.training.checkpoints import RunCheckpoint
 

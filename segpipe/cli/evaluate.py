@@ -11,7 +11,14 @@ from pathlib import Path
 from segpipe.cli import prog_name
 from segpipe.data.layouts import load_dataset
 from segpipe.errors import Received, StorageError, expected
-from segpipe.evaluation.compare import ComparisonError, check_comparable, find_run_dirs, group_runs, load_per_case, write_comparison
+from segpipe.evaluation.compare import (
+    ComparisonError,
+    check_comparable,
+    find_run_dirs,
+    group_runs,
+    load_per_case,
+    write_comparison,
+)
 from segpipe.evaluation.folders import evaluate_folders
 from segpipe.evaluation.run import evaluate_run
 from segpipe.io import explain_write_errors

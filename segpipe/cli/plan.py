@@ -28,8 +28,15 @@ from segpipe.cli import prog_name
 from segpipe.config import Config, ConfigError, apply_overrides, read_yaml_with_extends
 from segpipe.data.fingerprint import load_or_compute_fingerprint
 from segpipe.data.layouts import Dataset
-from segpipe.data.pipeline import (DataError, dataset_cache_dir, open_dataset, read_split_file, resolve_settings,
-                                   run_integrity_check, run_label_check)
+from segpipe.data.pipeline import (
+    DataError,
+    dataset_cache_dir,
+    open_dataset,
+    read_split_file,
+    resolve_settings,
+    run_integrity_check,
+    run_label_check,
+)
 from segpipe.errors import expected
 from segpipe.planning.hardware import detect_hardware
 from segpipe.planning.output import apply_plan, write_plan

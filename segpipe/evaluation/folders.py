@@ -36,10 +36,14 @@ from segpipe.evaluation.options import EvaluationOptions, LesionOptions
 from segpipe.evaluation.summary import class_name, summarize
 from segpipe.io import NIFTI_SUFFIXES, affine_text, read_nifti, remove_orphaned_temporaries, strip_nifti_suffix
 from segpipe.metrics.lesions import (
-    LESION_DEFINITION, LESION_DICE_DEFINITION, LESION_METRIC_NAMES, case_lesion_metrics, summarize_lesions,
+    LESION_DEFINITION,
+    LESION_DICE_DEFINITION,
+    LESION_METRIC_NAMES,
+    case_lesion_metrics,
+    summarize_lesions,
 )
-from segpipe.metrics.regions import mask_ignored, region_case_metrics, region_lesion_metrics
 from segpipe.metrics.overlap import METRIC_NAMES, ConfusionCounts, case_metrics, label_metrics
+from segpipe.metrics.regions import mask_ignored, region_case_metrics, region_lesion_metrics
 from segpipe.metrics.surface import SurfaceDistances
 from segpipe.parallel import parallel_map
 from segpipe.reports.html import write_evaluation_report

@@ -69,7 +69,6 @@ def activation_bytes_per_voxel(net, window: Sequence[int]) -> int:
     An upper bound of a forward pass's working memory (runtimes free most feature maps as they go),
     for :func:`segpipe.inference.sliding_window.batch_size_for_memory`; recorded in ``bundle.json``.
     """
-    import keras
 
     window = tuple(int(w) for w in window)
     return int(math.ceil(_activation_bytes(net, window) / math.prod(window)))

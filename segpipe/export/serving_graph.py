@@ -364,8 +364,9 @@ def _bounding_box(mask):
     for axis in range(3):
         others = [a for a in range(3) if a != axis]
         hits = tf.cast(tf.where(tf.reduce_any(mask, axis=others))[:, 0], tf.int32)
-        lo.append(tf.cond(tf.size(hits) > 0, lambda: tf.reduce_min(hits), lambda: 0))
-        hi.append(tf.cond(tf.size(hits) > 0, lambda: tf.reduce_max(hits) + 1, lambda: shape[axis]))
+        # tf.cond calls its branches here, in this iteration: the loop variables are the current ones
+        lo.append(tf.cond(tf.size(hits) > 0, lambda: tf.reduce_min(hits), lambda: 0))  # noqa: B023
+        hi.append(tf.cond(tf.size(hits) > 0, lambda: tf.reduce_max(hits) + 1, lambda: shape[axis]))  # noqa: B023
     return tf.stack(lo), tf.stack(hi)
 
 

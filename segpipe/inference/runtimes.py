@@ -45,6 +45,7 @@ from segpipe.errors import Received, expected, first_line
 from segpipe.inference.bundle import FILES, INPUT_NAME, SIGNATURE, Bundle, BundleError, read_bundle
 from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
 
+
 @dataclass(frozen=True)
 class Runtime:
     """One way to run a bundle's network."""

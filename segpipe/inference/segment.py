@@ -38,9 +38,20 @@ from segpipe.inference.bundle import Bundle, read_bundle
 from segpipe.inference.postprocess import apply_largest_component_steps
 from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings
-from segpipe.inference.sliding_window import PredictFn, iter_blended_slabs, sliding_window_labels, sliding_window_predict
-from segpipe.io import (NIFTI_SUFFIXES, atomic_path, explain_write_errors, remove_orphaned_temporaries,
-                        strip_nifti_suffix, write_nifti)
+from segpipe.inference.sliding_window import (
+    PredictFn,
+    iter_blended_slabs,
+    sliding_window_labels,
+    sliding_window_predict,
+)
+from segpipe.io import (
+    NIFTI_SUFFIXES,
+    atomic_path,
+    explain_write_errors,
+    remove_orphaned_temporaries,
+    strip_nifti_suffix,
+    write_nifti,
+)
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

@@ -55,15 +55,34 @@ docs/losses-in-keras.md shows the losses in a user's own multi-output model.
 """
 from segpipe.losses.base import ALIASES, LOSSES, SegmentationLoss, available_losses
 from segpipe.losses.compound import CompoundLoss
-from segpipe.losses.deep_supervision import (deep_supervision_losses, deep_supervision_targets,
-                                             deep_supervision_weights, downsample_target)
-from segpipe.losses.region import (DiceLoss, FocalTverskyLoss, GeneralizedDiceLoss, IoULoss,
-                                   TverskyLoss, dice_loss, focal_tversky_loss,
-                                   generalized_dice_loss, iou_loss, tversky_loss)
+from segpipe.losses.deep_supervision import (
+                                             deep_supervision_losses,
+                                             deep_supervision_targets,
+                                             deep_supervision_weights,
+                                             downsample_target,
+)
+from segpipe.losses.region import (
+                                             DiceLoss,
+                                             FocalTverskyLoss,
+                                             GeneralizedDiceLoss,
+                                             IoULoss,
+                                             TverskyLoss,
+                                             dice_loss,
+                                             focal_tversky_loss,
+                                             generalized_dice_loss,
+                                             iou_loss,
+                                             tversky_loss,
+)
 from segpipe.losses.registry import get_loss
 from segpipe.losses.tensors import EPSILON
-from segpipe.losses.voxel import (CrossEntropyLoss, FocalLoss, cross_entropy_loss,
-                                  cross_entropy_per_voxel, focal_loss, focal_per_voxel)
+from segpipe.losses.voxel import (
+                                             CrossEntropyLoss,
+                                             FocalLoss,
+                                             cross_entropy_loss,
+                                             cross_entropy_per_voxel,
+                                             focal_loss,
+                                             focal_per_voxel,
+)
 
 __all__ = [
     "ALIASES", "LOSSES", "EPSILON",

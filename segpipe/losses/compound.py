@@ -9,8 +9,8 @@ import keras
 from segpipe.errors import Received, SettingError, expected
 from segpipe.losses import region, voxel  # noqa: F401  (registers the single losses)
 from segpipe.losses.base import SERIALIZABLE, SegmentationLoss, check_reduction, lookup
-from segpipe.settings import is_number
 from segpipe.losses.tensors import reduce_per_sample
+from segpipe.settings import is_number
 
 __all__ = ["CompoundLoss", "build_loss_from_spec"]
 

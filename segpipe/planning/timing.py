@@ -61,11 +61,10 @@ def _rss_bytes() -> tuple[int, int]:
 
 
 def worker(keys: dict[str, Any]) -> dict[str, Any]:
+    import keras
     import numpy as np
 
     import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
-    import keras
-
     from segpipe.losses import get_loss  # TensorFlow: only in the timing worker
     from segpipe.models.precision import wrap_optimizer  # Keras: only in the timing worker
 

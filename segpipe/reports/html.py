@@ -25,7 +25,12 @@ from segpipe.data.layouts import image_of_label, label_file
 from segpipe.errors import Received, expected
 from segpipe.io import atomic_path, read_nifti, write_text
 from segpipe.reports.evaluation_tables import (
-    COMPARISON_NOTE, LESION_CASE_COLUMNS, PER_CASE_COLUMNS, lesion_table, per_case_table, summary_table,
+    COMPARISON_NOTE,
+    LESION_CASE_COLUMNS,
+    PER_CASE_COLUMNS,
+    lesion_table,
+    per_case_table,
+    summary_table,
 )
 from segpipe.reports.overlays import PREDICTION_COLOR, REFERENCE_COLOR, choose_cases, render_overlay
 from segpipe.reports.tables import Table, data_attributes, escape, number_text, to_html

@@ -225,7 +225,7 @@ def render_overlay(
         box_in_plane = tuple(slice(index, index + 1) if b == axis else box[b] for b in range(3))
         flip = codes is not None and codes[vertical] in ("I", "P")
 
-        def plane(volume):
+        def plane(volume, box_in_plane=box_in_plane, axis=axis, vertical=vertical, horizontal=horizontal, flip=flip):
             cut = np.squeeze(volume[box_in_plane], axis=axis)  # dims: the other two axes, in order
             cut = cut.T if vertical > horizontal else cut  # rows = the vertical axis
             return cut[::-1] if flip else cut  # origin="lower": row 0 at the bottom

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from segpipe.planning.timing import STEPS, WARMUP, compile_from_keys, build_from_keys, time_steps
+from segpipe.planning.timing import STEPS, WARMUP, build_from_keys, compile_from_keys, time_steps
 
 
 def case_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -31,10 +31,10 @@ def case_worker(job: dict[str, Any]) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
+    import keras
     import numpy as np
 
     import segpipe  # noqa: F401  (oneDNN on before TensorFlow loads)
-    import keras
 
     # the case worker's whole inference path: only in the timing subprocess, never in the planner's process
     from segpipe.data.layouts import load_dataset  # only in the timing worker
@@ -89,7 +89,7 @@ def _loop_steps(job: dict[str, Any], keys: dict[str, Any], case: Any, settings: 
 
     import keras
 
-    from segpipe.data.augment import AugmentSettings, Augmenter  # only in the timing worker
+    from segpipe.data.augment import Augmenter, AugmentSettings  # only in the timing worker
     from segpipe.data.cache import build_cache  # only in the timing worker
     from segpipe.data.layouts import load_dataset  # only in the timing worker
     from segpipe.data.loader import train_dataset  # TensorFlow: only in the timing worker

@@ -35,8 +35,17 @@ import keras
 import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
-from segpipe.io import (atomic_path, durable_mkdir, durable_replace, failpoint, fsync_tree, process_alive, read_json,
-                        remove_orphaned_temporaries, write_json, write_text)
+from segpipe.io import (
+    atomic_path,
+    durable_mkdir,
+    durable_replace,
+    failpoint,
+    fsync_tree,
+    process_alive,
+    read_json,
+    remove_orphaned_temporaries,
+    write_json,
+)
 from segpipe.reports.progress import write_progress_plot
 from segpipe.runs.rundir import RunDir, find_last_checkpoint
 from segpipe.tables import write_csv

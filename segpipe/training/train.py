@@ -27,12 +27,19 @@ from segpipe.ownership import check_replaceable, has_marker, remove_owned
 from segpipe.runs.rundir import RunDir
 from segpipe.training import distributed
 from segpipe.training.budget import AnytimeDecay, WallTimeLimit, anytime_schedule
-from segpipe.training.checkpoints import (CheckpointSchedule, RunCheckpoint, check_free_space, check_writable, read_state,
-                                         remove_stale_temporaries, save_model_atomic)
+from segpipe.training.checkpoints import (
+    CheckpointSchedule,
+    RunCheckpoint,
+    check_free_space,
+    check_writable,
+    read_state,
+    remove_stale_temporaries,
+    save_model_atomic,
+)
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
+from segpipe.training.init_from import initialise_from
 from segpipe.training.interrupts import StopRequest, TrainingInterrupted
 from segpipe.training.loop import LoopPosition, TrainingLoop
-from segpipe.training.init_from import initialise_from
 from segpipe.training.run_info import enable_determinism, write_run_info
 
 if TYPE_CHECKING:

@@ -4,9 +4,9 @@ import json
 import pytest
 import yaml
 
+from segpipe.cli.plan import flatten, plan_config
 from segpipe.config import read_yaml_with_extends
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
-from segpipe.cli.plan import flatten, plan_config
 
 THICK = PhantomSettings(num_cases=4, shape=(32, 32, 8), spacing_mm=(0.8, 0.8, 3.0), seed=5)
 
