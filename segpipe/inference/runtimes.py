@@ -117,8 +117,10 @@ def choose_format(available: Iterable[str], requested: str = "auto") -> str:
         for name in AUTO_ORDER:
             if name in available and is_installed(name):
                 return name
+        hint = ("Its SavedModel can run code: only for a bundle from a source you trust, use --format savedmodel "
+                "--trust-bundle." if "savedmodel" in available else None)
         raise ValueError(expected(f"a bundle with at least one format whose runtime is installed (out of {AUTO_ORDER})",
-                                  key="files", received=sorted(available)))
+                                  key="files", received=sorted(available), hint=hint))
     if file_format(requested) not in available:
         raise ValueError(expected(f"a bundle holding a {file_format(requested)!r} model for format={requested!r}",
                                   key="files", received=sorted(available)))
