@@ -375,7 +375,12 @@ def test_a_killed_worker_stops_the_other_with_its_name_and_the_run_resumes(singl
                      rf"listens there: the process has stopped", logs[0]), logs[0][-3000:]
     assert f"{run_dir} keeps its last checkpoint (after epoch 1). To continue, start every worker again (the same " \
            f"TF_CONFIG) with: python train.py --resume {run_dir}." in logs[0]
-    assert "Traceback" not in logs[0]  # one message, not a stack
+    # one message, not a stack. Python may print TensorFlow's cross-device ThreadPool failing to notify its
+    # closed pipe while the interpreter shuts down ("Exception ignored in: <function Pool.__del__ ...>",
+    # seen once in four suite runs): not segpipe's error, so that block alone is left out of the check
+    own = re.sub(r"Exception ignored in: <function Pool\.__del__.*?OSError: \[Errno 9\] Bad file descriptor\n?", "",
+                 logs[0], flags=re.S)
+    assert "Traceback" not in own
     assert checkpoint_state(run_dir)["epoch"] == 1
 
     ports, procs = start_faulty_pair([str(FAULT_DRIVER), "--resume", str(run_dir)], tmp_path, "resume", "")
