@@ -35,13 +35,13 @@ import keras
 import numpy as np
 
 from segpipe.errors import Received, SettingError, StorageError, expected
+from segpipe.export.bundle import remove_orphaned_bundle_folders
 from segpipe.io import (
     atomic_path,
     durable_mkdir,
     durable_replace,
     failpoint,
     fsync_tree,
-    process_alive,
     read_json,
     remove_orphaned_temporaries,
     write_json,
@@ -156,7 +156,8 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
 
     The temporary files of :func:`segpipe.io.atomic_path` in the run directory and ``checkpoints/``
     (:func:`segpipe.io.remove_orphaned_temporaries`), and the bundle's temporary and old folders
-    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``, :mod:`segpipe.export.bundle`), of processes that
+    (``.bundle.tmp-<pid>``, ``.bundle.old-<pid>``:
+    :func:`segpipe.export.bundle.remove_orphaned_bundle_folders`), of processes that
     no longer run; ``checkpoints/last.tmp/`` (never trusted), and ``checkpoints/last.old/`` when
     ``last/`` is complete (otherwise ``last.old/`` is the checkpoint, kept). Nothing reads these
     names: this is for the disk space (a run resumed with no step left to train saves no
@@ -169,8 +170,6 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     stale += [p for p in (last.with_name(last.name + ".tmp"),) if p.is_dir()]
     if find_last_checkpoint(last) == last:
         stale += [p for p in (last.with_name(last.name + ".old"),) if p.is_dir()]
-    for pattern in (f".{run.bundle_dir.name}.tmp-*", f".{run.bundle_dir.name}.old-*"):
-        stale += [p for p in run.path.glob(pattern) if p.is_dir() and not _bundle_writer_alive(p)]
     for path in stale:
         if not path.exists():
             continue  # removed above
@@ -178,12 +177,7 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    return stale
-
-
-def _bundle_writer_alive(folder: Path) -> bool:
-    pid = folder.name.rpartition("-")[2]
-    return pid.isdigit() and process_alive(int(pid))
+    return stale + remove_orphaned_bundle_folders(run.bundle_dir)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
