@@ -297,6 +297,31 @@ def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter
     assert meta["signatures"] == ["serving_default", "segment"]
 
 
+def test_segment_signature_applies_the_bundles_post_processing(trained, tmp_path):
+    """The trained fixture's bundle keeps class 1's largest component: the signature's labels equal
+    predict.py's (which post-processes in NumPy), and differ from the labels without the step."""
+    import tensorflow as tf
+    from inference_helpers import phantom_scan
+
+    from segpipe.inference.postprocess import keep_largest_component
+
+    _, _, bundle_dir = trained
+    assert read_bundle(bundle_dir).meta["verification"]["segment_label_agreement"] >= 0.999  # checked at export
+    from segpipe.inference.segment import segment_volume
+
+    bundle = read_bundle(bundle_dir)
+    image, affine = phantom_scan((20, 18, 16), seed=4), np.diag([1.0, 1.0, 1.5, 1.0])
+    options = dict(preprocessing=bundle.preprocessing, patch_size=bundle.patch_size)
+    predict_fn = load_predictor(bundle, "keras")
+    post = segment_volume(predict_fn, image, affine, settings=bundle.inference, **options).labels
+    raw = segment_volume(predict_fn, image, affine, **options,
+                         settings=bundle.inference.replace(postprocess_largest_component=())).labels
+    segment = tf.saved_model.load(str(bundle_dir / "savedmodel")).signatures["segment"]
+    labels = segment(image=tf.constant(image[..., None]), spacing_mm=tf.constant([1.0, 1.0, 1.5], tf.float64))["labels"]
+    assert (labels.numpy() == post).mean() >= 0.999
+    np.testing.assert_array_equal(keep_largest_component(raw, [1]), post)
+
+
 def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
     from segpipe.inference import runtimes
 

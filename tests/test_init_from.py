@@ -104,7 +104,9 @@ def test_a_fine_tuned_run_records_its_source_and_resumes_identically(tiny_run, t
     from segpipe.training.checkpoints import RunCheckpoint
 
     source, _ = tiny_run
-    args = ["--set", *tiny_overrides, f"train.init_from={source / 'bundle'}", "name=ft"]
+    # a warm-up and an encoder frozen for the first epoch: the resume (in the second epoch) releases it again
+    args = ["--set", *tiny_overrides, f"train.init_from={source / 'bundle'}", "name=ft", "train.warmup_epochs=1",
+            "train.freeze_encoder_epochs=1"]
     assert train.main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
     assert "Started from" in capsys.readouterr().out
     record = json.loads((tmp_path / "a" / "ft" / "run_info.json").read_text())["init_from"]
@@ -122,3 +124,68 @@ def test_a_fine_tuned_run_records_its_source_and_resumes_identically(tiny_run, t
     assert_same_history(read_history(tmp_path / "a" / "ft"), read_history(tmp_path / "b" / "ft"))
     info = json.loads((tmp_path / "b" / "ft" / "run_info.json").read_text())
     assert info["init_from"] == record and len(info["resumes"]) == 1
+
+
+def test_warm_up_ramps_the_wrapped_schedule_and_survives_a_checkpoint():
+    import keras
+
+    from segpipe.training.budget import AnytimeDecay, anytime_schedule
+    from segpipe.training.fine_tune import LinearWarmup
+
+    decay = AnytimeDecay(0.01, 100)
+    ramp = LinearWarmup(decay, 10)
+    for step in (0, 4, 9, 10, 50):  # by hand: lr0 · (1 − s/100)^0.9 · min(1, (s + 1)/10)
+        expected_lr = 0.01 * (1 - step / 100) ** 0.9 * min(1.0, (step + 1) / 10)
+        assert float(ramp(step)) == pytest.approx(expected_lr, rel=1e-5)
+    optimizer = keras.optimizers.Adam(ramp)
+    assert anytime_schedule(optimizer) is decay  # the time limit still re-fits the decay inside the ramp
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(ramp))  # a checkpoint's
+    assert isinstance(again, LinearWarmup) and isinstance(again.schedule, AnytimeDecay)
+    assert [float(again(s)) for s in (0, 5, 30)] == pytest.approx([float(ramp(s)) for s in (0, 5, 30)])
+    with pytest.raises(ValueError, match=r"Received: warmup_steps=0"):
+        LinearWarmup(0.1, 0)
+
+
+@pytest.mark.parametrize("precision,mirrored", [("float32", False), ("mixed_float16", False),
+                                               ("mixed_bfloat16", False), ("float32", True)])
+def test_a_frozen_encoder_does_not_train_and_trains_again_when_unfrozen(precision, mirrored):
+    """In every precision (mixed_float16: through the loss-scale optimizer) and under a distribution strategy."""
+    import keras
+    import tensorflow as tf
+
+    from segpipe.models.precision import model_dtype, wrap_optimizer
+    from segpipe.training.distributed import WorkerInfo
+    from segpipe.training.fine_tune import encoder_layers
+    from segpipe.training.loop import TrainingLoop
+
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"]) if mirrored else tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_network(_spec(1, 2, depth=2), dtype=model_dtype(precision))
+        model.compile(optimizer=wrap_optimizer(keras.optimizers.Adam(0.01), precision), loss="categorical_crossentropy")
+    loop = TrainingLoop(model, strategy, WorkerInfo(None, 0, 1, True), ["bg", "fg"], verbose=0,
+                        freeze_encoder_epochs=1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, size=(2, 8, 8, 8))]
+    assert all(layer.name.startswith("enc") for layer in encoder_layers(model))
+    encoder = {p for p in variable_arrays(model) if p.startswith("enc")}
+
+    def step_changes(frozen):
+        loop._freeze_encoder(frozen)
+        before = variable_arrays(model)
+        loop._train_step((x, y))
+        after = variable_arrays(model)
+        return {p for p in before if not np.array_equal(before[p], after[p])}
+
+    changed = step_changes(True)
+    assert changed and not changed & encoder  # the decoder and head train, the encoder does not
+    changed = step_changes(False)
+    assert encoder <= changed  # every encoder weight trains again (the optimizer had slots for them)
+
+
+def test_freezing_needs_a_source():
+    from segpipe.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=r"Expected 0 without train\.init_from .* Received: train\.freeze_encoder_epochs=2"):
+        Config.from_dict({"train": {"freeze_encoder_epochs": 2}})

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from segpipe.cli import prog_name
-from segpipe.config import Config, ConfigError, apply_overrides, read_yaml_with_extends
+from segpipe.config import Config, ConfigError, apply_overrides, model_divisor, read_yaml_with_extends
 from segpipe.data.fingerprint import load_or_compute_fingerprint
 from segpipe.data.layouts import Dataset
 from segpipe.data.pipeline import (
@@ -41,6 +41,7 @@ from segpipe.errors import expected
 from segpipe.planning.hardware import detect_hardware
 from segpipe.planning.output import apply_plan, write_plan
 from segpipe.planning.planner import Plan, make_plan
+from segpipe.planning.rules import Choice
 from segpipe.planning.timing import time_steps
 from segpipe.training.case_timing import time_case
 
@@ -104,12 +105,18 @@ def plan_config(
     fingerprint = load_or_compute_fingerprint(dataset, cache / "fingerprint.json",
                                               workers=base.data.preprocess_workers, progress=progress)
     run_label_check(dataset, fingerprint, base.data.check)
-    n_val = None
+    n_val, folds = None, base.data.folds
     if base.data.split_file is not None:
-        n_val = len(read_split_file(base.data.split_file)["val"])
+        fixed = read_split_file(base.data.split_file)
+        # with folds, a fold validates on its share of the file's train cases (the file's val cases are held out)
+        n_val = max(1, round(len(fixed["train"]) / folds)) if folds else len(fixed["val"])
 
     def given(key: str) -> Any:
         return _get(config, key) if key in explicit else None
+
+    source = source_plan_keys(_get(config, "train.init_from"), explicit)
+    explicit |= set(source)  # the source's network and normalisation are fixed inputs of this plan
+    config = apply_plan(config, _KeysOnly(source))
 
     budget = _get(config, "train.time_budget_minutes")
     timer = step_timer
@@ -125,8 +132,10 @@ def plan_config(
         max_stages=given("model.depth") or 6, base_features=given("model.base_filters"),
         spacing_mm=given("data.target_spacing_mm"), patch_size=given("data.patch_size"),
         batch_size=given("data.batch_size"), precision=_get(config, "train.precision", "auto"),
-        case_timer=case_timer if budget is not None else None,
+        case_timer=case_timer if budget is not None else None, folds=folds,
     )
+    if source:
+        _plan_like_source(plan, source, _get(config, "train.init_from"))
     depth = given("model.depth")
     if depth is not None and depth != plan.config["model.depth"]:
         # the planned per-stage lists would not match the given depth: keep the isotropic defaults
@@ -137,6 +146,73 @@ def plan_config(
     merged = apply_plan(config, plan, keep=keep)
     json_path, yaml_path = write_plan(out_dir if out_dir is not None else cache, plan, merged)
     return PlanResult(plan, merged, json_path, yaml_path)
+
+
+# the keys "plan like the source" takes from a bundle's network description (builder argument -> config key)
+SOURCE_MODEL_KEYS = {"depth": "model.depth", "base_filters": "model.base_filters", "max_filters": "model.max_filters",
+                     "norm": "model.norm", "strides": "model.strides", "kernel_sizes": "model.kernel_sizes",
+                     "convs_per_stage": "model.convs_per_stage", "blocks_per_stage": "model.blocks_per_stage",
+                     "deep_supervision": "model.deep_supervision"}
+
+
+@dataclass
+class _KeysOnly:
+    """A plan's ``config`` alone (:func:`apply_plan` reads nothing else)."""
+
+    config: dict[str, Any]
+
+
+def source_plan_keys(init_from: str | None, explicit: Iterable[str] = ()) -> dict[str, Any]:
+    """"Plan like the source": the config keys of ``train.init_from``'s network (builder, topology, width,
+    normalisation layers) and intensity normalisation, when it is a segpipe bundle (or a run with one),
+    less the ``explicit`` keys. ``{}`` for no source, another kind of source or an ensemble.
+
+    Raises
+    ------
+    ValueError
+        The bundle does not read (:func:`segpipe.inference.bundle.read_bundle`'s checks), naming the key.
+    """
+    from segpipe.inference.bundle import read_bundle  # the bundle is read as predict.py reads it: no code runs
+
+    if init_from is None:
+        return {}
+    folder = Path(init_from)
+    if not (folder / "bundle.json").is_file() and (folder / "bundle" / "bundle.json").is_file():
+        folder = folder / "bundle"  # a run directory: its bundle
+    if not (folder / "bundle.json").is_file():
+        return {}
+    bundle = read_bundle(folder)
+    architecture = bundle.architecture
+    if architecture is None or architecture["builder"] not in ("unet3d", "resenc_unet"):
+        return {}
+    keys = {"model.name": architecture["builder"], "data.normalization": _plain(bundle.preprocessing.normalization)}
+    for arg, key in SOURCE_MODEL_KEYS.items():
+        if arg in architecture["args"]:
+            keys[key] = _plain(architecture["args"][arg])
+        elif arg in ("strides", "kernel_sizes"):
+            keys[key] = None  # the builder's default (stride 2, kernel 3 at every stage), not this plan's
+    explicit = set(explicit)
+    return {k: v for k, v in keys.items() if k not in explicit and not any(k.startswith(e + ".") for e in explicit)}
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _plan_like_source(plan: Plan, source: dict[str, Any], init_from: str) -> None:
+    """The plan keeps the source's network (``source``: config keys) and rounds the patch to what it divides."""
+    for key, value in source.items():
+        plan.config[key] = value
+    divisor = model_divisor(int(source.get("model.depth", plan.config["model.depth"])), source.get("model.strides"))
+    patch = [int(p) for p in plan.config["data.patch_size"]]
+    rounded = [max(d, -(-p // d) * d) for p, d in zip(patch, divisor)]
+    plan.config["data.patch_size"] = rounded
+    kept = ", ".join(f"{k}={v}" for k, v in source.items())
+    plan.choices["plan_like_source"] = Choice(
+        sorted(source), f"train.init_from={init_from} is a segpipe bundle: its network and normalisation are kept "
+                        f"({kept}); the rest is planned for this dataset"
+                        + (f"; the patch {patch} is rounded up to {rounded} (divisible by the source's "
+                           f"down-sampling {list(divisor)})" if rounded != patch else ""))
 
 
 def median_case(fingerprint: dict[str, Any]) -> str:

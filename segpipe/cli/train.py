@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # quoted, so a name like 2024-05 stays a string (override values are parsed as YAML)
             overrides = [*args.set, *([f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else [])]
+            if args.folds is not None:  # the plan divides a time budget over the folds
+                overrides.append(f"data.folds={args.folds}")
             paths = _config_paths(args.config) if args.config else [str(default_config_path())]
             configs = [load_config(p, overrides) for p in paths]
             wants_plan = _wants_plan(args, configs)
@@ -117,24 +119,95 @@ def main(argv: list[str] | None = None) -> int:
     warning = comparability_warning(runs) if len(runs) > 1 else None
     if warning:
         print(warning, file=sys.stderr)
-    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite, run_dirs=run_dirs)[1]
+    folds_plan = read_json(result.json_path) if result is not None and len(runs) > 1 else None
+    if folds_plan is not None and "budget_division" not in folds_plan.get("choices", {}):
+        folds_plan = None
+    before_run = _fold_deadline(folds_plan, runs, started) if folds_plan is not None else None
+    code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite, run_dirs=run_dirs,
+                     before_run=before_run)[1]
     budgeted = [c for c in runs if c.train.time_budget_minutes is not None]
+    evaluation_seconds: dict[str, float] = {}
     if code == 0 and budgeted and not isinstance(args.resume, str):
         # the budget covers the final evaluation of the validation cases: run it now
         for config in budgeted:
             evaluated = time.monotonic()
             code = max(code, evaluate.main([str(RunDir.of(config).path), "--model", "best"]))
+            evaluation_seconds[config.name] = time.monotonic() - evaluated
             if result is not None:
                 _report_budget(RunDir.of(config), result.json_path, config.train.time_budget_minutes,
-                               final_seconds=time.monotonic() - evaluated, command_seconds=time.monotonic() - started)
+                               final_seconds=evaluation_seconds[config.name],
+                               command_seconds=time.monotonic() - started, plan=folds_plan)
     if code == 0:
+        ensembled = time.monotonic()
         code = build_fold_ensembles(runs)
+        if code == 0 and folds_plan is not None and len(evaluation_seconds) == len(runs):
+            _report_folds_budget(folds_plan, runs, evaluation_seconds, ensemble_seconds=time.monotonic() - ensembled,
+                                 command_seconds=time.monotonic() - started)
     return code
 
 
+def _fold_deadline(plan: dict, runs: list[Config], started: float):
+    """``run_sweep``'s ``before_run`` for k-fold under one time budget: a fold's training allowance is the
+    plan's, or less when earlier folds ran late (what is left of the budget, less the ensemble and each
+    remaining fold's evaluation and start-up, shared by the remaining folds)."""
+    from segpipe.planning.planner import MARGIN_SECONDS
+
+    budget = float(runs[0].train.time_budget_minutes) * 60.0
+    per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + MARGIN_SECONDS
+    ensemble = float(plan["predicted"].get("ensemble_seconds", 0.0))
+
+    def before_run(config: Config, index: int) -> Config:
+        left = len(runs) - index  # this fold and the ones after it
+        minutes = (budget - (time.monotonic() - started) - ensemble - left * per_fold) / left / 60.0
+        planned = config.train.max_train_minutes
+        if planned is None or minutes >= planned:
+            return config
+        shortened = copy.deepcopy(config)
+        shortened.train.max_train_minutes = round(max(minutes, 0.5), 2)
+        print(f"{config.name}: train.max_train_minutes {planned:g} -> {shortened.train.max_train_minutes:g} "
+              f"(earlier folds took longer than planned; the command's budget holds)")
+        return shortened
+
+    return before_run
+
+
+def _report_folds_budget(plan: dict, runs: list[Config], evaluation_seconds: dict[str, float], *,
+                         ensemble_seconds: float, command_seconds: float) -> None:
+    """``<name>_ensemble/budget.json`` for ``--folds K`` under one budget: the plan's division against the
+    measured parts (each fold's training and evaluation, the ensemble, the whole command), and one line."""
+    division = plan["choices"]["budget_division"]["value"]
+    budget_minutes = float(runs[0].train.time_budget_minutes)
+    folds = []
+    for config in runs:
+        run = RunDir.of(config)
+        seconds = [float(r["seconds"]) for r in read_csv(run.epoch_times_csv)] if run.epoch_times_csv.is_file() else []
+        folds.append({"run": config.name, "training_seconds": float(sum(seconds)), "epochs": len(seconds),
+                      "evaluation_seconds": evaluation_seconds.get(config.name)})
+    report = {"budget_minutes": budget_minutes, "within_budget": command_seconds <= budget_minutes * 60.0,
+              "division": division, "folds": folds,
+              "parts": {"timings_seconds": {"predicted": division["timings_minutes"] * 60.0,
+                                            "measured": plan.get("measured", {}).get("timing_seconds")},
+                        "fold_seconds": {"predicted": division["fold_minutes"] * 60.0,
+                                         "measured": [f["training_seconds"] + (f["evaluation_seconds"] or 0.0)
+                                                      for f in folds]},
+                        "ensemble_seconds": {"predicted": division["ensemble_minutes"] * 60.0,
+                                             "measured": ensemble_seconds},
+                        "command_seconds": {"predicted": budget_minutes * 60.0, "measured": command_seconds}}}
+    out = RunDir.of(runs[0]).path.with_name(re.sub(r"_fold\d+$", "", runs[0].name) + "_ensemble")
+    if out.is_dir():
+        write_json(out / "budget.json", report)
+    print(f"Time budget: {command_seconds / 60:.1f} of {budget_minutes:g} min for {len(runs)} folds and their "
+          f"ensemble{'' if report['within_budget'] else ' — OVER BUDGET'} (training + evaluation per fold: "
+          + ", ".join(f"{(f['training_seconds'] + (f['evaluation_seconds'] or 0.0)) / 60:.1f}" for f in folds)
+          + f" min, planned {division['fold_minutes']:.1f}; ensemble {ensemble_seconds / 60:.1f} min)")
+
+
 def _report_budget(run: RunDir, plan_json: Path, budget_minutes: float, *, final_seconds: float,
-                   command_seconds: float) -> None:
-    """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line."""
+                   command_seconds: float, plan: dict | None = None) -> None:
+    """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line
+    (with ``plan``, a k-fold plan: one fold's share of the budget, and the command's time so far)."""
+    if plan is not None:
+        budget_minutes = float(plan["choices"]["budget_division"]["value"]["fold_minutes"])
     seconds = [float(row["seconds"]) for row in read_csv(run.epoch_times_csv)] if run.epoch_times_csv.is_file() else []
     report = budget_report(read_json(plan_json), epoch_seconds=seconds,
                            final_evaluation_seconds=final_seconds, command_seconds=command_seconds,

@@ -90,6 +90,11 @@ class TrainConfig(Settings):
     # Start from a trained network (docs/training.md, "Start from a trained model"): a segpipe bundle, a run
     # directory or a .keras file; every weight whose layer path and shape match is copied (new runs only).
     init_from: str | None = None
+    # Fine-tuning (docs/training.md, "Start from a trained model"): the learning rate ramps up linearly over
+    # the first warmup_epochs epochs; the encoder (layers enc<k>_…) does not train for the first
+    # freeze_encoder_epochs epochs (needs init_from: a random encoder frozen learns nothing).
+    warmup_epochs: int = field(default=0, metadata=_range(0))
+    freeze_encoder_epochs: int = field(default=0, metadata=_range(0))
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = field(default=1e-3, metadata=_range(0, exclusive_min=True))
     lr_schedule: Literal["constant", "poly", "cosine"] = "poly"
@@ -166,6 +171,10 @@ class Config(Settings):
         if self.train.export_onnx and not self.train.export_bundle:
             raise ConfigError(expected("true when train.export_onnx is true (model.onnx is part of the bundle)",
                                        key="train.export_bundle", received=False))
+        if self.train.freeze_encoder_epochs and self.train.init_from is None:
+            raise ConfigError(expected("0 without train.init_from (a frozen random encoder learns nothing)",
+                                       key="train.freeze_encoder_epochs", received=self.train.freeze_encoder_epochs,
+                                       hint="Set train.init_from to the trained network to start from."))
         for key in ("name", "experiment"):
             check_folder_name(getattr(self, key), key)
 

@@ -132,6 +132,8 @@ def prepare_data(
     case_ids = [case.case_id for case in dataset.cases]
     if split is None and data.split_file is not None:
         split = read_split_file(data.split_file)
+        if data.folds:
+            split = folds_of_split(split, folds=data.folds, fold=data.fold, seed=config.seed)
     if split is not None:
         _check_split(split, case_ids)
     else:
@@ -355,6 +357,25 @@ def make_folds(case_ids: Sequence[str], folds: int, seed: int) -> list[dict[str,
     order = np.random.default_rng(seed).permutation(sorted(case_ids))
     parts = [set(p.tolist()) for p in np.array_split(order, folds)]
     return [{"train": sorted(set(case_ids) - part), "val": sorted(part)} for part in parts]
+
+
+def folds_of_split(split: dict[str, Any], *, folds: int, fold: int, seed: int) -> dict[str, Any]:
+    """Fold ``fold`` of ``folds`` seeded folds over the train cases of a fixed ``split`` (``data.split_file``
+    with ``data.folds``); the split's val cases are held out of every fold (``"held_out"``).
+
+    Returns ``{"train", "val", "split", "fold", "held_out"}``; the same for the same inputs (no state).
+
+    Examples
+    --------
+    >>> split = {"train": ["a", "b", "c", "d"], "val": ["e"], "split": "file:s.json"}
+    >>> part = folds_of_split(split, folds=2, fold=0, seed=0)
+    >>> sorted(part["train"] + part["val"]), part["held_out"], part["split"]
+    (['a', 'b', 'c', 'd'], ['e'], 'file:s.json,seed=0,folds=2')
+    """
+    chosen = make_folds(split["train"], folds, seed)[fold]
+    return {"train": list(chosen["train"]), "val": list(chosen["val"]),
+            "split": f"{split['split']},{split_key(seed=seed, val_fraction=0.0, folds=folds)}", "fold": fold,
+            "held_out": list(split["val"])}
 
 
 def load_or_make_split(

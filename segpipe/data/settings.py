@@ -82,7 +82,8 @@ class DataConfig(Settings):
     folds: int | None = field(default=None, metadata=number_range(2))
     fold: int = field(default=0, metadata=number_range(0))
     # A fixed split instead: a JSON file {"train": [case ids], "val": [case ids]} (a run's splits.json
-    # works), relative to the working dir; val_fraction and folds are then unused.
+    # works), relative to the working dir; val_fraction is then unused. With folds too, the folds are
+    # made over the file's train cases and its val cases are held out (a test set no fold trains on).
     split_file: str | None = None
     validation: Literal["whole", "patches"] = "whole"  # whole preprocessed cases, or fixed patches
     val_patches_per_case: int = field(default=4, metadata=number_range(1))  # validation: patches only
@@ -99,8 +100,6 @@ class DataConfig(Settings):
             raise SettingError("target_spacing_mm", "3 spacings [x, y, z] in mm (RAS order) or null",
                                self.target_spacing_mm)
         check_normalization(self.normalization)
-        if self.split_file is not None and self.folds is not None:
-            raise SettingError("folds", "null with data.split_file (the file fixes the split)", self.folds)
         if self.folds is None and self.fold != 0:
             raise SettingError("fold", "0 when data.folds is null (no k-fold split)", self.fold)
         if self.folds is not None and self.fold >= self.folds:

@@ -57,6 +57,8 @@ def write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_wri
             net, preprocessing=preprocessing, patch_size=patch_size, overlap=inference.overlap,
             mirror_axes=inference.mirror_axes, batch_size=inference.batch_size, sigma_scale=inference.sigma_scale,
             in_channels=int(net.inputs[0].shape[-1]), regions_class_order=regions_class_order,
+            largest_foreground=inference.postprocess_largest_foreground,
+            largest_component=inference.postprocess_largest_component,
         )
         archive.add_endpoint(SEGMENT_SIGNATURE, fn)
         names.append(SEGMENT_SIGNATURE)

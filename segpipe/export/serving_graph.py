@@ -24,9 +24,11 @@ in the graph, with the bundle's settings baked in at export:
    a region network (one sigmoid per region): label ``regions_class_order[i]`` where region i's
    probability is above 0.5, regions in order (:func:`segpipe.data.labels.regions_to_labels`).
 
+6. the bundle's chosen post-processing (``postprocess_largest_foreground``, ``postprocess_largest_component``)
+   on the cropped labels, by in-graph connected components (:mod:`segpipe.export.graph_components`).
+
 It reproduces :func:`segpipe.inference.segment.segment_volume` up to float rounding (the tests require
-≥ 99.9 % equal labels on an anisotropic, non-RAS scan). Not in the graph:
-``postprocess_largest_component`` (connected components; apply them outside) and reorientation.
+≥ 99.9 % equal labels on an anisotropic, non-RAS scan). Not in the graph: reorientation.
 Memory: the whole-volume float32 probabilities live in the graph (4·C bytes per voxel, plus
 resampling temporaries); ``predict.py`` has the bounded-memory path.
 """
@@ -40,6 +42,7 @@ import numpy as np
 
 from segpipe.data.preprocess import PreprocessSettings
 from segpipe.errors import Received, expected
+from segpipe.export.graph_components import largest_component_steps
 from segpipe.inference.sliding_window import gaussian_importance_map, mirror_combinations
 
 SEGMENT_INPUTS = ("image", "spacing_mm")
@@ -66,6 +69,8 @@ def build_segment_function(
     sigma_scale: float,
     in_channels: int,
     regions_class_order: Sequence[int] | None = None,
+    largest_foreground: bool = False,
+    largest_component: Sequence[int] = (),
 ):
     """A ``tf.function`` (image, spacing_mm) -> {"labels"} for ``keras.export.ExportArchive``.
 
@@ -81,6 +86,9 @@ def build_segment_function(
         Input channels of the network.
     regions_class_order : sequence of int, optional
         For a region network (sigmoid outputs): the label value of each region. Default: classes (argmax).
+    largest_foreground, largest_component
+        The post-processing (``InferenceSettings.postprocess_largest_foreground`` /
+        ``postprocess_largest_component``), applied to the labels in the graph.
 
     Returns
     -------
@@ -97,7 +105,8 @@ def build_segment_function(
 
     graph = _SegmentGraph.create(net, preprocessing=preprocessing, patch_size=patch_size, overlap=overlap,
                                  mirror_axes=mirror_axes, batch_size=batch_size, sigma_scale=sigma_scale,
-                                 in_channels=in_channels, regions_class_order=regions_class_order)
+                                 in_channels=in_channels, regions_class_order=regions_class_order,
+                                 largest_foreground=largest_foreground, largest_component=largest_component)
     spec = [tf.TensorSpec([None, None, None, in_channels], tf.float32, name="image"),
             tf.TensorSpec([3], tf.float64, name="spacing_mm")]
 
@@ -124,11 +133,14 @@ class _SegmentGraph:
     in_channels: int
     num_classes: int
     regions_class_order: tuple[int, ...] | None = None  # region networks: label value of each region
+    largest_foreground: bool = False  # post-processing: all foreground's largest component first
+    largest_component: tuple[int, ...] = ()  # then each of these classes' largest component
 
     @classmethod
     def create(cls, net, *, preprocessing: PreprocessSettings, patch_size: Sequence[int], overlap: float,
                mirror_axes: Sequence[int], batch_size: int, sigma_scale: float, in_channels: int,
-               regions_class_order: Sequence[int] | None = None) -> "_SegmentGraph":
+               regions_class_order: Sequence[int] | None = None, largest_foreground: bool = False,
+               largest_component: Sequence[int] = ()) -> "_SegmentGraph":
         """Check the settings and precompute the window weights (see :func:`build_segment_function`)."""
         reason = unsupported_reason(preprocessing)
         if reason:
@@ -152,9 +164,10 @@ class _SegmentGraph:
                    axis_weights=_axis_gaussians(window, sigma_scale),
                    flips=tuple(tuple(axes) for axes in mirror_combinations(mirror_axes)),
                    batch_size=int(batch_size), in_channels=int(in_channels), num_classes=num_outputs,
-                   regions_class_order=regions_class_order)
+                   regions_class_order=regions_class_order, largest_foreground=bool(largest_foreground),
+                   largest_component=tuple(int(c) for c in largest_component))
 
-    # ------------------------------------------------------------ the five steps
+    # ------------------------------------------------------------ the six steps
 
     def segment(self, image, spacing_mm):
         """Labels (X, Y, Z) uint8 of a scan (X, Y, Z, Cin) on its own grid."""
@@ -169,6 +182,9 @@ class _SegmentGraph:
         if self.preprocessing.target_spacing_mm is not None:  # 5. back to the cropped grid (linear)
             probabilities = _resample(probabilities, hi - lo, 1)
         labels = self.to_labels(probabilities)
+        if self.largest_foreground or self.largest_component:  # 6. (components never cross the empty border)
+            labels = largest_component_steps(labels, largest_foreground=self.largest_foreground,
+                                             classes=self.largest_component)
         return tf.pad(labels, tf.stack([lo, full_shape - hi], axis=1))  # background outside the box
 
     def to_labels(self, probabilities):

@@ -56,8 +56,8 @@ def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tupl
 
 def verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
                    inference: InferenceSettings, regions_class_order: Sequence[int] | None = None) -> dict[str, float]:
-    """Labels of the ``segment`` signature against :func:`segment_volume` with Keras (no post-processing,
-    which the signature leaves out); a region network's labels by ``regions_class_order`` in both.
+    """Labels of the ``segment`` signature against :func:`segment_volume` with Keras, the bundle's
+    post-processing in both; a region network's labels by ``regions_class_order`` in both.
 
     The scan is random (2 windows per axis at the training spacing, with a zero margin to crop);
     with a target spacing it comes 20 % finer along one axis, so resampling there and back runs.
@@ -71,9 +71,7 @@ def verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, pat
     image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
     image[:2] = 0
     reference = segment_volume(keras_predict_fn(net), image, np.diag([*spacing, 1.0]), preprocessing=preprocessing,
-                               patch_size=patch_size, settings=inference.replace(postprocess_largest_component=(),
-                                                                             postprocess_largest_foreground=False),
-                               return_probabilities=True, regions_class_order=regions_class_order).labels
+                               patch_size=patch_size, settings=inference, return_probabilities=True, regions_class_order=regions_class_order).labels
     signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
     labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
     agreement = float((labels == reference).mean()) if labels.shape == reference.shape else 0.0

@@ -27,6 +27,10 @@ MAX_TIMINGS = 3  # timings of the planned network: a step much slower than predi
 MIN_TOTAL_STEPS = 1000  # a time budget shrinks the patch until at least this many training steps fit
 FINAL_EVAL_SHARE = 0.15  # of the budget for the final sliding-window evaluation of the validation cases
 MARGIN_SECONDS = 120.0  # start-up, preprocessing of a cached dataset, export: kept free in the budget
+# k-fold with a time budget (the whole command): the ensemble at the end (copying the out-of-fold
+# predictions, choosing post-processing on them, one bundle of every fold) is kept free too
+ENSEMBLE_SECONDS = 60.0
+ENSEMBLE_SECONDS_PER_FOLD = 20.0
 # The training loop's step is slower than an isolated train_on_batch (the tf.data loader sampling and
 # augmenting on the same cores, metrics, per-step bookkeeping): measured here 0.27 s per loop step
 # (median of epochs 2-8) against 0.13 s timed in isolation for a 40×40×10 patch; 0.40 against
@@ -127,6 +131,7 @@ def make_plan(
     batch_size: int | None = None,
     precision: str = "auto",
     case_timer: CaseTimer | None = None,
+    folds: int | None = None,
 ) -> Plan:
     """Plan a training run for the dataset described by ``fingerprint`` on ``hardware``.
 
@@ -152,11 +157,18 @@ def make_plan(
     case_timer : with a time budget: predicts one median case as the final evaluation will and times its
         parts; the final evaluation is then costed as windows + the case's other costs (blending, mapping
         back, writing) instead of windows alone.
+    folds : k-fold training (``--folds K``): the time budget is for the whole command, so each fold is
+        planned for its share (the budget less the timings and the ensemble, divided by ``folds``), and
+        the validation cases are a fold's (``num_val_cases`` default: ``round(num_cases / folds)``).
     """
     if model not in MODELS:
         raise ValueError(expected(f"one of {list(MODELS)}", key="model", received=model))
     if time_budget_minutes is not None and time_budget_minutes <= 0:
         raise ValueError(expected("a positive time budget", key="train.time_budget_minutes", received=time_budget_minutes))
+    if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
+        raise ValueError(expected("a number of folds >= 2", key="data.folds", received=folds))
+    if folds is not None and num_val_cases is None:
+        num_val_cases = max(1, round(len(fingerprint.get("cases") or {}) / folds))
     inputs = _read_inputs(fingerprint, hardware=hardware, model=model, num_val_cases=num_val_cases,
                           val_fraction=val_fraction, max_stages=max_stages, base_features=base_features)
     plan = Plan(dataset=str(fingerprint.get("dataset", "")), fingerprint_key=str(fingerprint.get("key", "")),
@@ -171,7 +183,8 @@ def make_plan(
     case_timer = _clocked(case_timer, timers_seconds) if case_timer is not None else None
     if time_budget_minutes is not None and step_timer is not None:
         fitting = "float32" if precision == "auto" else precision
-        patch_plan, timed = _fit_time_budget(plan, inputs, spacing, median, patch_plan, budget_minutes=time_budget_minutes,
+        patch_plan, timed = _fit_time_budget(plan, inputs, spacing, median, patch_plan,
+                                             budget_minutes=_run_budget_minutes(time_budget_minutes, folds, 0.0),
                                              step_timer=step_timer, patch_size=patch_size, timer_batch=batch_size or 2,
                                              precision=fitting)
         timed = _plan_precision(plan, inputs, spacing, patch_plan, timed, step_timer=step_timer, setting=precision,
@@ -195,8 +208,11 @@ def make_plan(
                     "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
             case = case_timer(keys)
         plan.measured["timing_seconds"] = timers_seconds[0]
-        _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=time_budget_minutes, batch=batch,
-                   timer_batch=batch_size or 2, case=case, spent_seconds=timers_seconds[0])
+        run_budget, spent = time_budget_minutes, timers_seconds[0]
+        if folds is not None:
+            run_budget, spent = _plan_folds(plan, time_budget_minutes, folds, spent), 0.0
+        _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=run_budget, batch=batch,
+                   timer_batch=batch_size or 2, case=case, spent_seconds=spent)
     elif time_budget_minutes is not None:
         raise ValueError(expected("a step timer with a time budget (the schedule is fitted to measured steps)",
                                   key="step_timer", received=None))
@@ -431,6 +447,36 @@ def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, media
                                             f"whole every epoch; whole volumes only in the final evaluation")
     c["loss"] = rules.plan_loss(inputs.classes)
     c["mirror_axes"] = rules.plan_mirror_axes(inputs.cases, {k: v.get("name", k) for k, v in inputs.classes.items()})
+
+
+def _ensemble_seconds(folds: int) -> float:
+    return ENSEMBLE_SECONDS + ENSEMBLE_SECONDS_PER_FOLD * folds
+
+
+def _run_budget_minutes(budget_minutes: float, folds: int | None, spent_seconds: float) -> float:
+    """The minutes one run is planned for: the whole budget, or a fold's share of what the timings
+    (``spent_seconds``) and the ensemble leave."""
+    if folds is None:
+        return budget_minutes
+    return (budget_minutes * 60 - spent_seconds - _ensemble_seconds(folds)) / folds / 60
+
+
+def _plan_folds(plan: Plan, budget_minutes: float, folds: int, spent_seconds: float) -> float:
+    """Step 5b, k-fold with a time budget: divide the command's budget; returns one fold's minutes."""
+    share = _run_budget_minutes(budget_minutes, folds, spent_seconds)
+    ensemble = _ensemble_seconds(folds)
+    if share <= 0:
+        raise ValueError(expected(f"more than {(spent_seconds + ensemble) / 60:.1f} minutes for {folds} folds (the "
+                                  f"timings and the ensemble come first)", key="train.time_budget_minutes",
+                                  received=budget_minutes))
+    plan.choices["budget_division"] = Choice(
+        {"folds": folds, "fold_minutes": round(share, 2), "timings_minutes": round(spent_seconds / 60, 2),
+         "ensemble_minutes": round(ensemble / 60, 2)},
+        f"{budget_minutes:g} min for the whole command: {spent_seconds / 60:.1f} min of timings, {folds} folds × "
+        f"{share:.1f} min (training, evaluation of the fold's validation cases, start-up and export), "
+        f"{ensemble / 60:.1f} min for the ensemble (out-of-fold post-processing, one bundle)")
+    plan.predicted["ensemble_seconds"] = ensemble
+    return share
 
 
 def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],

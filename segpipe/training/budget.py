@@ -118,6 +118,7 @@ def anytime_schedule(optimizer: keras.optimizers.Optimizer) -> AnytimeDecay | No
     """The :class:`AnytimeDecay` driving ``optimizer`` (through a LossScaleOptimizer too), or None."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     schedule = getattr(inner, "_learning_rate", None)  # Keras keeps the schedule object here
+    schedule = getattr(schedule, "schedule", schedule)  # inside a warm-up (segpipe.training.fine_tune.LinearWarmup)
     return schedule if isinstance(schedule, AnytimeDecay) else None
 
 

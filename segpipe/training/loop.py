@@ -37,6 +37,7 @@ import tensorflow as tf
 from segpipe.metrics.streaming import PerClassDice
 from segpipe.training.checkpoints import RunCheckpoint
 from segpipe.training.distributed import WorkerInfo, any_worker
+from segpipe.training.fine_tune import set_encoder_frozen
 from segpipe.training.interrupts import StopRequest
 
 
@@ -66,8 +67,12 @@ class TrainingLoop:
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, worker: WorkerInfo,
                  class_names: list[str], *, verbose: int = 2, stop: StopRequest | None = None,
-                 regions: bool = False):
+                 regions: bool = False, freeze_encoder_epochs: int = 0):
         self.model, self.strategy, self.worker = model, strategy, worker
+        self.freeze_encoder_epochs, self._frozen = freeze_encoder_epochs, None
+        if freeze_encoder_epochs and not model.optimizer.built:
+            with strategy.scope():  # slots for every variable, the encoder's too, before a step trains a subset
+                model.optimizer.build(model.trainable_variables)
         self.verbose, self.stop = verbose, stop
         with strategy.scope():  # replica-local accumulators, summed on read
             self.train_metrics = _loss_and_dice(class_names, regions)
@@ -131,6 +136,8 @@ class TrainingLoop:
                 return LoopPosition(epoch + 1, 0)
             if any_worker(self.strategy, self.worker, bool(self.model.stop_training)):
                 break  # every worker stops after the same epoch (a callback may decide on one only)
+        if self.freeze_encoder_epochs:
+            self._freeze_encoder(False)  # the saved model and the bundle: every layer trainable
         callback_list.on_train_end(logs)
         return None
 
@@ -140,6 +147,8 @@ class TrainingLoop:
         """Steps ``first_step..steps-1`` of ``epoch`` (its metrics restored from ``metrics`` when resuming
         mid-epoch); the number of finished steps if a stop request ended it early (checkpoint saved)."""
         self._reset_or_restore(metrics)
+        if self.freeze_encoder_epochs:
+            self._freeze_encoder(epoch < self.freeze_encoder_epochs)
         callback_list.on_epoch_begin(epoch)
         for step in range(first_step, steps):
             callback_list.on_train_batch_begin(step)
@@ -152,6 +161,17 @@ class TrainingLoop:
             if stop:
                 return step + 1
         return None
+
+    def _freeze_encoder(self, frozen: bool) -> None:
+        """``train.freeze_encoder_epochs``: (un)freeze the encoder and trace the step again for its new variables."""
+        if frozen == self._frozen:
+            return
+        set_encoder_frozen(self.model, frozen)
+        self._train_step = tf.function(self._distributed_step)
+        self._frozen = frozen
+        if self.worker.is_chief and self.verbose:
+            print(f"train.freeze_encoder_epochs={self.freeze_encoder_epochs}: the encoder is "
+                  f"{'frozen' if frozen else 'training again'}")
 
     def _checkpoint_due(self, checkpoint: RunCheckpoint, global_step: int) -> bool:
         """A periodic mid-epoch checkpoint (``checkpoint.schedule``). Every worker must save at the same

@@ -114,6 +114,7 @@ def run_sweep(
     out: TextIO | None = None,
     err: TextIO | None = None,
     run_dirs: Sequence[Path] | None = None,
+    before_run: Callable[[Config, int], Config] | None = None,
 ) -> tuple[list[RunOutcome], int]:
     """Train ``runs`` in turn; returns the outcomes and the exit code (0, 1 if any failed, 130/143 on a stop signal).
 
@@ -125,6 +126,9 @@ def run_sweep(
         out, err: where progress and errors go (default stdout, stderr).
         run_dirs: the run directory of each run (``train.py --resume RUN_DIR``: the folder itself, not
             ``RunDir.of(config)``, which resolves a relative ``output_dir`` against the current folder).
+        before_run: called with each run's config and its index just before it trains (a run not
+            finished before); returns the config to train (``train.py --folds K`` with a time budget
+            shortens a fold's allowance when earlier folds ran late).
     """
     from segpipe.training.train import train  # TensorFlow: planning and summarising a sweep do not need it
 
@@ -138,6 +142,8 @@ def run_sweep(
         if len(runs) > 1:
             print(f"\n[{i + 1}/{len(runs)}] {config.name} -> {run_dir}", file=out, flush=True)
         finished_before = not overwrite and RunDir(run_dir).status() == "finished"
+        if before_run is not None and not finished_before:
+            config = before_run(config, i)
         try:
             run_dir = train_fn(config, resume=resume, overwrite=overwrite, **where)
             print(f"Run directory: {run_dir}", file=out, flush=True)

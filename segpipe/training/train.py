@@ -37,6 +37,7 @@ from segpipe.training.checkpoints import (
     save_model_atomic,
 )
 from segpipe.training.distributed import ShardedSampler, ShardSpec, WorkerInfo
+from segpipe.training.fine_tune import LinearWarmup
 from segpipe.training.init_from import initialise_from
 from segpipe.training.interrupts import StopRequest, TrainingInterrupted
 from segpipe.training.loop import LoopPosition, TrainingLoop
@@ -62,8 +63,9 @@ def build_model(config: Config, in_channels: int, num_classes: int, *, regions: 
 
 def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     """``train.optimizer`` with ``train.lr_schedule`` over ``epochs x steps_per_epoch`` steps (with
-    ``train.max_train_minutes``: the anytime schedule, :class:`segpipe.training.budget.AnytimeDecay`), loss
-    scaling added for ``train.precision: mixed_float16``."""
+    ``train.max_train_minutes``: the anytime schedule, :class:`segpipe.training.budget.AnytimeDecay`), after a
+    linear warm-up of ``train.warmup_epochs`` (:class:`segpipe.training.fine_tune.LinearWarmup`), loss scaling
+    added for ``train.precision: mixed_float16``."""
     t = config.train
     total_steps = t.epochs * t.steps_per_epoch
     if t.lr_schedule in ("poly", "cosine") and t.max_train_minutes is not None:
@@ -75,6 +77,8 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
         lr = keras.optimizers.schedules.CosineDecay(t.learning_rate, total_steps)
     else:
         lr = t.learning_rate
+    if t.warmup_epochs:
+        lr = LinearWarmup(lr, t.warmup_epochs * t.steps_per_epoch)
     if t.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay or None)
     elif t.optimizer == "adamw":
@@ -333,7 +337,7 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     verbose = ((1 if sys.stdout.isatty() else 2) if verbose is None else verbose) if worker.is_chief else 0
     with StopRequest() as stop:
         loop = TrainingLoop(model, strategy, worker, prepared.dataset.output_names, verbose=verbose, stop=stop,
-                            regions=bool(prepared.dataset.regions))
+                            regions=bool(prepared.dataset.regions), freeze_encoder_epochs=t.freeze_encoder_epochs)
         stopped = loop.fit(train_input, val_ds, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch,
                            start=position, callbacks=callbacks, checkpoint=run_checkpoint)
     if stopped is not None:

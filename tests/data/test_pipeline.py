@@ -8,7 +8,6 @@ import pytest
 
 import train
 from segpipe.config import ConfigError, load_config
-from segpipe.data import cache as cache_module
 from segpipe.data.cache import build_cache
 from segpipe.data.layouts import load_dataset, read_case_label
 from segpipe.data.pipeline import (
@@ -21,10 +20,10 @@ from segpipe.data.pipeline import (
     read_split_file,
     run_integrity_check,
 )
-from segpipe.data.preprocess import PreprocessSettings, preprocess_case
+from segpipe.data.preprocess import PreprocessSettings
 from segpipe.evaluation.predictions import predict_run
-from segpipe.io import read_nifti
 from segpipe.inference.segment import restore_probabilities
+from segpipe.io import read_nifti
 
 from . import make_case, make_dataset, save
 
@@ -113,7 +112,6 @@ def test_target_spacing_defaults_to_the_fingerprint(phantom_root, tmp_path):
 
 
 def test_one_normalization_per_channel_must_match_the_channels(phantom_root, tmp_path):
-    from segpipe.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"Expected one scheme, or one per channel \(1 in .*\). Received: data.normalization=\["):
         prepare_data(config_for(phantom_root, tmp_path, "data.normalization=[zscore, none]"), progress=False)
@@ -196,8 +194,20 @@ def test_split_file_fixes_the_split_and_bad_files_are_named(phantom_root, tmp_pa
     path.write_text(json.dumps({"train": ["phantom_000"], "val": ["ghost"]}))
     with pytest.raises(ValueError, match=r"^Expected split cases that are in the dataset\. Received: split=1 unknown case id\(s\): \['ghost'\]\.$"):
         prepare_data(config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.check=off"), progress=False)
-    with pytest.raises(ConfigError, match="data.folds"):
-        config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.folds=3")
+
+
+def test_folds_with_a_split_file_split_its_train_cases_and_hold_its_val_cases_out(phantom_root, tmp_path):
+    fixed = {"train": ["phantom_000", "phantom_002", "phantom_003", "phantom_004"], "val": ["phantom_005", "phantom_001"]}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(fixed))
+    splits = [prepare_data(config_for(phantom_root, tmp_path, f"data.split_file={path}", "data.folds=2",
+                                      f"data.fold={fold}", "data.check=off"), progress=False).split for fold in (0, 1)]
+    for fold, split in enumerate(splits):
+        assert sorted(split["train"] + split["val"]) == sorted(fixed["train"]) and len(split["val"]) == 2
+        assert split["held_out"] == fixed["val"] and split["fold"] == fold
+        assert split["split"] == f"file:{path.as_posix()},seed=0,folds=2"
+    # every train case of the file validates in exactly one fold: the out-of-fold predictions cover them
+    assert sorted(splits[0]["val"] + splits[1]["val"]) == sorted(fixed["train"])
 
 
 def test_the_recipe_split_file_is_160_training_and_40_validation_cases():

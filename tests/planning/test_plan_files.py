@@ -65,3 +65,36 @@ def test_an_explicit_key_inside_a_planned_section_keeps_the_users_section(thick_
                          device="cpu", memory_gib=2, progress=False)
     assert result.config["loss"] == {"name": "tversky", "alpha": 0.7}
     assert "loss" in result.plan.config  # planned, but not applied
+
+
+def test_a_bundle_to_start_from_is_planned_like_the_source(thick_root, tmp_path):
+    """train.init_from a bundle: its network (depth, width, strides, kernels) and normalisation are kept,
+    the patch is rounded to what the source's down-sampling divides, explicit keys still win."""
+    from inference_helpers import PATCH, PREPROCESSING, tiny_architecture, tiny_model
+
+    from segpipe.export.bundle import write_bundle
+
+    architecture = tiny_architecture(depth=3, deep_supervision=True)
+    bundle = write_bundle(tiny_model(depth=3), tmp_path / "bundle", class_names=["bg", "a", "b"],
+                          preprocessing=PREPROCESSING, patch_size=PATCH, architecture=architecture,
+                          verify=False, openvino=False, segment=False)
+    config = base_config(thick_root, tmp_path)
+    config["train"]["init_from"] = str(bundle)
+    result = plan_config(config, explicit={"data.root", "train.init_from"}, out_dir=tmp_path / "plan", device="cpu",
+                         memory_gib=2, progress=False)
+    planned = result.config
+    # the thick-slice dataset alone plans 3×3×1 kernels and in-plane strides (test above); the source is isotropic
+    assert planned["model"]["depth"] == 3 and planned["model"]["base_filters"] == 4
+    assert planned["model"]["strides"] is None and planned["model"]["kernel_sizes"] is None
+    assert planned["data"]["normalization"] == PREPROCESSING.normalization
+    assert all(side % 4 == 0 for side in planned["data"]["patch_size"])  # depth 3: halved twice on every axis
+    assert "plan_like_source" in result.plan.choices and str(bundle) in result.plan.choices["plan_like_source"].reason
+    # a key the user gives wins over the source's
+    config["model"]["base_filters"] = 8
+    again = plan_config(config, explicit={"data.root", "train.init_from", "model.base_filters"},
+                        out_dir=tmp_path / "plan2", device="cpu", memory_gib=2, progress=False)
+    assert again.config["model"]["base_filters"] == 8 and again.config["model"]["depth"] == 3
+    # the written plan trains: the config it wrote loads and checks
+    from segpipe.config import load_config
+
+    load_config(again.yaml_path)

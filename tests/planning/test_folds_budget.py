@@ -1,0 +1,78 @@
+"""k-fold under one time budget (issue 26): the plan divides the command's budget over the folds and
+the ensemble, and a fold that starts late gets a shorter allowance so the command still ends in time."""
+import pytest
+
+from segpipe.config import Config
+from segpipe.planning.planner import (
+    ENSEMBLE_SECONDS,
+    ENSEMBLE_SECONDS_PER_FOLD,
+    MARGIN_SECONDS,
+    Hardware,
+    make_plan,
+)
+
+from .test_rules import GIB, fingerprint, flop_timer
+
+
+def _plan(**kwargs):
+    fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[48, 48, 48]] * 20)
+    timer, _ = flop_timer()
+    return make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=60, step_timer=timer, **kwargs)
+
+
+def test_the_budget_is_divided_over_the_folds_and_the_ensemble():
+    single, folded = _plan(), _plan(folds=5)
+    division = folded.choices["budget_division"].value
+    spent = folded.measured["timing_seconds"]
+    ensemble = ENSEMBLE_SECONDS + 5 * ENSEMBLE_SECONDS_PER_FOLD
+    assert division["fold_minutes"] == pytest.approx((3600 - spent - ensemble) / 5 / 60, abs=0.01)
+    assert folded.predicted["ensemble_seconds"] == ensemble
+    # a fold validates on its share of the cases: 20 / 5 = 4 (the single run: 20 % = 4 too) ...
+    assert folded.predicted["final_evaluation"]["cases"] == 4
+    # ... and its schedule and allowance fit the fold's share, not the whole hour
+    limit = folded.choices["time_limit"].value
+    final = folded.predicted["final_evaluation_seconds"]
+    assert limit == pytest.approx(division["fold_minutes"] - (final + MARGIN_SECONDS) / 60, abs=0.01)
+    schedule = folded.choices["schedule"].value
+    epoch = schedule["steps_per_epoch"] * folded.predicted["loop_step_seconds"] + folded.predicted["validation_seconds"]
+    training = schedule["epochs"] * epoch
+    assert division["fold_minutes"] * 60 - epoch < training + final + MARGIN_SECONDS <= division["fold_minutes"] * 60
+    single_epoch = (single.choices["schedule"].value["steps_per_epoch"] * single.predicted["loop_step_seconds"]
+                    + single.predicted["validation_seconds"])
+    assert single.choices["schedule"].value["epochs"] * single_epoch > 4 * training
+    # the whole command: timings + 5 folds (training, evaluation, margin) + ensemble within 60 minutes
+    assert spent + 5 * (limit * 60 + final + MARGIN_SECONDS) + ensemble <= 3600 + 1e-6
+    assert "budget_division" not in single.choices
+    assert "5 folds" in folded.choices["budget_division"].reason
+
+
+def test_a_budget_too_small_for_the_folds_is_refused_by_name():
+    fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[48, 48, 48]] * 20)
+    timer, _ = flop_timer()
+    with pytest.raises(ValueError, match=r"train\.time_budget_minutes=2"):
+        make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=2, step_timer=timer, folds=5)
+    with pytest.raises(ValueError, match=r"^Expected a number of folds >= 2\. Received: data\.folds=1"):
+        make_plan(fp, hardware=Hardware("cpu", 8 * GIB), folds=1)
+
+
+def test_a_fold_starting_late_gets_what_is_left(monkeypatch):
+    from segpipe.cli import train as cli
+
+    runs = []
+    for fold in range(3):
+        config = Config.from_dict({"name": f"x_fold{fold}", "data": {"folds": 3, "fold": fold},
+                                   "train": {"time_budget_minutes": 30, "max_train_minutes": 6.0}})
+        runs.append(config)
+    plan = {"predicted": {"final_evaluation_seconds": 30.0, "ensemble_seconds": 120.0}}
+    now = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    before_run = cli._fold_deadline(plan, runs, started=1000.0)
+    # on time: the plan's allowance stands (the same object: nothing to change)
+    assert before_run(runs[0], 0) is runs[0]
+    # 20 of 30 minutes gone before fold 1: (1800 - 1200 - 120 - 2 × (30 + 120)) / 2 = 90 s each
+    now[0] = 1000.0 + 1200
+    late = before_run(runs[1], 1)
+    assert late.train.max_train_minutes == pytest.approx(1.5) and runs[1].train.max_train_minutes == 6.0
+    # past the budget: a minimal allowance (the run still saves a checkpoint), never zero or negative
+    now[0] = 1000.0 + 1800
+    assert before_run(runs[2], 2).train.max_train_minutes == 0.5
