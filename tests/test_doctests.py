@@ -11,7 +11,7 @@ import pytest
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
                                     "segpipe.inference.integrity", "segpipe.models.architecture", "segpipe.models.transfer",
                                     "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
-                                    "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
+                                    "segpipe.evaluation.paired_statistics", "segpipe.tables", "segpipe.reports.tables",
                                     "segpipe.evaluation.options", "segpipe.evaluation.summary",
                                     "segpipe.data.labels", "segpipe.metrics.regions"])
 def test_docstring_examples(module):
