@@ -547,7 +547,7 @@ def test_a_full_disk_while_writing_predictions_names_the_file_and_keeps_complete
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(image, path)
 
-    monkeypatch.setattr(segpipe.io.nib, "save", full_on_b)
+    monkeypatch.setattr(segpipe.io.nifti.nib, "save", full_on_b)
     capsys.readouterr()
     assert predict_cli.main([*_predict(tmp_path, bundle_dir, *scans), "--overwrite"]) == 1  # b.nii.gz exists
     err = capsys.readouterr().err
@@ -567,7 +567,7 @@ def test_a_read_only_output_folder_is_one_error_and_nothing_is_written(tmp_path,
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(segpipe.io, "tempfile", SimpleNamespace(mkstemp=read_only))  # segpipe.io only
+    monkeypatch.setattr(segpipe.io.durable, "tempfile", SimpleNamespace(mkstemp=read_only))  # io.durable only
     assert predict_cli.main(_predict(tmp_path, bundle_dir, _scan(tmp_path))) == 1
     err = capsys.readouterr().err
     assert f"Received: path={tmp_path / OUT / 'scan.nii.gz'} (Read-only file system)." in err and "Traceback" not in err
@@ -590,7 +590,7 @@ def test_a_full_disk_while_writing_the_evaluation_is_one_error_naming_the_folder
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(segpipe.io.os, "replace", full)
+    monkeypatch.setattr(segpipe.io.durable.os, "replace", full)
     code = evaluate_cli.main(["--pred", str(tmp_path / "scans"), "--ref", str(tmp_path / "scans"), "--out", str(tmp_path / OUT)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err

@@ -10,10 +10,9 @@ from segpipe.evaluation.compare import (
     check_comparable,
     find_run_dirs,
     group_runs,
-    holm,
     load_per_case,
-    paired_test,
 )
+from segpipe.evaluation.paired_statistics import holm, paired_test
 
 CASES = [f"case_{i}" for i in range(6)]
 COLUMNS = "case,class,class_name,dice,iou,hd95,assd,nsd,empty,image_diagonal_mm"

@@ -90,7 +90,7 @@ def test_a_full_disk_while_writing_nifti_names_the_file_and_keeps_the_old_one(tm
     target = tmp_path / "pred" / "case.nii.gz"
     write_nifti(target, np.ones((4, 4, 4), np.uint8), np.eye(4))
     before = target.read_bytes()
-    monkeypatch.setattr(segpipe.io.nib, "save", _disk_full_after_half(nib.save))
+    monkeypatch.setattr(segpipe.io.nifti.nib, "save", _disk_full_after_half(nib.save))
     with pytest.raises(StorageError) as info:
         write_nifti(target, np.zeros((4, 4, 4), np.uint8), np.eye(4))
     assert str(info.value) == (f"Expected free space and a writable folder for this file. Received: path={target} "
@@ -100,7 +100,7 @@ def test_a_full_disk_while_writing_nifti_names_the_file_and_keeps_the_old_one(tm
 
 
 def test_a_read_only_folder_names_the_file_and_other_errors_pass_unchanged(tmp_path, monkeypatch):
-    monkeypatch.setattr(segpipe.io, "tempfile", SimpleNamespace(mkstemp=_read_only))  # segpipe.io only
+    monkeypatch.setattr(segpipe.io.durable, "tempfile", SimpleNamespace(mkstemp=_read_only))  # io.durable only
     with pytest.raises(StorageError, match=re.escape(f"Received: path={tmp_path / 'a.npy'} ({READ_ONLY}).")):
         save_npy(tmp_path / "a.npy", np.zeros(3))
     assert not list(tmp_path.iterdir())
@@ -144,7 +144,7 @@ def test_a_full_disk_while_caching_names_the_file_and_keeps_the_complete_cases(t
     def full_on_labels(path, array, *args, **kwargs):
         return (_disk_full_after_half(real_save) if "label" in str(path) else real_save)(path, array, *args, **kwargs)
 
-    monkeypatch.setattr(segpipe.io.np, "save", full_on_labels)
+    monkeypatch.setattr(segpipe.io.files.np, "save", full_on_labels)
     with pytest.raises(StorageError) as info:
         build_cache(dataset, cache, settings, progress=False)
     assert f"Received: path={cache / 'case_1' / 'label.npy'} ({NO_SPACE})." in str(info.value)
@@ -153,7 +153,7 @@ def test_a_full_disk_while_caching_names_the_file_and_keeps_the_complete_cases(t
     assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
     assert json.loads((cache / "settings.json").read_text())["cache_version"] >= 1
 
-    monkeypatch.setattr(segpipe.io.np, "save", real_save)  # space again: the same call completes the cache
+    monkeypatch.setattr(segpipe.io.files.np, "save", real_save)  # space again: the same call completes the cache
     cases = build_cache(dataset, cache, settings, progress=False)
     assert [c.case_id for c in cases] == ["case_0", "case_1"] and cases[1].meta["key"] == changed
 
@@ -163,7 +163,7 @@ def test_a_read_only_cache_folder_is_one_error_naming_it(tmp_path, monkeypatch):
     from segpipe.data.preprocess import PreprocessSettings
 
     dataset = _dataset(tmp_path / "ds")
-    monkeypatch.setattr(segpipe.io, "tempfile", SimpleNamespace(mkstemp=_read_only))  # segpipe.io only
+    monkeypatch.setattr(segpipe.io.durable, "tempfile", SimpleNamespace(mkstemp=_read_only))  # io.durable only
     with pytest.raises(StorageError, match="^" + re.escape(f"Expected free space and a writable folder for this file. "
                                                            f"Received: path={tmp_path / 'cache' / 'settings.json'} ({READ_ONLY}).")):
         build_cache(dataset, tmp_path / "cache", PreprocessSettings(), progress=False)

@@ -68,3 +68,15 @@ def test_sigmoid_head_for_regions():
     assert p.shape == (1, 8, 8, 8, 1) and outputs_sigmoid(model) and not outputs_logits(model)
     assert np.all((p > 0) & (p < 1))
     assert probability_model(model).outputs[0] is model.outputs[0]
+
+
+@pytest.mark.parametrize("output, dtype", [("softmax", "mixed_bfloat16"), ("logits", "float32"),
+                                           ("sigmoid", "float32")])
+def test_output_channels_counts_what_the_inference_model_outputs_without_a_copy(output, dtype):
+    """What export reads to count a run's classes or regions: the channels inference_model gives."""
+    from segpipe.models.unet3d import output_channels
+
+    model = build_unet3d(1, 2, depth=2, base_filters=4, deep_supervision=True, output=output, dtype=dtype)
+    assert output_channels(model) == int(inference_model(model).outputs[0].shape[-1]) == 2
+    with pytest.raises(ValueError, match="a functional Keras model"):
+        output_channels(keras.Sequential())

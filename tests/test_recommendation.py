@@ -9,13 +9,13 @@ import evaluate
 from segpipe.evaluation.compare import (
     ComparisonError,
     ConfigRuns,
-    bootstrap_mean_ci,
     candidate_postprocessing,
     find_run_dirs,
     group_runs,
     is_evaluated_folder,
     recommend,
 )
+from segpipe.evaluation.paired_statistics import bootstrap_mean_ci
 
 COLUMNS = "case,class,class_name,dice,iou,hd95,assd,nsd,empty,image_diagonal_mm"
 

@@ -13,7 +13,7 @@ nnU-Net's procedure (``nnunetv2.postprocessing.determine_postprocessing``), with
 
 **The change** — a step is switched on only when the gain is not noise: its mean Dice gain must be
 > 0 **and** the paired Wilcoxon signed-rank test of the per-case Dice after vs before
-(:func:`segpipe.evaluation.compare.paired_test`: two-sided, cases the step does not change dropped
+(:func:`segpipe.evaluation.paired_statistics.paired_test`: two-sided, cases the step does not change dropped
 as in Wilcoxon's original test, exact for small samples) must give ``p < alpha`` (default
 ``alpha = 0.05``). Step 1 keeps nnU-Net's extra condition (no class's mean Dice falls); its
 per-case value is the mean Dice over the foreground classes. nnU-Net's rule (any mean gain > 0) is
@@ -34,8 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from segpipe.errors import Received, expected
-from segpipe.evaluation.compare import paired_test
 from segpipe.evaluation.folders import match_cases
+from segpipe.evaluation.paired_statistics import paired_test
 from segpipe.inference.postprocess import (
     keep_largest_component,
     keep_largest_foreground_component,

@@ -396,7 +396,7 @@ def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     """
     import keras
 
-    from segpipe.models.unet3d import outputs_sigmoid  # Keras, as above
+    from segpipe.models.unet3d import output_channels, outputs_sigmoid  # Keras, as above
 
     run = RunDir(run_dir)
     config = run.config()
@@ -413,7 +413,7 @@ def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     except Exception as exc:
         raise ValueError(expected("a Keras model file that loads", key="checkpoint",
                                   received=Received(f"{model_path} (cannot load: {first_line(exc)})"))) from exc
-    num_outputs = int(inference_model(model).outputs[0].shape[-1])
+    num_outputs = output_channels(model)  # what inference_model(model) outputs, without its float32 copy
     dataset = _run_dataset(config, sigmoid=outputs_sigmoid(model))
     regions = dataset.regions if dataset is not None else None
     if regions and len(regions) != num_outputs:

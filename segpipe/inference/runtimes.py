@@ -37,13 +37,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from segpipe.errors import Received, expected, first_line
 from segpipe.inference.bundle import FILES, INPUT_NAME, SIGNATURE, Bundle, BundleError, read_bundle
 from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
+
+# A runtime's loader: (model file, bundle, CPU threads or None) -> (predict_fn, (input channels, output channels))
+Loader = Callable[[Path, Bundle, int | None], tuple[PredictFn, tuple[Any, Any]]]
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,25 @@ class Runtime:
     file: str  # path inside the bundle
     modules: tuple[str, ...]  # Python modules needed to run it
     extra: str | None  # pip extra that installs them (None: a core dependency)
+    load: Loader  # loads the model file ``file`` of a bundle (called by load_predictor)
     exact: bool = True  # matches Keras within float32 tolerance
     runs_code: bool = False  # loading or calling it can run arbitrary operations (needs trust_bundle)
 
 
+# The loaders are looked up when called (the functions are defined below, and tests may replace them).
 RUNTIMES: dict[str, Runtime] = {
     r.name: r
     for r in (
-        Runtime("keras", FILES["keras"], ("keras", "h5py"), None),
-        Runtime("savedmodel", FILES["savedmodel"], ("tensorflow",), None, runs_code=True),
-        Runtime("onnx", FILES["onnx"], ("onnxruntime", "onnx"), "onnx"),
-        Runtime("openvino", FILES["openvino"], ("openvino",), "openvino"),
-        Runtime("openvino-bf16", FILES["openvino"], ("openvino",), "openvino", exact=False),
+        Runtime("keras", FILES["keras"], ("keras", "h5py"), None,
+                load=lambda path, bundle, threads: load_keras(path, bundle.architecture)),
+        Runtime("savedmodel", FILES["savedmodel"], ("tensorflow",), None, runs_code=True,
+                load=lambda path, bundle, threads: load_savedmodel(path, SIGNATURE, INPUT_NAME)),
+        Runtime("onnx", FILES["onnx"], ("onnxruntime", "onnx"), "onnx",
+                load=lambda path, bundle, threads: load_onnx(path, threads)),
+        Runtime("openvino", FILES["openvino"], ("openvino",), "openvino",
+                load=lambda path, bundle, threads: load_openvino(path, precision="f32", threads=threads)),
+        Runtime("openvino-bf16", FILES["openvino"], ("openvino",), "openvino", exact=False,
+                load=lambda path, bundle, threads: load_openvino(path, precision="bf16", threads=threads)),
     )
 }
 # Fastest first among the float32-exact runtimes that cannot run code (docs/inference.md has the measurements).
@@ -183,15 +193,7 @@ def load_predictor(bundle: Bundle | str | os.PathLike, format: str = "keras", *,
             hint=f"This network differs by {verification.get('openvino-bf16_max_abs_diff', float('nan')):.3g}; "
                  "use format='openvino' (float32)."))
     try:
-        if format == "keras":
-            predict_fn, found = load_keras(path, bundle.architecture)
-        elif format == "savedmodel":
-            predict_fn, found = load_savedmodel(path, SIGNATURE, INPUT_NAME)
-        elif format == "onnx":
-            predict_fn, found = load_onnx(path, threads)
-        else:
-            predict_fn, found = load_openvino(path, precision="bf16" if format == "openvino-bf16" else "f32",
-                                              threads=threads)
+        predict_fn, found = runtime(format).load(path, bundle, threads)
     except (ImportError, BundleError):
         raise
     except Exception as exc:  # a truncated or corrupt file: each runtime raises its own types

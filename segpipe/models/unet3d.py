@@ -249,13 +249,40 @@ def probability_model(model: keras.Model) -> keras.Model:
     Deep-supervision outputs are dropped; a logits head gets a float32 softmax (a model that already
     outputs probabilities keeps its output tensor as it is). Inference and every export use this.
     """
-    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
-        raise ValueError(expected("a functional Keras model (with inputs and outputs)", key="model",
-                                  received=Received(type(model).__name__)))
+    _check_functional(model)
     output = model.outputs[0]
     if outputs_logits(model):
         output = layers.Softmax(axis=-1, dtype="float32", name="probabilities")(output)
     return keras.Model(model.inputs, output, name=model.name)
+
+
+def output_channels(model: keras.Model) -> int:
+    """The channels of the model's full-resolution output: what :func:`probability_model` returns, without a copy.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional model (a segpipe U-Net, deep supervision or not, in any precision).
+
+    Returns
+    -------
+    int
+        Classes (softmax or logits head) or regions (sigmoid head): a softmax added to a logits head
+        and a float32 copy of a mixed-precision network keep the channel count.
+
+    Raises
+    ------
+    ValueError
+        ``model`` is not a functional model (no inputs and outputs).
+    """
+    _check_functional(model)
+    return int(model.outputs[0].shape[-1])
+
+
+def _check_functional(model: keras.Model) -> None:
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
+        raise ValueError(expected("a functional Keras model (with inputs and outputs)", key="model",
+                                  received=Received(type(model).__name__)))
 
 
 def _output_layer(model: keras.Model):

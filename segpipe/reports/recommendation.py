@@ -1,15 +1,16 @@
 """The recommendation of a comparison (:func:`segpipe.evaluation.compare.recommend`) as Markdown and HTML.
 
 Both show the same things: the one-sentence summary, the ranking by mean foreground Dice with each
-candidate's post-processing, and the paired test and bootstrap interval of the margin.
+candidate's post-processing (one :class:`~segpipe.reports.tables.Table`, rendered by
+:mod:`segpipe.reports.tables`), and the paired test and bootstrap interval of the margin.
 """
 from __future__ import annotations
 
-import math
-from html import escape
 from typing import Any, Mapping
 
-__all__ = ["describe_postprocessing", "recommendation_html", "recommendation_markdown"]
+from segpipe.reports.tables import Cell, Column, Row, Table, escape, to_html, to_markdown
+
+__all__ = ["describe_postprocessing", "ranking_table", "recommendation_html", "recommendation_markdown"]
 
 
 def describe_postprocessing(post: Mapping[str, Any]) -> str:
@@ -45,6 +46,29 @@ def describe_postprocessing(post: Mapping[str, Any]) -> str:
     return f"{', then '.join(steps) if steps else 'none'} ({how})"
 
 
+def ranking_table(rec: Mapping[str, Any]) -> Table:
+    """The ranking of a recommendation as a :class:`~segpipe.reports.tables.Table` (``id="ranking"`` in HTML).
+
+    Parameters
+    ----------
+    rec : dict
+        :func:`segpipe.evaluation.compare.recommend`'s result.
+
+    Returns
+    -------
+    Table
+        One row per candidate, best first: rank, config (``data-config``), mean foreground Dice
+        (``data-stat="mean_foreground_dice"``), post-processing (:func:`describe_postprocessing`).
+    """
+    columns = [Column("rank"), Column("config", text=True), Column("mean foreground Dice"),
+               Column("post-processing", text=True)]
+    rows = [Row([Cell(i, spec=".0f"), Cell(row["config"]),
+                 Cell(row["mean_foreground_dice"], data={"stat": "mean_foreground_dice"}),
+                 Cell(describe_postprocessing(row["postprocessing"]))], data={"config": row["config"]})
+            for i, row in enumerate(rec["ranking"], 1)]
+    return Table(columns, rows, html_id="ranking")
+
+
 def recommendation_markdown(rec: Mapping[str, Any]) -> str:
     """The recommendation section of ``report.md`` (and of the terminal output).
 
@@ -59,11 +83,7 @@ def recommendation_markdown(rec: Mapping[str, Any]) -> str:
         Markdown, ending with a blank line.
     """
     test, ci = rec["test"], rec["ci"]
-    lines = ["## Recommendation", "", f"**{rec['best']}**. {rec['summary']}", "",
-             "| rank | config | mean foreground Dice | post-processing |", "|---|---|---|---|"]
-    for i, row in enumerate(rec["ranking"], 1):
-        lines.append(f"| {i} | {row['config']} | {_number(row['mean_foreground_dice'])} | "
-                     f"{describe_postprocessing(row['postprocessing'])} |")
+    lines = ["## Recommendation", "", f"**{rec['best']}**. {rec['summary']}", "", to_markdown(ranking_table(rec))]
     lines += ["", f"Margin over `{rec['runner_up']}`: {rec['margin']:+.4f} mean foreground Dice over "
               f"{rec['n_cases']} cases; {_ci_text(ci)}; Wilcoxon signed-rank (two-sided, paired by case) "
               f"p = {test['p']:.4g}, {test['wins']} cases better, {test['losses']} worse, {test['ties']} equal. "
@@ -85,16 +105,10 @@ def recommendation_html(rec: Mapping[str, Any]) -> str:
         An HTML fragment.
     """
     test, ci = rec["test"], rec["ci"]
-    rows = "".join(
-        f'<tr data-config="{escape(row["config"])}"><td>{i}</td><td class="text">{escape(row["config"])}</td>'
-        f'<td data-stat="mean_foreground_dice">{_number(row["mean_foreground_dice"])}</td>'
-        f'<td class="text">{escape(describe_postprocessing(row["postprocessing"]))}</td></tr>'
-        for i, row in enumerate(rec["ranking"], 1))
     return (
         '<section id="recommendation"><h2>Recommendation</h2>'
         f'<p><strong data-best="{escape(rec["best"])}">{escape(rec["best"])}</strong>. {escape(rec["summary"])}</p>'
-        '<table id="ranking"><thead><tr><th>rank</th><th class="text">config</th><th>mean foreground Dice</th>'
-        f'<th class="text">post-processing</th></tr></thead><tbody>{rows}</tbody></table>'
+        f"{to_html(ranking_table(rec))}"
         f'<p class="note">Margin over <code>{escape(rec["runner_up"])}</code>: '
         f'<span data-stat="margin">{rec["margin"]:+.4f}</span> over {rec["n_cases"]} cases; {escape(_ci_text(ci))}; '
         f'Wilcoxon signed-rank p = <span data-stat="p">{test["p"]:.4g}</span>, {test["wins"]} cases better, '
@@ -108,7 +122,3 @@ def _ci_text(ci: Mapping[str, Any]) -> str:
         return "no bootstrap interval (fewer than 2 cases)"
     return (f"{100 * ci['confidence']:g}% bootstrap CI [{ci['low']:+.4f}, {ci['high']:+.4f}] "
             f"({ci['method']}, {ci['n_resamples']} resamples, seed {ci['seed']})")
-
-
-def _number(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
