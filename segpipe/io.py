@@ -111,7 +111,7 @@ def check_scan_size(path: str | os.PathLike, image: Any, *, max_voxels: int | No
     Traceback (most recent call last):
     ...
     segpipe.io.ScanSizeError: .../a.nii: Expected at most 10 voxels ... Received: header=shape (4, 4, 4) float32: 64 voxels, 256 bytes (file: 608 bytes).
-    """
+    """  # noqa: E501 (the doctest's expected exception line above)
     limit = MAX_VOXELS if max_voxels is None else max_voxels
     proxy = image.dataobj
     shape = tuple(int(n) for n in getattr(proxy, "shape", image.shape))
@@ -460,7 +460,8 @@ def explain_write_errors(path: str | os.PathLike) -> Iterator[None]:
         if exc.errno not in STORAGE_ERRNOS:
             raise
         raise StorageError(expected(
-            "free space and a writable folder for this file", key="path", received=Received(f"{path} ({exc.strerror or exc})"),
+            "free space and a writable folder for this file", key="path",
+            received=Received(f"{path} ({exc.strerror or exc})"),
             hint="Nothing was half-written: an earlier version of the file, if any, is unchanged.",
         )) from exc
 
