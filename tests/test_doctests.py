@@ -5,10 +5,12 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
+@pytest.mark.parametrize("module",
+                         ["segpipe.errors", "segpipe.arrays", "segpipe.io", "segpipe.parallel", "segpipe.runs.rundir",
                                     "segpipe.settings", "segpipe.models.geometry", "segpipe.data.preprocess",
                                     "segpipe.inference.postprocess", "segpipe.inference.sliding_window",
-                                    "segpipe.inference.integrity", "segpipe.models.architecture", "segpipe.models.transfer",
+                                    "segpipe.inference.integrity", "segpipe.models.architecture",
+                          "segpipe.models.transfer",
                                     "segpipe.evaluation.postprocessing", "segpipe.reports.recommendation",
                                     "segpipe.evaluation.compare", "segpipe.tables", "segpipe.reports.tables",
                                     "segpipe.evaluation.options", "segpipe.evaluation.summary",
