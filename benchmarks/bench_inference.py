@@ -19,12 +19,13 @@ predicted under the 8 flips, flipped back and averaged inside the predictor), z-
 argmax of the stitched probabilities.
 
 Every runtime runs in its own subprocess, its cells from the smallest volume up, so the peak RSS
-read after a cell (``VmHWM``: runtime, model and volume so far) is that cell's. A cell is measured (median of up to ``--repeats`` runs) when its runs fit
-``--budget-s``, else estimated as (non-network time) + network calls × seconds per call, both
-measured in that subprocess; estimated cells are marked ``~``. ``--memory-shape`` adds the peak RSS
-of a labels-only 512×512×300 volume with the runtime loaded and called once, the windows then
-predicted by a network that costs nothing (the blending and preprocessing memory is what grows
-with the volume; the network's working memory is that of one batch).
+read after a cell (``VmHWM``: runtime, model and volume so far) is that cell's. A cell is measured
+(median of up to ``--repeats`` runs) when its runs fit ``--budget-s``, else estimated as
+(non-network time) + network calls × seconds per call, both measured in that subprocess; estimated
+cells are marked ``~``. ``--memory-shape`` adds the peak RSS of a labels-only 512×512×300 volume with
+the runtime loaded and called once, the windows then predicted by a network that costs nothing (the
+blending and preprocessing memory is what grows with the volume; the network's working memory is
+that of one batch).
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def worker_segpipe(bundle: str, runtime: str, cells: list[tuple[int, bool]], pat
     predict_fn = load_predictor(b, runtime, threads=args.threads)
 
     def run(fn, image, mirror):
-        settings = InferenceSettings(overlap=args.overlap, mirror_axes=(0, 1, 2) if mirror else (), batch_size=args.batch_size)
+        settings = InferenceSettings(overlap=args.overlap, mirror_axes=(0, 1, 2) if mirror else (),
+                                     batch_size=args.batch_size)
         start = time.perf_counter()
         segment_volume(fn, image, np.eye(4), preprocessing=b.preprocessing, patch_size=b.patch_size, settings=settings)
         return time.perf_counter() - start
@@ -132,8 +134,9 @@ def worker_monai(cells: list[tuple[int, bool]], patch: int, args) -> list[dict]:
         with torch.inference_mode():
             x = torch.from_numpy((image - image.mean()) / image.std())[None, None]
             probabilities = sliding_window_inference(x, (patch,) * 3, args.batch_size,
-                                                     mirrored(net, every_flip if mirror else [()]), overlap=args.overlap,
-                                                     mode="gaussian", sigma_scale=0.125, padding_mode="constant")
+                                                     mirrored(net, every_flip if mirror else [()]),
+                                                     overlap=args.overlap, mode="gaussian", sigma_scale=0.125,
+                                                     padding_mode="constant")
             labels = torch.argmax(probabilities[0], 0).to(torch.uint8).numpy()
         assert labels.shape == image.shape
         return time.perf_counter() - start
@@ -172,8 +175,8 @@ def _measure_cells(run, predict_fn, free_fn, cells, patch, args) -> list[dict]:
         estimate = overhead + -(-windows // args.batch_size) * (8 if mirror else 1) * per_call
         repeats = min(args.repeats, int(args.budget_s // estimate))
         times = [run(predict_fn, image, mirror) for _ in range(repeats)]
-        results.append({"size": size, "mirror": mirror, "per_call": per_call, "overhead": overhead, "estimate": estimate,
-                        "times": times, "windows": windows, "peak_rss_gib": peak_rss_gib(),
+        results.append({"size": size, "mirror": mirror, "per_call": per_call, "overhead": overhead,
+                        "estimate": estimate, "times": times, "windows": windows, "peak_rss_gib": peak_rss_gib(),
                         "load": os.getloadavg()[0]})
     return results
 
@@ -192,7 +195,8 @@ def worker_memory(bundle: str, runtime: str, shape: tuple[int, ...], args) -> di
     image = np.random.default_rng(0).normal(100, 20, size=shape).astype(np.float32)
     start = time.perf_counter()
     result = segment_volume(_free_network, image, np.eye(4), preprocessing=b.preprocessing, patch_size=b.patch_size,
-                            settings=InferenceSettings(overlap=args.overlap, mirror_axes=(), batch_size=args.batch_size))
+                            settings=InferenceSettings(overlap=args.overlap, mirror_axes=(),
+                                                       batch_size=args.batch_size))
     assert result.labels.shape == shape and result.probabilities is None
     return {"seconds_without_network": time.perf_counter() - start, "voxels": int(np.prod(shape)),
             "peak_rss_gib": peak_rss_gib()}
@@ -211,7 +215,8 @@ def _spawn(args, *worker_args) -> dict | None:
            "--torch-threads", str(args.torch_threads)] + (["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"[{' '.join(map(str, worker_args))}] failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}", file=sys.stderr)
+        print(f"[{' '.join(map(str, worker_args))}] failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}",
+              file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--patch", type=int, default=32)
     parser.add_argument("--mirror", nargs="+", choices=("off", "on"), default=["off", "on"])
-    parser.add_argument("--runtimes", nargs="+", default=[*SEGPIPE_RUNTIMES, "monai"], choices=[*SEGPIPE_RUNTIMES, "monai"])
+    parser.add_argument("--runtimes", nargs="+", default=[*SEGPIPE_RUNTIMES, "monai"],
+                        choices=[*SEGPIPE_RUNTIMES, "monai"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2, help="windows per network call, every runtime")
     parser.add_argument("--overlap", type=float, default=0.5)
@@ -276,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
                        else _spawn(args, "segpipe", bundle, runtime, spec, args.patch))
             for result in results or []:
                 rows.append((result["size"], "on" if result["mirror"] else "off", runtime, result))
-                print(f"  {result['size']}³ mirror {rows[-1][1]} {runtime}: {_cell(result)} s, estimate {result['estimate']:.1f} s, "
-                      f"per call {result['per_call']:.3f} s, peak {result['peak_rss_gib']:.2f} GiB  "
+                print(f"  {result['size']}³ mirror {rows[-1][1]} {runtime}: {_cell(result)} s, estimate "
+                      f"{result['estimate']:.1f} s, per call {result['per_call']:.3f} s, "
+                      f"peak {result['peak_rss_gib']:.2f} GiB  "
                       f"[{time.time() - started:.0f} s, load {result['load']:.1f}]", flush=True)
         rows.sort(key=lambda r: (r[0], r[1], [*SEGPIPE_RUNTIMES, "monai"].index(r[2])))
         memory = []
@@ -291,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
           f"(depth 4, 16 filters, {NUM_CLASSES} classes, {exported['params']:,} parameters), labels only; "
           f"threads: runtimes' default, torch {args.torch_threads}; {time.time() - started:.0f} s in all; "
           f"load average after: {os.getloadavg()[0]:.1f}\n")
-    print("| volume | mirroring | runtime | seconds per volume | vs keras | peak RSS (GiB) | estimate (s) | s per call | not network (s) |")
+    print("| volume | mirroring | runtime | seconds per volume | vs keras | peak RSS (GiB) | estimate (s) | s per call "
+          "| not network (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size, mirror, runtime, result in rows:
         reference = next((r for s, m, rt, r in rows if s == size and m == mirror and rt == "keras"), None)
@@ -300,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{result['estimate']:.1f} | {result['per_call']:.3f} | {result['overhead']:.1f} |")
     for runtime, m in memory:
         if m:
-            print(f"\npeak RSS, {'×'.join(map(str, args.memory_shape))} labels only, {runtime} loaded: {m['peak_rss_gib']:.2f} GiB "
-                  f"({m['peak_rss_gib'] * 2**30 / m['voxels']:.1f} bytes per voxel in all; {m['seconds_without_network']:.0f} s without the network)")
+            print(f"\npeak RSS, {'×'.join(map(str, args.memory_shape))} labels only, {runtime} loaded: "
+                  f"{m['peak_rss_gib']:.2f} GiB ({m['peak_rss_gib'] * 2**30 / m['voxels']:.1f} bytes per voxel in all; "
+                  f"{m['seconds_without_network']:.0f} s without the network)")
 
 if __name__ == "__main__":
     main()

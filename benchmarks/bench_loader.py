@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         one = [sampler_rate(config, prepared, samples) for _ in range(args.repeats)]
         loader = [loader_rate(config, prepared, batches) for _ in range(args.repeats)]
         waits = [input_wait(config, prepared, steps) for _ in range(args.repeats)]
-        rows.append((name, len(prepared.cases), "x".join(map(str, prepared.cases[next(iter(prepared.cases))].meta["shape"])),
+        rows.append((name, len(prepared.cases),
+                     "x".join(map(str, prepared.cases[next(iter(prepared.cases))].meta["shape"])),
                      "x".join(map(str, config.data.patch_size)), statistics.median(one), statistics.median(loader),
                      statistics.median(w for w, _ in waits), statistics.median(s for _, s in waits)))
         print(f"{name}: sampler {one}, loader {loader}, wait {waits}", flush=True)

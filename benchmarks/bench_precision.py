@@ -42,7 +42,7 @@ code = train.main(sys.argv[3:])
 gpus = tf.config.list_physical_devices("GPU")
 peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] if gpus else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 open(sys.argv[2], "w").write(json.dumps({"code": code, "peak_bytes": peak, "device": "GPU" if gpus else "CPU"}))
-"""
+"""  # noqa: E501 (a script run as is; its peak-memory line is long)
 
 # The exported bundle's forward pass of one window.
 PREDICT = """
@@ -82,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for precision in args.precisions:
             rows.append(_one(precision, result.yaml_path, out, steps))
-        print(f"\n{result.plan.hardware.get('description', '')}; planned patch {result.plan.config['data.patch_size']}, "
-              f"batch {result.plan.config['data.batch_size']}; 2 epochs × {steps} steps per precision\n")
-        print("| precision | s/step (epoch 2) | peak memory (GiB) | val Dice fg after the steps | bundle s/window | bundle output |")
+        print(f"\n{result.plan.hardware.get('description', '')}; planned patch "
+              f"{result.plan.config['data.patch_size']}, batch {result.plan.config['data.batch_size']}; "
+              f"2 epochs × {steps} steps per precision\n")
+        print("| precision | s/step (epoch 2) | peak memory (GiB) | val Dice fg after the steps | bundle s/window | "
+              "bundle output |")
         print("|---|---|---|---|---|---|")
         for row in rows:
-            print("| " + " | ".join(str(row[k]) for k in ("precision", "step", "peak", "dice", "window", "dtype")) + " |")
+            print("| " + " | ".join(str(row[k]) for k in ("precision", "step", "peak", "dice", "window", "dtype"))
+                  + " |")
     return 0 if all(row["code"] == 0 for row in rows) else 1
 
 
@@ -100,8 +103,8 @@ def _one(precision: str, plan_yaml: Path, out: Path, steps: int) -> dict:
                  f"name={precision}"]
     report = out / f"{precision}.json"
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), str(report), "--config", str(plan_yaml), "--no-plan",
-                           "--overwrite", "--set", *overrides], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), str(report), "--config", str(plan_yaml),
+                           "--no-plan", "--overwrite", "--set", *overrides], capture_output=True, text=True)
     row = {"precision": precision, "code": proc.returncode, "step": "failed", "peak": "", "dice": "", "window": "",
            "dtype": ""}
     if proc.returncode != 0 or not report.is_file():
@@ -117,7 +120,8 @@ def _one(precision: str, plan_yaml: Path, out: Path, steps: int) -> dict:
     window = json.loads(predicted.stdout.strip().splitlines()[-1]) if predicted.returncode == 0 else None
     if window is None:
         print(f"[{precision}] the bundle's prediction failed:\n{predicted.stderr[-2000:]}", file=sys.stderr)
-    row.update(step=f"{epoch_seconds[-1] / steps:.3f}", peak=f"{trained['peak_bytes'] / 2**30:.2f} ({trained['device']})",
+    row.update(step=f"{epoch_seconds[-1] / steps:.3f}",
+               peak=f"{trained['peak_bytes'] / 2**30:.2f} ({trained['device']})",
                dice=f"{float(history[-1]['val_dice_fg_mean']):.3f}",
                window=f"{window['seconds']:.4f}" if window else "failed", dtype=window["dtype"] if window else "")
     print(f"[{precision}] done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)

@@ -132,7 +132,8 @@ def run_worker(framework, patch, batch, base, depth, warmup, repeats, precision=
            "--precision", precision]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"[{framework}] failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}", file=sys.stderr)
+        print(f"[{framework}] failed: "
+              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -144,7 +145,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--precisions", nargs="+", choices=["float32", "mixed_bfloat16", "mixed_float16"],
                         help="TensorFlow's precisions (default: float32 and those this machine supports)")
-    parser.add_argument("--settings", type=int, nargs="+", help=f"indices of the settings (0-{len(SETTINGS) - 1}; default: all)")
+    parser.add_argument("--settings", type=int, nargs="+",
+                        help=f"indices of the settings (0-{len(SETTINGS) - 1}; default: all)")
     parser.add_argument("--worker", choices=["tf", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--patch", type=int, nargs=3, help=argparse.SUPPRESS)
@@ -178,7 +180,8 @@ def main() -> None:
         precisions, why = supported_precisions("gpu" if nvidia_gpus() else "cpu")
         print(f"precisions: {', '.join(precisions)} ({why})")
     settings = SETTINGS if args.settings is None else [SETTINGS[i] for i in args.settings]
-    print(f"medians of {args.repeats} runs after {args.warmup} warm-up runs; step GFLOP/s = 3 × forward FLOPs / step time\n")
+    print(f"medians of {args.repeats} runs after {args.warmup} warm-up runs; "
+          "step GFLOP/s = 3 × forward FLOPs / step time\n")
     print("| setting | framework | precision | params | s/step | s/forward | step GFLOP/s | forward GFLOP/s | "
           "step / forward rate | peak RSS (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -200,8 +203,8 @@ def main() -> None:
             print(f"| {name} | **TF / PyTorch step time** | float32 | | **{ratio:.2f}×** | | | | | |", flush=True)
         for (fw, precision), step in steps.items():
             if fw == "tf" and precision != "float32" and ("tf", "float32") in steps:
-                print(f"| {name} | **TF {precision} / float32 step time** | | | **{step / steps[('tf', 'float32')]:.2f}×** "
-                      f"| | | | | |", flush=True)
+                print(f"| {name} | **TF {precision} / float32 step time** | | | "
+                      f"**{step / steps[('tf', 'float32')]:.2f}×** | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,8 @@ def check_run(run_dir: Path, cache_dir: Path, reference: Reference) -> list[str]
 def check_finished(run_dir: Path, reference: Reference) -> list[str]:
     """The chain's end: finished, the uninterrupted history, nothing temporary left in the run directory."""
     problems = []
-    status = json.loads((run_dir / "status.json").read_text())["status"] if (run_dir / "status.json").is_file() else None
+    status = (json.loads((run_dir / "status.json").read_text())["status"] if (run_dir / "status.json").is_file()
+              else None)
     if status != "finished":
         problems.append(f"status {status!r}, expected 'finished'")
     rows = _read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
@@ -273,7 +274,8 @@ def _check_cache(cache_dir: Path, reference_dir: Path) -> list[str]:
                 problems.append(f"cache entry {case_dir} trusted with another key")
             for name in ("image", "label", "locations"):
                 if not np.array_equal(np.load(case_dir / f"{name}.npy"), np.load(ref / f"{name}.npy")):
-                    problems.append(f"cache entry {case_dir}/{name}.npy trusted but differs from an uninterrupted run's")
+                    problems.append(f"cache entry {case_dir}/{name}.npy trusted but differs from an uninterrupted "
+                                    "run's")
     return problems
 
 
@@ -377,7 +379,8 @@ def run_chain(points: Sequence[KillPoint], *, overrides: list[str], output_dir: 
     outcomes: list[Outcome] = []
 
     def finish(command: str) -> list[str]:
-        args = train_args(overrides, output_dir) if command == "train" else evaluate_args(run_dir, report=report, workers=workers)
+        args = (train_args(overrides, output_dir) if command == "train"
+                else evaluate_args(run_dir, report=report, workers=workers))
         log = logs / f"{len(outcomes):02d}-finish-{command}.log"
         proc = start(args, log)
         try:
@@ -391,13 +394,15 @@ def run_chain(points: Sequence[KillPoint], *, overrides: list[str], output_dir: 
         if not any(p.command == command for p in points):
             continue
         for point in (p for p in points if p.command == command):
-            args = train_args(overrides, output_dir) if command == "train" else evaluate_args(run_dir, report=report, workers=workers)
+            args = (train_args(overrides, output_dir) if command == "train"
+                    else evaluate_args(run_dir, report=report, workers=workers))
             outcome = inject(point, args, run_dir, logs / f"{len(outcomes):02d}-{command}.log", rng)
             outcome.problems += check_run(run_dir, cache_dir, reference)
             outcomes.append(outcome)
             if verbose:
                 print(f"  {point.phase:<28} {point.describe():<44} {'killed' if outcome.killed else 'missed'}"
-                      f" in {outcome.landed:<28} {'held' if outcome.held else 'BROKEN: ' + '; '.join(outcome.problems)}",
+                      f" in {outcome.landed:<28} "
+                      f"{'held' if outcome.held else 'BROKEN: ' + '; '.join(outcome.problems)}",
                       flush=True)
         end = finisher(command) if finisher is not None else finish(command)
         end += check_run(run_dir, cache_dir, reference)
@@ -487,7 +492,8 @@ def trial_points(rng: random.Random, timeline: Timeline, cache_dir: Path) -> lis
     train_seconds = max(1.0, t.export_start - t.config)
     return [
         KillPoint(PREPROCESSING, failpoint=f"atomic_write@{cache_file}#{rng.randint(1, 2)}"),
-        KillPoint(PREPROCESSING, after=caching(cache_dir), delay=(0.0, t.config - t.cache_start)),  # the rest of the cache
+        # the rest of the cache
+        KillPoint(PREPROCESSING, after=caching(cache_dir), delay=(0.0, t.config - t.cache_start)),
         KillPoint(SWAP, failpoint=f"checkpoint_{rng.choice(['written', 'swap', 'swapped'])}#{rng.randint(1, 3)}"),
         KillPoint(EPOCH, after=checkpoint_written, delay=(0.0, train_seconds / 6)),
         KillPoint(HISTORY, failpoint=f"atomic_write@history.csv#{rng.randint(1, 2)}"),
@@ -514,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     phantoms = write_phantom_dataset(args.work / "phantoms",
-                                     PhantomSettings(num_cases=6, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 1.5), seed=3))
+                                     PhantomSettings(num_cases=6, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 1.5),
+                                                     seed=3))
     began = time.monotonic()
     reference, timeline = reference_run(args.work, phantoms)
     print(f"uninterrupted run: cache from {timeline.cache_start:.1f} s, training from {timeline.config:.1f} s, "
@@ -528,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work / f"trial{trial}"
         cache = work / "cache"
         overrides = run_overrides(phantoms, cache, preprocess_workers=2, epochs=BENCH_EPOCHS)
-        outcomes += run_chain(trial_points(rng, timeline, cache), overrides=overrides, output_dir=work / "out", cache_dir=cache,
-                              reference=reference, rng=rng, logs=work / "logs", verbose=True)
+        outcomes += run_chain(trial_points(rng, timeline, cache), overrides=overrides, output_dir=work / "out",
+                              cache_dir=cache, reference=reference, rng=rng, logs=work / "logs", verbose=True)
         leftovers += len(cache_leftovers(cache))
     rows = summarize(outcomes)
     missed = sum(not o.killed and o.held for o in outcomes)

@@ -81,7 +81,8 @@ def main() -> int:
                "predicted_memory_bytes_batch2": p["memory_bytes_batch2"], "measured_peak_bytes": m["peak_bytes"],
                "reference_step_s": m["reference"]["step_seconds"], "plan": plan.to_dict()}
         print(f"step predicted {row['predicted_step_s']:.2f} s, measured {row['measured_step_s']:.2f} s; memory "
-              f"predicted {row['predicted_memory_bytes_batch2'] / 2**30:.2f} GiB, measured peak {row['measured_peak_bytes'] / 2**30:.2f} GiB")
+              f"predicted {row['predicted_memory_bytes_batch2'] / 2**30:.2f} GiB, measured peak "
+              f"{row['measured_peak_bytes'] / 2**30:.2f} GiB")
         results[name] = row
     write_json(args.out, results)
     print(f"\nwrote {args.out}")

@@ -8,7 +8,8 @@ convolution (k2, s2) up, concatenated skips, 1×1×1 head; channels-first. Needs
 from __future__ import annotations
 
 
-def build_torch_unet(in_channels: int = 1, num_classes: int = 3, *, base: int = 16, depth: int = 4, max_filters: int = 320):
+def build_torch_unet(in_channels: int = 1, num_classes: int = 3, *, base: int = 16, depth: int = 4,
+                     max_filters: int = 320):
     """A ``torch.nn.Module`` mapping (B, Cin, X, Y, Z) to logits (B, C, X, Y, Z)."""
     from torch import cat, nn
 
@@ -22,7 +23,8 @@ def build_torch_unet(in_channels: int = 1, num_classes: int = 3, *, base: int = 
         def __init__(self):
             super().__init__()
             f = [min(base * 2**i, max_filters) for i in range(depth)]
-            self.enc = nn.ModuleList([block(in_channels if i == 0 else f[i - 1], f[i], 1 if i == 0 else 2) for i in range(depth)])
+            self.enc = nn.ModuleList([block(in_channels if i == 0 else f[i - 1], f[i], 1 if i == 0 else 2)
+                                      for i in range(depth)])
             self.up = nn.ModuleList([nn.ConvTranspose3d(f[i + 1], f[i], 2, stride=2) for i in range(depth - 1)])
             self.dec = nn.ModuleList([block(2 * f[i], f[i], 1) for i in range(depth - 1)])
             self.head = nn.Conv3d(f[0], num_classes, 1)

@@ -95,7 +95,8 @@ def read_holder(path: str | os.PathLike) -> Holder | None:
 
 
 @contextlib.contextmanager
-def hold(folder: str | os.PathLike, *, what: str, wait_seconds: float = 0.0, poll_seconds: float = 1.0) -> Iterator[Holder]:
+def hold(folder: str | os.PathLike, *, what: str, wait_seconds: float = 0.0,
+         poll_seconds: float = 1.0) -> Iterator[Holder]:
     """Hold the lock of ``folder`` for the ``with`` block; yields this process's :class:`Holder`.
 
     Parameters
@@ -161,7 +162,8 @@ def _acquire(path: Path, folder: Path, *, what: str, wait_seconds: float, poll_s
                                          received=Received(f"{folder} (locked by {shown}; lock file {path})"),
                                          hint=_held_hint(path, what, holder, waited=wait_seconds)))
         if not announced and holder is not None:
-            print(f"Waiting for {holder.describe()}, which is writing the {what} {folder} ...", file=sys.stderr, flush=True)
+            print(f"Waiting for {holder.describe()}, which is writing the {what} {folder} ...", file=sys.stderr,
+                  flush=True)
             announced = True
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, poll_seconds)

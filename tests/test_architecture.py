@@ -79,7 +79,8 @@ def import_edges(package: Path = PACKAGE) -> list[tuple[str, str, bool]]:
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """Module -> the modules of ``package`` it imports (at module level or inside functions; not under TYPE_CHECKING)."""
+    """Module -> the modules of ``package`` it imports (at module level or inside functions; not under
+    TYPE_CHECKING)."""
     graph: dict[str, set[str]] = {name: set() for name in _modules(package)}
     for importer, imported, _ in import_edges(package):
         graph[importer].add(imported)
@@ -194,7 +195,8 @@ def test_the_package_check_finds_a_planted_circle(tmp_path):
         "high/__init__.py": "",
         "high/config.py": "from fakepkg.low.settings import *\n",
         "side/__init__.py": "",
-        "side/typing_only.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fakepkg.high import config\n",
+        "side/typing_only.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from "
+                               "fakepkg.high import config\n",
     })
     assert find_cycle(import_graph(package)) is None  # no circle among the modules themselves
     assert package_circles(package) == [{"high", "low"}]

@@ -64,7 +64,8 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Pa
 
 def _msd(tmp: Path, n: int = 3, *, images: dict | None = None, labels: dict | None = None, affines: dict | None = None,
          channels: int = 1, extra_training: list | None = None) -> Path:
-    """An MSD dataset ``tmp/ds`` of ``n`` clean cases ``case_<i>``; ``images``/``labels``/``affines`` replace case i's."""
+    """An MSD dataset ``tmp/ds`` of ``n`` clean cases ``case_<i>``; ``images``/``labels``/``affines`` replace
+    case i's."""
     root = tmp / "ds"
     entries = []
     for i in range(n):
@@ -137,7 +138,8 @@ def _train_config(tmp: Path, text: str) -> list[str]:
 
 
 def _plan(tmp: Path, root: Path) -> list[str]:
-    return [str(root), "--set", f"output_dir={tmp / OUT}", "data.preprocess_workers=1", "--out", str(tmp / OUT / "plan")]
+    return [str(root), "--set", f"output_dir={tmp / OUT}", "data.preprocess_workers=1",
+            "--out", str(tmp / OUT / "plan")]
 
 
 # A bundle as write_bundle writes it, with only the Keras model (files may hold just "keras"), made
@@ -191,7 +193,8 @@ def _predict(tmp: Path, bundle: Path, *inputs: Path) -> list[str]:
     return ["--model", str(bundle), "--input", *map(str, inputs), "--output", str(tmp / OUT), "--quiet"]
 
 
-def _scan(tmp: Path, array: np.ndarray | None = None, affine: np.ndarray | None = None, name: str = "scan.nii.gz") -> Path:
+def _scan(tmp: Path, array: np.ndarray | None = None, affine: np.ndarray | None = None,
+          name: str = "scan.nii.gz") -> Path:
     return _save(tmp / "scans" / name, _arrays(5)[0] if array is None else array, affine)
 
 
@@ -235,7 +238,8 @@ ROWS = [
          "{tmp}/ds/labelsTr/case_1.nii.gz: Expected integer label values. Received: values=1 voxel(s) like 0.5"),
     _row("image-2d", "a 2-D image", "train",
          lambda t: _train(t, _msd(t, images={1: _arrays(1)[0][:, :, 0]})),
-         "[dimensions]", "imagesTr/case_1.nii.gz", "Expected a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C)", "shape (12, 10)"),
+         "[dimensions]", "imagesTr/case_1.nii.gz",
+         "Expected a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C)", "shape (12, 10)"),
     _row("image-5d", "a 5-D image", "train",
          lambda t: _train(t, _msd(t, images={1: np.ones((*SHAPE, 2, 2), np.float32)})),
          "[dimensions]", "imagesTr/case_1.nii.gz", "shape (12, 10, 8, 2, 2)"),
@@ -247,7 +251,8 @@ ROWS = [
          "[empty-axis]", "labelsTr/case_1.nii.gz", "shape (12, 0, 8)"),
     _row("singular-affine", "an image (and label) whose affine is singular", "train",
          lambda t: _train(t, _msd(t, affines={1: SINGULAR})),
-         "[bad-affine] imagesTr/case_1.nii.gz: Expected an invertible affine with finite entries (every voxel size > 0). "
+         "[bad-affine] imagesTr/case_1.nii.gz: Expected an invertible affine with finite "
+         "entries (every voxel size > 0). "
          "Received: affine", "(singular: determinant 0,", "[bad-affine] labelsTr/case_1.nii.gz"),
     _row("dataset-json-invalid", "a dataset.json that is not JSON", "train",
          lambda t: _with_file(t / "ds" / "dataset.json", '{"labels": {"0": "bg"}, "training": [',
@@ -264,13 +269,15 @@ ROWS = [
          "Received: 1 channel(s)"),
     _row("dataset-empty", "an empty dataset (no training cases)", "train",
          lambda t: _train(t, _msd(t, n=0)),
-         "[no-cases] dataset.json: Expected at least one case (msd layout). Received: 0 cases: an empty 'training' list"),
+         "[no-cases] dataset.json: Expected at least one case (msd layout). Received: 0 "
+         "cases: an empty 'training' list"),
     _row("dataset-empty-folders", "an empty images/ + labels/ dataset", "plan",
          lambda t: ((t / "ds" / "images").mkdir(parents=True), (t / "ds" / "labels").mkdir(), _plan(t, t / "ds"))[-1],
          "[no-cases] images: Expected at least one case (folders layout). Received: 0 cases: no NIfTI files"),
     _row("dataset-one-case", "a dataset of one case (no validation case)", "train",
          lambda t: _train(t, _msd(t, n=1)),
-         "Expected at least 2 cases for a training and a validation case. Received: data.root={tmp}/ds with 1 case(s)."),
+         "Expected at least 2 cases for a training and a validation case. Received: "
+         "data.root={tmp}/ds with 1 case(s)."),
     _row("too-few-for-folds", "3 cases for data.folds: 5", "train",
          lambda t: [*_train(t, _msd(t), "data.folds=5"), "--fold", "0"],
          "Expected at least 5 cases for 5 folds (data.folds). Received: data.root={tmp}/ds with 3 case(s)."),
@@ -294,7 +301,8 @@ ROWS = [
          lambda t: _train(t, _msd(t, labels={0: np.zeros((*SHAPE, 2), np.uint8)})),
          "[dimensions] labelsTr/case_0.nii.gz: Expected a 3-D label map (X, Y, Z). Received: shape (12, 10, 8, 2)"),
     _row("image-not-nifti", "an image file that is not NIfTI (text in a .nii.gz)", "train",
-         lambda t: (_msd(t), _text_file(t / "ds" / "imagesTr" / "case_2.nii.gz", "not an image"), _train(t, t / "ds"))[-1],
+         lambda t: (_msd(t), _text_file(t / "ds" / "imagesTr" / "case_2.nii.gz", "not an image"),
+                    _train(t, t / "ds"))[-1],
          "[unreadable] imagesTr/case_2.nii.gz: Expected a readable NIfTI image."),
     _row("image-nan", "NaN intensities (data.check: full)", "train",
          lambda t: _train(t, _msd(t, images={0: _with_nan(_arrays(0)[0])}), "data.check=full"),
@@ -334,7 +342,8 @@ ROWS = [
          "Expected split cases that are in the dataset. Received: split=1 unknown case id(s): ['ghost']."),
     _row("plan-image-2d", "a 2-D image, planned", "plan",
          lambda t: _plan(t, _msd(t, images={1: _arrays(1)[0][:, :, 0]})),
-         "[dimensions] imagesTr/case_1.nii.gz: Expected a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C). Received: shape (12, 10)"),
+         "[dimensions] imagesTr/case_1.nii.gz: Expected a 3-D image (X, Y, Z) or 4-D (X, Y, Z, "
+         "C). Received: shape (12, 10)"),
     # ---- configs (train.py)
     _row("config-unknown-key", "an unknown config key", "train",
          lambda t: _train(t, "unused", "train.epoch=3"),
@@ -387,11 +396,13 @@ ROWS = [
              preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [1e-6, 1e-6, 1e-6]})), _scan(t)),
          "{tmp}/bundle/bundle.json: Expected 3 voxel sizes from 0.001 to 1000.0 mm (or null). "
          "Received: preprocessing.target_spacing_mm=[1e-06, 1e-06, 1e-06]."),
-    _row("bundle-fine-spacing-huge-grid", "a bundle whose 0.001 mm target spacing would resample a scan to 10¹² voxels", "predict",
+    _row("bundle-fine-spacing-huge-grid",
+         "a bundle whose 0.001 mm target spacing would resample a scan to 10¹² voxels", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(
              preprocessing={**BUNDLE_META["preprocessing"], "target_spacing_mm": [0.001, 0.001, 0.001]})), _scan(t)),
          "{tmp}/scans/scan.nii.gz: Expected a scan of at most 1073741824 voxels at the bundle's target spacing "
-         "[0.001, 0.001, 0.001] mm. Received: --input=shape (12, 10, 8) at [1.0, 1.0, 1.0] mm -> about 9.6e+11 voxels."),
+         "[0.001, 0.001, 0.001] mm. Received: --input=shape (12, 10, 8) at [1.0, 1.0, 1.0] "
+         "mm -> about 9.6e+11 voxels."),
     _row("bundle-keras-file-renamed", "a bundle.json naming model.h5 as the Keras file", "predict",
          lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.h5"})), _scan(t)),
          "Expected 'model.weights.h5' (the one file name of the keras format). Received: files.keras='model.h5'."),
@@ -404,8 +415,8 @@ ROWS = [
          "Expected a format that cannot run code (keras, onnx, openvino, auto) for a bundle not marked as trusted. "
          "Received: format='savedmodel'. A savedmodel model is a program"),
     _row("bundle-listed-file-missing", "a bundle.json listing a model file that is not there", "predict",
-         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.weights.h5", "onnx": "model.onnx"})),
-                               _scan(t)),
+         lambda t, b: _predict(t, _bundle_copy(t, b, edit_bundle_json(files={"keras": "model.weights.h5",
+                                                                             "onnx": "model.onnx"})), _scan(t)),
          "Expected every model file bundle.json lists, in its manifest. "
          "Received: files.onnx=model.onnx (model.onnx is not in the manifest; incomplete bundle?)."),
     _row("bundle-model-truncated", "a bundle whose model file is truncated", "predict",
@@ -421,7 +432,8 @@ ROWS = [
          "[unreadable] {tmp}/scans/notes.txt: Expected a readable NIfTI image. Received: "),
     _row("scan-2d", "a 2-D scan", "predict",
          lambda t, b: _predict(t, b, _scan(t, _arrays(5)[0][:, :, 0])),
-         "[dimensions] {tmp}/scans/scan.nii.gz: Expected a 3-D image (X, Y, Z) or 4-D (X, Y, Z, C). Received: shape (12, 10)"),
+         "[dimensions] {tmp}/scans/scan.nii.gz: Expected a 3-D image (X, Y, Z) or 4-D (X, Y, Z, "
+         "C). Received: shape (12, 10)"),
     _row("scan-5d", "a 5-D scan", "predict",
          lambda t, b: _predict(t, b, _scan(t, np.ones((*SHAPE, 2, 2), np.float32))),
          "[dimensions] {tmp}/scans/scan.nii.gz:", "shape (12, 10, 8, 2, 2)"),
@@ -447,7 +459,8 @@ ROWS = [
          "Received: 2 channel(s) in scan.nii.gz"),
     _row("scan-missing", "a predict input that does not exist", "predict",
          lambda t, b: _predict(t, b, t / "scans" / "nothing.nii.gz"),
-         "Expected a NIfTI file or a folder of them. Received: input={tmp}/scans/nothing.nii.gz (no such file or folder)."),
+         "Expected a NIfTI file or a folder of them. Received: input={tmp}/scans/nothing.nii.gz "
+         "(no such file or folder)."),
     _row("scan-folder-empty", "a predict input folder without NIfTI files", "predict",
          lambda t, b: (_text_file(t / "scans" / "notes.txt", "x"), _predict(t, b, t / "scans"))[-1],
          "Expected NIfTI files (.nii, .nii.gz). Received: input={tmp}/scans (has none)."),
@@ -457,7 +470,8 @@ ROWS = [
          "Expected a folder of NIfTI label maps. Received: ref_dir={tmp}/refs (no such folder)."),
     _row("evaluate-dataset-json", "a --dataset-json that is not JSON", "evaluate",
          lambda t: (_scan(t), _text_file(t / "meta" / "dataset.json", "{"),
-                    ["--pred", str(t / "scans"), "--ref", str(t / "scans"), "--dataset-json", str(t / "meta" / "dataset.json"),
+                    ["--pred", str(t / "scans"), "--ref", str(t / "scans"), "--dataset-json",
+                     str(t / "meta" / "dataset.json"),
                      "--out", str(t / OUT)])[-1],
          "{tmp}/meta/dataset.json: Expected valid JSON. Received: contents=invalid JSON"),
 ]

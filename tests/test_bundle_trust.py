@@ -32,14 +32,16 @@ from segpipe.export.bundle import write_bundle
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
-NAMED = ["keras", "savedmodel"] + (["onnx"] if HAVE_ONNX else []) + (["openvino", "openvino-bf16"] if HAVE_OPENVINO else [])
+NAMED = (["keras", "savedmodel"] + (["onnx"] if HAVE_ONNX else [])
+         + (["openvino", "openvino-bf16"] if HAVE_OPENVINO else []))
 
 
 @pytest.fixture(scope="module")
 def legit(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
     model = tiny_model(depth=2, deep_supervision=False)
-    bundle = write_bundle(model, root / "bundle", class_names=["background", "organ", "lesion"], preprocessing=PREPROCESSING,
+    bundle = write_bundle(model, root / "bundle", class_names=["background", "organ", "lesion"],
+                          preprocessing=PREPROCESSING,
                           patch_size=PATCH, architecture=tiny_architecture(depth=2, deep_supervision=False),
                           onnx=HAVE_ONNX, segment=False)
     scan = write_scan(root / "scans" / "a.nii.gz", phantom_scan((20, 14, 12), seed=1), np.diag([1.0, 1.0, 1.5, 1.0]))
@@ -161,7 +163,8 @@ def test_keras_gadgets_are_never_deserialised(legit, tmp_path, capsys):
     for name in ("model.keras", "model.h5"):
         _set_files(hostile, keras=name)
         for code, err in _run_all_formats(hostile, scan, tmp_path, canaries, capsys).values():
-            assert code == 1 and f"Expected 'model.weights.h5' (the one file name of the keras format). Received: files.keras='{name}'" in err
+            assert code == 1 and (f"Expected 'model.weights.h5' (the one file name of the keras format). "
+                                  f"Received: files.keras='{name}'") in err
     _set_files(hostile, keras="model.weights.h5")
     for gadget in ("model.keras", "model.h5"):  # the gadget under the weights file's name
         shutil.copy(hostile / gadget, hostile / "model.weights.h5")
@@ -212,7 +215,8 @@ def test_an_onnx_model_with_external_data_or_custom_ops_is_refused(legit, tmp_pa
 def test_an_openvino_file_that_is_not_ir_is_refused(legit, tmp_path, capsys):
     bundle, scan = legit
     hostile = _copy(bundle, tmp_path)
-    (hostile / "openvino" / "model.xml").write_text('<?xml version="1.0"?><!DOCTYPE net [<!ENTITY x SYSTEM "/etc/passwd">]>'
+    (hostile / "openvino" / "model.xml").write_text('<?xml version="1.0"?><!DOCTYPE net [<!ENTITY '
+                                                    'x SYSTEM "/etc/passwd">]>'
                                                    "<net>&x;</net>")
     rewrite_manifest(hostile)
     assert _predict(hostile, scan, tmp_path / "out", "--format", "openvino") == 1

@@ -44,7 +44,8 @@ def test_paired_test_matches_hand_computed_exact_wilcoxon():
     # lower is better for distances: smaller values are wins
     assert paired_test([3.0, 3.0], [1.0, 4.0], lower_is_better=True)["wins"] == 1
     # no difference at all: p = 1, no warning from scipy
-    assert paired_test([0.7, 0.8], [0.7, 0.8]) == {"n": 2, "wins": 0, "losses": 0, "ties": 2, "statistic": 0.0, "p": 1.0}
+    assert paired_test([0.7, 0.8], [0.7, 0.8]) == {"n": 2, "wins": 0, "losses": 0, "ties": 2,
+                                                   "statistic": 0.0, "p": 1.0}
 
 
 def test_holm_by_hand():
@@ -60,7 +61,8 @@ def test_compare_experiment_folder(tmp_path, capsys):
     make_run(exp, "tversky", [0.6, 0.7, 0.8, 0.9, 1.0, 1.1][:5] + [0.95], hd95=[3.0] * 5 + [float("nan")])
     assert evaluate.main(["--compare", str(exp)]) == 0
     out = exp / "comparison"
-    for name in ("report.md", "comparison.csv", "comparison.json", "boxplot_dice.png", "boxplot_hd95.png", "training_curves.png"):
+    for name in ("report.md", "comparison.csv", "comparison.json", "boxplot_dice.png",
+                 "boxplot_hd95.png", "training_curves.png"):
         assert (out / name).is_file(), name
     result = json.loads((out / "comparison.json").read_text())
     assert result["reference"] == "dice"

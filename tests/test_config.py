@@ -62,7 +62,8 @@ def test_dotted_overrides_parse_yaml_values():
         (["train.epochs=-1"], "Expected >= 1. Received: train.epochs=-1"),
         (["train.epochs=2.5"], "Expected an integer. Received: train.epochs=2.5"),
         (["train.learning_rate=abc"], "Expected a number. Received: train.learning_rate='abc'"),
-        (["model.norm=bach"], "Expected one of ['batch', 'instance', 'none']. Received: model.norm='bach'. Did you mean 'batch'?"),
+        (["model.norm=bach"],
+         "Expected one of ['batch', 'instance', 'none']. Received: model.norm='bach'. Did you mean 'batch'?"),
         (["model.deep_supervision=1"], "Expected true or false. Received: model.deep_supervision=1"),
         (["data.val_fraction=1.5"], "Expected <= 1. Received: data.val_fraction=1.5"),
         (["data.patch_size=[30, 32, 32]"], "Nearest valid: [32, 32, 32]"),
@@ -80,7 +81,9 @@ def test_errors_name_key_expected_and_received(override, message):
 
 def test_unknown_key_in_file_is_reported(tmp_path):
     path = write(tmp_path / "x.yaml", "model:\n  filters: 8\n")
-    with pytest.raises(ConfigError, match=r"Expected a key of model \(.*\)\. Received: model\.filters=8\. Did you mean 'model\.max_filters'\?"):
+    with pytest.raises(ConfigError,
+                       match=r"Expected a key of model \(.*\)\. Received: model\.filters=8\. Did you "
+                             r"mean 'model\.max_filters'\?"):
         load_config(path)
 
 
@@ -100,7 +103,9 @@ def test_shipped_configs_load():
     assert paths, "no configs shipped"
     for path in paths:
         if path.name == "hippocampus.yaml":  # its dataset folder comes from the command line
-            with pytest.raises(ConfigError, match=r"^Expected the dataset folder, which this config leaves to the command line\. Received: data\.root=null\. Add --set data\.root=PATH"):
+            with pytest.raises(ConfigError,
+                               match=r"^Expected the dataset folder, which this config leaves to the command line\. "
+                                     r"Received: data\.root=null\. Add --set data\.root=PATH"):
                 load_config(path)
             config = load_config(path, ["data.root=/somewhere/Task04_Hippocampus"])
             assert config.data.root == "/somewhere/Task04_Hippocampus" and config.data.phantoms is None
@@ -114,7 +119,8 @@ def test_inference_section_defaults_and_overrides():
             config.inference.postprocess_largest_component) == (0.5, (0, 1, 2), 2, ())
     config = load_config(None, ["inference.overlap=0.25", "inference.mirror_axes=[]",
                                 "inference.postprocess_largest_component=[1]"])
-    assert (config.inference.overlap, config.inference.mirror_axes, config.inference.postprocess_largest_component) == (0.25, (), (1,))
+    assert (config.inference.overlap, config.inference.mirror_axes,
+            config.inference.postprocess_largest_component) == (0.25, (), (1,))
     base = load_config(Path(__file__).resolve().parent.parent / "configs" / "base.yaml")
     assert base.inference == load_config(None, []).inference  # base.yaml lists the defaults
     assert (base.train.export_bundle, base.train.export_onnx, base.experiment) == (True, False, None)
@@ -125,15 +131,22 @@ def test_inference_section_defaults_and_overrides():
     [
         (["inference.overlap=0.96"], "Expected a number in [0, 0.95]. Received: inference.overlap=0.96"),
         (["inference.overlap=-0.1"], "Expected a number in [0, 0.95]. Received: inference.overlap=-0.1"),
-        (["inference.mirror_axes=[0, 3]"], "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[0, 3]"),
-        (["inference.mirror_axes=[1, 1]"], "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[1, 1]"),
+        (["inference.mirror_axes=[0, 3]"],
+         "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[0, 3]"),
+        (["inference.mirror_axes=[1, 1]"],
+         "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: inference.mirror_axes=[1, 1]"),
         (["inference.mirror_axes=2"], "Expected a list of int. Received: inference.mirror_axes=2"),
         (["inference.batch_size=0"], "Expected an integer >= 1. Received: inference.batch_size=0"),
-        (["inference.postprocess_largest_component=[0]"], "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[0]"),
-        (["inference.postprocess_largest_component=[2, 2]"], "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[2, 2]"),
-        (["inference.overlaps=0.5"], "Expected a key of inference … Received: inference.overlaps=0.5. Did you mean 'inference.overlap'?"),
+        (["inference.postprocess_largest_component=[0]"],
+         "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[0]"),
+        (["inference.postprocess_largest_component=[2, 2]"],
+         "Expected distinct label values in 1..255. Received: inference.postprocess_largest_component=[2, 2]"),
+        (["inference.overlaps=0.5"],
+         "Expected a key of inference … Received: inference.overlaps=0.5. Did you mean 'inference.overlap'?"),
         (["train.export_bundle=yes please"], "Expected true or false … Received: train.export_bundle="),
-        (["train.export_onnx=true", "train.export_bundle=false"], "Expected true when train.export_onnx is true (model.onnx is part of the bundle). Received: train.export_bundle=False"),
+        (["train.export_onnx=true", "train.export_bundle=false"],
+         "Expected true when train.export_onnx is true (model.onnx is part of the bundle). Received: "
+         "train.export_bundle=False"),
         (["experiment=a/b"], "Expected a folder name … Received: experiment="),
         (["name=.."], "Expected a folder name … Received: name="),
     ],
@@ -152,10 +165,13 @@ def test_inference_config_feeds_the_bundle_settings():
     config = load_config(None, ["inference.overlap=0.25", "inference.mirror_axes=[2, 0]", "inference.batch_size=4",
                                 "inference.postprocess_largest_component=[1]"])
     settings = config.inference
-    assert settings == InferenceSettings(overlap=0.25, mirror_axes=(0, 2), batch_size=4, postprocess_largest_component=(1,))
+    assert settings == InferenceSettings(overlap=0.25, mirror_axes=(0, 2), batch_size=4,
+                                         postprocess_largest_component=(1,))
     assert load_config(None, []).inference == InferenceSettings()
     check_inference_classes(config.inference, 2)
-    with pytest.raises(ConfigError, match=r"Expected foreground label values of the model's classes \(1..2\). Received: inference.postprocess_largest_component=\[1, 3\]"):
+    with pytest.raises(ConfigError,
+                       match=r"Expected foreground label values of the model's classes \(1..2\). Received: "
+                             r"inference.postprocess_largest_component=\[1, 3\]"):
         check_inference_classes(load_config(None, ["inference.postprocess_largest_component=[1, 3]"]).inference, 3)
 
 
@@ -173,7 +189,8 @@ def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
         DataConfig(patch_size=[16, 16])
     with pytest.raises(SettingError, match=r"Received: normalization='zscor'\. Did you mean 'zscore'\?$"):
         DataConfig(normalization="zscor")
-    with pytest.raises(SettingError, match=r"^Expected a probability in \[0, 1\]\. Received: augment\.rotation\.p=2\.$"):
+    with pytest.raises(SettingError,
+                       match=r"^Expected a probability in \[0, 1\]\. Received: augment\.rotation\.p=2\.$"):
         DataConfig(augment={"rotation": {"p": 2}})
     with pytest.raises(SettingError, match=r"Received: blocks_per_stage=\[1, 2\]\."):
         ModelConfig(depth=2, blocks_per_stage=[1, 2])  # resenc_unet only
@@ -187,7 +204,8 @@ def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
         Config(data={"batch_size": "2"})
     assert Config(data={"batch_size": 4}).data == DataConfig(batch_size=4)
     # values are normalised as when read: an int for a float field becomes a float
-    assert TrainConfig(learning_rate=1).learning_rate == 1.0 and isinstance(TrainConfig(learning_rate=1).learning_rate, float)
+    assert (TrainConfig(learning_rate=1).learning_rate == 1.0
+            and isinstance(TrainConfig(learning_rate=1).learning_rate, float))
 
 
 def test_every_settings_class_reads_a_mapping_the_same_way():

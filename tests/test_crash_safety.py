@@ -152,7 +152,10 @@ def test_too_little_disk_space_fails_before_training(tiny_model, tmp_path, monke
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
-    with pytest.raises(StorageError, match=rf"^Expected at least \d+ MiB of free disk space for the checkpoints \({CHECKPOINT_COPIES} copies of weights \+ optimizer state\)\. Received: output_dir=.*/run \(1 MiB free on "):
+    with pytest.raises(StorageError,
+                       match=r"^Expected at least \d+ MiB of free disk space for the checkpoints "
+                             rf"\({CHECKPOINT_COPIES} copies of weights \+ optimizer state\)\. Received: "
+                             r"output_dir=.*/run \(1 MiB free on "):
         check_free_space(tmp_path / "run", tiny_model)
 
 
@@ -178,7 +181,8 @@ def test_a_nan_interval_is_refused_before_any_data_is_read():
     from segpipe.training.train import checkpoint_schedule
 
     assert checkpoint_schedule(load_config(None, [])) is None
-    with pytest.raises(ConfigError, match=r"^Expected a number > 0 or None\. Received: train\.checkpoint_every_minutes=nan\.$"):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected a number > 0 or None\. Received: train\.checkpoint_every_minutes=nan\.$"):
         checkpoint_schedule(load_config(None, ["train.checkpoint_every_minutes=.nan"]))
 
 

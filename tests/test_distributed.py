@@ -110,14 +110,18 @@ def single_process_run(base_overrides, tmp_path_factory):
 
 def test_batch_size_must_divide_over_replicas():
     assert per_replica_batch(8, 4) == 2
-    with pytest.raises(ConfigError, match=r"Expected a multiple of the 2 replicas .*Received: data.batch_size=3. Nearest valid: 2 or 4"):
+    with pytest.raises(ConfigError,
+                       match=r"Expected a multiple of the 2 replicas .*Received: "
+                             r"data.batch_size=3. Nearest valid: 2 or 4"):
         per_replica_batch(3, 2)
 
 
 def test_distribute_and_sync_batch_norm_are_checked():
     with pytest.raises(ConfigError, match=r"Expected one of \[.*\]. Received: train.distribute="):
         load_config(None, ["train.distribute=multiworker"])
-    with pytest.raises(ConfigError, match=r"^Expected 'batch' when train.sync_batch_norm is true \(only batch norm has statistics to synchronise\)\. Received: model\.norm='instance'\.$"):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected 'batch' when train.sync_batch_norm is true \(only batch norm has statistics "
+                             r"to synchronise\)\. Received: model\.norm='instance'\.$"):
         load_config(None, ["train.sync_batch_norm=true", "model.norm=instance"])
     assert load_config(None, []).train.distribute == "none"
 
@@ -133,11 +137,16 @@ def test_sync_batch_norm_builds_synchronized_layers():
 
 
 def test_tf_config_errors_name_the_variable():
-    with pytest.raises(ConfigError, match=r"^Expected the cluster and this worker's task for train\.distribute=multi_worker, e\.g\. .*Received: TF_CONFIG=<unset>\.$"):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected the cluster and this worker's task for train\.distribute=multi_worker, e\.g\. "
+                             r".*Received: TF_CONFIG=<unset>\.$"):
         read_tf_config({})
-    with pytest.raises(ConfigError, match=r"^Expected JSON \(for train\.distribute=multi_worker\)\. Received: TF_CONFIG='\{cluster'\. JSON says: "):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected JSON \(for train\.distribute=multi_worker\)\. Received: "
+                             r"TF_CONFIG='\{cluster'\. JSON says: "):
         read_tf_config({"TF_CONFIG": "{cluster"})
-    with pytest.raises(ConfigError, match=r"^Expected an index in 0\.\.1 for type 'worker'\. Received: TF_CONFIG\.task\.index=2\.$"):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected an index in 0\.\.1 for type 'worker'\. Received: TF_CONFIG\.task\.index=2\.$"):
         read_tf_config({"TF_CONFIG": tf_config([1, 2], 0).replace('"index": 0', '"index": 2')})
     assert read_tf_config({"TF_CONFIG": tf_config([1, 2], 1)})["task"]["index"] == 1
     assert "trains on its own" in warn_if_tf_config_unused("mirrored", {"TF_CONFIG": tf_config([1, 2], 1)})
@@ -176,7 +185,8 @@ def test_waiting_for_workers_returns_when_every_port_answers_and_names_the_missi
 def test_waiting_for_workers_refuses_a_port_in_use():
     with socket.create_server(("", 0)) as taken:
         with pytest.raises(ConfigError, match=r"^Expected a port this worker can listen on .*Received: "
-                                              r"TF_CONFIG\.cluster\.worker\[0\]='127\.0\.0\.1:\d+'\. Listening on port"):
+                                              r"TF_CONFIG\.cluster\.worker\[0\]='127\.0\.0\.1:\d+'\. "
+                                              r"Listening on port"):
             wait_for_workers(_cluster([taken.getsockname()[1], free_port()], 0), 0.5)
 
 
@@ -219,7 +229,8 @@ def test_a_lost_worker_fails_the_run_with_its_message_alone(tmp_path):
         raise WorkerLost(message, ["worker1"])
 
     err = io.StringIO()
-    outcomes, code = run_sweep([load_config(None, [f"output_dir={tmp_path}"])], train_fn=lose, out=io.StringIO(), err=err)
+    outcomes, code = run_sweep([load_config(None, [f"output_dir={tmp_path}"])], train_fn=lose,
+                               out=io.StringIO(), err=err)
     assert (code, outcomes[0].status) == (1, "failed")
     assert err.getvalue() == f"error: default: {message}\n"  # no traceback
 

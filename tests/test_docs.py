@@ -94,7 +94,8 @@ def _ci_commands() -> tuple[list[str], list[str]]:
             pip.append(tokens)
         elif tokens[:3] == ["python", "-m", "pytest"] or tokens[:1] == ["pytest"]:
             pytest_cmd.append(tokens)
-    assert len(pip) == 1 and len(pytest_cmd) == 1, f"expected one editable pip install and one pytest in .ci/run: {pip} {pytest_cmd}"
+    assert len(pip) == 1 and len(pytest_cmd) == 1, \
+        f"expected one editable pip install and one pytest in .ci/run: {pip} {pytest_cmd}"
     return pip[0], pytest_cmd[0]
 
 

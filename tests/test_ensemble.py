@@ -98,10 +98,12 @@ def test_members_must_share_classes_channels_and_preprocessing(folds):
     check_members_agree(members)
     other = dataclasses.replace(members[1], class_names=["background", "organ", "tumour"])
     with pytest.raises(ValueError, match=r"Expected members that share classes \(the first member, .*fold0.*, has "
-                                         r"\['background', 'organ', 'lesion'\]\)\. Received: members.classes=.*fold1.*tumour"):
+                                         r"\['background', 'organ', 'lesion'\]\)\. Received: "
+                                         r"members.classes=.*fold1.*tumour"):
         check_members_agree([members[0], other])
     other = dataclasses.replace(members[1], preprocessing=dataclasses.replace(members[1].preprocessing, image_order=3))
-    with pytest.raises(ValueError, match=r"Expected members that share preprocessing .* Received: members.preprocessing="):
+    with pytest.raises(ValueError,
+                       match=r"Expected members that share preprocessing .* Received: members.preprocessing="):
         check_members_agree([members[0], other])
     with pytest.raises(ValueError, match=r"Expected 2 to 16 run directories\. Received: run_dirs=\["):
         export_ensemble(runs[:1], runs[0].parent / "single")
@@ -110,7 +112,8 @@ def test_members_must_share_classes_channels_and_preprocessing(folds):
 def test_an_ensemble_description_is_bounded():
     member = {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"depth": 2, "base_filters": 4}}
     assert check_architecture({"builder": "ensemble", "in_channels": 1, "num_classes": 3, "members": [member] * 2})
-    with pytest.raises(ValueError, match=r"Expected a list of 2 to 16 networks\. Received: architecture.members=list of 40"):
+    with pytest.raises(ValueError,
+                       match=r"Expected a list of 2 to 16 networks\. Received: architecture.members=list of 40"):
         check_architecture({"builder": "ensemble", "in_channels": 1, "num_classes": 3, "members": [member] * 40})
     nested = {"builder": "ensemble", "in_channels": 1, "num_classes": 3, "members": [member] * 2}
     with pytest.raises(ValueError, match=r"no nested ensembles"):

@@ -379,7 +379,8 @@ CASES = [
      "Expected a number in [0, 0.95]. Received: overlap=0.99.", "overlap"),
     ("inference-unknown", _inference_mapping({"overlaps": 0.5}), ValueError,
      "Expected a key of inference settings (overlap, mirror_axes, batch_size, sigma_scale, "
-     "postprocess_largest_component, postprocess_largest_foreground). Received: overlaps=0.5. Did you mean 'overlap'?", "overlaps"),
+     "postprocess_largest_component, postprocess_largest_foreground). Received: overlaps=0.5. Did you mean 'overlap'?",
+     "overlaps"),
     ("rundir-choice", _model_file("latest"), ValueError,
      "Expected one of ['best', 'last', 'final'] or a .keras file. Received: model='latest'.", "model"),
     ("rundir-missing", _model_file(None), FileNotFoundError,
@@ -418,7 +419,8 @@ CASES = [
     ("layout-regions", _dataset({"labels": {"background": 0, "whole": [1, 2]}, "channel_names": {"0": "t1"}}),
      ValueError, "{tmp}/ds/dataset.json: Expected one label value in 1..255 per region (1: ['whole']), written "
      "where the region is predicted. Received: regions_class_order=None.", "regions_class_order"),
-    ("layout-ignore", _dataset({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 1}, "channel_names": {"0": "t1"}}),
+    ("layout-ignore",
+     _dataset({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 1}, "channel_names": {"0": "t1"}}),
      ValueError, "{tmp}/ds/dataset.json: Expected an integer label value above every class value (highest: 2) and at "
      "most 255: the ignore label is the highest value, as in nnU-Net. Received: labels['ignore']=1.",
      "labels['ignore']"),
@@ -431,7 +433,8 @@ CASES = [
     ("loss-term-option", _loss({"terms": [{"name": "dice"}, {"name": "tversky", "alpha": -1}]}), ValueError,
      "Expected a number >= 0 for loss 'tversky'. Received: terms[1].alpha=-1.", "terms[1].alpha"),
     ("loss-name", _loss("tverski"), ValueError,
-     "Expected one of {loss_names}, or a compound {{'terms': [...]}}. Received: name='tverski'. Did you mean 'tversky'?",
+     "Expected one of {loss_names}, or a compound {{'terms': [...]}}. Received: "
+     "name='tverski'. Did you mean 'tversky'?",
      "name"),
     ("model-strides", _unet(strides=[[2, 2, 2], [2, 2, 2]]), ValueError,
      "Expected [1, 1, 1] as stage 0 (full resolution). Received: strides=[[2, 2, 2], [2, 2, 2]].", "strides"),
@@ -444,7 +447,8 @@ CASES = [
 
 @pytest.mark.parametrize("make_error, error_type, message, key", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_real_bad_inputs_are_worded_with_the_key_once(tmp_path, make_error, error_type, message, key):
-    text = message.format(tmp=tmp_path, model_keys=_model_keys(), augment_keys=_augment_keys(), loss_names=_loss_names())
+    text = message.format(tmp=tmp_path, model_keys=_model_keys(), augment_keys=_augment_keys(),
+                          loss_names=_loss_names())
     with pytest.raises(error_type) as info:
         make_error(tmp_path)
     assert str(info.value) == text

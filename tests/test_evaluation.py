@@ -152,7 +152,9 @@ def test_missing_predictions_are_listed(tmp_path):
     pred_dir, ref_dir = make_folders(tmp_path)
     (pred_dir / "case_a.nii.gz").unlink()
     (pred_dir / "case_c.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"^Expected a prediction for every reference case\. Received: pred_dir=.*pred \(lacks 2 of 3: case_a, case_c\)\.$"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"^Expected a prediction for every reference case\. Received: pred_dir=.*pred \(lacks 2 "
+                             r"of 3: case_a, case_c\)\.$"):
         evaluate_folders(pred_dir, ref_dir, tmp_path / "eval", workers=1)
 
 
@@ -169,7 +171,9 @@ def test_extra_predictions_warn_and_nii_matches_nii_gz(tmp_path):
 def test_float_probability_map_is_rejected_with_file_name(tmp_path):
     pred_dir, ref_dir = make_folders(tmp_path)
     write_nifti(pred_dir / "case_b.nii.gz", np.full(SHAPE, 0.3, np.float32), AFFINE)
-    with pytest.raises(ValueError, match=r"case_b\.nii\.gz: Expected whole non-negative label values\. Received: dtype=float32 with fractional or negative values\. Is this a probability map\?"):
+    with pytest.raises(ValueError,
+                       match=r"case_b\.nii\.gz: Expected whole non-negative label values\. Received: dtype=float32 "
+                             r"with fractional or negative values\. Is this a probability map\?"):
         evaluate_folders(pred_dir, ref_dir, tmp_path / "eval", workers=1)
 
 

@@ -32,7 +32,9 @@ def trained(tmp_path_factory, phantom_root):
     model = tiny_model(depth=3, deep_supervision=True)
     assert len(model.outputs) == 2
     run_dir = make_run_dir(root, model, phantom_root, depth=3)
-    bundle_dir = export_run(run_dir, onnx=HAVE_ONNX, inference={"batch_size": 2, "postprocess_largest_component": [1], "postprocess_largest_foreground": False})
+    bundle_dir = export_run(run_dir, onnx=HAVE_ONNX,
+                            inference={"batch_size": 2, "postprocess_largest_component": [1],
+                                       "postprocess_largest_foreground": False})
     return model, run_dir, bundle_dir
 
 
@@ -63,9 +65,11 @@ def test_bundle_holds_everything_prediction_needs(trained):
     # Keras: weight arrays only, the network rebuilt from its builder arguments, full-resolution output only
     assert meta["files"]["keras"] == "model.weights.h5" and not (bundle_dir / "model.keras").exists()
     assert meta["architecture"] == {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {
-        "depth": 3, "base_filters": 4, "max_filters": 320, "norm": "batch", "deep_supervision": True, "output": "softmax",
+        "depth": 3, "base_filters": 4, "max_filters": 320, "norm": "batch",
+        "deep_supervision": True, "output": "softmax",
         "convs_per_stage": 2}}
-    assert set(meta["manifest"]) >= {"model.weights.h5", "savedmodel/saved_model.pb"} and ".segpipe" not in meta["manifest"]
+    assert (set(meta["manifest"]) >= {"model.weights.h5", "savedmodel/saved_model.pb"}
+            and ".segpipe" not in meta["manifest"])
     assert meta["verification"]["keras_max_abs_diff"] == 0.0
     x = np.random.default_rng(0).normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
     np.testing.assert_array_equal(load_predictor(bundle, "keras")(x), model.predict_on_batch(x)[0])
@@ -114,13 +118,16 @@ def test_export_names_what_a_run_lacks(trained, tmp_path, capsys):
     assert predict.main(["export", str(bare)]) == 1
     assert "preprocessing.json" in capsys.readouterr().err
     (bare / "checkpoints" / "best.keras").unlink()
-    with pytest.raises(FileNotFoundError, match=r"Expected the 'best' model at .*best.keras. Received: model='best' \(no such file\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"Expected the 'best' model at .*best.keras. Received: model='best' \(no such file\)"):
         export_run(bare, preprocessing=PREPROCESSING)
 
 
 def test_write_bundle_checks_names_against_the_model(tmp_path):
     model = tiny_model(depth=2, deep_supervision=False)
-    with pytest.raises(ValueError, match=r"Expected one class name per model output channel \(3\)\. Received: class_names=\['bg', 'fg'\]\."):
+    with pytest.raises(ValueError,
+                       match=r"Expected one class name per model output channel \(3\)\. Received: "
+                             r"class_names=\['bg', 'fg'\]\."):
         write_bundle(model, tmp_path / "b", class_names=["bg", "fg"], preprocessing=PREPROCESSING, patch_size=PATCH,
                      architecture=tiny_architecture(depth=2, deep_supervision=False))
     assert not (tmp_path / "b").exists()
@@ -152,40 +159,75 @@ PATCH_WHAT = r"Expected 3 integers from 1 to 1024, at most 16777216 voxels in al
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda b: (b / "bundle.json").unlink(), r"Expected bundle.json in the bundle folder .*Received: bundle.json=.*bundle.json \(no such file\)"),
-    (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'), r"bundle.json: Expected valid JSON\. Received: contents=invalid JSON"),
-    (lambda b: (b / "model.weights.h5").unlink(), r"bundle.json: Expected every file the manifest lists\. Received: manifest.model.weights.h5=.*model.weights.h5 \(missing; incomplete bundle\?\)"),
-    (lambda b: shutil.rmtree(b / "savedmodel"), r"Expected every file the manifest lists\. Received: manifest.savedmodel/"),
-    (_write("model.weights.h5", b"changed"), r"Expected \d+ bytes\. Received: manifest.model.weights.h5=.*\(7 bytes: changed since it was written\)"),
-    (_write("notes.txt"), r"Expected only the files the manifest lists\. Received: manifest=.*notes.txt \(an extra file\)"),
-    (_symlink_out, r"Expected no symbolic link in the folder \(a link can point outside it\)\. Received: files=.*model.weights.h5 -> /etc/hostname"),
-    (lambda b: (b / "model.onnx" if (b / "model.onnx").exists() else b / "model.weights.h5").chmod(0o755), r"Expected no executable file\. Received: manifest.model"),
-    (_outside_entry, r"Expected relative paths inside the folder, in normal form\. Received: manifest='../outside.txt'\."),
+    (lambda b: (b / "bundle.json").unlink(),
+     r"Expected bundle.json in the bundle folder .*Received: bundle.json=.*bundle.json \(no such file\)"),
+    (lambda b: (b / "bundle.json").write_text('{"format": "segpipe-bundle",'),
+     r"bundle.json: Expected valid JSON\. Received: contents=invalid JSON"),
+    (lambda b: (b / "model.weights.h5").unlink(),
+     r"bundle.json: Expected every file the manifest lists\. Received: manifest.model.weights.h5=.*model.weights.h5 "
+     r"\(missing; incomplete bundle\?\)"),
+    (lambda b: shutil.rmtree(b / "savedmodel"),
+     r"Expected every file the manifest lists\. Received: manifest.savedmodel/"),
+    (_write("model.weights.h5", b"changed"),
+     r"Expected \d+ bytes\. Received: manifest.model.weights.h5=.*\(7 bytes: changed since it was written\)"),
+    (_write("notes.txt"),
+     r"Expected only the files the manifest lists\. Received: manifest=.*notes.txt \(an extra file\)"),
+    (_symlink_out,
+     r"Expected no symbolic link in the folder \(a link can point outside it\)\. Received: "
+     r"files=.*model.weights.h5 -> /etc/hostname"),
+    (lambda b: (b / "model.onnx" if (b / "model.onnx").exists() else b / "model.weights.h5").chmod(0o755),
+     r"Expected no executable file\. Received: manifest.model"),
+    (_outside_entry,
+     r"Expected relative paths inside the folder, in normal form\. Received: manifest='../outside.txt'\."),
     (_edit_json("patch_size", DELETE), PATCH_WHAT + r" Received: patch_size=<missing>\."),
     (_edit_json("patch_size", [16, 16]), PATCH_WHAT + r" Received: patch_size=\[16, 16\]\."),
     (_edit_json("patch_size", [100000] * 3), PATCH_WHAT + r" Received: patch_size=\[100000, 100000, 100000\]\."),
     (_edit_json("patch_size", [1024, 1024, 64]), PATCH_WHAT + r" Received: patch_size=\[1024, 1024, 64\]\."),
-    (_edit_json("inference", {"batch_size": 10**9}), r"Expected an integer from 1 to 256\. Received: inference.batch_size=1000000000\."),
-    (_edit_json("preprocessing", {"target_spacing_mm": [1e-6, 1, 1]}), r"Expected 3 voxel sizes from 0.001 to 1000.0 mm \(or null\)\. Received: preprocessing.target_spacing_mm=\[1e-06, 1.0, 1.0\]\."),
+    (_edit_json("inference", {"batch_size": 10**9}),
+     r"Expected an integer from 1 to 256\. Received: inference.batch_size=1000000000\."),
+    (_edit_json("preprocessing", {"target_spacing_mm": [1e-6, 1, 1]}),
+     r"Expected 3 voxel sizes from 0.001 to 1000.0 mm \(or null\)\. Received: "
+     r"preprocessing.target_spacing_mm=\[1e-06, 1.0, 1.0\]\."),
     (_edit_json("input_channels", 10**6), r"Expected an integer from 1 to 64\. Received: input_channels=1000000\."),
-    (_edit_json("classes", [{"value": v, "name": str(v)} for v in range(300)]), r"Expected 2 to 256 entries .*Received: classes=\["),
-    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"depth": 100}}), r"Expected an integer from 1 to 8\. Received: architecture.args.depth=100\."),
-    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"base_filters": 1024, "max_filters": 1024, "depth": 8}}), r"Expected a network of at most 300,000,000 parameters\. Received: architecture.args=about [\d,]+ parameters\."),
-    (_edit_json("architecture", {"builder": "keras.layers.Lambda", "in_channels": 1, "num_classes": 3, "args": {}}), r"Expected one of \['unet3d', 'resenc_unet'\]\. Received: architecture.builder='keras.layers.Lambda'\."),
-    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"function": "os.system"}}), r"Expected arguments of unet3d among .* Received: architecture.args.function='function'\."),
-    (_edit_json("activation_bytes_per_voxel", 10**12), r"Expected an integer from 0 to 1048576\. Received: activation_bytes_per_voxel=1000000000000\."),
+    (_edit_json("classes", [{"value": v, "name": str(v)} for v in range(300)]),
+     r"Expected 2 to 256 entries .*Received: classes=\["),
+    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3, "args": {"depth": 100}}),
+     r"Expected an integer from 1 to 8\. Received: architecture.args.depth=100\."),
+    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3,
+                                 "args": {"base_filters": 1024, "max_filters": 1024, "depth": 8}}),
+     r"Expected a network of at most 300,000,000 parameters\. Received: architecture.args=about [\d,]+ parameters\."),
+    (_edit_json("architecture", {"builder": "keras.layers.Lambda", "in_channels": 1, "num_classes": 3, "args": {}}),
+     r"Expected one of \['unet3d', 'resenc_unet'\]\. Received: architecture.builder='keras.layers.Lambda'\."),
+    (_edit_json("architecture", {"builder": "unet3d", "in_channels": 1, "num_classes": 3,
+                                 "args": {"function": "os.system"}}),
+     r"Expected arguments of unet3d among .* Received: architecture.args.function='function'\."),
+    (_edit_json("activation_bytes_per_voxel", 10**12),
+     r"Expected an integer from 0 to 1048576\. Received: activation_bytes_per_voxel=1000000000000\."),
     (_edit_json("preprocessing", DELETE), r"Expected the preprocessing settings\. Received: preprocessing=<missing>\."),
-    (_edit_json("format_version", 3), r"Expected format version 2\. Received: format_version=3\. Written by a newer segpipe"),
-    (_edit_json("format_version", 1), r"Expected format version 2\. Received: format_version=1\. Version 1 bundles hold a serialised model.keras .* re-export the run"),
+    (_edit_json("format_version", 3),
+     r"Expected format version 2\. Received: format_version=3\. Written by a newer segpipe"),
+    (_edit_json("format_version", 1),
+     r"Expected format version 2\. Received: format_version=1\. Version 1 bundles hold a serialised "
+     r"model.keras .* re-export the run"),
     (_edit_json("format_version", "2"), r"Expected the integer 2\. Received: format_version='2'\."),
-    (_edit_json("format", "nnunet"), r"Expected the string 'segpipe-bundle' \(a segpipe bundle\)\. Received: format='nnunet'\."),
-    (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]), r"Expected 2 to 256 entries .*Received: classes=\["),
+    (_edit_json("format", "nnunet"),
+     r"Expected the string 'segpipe-bundle' \(a segpipe bundle\)\. Received: format='nnunet'\."),
+    (_edit_json("classes", [{"value": 0, "name": "bg"}, {"value": 2, "name": "x"}]),
+     r"Expected 2 to 256 entries .*Received: classes=\["),
     (_edit_json("orientation", "LPS"), r"Expected 'RAS' .*Received: orientation='LPS'\."),
-    (_edit_json("inference", {"overlap": 1.5}), r"bundle.json: Expected a number in \[0, 0.95\]\. Received: inference.overlap=1.5\."),
-    (_edit_json("files", {"keras": "../model.keras"}), r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='../model.keras'\."),
-    (_edit_json("files", {"keras": "model.h5"}), r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='model.h5'\."),
-    (_edit_json("preprocessing", {"normalization": "minmax"}), r"bundle.json: Expected one of \['zscore', 'zscore_nonzero', 'ct', 'none'\]\. Received: preprocessing.normalization='minmax'\.$"),
-    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}), r"bundle.json: Expected a key of preprocessing \(target_spacing_mm, .*\)\. Received: preprocessing.spacing=\[1, 1, 1\]\.$"),
+    (_edit_json("inference", {"overlap": 1.5}),
+     r"bundle.json: Expected a number in \[0, 0.95\]\. Received: inference.overlap=1.5\."),
+    (_edit_json("files", {"keras": "../model.keras"}),
+     r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: "
+     r"files.keras='../model.keras'\."),
+    (_edit_json("files", {"keras": "model.h5"}),
+     r"Expected 'model.weights.h5' \(the one file name of the keras format\)\. Received: files.keras='model.h5'\."),
+    (_edit_json("preprocessing", {"normalization": "minmax"}),
+     r"bundle.json: Expected one of \['zscore', 'zscore_nonzero', 'ct', 'none'\]\. Received: "
+     r"preprocessing.normalization='minmax'\.$"),
+    (_edit_json("preprocessing", {"spacing": [1, 1, 1]}),
+     r"bundle.json: Expected a key of preprocessing \(target_spacing_mm, .*\)\. Received: "
+     r"preprocessing.spacing=\[1, 1, 1\]\.$"),
 ])
 def test_a_broken_bundle_is_a_clear_error(trained, tmp_path, break_it, message):
     bundle = tmp_path / "bundle"
@@ -200,7 +242,9 @@ def test_a_corrupt_or_mismatched_model_file_is_a_clear_error(trained, tmp_path):
     shutil.copytree(trained[2], bundle)
     (bundle / "model.weights.h5").write_bytes(b"not an HDF5 file")
     rewrite_manifest(bundle)  # past the manifest: the file itself is what is wrong
-    with pytest.raises(BundleError, match=r"bundle.json: Expected a model file that loads with format='keras'\. Received: files.keras=.*model.weights.h5 \(cannot load: "):
+    with pytest.raises(BundleError,
+                       match=r"bundle.json: Expected a model file that loads with format='keras'\. Received: "
+                             r"files.keras=.*model.weights.h5 \(cannot load: "):
         load_predictor(bundle, "keras")
     with pytest.raises(BundleError, match=r"Expected a 'onnx' model in the bundle \(export with onnx=True"):
         meta = json.loads((bundle / "bundle.json").read_text())
@@ -209,11 +253,15 @@ def test_a_corrupt_or_mismatched_model_file_is_a_clear_error(trained, tmp_path):
         load_predictor(bundle, "onnx")
     meta["classes"].append({"value": 3, "name": "extra"})
     (bundle / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match=r"Expected 1 input channel\(s\) and 4 classes \(input_channels and classes of bundle.json\)\. Received: architecture=in_channels=1, num_classes=3"):
+    with pytest.raises(BundleError,
+                       match=r"Expected 1 input channel\(s\) and 4 classes \(input_channels and classes of "
+                             r"bundle.json\)\. Received: architecture=in_channels=1, num_classes=3"):
         read_bundle(bundle)
     meta["architecture"]["num_classes"] = 4
     (bundle / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match=r"Expected a network with 1 input channel\(s\) and 4 classes \(from bundle.json\)\. Received: network=1 input channel\(s\), 3 output"):
+    with pytest.raises(BundleError,
+                       match=r"Expected a network with 1 input channel\(s\) and 4 classes \(from bundle.json\)\. "
+                             r"Received: network=1 input channel\(s\), 3 output"):
         load_predictor(bundle, "savedmodel", trust_bundle=True)
     with pytest.raises(BundleError, match="Expected a bundle folder. Received: .*nowhere"):
         read_bundle(tmp_path / "nowhere")
@@ -236,7 +284,8 @@ def trained_tiny_model():
     model = tiny_model(depth=3, deep_supervision=False, seed=4)
     xs, ys = [], []
     for seed in (10, 11):
-        image = preprocess_volume(phantom_scan((34, 30, 20), seed=seed), np.eye(4), None, PREPROCESSING).image[:32, :24, :12]
+        image = preprocess_volume(phantom_scan((34, 30, 20), seed=seed), np.eye(4), None,
+                                  PREPROCESSING).image[:32, :24, :12]
         bright = image[..., 0] > 1.0
         rim = ndimage.binary_dilation(bright, iterations=2) & ~bright
         ys.append(np.eye(3, dtype=np.float32)[np.where(bright, 1, np.where(rim, 2, 0))])
@@ -249,8 +298,10 @@ def trained_tiny_model():
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
     model = trained_tiny_model()
-    out = write_bundle(model, tmp_path_factory.mktemp("segment") / "bundle", class_names=["background", "organ", "lesion"],
-                       preprocessing=PREPROCESSING, patch_size=PATCH, inference={"mirror_axes": [0, 1, 2], "batch_size": 2},
+    out = write_bundle(model, tmp_path_factory.mktemp("segment") / "bundle",
+                       class_names=["background", "organ", "lesion"],
+                       preprocessing=PREPROCESSING, patch_size=PATCH,
+                       inference={"mirror_axes": [0, 1, 2], "batch_size": 2},
                        architecture=tiny_architecture(depth=3, deep_supervision=False))
     return model, out
 
@@ -270,7 +321,7 @@ labels = segment(image=tf.constant(data), spacing_mm=tf.constant(spacing, tf.flo
 back = nib.orientations.ornt_transform(nib.orientations.io_orientation(ras.affine), nib.orientations.io_orientation(image.affine))
 np.save(out, nib.orientations.apply_orientation(labels, back))
 assert not [m for m in sys.modules if m.split(".")[0] == "segpipe"], "segpipe was imported"
-"""
+"""  # noqa: E501 (a script run as is; its orientation line is long)
 
 
 def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter, tmp_path):
@@ -282,11 +333,14 @@ def test_segment_signature_runs_without_segpipe_and_matches_predict_py(segmenter
     from segpipe.io import read_nifti
 
     _, bundle_dir = segmenter
-    scan = write_scan(tmp_path / "scan.nii.gz", phantom_scan((18, 26, 20), seed=2), NON_RAS_AFFINE)  # P, S, L; 0.9/1.3/1.8 mm
-    assert predict.main(["--model", str(bundle_dir), "--input", str(scan), "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_scan((18, 26, 20), seed=2),
+                      NON_RAS_AFFINE)  # P, S, L; 0.9/1.3/1.8 mm
+    assert predict.main(["--model", str(bundle_dir), "--input", str(scan), "--output",
+                         str(tmp_path / "out"), "--quiet"]) == 0
     expected = read_nifti(tmp_path / "out" / "scan.nii.gz").array
     # a fresh interpreter whose import path has no segpipe at all (not even this checkout)
-    proc = subprocess.run([sys.executable, "-I", "-c", _SEGMENT_SCRIPT, str(bundle_dir), str(scan), str(tmp_path / "labels.npy")],
+    proc = subprocess.run([sys.executable, "-I", "-c", _SEGMENT_SCRIPT, str(bundle_dir), str(scan),
+                           str(tmp_path / "labels.npy")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels = np.load(tmp_path / "labels.npy")
@@ -328,22 +382,30 @@ def test_formats_not_written_are_recorded_and_named(tmp_path, monkeypatch):
     model = tiny_model(depth=2, deep_supervision=False)
     arch = tiny_architecture(depth=2, deep_supervision=False)
     installed = runtimes.is_installed
-    monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name.startswith("openvino") else installed(name))
-    out = write_bundle(model, tmp_path / "b", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
+    monkeypatch.setattr(runtimes, "is_installed",
+                        lambda name: False if name.startswith("openvino") else installed(name))
+    out = write_bundle(model, tmp_path / "b", class_names=["bg", "a", "b"],
+                       preprocessing=PREPROCESSING, patch_size=PATCH,
                        segment=False, architecture=arch)
     bundle = read_bundle(out)
     assert "openvino" not in bundle.files
     assert "openvino is not installed" in bundle.meta["formats_not_written"]["openvino"]
-    with pytest.raises(BundleError, match=r"Expected a 'openvino' model in the bundle .*Not written: openvino is not installed"):
+    with pytest.raises(BundleError,
+                       match=r"Expected a 'openvino' model in the bundle .*Not written: openvino is not installed"):
         load_predictor(bundle, "openvino")
-    with pytest.raises(ImportError, match=r'Expected openvino installed for the OpenVINO export\. Received: openvino=True\. Install the openvino extra: pip install "segpipe\[openvino\]"'):
+    with pytest.raises(ImportError,
+                       match=r'Expected openvino installed for the OpenVINO export\. Received: openvino=True\. Install '
+                             r'the openvino extra: pip install "segpipe\[openvino\]"'):
         write_bundle(model, tmp_path / "c", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH,
                      openvino=True, architecture=arch)
     assert not (tmp_path / "c").exists()
     # a format whose runtime is missing at prediction time is an error, never a silent fallback
     monkeypatch.setattr(runtimes, "is_installed", lambda name: False if name == "onnx" else installed(name))
-    with pytest.raises(ImportError, match=r"Expected tf2onnx \(and onnxruntime to check it\) installed for the ONNX export\. Received: onnx=True\."):
-        write_bundle(model, tmp_path / "d", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING, patch_size=PATCH, onnx=True)
+    with pytest.raises(ImportError,
+                       match=r"Expected tf2onnx \(and onnxruntime to check it\) installed for the ONNX "
+                             r"export\. Received: onnx=True\."):
+        write_bundle(model, tmp_path / "d", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
+                     patch_size=PATCH, onnx=True)
     unchecked = write_bundle(model, tmp_path / "e", class_names=["bg", "a", "b"], preprocessing=PREPROCESSING,
                              patch_size=PATCH, verify=False, openvino=False, segment=False, architecture=arch)
     meta = read_bundle(unchecked).meta
@@ -367,7 +429,9 @@ def test_auto_picks_the_first_installed_format_of_the_documented_order(monkeypat
     assert runtimes.choose_format(every) == "keras"
     with pytest.raises(ValueError, match=r"Expected a bundle with at least one format whose runtime is installed"):
         runtimes.choose_format({"savedmodel"})
-    with pytest.raises(ImportError, match=r"Expected openvino installed to predict with it\. Received: format='openvino'\. Install the openvino extra: pip install \"segpipe\[openvino\]\""):
+    with pytest.raises(ImportError,
+                       match=r"Expected openvino installed to predict with it\. Received: format='openvino'\. Install "
+                             r"the openvino extra: pip install \"segpipe\[openvino\]\""):
         runtimes.choose_format(every, "openvino")
     with pytest.raises(ValueError, match=r"Expected one of \('auto', 'keras'"):
         runtimes.choose_format(every, "tflite")
@@ -400,10 +464,14 @@ def test_bfloat16_out_of_tolerance_is_refused_when_asked_for(tmp_path, monkeypat
     monkeypatch.setattr(runtimes, "is_installed", lambda name: True)
     bundle = Bundle(tmp_path, ("background", "fg"), 1, ("t1",), PREPROCESSING, "RAS", PATCH, InferenceSettings(),
                     {"keras": "model.weights.h5", "openvino": "openvino/model.xml"}, {},
-                    meta={"verification": {"openvino-bf16_max_abs_diff": 0.0216, "openvino-bf16_within_tolerance": False}})
+                    meta={"verification": {"openvino-bf16_max_abs_diff": 0.0216,
+                                           "openvino-bf16_within_tolerance": False}})
     with pytest.raises(BundleError, match=r"bundle.json: Expected bfloat16 probabilities within .* Received: "
                                           r"format='openvino-bf16'. This network differs by 0.0216"):
         load_predictor(bundle, "openvino-bf16")
     ok = dataclasses.replace(bundle, meta={"verification": {"openvino-bf16_within_tolerance": True}})
-    with pytest.raises(BundleError, match=r"Expected a model file that loads with format='openvino-bf16'\. Received: files.openvino="):  # passes the check, then finds no file here
+    # passes the check, then finds no file here
+    with pytest.raises(BundleError,
+                       match=r"Expected a model file that loads with format='openvino-bf16'\. "
+                             r"Received: files.openvino="):
         load_predictor(ok, "openvino-bf16")

@@ -28,7 +28,8 @@ def test_folds_end_with_an_ensemble_of_all_folds(tiny_overrides, tmp_path, phant
             np.testing.assert_array_equal(read_nifti(ensemble / "oof_predictions" / f"{case}.nii.gz").array,
                                           read_nifti(runs / f"ens_fold{k}" / "predictions" / f"{case}.nii.gz").array)
     record = summary["postprocessing"]
-    assert {"postprocess_largest_foreground", "postprocess_largest_component", "dice_before", "dice_after"} <= set(record)
+    assert {"postprocess_largest_foreground", "postprocess_largest_component", "dice_before",
+            "dice_after"} <= set(record)
     evaluation = json.loads((ensemble / "evaluation" / "summary.json").read_text())
     assert evaluation["postprocessing"] == json.loads(json.dumps(record))
     bundle = read_bundle(ensemble / "bundle")

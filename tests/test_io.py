@@ -94,7 +94,8 @@ def test_a_full_disk_while_writing_nifti_names_the_file_and_keeps_the_old_one(tm
     with pytest.raises(StorageError) as info:
         write_nifti(target, np.zeros((4, 4, 4), np.uint8), np.eye(4))
     assert str(info.value) == (f"Expected free space and a writable folder for this file. Received: path={target} "
-                               f"({NO_SPACE}). Nothing was half-written: an earlier version of the file, if any, is unchanged.")
+                               f"({NO_SPACE}). Nothing was half-written: an earlier version of the "
+                               "file, if any, is unchanged.")
     assert target.read_bytes() == before
     assert [p.name for p in target.parent.iterdir()] == ["case.nii.gz"]  # the half-written temporary is gone
 
@@ -191,7 +192,8 @@ def test_a_read_only_folder_while_saving_the_best_model_keeps_the_previous_one(t
     assert [p.name for p in best.parent.iterdir()] == ["best.keras"]
 
 
-def test_a_full_disk_while_writing_the_checkpoint_state_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+def test_a_full_disk_while_writing_the_checkpoint_state_keeps_the_previous_checkpoint(tiny_model, tmp_path,
+                                                                                      monkeypatch):
     from pathlib import Path
 
     from segpipe.runs.rundir import find_last_checkpoint

@@ -226,7 +226,8 @@ def test_lesion_wise_metrics_per_region_hand_computed():
     rows = region_lesion_metrics(pred, ref, REGIONS, spacing_mm=(1.0, 1.0, 1.0))
     assert (rows["whole_tumor"]["n_ref_lesions"], rows["whole_tumor"]["lesion_tp"]) == (2, 2)
     assert rows["whole_tumor"]["lesion_dice"] == pytest.approx(1.0)
-    assert (rows["tumor_core"]["n_ref_lesions"], rows["tumor_core"]["lesion_tp"], rows["tumor_core"]["lesion_fn"]) == (2, 1, 1)
+    assert (rows["tumor_core"]["n_ref_lesions"], rows["tumor_core"]["lesion_tp"],
+            rows["tumor_core"]["lesion_fn"]) == (2, 1, 1)
     assert rows["tumor_core"]["lesion_dice"] == pytest.approx(0.5)
     assert (rows["enhancing_tumor"]["n_ref_lesions"], rows["enhancing_tumor"]["lesion_tp"]) == (1, 1)
 

@@ -249,7 +249,9 @@ def test_summary_pools_counts_and_averages_dice():
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"^Expected a boolean array\. Received: pred_mask\.dtype=uint8\.$"):
         match_lesions(np.zeros((4, 4, 4), np.uint8), _empty((4, 4, 4)), spacing_mm=ISO)
-    with pytest.raises(ValueError, match=r"^Expected pred_mask of the same shape as ref_mask \(4, 4, 5\)\. Received: pred_mask\.shape=\(4, 4, 4\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected pred_mask of the same shape as ref_mask \(4, 4, 5\)\. Received: "
+                             r"pred_mask\.shape=\(4, 4, 4\)\.$"):
         match_lesions(_empty((4, 4, 4)), _empty((4, 4, 5)), spacing_mm=ISO)
     with pytest.raises(ValueError, match="spacing_mm"):
         match_lesions(_empty((4, 4, 4)), _empty((4, 4, 4)), spacing_mm=(1.0, 1.0))

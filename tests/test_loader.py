@@ -15,7 +15,8 @@ from segpipe.data.sampling import PatchSampler
 def prepared(phantom_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("loader")
     config = load_config(None, [f"data.root={phantom_root}", f"output_dir={out}", "data.preprocess_workers=1",
-                                "data.val_fraction=0.34", "model.depth=2", "data.patch_size=[16, 16, 8]"])  # fits the 24×24×16 phantoms
+                                "data.val_fraction=0.34", "model.depth=2",
+                                "data.patch_size=[16, 16, 8]"])  # fits the 24×24×16 phantoms
     return config, prepare_data(config, progress=False)
 
 
@@ -57,7 +58,8 @@ def test_validation_yields_whole_padded_cases(prepared):
     image, label = batches[0]
     shape = cases[0].meta["shape"]
     assert image.shape == (1, *(-(-n // 8) * 8 for n in shape), 1) and label.shape[-1] == 3
-    np.testing.assert_array_equal(label.numpy()[0, : shape[0], : shape[1], : shape[2]].argmax(-1), cases[0].load_label())
+    np.testing.assert_array_equal(label.numpy()[0, : shape[0], : shape[1], : shape[2]].argmax(-1),
+                                  cases[0].load_label())
     np.testing.assert_array_equal(label.numpy().sum(-1), 1.0)  # the padding is background
     assert list(validation_dataset(cases[:1], 3, divisor=32))[0][0].shape == (1, 32, 32, 32, 1)
 

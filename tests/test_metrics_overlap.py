@@ -107,17 +107,26 @@ def test_case_metrics_labels_default_and_tolerance_dict():
 
 def test_case_metrics_argument_errors():
     a = np.zeros((4, 4, 4), np.uint8)
-    with pytest.raises(TypeError, match=r"^Expected an integer label map\. Received: pred\.dtype=float32\. Round or cast"):
+    with pytest.raises(TypeError,
+                       match=r"^Expected an integer label map\. Received: pred\.dtype=float32\. Round or cast"):
         case_metrics(a.astype(np.float32), a)
-    with pytest.raises(ValueError, match=r"^Expected pred of the same shape as ref \(4, 4, 5\)\. Received: pred\.shape=\(4, 4, 4\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected pred of the same shape as ref \(4, 4, 5\)\. Received: "
+                             r"pred\.shape=\(4, 4, 4\)\.$"):
         case_metrics(a, np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match=r"^Expected non-negative label values in ref\. Received: min\(ref\)=-1\.$"):
         case_metrics(a, a.astype(np.int8) - 1)
-    with pytest.raises(ValueError, match=r"^Expected distinct positive label values \(0 is background\)\. Received: labels=\[0, 1\]\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected distinct positive label values \(0 is background\)\. "
+                             r"Received: labels=\[0, 1\]\.$"):
         case_metrics(a, a, labels=[0, 1])
-    with pytest.raises(ValueError, match=r"^Expected a tolerance_mm entry for every scored label \[1, 2\]\. Received: tolerance_mm=\{1: 1\.0\} \(missing \[2\]\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected a tolerance_mm entry for every scored label \[1, 2\]\. Received: "
+                             r"tolerance_mm=\{1: 1\.0\} \(missing \[2\]\)\.$"):
         case_metrics(a, a, labels=[1, 2], tolerance_mm={1: 1.0})
-    with pytest.raises(ValueError, match=r"^Expected 3 positive finite values \(one per array axis\)\. Received: spacing_mm=\(1\.0, 1\.0\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected 3 positive finite values \(one per array axis\)\. Received: "
+                             r"spacing_mm=\(1\.0, 1\.0\)\.$"):
         case_metrics(a, a, spacing_mm=(1.0, 1.0))
     with pytest.raises(TypeError):
         case_metrics(a, a, [1])  # options are keyword-only

@@ -151,11 +151,16 @@ def test_empty_rules():
 
 def test_argument_errors():
     mask = np.ones((3, 3, 3), bool)
-    with pytest.raises(TypeError, match=r"^Expected a boolean mask\. Received: pred\.dtype=uint8\. Use e\.g\. `labels == c`\.$"):
+    with pytest.raises(TypeError,
+                       match=r"^Expected a boolean mask\. Received: pred\.dtype=uint8\. Use e\.g\. `labels == c`\.$"):
         surface_distances(mask.astype(np.uint8), mask)
-    with pytest.raises(ValueError, match=r"^Expected pred of the same shape as ref \(3, 3, 4\)\. Received: pred\.shape=\(3, 3, 3\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected pred of the same shape as ref \(3, 3, 4\)\. Received: "
+                             r"pred\.shape=\(3, 3, 3\)\.$"):
         surface_distances(mask, np.ones((3, 3, 4), bool))
-    with pytest.raises(ValueError, match=r"^Expected 3 positive finite values \(one per array axis\)\. Received: spacing_mm=\(1\.0, 0\.0, 1\.0\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"^Expected 3 positive finite values \(one per array axis\)\. Received: "
+                             r"spacing_mm=\(1\.0, 0\.0, 1\.0\)\.$"):
         surface_distances(mask, mask, spacing_mm=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match=r"^Expected one of \['auto', 'edt', 'kdtree'\]\. Received: method='fast'\.$"):
         surface_distances(mask, mask, method="fast")

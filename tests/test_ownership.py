@@ -48,8 +48,8 @@ def test_only_a_marked_folder_of_the_kind_is_replaceable(tmp_path):
         check_replaceable(foreign, "run", key="--overwrite")
     message = str(info.value)
     assert message.startswith(f"Expected a folder segpipe created (with its run marker {MARKER_NAME})")
-    assert f"Received: --overwrite={foreign} (holds 8 entries: important.txt, note0.md, note1.md, note2.md, note3.md, ...)" \
-        in message
+    assert (f"Received: --overwrite={foreign} (holds 8 entries: important.txt, note0.md, note1.md, note2.md, "
+            "note3.md, ...)") in message
     assert message.endswith("segpipe only deletes folders it created: delete it by hand or choose another name.")
 
     (tmp_path / "file").write_text("x")

@@ -61,7 +61,8 @@ def test_one_class_gains_and_another_loses():
     assert record["postprocess_largest_component"] == [1] and record["postprocess_largest_foreground"] is False
     assert record["dice_before"] == {"foreground_mean": pytest.approx((8 / 9 + 1) / 2), "1": pytest.approx(8 / 9),
                                      "2": pytest.approx(1.0)}
-    assert record["dice_after"] == {"foreground_mean": pytest.approx(1.0), "1": pytest.approx(1.0), "2": pytest.approx(1.0)}
+    assert record["dice_after"] == {"foreground_mean": pytest.approx(1.0),
+                                    "1": pytest.approx(1.0), "2": pytest.approx(1.0)}
     assert (record["n_cases"], record["alpha"], record["labels"]) == (8, 0.05, [1, 2])
 
 

@@ -28,7 +28,8 @@ LOSS_RTOL = {"mixed_bfloat16": 2e-3, "mixed_float16": 1e-3}
 def _config(precision: str, *extra: str):
     return load_config(None, [f"train.precision={precision}", "model.depth=3", "model.base_filters=4",
                               "model.norm=batch", "train.epochs=1", "train.steps_per_epoch=5",
-                              'loss={"terms": [{"name": "dice", "include_background": false}, {"name": "ce"}]}', *extra])
+                              'loss={"terms": [{"name": "dice", "include_background": false}, {"name": "ce"}]}',
+                              *extra])
 
 
 def _batch(seed: int = 0):
@@ -54,7 +55,8 @@ def _step(model, x, y):
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
         scaled = model.optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled, model.trainable_variables)
-    scale = float(model.optimizer.dynamic_scale) if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) else 1.0
+    scale = (float(model.optimizer.dynamic_scale) if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+             else 1.0)
     model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return float(loss), [np.asarray(g, dtype=np.float64) / scale for g in gradients], y_pred
 
@@ -203,7 +205,8 @@ def test_two_workers_train_in_float16_with_loss_scaling_and_the_anytime_schedule
     procs = []
     for i in range(2):
         (tmp_path / f"tmp{i}").mkdir()
-        procs.append(start(args, tmp_path / f"w{i}.log", TF_CONFIG=tf_config(ports, i), TMPDIR=str(tmp_path / f"tmp{i}")))
+        procs.append(start(args, tmp_path / f"w{i}.log", TF_CONFIG=tf_config(ports, i),
+                           TMPDIR=str(tmp_path / f"tmp{i}")))
     with running(*procs):
         codes = [proc.wait(timeout=300) for proc in procs]
     logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]

@@ -23,7 +23,8 @@ from segpipe.inference.settings import InferenceSettings
 from segpipe.io import read_nifti
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
-ANISOTROPIC_RAS = np.diag([0.7, 1.2, 2.5, 1.0]) + np.array([[0, 0, 0, -5.0], [0, 0, 0, 3.0], [0, 0, 0, 1.0], [0, 0, 0, 0]])
+ANISOTROPIC_RAS = np.diag([0.7, 1.2, 2.5, 1.0]) + np.array([[0, 0, 0, -5.0], [0, 0, 0, 3.0],
+                                                            [0, 0, 0, 1.0], [0, 0, 0, 0]])
 
 
 def threshold_network(x: np.ndarray) -> np.ndarray:
@@ -51,9 +52,11 @@ def test_output_is_on_the_input_grid_and_in_the_right_place(affine):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     model = tiny_model(depth=3, deep_supervision=True, seed=4)
-    out = write_bundle(model, tmp_path_factory.mktemp("predict") / "bundle", class_names=["background", "organ", "lesion"],
+    out = write_bundle(model, tmp_path_factory.mktemp("predict") / "bundle",
+                       class_names=["background", "organ", "lesion"],
                        preprocessing=PREPROCESSING, patch_size=PATCH, onnx=HAVE_ONNX, verify=False,
-                       segment=False, architecture=tiny_architecture(depth=3, deep_supervision=True))  # the segment signature has its own test (test_export.py)
+                       # the segment signature has its own test (test_export.py)
+                       segment=False, architecture=tiny_architecture(depth=3, deep_supervision=True))
     return model, out
 
 
@@ -155,7 +158,8 @@ def test_formats_give_the_same_probabilities(bundle, scans, tmp_path, fmt):
     if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino extra not installed")
     _, bundle_dir = bundle
-    args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities", "--probabilities-dtype", "float32",
+    args = ["--model", str(bundle_dir), "--input", str(scans / "scan_2024.nii"), "--quiet", "--save-probabilities",
+            "--probabilities-dtype", "float32",
             "--no-mirror", "--batch-size", "2"]
     assert predict.main([*args, "--output", str(tmp_path / "keras")]) == 0
     trust = ["--trust-bundle"] if fmt == "savedmodel" else []  # a SavedModel can run code: only when trusted
@@ -179,7 +183,8 @@ def test_predict_py_errors_are_clear(bundle, scans, tmp_path, capsys):
             f"Received: --output={scans} (holds 2 input(s): {scans / 'a.nii.gz'}, ") in capsys.readouterr().err
     two_channels = tmp_path / "two.nii.gz"
     write_scan(two_channels, np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
-    assert predict.main(["--model", str(bundle_dir), "--input", str(two_channels), "--output", str(tmp_path / "o")]) == 1
+    assert predict.main(["--model", str(bundle_dir), "--input", str(two_channels), "--output",
+                         str(tmp_path / "o")]) == 1
     assert ("two.nii.gz: Expected 1 channel(s) ['channel_0'] (the model's input). Received: 2 channel(s) in two.nii.gz"
             in capsys.readouterr().err)  # checked before the network is loaded (segpipe.cli.predict.check_inputs)
     assert predict.main(["--model", str(tmp_path), "--input", str(scans), "--output", str(tmp_path / "o")]) == 1

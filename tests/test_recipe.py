@@ -12,7 +12,8 @@ RECIPE = ROOT / "configs" / "hippocampus_recipe.yaml"
 
 
 def ablation():
-    spec = importlib.util.spec_from_file_location("hippocampus_ablation", ROOT / "benchmarks" / "hippocampus_ablation.py")
+    spec = importlib.util.spec_from_file_location("hippocampus_ablation",
+                                                  ROOT / "benchmarks" / "hippocampus_ablation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

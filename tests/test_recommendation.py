@@ -99,7 +99,8 @@ def test_bootstrap_interval_edge_cases():
     # against the textbook normal interval of a mean (the bootstrap should be close for 40 normal values)
     half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
     ci = bootstrap_mean_ci(d)
-    assert ci["low"] == pytest.approx(d.mean() - half, abs=0.004) and ci["high"] == pytest.approx(d.mean() + half, abs=0.004)
+    assert (ci["low"] == pytest.approx(d.mean() - half, abs=0.004)
+            and ci["high"] == pytest.approx(d.mean() + half, abs=0.004))
 
 
 def test_postprocessing_is_read_from_the_files(tmp_path):

@@ -178,7 +178,8 @@ def _edited_bundle(region_run: Path, tmp_path: Path, **changes) -> Path:
       "regions_class_order": [1, 2]},
      "Expected 2 input channel(s) and 2 regions (input_channels and regions of bundle.json). "
      "Received: architecture=in_channels=2, num_classes=3."),
-    ({"ignore_label": 2}, "Expected null or an integer from 4 to 255 (above every class value). Received: ignore_label=2."),
+    ({"ignore_label": 2},
+     "Expected null or an integer from 4 to 255 (above every class value). Received: ignore_label=2."),
 ])
 def test_a_bad_regions_key_in_bundle_json_is_a_clear_error(region_run, tmp_path, changes, message):
     bundle = _edited_bundle(region_run, tmp_path, **changes)
@@ -230,6 +231,7 @@ def test_a_single_region_network_has_one_output():
 
     one = {"builder": "unet3d", "in_channels": 2, "num_classes": 1, "args": {"depth": 2, "base_filters": 2}}
     assert check_architecture({**one, "args": {**one["args"], "output": "sigmoid"}})["num_classes"] == 1
-    with pytest.raises(ValueError, match=r"Expected an integer from 2 \(1 only with args.output: sigmoid, one region\)\. "
+    with pytest.raises(ValueError,
+                       match=r"Expected an integer from 2 \(1 only with args.output: sigmoid, one region\)\. "
                                          r"Received: architecture.num_classes=1\."):
         check_architecture(one)

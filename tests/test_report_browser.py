@@ -138,7 +138,8 @@ def test_report_renders_images_tables_and_no_console_errors(browser, evaluation)
     pngs = sorted((out / "overlays").glob("*.png"))
     assert len(images) == len(pngs) == 6  # best, median, worst for organ and for lesion
     assert all(i["width"] > 0 and i["height"] > 0 for i in images), images
-    assert browser.execute_script("return document.querySelectorAll('img:not([src^=\"data:image/png;base64,\"])').length") == 0
+    assert browser.execute_script("return "
+                                  "document.querySelectorAll('img:not([src^=\"data:image/png;base64,\"])').length") == 0
 
     summary = read_json(out / "summary.json")
     shown = 0
@@ -174,7 +175,8 @@ def test_report_renders_images_tables_and_no_console_errors(browser, evaluation)
     lesion = summary["lesion_wise"]["per_class"]["2"]
     lesion_cells = 0
     for cell in _cells(browser, "#lesions td[data-metric]"):
-        if cell["text"] != "n/a" and cell["data"]["metric"] in lesion and not isinstance(lesion[cell["data"]["metric"]], dict):
+        if (cell["text"] != "n/a" and cell["data"]["metric"] in lesion
+                and not isinstance(lesion[cell["data"]["metric"]], dict)):
             _assert_shows(cell["text"], lesion[cell["data"]["metric"]])
             lesion_cells += 1
     for span in _cells(browser, "#lesions span[data-stat]"):

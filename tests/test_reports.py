@@ -185,7 +185,7 @@ HISTORY = """epoch,loss,dice_organ,dice_lesion,dice_fg_mean,val_loss,val_dice_or
 1,0.9,0.2,0.1,0.15,0.95,0.3,0.1,0.2,0.01
 2,0.7,0.4,0.2,0.3,0.8,0.5,0.3,0.4,0.009
 3,0.6,0.5,0.3,0.4,0.7,0.7,0.5,0.6,0.008
-"""
+"""  # noqa: E501 (a CSV header line)
 
 
 def test_progress_figure_draws_every_epoch_of_the_file_and_marks_the_best(tmp_path):
@@ -230,7 +230,8 @@ def test_resumed_history_continues_the_same_picture(tmp_path):
 
 
 def test_progress_plot_of_an_old_history_without_lr_or_times(tmp_path):
-    (tmp_path / "history.csv").write_text("epoch,loss,val_loss,val_dice_a,val_dice_fg_mean\n1,1.0,1.1,,0.1\n2,0.8,nan,0.3,0.3\n")
+    (tmp_path / "history.csv").write_text("epoch,loss,val_loss,val_dice_a,val_dice_fg_mean\n"
+                                          "1,1.0,1.1,,0.1\n2,0.8,nan,0.3,0.3\n")
     history = read_history(tmp_path / "history.csv")
     assert math.isnan(history["val_dice_a"][0]) and math.isnan(history["val_loss"][1])
     plot_progress(history, tmp_path / "p.png", monitor="val_loss")
@@ -295,7 +296,8 @@ def test_summary_table_holds_the_summary_numbers():
         "foreground_mean": {"dice": 0.61234, "hd95": 3.456},
         "definitions": {"hd95": "x"},
     }
-    text = evaluation_report_html(summary, [{"case": "a", "class": 1, "class_name": "organ", "dice": 0.5, "hd95": math.nan}])
+    text = evaluation_report_html(summary,
+                                  [{"case": "a", "class": 1, "class_name": "organ", "dice": 0.5, "hd95": math.nan}])
     parser = _Cells()
     parser.feed(text)
     cells = parser.cells

@@ -41,7 +41,8 @@ def test_model_file_prefers_best_then_final_and_resolves_each_name(tmp_path):
     other = tmp_path / "elsewhere.keras"
     other.write_text("x")
     assert run.model_file(str(other)) == ("file", other)
-    with pytest.raises(ValueError, match=r"Expected one of \['best', 'last', 'final'\] or a .keras file. Received: model='latest'"):
+    with pytest.raises(ValueError,
+                       match=r"Expected one of \['best', 'last', 'final'\] or a .keras file. Received: model='latest'"):
         run.model_file("latest")
 
 
@@ -76,7 +77,9 @@ def test_files_round_trip_through_the_writers_and_readers(tmp_path):
 def test_a_bad_preprocessing_file_names_the_file_and_the_key(tmp_path):
     run = RunDir(tmp_path)
     run.preprocessing_json.write_text('{"target_spacing": [1, 1, 1]}')
-    with pytest.raises(ValueError, match=r"preprocessing.json: Expected a key of preprocessing settings \(target_spacing_mm, .*\)\. Received: target_spacing=\[1, 1, 1\]\. Did you mean 'target_spacing_mm'\?$"):
+    with pytest.raises(ValueError,
+                       match=r"preprocessing.json: Expected a key of preprocessing settings \(target_spacing_mm, "
+                             r".*\)\. Received: target_spacing=\[1, 1, 1\]\. Did you mean 'target_spacing_mm'\?$"):
         run.preprocessing()
 
 

@@ -70,7 +70,8 @@ def test_ten_billion_voxels_is_refused_with_the_size_named(tmp_path):
     assert isinstance(error, ScanSizeError) and peak < 2 * MiB
     message = str(error)
     assert message.startswith(f"{path}: Expected at most {MAX_VOXELS} voxels (segpipe.io.MAX_VOXELS; ")
-    assert "Received: header=shape (2000, 2000, 2500) int16: 10000000000 voxels, 18.6 GiB (20000000000 bytes)" in message
+    assert ("Received: header=shape (2000, 2000, 2500) int16: 10000000000 voxels, 18.6 GiB (20000000000 bytes)"
+            in message)
     assert "MemoryError" not in message
 
 

@@ -75,7 +75,8 @@ def test_every_voxel_gets_a_positive_weight(shape, window, overlap):
 def test_a_pointwise_network_is_reproduced_exactly(shape, batch_size):
     """Wrong window placement, weighting or cropping of the padding would break this equality."""
     image = np.random.default_rng(0).normal(size=(*shape, 1)).astype(np.float32)
-    out = sliding_window_predict(pointwise_softmax, image, (16, 16, 8), settings=InferenceSettings(batch_size=batch_size))
+    out = sliding_window_predict(pointwise_softmax, image, (16, 16, 8),
+                                 settings=InferenceSettings(batch_size=batch_size))
     assert out.shape == (*shape, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, pointwise_softmax(image), atol=1e-6)
 
@@ -114,7 +115,8 @@ def test_single_window_equals_direct_prediction_of_a_keras_model():
     model = build_unet3d(1, 3, depth=2, base_filters=4)
     image = np.random.default_rng(1).normal(size=(16, 16, 16, 1)).astype(np.float32)
     direct = model.predict_on_batch(image[None])[0]
-    out = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16), settings=InferenceSettings(mirror_axes=()))
+    out = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16),
+                                 settings=InferenceSettings(mirror_axes=()))
     np.testing.assert_allclose(out, direct, atol=1e-6)
     # with mirroring: the mean of the eight flipped-back direct predictions
     mirrored = sliding_window_predict(model.predict_on_batch, image, (16, 16, 16),
@@ -127,8 +129,10 @@ def test_single_window_equals_direct_prediction_of_a_keras_model():
 @pytest.mark.parametrize("kwargs, message", [
     ({"overlap": 1.0}, "Expected a number in [0, 0.95]. Received: overlap=1.0."),
     ({"overlap": -0.1}, "Expected a number in [0, 0.95]. Received: overlap=-0.1."),
-    ({"mirror_axes": (0, 3)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[0, 3]."),
-    ({"mirror_axes": (1, 1)}, "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[1, 1]."),
+    ({"mirror_axes": (0, 3)},
+     "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[0, 3]."),
+    ({"mirror_axes": (1, 1)},
+     "Expected distinct spatial axes out of [0, 1, 2] ([] = no mirroring). Received: mirror_axes=[1, 1]."),
     ({"batch_size": 0}, "Expected an integer >= 1. Received: batch_size=0."),
     ({"sigma_scale": 0}, "Expected a number > 0. Received: sigma_scale=0."),
 ])

@@ -54,7 +54,9 @@ def test_plan_expands_folds_into_named_runs_of_the_experiment(tmp_path):
     assert [r.name for r in plan_runs([from_config])] == ["ce_fold0", "ce_fold1"]  # data.folds in the config
     with pytest.raises(ConfigError, match=r"Expected a fold in 0..2 \(data.folds=3\). Received: data.fold=3"):
         plan_runs(configs, folds=3, only_folds=[3])
-    with pytest.raises(ConfigError, match=r"^Expected k-fold training \(--folds K or data\.folds in .*\)\. Received: --fold=\d( \d)* without folds\.$"):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected k-fold training \(--folds K or data\.folds in .*\)\. Received: "
+                             r"--fold=\d( \d)* without folds\.$"):
         plan_runs(configs, only_folds=[0])
     with pytest.raises(ConfigError, match=r"^Expected a number of folds >= 2\. Received: --folds=1\.$"):
         plan_runs(configs, folds=1)
@@ -62,7 +64,9 @@ def test_plan_expands_folds_into_named_runs_of_the_experiment(tmp_path):
     reseeded = load_config(write_config(tmp_path, "tversky"), ["seed=1"])
     assert "will not share a split" in comparability_warning([configs[0], reseeded])
     twin = load_config(write_config(tmp_path / "other", "dice"), [f"output_dir={tmp_path / 'runs'}", "experiment=exp"])
-    with pytest.raises(ConfigError, match=r"^Expected a different run name for every config of a sweep\. Received: name='dice' twice \(both would train into .*\)\. Set `name:` in one of the files\.$"):
+    with pytest.raises(ConfigError,
+                       match=r"^Expected a different run name for every config of a sweep\. Received: name='dice' "
+                             r"twice \(both would train into .*\)\. Set `name:` in one of the files\.$"):
         plan_runs([configs[0], twin])
 
 
@@ -108,7 +112,9 @@ def test_a_run_resumes_only_with_the_config_it_was_started_with(tmp_path):
     (tmp_path / "r" / "config.yaml").write_text(to_yaml(config))
     check_resumed_config(tmp_path / "r", config)
     edited = load_config(None, [f"output_dir={tmp_path}", "name=r", "train.epochs=5", "loss.name=iou"])
-    with pytest.raises(ConfigError, match=r"/r: Expected the config the run was started with \(.*/r/config\.yaml\), to resume it\. Received: config=changes "
+    with pytest.raises(ConfigError,
+                       match=r"/r: Expected the config the run was started with \(.*/r/config\.yaml\), to resume it\. "
+                             r"Received: config=changes "
                        r"loss.name: 'dice' -> 'iou'; train.epochs: 3 -> 5\. Undo them, or use --overwrite"):
         check_resumed_config(tmp_path / "r", edited)
 
@@ -177,4 +183,5 @@ def test_folds_sweep_then_compare_the_experiment(tiny_overrides, tmp_path, phant
     assert {r["run"] for r in rows} == {"dice_fold0", "dice_fold1", "iou_fold0", "iou_fold1"}
     assert (exp / "comparison" / "report.md").is_file()
     recommendation = json.loads((exp / "comparison" / "recommendation.json").read_text())
-    assert recommendation["n_cases"] == len(cases) and {recommendation["best"], recommendation["runner_up"]} == {"dice", "iou"}
+    assert (recommendation["n_cases"] == len(cases)
+            and {recommendation["best"], recommendation["runner_up"]} == {"dice", "iou"})

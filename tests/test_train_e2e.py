@@ -69,7 +69,8 @@ def test_train_then_evaluate(tiny_run, tmp_path, phantom_root):
     assert bundle["inference"]["mirror_axes"] == [0, 1, 2] and bundle["inference"]["overlap"] == 0.5
     case_id = split["val"][0]
     out = tmp_path / "bundle_predictions"
-    assert predict.main(["--model", str(run_dir / "bundle"), "--input", str(phantom_root / "imagesTr" / f"{case_id}.nii.gz"),
+    assert predict.main(["--model", str(run_dir / "bundle"), "--input",
+                         str(phantom_root / "imagesTr" / f"{case_id}.nii.gz"),
                          "--output", str(out), "--quiet"]) == 0
     from_bundle = read_nifti(out / f"{case_id}.nii.gz")
     from_run = read_nifti(run_dir / "predictions" / f"{case_id}.nii.gz")

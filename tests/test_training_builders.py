@@ -23,7 +23,8 @@ def _optimizer(*overrides):
 def test_learning_rate_schedules_by_hand(schedule, half_way):
     optimizer = _optimizer(f"train.lr_schedule={schedule}", "train.learning_rate=0.001")
     learning_rate = optimizer._learning_rate
-    at = (lambda step: float(learning_rate(step))) if callable(learning_rate) else (lambda step: float(optimizer.learning_rate))
+    at = ((lambda step: float(learning_rate(step))) if callable(learning_rate)
+          else (lambda step: float(optimizer.learning_rate)))
     assert at(0) == pytest.approx(1e-3)
     assert at(50) == pytest.approx(half_way, rel=1e-5)  # 100 steps in all
     assert at(100) == pytest.approx(0.0 if schedule != "constant" else 1e-3, abs=1e-9)

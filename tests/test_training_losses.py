@@ -62,7 +62,8 @@ def _terms(loss):
 
 
 @pytest.mark.parametrize("output, loss, message", [
-    ("softmax", "{name: dice, from_logits: true}", "Expected from_logits: false .* model.output: softmax. Received: loss.from_logits=True"),
+    ("softmax", "{name: dice, from_logits: true}",
+     "Expected from_logits: false .* model.output: softmax. Received: loss.from_logits=True"),
     ("logits", "{terms: [{name: dice}, {name: ce, from_logits: false}]}",
      "Expected from_logits: true .* model.output: logits. Received: loss.from_logits=False"),
 ])

@@ -68,8 +68,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="run mode: the best checkpoint (chosen on these validation cases; the default) "
                              "or the final model")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
-                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME), run folders or folders with "
-                             "evaluation/per_case.csv (scored predictions, an ensemble) to compare")
+                        help="experiment folder(s) (train.py --experiment NAME: <output_dir>/NAME), run folders or "
+                             "folders with evaluation/per_case.csv (scored predictions, an ensemble) to compare")
     parser.add_argument("--reference", help="configuration the others are tested against (default: the first)")
     parser.add_argument("--ensemble", type=Path, nargs="+", metavar="RUN_DIR",
                         help="the folds of a k-fold split as one ensemble: out-of-fold evaluation, post-processing "
@@ -102,7 +102,8 @@ def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _ensemble(args: argparse.Namespace, prog: str) -> int:
-    """``evaluate.py --ensemble RUN RUN ...``: the ensemble folder of chosen runs (:mod:`segpipe.evaluation.ensemble`)."""
+    """``evaluate.py --ensemble RUN RUN ...``: the ensemble folder of chosen runs
+    (:mod:`segpipe.evaluation.ensemble`)."""
     from segpipe.evaluation.ensemble import build_ensemble_run  # TensorFlow: the runs predict and export
 
     try:
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                        lesion_labels=args.lesion_wise, lesion_min_size_mm3=args.lesion_min_size_mm3,
                        lesion_dilation_vox=args.lesion_dilation_vox, report=not args.no_report,
                        image_dir=args.images)
-        out_dir = args.out or (RunDir(args.run_dir).evaluation_dir if args.run_dir is not None else args.pred / "evaluation")
+        out_dir = args.out or (RunDir(args.run_dir).evaluation_dir if args.run_dir is not None
+                               else args.pred / "evaluation")
         with explain_write_errors(out_dir):  # a full disk or read-only folder: one error naming the folder
             if args.run_dir is not None:  # holds the run's evaluation lock
                 summary, out_dir = evaluate_run(args.run_dir, args.out, model=args.model, **options)
@@ -189,7 +191,8 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
         if args.reference is not None:
             names = [g.name for g in groups]
             if args.reference not in names:
-                raise ComparisonError(expected(f"one of the configurations {names}", key="--reference", received=args.reference))
+                raise ComparisonError(expected(f"one of the configurations {names}", key="--reference",
+                                               received=args.reference))
             groups.sort(key=lambda g: g.name != args.reference)  # stable: reference first
         if len(groups) < 2:
             raise ComparisonError(expected("at least two configurations to compare", key="--compare",
@@ -203,7 +206,8 @@ def _compare(args: argparse.Namespace, prog: str) -> int:
                     evaluate_run(run_dir, tolerance_mm=tolerance_mm, workers=args.workers)
                 group.rows += [{**row, "run": run_dir.name} for row in load_per_case(per_case)]
         class_names = {r["class"]: r["class_name"] for g in groups for r in g.rows}
-        default_out = args.compare[0] / "comparison" if len(args.compare) == 1 and not RunDir(args.compare[0]).is_run() else Path("comparison")
+        default_out = (args.compare[0] / "comparison" if len(args.compare) == 1 and not RunDir(args.compare[0]).is_run()
+                       else Path("comparison"))
         out_dir = args.out or default_out
         result = write_comparison(groups, out_dir, class_names)
     except (ComparisonError, FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -30,14 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog_name("predict"),
         description="Segment raw NIfTI scans with an exported model bundle (no run directory or dataset needed).",
-        epilog="Export a bundle from a trained run first:\n  python predict.py export RUN_DIR [--checkpoint best|last|final] "
-               "[--out DIR] [--onnx]\n(run `python predict.py export --help` for details)",
+        epilog="Export a bundle from a trained run first:\n  python predict.py export RUN_DIR [--checkpoint "
+               "best|last|final] [--out DIR] [--onnx]\n(run `python predict.py export --help` for details)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, type=Path, metavar="BUNDLE", help="bundle folder (from `predict.py export`)")
+    parser.add_argument("--model", required=True, type=Path, metavar="BUNDLE",
+                        help="bundle folder (from `predict.py export`)")
     parser.add_argument("--input", required=True, type=Path, nargs="+", metavar="FILE_OR_DIR",
                         help="NIfTI file(s) or folder(s); CASE_0000.nii.gz, CASE_0001... form one multi-channel case")
-    parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the label maps CASE.nii.gz")
+    parser.add_argument("--output", required=True, type=Path, metavar="DIR",
+                        help="folder for the label maps CASE.nii.gz")
     parser.add_argument("--format", choices=("auto", *RUNTIMES), default="keras",
                         help="runtime: auto = the fastest installed one the bundle holds that cannot run code "
                              "(docs/inference.md); default keras")
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     mirror.add_argument("--no-mirror", action="store_true", help="no test-time mirroring (8x faster than 3 axes)")
     parser.add_argument("--batch-size", type=int, help="windows per network call (default: the bundle's)")
     parser.add_argument("--largest-component", type=int, nargs="*", metavar="LABEL",
-                        help="keep only the largest connected component of these labels, instead of the bundle's post-processing "
-                             "(none given: no post-processing)")
+                        help="keep only the largest connected component of these labels, instead of the bundle's "
+                             "post-processing (none given: no post-processing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace label maps that exist in --output (never an input scan or a dataset's labels)")
@@ -92,19 +94,23 @@ def check_inputs(bundle: Bundle, inputs: Sequence[Path]) -> None:
     if problems:
         lines = "\n  ".join(p.format() for p in problems)
         raise ValueError(expected("NIfTI scans the bundle can segment", key="--input",
-                                  received=Received(f"{len(problems)} problem(s) in {len(cases)} scan(s)")) + f"\n  {lines}")
+                                  received=Received(f"{len(problems)} problem(s) in {len(cases)} scan(s)"))
+                         + f"\n  {lines}")
 
 
 def export_main(argv: list[str] | None = None) -> int:
     """``predict.py export RUN_DIR``: write the deployable bundle of a trained run; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog=f"{prog_name('predict')} export",
-        description="Write a deployable bundle (weights, SavedModel, optional ONNX, OpenVINO, bundle.json) of a trained run.",
+        description="Write a deployable bundle (weights, SavedModel, optional ONNX, OpenVINO, bundle.json) of a "
+                    "trained run.",
     )
     parser.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
-                        help="trained run folder (runs/<name>); several: one ensemble bundle averaging them (needs --out)")
+                        help="trained run folder (runs/<name>); several: one ensemble bundle averaging them (needs "
+                             "--out)")
     parser.add_argument("--checkpoint", default="best", metavar="best|last|final|FILE.keras",
-                        help="best (checkpoints/best.keras, default), last (last finished epoch), final (model.keras), or a file")
+                        help="best (checkpoints/best.keras, default), last (last finished epoch), final (model.keras), "
+                             "or a file")
     parser.add_argument("--out", type=Path, metavar="DIR", help="bundle folder (default RUN_DIR/bundle)")
     parser.add_argument("--onnx", action="store_true", help='also write model.onnx (pip install "segpipe[onnx]")')
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder that segpipe wrote")
@@ -115,7 +121,8 @@ def export_main(argv: list[str] | None = None) -> int:
 
     try:
         if len(args.run_dir) == 1:
-            out = export_run(args.run_dir[0], args.out, checkpoint=args.checkpoint, onnx=args.onnx, overwrite=args.overwrite)
+            out = export_run(args.run_dir[0], args.out, checkpoint=args.checkpoint, onnx=args.onnx,
+                             overwrite=args.overwrite)
         elif args.out is None:
             raise ValueError(expected("--out DIR for an ensemble of several runs", key="--out", received=None))
         else:

@@ -122,7 +122,8 @@ def _fields(settings: Any) -> Any:
 
 
 def check_inference_classes(inference: InferenceSettings, num_classes: int) -> None:
-    """``inference.postprocess_largest_component`` must name foreground labels of the dataset (checked before training)."""
+    """``inference.postprocess_largest_component`` must name foreground labels of the dataset (checked before
+    training)."""
     try:
         inference.check_classes(num_classes)
     except SettingError as exc:

@@ -1,1 +1,2 @@
-"""Scoring segmentations: folders of predictions against references, predicting a run's validation cases, summaries, and comparisons of runs."""
+"""Scoring segmentations: folders of predictions against references, predicting a run's validation cases,
+summaries, and comparisons of runs."""

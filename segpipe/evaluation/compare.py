@@ -156,7 +156,8 @@ def check_comparable(groups: Sequence[ConfigRuns]) -> None:
             elif split != ref_split:
                 problems.append(f"{run_dir} and {ref_dir} have different splits (splits.json)")
         if folds_seen != set(ref_ids):
-            problems.append(f"{group.name} has folds {sorted(map(str, folds_seen))}, {reference.name} has {sorted(map(str, ref_ids))}")
+            problems.append(f"{group.name} has folds {sorted(map(str, folds_seen))}, {reference.name} has "
+                            f"{sorted(map(str, ref_ids))}")
     if problems:
         raise ComparisonError(expected("runs that use the same dataset and the same splits, to compare them pairwise",
                                        key="--compare", received=Received(f"{len(problems)} mismatch(es)"))
@@ -270,11 +271,13 @@ def candidate_postprocessing(run_dirs: Sequence[Path]) -> dict[str, Any]:
             config = yaml.safe_load(run.config_yaml.read_text()) or {}
         except (OSError, yaml.YAMLError):
             config = {}
-        fixed = (config.get("inference") or {}).get("postprocess_largest_component"), f"{run.config_yaml}#inference.postprocess_largest_component"
+        fixed = ((config.get("inference") or {}).get("postprocess_largest_component"),
+                 f"{run.config_yaml}#inference.postprocess_largest_component")
     if fixed is None or fixed[0] is None:
         bundle = record(run.bundle_dir / "bundle.json") or {}
         value = (bundle.get("inference") or {}).get("postprocess_largest_component")
-        fixed = (value, f"{run.bundle_dir / 'bundle.json'}#inference.postprocess_largest_component") if value is not None else fixed
+        fixed = ((value, f"{run.bundle_dir / 'bundle.json'}#inference.postprocess_largest_component")
+                 if value is not None else fixed)
     if fixed is None:
         return {"postprocess_largest_component": None, "postprocess_largest_foreground": None,
                 "chosen_on_data": False, "source": None}
@@ -362,7 +365,8 @@ def recommend(groups: Sequence[ConfigRuns], labels: Sequence[int], *, alpha: flo
 # ---------------------------------------------------------------- plots
 
 
-def plot_boxes(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names: dict[int, str], metric: str, path: Path) -> None:
+def plot_boxes(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names: dict[int, str], metric: str,
+               path: Path) -> None:
     """Box plots of ``metric`` per class (one panel each) and configuration (one box each)."""
     import matplotlib
 
@@ -381,7 +385,8 @@ def plot_boxes(groups: Sequence[ConfigRuns], labels: Sequence[int], class_names:
     _save_figure(fig, path)
 
 
-def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, str], labels: Sequence[int], path: Path) -> None:
+def plot_training_curves(groups: Sequence[ConfigRuns], class_names: dict[int, str], labels: Sequence[int],
+                         path: Path) -> None:
     """Training loss, validation loss and validation Dice per class of every run, on shared axes."""
     import matplotlib
 
@@ -448,7 +453,8 @@ def write_comparison(groups: Sequence[ConfigRuns], out_dir: Path, class_names: d
         f"{recommendation_markdown(result['recommendation'])}\n"
         f"{COMPARISON_NOTE}\n\n"
         f"{tables}\n"
-        "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n![Training curves](training_curves.png)\n"
+        "## Plots\n\n![Dice](boxplot_dice.png)\n\n![HD95](boxplot_hd95.png)\n\n"
+        "![Training curves](training_curves.png)\n"
     )
     write_text(out_dir / "report.md", report)
     write_comparison_report(out_dir, class_tables, tests=tests, reference=result["reference"],

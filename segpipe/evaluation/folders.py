@@ -129,7 +129,8 @@ def evaluate_case(
     pred, ref = mask_ignored(pred, ref, ignore_label)
     region_rows = region_case_metrics(pred, ref, regions, spacing_mm=spacing_mm,
                                       tolerance_mm=1.0 if isinstance(tolerance_mm, Mapping) else tolerance_mm)
-    region_lesions = (region_lesion_metrics(pred, ref, regions, spacing_mm=spacing_mm, min_size_mm3=lesions.min_size_mm3,
+    region_lesions = (region_lesion_metrics(pred, ref, regions, spacing_mm=spacing_mm,
+                                            min_size_mm3=lesions.min_size_mm3,
                                             dilation_vox=lesions.dilation_vox) if lesions.enabled else {})
     metrics = case_metrics(pred, ref, labels=labels, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm)
     lesion_metrics = case_lesion_metrics(pred, ref, labels=lesions.labels, spacing_mm=spacing_mm,
@@ -452,7 +453,8 @@ def _as_label_map(array: np.ndarray, path) -> np.ndarray:
         if not np.array_equal(rounded, array) or (rounded.size and rounded.min() < 0):
             raise ValueError(expected(
                 "whole non-negative label values", key="dtype", where=str(path),
-                received=Received(f"{array.dtype} with fractional or negative values"), hint="Is this a probability map?",
+                received=Received(f"{array.dtype} with fractional or negative values"),
+                hint="Is this a probability map?",
             ))
         array = rounded.astype(np.min_scalar_type(int(rounded.max(initial=0))))
     return array

@@ -169,7 +169,8 @@ class EvaluationOptions:
             if not isinstance(self.image_dir, (str, os.PathLike)):
                 raise ValueError(expected("a folder path or None", key="image_dir", received=self.image_dir))
             object.__setattr__(self, "image_dir", Path(self.image_dir))
-        if self.ignore_label is not None and not (_is_integer(self.ignore_label) and 0 < self.ignore_label <= MAX_LABEL):
+        if self.ignore_label is not None and not (_is_integer(self.ignore_label)
+                                                  and 0 < self.ignore_label <= MAX_LABEL):
             raise ValueError(expected(f"an ignore label in 1..{MAX_LABEL} or None", key="ignore_label",
                                       received=self.ignore_label))
         object.__setattr__(self, "regions", self._checked_regions())

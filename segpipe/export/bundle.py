@@ -179,8 +179,8 @@ def write_bundle(
                             regions_class_order=regions_class_order, ignore_label=ignore_label)
         meta["verification"] = verify_formats(net, tmp, files, patch_size, architecture) if verify else {"run": False}
         if verify and SEGMENT_SIGNATURE in signatures:
-            meta["verification"].update(verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size, inference,
-                                                       regions_class_order=regions_class_order))
+            meta["verification"].update(verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size,
+                                                       inference, regions_class_order=regions_class_order))
         meta.update(extra_meta or {})
         meta["manifest"] = file_manifest(tmp)
         write_json(tmp / "bundle.json", meta)  # last: its presence marks the bundle complete
@@ -234,7 +234,8 @@ def _checked_settings(preprocessing: Any, inference: InferenceSettings | Mapping
     if not isinstance(preprocessing, PreprocessSettings):
         raise TypeError(expected("a PreprocessSettings", key="preprocessing",
                                  received=Received(f"a {type(preprocessing).__name__}")))
-    inference = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_mapping(inference or {})
+    inference = (inference if isinstance(inference, InferenceSettings)
+                 else InferenceSettings.from_mapping(inference or {}))
     patch_size = tuple(int(s) for s in patch_size)
     if len(patch_size) != 3 or min(patch_size) < 1:
         raise ValueError(expected("3 positive sizes", key="patch_size", received=list(patch_size)))
@@ -261,7 +262,8 @@ def _checked_regions(net, regions: Sequence[Region] | None, regions_class_order:
                                   received=Received(repr(regions))))
     order = tuple(int(v) for v in regions_class_order or ())
     if len(order) != outputs or not all(1 <= v <= MAX_LABEL for v in order):
-        raise ValueError(expected(f"one label value in 1..{MAX_LABEL} per region ({outputs})", key="regions_class_order",
+        raise ValueError(expected(f"one label value in 1..{MAX_LABEL} per region ({outputs})",
+                                  key="regions_class_order",
                                   received=regions_class_order))
     return regions, order
 
@@ -274,7 +276,8 @@ def _checked_names(net, class_names: Sequence[str], channel_names: Sequence[str]
     class_names = [str(n) for n in class_names]
     if regions_class_order is not None:
         if len(class_names) <= max(regions_class_order):
-            raise ValueError(expected(f"a name for every label value 0..{max(regions_class_order)} (regions_class_order)",
+            raise ValueError(expected(f"a name for every label value 0..{max(regions_class_order)} "
+                                      "(regions_class_order)",
                                       key="class_names", received=class_names))
     elif len(class_names) != num_classes:
         raise ValueError(expected(f"one class name per model output channel ({num_classes})", key="class_names",
@@ -425,7 +428,8 @@ def load_run_member(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     if class_names is None:
         class_names, channel_names = _dataset_names(dataset, config.data.root, num_outputs)
     return RunMember(run.path, config, model, architecture, preprocessing, list(class_names), channel_names,
-                     {"run_dir": str(run.path.resolve()), "checkpoint": checkpoint, "model_file": str(model_path.resolve())},
+                     {"run_dir": str(run.path.resolve()), "checkpoint": checkpoint,
+                      "model_file": str(model_path.resolve())},
                      regions=regions, regions_class_order=dataset.regions_class_order if regions else None,
                      ignore_label=dataset.ignore_label if dataset is not None else None)
 

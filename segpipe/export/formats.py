@@ -18,7 +18,8 @@ def write_model_files(net, folder: Path, *, keras_weights: bool, onnx: bool, ope
                       not_written: dict[str, str], preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
                       inference: InferenceSettings, regions_class_order: Sequence[int] | None = None
                       ) -> tuple[dict[str, str], list[str]]:
-    """Every model file of the bundle into ``folder``; returns ``files`` (format -> path) and the SavedModel's signatures.
+    """Every model file of the bundle into ``folder``; returns ``files`` (format -> path) and the SavedModel's
+    signatures.
 
     ``regions_class_order``: a region network's label value per region, for the ``segment`` signature."""
     import tensorflow as tf
@@ -29,7 +30,8 @@ def write_model_files(net, folder: Path, *, keras_weights: bool, onnx: bool, ope
         net.save_weights(folder / FILES["keras"])
         files = {"keras": FILES["keras"], **files}
     signature = [tf.TensorSpec((None, None, None, None, in_channels), tf.float32, name=INPUT_NAME)]
-    signatures = write_savedmodel(net, folder / FILES["savedmodel"], signature, segment=segment, not_written=not_written,
+    signatures = write_savedmodel(net, folder / FILES["savedmodel"], signature, segment=segment,
+                                  not_written=not_written,
                                   preprocessing=preprocessing, patch_size=patch_size, inference=inference,
                                   regions_class_order=regions_class_order)
     if onnx:

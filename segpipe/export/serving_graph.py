@@ -399,7 +399,8 @@ def _normalize(x, nonzero, scheme: str, settings: PreprocessSettings, channel: i
         values = tf.cast(tf.boolean_mask(x, nonzero), tf.float64)
         count = tf.size(values)
         mean = tf.cond(count > 0, lambda: tf.reduce_mean(values), lambda: tf.constant(0.0, tf.float64))
-        std = tf.cond(count > 0, lambda: tf.sqrt(tf.reduce_mean(tf.square(values - mean))), lambda: tf.constant(1.0, tf.float64))
+        std = tf.cond(count > 0, lambda: tf.sqrt(tf.reduce_mean(tf.square(values - mean))),
+                      lambda: tf.constant(1.0, tf.float64))
         z = (x - tf.cast(mean, tf.float32)) / tf.cast(tf.maximum(std, 1e-8), tf.float32)
         return tf.where(nonzero, z, 0.0)
     if scheme == "ct":

@@ -1,1 +1,2 @@
-"""Inference: settings, reading bundles and loading their network per runtime, the sliding window, segmenting scans, post-processing."""
+"""Inference: settings, reading bundles and loading their network per runtime, the sliding window, segmenting
+scans, post-processing."""

@@ -28,8 +28,9 @@ Layout (version 2)::
     BUNDLE/
       .segpipe           segpipe's marker (a folder segpipe created and may replace)
       bundle.json        classes, channels, preprocessing, orientation, patch size, inference
-                         settings, regions (optional), the output activation, the network's architecture (builder arguments), the file manifest
-                         (size and SHA-256 of every file), versions, provenance
+                         settings, regions (optional), the output activation, the network's
+                         architecture (builder arguments), the file manifest (size and
+                         SHA-256 of every file), versions, provenance
       model.weights.h5   the network's weight arrays (Keras); the network is rebuilt from
                          ``architecture`` with segpipe's own builders
       savedmodel/        TensorFlow SavedModel (``serving_default`` and ``segment`` signatures)
@@ -250,10 +251,11 @@ def _check_format(fields: _BundleFields) -> None:
 def _read_classes(fields: _BundleFields) -> list[dict[str, Any]]:
     classes = fields.get("classes", list, "a list of {'value': int, 'name': str}")
     if not 2 <= len(classes) <= MAX_CLASSES or any(
-        not isinstance(c, dict) or c.get("value") != i or not isinstance(c.get("name"), str) for i, c in enumerate(classes)
+        not isinstance(c, dict) or c.get("value") != i or not isinstance(c.get("name"), str) 
+        for i, c in enumerate(classes)
     ):
-        raise BundleError(expected(f"2 to {MAX_CLASSES} entries {{'value': i, 'name': str}} with values 0, 1, 2, ... in order",
-                                   key="classes", received=classes, where=fields.where))
+        raise BundleError(expected(f"2 to {MAX_CLASSES} entries {{'value': i, 'name': str}} with values 0, 1, 2, ... "
+                                   "in order", key="classes", received=classes, where=fields.where))
     return classes
 
 
@@ -288,7 +290,8 @@ def _read_regions(fields: _BundleFields, num_classes: int
     for k, entry in enumerate(raw):
         name, values = (entry.get("name"), entry.get("values")) if isinstance(entry, dict) else (None, None)
         if (not isinstance(entry, dict) or set(entry) != {"name", "values"} or not isinstance(name, str)
-                or not 0 < len(name) <= MAX_NAME_CHARS or not isinstance(values, list) or not 1 <= len(values) <= MAX_LABEL
+                or not 0 < len(name) <= MAX_NAME_CHARS or not isinstance(values, list)
+                or not 1 <= len(values) <= MAX_LABEL
                 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LABEL for v in values)):
             raise BundleError(expected(what, key=f"regions[{k}]", received=entry, where=fields.where))
         regions.append(Region(name, tuple(values)))
@@ -320,7 +323,8 @@ def _read_channels(fields: _BundleFields) -> tuple[int, list[Any]]:
     """``input_channels`` and ``channel_names`` (default ``channel_<i>``), one name per channel."""
     input_channels = fields.get("input_channels", int, "a positive integer")
     if not 1 <= input_channels <= MAX_CHANNELS:
-        raise BundleError(expected(f"an integer from 1 to {MAX_CHANNELS}", key="input_channels", received=input_channels, where=fields.where))
+        raise BundleError(expected(f"an integer from 1 to {MAX_CHANNELS}", key="input_channels",
+                                   received=input_channels, where=fields.where))
     channel_names = fields.meta.get("channel_names") or [f"channel_{i}" for i in range(input_channels)]
     if not isinstance(channel_names, list) or len(channel_names) != input_channels:
         raise BundleError(expected(f"{input_channels} names (one per input channel)", key="channel_names",
@@ -346,7 +350,8 @@ def _read_preprocessing(fields: _BundleFields) -> PreprocessSettings:
     low, high = SPACING_RANGE_MM
     spacing = preprocessing.target_spacing_mm
     if spacing is not None and not all(low <= s <= high for s in spacing):
-        raise BundleError(expected(f"3 voxel sizes from {low} to {high} mm (or null)", key="preprocessing.target_spacing_mm",
+        raise BundleError(expected(f"3 voxel sizes from {low} to {high} mm (or null)",
+                                   key="preprocessing.target_spacing_mm",
                                    received=list(spacing), where=fields.where))
     return preprocessing
 
@@ -393,11 +398,13 @@ def _read_files(fields: _BundleFields) -> dict[str, str]:
 def _check_files_in_manifest(fields: _BundleFields, files: Mapping[str, str], manifest: Mapping[str, Any]) -> None:
     """Every model file ``files`` names is one the manifest lists (a folder format: its marker files)."""
     for fmt, name in files.items():
-        needed = {"savedmodel": [f"{name}/saved_model.pb"], "openvino": [name, name[: -len(".xml")] + ".bin"]}.get(fmt, [name])
+        needed = {"savedmodel": [f"{name}/saved_model.pb"],
+                  "openvino": [name, name[: -len(".xml")] + ".bin"]}.get(fmt, [name])
         missing = [n for n in needed if n not in manifest]
         if missing:
             raise BundleError(expected("every model file bundle.json lists, in its manifest", key=f"files.{fmt}",
-                                       received=Received(f"{name} ({missing[0]} is not in the manifest; incomplete bundle?)"),
+                                       received=Received(f"{name} ({missing[0]} is not in the manifest; incomplete "
+                                                         "bundle?)"),
                                        where=fields.where))
 
 

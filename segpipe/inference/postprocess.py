@@ -131,6 +131,7 @@ def apply_largest_component_steps(
     >>> apply_largest_component_steps(labels, largest_foreground=True)[:, 0, 0].tolist()
     [0, 0, 1, 2, 0, 0, 0]
     """
-    out = keep_largest_foreground_component(labels, connectivity=connectivity) if largest_foreground else np.array(labels)
+    out = (keep_largest_foreground_component(labels, connectivity=connectivity) if largest_foreground
+           else np.array(labels))
     classes = list(classes)
     return keep_largest_component(out, classes, connectivity=connectivity) if classes else out

@@ -314,7 +314,8 @@ def load_onnx(path: Path, threads: int | None = None) -> tuple[PredictFn, tuple[
     return predict_onnx, (session.get_inputs()[0].shape[-1], session.get_outputs()[0].shape[-1])
 
 
-def load_openvino(path: Path, *, precision: str = "f32", threads: int | None = None) -> tuple[PredictFn, tuple[Any, Any]]:
+def load_openvino(path: Path, *, precision: str = "f32",
+                  threads: int | None = None) -> tuple[PredictFn, tuple[Any, Any]]:
     """An OpenVINO CPU predictor; ``precision`` ``"f32"`` (exact) or ``"bf16"`` (bfloat16 compute).
 
     OpenVINO's CPU plugin picks bfloat16 by itself on CPUs with AMX or AVX-512 BF16, so the

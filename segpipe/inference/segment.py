@@ -81,7 +81,8 @@ def segment_volume(
 
     Args:
         predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
-            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or :func:`segpipe.inference.runtimes.load_predictor`.
+            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or
+            :func:`segpipe.inference.runtimes.load_predictor`.
         image: the raw scan, in its own orientation and spacing.
         affine: its voxel-to-world affine.
         preprocessing: the training preprocessing.
@@ -280,7 +281,8 @@ def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], input_ch
                                              received=Received(f"{item} (no such file or folder)")))
     if not paths:
         shown = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(str(i) for i in inputs)
-        raise FileNotFoundError(expected("NIfTI files (.nii, .nii.gz)", key="input", received=Received(f"{shown} (has none)")))
+        raise FileNotFoundError(expected("NIfTI files (.nii, .nii.gz)", key="input",
+                                         received=Received(f"{shown} (has none)")))
 
     groups: dict[str, dict[int, Path]] = {}
     singles: list[Path] = []
@@ -333,8 +335,9 @@ def predict_files(
         overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
             inference settings (``None`` keeps them).
         save_probabilities: also write the per-class probabilities (X, Y, Z, C) on the scan's grid
-            (an ensemble's: the members' average; a region bundle's: one channel per region), as ``"nifti"`` (or True): ``CASE_probabilities.nii.gz``,
-            or ``"npz"``: ``CASE_probabilities.npz`` (:func:`write_probabilities`).
+            (an ensemble's: the members' average; a region bundle's: one channel per region), as ``"nifti"``
+            (or True): ``CASE_probabilities.nii.gz``, or ``"npz"``: ``CASE_probabilities.npz``
+            (:func:`write_probabilities`).
         probabilities_dtype: ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
         progress: progress bars over cases and windows.
         trust_bundle: allow a format that can run code (``savedmodel``); only for a bundle from a
@@ -390,11 +393,13 @@ def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarra
     ``.nii.gz``: a 4-D image with the scan's affine, channel c = class c; NIfTI-1 has no float16, so
     ``dtype="float16"`` stores 16-bit unsigned integers with the header's scale factor (about
     1/65535: finer than float16, read back as floating point).
-    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C) in ``dtype``, ``affine`` (4×4 float64) and ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of
-    stored probabilities can differ from the label map only where two classes are within that.
+    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C) in ``dtype``, ``affine`` (4×4 float64) and
+    ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of stored
+    probabilities can differ from the label map only where two classes are within that.
     """
     if not path.name.endswith(".npz"):
-        write_nifti(path, np.asarray(probabilities, np.float32), affine, dtype=np.uint16 if dtype == "float16" else None)
+        write_nifti(path, np.asarray(probabilities, np.float32), affine,
+                    dtype=np.uint16 if dtype == "float16" else None)
         return path
     array = np.asarray(probabilities).astype(dtype, copy=False)
     with explain_write_errors(path), atomic_path(path) as tmp:

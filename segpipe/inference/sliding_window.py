@@ -18,9 +18,9 @@ of the whole-volume float32 Σ w·p and Σ w of a naive blend (4·(C + 1) bytes 
 :func:`batch_size_for_memory` sizes the windows per call to a memory budget.
 
 The options (overlap, mirroring, windows per call, Gaussian σ) come as one
-:class:`segpipe.inference.settings.InferenceSettings`, which validates them. Everything here is NumPy; the network is any callable mapping a float32 batch
-(B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C), so Keras, a SavedModel, ONNX Runtime and
-OpenVINO run through the same code (see :mod:`segpipe.inference.runtimes`).
+:class:`segpipe.inference.settings.InferenceSettings`, which validates them. Everything here is NumPy;
+the network is any callable mapping a float32 batch (B, X, Y, Z, Cin) to probabilities (B, X, Y, Z, C),
+so Keras, a SavedModel, ONNX Runtime and OpenVINO run through the same code (see :mod:`segpipe.inference.runtimes`).
 """
 from __future__ import annotations
 

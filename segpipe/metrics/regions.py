@@ -41,7 +41,8 @@ def mask_ignored(pred: np.ndarray, ref: np.ndarray, ignore_label: int | None) ->
     if ignore_label is None:
         return pred, ref
     ignored = np.asarray(ref) == ignore_label
-    return np.where(ignored, 0, pred).astype(np.asarray(pred).dtype), np.where(ignored, 0, ref).astype(np.asarray(ref).dtype)
+    return (np.where(ignored, 0, pred).astype(np.asarray(pred).dtype),
+            np.where(ignored, 0, ref).astype(np.asarray(ref).dtype))
 
 
 def region_mask(labels: np.ndarray, region: Region) -> np.ndarray:

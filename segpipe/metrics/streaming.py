@@ -51,8 +51,8 @@ class PerClassDice(keras.metrics.Metric):
     (probabilities) and ``y_true_c >= 0.5``; every region is reported and ``fg_mean`` is their mean.
 
     ``update_state(y_true, y_pred)`` takes one-hot ``y_true`` (optionally with the ignore-mask
-    channel) and probabilities/logits ``y_pred`` (channels last, any rank >= 3). If ``y_pred`` (or ``y_true``) is a list or
-    tuple, e.g. deep-supervision outputs, only the first (full-resolution) element is used.
+    channel) and probabilities/logits ``y_pred`` (channels last, any rank >= 3). If ``y_pred`` (or
+    ``y_true``) is a list or tuple, e.g. deep-supervision outputs, only the first (full-resolution) element is used.
     ``sample_weight`` is not supported.
     """
 

@@ -49,7 +49,8 @@ _BOOL_ARGS = ("deep_supervision",)
 
 def architecture_from_model_config(model_config: Any, *, in_channels: int, num_classes: int,
                                    output: str | None = None) -> dict[str, Any]:
-    """The description of the network a ``model`` config section builds (see :class:`segpipe.config.schema.ModelConfig`).
+    """The description of the network a ``model`` config section builds (see
+    :class:`segpipe.config.schema.ModelConfig`).
 
     Parameters
     ----------
@@ -107,15 +108,18 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
     if isinstance(spec, Mapping) and spec.get("builder") == ENSEMBLE:
         return _check_ensemble(spec, where, _expected)
     if not isinstance(spec, Mapping):
-        raise ValueError(_expected("", "a mapping with builder, in_channels, num_classes and args", Received(type(spec).__name__)))
+        raise ValueError(_expected("", "a mapping with builder, in_channels, num_classes and args",
+                                   Received(type(spec).__name__)))
     unknown = sorted(set(spec) - {"builder", "in_channels", "num_classes", "args"})
     if unknown:
         raise ValueError(_expected(unknown[0], "only the keys builder, in_channels, num_classes, args", sorted(spec)))
     if spec.get("builder") not in BUILDERS:
         raise ValueError(_expected("builder", f"one of {list(BUILDERS)}", spec.get("builder")))
     out: dict[str, Any] = {"builder": spec["builder"],
-                           "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", _expected),
-                           "num_classes": _bounded_int(spec.get("num_classes"), 1, MAX_CLASSES, "num_classes", _expected)}
+                           "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels",
+                                                       _expected),
+                           "num_classes": _bounded_int(spec.get("num_classes"), 1, MAX_CLASSES, "num_classes",
+                                                       _expected)}
     args = spec.get("args")
     if not isinstance(args, Mapping):
         raise ValueError(_expected("args", "a mapping of builder arguments", Received(type(args).__name__)))
@@ -123,7 +127,8 @@ def check_architecture(spec: Any, *, where: str | None = None) -> dict[str, Any]
     allowed -= {"convs_per_stage"} if out["builder"] == "resenc_unet" else {"blocks_per_stage"}
     unknown = sorted(set(args) - allowed)
     if unknown:
-        raise ValueError(_expected(f"args.{unknown[0]}", f"arguments of {out['builder']} among {sorted(allowed)}", unknown[0]))
+        raise ValueError(_expected(f"args.{unknown[0]}", f"arguments of {out['builder']} among {sorted(allowed)}",
+                                   unknown[0]))
     checked: dict[str, Any] = {}
     for key, value in args.items():
         name = f"args.{key}"
@@ -165,21 +170,25 @@ def _check_ensemble(spec: Mapping[str, Any], where: str | None, _expected) -> di
     """An ensemble: 2 to :data:`MAX_MEMBERS` single networks with the same channels and classes."""
     unknown = sorted(set(spec) - {"builder", "in_channels", "num_classes", "members"})
     if unknown:
-        raise ValueError(_expected(unknown[0], "only the keys builder, in_channels, num_classes, members", sorted(spec)))
+        raise ValueError(_expected(unknown[0], "only the keys builder, in_channels, num_classes, members",
+                                   sorted(spec)))
     members = spec.get("members")
     if not isinstance(members, list) or not 2 <= len(members) <= MAX_MEMBERS:
         raise ValueError(_expected("members", f"a list of 2 to {MAX_MEMBERS} networks",
-                                   Received(f"{type(members).__name__} of {len(members) if isinstance(members, list) else '?'}")))
+                                   Received(f"{type(members).__name__} of "
+                                            f"{len(members) if isinstance(members, list) else '?'}")))
     out = {"builder": ENSEMBLE,
            "in_channels": _bounded_int(spec.get("in_channels"), 1, MAX_CHANNELS, "in_channels", _expected),
            "num_classes": _bounded_int(spec.get("num_classes"), 1, MAX_CLASSES, "num_classes", _expected)}
     checked = []
     for k, member in enumerate(members):
         if isinstance(member, Mapping) and member.get("builder") == ENSEMBLE:
-            raise ValueError(_expected(f"members.{k}.builder", f"one of {list(BUILDERS)} (no nested ensembles)", ENSEMBLE))
+            raise ValueError(_expected(f"members.{k}.builder", f"one of {list(BUILDERS)} (no nested ensembles)",
+                                       ENSEMBLE))
         member = check_architecture(member, where=where)
         if (member["in_channels"], member["num_classes"]) != (out["in_channels"], out["num_classes"]):
-            raise ValueError(_expected(f"members.{k}", f"{out['in_channels']} input channel(s) and {out['num_classes']} "
+            raise ValueError(_expected(f"members.{k}",
+                                       f"{out['in_channels']} input channel(s) and {out['num_classes']} "
                                        "classes, as the ensemble", Received(f"in_channels={member['in_channels']}, "
                                                                             f"num_classes={member['num_classes']}")))
         checked.append(member)

@@ -71,7 +71,8 @@ def wrap_optimizer(optimizer: keras.optimizers.Optimizer, precision: str) -> ker
     LossScaleOptimizer divides them again, skips a step whose gradients are not finite and halves
     the scale (doubling it after 2000 finite steps), so a float16 overflow costs one step, not the run.
     """
-    if resolve_precision(precision) == "mixed_float16" and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    if (resolve_precision(precision) == "mixed_float16"
+            and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 

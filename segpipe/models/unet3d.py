@@ -75,20 +75,24 @@ def _residual_stage(x, filters: int, norm: str, name: str, stride, sync_batch_no
     the shape or width changes. Stage 0 starts with a stem convolution to ``filters`` channels.
     """
     if stem:
-        x = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{name}_stem", dtype=dtype, **(init or {}))(x)
+        x = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{name}_stem",
+                          dtype=dtype, **(init or {}))(x)
         x = _norm(x, norm, f"{name}_stem", sync_batch_norm, dtype)
         x = layers.LeakyReLU(negative_slope=0.01, name=f"{name}_stem_act", dtype=dtype)(x)
     for b in range(blocks):
         block = f"{name}_block{b}"
         s = stride if b == 0 else 1
-        y = layers.Conv3D(filters, kernel_size, strides=s, padding="same", use_bias=norm == "none", name=f"{block}_conv0", dtype=dtype, **(init or {}))(x)
+        y = layers.Conv3D(filters, kernel_size, strides=s, padding="same", use_bias=norm == "none",
+                          name=f"{block}_conv0", dtype=dtype, **(init or {}))(x)
         y = _norm(y, norm, f"{block}_0", sync_batch_norm, dtype)
         y = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act0", dtype=dtype)(y)
-        y = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{block}_conv1", dtype=dtype, **(init or {}))(y)
+        y = layers.Conv3D(filters, kernel_size, padding="same", use_bias=norm == "none", name=f"{block}_conv1",
+                          dtype=dtype, **(init or {}))(y)
         y = _norm(y, norm, f"{block}_1", sync_batch_norm, dtype)
         skip = x
         if s not in (1, (1, 1, 1)) or x.shape[-1] != filters:
-            skip = layers.Conv3D(filters, 1, strides=s, use_bias=False, name=f"{block}_skip", dtype=dtype, **(init or {}))(x)
+            skip = layers.Conv3D(filters, 1, strides=s, use_bias=False, name=f"{block}_skip", dtype=dtype,
+                                 **(init or {}))(x)
             skip = _norm(skip, norm, f"{block}_skip", sync_batch_norm, dtype)
         x = layers.Add(name=f"{block}_add", dtype=dtype)([y, skip])
         x = layers.LeakyReLU(negative_slope=0.01, name=f"{block}_act1", dtype=dtype)(x)
@@ -166,7 +170,8 @@ def build_unet3d(
     for key, value, choices in (("output", output, OUTPUTS), ("norm", norm, NORMS), ("init", init, INITS)):
         if value not in choices:
             raise SettingError(key, f"one of {list(choices)}", value)
-    for key, value, low in (("depth", depth, 1), ("in_channels", in_channels, 1), ("num_classes", num_classes, 1 if output == "sigmoid" else 2),
+    for key, value, low in (("depth", depth, 1), ("in_channels", in_channels, 1),
+                            ("num_classes", num_classes, 1 if output == "sigmoid" else 2),
                             ("base_filters", base_filters, 1), ("convs_per_stage", convs_per_stage, 1),
                             ("decoder_convs", 1 if decoder_convs is None else decoder_convs, 1)):
         if value < low:
@@ -194,7 +199,8 @@ def build_unet3d(
     x = inputs
     for level, f in enumerate(filters):
         if blocks_per_stage is None:
-            x = _conv_block(x, f, norm, f"enc{level}", first_stride=stage_strides[level], sync_batch_norm=sync_batch_norm,
+            x = _conv_block(x, f, norm, f"enc{level}", first_stride=stage_strides[level],
+                            sync_batch_norm=sync_batch_norm,
                             kernel_size=kernels[level], convs=convs_per_stage, init=kernel_init, dtype=dtype)
         else:
             x = _residual_stage(x, f, norm, f"enc{level}", stage_strides[level], sync_batch_norm,

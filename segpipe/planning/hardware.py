@@ -12,7 +12,8 @@ from segpipe.planning.planner import Hardware
 GIB = 2**30
 CPU_MAX_BUDGET = 8 * GIB  # nnU-Net's default target; a CPU step that large would take minutes anyway
 GPU_DEFAULT_BUDGET = 8 * GIB  # nnU-Net's default GPU memory target
-GPU_USABLE_SHARE = 0.85  # of a smaller device's memory: the CUDA context, cuDNN workspaces and fragmentation take the rest
+# of a smaller device's memory: the CUDA context, cuDNN workspaces and fragmentation take the rest
+GPU_USABLE_SHARE = 0.85
 
 
 def available_ram_bytes() -> int:
@@ -138,7 +139,8 @@ def supported_precisions(device: str, *, flags: set[str] | None = None,
     capability = gpu_compute_capability() if compute_capability is None else compute_capability
     if capability is None:
         return ("float32",), "the GPU's compute capability was not read (nvidia-smi)"
-    precisions = ["float32"] + (["mixed_bfloat16"] if capability >= 8.0 else []) + (["mixed_float16"] if capability >= 7.0 else [])
+    precisions = (["float32"] + (["mixed_bfloat16"] if capability >= 8.0 else [])
+                  + (["mixed_float16"] if capability >= 7.0 else []))
     return tuple(precisions), f"GPU compute capability {capability:g} (bf16 from 8.0, fp16 from 7.0)"
 
 

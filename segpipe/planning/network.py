@@ -88,7 +88,8 @@ def pool_and_kernels(
     (((1, 1, 1), (2, 2, 1), (2, 2, 2)), ((3, 3, 1), (3, 3, 3)))
     """
     if len(patch_size) != 3 or len(spacing_mm) != 3 or min(spacing_mm) <= 0:
-        raise ValueError(f"Expected 3 sizes and 3 positive spacings. Received: patch_size={list(patch_size)}, spacing_mm={list(spacing_mm)}")
+        raise ValueError(f"Expected 3 sizes and 3 positive spacings. Received: patch_size={list(patch_size)}, "
+                         f"spacing_mm={list(spacing_mm)}")
     spacing = [float(s) for s in spacing_mm]
     size = [float(s) for s in patch_size]
     pools = [0, 0, 0]
@@ -149,7 +150,8 @@ def unet_spec(topology: Topology, in_channels: int, num_classes: int, *, base: i
         return NetworkSpec(in_channels, num_classes, features, (convs_per_stage,) * n, convs_per_stage)
     blocks = list(blocks_per_stage)[:n]
     if len(blocks) < n:
-        raise ValueError(f"Expected a block count for each of {n} stages. Received: blocks_per_stage={list(blocks_per_stage)}")
+        raise ValueError(f"Expected a block count for each of {n} stages. Received: "
+                         f"blocks_per_stage={list(blocks_per_stage)}")
     # stage 0 has a stem convolution; every residual block has two 3x3x3 convs (and a 1x1x1 skip
     # projection where the shape changes, counted as one more feature map)
     convs = tuple(2 * b + 1 for b in blocks)
@@ -231,7 +233,8 @@ def estimate_training_memory(topology: Topology, spec: NetworkSpec, batch_size: 
 # ----------------------------------------------------------------------------------- patch
 
 
-def initial_patch_size(spacing_mm: Sequence[float], median_shape: Sequence[float], *, max_voxels: float = 256**3) -> list[int]:
+def initial_patch_size(spacing_mm: Sequence[float], median_shape: Sequence[float], *,
+                       max_voxels: float = 256**3) -> list[int]:
     """A patch proportional to 1/spacing (equal extent in mm) of ``max_voxels`` voxels, clipped to the median shape.
 
     nnU-Net starts from 256³ voxels (deliberately too large, then shrinks to fit memory).
@@ -290,7 +293,8 @@ def fit_patch(
         # step by the divisor the smaller patch will need (a smaller patch may pool less often)
         trial = list(patch)
         trial[axis] -= topo.divisor[axis]
-        step = pool_and_kernels(trial, spacing_mm, max_stages=max_stages).divisor[axis] if trial[axis] > 0 else topo.divisor[axis]
+        step = (pool_and_kernels(trial, spacing_mm, max_stages=max_stages).divisor[axis] if trial[axis] > 0
+                else topo.divisor[axis])
         patch[axis] -= step
         if patch[axis] < 1 or min(patch) < 1:
             what = budget_text or f"{budget_bytes / 2**30:.2f} GiB"
@@ -300,10 +304,12 @@ def fit_patch(
                                           f"(estimate {memory / 2**30:.2f} GiB)")))
         topo, spec, memory = build(patch)
         shrunk.append((axis, topo.patch_size[axis]))
-    return PatchPlan(topo, spec, memory, tuple(shrunk), _patch_reason(start, topo, shrunk, median, budget_text or f"{budget_bytes / 2**30:.1f} GiB"))
+    return PatchPlan(topo, spec, memory, tuple(shrunk),
+                     _patch_reason(start, topo, shrunk, median, budget_text or f"{budget_bytes / 2**30:.1f} GiB"))
 
 
-def _patch_reason(start: Sequence[int], topo: Topology, shrunk: Sequence[tuple[int, int]], median: np.ndarray, budget: str) -> str:
+def _patch_reason(start: Sequence[int], topo: Topology, shrunk: Sequence[tuple[int, int]], median: np.ndarray,
+                  budget: str) -> str:
     text = f"{shape_text(topo.patch_size)}: "
     if list(start) == [round(m) for m in median]:
         text += f"the median shape {shape_text(median)} at target spacing"
@@ -326,5 +332,6 @@ def topology_reasons(topology: Topology, spacing_mm: Sequence[float]) -> list[st
         ratio = spacing / spacing.min()
         flat = [("xyz"[a], ratio[a]) for a in range(3) if kernel[a] == 1]
         why = ", ".join(f"{ax} spacing {r:.1f}× the finest" for ax, r in flat) or "all spacings within 2× of the finest"
-        lines.append(f"stage {s}: kernel {shape_text(kernel)}, stride {shape_text(stride)} ({why}; spacing {shape_text(spacing, 2)} mm)")
+        lines.append(f"stage {s}: kernel {shape_text(kernel)}, stride {shape_text(stride)} ({why}; spacing "
+                     f"{shape_text(spacing, 2)} mm)")
     return lines

@@ -28,7 +28,8 @@ KEY_REASONS = {
 
 
 def apply_plan(config: dict[str, Any], plan: Plan, *, keep: set[str] = frozenset()) -> dict[str, Any]:
-    """``config`` (a nested dict) with the plan's keys set, except the dotted keys in ``keep`` (explicit settings win)."""
+    """``config`` (a nested dict) with the plan's keys set, except the dotted keys in ``keep`` (explicit settings
+    win)."""
     out = _copy(config)
     for key, value in plan.config.items():
         # an explicit key wins over a planned key it lies in or under (loss.name=... keeps the user's loss)
@@ -130,7 +131,8 @@ def budget_line(report: dict[str, Any]) -> str:
     """One printed line of :func:`budget_report`: each part's measured against predicted minutes."""
     def minutes(part: str) -> str:
         values = report["parts"][part]
-        fmt = [f"{v / 60:.1f}" if isinstance(v, (int, float)) else "?" for v in (values["measured"], values["predicted"])]
+        fmt = [f"{v / 60:.1f}" if isinstance(v, (int, float)) else "?"
+               for v in (values["measured"], values["predicted"])]
         return f"{fmt[0]} (planned {fmt[1]})"
 
     return (f"Time budget: {minutes('command_seconds')} min in all"

@@ -306,6 +306,7 @@ def plan_schedule(
                                   key="train.time_budget_minutes", received=budget_minutes))
     used = epochs * (steps * step_seconds + validation_seconds) + final_seconds + overhead_seconds
     return Choice({"epochs": epochs, "steps_per_epoch": steps},
-                  f"{epochs} × {steps} steps at {step_seconds:.2f} s + {validation_seconds:.0f} s validation per epoch, "
+                  f"{epochs} × {steps} steps at {step_seconds:.2f} s + {validation_seconds:.0f} s "
+                  "validation per epoch, "
                   f"{final_seconds / 60:.1f} min final evaluation, {overhead_seconds / 60:.1f} min overhead: "
                   f"{used / 60:.1f} of {budget_minutes:g} min")

@@ -38,9 +38,11 @@ def build_from_keys(keys: dict[str, Any], in_channels: int, num_classes: int):
     kwargs = dict(depth=keys["model.depth"], base_filters=keys["model.base_filters"],
                   max_filters=keys.get("model.max_filters", 320), norm=keys.get("model.norm", "batch"),
                   strides=keys.get("model.strides"), kernel_sizes=keys.get("model.kernel_sizes"),
-                  init=keys.get("model.init", "glorot_uniform"), dtype=model_dtype(keys.get("train.precision", "float32")))
+                  init=keys.get("model.init", "glorot_uniform"), 
+                  dtype=model_dtype(keys.get("train.precision", "float32")))
     if keys.get("model.name", "unet3d") == "resenc_unet":
-        return build_resenc_unet(in_channels, num_classes, blocks_per_stage=keys.get("model.blocks_per_stage"), **kwargs)
+        return build_resenc_unet(in_channels, num_classes, blocks_per_stage=keys.get("model.blocks_per_stage"),
+                                 **kwargs)
     return build_unet3d(in_channels, num_classes, **kwargs)
 
 
@@ -111,18 +113,22 @@ def compile_from_keys(keys: dict[str, Any]):
     model = build_from_keys(keys, int(keys["_in_channels"]), num_classes)
     loss = get_loss(keys.get("loss") or {"terms": [{"name": "dice", "weight": 1.0, "include_background": False},
                                                    {"name": "ce", "weight": 1.0}]}, num_classes=num_classes)
-    model.compile(optimizer=wrap_optimizer(keras.optimizers.Adam(1e-3), keys.get("train.precision", "float32")), loss=loss)
+    model.compile(optimizer=wrap_optimizer(keras.optimizers.Adam(1e-3), keys.get("train.precision", "float32")),
+                  loss=loss)
     return model
 
 
-def time_steps(keys: dict[str, Any], *, timeout: float = 900, module: str = "segpipe.planning.timing") -> dict[str, Any]:
+def time_steps(keys: dict[str, Any], *, timeout: float = 900,
+               module: str = "segpipe.planning.timing") -> dict[str, Any]:
     """Run :func:`worker` in a subprocess (the planner's ``step_timer``); ``module``: another worker module
     that reads one JSON job on stdin and prints one JSON line (:mod:`segpipe.training.case_timing`)."""
     proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(keys),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(expected("a timing subprocess that exits 0", key="data.patch_size",
-                                    received=keys.get("data.patch_size", (keys.get("keys") or {}).get("data.patch_size")), hint="It failed:") + f"\n{proc.stderr[-2000:]}")
+                                    received=keys.get("data.patch_size",
+                                                      (keys.get("keys") or {}).get("data.patch_size")),
+                                    hint="It failed:") + f"\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -21,10 +21,10 @@ from segpipe.planning.timing import STEPS, WARMUP, build_from_keys, compile_from
 def case_worker(job: dict[str, Any]) -> dict[str, Any]:
     """Predict one case the way the final evaluation does, timing each part (in the timing subprocess).
 
-    ``job``: ``keys`` (the network, as :func:`segpipe.planning.timing.worker`), ``root`` and ``layout`` of the dataset, ``case_id``,
-    ``preprocessing`` (:meth:`PreprocessSettings.to_dict`) and ``inference`` (settings mapping). The
-    network is built untrained (its weights do not change the time), warmed up on one window, then:
-    preprocessing of the raw case, sliding-window prediction with blending and the mapping back onto
+    ``job``: ``keys`` (the network, as :func:`segpipe.planning.timing.worker`), ``root`` and ``layout`` of the
+    dataset, ``case_id``, ``preprocessing`` (:meth:`PreprocessSettings.to_dict`) and ``inference``
+    (settings mapping). The network is built untrained (its weights do not change the time), warmed up on one
+    window, then: preprocessing of the raw case, sliding-window prediction with blending and the mapping back onto
     the original grid (:func:`segpipe.inference.segment.segment_preprocessed`, as ``evaluate.py``),
     and writing the label map. The network's own share is the time inside its predict calls.
     """
@@ -102,7 +102,8 @@ def _loop_steps(job: dict[str, Any], keys: dict[str, Any], case: Any, settings: 
     with tempfile.TemporaryDirectory() as folder:
         cached = build_cache(dataclasses.replace(dataset, cases=[case]), folder, settings, progress=False)
         sampler = PatchSampler(cached, [int(p) for p in keys["data.patch_size"]],
-                               foreground_fraction=float(loop["foreground_fraction"]), batch_size=int(loop["batch_size"]),
+                               foreground_fraction=float(loop["foreground_fraction"]),
+                               batch_size=int(loop["batch_size"]),
                                augmenter=Augmenter(AugmentSettings.from_dict(loop.get("augment"))), seed=0)
         batches = iter(train_dataset(sampler, num_classes, num_workers=int(loop.get("num_workers", 2))))
         times = []

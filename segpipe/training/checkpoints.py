@@ -77,7 +77,8 @@ def check_writable(run_dir: str | os.PathLike) -> Path:
             os.fsync(probe.fileno())
     except OSError as exc:
         raise StorageError(expected("a writable directory for the run", key="output_dir",
-                                    received=Received(f"{run_dir} (cannot write {existing}: {exc.strerror or exc})"))) from exc
+                                    received=Received(f"{run_dir} (cannot write {existing}: "
+                                                      f"{exc.strerror or exc})"))) from exc
     return existing
 
 
@@ -304,7 +305,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.epoch_times.append({"epoch": epoch + 1, "seconds": round(time.monotonic() - self._epoch_start, 3)})
         value = logs.get(self.monitor)
         if value is None:
-            raise KeyError(expected(f"one of the logged values {sorted(logs)}", key="train.monitor", received=self.monitor))
+            raise KeyError(expected(f"one of the logged values {sorted(logs)}", key="train.monitor",
+                                    received=self.monitor))
         improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if improved and not math.isnan(value):
             self.best = value

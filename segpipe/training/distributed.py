@@ -347,7 +347,8 @@ def check_same_on_all_workers(
         raise ConfigError(expected(
             f"every worker of train.distribute=multi_worker to start from the same {what}", key=worker.name,
             received=Received(f"{values.tolist()}, a different value elsewhere"),
-            hint="On resume every worker reads the chief's run directory: put output_dir on a file system they all share.",
+            hint="On resume every worker reads the chief's run directory: put output_dir on a "
+                 "file system they all share.",
         ))
 
 

@@ -63,8 +63,9 @@ def source_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
     elif path.suffix == ".keras" and path.is_file():
         kind, model_file = "keras", path
     else:
-        raise ValueError(expected("a segpipe bundle folder, a run directory or a .keras file", key="train.init_from",
-                                  received=Received(f"{path} ({'no such file or folder' if not path.exists() else 'none of these'})")))
+        raise ValueError(expected(
+            "a segpipe bundle folder, a run directory or a .keras file", key="train.init_from",
+            received=Received(f"{path} ({'no such file or folder' if not path.exists() else 'none of these'})")))
     try:
         model = keras.models.load_model(model_file, compile=False, safe_mode=True)
     except Exception as exc:

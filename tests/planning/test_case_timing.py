@@ -55,7 +55,8 @@ def test_a_median_case_is_predicted_and_each_part_timed(tmp_path):
     from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
     from segpipe.data.pipeline import open_dataset
 
-    root = write_phantom_dataset(tmp_path / "ds", PhantomSettings(num_cases=3, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 2.0),
+    root = write_phantom_dataset(tmp_path / "ds",
+                                 PhantomSettings(num_cases=3, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 2.0),
                                                                   seed=1))
     base = Config.from_dict({"data": {"root": str(root), "phantoms": None}})
     dataset = open_dataset(base.data)

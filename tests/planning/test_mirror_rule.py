@@ -41,7 +41,8 @@ def test_hippocampus_like_layout_mirrors_only_along_x():
     rows = []
     for _ in range(40):  # anterior before posterior along y (0.3 vs 0.7), and along z by a smaller gap
         jitter = rng.normal(0, 0.03, size=(2, 3))
-        rows.append({1: (np.array([0.5, 0.3, 0.4]) + jitter[0]).tolist(), 2: (np.array([0.5, 0.7, 0.6]) + jitter[1]).tolist()})
+        rows.append({1: (np.array([0.5, 0.3, 0.4]) + jitter[0]).tolist(),
+                     2: (np.array([0.5, 0.7, 0.6]) + jitter[1]).tolist()})
     choice = plan_mirror_axes(_cases(rows), {"1": "Anterior", "2": "Posterior"})
     assert choice.value == [0]
     assert "y: Anterior before Posterior" in choice.reason and "z: Anterior before Posterior" in choice.reason

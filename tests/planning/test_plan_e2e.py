@@ -59,7 +59,8 @@ def test_train_with_only_data_root_plans_trains_and_predicts_on_the_original_gri
     scan = thick_root / "imagesTr" / "thick_000.nii.gz" if (thick_root / "imagesTr" / "thick_000.nii.gz").exists() \
         else sorted((thick_root / "imagesTr").iterdir())[0]
     out = tmp_path / "pred"
-    assert predict.main(["--model", str(run_dir / "bundle"), "--input", str(scan), "--output", str(out), "--quiet"]) == 0
+    assert predict.main(["--model", str(run_dir / "bundle"), "--input", str(scan), "--output",
+                         str(out), "--quiet"]) == 0
     image = read_nifti(scan)
     prediction = read_nifti(next(out.iterdir()))
     assert prediction.array.shape == image.array.shape == THICK.shape

@@ -57,11 +57,13 @@ def test_he_initialisation():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(strides=[[1, 1, 1], [2, 2]]),
      r"^Expected 2 triples \(one per stage\) of values in \[1, 2\]\. Received: strides=\[\[1, 1, 1\], \[2, 2\]\]\.$"),
-    (dict(strides=[[2, 2, 2], [2, 2, 2]]), r"^Expected \[1, 1, 1\] as stage 0 \(full resolution\)\. Received: strides="),
+    (dict(strides=[[2, 2, 2], [2, 2, 2]]),
+     r"^Expected \[1, 1, 1\] as stage 0 \(full resolution\)\. Received: strides="),
     (dict(kernel_sizes=[[3, 3, 2], [3, 3, 3]]), r"values in \[1, 3, 5\]\. Received: kernel_sizes=\[\[3, 3, 2\]"),
     (dict(features=[4]), r"^Expected 2 positive filter counts \(one per stage\)\. Received: features=\[4\]\.$"),
     (dict(init="uniform"), r"^Expected one of \['glorot_uniform', 'he_normal'\]\. Received: init='uniform'\.$"),
-    (dict(blocks_per_stage=[1]), r"^Expected 2 block counts >= 1 \(one per stage\)\. Received: blocks_per_stage=\[1\]\.$"),
+    (dict(blocks_per_stage=[1]),
+     r"^Expected 2 block counts >= 1 \(one per stage\)\. Received: blocks_per_stage=\[1\]\.$"),
     (dict(decoder_convs=0), r"^Expected an integer >= 1\. Received: decoder_convs=0\.$"),
 ])
 def test_invalid_options_name_the_argument(kwargs, message):
@@ -75,7 +77,8 @@ def test_resenc_unet_structure():
     assert len(adds) == 1 + 3 + 4  # blocks per stage 1, 3, 4
     assert model.get_layer("enc1_block0_skip").strides == (2, 2, 1)  # projection where the shape changes
     assert "enc1_block1_skip" not in [l.name for l in model.layers]  # identity skips otherwise
-    assert model.get_layer("dec0_conv0") and "dec0_conv1" not in [l.name for l in model.layers]  # one conv per decoder stage
+    # one conv per decoder stage
+    assert model.get_layer("dec0_conv0") and "dec0_conv1" not in [l.name for l in model.layers]
     assert type(model.get_layer("enc0_stem").kernel_initializer).__name__ == "HeNormal"
     out = model.predict_on_batch(np.zeros((2, 8, 8, 4, 1), "float32"))
     assert out.shape == (2, 8, 8, 4, 3)
@@ -106,7 +109,8 @@ def test_resenc_bundle_exports_and_formats_agree(tmp_path, phantom_root):
     keras.utils.set_random_seed(0)
     model = build_resenc_unet(1, 3, depth=3, base_filters=4, strides=STRIDES, kernel_sizes=KERNELS)
     run_dir = make_run_dir(tmp_path, model, phantom_root, depth=3, overrides=(
-        "model.name=resenc_unet", f"model.strides={STRIDES}", f"model.kernel_sizes={KERNELS}", "model.deep_supervision=false"))
+        "model.name=resenc_unet", f"model.strides={STRIDES}", f"model.kernel_sizes={KERNELS}",
+        "model.deep_supervision=false"))
     bundle = export_run(run_dir, onnx=HAVE_ONNX)
     x = np.random.default_rng(1).normal(size=(1, 16, 24, 8, 1)).astype(np.float32)
     reference = load_predictor(bundle, "keras")(x)

@@ -28,9 +28,11 @@ def precision_timer(speed=SPEED):
 
 
 def test_the_choice_by_hand():
-    choice = rules.plan_precision({"float32": 4.2, "mixed_bfloat16": 2.7}, supported_reason="bf16: the CPU has avx512_bf16")
+    choice = rules.plan_precision({"float32": 4.2, "mixed_bfloat16": 2.7},
+                                  supported_reason="bf16: the CPU has avx512_bf16")
     assert choice.value == "mixed_bfloat16"
-    assert "1.56× faster" in choice.reason and "float32 4.20 s" in choice.reason and "mixed_bfloat16 2.70 s" in choice.reason
+    assert ("1.56× faster" in choice.reason and "float32 4.20 s" in choice.reason
+            and "mixed_bfloat16 2.70 s" in choice.reason)
     # under 5 % faster: float32's exact arithmetic wins; slower: float32
     assert rules.plan_precision({"float32": 1.0, "mixed_bfloat16": 0.96}, supported_reason="").value == "float32"
     assert rules.plan_precision({"float32": 1.0, "mixed_bfloat16": 0.94}, supported_reason="").value == "mixed_bfloat16"

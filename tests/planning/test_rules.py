@@ -122,7 +122,8 @@ def test_activation_units_by_hand():
                 + 2 * v[0] * 3)  # logits and softmax
     assert network.activation_units(t, spec) == expected == 13_843_200
     memory = network.estimate_training_memory(t, spec, 2)
-    assert memory == 2 * expected * 4 * network.TENSORS_PER_UNIT + 16 * network.parameter_count(t, spec) + network.FIXED_OVERHEAD_BYTES
+    assert memory == (2 * expected * 4 * network.TENSORS_PER_UNIT + 16 * network.parameter_count(t, spec)
+                      + network.FIXED_OVERHEAD_BYTES)
 
 
 def test_parameter_count_matches_keras(tmp_path):
@@ -131,7 +132,8 @@ def test_parameter_count_matches_keras(tmp_path):
 
     t = network.pool_and_kernels([64, 64, 16], [0.8, 0.8, 3.0])
     spec = network.unet_spec(t, 2, 3, base=8)
-    model = build_unet3d(2, 3, depth=t.num_stages, base_filters=8, strides=t.strides, kernel_sizes=t.kernel_sizes, norm="none")
+    model = build_unet3d(2, 3, depth=t.num_stages, base_filters=8, strides=t.strides,
+                         kernel_sizes=t.kernel_sizes, norm="none")
     biases = sum(int(np.prod(w.shape)) for w in model.weights if w.path.endswith("bias"))
     # parameter_count neglects biases (and the transposed convolutions' are the only extra ones)
     assert model.count_params() - biases == network.parameter_count(t, spec)
@@ -160,7 +162,9 @@ def test_patch_shrinks_along_the_axis_most_out_of_proportion():
     assert two.topology.patch_size == (64, 56, 16)
     assert two.topology.strides[-1] == (2, 2, 2) and two.topology.pools_per_axis == (3, 3, 2)
     assert "shrunk along xy" in two.reason and two.memory_bytes <= estimate([64, 64, 16]) - 1
-    with pytest.raises(ValueError, match=r"Expected a memory budget that a patch of at least one voxel per axis fits .*Received: memory budget="):
+    with pytest.raises(ValueError,
+                       match=r"Expected a memory budget that a patch of at least one voxel per axis fits "
+                             r".*Received: memory budget="):
         network.fit_patch(spacing, median, budget_bytes=1000, **kwargs)
 
 
@@ -206,7 +210,8 @@ def test_batch_size_memory_bound_and_5_percent_cap():
     # 200 cases: round(200 × 0.05) = 10
     assert rules.plan_batch_size(memory, budget, patch_voxels=voxels, dataset_voxels=voxels * 200).value == 10
     # a hardware cap
-    assert rules.plan_batch_size(memory, budget, patch_voxels=voxels, dataset_voxels=voxels * 1e4, max_batch=2).value == 2
+    assert rules.plan_batch_size(memory, budget, patch_voxels=voxels, dataset_voxels=voxels * 1e4,
+                                 max_batch=2).value == 2
     # never below 2, even when 2 does not fit
     assert rules.plan_batch_size(memory, memory(1), patch_voxels=voxels, dataset_voxels=voxels * 1e4).value == 2
 
@@ -255,7 +260,9 @@ def test_schedule_by_hand():
     s = rules.plan_schedule(budget_minutes=10, step_seconds=2, validation_seconds=30, final_seconds=60,
                             overhead_seconds=120)
     assert s.value == {"epochs": 4, "steps_per_epoch": 37}
-    with pytest.raises(ValueError, match=r"Expected at least .* minutes for one step, one validation and the final evaluation. Received: train.time_budget_minutes="):
+    with pytest.raises(ValueError,
+                       match=r"Expected at least .* minutes for one step, one validation and the final evaluation. "
+                             r"Received: train.time_budget_minutes="):
         rules.plan_schedule(budget_minutes=1, step_seconds=5, validation_seconds=30, final_seconds=60)
 
 
@@ -275,11 +282,13 @@ def flop_timer(gflops_per_second=20.0):
     calls = []
 
     def timer(keys):
-        t = network.pool_and_kernels(keys["data.patch_size"], keys["data.target_spacing_mm"], max_stages=keys["model.depth"])
+        t = network.pool_and_kernels(keys["data.patch_size"], keys["data.target_spacing_mm"],
+                                     max_stages=keys["model.depth"])
         spec = network.unet_spec(t, keys["_in_channels"], keys["_num_classes"], base=keys["model.base_filters"])
         flops = keys["data.batch_size"] * network.training_flops(t, spec)
         calls.append(keys["data.patch_size"])
-        return {"step_seconds": flops / (gflops_per_second * 1e9), "window_seconds": flops / 6 / (gflops_per_second * 1e9),
+        return {"step_seconds": flops / (gflops_per_second * 1e9),
+                "window_seconds": flops / 6 / (gflops_per_second * 1e9),
                 "peak_bytes": 1, "baseline_bytes": 0}
 
     return timer, calls
@@ -314,7 +323,8 @@ def test_resenc_activation_units_by_hand():
     spec = network.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3, 4, 6, 6])
     v, f, b = [89600, 11200, 1400, 175], [16, 32, 64, 128], [1, 3, 4, 6]
     # per stage: 2 convs per block + stem/projection, + 1 kept sum per block; decoder: 1 conv per stage
-    expected = v[0] + sum((3 * b[s] + 1) * v[s] * f[s] for s in range(4)) + sum(4 * v[s] * f[s] for s in range(3)) + 6 * v[0]
+    expected = (v[0] + sum((3 * b[s] + 1) * v[s] * f[s] for s in range(4)) + sum(4 * v[s] * f[s] for s in range(3))
+                + 6 * v[0])
     assert network.activation_units(t, spec) == expected
     with pytest.raises(ValueError, match="Expected a block count for each of 4 stages"):
         network.unet_spec(t, 1, 3, base=16, blocks_per_stage=[1, 3])

@@ -7,7 +7,8 @@ def test_time_steps_measures_a_tiny_anisotropic_network():
     t = network.pool_and_kernels([16, 16, 8], [0.8, 0.8, 3.0])
     keys = {"data.patch_size": list(t.patch_size), "data.batch_size": 2, "model.name": "resenc_unet",
             "model.depth": t.num_stages, "model.base_filters": 4, "model.strides": [list(s) for s in t.strides],
-            "model.kernel_sizes": [list(k) for k in t.kernel_sizes], "model.blocks_per_stage": [1, 2, 2][: t.num_stages],
+            "model.kernel_sizes": [list(k) for k in t.kernel_sizes],
+            "model.blocks_per_stage": [1, 2, 2][: t.num_stages],
             "model.init": "he_normal", "_in_channels": 2, "_num_classes": 3}
     result = time_steps(keys, timeout=300)
     assert result["steps_timed"] == 3
