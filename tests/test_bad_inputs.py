@@ -605,7 +605,8 @@ def test_a_full_disk_while_writing_the_evaluation_is_one_error_naming_the_folder
         return real_replace(src, dst)
 
     monkeypatch.setattr(segpipe.io.durable.os, "replace", full)
-    code = evaluate_cli.main(["--pred", str(tmp_path / "scans"), "--ref", str(tmp_path / "scans"), "--out", str(tmp_path / OUT)])
+    code = evaluate_cli.main(["--pred", str(tmp_path / "scans"), "--ref", str(tmp_path / "scans"),
+                              "--out", str(tmp_path / OUT)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert f"Received: path={tmp_path / OUT} (No space left on device)" in err

@@ -187,5 +187,6 @@ def test_a_frozen_encoder_does_not_train_and_trains_again_when_unfrozen(precisio
 def test_freezing_needs_a_source():
     from segpipe.config import Config, ConfigError
 
-    with pytest.raises(ConfigError, match=r"Expected 0 without train\.init_from .* Received: train\.freeze_encoder_epochs=2"):
+    with pytest.raises(ConfigError,
+                       match=r"Expected 0 without train\.init_from .* Received: train\.freeze_encoder_epochs=2"):
         Config.from_dict({"train": {"freeze_encoder_epochs": 2}})

@@ -165,8 +165,9 @@ def test_a_read_only_cache_folder_is_one_error_naming_it(tmp_path, monkeypatch):
 
     dataset = _dataset(tmp_path / "ds")
     monkeypatch.setattr(segpipe.io.durable, "tempfile", SimpleNamespace(mkstemp=_read_only))  # io.durable only
-    with pytest.raises(StorageError, match="^" + re.escape(f"Expected free space and a writable folder for this file. "
-                                                           f"Received: path={tmp_path / 'cache' / 'settings.json'} ({READ_ONLY}).")):
+    message = (f"Expected free space and a writable folder for this file. "
+               f"Received: path={tmp_path / 'cache' / 'settings.json'} ({READ_ONLY}).")
+    with pytest.raises(StorageError, match="^" + re.escape(message)):
         build_cache(dataset, tmp_path / "cache", PreprocessSettings(), progress=False)
 
 

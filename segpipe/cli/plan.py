@@ -230,7 +230,8 @@ def median_case_timer(base: Config, dataset: Dataset, fingerprint: dict[str, Any
 
     def timer(keys: dict[str, Any]) -> dict[str, Any]:
         data = dataclasses.replace(base.data, target_spacing_mm=list(keys["data.target_spacing_mm"]),
-                                   normalization=normalization if normalization is not None else keys["data.normalization"])
+                                   normalization=(normalization if normalization is not None
+                                                  else keys["data.normalization"]))
         settings = resolve_settings(data, fingerprint)
         augment = dict(base.data.augment)
         augment["mirror"] = {**dict(augment.get("mirror") or {}), "axes": list(keys["data.augment.mirror.axes"])}

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", default=None,
                         help="YAML config file(s) or glob patterns, trained in turn; default: configs/default.yaml")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.epochs=3")
     parser.add_argument("--experiment", metavar="NAME",
                         help="train into <output_dir>/NAME/<config name>/ (the folder evaluate.py --compare takes)")
     parser.add_argument("--folds", type=int, metavar="K",
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                              "RUN_DIR, continue the unfinished runs of the configs given")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run of the same name first (only a folder segpipe created as a run)")
-    parser.add_argument("--plan-only", action="store_true", help="write and print the plan (plan.json, plan.yaml), do not train")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="write and print the plan (plan.json, plan.yaml), do not train")
     parser.add_argument("--no-plan", action="store_true", help="never plan: train the configs as written")
     args = parser.parse_args(argv)
     started = time.monotonic()  # the whole command, for budget.json
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dirs = [Path(args.resume)]  # the run itself, wherever this command runs from
         else:
             # quoted, so a name like 2024-05 stays a string (override values are parsed as YAML)
-            overrides = [*args.set, *([f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else [])]
+            experiment = [f"experiment={json.dumps(args.experiment)}"] if args.experiment is not None else []
+            overrides = [*args.set, *experiment]
             if args.folds is not None:  # the plan divides a time budget over the folds
                 overrides.append(f"data.folds={args.folds}")
             paths = _config_paths(args.config) if args.config else [str(default_config_path())]
@@ -279,7 +282,8 @@ def default_config_path() -> Path:
             return path
     raise FileNotFoundError(expected(
         f"--config FILE, or a default config at {' or '.join(str(p) for p in candidates)}", key="--config",
-        received=Received("<not given>, and neither file exists"), hint="segpipe installed from a wheel? Pass --config.",
+        received=Received("<not given>, and neither file exists"),
+        hint="segpipe installed from a wheel? Pass --config.",
     ))
 
 

@@ -49,7 +49,8 @@ class ModelConfig(Settings):
     strides: list[list[int]] | None = None
     kernel_sizes: list[list[int]] | None = None
     convs_per_stage: int = field(default=2, metadata=_range(1))  # unet3d: convolutions per encoder/decoder stage
-    blocks_per_stage: list[int] | None = field(default=None, metadata=_range(1))  # resenc_unet; null: 1, 3, 4, 6, 6, 6, 6
+    # resenc_unet; null: 1, 3, 4, 6, 6, 6, 6
+    blocks_per_stage: list[int] | None = field(default=None, metadata=_range(1))
     init: Literal["glorot_uniform", "he_normal"] | None = None  # null: glorot_uniform (unet3d), he_normal (resenc_unet)
 
     def __post_init__(self) -> None:

@@ -71,7 +71,8 @@ def verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, pat
     image = rng.normal(0.0, 1.0, size=(*shape, int(net.inputs[0].shape[-1]))).astype(np.float32)
     image[:2] = 0
     reference = segment_volume(keras_predict_fn(net), image, np.diag([*spacing, 1.0]), preprocessing=preprocessing,
-                               patch_size=patch_size, settings=inference, return_probabilities=True, regions_class_order=regions_class_order).labels
+                               patch_size=patch_size, settings=inference, return_probabilities=True,
+                               regions_class_order=regions_class_order).labels
     signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
     labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
     agreement = float((labels == reference).mean()) if labels.shape == reference.shape else 0.0

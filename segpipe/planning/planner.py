@@ -164,7 +164,8 @@ def make_plan(
     if model not in MODELS:
         raise ValueError(expected(f"one of {list(MODELS)}", key="model", received=model))
     if time_budget_minutes is not None and time_budget_minutes <= 0:
-        raise ValueError(expected("a positive time budget", key="train.time_budget_minutes", received=time_budget_minutes))
+        raise ValueError(expected("a positive time budget", key="train.time_budget_minutes",
+                                  received=time_budget_minutes))
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise ValueError(expected("a number of folds >= 2", key="data.folds", received=folds))
     if folds is not None and num_val_cases is None:
@@ -274,7 +275,8 @@ def _read_inputs(fingerprint: dict[str, Any], *, hardware: Hardware, model: str,
         cases=cases,
         num_classes=max(int(k) for k in classes) + 1 if classes else 2,
         num_cases=num_cases,
-        num_val=num_val_cases if num_val_cases is not None else min(num_cases - 1, max(1, round(num_cases * val_fraction))),
+        num_val=(num_val_cases if num_val_cases is not None
+                 else min(num_cases - 1, max(1, round(num_cases * val_fraction)))),
         hardware=hardware,
         model=model,
         max_stages=max_stages,
@@ -299,7 +301,8 @@ def _plan_spacing(plan: Plan, inputs: _Inputs, spacing_mm: Sequence[float] | Non
 def _plan_patch(inputs: _Inputs, spacing: Sequence[float], median: Sequence[float],
                 patch_size: Sequence[int] | None) -> network.PatchPlan:
     """Step 2: patch and topology under the memory budget, or the deepest topology of a given patch."""
-    patch_plan = inputs.fit_patch(spacing, median, budget_text=inputs.budget_text)  # also fails a budget too small for any patch
+    # also fails a budget too small for any patch
+    patch_plan = inputs.fit_patch(spacing, median, budget_text=inputs.budget_text)
     if patch_size is not None:
         patch_plan = _fixed_patch(patch_size, spacing, inputs.in_channels, inputs.num_classes, inputs.base,
                                   inputs.max_stages, inputs.blocks)
@@ -320,7 +323,8 @@ def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], medi
     max_step = max(train_seconds, 1.0) / MIN_TOTAL_STEPS  # an isolated step (the loop's overhead comes on top)
     ref_topo = network.pool_and_kernels([32, 32, 32], [1.0, 1.0, 1.0], max_stages=4)
     ref_spec = network.unet_spec(ref_topo, inputs.in_channels, inputs.num_classes, base=16)
-    ref = step_timer({**_config_keys(network.PatchPlan(ref_topo, ref_spec, 0), [1.0, 1.0, 1.0], "unet3d", None, batch=2),
+    ref = step_timer({**_config_keys(network.PatchPlan(ref_topo, ref_spec, 0), [1.0, 1.0, 1.0], "unet3d", None,
+                                     batch=2),
                       **shape_keys})
     seconds_per_flop = ref["step_seconds"] / (2 * network.training_flops(ref_topo, ref_spec))
     plan.measured["reference"] = {"network": "unet3d 32³ × 2, 16 base features, 4 stages", **ref}
@@ -337,7 +341,8 @@ def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], medi
                                                       f"{budget_minutes:g} min")
         flops = timer_batch * network.training_flops(patch_plan.topology, patch_plan.spec)
         predicted_step = flops * seconds_per_flop
-        timed = step_timer({**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch), **shape_keys})
+        timed = step_timer({**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch),
+                            **shape_keys})
         attempts.append({"patch_size": list(patch_plan.topology.patch_size), "predicted_step_seconds": predicted_step,
                          "step_seconds": timed["step_seconds"]})
         if patch_size is not None or timed["step_seconds"] <= 1.1 * max_step:
@@ -349,7 +354,8 @@ def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], medi
 
 
 def _plan_precision(plan: Plan, inputs: _Inputs, spacing: Sequence[float], patch_plan: network.PatchPlan,
-                    timed: dict[str, float], *, step_timer: StepTimer, setting: str, timer_batch: int) -> dict[str, float]:
+                    timed: dict[str, float], *, step_timer: StepTimer, setting: str,
+                    timer_batch: int) -> dict[str, float]:
     """Step 3b, with a time budget: the planned network's step in each precision this machine supports (``auto``),
     the fastest chosen; returns the timing the schedule is fitted to.
 
@@ -394,14 +400,17 @@ def _record_network(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan) 
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
     c["patch_size"] = Choice(list(topo.patch_size), patch_plan.reason)
     c["stages"] = Choice(topo.num_stages, f"{topo.num_stages}: the axes pool while they have >= {2 * network.MIN_EDGE} "
-                                          f"voxels (pools per axis {_x(topo.pools_per_axis)}), at most {inputs.max_stages}")
-    c["strides"] = Choice([list(s) for s in topo.strides], "per stage; an axis halves while its spacing is within 2× of the finest")
+                                          f"voxels (pools per axis {_x(topo.pools_per_axis)}), "
+                                          f"at most {inputs.max_stages}")
+    c["strides"] = Choice([list(s) for s in topo.strides],
+                          "per stage; an axis halves while its spacing is within 2× of the finest")
     c["kernel_sizes"] = Choice([list(k) for k in topo.kernel_sizes],
                                "\n".join(network.topology_reasons(topo, plan.choices["spacing"].value)))
     c["features"] = Choice(list(spec.features), f"{inputs.base}·2^stage capped at 320; base {inputs.width_reason}")
     if inputs.model == "resenc_unet":
         c["blocks_per_stage"] = Choice(list(inputs.blocks[: topo.num_stages]),
-                                       "nnU-Net ResEnc presets: residual blocks per encoder stage, one conv block per decoder stage")
+                                       "nnU-Net ResEnc presets: residual blocks per encoder stage, "
+                                       "one conv block per decoder stage")
 
 
 def _plan_batch(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],
@@ -441,9 +450,11 @@ def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, media
     c["foreground_fraction"] = rules.plan_foreground_fraction(inputs.classes)
     ratio = _patches_per_case(median, patch_plan)
     if ratio <= WHOLE_VALIDATION_MAX_RATIO:
-        c["validation"] = Choice("whole", f"whole: a median case is {ratio:.1f} patches, cheap to predict whole each epoch")
+        c["validation"] = Choice("whole",
+                                 f"whole: a median case is {ratio:.1f} patches, cheap to predict whole each epoch")
     else:
-        c["validation"] = Choice("patches", f"patches: a median case is {ratio:.0f} patches, too slow and large to predict "
+        c["validation"] = Choice("patches",
+                                 f"patches: a median case is {ratio:.0f} patches, too slow and large to predict "
                                             f"whole every epoch; whole volumes only in the final evaluation")
     c["loss"] = rules.plan_loss(inputs.classes)
     c["mirror_axes"] = rules.plan_mirror_axes(inputs.cases, {k: v.get("name", k) for k, v in inputs.classes.items()})
@@ -523,7 +534,8 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, media
         "cases": inputs.num_val, "windows_per_case": windows, "window_seconds": final_window,
         "network_seconds_per_case": windows * final_window, "other_seconds_per_case": overhead,
         "timed_case": case is not None}
-    plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes") if k in timed})
+    plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes")
+                          if k in timed})
     plan.measured["patch_size"] = list(patch_plan.topology.patch_size)
 
 

@@ -99,7 +99,8 @@ class AnytimeDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def state(self) -> dict[str, float]:
         """The re-fit anchors (for a checkpoint's ``state.json``)."""
-        return {"anchor_step": float(self._anchor_step.numpy()), "anchor_progress": float(self._anchor_progress.numpy()),
+        return {"anchor_step": float(self._anchor_step.numpy()),
+                "anchor_progress": float(self._anchor_progress.numpy()),
                 "rate": float(self._rate.numpy())}
 
     def restore(self, state: dict[str, float]) -> None:
@@ -150,7 +151,8 @@ class WallTimeLimit(keras.callbacks.Callback):
                  agree: Callable[[Sequence[float]], Sequence[float]] | None = None):
         super().__init__()
         if not max_minutes > 0:
-            raise ValueError(expected("a positive number of minutes", key="train.max_train_minutes", received=max_minutes))
+            raise ValueError(expected("a positive number of minutes", key="train.max_train_minutes",
+                                      received=max_minutes))
         if schedule is not None and (planned_epochs is None or steps_per_epoch is None):
             raise ValueError(expected("planned_epochs and steps_per_epoch with an anytime schedule", key="schedule",
                                       received=type(schedule).__name__))

@@ -49,7 +49,8 @@ class RunOutcome:
     error: str | None = None
 
 
-def plan_runs(configs: Sequence[Config], *, folds: int | None = None, only_folds: Sequence[int] | None = None) -> list[Config]:
+def plan_runs(configs: Sequence[Config], *, folds: int | None = None,
+              only_folds: Sequence[int] | None = None) -> list[Config]:
     """The runs of a sweep, in order: every config, times every fold when k-fold is on.
 
     Args:
@@ -96,7 +97,8 @@ def plan_runs(configs: Sequence[Config], *, folds: int | None = None, only_folds
 
 def comparability_warning(runs: Sequence[Config]) -> str | None:
     """A warning when the runs cannot all be compared pairwise (different dataset, seed or split settings)."""
-    keys = {(str(Path(r.data.root).resolve()), r.seed, r.data.folds, r.data.val_fraction if r.data.folds is None else None)
+    keys = {(str(Path(r.data.root).resolve()), r.seed, r.data.folds,
+             r.data.val_fraction if r.data.folds is None else None)
             for r in runs}
     if len(keys) <= 1:
         return None
@@ -158,7 +160,8 @@ def run_sweep(
             if isinstance(exc, _expected_errors()):
                 print(f"error: {config.name}: {exc}", file=err, flush=True)
             else:
-                print(f"error: {config.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", file=err, flush=True)
+                print(f"error: {config.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", file=err,
+                      flush=True)
             outcomes.append(RunOutcome(config.name, run_dir, "failed", f"{type(exc).__name__}: {exc}"))
             code = 1
     if len(runs) > 1:
@@ -171,7 +174,8 @@ def format_summary(outcomes: Sequence[RunOutcome], *, resume: bool = False) -> s
     notes = {"skipped": "already finished"}
     width = max(len(o.name) for o in outcomes)
     lines = ["", "Sweep summary: " + ", ".join(
-        f"{sum(o.status == s for o in outcomes)} {s}" for s in ("finished", "skipped", "failed", "interrupted", "not started")
+        f"{sum(o.status == s for o in outcomes)} {s}"
+        for s in ("finished", "skipped", "failed", "interrupted", "not started")
         if any(o.status == s for o in outcomes))]
     for o in outcomes:
         detail = o.error.splitlines()[0] if o.error and o.status == "failed" else notes.get(o.status, "")

@@ -257,7 +257,8 @@ def _may_train(run: RunDir, config: Config, *, resume: bool, overwrite: bool, is
         return False
     if run.path.exists() and any(run.path.iterdir()) and not resume:
         raise FileExistsError(expected(
-            "a new or finished run directory", key="run_dir", received=Received(f"{run.path} (holds an unfinished run)"),
+            "a new or finished run directory", key="run_dir",
+            received=Received(f"{run.path} (holds an unfinished run)"),
             hint="Use --resume to continue it, --overwrite to start again, or --set name=... for a new run.",
         ))
     if resume:
@@ -319,15 +320,16 @@ def _train_model(config: Config, prepared: "PreparedData", strategy: "tf.distrib
     check_free_space(out.path, model)
     print(distributed.describe(t.distribute, strategy, worker, config.data.batch_size))
     if worker.is_chief:
-        print(f"Precision: {resolve_precision(t.precision)}" + (" (train.precision: auto, not planned with a time budget)"
-                                                                 if t.precision == "auto" else ""))
+        auto = " (train.precision: auto, not planned with a time budget)" if t.precision == "auto" else ""
+        print(f"Precision: {resolve_precision(t.precision)}{auto}")
     write_run_info(out.run_info_json, config, prepared.split, _distribution(config, strategy, worker),
                    resumed_from=(position.epoch, position.step) if checkpoint is not None else None,
                    init_from=init_record)
     train_input, val_ds = _inputs(config, prepared, strategy, worker, position)
 
     time_limit = _time_limit(config, model, strategy, worker, state)
-    run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed, samples_per_step=config.data.batch_size,
+    run_checkpoint = RunCheckpoint(out.path, t.monitor, state, seed=config.seed,
+                                   samples_per_step=config.data.batch_size,
                                    steps_per_epoch=t.steps_per_epoch, progress_plot=worker.is_chief,
                                    schedule=checkpoint_schedule(config),
                                    extra_state={"time_limit": time_limit.state} if time_limit is not None else None)
@@ -403,7 +405,8 @@ def _inputs(config: Config, prepared: "PreparedData", strategy: "tf.distribute.S
     batch = config.data.batch_size
     start = (position.epoch * config.train.steps_per_epoch + position.step) * batch
     train_ds, val_ds = make_datasets(prepared, config.data, seed=config.seed,
-                                     divisor=max(model_divisor(config.model.depth, config.model.strides)), start_index=start,
+                                     divisor=max(model_divisor(config.model.depth, config.model.strides)),
+                                     start_index=start,
                                      num_outputs=num_outputs(config))
     train_input = distributed.distribute_train_data(
         strategy, worker, train_ds, lambda spec: _worker_train_dataset(prepared, config, spec),
