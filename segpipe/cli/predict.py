@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 def check_inputs(bundle: Bundle, inputs: Sequence[Path]) -> None:
     """Every scan of ``inputs`` fits ``bundle`` (read once, before any network is loaded).
 
-    Raises:
-        ValueError: one message listing every problem, one line each, naming the file.
+    Raises
+    ------
+    ValueError
+        one message listing every problem, one line each, naming the file.
     """
     cases = find_cases(inputs, bundle.input_channels)
     problems = check_scans(cases, input_channels=bundle.input_channels, channel_names=bundle.channel_names)

@@ -247,8 +247,10 @@ def build_fold_ensembles(runs: list[Config]) -> int:
 def check_overwrite(runs: list[Config]) -> None:
     """``--overwrite`` deletes only run directories segpipe created (checked for every run before any work).
 
-    Raises:
-        FileExistsError: a run's folder exists without segpipe's run marker (names it and what it holds).
+    Raises
+    ------
+    FileExistsError
+        a run's folder exists without segpipe's run marker (names it and what it holds).
     """
     for config in runs:
         check_replaceable(RunDir.of(config).path, "run", key="--overwrite")
@@ -273,8 +275,10 @@ def _wants_plan(args: argparse.Namespace, configs: list) -> bool:
 def default_config_path() -> Path:
     """``configs/default.yaml`` of the source checkout, else of the working directory.
 
-    Raises:
-        FileNotFoundError: neither exists (an installed wheel, run outside a checkout).
+    Raises
+    ------
+    FileNotFoundError
+        neither exists (an installed wheel, run outside a checkout).
     """
     candidates = [Path(__file__).resolve().parents[2] / "configs" / "default.yaml", Path("configs") / "default.yaml"]
     for path in candidates:

@@ -83,22 +83,35 @@ def build_cache(
 ) -> list[CachedCase]:
     """Preprocess every case of ``dataset`` into ``cache_dir``, reusing cases whose key still matches.
 
-    Args:
-        dataset: the dataset (every case needs a label).
-        cache_dir: the cache folder for this dataset (created if needed).
-        settings: the preprocessing settings; any change re-preprocesses every case.
-        workers: processes preprocessing in parallel. Defaults to 1 (in this process).
-        progress: show a progress bar over the cases being (re)built.
-        hash_contents: key source files by a SHA-256 of their content instead of size and mtime.
-        max_locations_per_class: foreground voxel locations stored per class for sampling.
+    Parameters
+    ----------
+    dataset
+        the dataset (every case needs a label).
+    cache_dir
+        the cache folder for this dataset (created if needed).
+    settings
+        the preprocessing settings; any change re-preprocesses every case.
+    workers
+        processes preprocessing in parallel. Defaults to 1 (in this process).
+    progress
+        show a progress bar over the cases being (re)built.
+    hash_contents
+        key source files by a SHA-256 of their content instead of size and mtime.
+    max_locations_per_class
+        foreground voxel locations stored per class for sampling.
 
-    Returns:
+    Returns
+    -------
+    list[CachedCase]
         The cached cases, in the dataset's order.
 
-    Raises:
-        ValueError: cases that failed to preprocess, all listed at once.
-        StorageError: the disk filled up or the folder is read-only (names the file; the cases cached
-            before stay valid, the one being written is rebuilt next time).
+    Raises
+    ------
+    ValueError
+        cases that failed to preprocess, all listed at once.
+    StorageError
+        the disk filled up or the folder is read-only (names the file; the cases cached
+        before stay valid, the one being written is rebuilt next time).
     """
     cache_dir = Path(cache_dir)
     with explain_write_errors(cache_dir / "settings.json"):

@@ -87,19 +87,26 @@ def check_dataset(
 ) -> list[Problem]:
     """Check every case of ``dataset`` and return all problems found (empty when clean).
 
-    Args:
-        dataset: the dataset, as read by :func:`segpipe.data.layouts.load_dataset`.
-        read_data: read the voxels too (label values, NaN/inf, corrupt data). ``False`` checks
-            only what the headers say (existence, shapes, geometry, channels): the fast pre-training
-            check.
-        affine_tolerance_mm: largest absolute difference allowed between the affines of an image
-            and its label (or between channel files). Defaults to 1e-3 mm.
-        workers: processes reading cases in parallel. Defaults to 1 (in this process).
-        progress: show a progress bar.
-        label_checks: also run :func:`check_labels` (what planning runs on the fingerprint: a value in
-            only a few cases, gaps, absent classes) on the label values read here; needs ``read_data``.
-            A file already named ``undeclared-label`` by the per-file check is not named twice.
-            ``data_prep/check_dataset.py`` sets it; training leaves it to the fingerprint.
+    Parameters
+    ----------
+    dataset
+        the dataset, as read by :func:`segpipe.data.layouts.load_dataset`.
+    read_data
+        read the voxels too (label values, NaN/inf, corrupt data). ``False`` checks
+        only what the headers say (existence, shapes, geometry, channels): the fast pre-training
+        check.
+    affine_tolerance_mm
+        largest absolute difference allowed between the affines of an image
+        and its label (or between channel files). Defaults to 1e-3 mm.
+    workers
+        processes reading cases in parallel. Defaults to 1 (in this process).
+    progress
+        show a progress bar.
+    label_checks
+        also run :func:`check_labels` (what planning runs on the fingerprint: a value in
+        only a few cases, gaps, absent classes) on the label values read here; needs ``read_data``.
+        A file already named ``undeclared-label`` by the per-file check is not named twice.
+        ``data_prep/check_dataset.py`` sets it; training leaves it to the fingerprint.
     """
     problems: list[Problem] = _check_not_empty(dataset)
     declared = dataset.declared_values  # the classes and the ignore label

@@ -106,8 +106,10 @@ class Dataset:
 def detect_layout(root: str | Path, *, key: str = "root") -> str:
     """Name the layout of ``root``: ``msd``, ``nnunet`` or ``folders``.
 
-    Raises:
-        FileNotFoundError: ``root`` matches no layout (the message lists what each one needs).
+    Raises
+    ------
+    FileNotFoundError
+        ``root`` matches no layout (the message lists what each one needs).
     """
     root = Path(root)
     meta_path = root / "dataset.json"
@@ -138,12 +140,17 @@ def load_dataset(
 ) -> Dataset:
     """Read a dataset folder through its layout.
 
-    Args:
-        root: the dataset folder.
-        layout: ``"msd"``, ``"nnunet"``, ``"folders"``, or ``None``/``"auto"`` to detect it.
-        labels: value -> class name; overrides the classes a layout declares (needed by ``folders``
-            datasets without ``labels.json`` unless the classes may be read from the label maps).
-        key: what holds ``root``, for error messages (``data.root`` when it comes from a config).
+    Parameters
+    ----------
+    root
+        the dataset folder.
+    layout
+        ``"msd"``, ``"nnunet"``, ``"folders"``, or ``None``/``"auto"`` to detect it.
+    labels
+        value -> class name; overrides the classes a layout declares (needed by ``folders``
+        datasets without ``labels.json`` unless the classes may be read from the label maps).
+    key
+        what holds ``root``, for error messages (``data.root`` when it comes from a config).
     """
     root = Path(root)
     if layout in (None, "auto"):
@@ -249,8 +256,10 @@ def _refuse_twins(root: Path, *folders: Path) -> None:
     """Refuse ``NAME.nii`` beside ``NAME.nii.gz`` in a dataset folder: both would be case ``NAME``, and
     which one is the case would be a silent guess. One error naming every such pair.
 
-    Raises:
-        ValueError: names the files (relative to ``root``).
+    Raises
+    ------
+    ValueError
+        names the files (relative to ``root``).
     """
     twins = []
     for folder in folders:
@@ -341,8 +350,10 @@ def read_case_image(case: Case, *, dtype=np.float32) -> Volume:
 
     One 4-D file supplies its channels on the last axis; several files are stacked in order.
 
-    Raises:
-        ValueError: a file is unreadable, not 3-D/4-D, or the channel files disagree in shape.
+    Raises
+    ------
+    ValueError
+        a file is unreadable, not 3-D/4-D, or the channel files disagree in shape.
     """
     arrays, affine = [], None
     for path in case.image_paths:
@@ -366,8 +377,10 @@ def read_case_image(case: Case, *, dtype=np.float32) -> Volume:
 def read_case_label(case: Case) -> np.ndarray:
     """Read a case's label map as a 3-D integer array (uint8 when the values fit, else int64).
 
-    Raises:
-        ValueError: no label, an unreadable file, a map that is not 3-D, or non-integer values.
+    Raises
+    ------
+    ValueError
+        no label, an unreadable file, a map that is not 3-D, or non-integer values.
     """
     if case.label_path is None:
         raise ValueError(expected("a case with a label map", key="label_path", received=None, where=f"case {case.case_id}"))

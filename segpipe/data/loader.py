@@ -37,14 +37,21 @@ def make_datasets(
 ) -> tuple["tf.data.Dataset", "tf.data.Dataset"]:
     """The training and validation datasets of a run, as ``data`` configures them.
 
-    Args:
-        prepared: cached cases and split (:func:`segpipe.data.pipeline.prepare_data`).
-        data: the config's ``data`` section (patch and batch size, augmentation, validation mode).
-        seed: the run's seed; training sample ``i`` depends only on ``(seed, i)``.
-        divisor: every side of a whole validation case is padded to a multiple of it.
-        start_index: the first training sample (``epoch * steps_per_epoch * batch_size`` on resume).
-        num_outputs: the model's outputs; with more than one (deep supervision) every batch's target is
-            a tuple, one per output (:func:`with_output_targets`).
+    Parameters
+    ----------
+    prepared
+        cached cases and split (:func:`segpipe.data.pipeline.prepare_data`).
+    data
+        the config's ``data`` section (patch and batch size, augmentation, validation mode).
+    seed
+        the run's seed; training sample ``i`` depends only on ``(seed, i)``.
+    divisor
+        every side of a whole validation case is padded to a multiple of it.
+    start_index
+        the first training sample (``epoch * steps_per_epoch * batch_size`` on resume).
+    num_outputs
+        the model's outputs; with more than one (deep supervision) every batch's target is
+        a tuple, one per output (:func:`with_output_targets`).
     """
     num_classes = targets_of(prepared.dataset)
     train = train_dataset(train_sampler(prepared, data, seed=seed), num_classes, start_index=start_index,

@@ -74,13 +74,20 @@ class DataError(ValueError):
 class PreparedData:
     """A dataset ready for the loader: its cached cases, the settings that made them, and the split.
 
-    Attributes:
-        dataset: the dataset as read through its layout.
-        settings: the resolved preprocessing settings (target spacing and intensity statistics filled in).
-        cases: case id -> cached case (memory-mapped arrays and the meta of the inverse mapping).
-        split: ``{"train": [...], "val": [...]}`` plus ``"split"`` (its key) and, for k-fold, ``"fold"``.
-        cache_dir: the preprocessed folder of these settings.
-        fingerprint: the dataset fingerprint.
+    Attributes
+    ----------
+    dataset
+        the dataset as read through its layout.
+    settings
+        the resolved preprocessing settings (target spacing and intensity statistics filled in).
+    cases
+        case id -> cached case (memory-mapped arrays and the meta of the inverse mapping).
+    split
+        ``{"train": [...], "val": [...]}`` plus ``"split"`` (its key) and, for k-fold, ``"fold"``.
+    cache_dir
+        the preprocessed folder of these settings.
+    fingerprint
+        the dataset fingerprint.
     """
 
     dataset: Dataset
@@ -110,18 +117,29 @@ def prepare_data(
 ) -> PreparedData:
     """Open, check, fingerprint, cache and split the dataset of ``config``.
 
-    Args:
-        config: the run's config (``data`` section, ``seed``, ``output_dir``).
-        dataset: the dataset if already opened (see :func:`open_dataset`).
-        settings: preprocessing settings to use instead of resolving them from the config (a run's
-            ``preprocessing.json``, so a resumed run or its inference preprocesses as it trained).
-        split: a split to use instead of the dataset's (a run's ``splits.json``).
-        progress: show progress bars.
+    Parameters
+    ----------
+    config
+        the run's config (``data`` section, ``seed``, ``output_dir``).
+    dataset
+        the dataset if already opened (see :func:`open_dataset`).
+    settings
+        preprocessing settings to use instead of resolving them from the config (a run's
+        ``preprocessing.json``, so a resumed run or its inference preprocesses as it trained).
+    split
+        a split to use instead of the dataset's (a run's ``splits.json``).
+    progress
+        show progress bars.
 
-    Raises:
-        DataError: the integrity check found errors (all listed), or too few cases for the split.
-        ConfigError: settings that do not fit the dataset (names the key).
+    Raises
+    ------
+    DataError
+        the integrity check found errors (all listed), or too few cases for the split.
+    ConfigError
+        settings that do not fit the dataset (names the key).
 
+    Notes
+    -----
     What can be checked without reading voxels (integrity of the headers, the split) is checked
     before anything is read or written; the label values and the patch size are checked on the
     fingerprint, before any case is preprocessed.
@@ -172,8 +190,10 @@ def apply_label_settings(dataset: Dataset, data: DataConfig) -> Dataset:
     A value the dataset also declares (dataset.json) must agree. Region label values must be classes
     of the dataset. Returns ``dataset`` (changed in place).
 
-    Raises:
-        ConfigError: naming the key, for a conflict or a value the dataset does not declare.
+    Raises
+    ------
+    ConfigError
+        naming the key, for a conflict or a value the dataset does not declare.
     """
     if data.ignore_label is not None:
         if dataset.ignore_label not in (None, data.ignore_label):
@@ -222,8 +242,10 @@ def _ensure_phantoms(root: Path, phantoms: Any) -> None:
 def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progress: bool = False) -> None:
     """``data.check``: ``full`` reads every voxel, ``headers`` only the headers, ``off`` skips.
 
-    Raises:
-        DataError: listing every error, one line each, naming the file.
+    Raises
+    ------
+    DataError
+        listing every error, one line each, naming the file.
     """
     if mode == "off":
         return
@@ -236,8 +258,10 @@ def run_integrity_check(dataset: Dataset, mode: str, *, workers: int = 1, progre
 def run_label_check(dataset: Dataset, fingerprint: dict[str, Any], mode: str) -> None:
     """Label values across cases (from the fingerprint, so no file is read again), unless ``data.check: off``.
 
-    Raises:
-        DataError: a label value the dataset does not declare (each file named); warnings are printed.
+    Raises
+    ------
+    DataError
+        a label value the dataset does not declare (each file named); warnings are printed.
     """
     if mode == "off":
         return
@@ -261,8 +285,10 @@ def _report(problems: list, dataset: Dataset, what: str) -> None:
 def check_splittable(dataset: Dataset, data: DataConfig) -> None:
     """Enough cases for the configured split: 2 (one to train, one to validate), or ``data.folds``.
 
-    Raises:
-        DataError: naming the dataset folder and how many cases it has.
+    Raises
+    ------
+    DataError
+        naming the dataset folder and how many cases it has.
     """
     need, purpose = (data.folds, f"{data.folds} folds (data.folds)") if data.folds else (2, "a training and a validation case")
     if len(dataset.cases) < need:
@@ -278,8 +304,10 @@ def check_patch_fits(config: RunConfig, fingerprint: dict[str, Any], settings: P
     a patch size meant for another dataset or spacing. Shapes come from the fingerprint: each case's
     (cropped) shape at the target spacing, as preprocessing will make it.
 
-    Raises:
-        ConfigError: naming ``data.patch_size``, the largest case and the largest valid patch.
+    Raises
+    ------
+    ConfigError
+        naming ``data.patch_size``, the largest case and the largest valid patch.
     """
     patch = list(config.data.patch_size)
     shapes = [target_shape(c["cropped_shape"] if settings.crop_to_nonzero else c["shape"], c["spacing_mm"],

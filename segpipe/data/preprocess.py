@@ -86,20 +86,27 @@ class PreprocessSettings(Settings):
     Read from a file with ``PreprocessSettings.from_dict(data, where=path, prefix="preprocessing.")``
     (:mod:`segpipe.settings`): unknown keys, types and the checks below name the file and the key.
 
-    Attributes:
-        target_spacing_mm: voxel size after resampling, in RAS axis order. ``None`` keeps each
-            case's own spacing (no resampling). The config default is the fingerprint's median.
-        normalization: one scheme for all channels or one per channel: ``"zscore"`` (per case,
-            all voxels; the default, right for MRI), ``"zscore_nonzero"`` (statistics over non-zero
-            voxels, zero outside; skull-stripped MRI), ``"ct"`` (clip to the dataset's foreground
-            0.5/99.5 percentiles, z-score with the dataset's foreground mean/std; needs
-            ``intensity_stats``), ``"none"``.
-        crop_to_nonzero: crop to the bounding box of non-zero image voxels (and labelled voxels).
-        image_order: spline order for image resampling (3 cubic, 1 linear). Defaults to 3.
-        label_interpolation: ``"onehot_linear"`` (each class linearly, then argmax; smoother, the
-            nnU-Net default) or ``"nearest"``.
-        intensity_stats: per channel ``{"mean", "std", "percentile_00_5", "percentile_99_5"}`` of
-            foreground voxels over the dataset (the fingerprint's ``intensity`` entries); ``ct`` only.
+    Attributes
+    ----------
+    target_spacing_mm
+        voxel size after resampling, in RAS axis order. ``None`` keeps each
+        case's own spacing (no resampling). The config default is the fingerprint's median.
+    normalization
+        one scheme for all channels or one per channel: ``"zscore"`` (per case,
+        all voxels; the default, right for MRI), ``"zscore_nonzero"`` (statistics over non-zero
+        voxels, zero outside; skull-stripped MRI), ``"ct"`` (clip to the dataset's foreground
+        0.5/99.5 percentiles, z-score with the dataset's foreground mean/std; needs
+        ``intensity_stats``), ``"none"``.
+    crop_to_nonzero
+        crop to the bounding box of non-zero image voxels (and labelled voxels).
+    image_order
+        spline order for image resampling (3 cubic, 1 linear). Defaults to 3.
+    label_interpolation
+        ``"onehot_linear"`` (each class linearly, then argmax; smoother, the
+        nnU-Net default) or ``"nearest"``.
+    intensity_stats
+        per channel ``{"mean", "std", "percentile_00_5", "percentile_99_5"}`` of
+        foreground voxels over the dataset (the fingerprint's ``intensity`` entries); ``ct`` only.
     """
 
     SECTION = "preprocessing settings"  # names them in an unknown key's message when read without a key path
@@ -270,15 +277,22 @@ def restore_to_original(
     nearest-neighbour upsampling (or no resampling) comes back exactly; downsampling loses what it
     loses.
 
-    Args:
-        array: (X, Y, Z) label map or (X, Y, Z, C) probabilities on the preprocessed grid
-            (``meta["shape"]``).
-        meta: the case's preprocessing meta.
-        order: 0 (nearest) for label maps, 1 (linear) for probabilities.
-        fill_value: value outside the crop box; one per channel for (X, Y, Z, C) arrays, e.g.
-            ``[1, 0, 0]`` for probabilities (outside the non-zero box is background).
+    Parameters
+    ----------
+    array
+        (X, Y, Z) label map or (X, Y, Z, C) probabilities on the preprocessed grid
+        (``meta["shape"]``).
+    meta
+        the case's preprocessing meta.
+    order
+        0 (nearest) for label maps, 1 (linear) for probabilities.
+    fill_value
+        value outside the crop box; one per channel for (X, Y, Z, C) arrays, e.g.
+        ``[1, 0, 0]`` for probabilities (outside the non-zero box is background).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The array with shape ``meta["original_shape"]`` (+ channels), dtype kept.
     """
     array = np.asarray(array)

@@ -137,18 +137,27 @@ def choose_patch(
 class PatchSampler:
     """Random training patches from a list of cases, deterministic per ``(seed, index)``.
 
-    Args:
-        cases: cached cases (or :class:`ArrayCase`); images are read through memory maps.
-        patch_size: patch shape (X, Y, Z) in voxels.
-        foreground_fraction: share of foreground-centred patches. Defaults to 1/3.
-        batch_size: apply the fraction per batch with nnU-Net's slot rule (index % batch_size is
-            the slot); ``None`` draws each sample independently.
-        augmenter: optional :class:`segpipe.data.augment.Augmenter`; its spatial transform is
-            evaluated on the whole volume around the patch, then its patch transforms run.
-        seed: the run's seed.
-        cycle_cases: take case ``index % len(cases)`` instead of a random case (fixed validation
-            patches: with ``augmenter=None`` index ``i`` gives the same patch every epoch).
-        ignore_label: the value of unannotated voxels; no patch is centred on it.
+    Parameters
+    ----------
+    cases
+        cached cases (or :class:`ArrayCase`); images are read through memory maps.
+    patch_size
+        patch shape (X, Y, Z) in voxels.
+    foreground_fraction
+        share of foreground-centred patches. Defaults to 1/3.
+    batch_size
+        apply the fraction per batch with nnU-Net's slot rule (index % batch_size is
+        the slot); ``None`` draws each sample independently.
+    augmenter
+        optional :class:`segpipe.data.augment.Augmenter`; its spatial transform is
+        evaluated on the whole volume around the patch, then its patch transforms run.
+    seed
+        the run's seed.
+    cycle_cases
+        take case ``index % len(cases)`` instead of a random case (fixed validation
+        patches: with ``augmenter=None`` index ``i`` gives the same patch every epoch).
+    ignore_label
+        the value of unannotated voxels; no patch is centred on it.
     """
 
     def __init__(

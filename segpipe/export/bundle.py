@@ -113,45 +113,71 @@ def write_bundle(
 ) -> Path:
     """Write a bundle for ``model`` (a trained segpipe U-Net, deep supervision or not) to ``out_dir``.
 
-    Args:
-        model: the trained Keras model (softmax output(s), channels-last input).
-        out_dir: the bundle folder to create.
-        class_names: names indexed by label value; one per output channel (with ``regions``: one per
-            label value of the label maps, 0 up to the largest of ``regions_class_order``).
-        preprocessing: the resolved preprocessing of training (target spacing, normalisation
-            statistics); new scans go through exactly this.
-        patch_size: the training patch size, used as the sliding window.
-        channel_names: names of the input channels (defaults to ``channel_<i>``).
-        architecture: the builder arguments that build ``model``
-            (:func:`segpipe.models.architecture.architecture_from_model_config`); with them the
-            bundle holds Keras weights that load without running code. ``None`` (a network not
-            built by segpipe's builders): no Keras weights, recorded under ``formats_not_written``.
-        inference: default inference settings stored in the bundle.
-        training_config: the run's resolved config (stored for provenance).
-        source: free-form provenance (run directory, checkpoint).
-        extra_meta: more keys for ``bundle.json`` (an ensemble's ``members`` and ``postprocessing``).
-        regions: a region network's regions (:class:`segpipe.data.labels.Region`), one sigmoid output
-            each; stored as ``regions`` with ``output_activation: "sigmoid"``.
-        regions_class_order: with ``regions``: the label value written for each region.
-        ignore_label: the training data's ignore label, stored for the record.
-        onnx: also write ``model.onnx`` (needs tf2onnx, and onnxruntime for the check).
-        openvino: write ``openvino/model.xml``: ``None`` (default) when ``openvino`` is installed
-            (otherwise ``bundle.json`` records under ``formats_not_written`` why not), ``True``
-            insists (error without it), ``False`` never.
-        segment: add the ``segment`` signature (raw scan -> labels, :mod:`segpipe.export.serving_graph`)
-            to the SavedModel; settings it cannot reproduce leave it out, recorded like a format.
-        verify: load every exported format back and check it against Keras (``bundle.json``
-            records ``verification``; ``False`` records that it was not run).
-        overwrite: replace an existing ``out_dir`` that segpipe wrote (its marker); any other folder
-            is never replaced.
+    Parameters
+    ----------
+    model
+        the trained Keras model (softmax output(s), channels-last input).
+    out_dir
+        the bundle folder to create.
+    class_names
+        names indexed by label value; one per output channel (with ``regions``: one per
+        label value of the label maps, 0 up to the largest of ``regions_class_order``).
+    preprocessing
+        the resolved preprocessing of training (target spacing, normalisation
+        statistics); new scans go through exactly this.
+    patch_size
+        the training patch size, used as the sliding window.
+    channel_names
+        names of the input channels (defaults to ``channel_<i>``).
+    architecture
+        the builder arguments that build ``model``
+        (:func:`segpipe.models.architecture.architecture_from_model_config`); with them the
+        bundle holds Keras weights that load without running code. ``None`` (a network not
+        built by segpipe's builders): no Keras weights, recorded under ``formats_not_written``.
+    inference
+        default inference settings stored in the bundle.
+    training_config
+        the run's resolved config (stored for provenance).
+    source
+        free-form provenance (run directory, checkpoint).
+    extra_meta
+        more keys for ``bundle.json`` (an ensemble's ``members`` and ``postprocessing``).
+    regions
+        a region network's regions (:class:`segpipe.data.labels.Region`), one sigmoid output
+        each; stored as ``regions`` with ``output_activation: "sigmoid"``.
+    regions_class_order
+        with ``regions``: the label value written for each region.
+    ignore_label
+        the training data's ignore label, stored for the record.
+    onnx
+        also write ``model.onnx`` (needs tf2onnx, and onnxruntime for the check).
+    openvino
+        write ``openvino/model.xml``: ``None`` (default) when ``openvino`` is installed
+        (otherwise ``bundle.json`` records under ``formats_not_written`` why not), ``True``
+        insists (error without it), ``False`` never.
+    segment
+        add the ``segment`` signature (raw scan -> labels, :mod:`segpipe.export.serving_graph`)
+        to the SavedModel; settings it cannot reproduce leave it out, recorded like a format.
+    verify
+        load every exported format back and check it against Keras (``bundle.json``
+        records ``verification``; ``False`` records that it was not run).
+    overwrite
+        replace an existing ``out_dir`` that segpipe wrote (its marker); any other folder
+        is never replaced.
 
-    Returns:
+    Returns
+    -------
+    Path
         ``out_dir``.
 
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is not a bundle segpipe wrote.
-        ImportError: ``onnx=True`` without tf2onnx/onnxruntime, or ``openvino=True`` without openvino.
-        BundleError: an exported format disagrees with Keras by more than ``VERIFY_TOLERANCE``.
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` exists and ``overwrite`` is false, or it is not a bundle segpipe wrote.
+    ImportError
+        ``onnx=True`` without tf2onnx/onnxruntime, or ``openvino=True`` without openvino.
+    BundleError
+        an exported format disagrees with Keras by more than ``VERIFY_TOLERANCE``.
     """
     out_dir = Path(out_dir)
     openvino, not_written = _export_formats(out_dir, onnx=onnx, openvino=openvino, verify=verify, overwrite=overwrite)
@@ -337,19 +363,29 @@ def export_run(
 ) -> Path:
     """Write the bundle of a trained run (default ``RUN_DIR/bundle``).
 
-    Args:
-        run_dir: the run directory (``config.yaml``, ``preprocessing.json``, checkpoints).
-        out_dir: bundle folder; defaults to ``RUN_DIR/bundle``.
-        checkpoint: ``"best"`` (``checkpoints/best.keras``), ``"last"`` (the last finished epoch),
-            ``"final"`` (``model.keras``), or a path to a ``.keras`` file.
-        onnx: also write ``model.onnx``.
-        overwrite: replace an existing bundle folder.
-        inference: inference settings; default: the run config's ``inference`` section.
-        preprocessing: defaults to ``RUN_DIR/preprocessing.json`` (written at training time).
-        class_names: defaults to the classes of the run's dataset (``data.root``, opened as training
-            opens it, so ``data.ignore_label`` and ``data.regions`` apply); ``class_<v>`` if that
-            folder is not readable (not for a region run, whose regions only the dataset knows).
-        verify: check the SavedModel/ONNX against Keras after writing.
+    Parameters
+    ----------
+    run_dir
+        the run directory (``config.yaml``, ``preprocessing.json``, checkpoints).
+    out_dir
+        bundle folder; defaults to ``RUN_DIR/bundle``.
+    checkpoint
+        ``"best"`` (``checkpoints/best.keras``), ``"last"`` (the last finished epoch),
+        ``"final"`` (``model.keras``), or a path to a ``.keras`` file.
+    onnx
+        also write ``model.onnx``.
+    overwrite
+        replace an existing bundle folder.
+    inference
+        inference settings; default: the run config's ``inference`` section.
+    preprocessing
+        defaults to ``RUN_DIR/preprocessing.json`` (written at training time).
+    class_names
+        defaults to the classes of the run's dataset (``data.root``, opened as training
+        opens it, so ``data.ignore_label`` and ``data.regions`` apply); ``class_<v>`` if that
+        folder is not readable (not for a region run, whose regions only the dataset knows).
+    verify
+        check the SavedModel/ONNX against Keras after writing.
     """
     member = load_run_member(run_dir, checkpoint, preprocessing=preprocessing, class_names=class_names)
     return write_bundle(

@@ -21,20 +21,27 @@ from segpipe.errors import Received, expected
 def keep_largest_component(labels: np.ndarray, classes: Iterable[int], *, connectivity: int = 3) -> np.ndarray:
     """Keep only the largest connected component of each class in ``classes``; the rest becomes 0.
 
-    Args:
-        labels: integer label map (X, Y, Z).
-        classes: label values to process (0 is ignored); values absent from ``labels`` are skipped.
-        connectivity: which neighbours touch: 1 = faces (6 in 3-D), 2 = faces and edges (18),
-            3 = also corners (26, as scikit-image and MONAI default). Defaults to 3.
+    Parameters
+    ----------
+    labels
+        integer label map (X, Y, Z).
+    classes
+        label values to process (0 is ignored); values absent from ``labels`` are skipped.
+    connectivity
+        which neighbours touch: 1 = faces (6 in 3-D), 2 = faces and edges (18),
+        3 = also corners (26, as scikit-image and MONAI default). Defaults to 3.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         A new label map of the same shape and dtype. When two components tie in size, the one
         ``scipy.ndimage.label`` numbers first is kept.
 
-    Example:
-        >>> labels = np.zeros((5, 1, 1), np.uint8); labels[[0, 2, 3], 0, 0] = 1
-        >>> keep_largest_component(labels, [1])[:, 0, 0].tolist()
-        [0, 0, 1, 1, 0]
+    Examples
+    --------
+    >>> labels = np.zeros((5, 1, 1), np.uint8); labels[[0, 2, 3], 0, 0] = 1
+    >>> keep_largest_component(labels, [1])[:, 0, 0].tolist()
+    [0, 0, 1, 1, 0]
     """
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):

@@ -118,9 +118,12 @@ def choose_format(available: Iterable[str], requested: str = "auto") -> str:
     that is available and installed; a named runtime is returned if available and installed, else
     a clear error.
 
-    Raises:
-        ValueError: an unknown name, or a format the bundle does not hold.
-        ImportError: the named runtime is not installed.
+    Raises
+    ------
+    ValueError
+        an unknown name, or a format the bundle does not hold.
+    ImportError
+        the named runtime is not installed.
     """
     available = set(available)
     if requested == "auto":

@@ -79,23 +79,35 @@ def segment_volume(
 ) -> Segmentation:
     """Segment one scan given as arrays: image (X, Y, Z) or (X, Y, Z, Cin) and its affine.
 
-    Args:
-        predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
-            e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or
-            :func:`segpipe.inference.runtimes.load_predictor`.
-        image: the raw scan, in its own orientation and spacing.
-        affine: its voxel-to-world affine.
-        preprocessing: the training preprocessing.
-        patch_size: the sliding window (the training patch size).
-        settings: the one :class:`InferenceSettings`: overlap, mirroring, windows per call, Gaussian σ
-            (see :func:`segpipe.inference.sliding_window.sliding_window_predict`) and the label values
-            that keep only their largest component.
-        return_probabilities: also return the probabilities on the scan's grid.
-        progress: progress bar over the windows.
-        regions_class_order: for a region network (one sigmoid per region, a region bundle's
-            ``regions_class_order``): the label value of each region (see :func:`segment_preprocessed`).
+    Parameters
+    ----------
+    predict_fn
+        float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C);
+        e.g. :func:`segpipe.inference.sliding_window.keras_predict_fn` or
+        :func:`segpipe.inference.runtimes.load_predictor`.
+    image
+        the raw scan, in its own orientation and spacing.
+    affine
+        its voxel-to-world affine.
+    preprocessing
+        the training preprocessing.
+    patch_size
+        the sliding window (the training patch size).
+    settings
+        the one :class:`InferenceSettings`: overlap, mirroring, windows per call, Gaussian σ
+        (see :func:`segpipe.inference.sliding_window.sliding_window_predict`) and the label values
+        that keep only their largest component.
+    return_probabilities
+        also return the probabilities on the scan's grid.
+    progress
+        progress bar over the windows.
+    regions_class_order
+        for a region network (one sigmoid per region, a region bundle's
+        ``regions_class_order``): the label value of each region (see :func:`segment_preprocessed`).
 
-    Returns:
+    Returns
+    -------
+    Segmentation
         A :class:`Segmentation` whose arrays have the scan's spatial shape.
     """
     case = preprocess_volume(image, affine, None, preprocessing)
@@ -117,18 +129,26 @@ def segment_preprocessed(
 ) -> Segmentation:
     """Steps 2-4 of :func:`segment_volume` for an image already preprocessed (e.g. a cached training case).
 
-    Args:
-        predict_fn: float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C).
-        image: the preprocessed image (X, Y, Z, Cin) the network sees.
-        meta: its preprocessing record (``PreprocessedCase.meta`` / the cache's ``meta.json``), which
-            maps it back to the original grid.
-        patch_size, settings, return_probabilities, progress: see :func:`segment_volume`.
-        regions_class_order: for a region network (one sigmoid per region): the label value of each
-            region; the region probabilities are mapped back (outside the crop box: in no region) and
-            turned into labels by :func:`segpipe.data.labels.regions_to_labels` (never the argmax
-            paths, which hold only class labels).
+    Parameters
+    ----------
+    predict_fn
+        float32 batch (B, *patch_size, Cin) -> probabilities (B, *patch_size, C).
+    image
+        the preprocessed image (X, Y, Z, Cin) the network sees.
+    meta
+        its preprocessing record (``PreprocessedCase.meta`` / the cache's ``meta.json``), which
+        maps it back to the original grid.
+    patch_size, settings, return_probabilities, progress
+        see :func:`segment_volume`.
+    regions_class_order
+        for a region network (one sigmoid per region): the label value of each
+        region; the region probabilities are mapped back (outside the crop box: in no region) and
+        turned into labels by :func:`segpipe.data.labels.regions_to_labels` (never the argmax
+        paths, which hold only class labels).
 
-    Returns:
+    Returns
+    -------
+    Segmentation
         A :class:`Segmentation` on the original grid, with the original affine.
     """
     window = dict(settings=settings, progress=progress)
@@ -175,7 +195,9 @@ def labels_from_slabs(slabs: Iterable[tuple[slice, np.ndarray]], meta: dict[str,
     per class with ``resample`` itself; rows no later output row needs are dropped at once.
     Outside the crop box is background; ties go to the lower class, as ``np.argmax``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The uint8 label map on the original grid.
     """
     n_in, n_out = int(meta["shape"][0]), int(meta["cropped_shape"][0])
@@ -324,33 +346,49 @@ def predict_files(
 ) -> list[Path]:
     """Segment NIfTI files with a bundle; write ``OUTPUT/CASE.nii.gz`` (and the probabilities).
 
-    Args:
-        bundle: a bundle folder or a :class:`segpipe.inference.bundle.Bundle`.
-        inputs: a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
-        output_dir: where label maps go; must not be a folder holding an input scan or a dataset's
-            reference label maps (:func:`check_output`).
-        format: a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
-            ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
-            has (see :mod:`segpipe.inference.runtimes`).
-        overlap, mirror_axes, batch_size, postprocess_largest_component: override the bundle's
-            inference settings (``None`` keeps them).
-        save_probabilities: also write the per-class probabilities (X, Y, Z, C) on the scan's grid
-            (an ensemble's: the members' average; a region bundle's: one channel per region), as ``"nifti"``
-            (or True): ``CASE_probabilities.nii.gz``, or ``"npz"``: ``CASE_probabilities.npz``
-            (:func:`write_probabilities`).
-        probabilities_dtype: ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
-        progress: progress bars over cases and windows.
-        trust_bundle: allow a format that can run code (``savedmodel``); only for a bundle from a
-            source you trust (docs/deployment.md, "Trust").
-        overwrite: replace label maps (and probabilities) that exist already; without it they are refused.
+    Parameters
+    ----------
+    bundle
+        a bundle folder or a :class:`segpipe.inference.bundle.Bundle`.
+    inputs
+        a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
+    output_dir
+        where label maps go; must not be a folder holding an input scan or a dataset's
+        reference label maps (:func:`check_output`).
+    format
+        a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
+        ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
+        has (see :mod:`segpipe.inference.runtimes`).
+    overlap, mirror_axes, batch_size, postprocess_largest_component
+        override the bundle's
+        inference settings (``None`` keeps them).
+    save_probabilities
+        also write the per-class probabilities (X, Y, Z, C) on the scan's grid
+        (an ensemble's: the members' average; a region bundle's: one channel per region), as ``"nifti"``
+        (or True): ``CASE_probabilities.nii.gz``, or ``"npz"``: ``CASE_probabilities.npz``
+        (:func:`write_probabilities`).
+    probabilities_dtype
+        ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
+    progress
+        progress bars over cases and windows.
+    trust_bundle
+        allow a format that can run code (``savedmodel``); only for a bundle from a
+        source you trust (docs/deployment.md, "Trust").
+    overwrite
+        replace label maps (and probabilities) that exist already; without it they are refused.
 
-    Returns:
+    Returns
+    -------
+    list[Path]
         The label map files written, in case order.
 
-    Raises:
-        FileExistsError: an output file exists and ``overwrite`` is off (checked before any scan is
-            segmented, so nothing is written).
-        ValueError: the output folder holds an input scan or reference label maps (even with ``overwrite``).
+    Raises
+    ------
+    FileExistsError
+        an output file exists and ``overwrite`` is off (checked before any scan is
+        segmented, so nothing is written).
+    ValueError
+        the output folder holds an input scan or reference label maps (even with ``overwrite``).
     """
     from tqdm import tqdm
 

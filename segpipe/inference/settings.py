@@ -35,23 +35,32 @@ def check_label_values(values: Sequence[int], num_classes: int, *, key: str) -> 
 class InferenceSettings(Settings):
     """Sliding-window prediction of one volume.
 
-    Attributes:
-        overlap: fraction of a window shared with its neighbour along each axis, in [0, 0.95].
-        mirror_axes: spatial axes mirrored for test-time augmentation (every subset is averaged,
-            ``2 ** len(mirror_axes)`` passes); ``()`` switches mirroring off.
-        batch_size: windows per network call (2 is 10-30 % faster than 1 on 2 CPU cores).
-        sigma_scale: σ of the Gaussian window weighting as a fraction of the window side (nnU-Net: 1/8).
-        postprocess_largest_component: label values for which only the largest connected component
-            is kept (``()`` = none).
-        postprocess_largest_foreground: first keep only the largest connected component of all
-            foreground together (nnU-Net's first post-processing step; chosen on data by
-            :func:`segpipe.evaluation.postprocessing.choose_postprocessing`).
-
     Read from a mapping (the config's ``inference:``, ``bundle.json``'s ``inference``) with
     ``InferenceSettings.from_dict(values, where=..., prefix=...)`` (:mod:`segpipe.settings`).
 
-    Raises:
-        SettingError: a field is out of range; the message names the field.
+    Attributes
+    ----------
+    overlap
+        fraction of a window shared with its neighbour along each axis, in [0, 0.95].
+    mirror_axes
+        spatial axes mirrored for test-time augmentation (every subset is averaged,
+        ``2 ** len(mirror_axes)`` passes); ``()`` switches mirroring off.
+    batch_size
+        windows per network call (2 is 10-30 % faster than 1 on 2 CPU cores).
+    sigma_scale
+        σ of the Gaussian window weighting as a fraction of the window side (nnU-Net: 1/8).
+    postprocess_largest_component
+        label values for which only the largest connected component
+        is kept (``()`` = none).
+    postprocess_largest_foreground
+        first keep only the largest connected component of all
+        foreground together (nnU-Net's first post-processing step; chosen on data by
+        :func:`segpipe.evaluation.postprocessing.choose_postprocessing`).
+
+    Raises
+    ------
+    SettingError
+        a field is out of range; the message names the field.
     """
 
     SECTION = "inference settings"  # names them in an unknown key's message when read without a key path

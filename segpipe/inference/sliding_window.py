@@ -43,9 +43,10 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     (at least 1 voxel) apart; they are then spread evenly from 0 to ``size - window``, so the last one ends flush with
     the volume. An axis no longer than the window has a single window at 0 (pad it first).
 
-    Example:
-        >>> window_starts(100, 32, 0.5)
-        [0, 14, 27, 41, 54, 68]
+    Examples
+    --------
+    >>> window_starts(100, 32, 0.5)
+    [0, 14, 27, 41, 54, 68]
     """
     _check_overlap(overlap)
     if window < 1:
@@ -99,9 +100,10 @@ def gaussian_importance_map(window: Sequence[int], sigma_scale: float = 0.125) -
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every subset of ``mirror_axes`` (the empty one first): the flips test-time mirroring averages.
 
-    Example:
-        >>> mirror_combinations([0, 2])
-        [(), (0,), (2,), (0, 2)]
+    Examples
+    --------
+    >>> mirror_combinations([0, 2])
+    [(), (0,), (2,), (0, 2)]
     """
     axes = check_mirror_axes(mirror_axes)
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
@@ -133,30 +135,40 @@ def sliding_window_predict(
 ) -> np.ndarray:
     """Softmax probabilities (X, Y, Z, C) of a whole preprocessed image (X, Y, Z, Cin).
 
-    Args:
-        predict_fn: maps a float32 batch (B, *window, Cin) to probabilities (B, *window, C).
-        image: channels-last preprocessed image (the network's input space).
-        window: window (training patch) size; each side must suit the network (divisible by
-            ``2 ** (depth - 1)`` for the U-Net).
-        settings: ``overlap`` (fraction of a window shared with its neighbour along each axis),
-            ``mirror_axes`` (test-time mirroring: every subset is predicted and averaged, ``()``
-            switches it off), ``batch_size`` (windows per network call; a short last batch is
-            zero-filled, so every call has one shape) and ``sigma_scale`` (Gaussian σ as a fraction
-            of the window side). ``postprocess_largest_component`` is not used here (it acts on labels).
-        progress: show a tqdm progress bar over the windows.
-        dtype: dtype of the returned array. Blending is always float32 (per output slab, see
-            :func:`iter_blended_slabs`); ``np.float16`` halves the one full-size array, at a
-            relative rounding error of 2^-11 in the stored probabilities.
+    Parameters
+    ----------
+    predict_fn
+        maps a float32 batch (B, *window, Cin) to probabilities (B, *window, C).
+    image
+        channels-last preprocessed image (the network's input space).
+    window
+        window (training patch) size; each side must suit the network (divisible by
+        ``2 ** (depth - 1)`` for the U-Net).
+    settings
+        ``overlap`` (fraction of a window shared with its neighbour along each axis),
+        ``mirror_axes`` (test-time mirroring: every subset is predicted and averaged, ``()``
+        switches it off), ``batch_size`` (windows per network call; a short last batch is
+        zero-filled, so every call has one shape) and ``sigma_scale`` (Gaussian σ as a fraction
+        of the window side). ``postprocess_largest_component`` is not used here (it acts on labels).
+    progress
+        show a tqdm progress bar over the windows.
+    dtype
+        dtype of the returned array. Blending is always float32 (per output slab, see
+        :func:`iter_blended_slabs`); ``np.float16`` halves the one full-size array, at a
+        relative rounding error of 2^-11 in the stored probabilities.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         Probabilities on the grid of ``image``: the Gaussian-weighted average of every window (and
         mirror) that covers a voxel.
 
-    Example:
-        >>> ones = lambda x: np.ones(x.shape[:4] + (2,), np.float32) / 2
-        >>> sliding_window_predict(ones, np.zeros((5, 4, 4, 1)), (4, 4, 4),
-        ...                        settings=InferenceSettings(mirror_axes=())).shape
-        (5, 4, 4, 2)
+    Examples
+    --------
+    >>> ones = lambda x: np.ones(x.shape[:4] + (2,), np.float32) / 2
+    >>> sliding_window_predict(ones, np.zeros((5, 4, 4, 1)), (4, 4, 4),
+    ...                        settings=InferenceSettings(mirror_axes=())).shape
+    (5, 4, 4, 2)
     """
     out: np.ndarray | None = None
     for rows, slab in iter_blended_slabs(predict_fn, image, window, settings=settings, progress=progress):
@@ -181,8 +193,10 @@ def sliding_window_labels(
     (window[0] × Y × Z × C float32) and the label map (1 byte per voxel). The labels equal
     ``np.argmax(sliding_window_predict(...), -1)`` exactly (ties go to the lower class).
 
-    Args:
-        predict_fn, image, window, settings, progress: as for :func:`sliding_window_predict`.
+    Parameters
+    ----------
+    predict_fn, image, window, settings, progress
+        as for :func:`sliding_window_predict`.
     """
     labels = np.empty(np.shape(image)[:3], dtype=np.uint8)
     for rows, slab in iter_blended_slabs(predict_fn, image, window, settings=settings, progress=progress):
@@ -208,10 +222,14 @@ def iter_blended_slabs(
     accumulator (window[0] × Y × Z × C, plus Σ w) is held, so the memory of blending does not grow
     with the volume's length along axis 0; callers keep, reduce or write each slab.
 
-    Args:
-        predict_fn, image, window, settings, progress: as for :func:`sliding_window_predict`.
+    Parameters
+    ----------
+    predict_fn, image, window, settings, progress
+        as for :func:`sliding_window_predict`.
 
-    Yields:
+    Yields
+    ------
+    tuple[slice, np.ndarray]
         ``(rows, probabilities)``: a slice of axis 0 of ``image`` and the float32 probabilities
         (len(rows), Y, Z, C) there, in order, covering the image once.
     """
@@ -290,10 +308,11 @@ def batch_size_for_memory(
     intermediate feature maps per input voxel; :func:`segpipe.export.bundle.activation_bytes_per_voxel`
     estimates it for a Keras model). At least 1.
 
-    Example:
-        >>> batch_size_for_memory((64, 64, 64), in_channels=1, num_classes=3, budget_mb=256,
-        ...                       activation_bytes_per_voxel=200)
-        4
+    Examples
+    --------
+    >>> batch_size_for_memory((64, 64, 64), in_channels=1, num_classes=3, budget_mb=256,
+    ...                       activation_bytes_per_voxel=200)
+    4
     """
     if budget_mb <= 0:
         raise ValueError(expected("a memory budget > 0", key="budget_mb", received=budget_mb))

@@ -51,8 +51,10 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Save a ``.npy`` array atomically.
 
-    Raises:
-        StorageError: the disk is full or the folder read-only (names ``path``; nothing half-written).
+    Raises
+    ------
+    StorageError
+        the disk is full or the folder read-only (names ``path``; nothing half-written).
     """
     with explain_write_errors(path), atomic_path(path) as tmp:
         np.save(tmp, array)

@@ -109,8 +109,10 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     """Write ``array`` with ``affine`` as NIfTI, atomically. The dtype of ``array`` is kept, or ``dtype``
     (float data into an integer type is stored scaled: nibabel sets the header's slope and intercept).
 
-    Raises:
-        StorageError: the disk is full or the folder read-only (names ``path``; nothing half-written).
+    Raises
+    ------
+    StorageError
+        the disk is full or the folder read-only (names ``path``; nothing half-written).
     """
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     image.header.set_data_dtype(np.asarray(array).dtype if dtype is None else dtype)

@@ -41,15 +41,15 @@ every ratio: a class absent from reference and prediction scores 1 (loss 0).
 ``include_background=False`` drops channel 0 after the softmax. ``class_weights`` has one entry
 per scored class (C, or C - 1 without background).
 
-Example::
-
-    >>> import keras
-    >>> loss = get_loss("tversky", alpha=0.3, beta=0.7)
-    >>> y_true = keras.ops.one_hot(keras.ops.zeros((2, 4, 4, 4), "int32"), 3)
-    >>> tuple(loss.call(y_true, y_true).shape)
-    (2,)
-    >>> float(loss(y_true, y_true, sample_weight=[1.0, 0.0]))  # perfect prediction
-    0.0
+Examples
+--------
+>>> import keras
+>>> loss = get_loss("tversky", alpha=0.3, beta=0.7)
+>>> y_true = keras.ops.one_hot(keras.ops.zeros((2, 4, 4, 4), "int32"), 3)
+>>> tuple(loss.call(y_true, y_true).shape)
+(2,)
+>>> float(loss(y_true, y_true, sample_weight=[1.0, 0.0]))  # perfect prediction
+0.0
 
 docs/losses-in-keras.md shows the losses in a user's own multi-output model.
 """

@@ -71,12 +71,17 @@ class SegmentationLoss(keras.losses.Loss):
     returns one float32 value per sample, shape (B,); calling the loss applies ``sample_weight``
     and ``reduction`` like ``keras.losses.CategoricalCrossentropy``.
 
-    Args:
-        reduction: "sum_over_batch_size" (default), "sum", "mean" (= sum_over_batch_size in
-            Keras 3), "mean_with_sample_weight", or None/"none" (the weighted per-sample values).
-        name: defaults to the registry name.
-        dtype: the dtype inputs are converted to by Keras (the math runs in float32).
-        **options: the loss's options (see its pure function).
+    Parameters
+    ----------
+    reduction
+        "sum_over_batch_size" (default), "sum", "mean" (= sum_over_batch_size in
+        Keras 3), "mean_with_sample_weight", or None/"none" (the weighted per-sample values).
+    name
+        defaults to the registry name.
+    dtype
+        the dtype inputs are converted to by Keras (the math runs in float32).
+    **options
+        the loss's options (see its pure function).
     """
 
     registry_name: str = ""

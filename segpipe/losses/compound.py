@@ -44,12 +44,17 @@ class CompoundLoss(keras.losses.Loss):
     The terms' own ``reduction`` is not used; the compound's applies to the summed per-sample
     values, and ``sample_weight`` is passed to every term (so voxel weights need voxel terms only).
 
-    Args:
-        terms: a sequence whose items are config dicts ``{"name": ..., "weight": 1.0, <options>}``
-            (``weight`` defaults to 1), loss names, or ``(weight, loss)`` pairs of segpipe losses.
-        reduction, name, dtype: as ``keras.losses.Loss``.
+    Parameters
+    ----------
+    terms
+        a sequence whose items are config dicts ``{"name": ..., "weight": 1.0, <options>}``
+        (``weight`` defaults to 1), loss names, or ``(weight, loss)`` pairs of segpipe losses.
+    reduction, name, dtype
+        as ``keras.losses.Loss``.
 
-    Example: ``CompoundLoss([{"name": "dice", "include_background": False}, {"name": "ce"}])`` is
+    Examples
+    --------
+    ``CompoundLoss([{"name": "dice", "include_background": False}, {"name": "ce"}])`` is
     nnU-Net's default Dice + CE (nnU-Net keeps the background in the CE term).
     """
 

@@ -32,10 +32,10 @@ TARGET_DOWNSAMPLING = ("average", "nearest")
 def deep_supervision_weights(num_outputs: int) -> list[float]:
     """nnU-Net's output weights: ``1/2^i``, the last (lowest-resolution) one 0, normalised.
 
-    Examples::
-
-        >>> deep_supervision_weights(4)
-        [0.5714285714285714, 0.2857142857142857, 0.14285714285714285, 0.0]
+    Examples
+    --------
+    >>> deep_supervision_weights(4)
+    [0.5714285714285714, 0.2857142857142857, 0.14285714285714285, 0.0]
     """
     if not isinstance(num_outputs, int) or isinstance(num_outputs, bool) or num_outputs < 1:
         raise ValueError(expected("a positive integer", key="num_outputs", received=num_outputs))

@@ -39,23 +39,35 @@ def dice_loss(y_true, y_pred, *, squared_pred: bool = False, include_background:
 
     then the (weighted) class mean per sample.
 
-    Args:
-        squared_pred: use squared terms in the denominator (Milletari et al.). Defaults to False.
-        include_background: False drops channel 0 after the softmax. Defaults to True.
-        batch: pool the counts over the batch (nnU-Net's batch Dice). Defaults to False.
-        class_weights: one non-negative weight per scored class for the class mean.
-        smooth_nr, smooth_dr: added to numerator and denominator. Default 1e-5 each.
-        from_logits: ``y_pred`` are logits; a softmax over the channel axis is applied.
-        sigmoid: the channels are independent region probabilities (one sigmoid per region, no
-            background channel): ``from_logits`` applies a sigmoid; ``include_background`` must
-            stay True. Defaults to False.
-        pool_weights: with ``batch=True``, per-sample weights (B,) of the pooled counts.
+    Parameters
+    ----------
+    squared_pred
+        use squared terms in the denominator (Milletari et al.). Defaults to False.
+    include_background
+        False drops channel 0 after the softmax. Defaults to True.
+    batch
+        pool the counts over the batch (nnU-Net's batch Dice). Defaults to False.
+    class_weights
+        one non-negative weight per scored class for the class mean.
+    smooth_nr, smooth_dr
+        added to numerator and denominator. Default 1e-5 each.
+    from_logits
+        ``y_pred`` are logits; a softmax over the channel axis is applied.
+    sigmoid
+        the channels are independent region probabilities (one sigmoid per region, no
+        background channel): ``from_logits`` applies a sigmoid; ``include_background`` must
+        stay True. Defaults to False.
+    pool_weights
+        with ``batch=True``, per-sample weights (B,) of the pooled counts.
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,), values in [0, 1].
 
-    Reference:
-        Milletari, Navab, Ahmadi. V-Net. 3DV 2016, arXiv:1606.04797.
+    References
+    ----------
+    Milletari, Navab, Ahmadi. V-Net. 3DV 2016, arXiv:1606.04797.
     """
     stats = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
                          include_background=include_background, pool_weights=pool_weights,
@@ -87,17 +99,22 @@ def generalized_dice_loss(y_true, y_pred, *, weight_type: str = "square",
     positives are still penalised (MONAI uses 0 there, which gives no gradient). The weights depend
     on ``y_true`` only and carry no gradient; no division by zero happens.
 
-    Args:
-        weight_type: "square", "simple" or "uniform". Defaults to "square".
-        include_background, batch, smooth_nr, smooth_dr, from_logits, pool_weights: as
-            :func:`dice_loss`.
+    Parameters
+    ----------
+    weight_type
+        "square", "simple" or "uniform". Defaults to "square".
+    include_background, batch, smooth_nr, smooth_dr, from_logits, pool_weights
+        as :func:`dice_loss`.
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,), values in [0, 1].
 
-    Reference:
-        Sudre, Li, Vercauteren, Ourselin, Cardoso. Generalised Dice overlap as a deep learning loss
-        function for highly unbalanced segmentations. DLMIA 2017, arXiv:1707.03237.
+    References
+    ----------
+    Sudre, Li, Vercauteren, Ourselin, Cardoso. Generalised Dice overlap as a deep learning loss
+    function for highly unbalanced segmentations. DLMIA 2017, arXiv:1707.03237.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
                               include_background=include_background, pool_weights=pool_weights,
@@ -133,18 +150,24 @@ def tversky_loss(y_true, y_pred, *, alpha: float = 0.5, beta: float = 0.5,
     alpha = beta = 0.5 is the Dice loss and alpha = beta = 1 the IoU loss (exactly so without
     smoothing). beta > alpha favours recall (Salehi et al. recommend alpha=0.3, beta=0.7).
 
-    Args:
-        alpha: weight of FP, >= 0. Defaults to 0.5.
-        beta: weight of FN, >= 0. Defaults to 0.5.
-        include_background, batch, class_weights, smooth_nr, smooth_dr, from_logits,
-            pool_weights: as :func:`dice_loss`.
+    Parameters
+    ----------
+    alpha
+        weight of FP, >= 0. Defaults to 0.5.
+    beta
+        weight of FN, >= 0. Defaults to 0.5.
+    include_background, batch, class_weights, smooth_nr, smooth_dr, from_logits, pool_weights
+        as :func:`dice_loss`.
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,).
 
-    Reference:
-        Salehi, Erdogmus, Gholipour. Tversky loss function for image segmentation using 3D fully
-        convolutional deep networks. MLMI 2017, arXiv:1706.05721.
+    References
+    ----------
+    Salehi, Erdogmus, Gholipour. Tversky loss function for image segmentation using 3D fully
+    convolutional deep networks. MLMI 2017, arXiv:1706.05721.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
                               include_background=include_background, pool_weights=pool_weights,
@@ -163,12 +186,15 @@ def iou_loss(y_true, y_pred, *, include_background: bool = True, batch: bool = F
 
         loss_bc = 1 - (TP + smooth_nr) / (TP + FP + FN + smooth_dr)
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,).
 
-    Reference:
-        Rahman, Wang. Optimizing intersection-over-union in deep neural networks for image
-        segmentation. ISVC 2016, doi:10.1007/978-3-319-50835-1_22.
+    References
+    ----------
+    Rahman, Wang. Optimizing intersection-over-union in deep neural networks for image
+    segmentation. ISVC 2016, doi:10.1007/978-3-319-50835-1_22.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
                               include_background=include_background, pool_weights=pool_weights,
@@ -193,17 +219,24 @@ def focal_tversky_loss(y_true, y_pred, *, alpha: float = 0.3, beta: float = 0.7,
     their gamma = 4/3 and weight FN by their alpha = 0.7; the defaults here (alpha=0.3 on FP,
     beta=0.7 on FN, gamma=0.75) are that setting.
 
-    Args:
-        alpha: weight of FP, >= 0. Defaults to 0.3.
-        beta: weight of FN, >= 0. Defaults to 0.7.
-        gamma: exponent, > 0 (< 1 focuses on hard classes). Defaults to 0.75.
+    Parameters
+    ----------
+    alpha
+        weight of FP, >= 0. Defaults to 0.3.
+    beta
+        weight of FN, >= 0. Defaults to 0.7.
+    gamma
+        exponent, > 0 (< 1 focuses on hard classes). Defaults to 0.75.
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,).
 
-    Reference:
-        Abraham, Khan. A novel focal Tversky loss function with improved attention U-Net for lesion
-        segmentation. ISBI 2019, arXiv:1810.07842.
+    References
+    ----------
+    Abraham, Khan. A novel focal Tversky loss function with improved attention U-Net for lesion
+    segmentation. ISBI 2019, arXiv:1810.07842.
     """
     tp, fp, fn = region_stats(y_true, y_pred, from_logits=from_logits, batch=batch,
                               include_background=include_background, pool_weights=pool_weights,

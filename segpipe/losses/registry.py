@@ -17,28 +17,39 @@ def get_loss(spec: str | Mapping[str, Any] | keras.losses.Loss, /, *,
              num_classes: int | None = None, **options: Any) -> keras.losses.Loss:
     """Build a loss from a name, a config dict or the compound form.
 
-    Examples::
+    Parameters
+    ----------
+    spec
+        a registry name or alias (see :func:`available_losses`), a dict with ``name`` and
+        options, a dict with ``terms`` (compound; ``name: compound`` optional), or an existing
+        segpipe loss (returned as is).
+    num_classes
+        if given, per-class options (``class_weights``, focal ``alpha`` lists) are
+        checked against it (number of output channels, background included).
+    **options
+        loss options (including ``reduction``); they override the dict's entries.
+
+    Returns
+    -------
+    keras.losses.Loss
+        A ``keras.losses.Loss`` whose ``call(y_true, y_pred)`` returns one float32 value per
+        sample, shape (B,), and whose ``__call__`` reduces them as Keras does.
+
+    Raises
+    ------
+    SettingError
+        (a ``ValueError``) unknown name (the valid names are listed), unknown or
+        invalid option; keyed by the option (``terms[1].alpha`` in a compound).
+    ValueError
+        a spec of another type, or ``num_classes`` that the options do not fit.
+
+    Examples
+    --------
+    ::
 
         get_loss("tversky", alpha=0.3, beta=0.7)
         get_loss({"name": "tversky", "alpha": 0.3})
         get_loss({"terms": [{"name": "dice", "weight": 1}, {"name": "ce", "weight": 1}]})
-
-    Args:
-        spec: a registry name or alias (see :func:`available_losses`), a dict with ``name`` and
-            options, a dict with ``terms`` (compound; ``name: compound`` optional), or an existing
-            segpipe loss (returned as is).
-        num_classes: if given, per-class options (``class_weights``, focal ``alpha`` lists) are
-            checked against it (number of output channels, background included).
-        **options: loss options (including ``reduction``); they override the dict's entries.
-
-    Returns:
-        A ``keras.losses.Loss`` whose ``call(y_true, y_pred)`` returns one float32 value per
-        sample, shape (B,), and whose ``__call__`` reduces them as Keras does.
-
-    Raises:
-        SettingError: (a ``ValueError``) unknown name (the valid names are listed), unknown or
-            invalid option; keyed by the option (``terms[1].alpha`` in a compound).
-        ValueError: a spec of another type, or ``num_classes`` that the options do not fit.
     """
     if isinstance(spec, (SegmentationLoss, CompoundLoss)):
         if options:

@@ -69,19 +69,28 @@ def cross_entropy_loss(y_true, y_pred, *, class_weights: Sequence[float] | None 
     Without options and ignored voxels its batch mean equals ``keras.losses.CategoricalCrossentropy()``
     (``BinaryCrossentropy()`` with ``sigmoid``).
 
-    Args:
-        class_weights: one weight per scored class; the mean is not renormalised by the weights.
-        label_smoothing: in [0, 1). Defaults to 0.
-        include_background: False drops the class-0 term. Defaults to True.
-        from_logits: ``y_pred`` are logits. Defaults to False.
-        sigmoid: independent region channels (binary CE); see :func:`segpipe.losses.dice_loss`.
+    Parameters
+    ----------
+    class_weights
+        one weight per scored class; the mean is not renormalised by the weights.
+    label_smoothing
+        in [0, 1). Defaults to 0.
+    include_background
+        False drops the class-0 term. Defaults to True.
+    from_logits
+        ``y_pred`` are logits. Defaults to False.
+    sigmoid
+        independent region channels (binary CE); see :func:`segpipe.losses.dice_loss`.
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,).
 
-    Reference:
-        Label smoothing: Szegedy et al. Rethinking the Inception architecture. CVPR 2016,
-        arXiv:1512.00567.
+    References
+    ----------
+    Label smoothing: Szegedy et al. Rethinking the Inception architecture. CVPR 2016,
+    arXiv:1512.00567.
     """
     return _annotated_mean(cross_entropy_per_voxel(
         y_true, y_pred, class_weights=class_weights, label_smoothing=label_smoothing,
@@ -128,19 +137,26 @@ def focal_loss(y_true, y_pred, *, gamma: float = 2.0,
     (with a zero, finite gradient of the power at p_c = 1 for gamma < 1; ``m`` as in
     :func:`cross_entropy_loss`).
 
-    Args:
-        gamma: focusing parameter, > 0. Defaults to 2.
-        alpha: None (alpha_c = 1), a number a in [0, 1] (alpha_0 = 1 - a for the background and
-            alpha_c = a for every other class, Lin et al.'s binary convention; with ``sigmoid``
-            a+ = a, a- = 1 - a), or one non-negative weight per scored class. Defaults to None.
-        include_background, from_logits, sigmoid: as :func:`cross_entropy_loss`.
+    Parameters
+    ----------
+    gamma
+        focusing parameter, > 0. Defaults to 2.
+    alpha
+        None (alpha_c = 1), a number a in [0, 1] (alpha_0 = 1 - a for the background and
+        alpha_c = a for every other class, Lin et al.'s binary convention; with ``sigmoid``
+        a+ = a, a- = 1 - a), or one non-negative weight per scored class. Defaults to None.
+    include_background, from_logits, sigmoid
+        as :func:`cross_entropy_loss`.
 
-    Returns:
+    Returns
+    -------
+    tensor
         float32 tensor of shape (B,).
 
-    Reference:
-        Lin, Goyal, Girshick, He, Dollar. Focal loss for dense object detection. ICCV 2017,
-        arXiv:1708.02002.
+    References
+    ----------
+    Lin, Goyal, Girshick, He, Dollar. Focal loss for dense object detection. ICCV 2017,
+    arXiv:1708.02002.
     """
     return _annotated_mean(focal_per_voxel(y_true, y_pred, gamma=gamma, alpha=alpha,
                                            include_background=include_background,

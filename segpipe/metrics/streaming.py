@@ -36,13 +36,19 @@ class PerClassDice(keras.metrics.Metric):
     ``include_background=True``); ``fg_mean`` is always the plain mean over the foreground classes
     (channels 1..C-1) of the values reported, and is what "best checkpoint" should monitor.
 
-    Args:
-        class_names: one name per output channel, background (channel 0) first, e.g. the labels of
-            ``dataset.json``. Characters other than letters, digits, ``_``, ``-`` and ``.`` are
-            replaced by ``_`` in the log keys.
-        include_background: also report channel 0. Defaults to False.
-        name: prefix of the log keys. Defaults to "dice".
+    Parameters
+    ----------
+    class_names
+        one name per output channel, background (channel 0) first, e.g. the labels of
+        ``dataset.json``. Characters other than letters, digits, ``_``, ``-`` and ``.`` are
+        replaced by ``_`` in the log keys.
+    include_background
+        also report channel 0. Defaults to False.
+    name
+        prefix of the log keys. Defaults to "dice".
 
+    Notes
+    -----
     Ignored voxels (docs/losses.md, "Ignored voxels") count nowhere: an all-zero one-hot row of
     ``y_true``, or a 1 in its extra last ignore-mask channel.
 

@@ -136,36 +136,53 @@ def build_unet3d(
     Spatial sizes are dynamic; each must be divisible by ``2 ** (depth - 1)`` (with ``strides``: by
     the product of that axis's strides).
 
-    Args:
-        in_channels: input channels (modalities).
-        num_classes: output classes, background included.
-        depth: resolution levels (1 = no down-sampling).
-        base_filters: filters at full resolution; doubled per level up to ``max_filters``.
-        norm: "batch", "instance" or "none".
-        deep_supervision: also return outputs of the lower decoder levels (a list, full
-            resolution first).
-        output: "softmax" (probabilities) or "logits" (float32 logits; see :func:`probability_model`).
-        sync_batch_norm: with norm="batch", compute batch statistics over all replicas of a
-            tf.distribute strategy (``BatchNormalization(synchronized=True)``); without it each
-            replica normalises with the statistics of its own slice of the batch.
-        strides: per stage, the stride (1 or 2) per axis of its first convolution; stage 0 must be
-            [1, 1, 1]. Defaults to 2 along every axis from stage 1 on. Each input side must then be
-            divisible by the product of its axis's strides.
-        kernel_sizes: per stage, the kernel size (1, 3 or 5) per axis. Defaults to 3.
-        features: per stage, the number of filters. Defaults to ``base_filters * 2**stage`` capped
-            at ``max_filters``.
-        convs_per_stage: convolutions per encoder stage (plain encoder). Defaults to 2.
-        decoder_convs: convolutions per decoder stage. Defaults to ``convs_per_stage``.
-        blocks_per_stage: residual encoder (nnU-Net ResEnc): basic residual blocks per stage;
-            None keeps the plain encoder.
-        init: "glorot_uniform" (Keras's default) or "he_normal" (He et al. 2015, nnU-Net's choice
-            for LeakyReLU networks) for the convolution kernels of encoder and decoder.
-        dtype: the Keras dtype policy of every layer except the output heads (float32 convolution
-            and activation): None
-            (Keras's global policy, float32 unless changed), "float32", "mixed_bfloat16" or
-            "mixed_float16" (``segpipe.models.precision``). Variables stay float32 under a mixed
-            policy, normalisation statistics are computed in float32, and the outputs (softmax
-            or logits) are float32 whatever the policy.
+    Parameters
+    ----------
+    in_channels
+        input channels (modalities).
+    num_classes
+        output classes, background included.
+    depth
+        resolution levels (1 = no down-sampling).
+    base_filters
+        filters at full resolution; doubled per level up to ``max_filters``.
+    norm
+        "batch", "instance" or "none".
+    deep_supervision
+        also return outputs of the lower decoder levels (a list, full
+        resolution first).
+    output
+        "softmax" (probabilities) or "logits" (float32 logits; see :func:`probability_model`).
+    sync_batch_norm
+        with norm="batch", compute batch statistics over all replicas of a
+        tf.distribute strategy (``BatchNormalization(synchronized=True)``); without it each
+        replica normalises with the statistics of its own slice of the batch.
+    strides
+        per stage, the stride (1 or 2) per axis of its first convolution; stage 0 must be
+        [1, 1, 1]. Defaults to 2 along every axis from stage 1 on. Each input side must then be
+        divisible by the product of its axis's strides.
+    kernel_sizes
+        per stage, the kernel size (1, 3 or 5) per axis. Defaults to 3.
+    features
+        per stage, the number of filters. Defaults to ``base_filters * 2**stage`` capped
+        at ``max_filters``.
+    convs_per_stage
+        convolutions per encoder stage (plain encoder). Defaults to 2.
+    decoder_convs
+        convolutions per decoder stage. Defaults to ``convs_per_stage``.
+    blocks_per_stage
+        residual encoder (nnU-Net ResEnc): basic residual blocks per stage;
+        None keeps the plain encoder.
+    init
+        "glorot_uniform" (Keras's default) or "he_normal" (He et al. 2015, nnU-Net's choice
+        for LeakyReLU networks) for the convolution kernels of encoder and decoder.
+    dtype
+        the Keras dtype policy of every layer except the output heads (float32 convolution
+        and activation): None
+        (Keras's global policy, float32 unless changed), "float32", "mixed_bfloat16" or
+        "mixed_float16" (``segpipe.models.precision``). Variables stay float32 under a mixed
+        policy, normalisation statistics are computed in float32, and the outputs (softmax
+        or logits) are float32 whatever the policy.
     """
     for key, value, choices in (("output", output, OUTPUTS), ("norm", norm, NORMS), ("init", init, INITS)):
         if value not in choices:

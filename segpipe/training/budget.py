@@ -127,18 +127,28 @@ class WallTimeLimit(keras.callbacks.Callback):
     """Stop after the epoch whose successor would end past ``max_minutes`` of training, and re-fit the
     :class:`AnytimeDecay` ``schedule`` to end with the last epoch that fits.
 
-    Args:
-        max_minutes: the allowance for training (validation included), in minutes.
-        spent_seconds: training time already spent before a resume (the run's recorded epoch times),
-            when ``state`` does not hold it.
-        clock: seconds, monotonic (for tests).
-        schedule: the optimizer's anytime schedule, or None (a constant learning rate).
-        planned_epochs, steps_per_epoch: the planned run (needed with ``schedule``).
-        state: this callback's :meth:`state` from the checkpoint resumed from (elapsed time, recent epoch
-            times, the schedule's anchors), or None.
-        agree: several workers: maps this worker's ``[elapsed seconds, next epoch seconds]`` to values
-            every worker shares (their mean), so all stop after the same epoch and re-fit alike.
+    Parameters
+    ----------
+    max_minutes
+        the allowance for training (validation included), in minutes.
+    spent_seconds
+        training time already spent before a resume (the run's recorded epoch times),
+        when ``state`` does not hold it.
+    clock
+        seconds, monotonic (for tests).
+    schedule
+        the optimizer's anytime schedule, or None (a constant learning rate).
+    planned_epochs, steps_per_epoch
+        the planned run (needed with ``schedule``).
+    state
+        this callback's :meth:`state` from the checkpoint resumed from (elapsed time, recent epoch
+        times, the schedule's anchors), or None.
+    agree
+        several workers: maps this worker's ``[elapsed seconds, next epoch seconds]`` to values
+        every worker shares (their mean), so all stop after the same epoch and re-fit alike.
 
+    Notes
+    -----
     After training, ``stopped_after_epoch`` is the 1-based epoch after which it stopped (None if it
     did not), ``elapsed_seconds`` the training time counted, and ``final_epoch`` the epoch the schedule
     ends with.

@@ -206,13 +206,19 @@ class CheckpointSchedule:
     save of any kind (the clock restarts at :meth:`saved`). Epoch ends are saved anyway; between two
     saves there are then at most ``every_steps`` steps.
 
-    Args:
-        every_steps: an integer >= 1, or None.
-        every_minutes: a number > 0 (``inf``: never), or None.
-        clock: seconds, monotonic (tests pass a fake one).
+    Parameters
+    ----------
+    every_steps
+        an integer >= 1, or None.
+    every_minutes
+        a number > 0 (``inf``: never), or None.
+    clock
+        seconds, monotonic (tests pass a fake one).
 
-    Raises:
-        SettingError: a value out of range (keyed ``every_steps`` / ``every_minutes``).
+    Raises
+    ------
+    SettingError
+        a value out of range (keyed ``every_steps`` / ``every_minutes``).
 
     Examples
     --------
@@ -259,17 +265,25 @@ class RunCheckpoint(keras.callbacks.Callback):
     start of a resumed run both files are rewritten from the state (a crash between the checkpoint
     and ``history.csv`` would otherwise leave the last epoch out when no epoch is left to train).
 
-    Args:
-        run_dir: where to write (the run directory; a temporary folder on a non-chief worker).
-        monitor: the log value that selects ``best.keras``.
-        state: the state of the checkpoint resumed from (history rows, best value), or None.
-        seed, samples_per_step, steps_per_epoch: record the data RNG position in the state
-            (``next_sample_index``); optional.
-        progress_plot: redraw ``progress.png`` from the history files after every epoch (the chief).
-        schedule: when to save mid-epoch checkpoints (:class:`CheckpointSchedule`); None: only at epoch
-            ends and on a stop request. The training loop asks it after every step.
-        extra_state: ``{key: function}``: each function's value is saved under ``key`` in every
-            ``state.json`` (e.g. ``time_limit``: :meth:`segpipe.training.budget.WallTimeLimit.state`).
+    Parameters
+    ----------
+    run_dir
+        where to write (the run directory; a temporary folder on a non-chief worker).
+    monitor
+        the log value that selects ``best.keras``.
+    state
+        the state of the checkpoint resumed from (history rows, best value), or None.
+    seed, samples_per_step, steps_per_epoch
+        record the data RNG position in the state
+        (``next_sample_index``); optional.
+    progress_plot
+        redraw ``progress.png`` from the history files after every epoch (the chief).
+    schedule
+        when to save mid-epoch checkpoints (:class:`CheckpointSchedule`); None: only at epoch
+        ends and on a stop request. The training loop asks it after every step.
+    extra_state
+        ``{key: function}``: each function's value is saved under ``key`` in every
+        ``state.json`` (e.g. ``time_limit``: :meth:`segpipe.training.budget.WallTimeLimit.state`).
     """
 
     def __init__(self, run_dir: Path, monitor: str, state: dict[str, Any] | None = None, *,

@@ -78,8 +78,10 @@ class Task:
 def cluster_tasks(tf_config: dict[str, Any]) -> list[Task]:
     """The tasks of TF_CONFIG that take part in collective operations, chief first.
 
-    Raises:
-        ConfigError: an address is not HOST:PORT.
+    Raises
+    ------
+    ConfigError
+        an address is not HOST:PORT.
     """
     tasks = [Task(kind, i, address) for kind in COORDINATED
              for i, address in enumerate(tf_config["cluster"].get(kind) or [])]
@@ -121,9 +123,12 @@ def wait_for_workers(tf_config: dict[str, Any], timeout: float, *, poll: float =
     others see it before TensorFlow's server takes the port over. A worker seen here that dies
     before TensorFlow connects is left to TensorFlow (see :func:`segpipe.training.distributed.make_strategy`).
 
-    Raises:
-        WorkerLost: some worker did not answer within ``timeout``; names each one and why.
-        ConfigError: this worker's own port cannot be listened on, or an address is not HOST:PORT.
+    Raises
+    ------
+    WorkerLost
+        some worker did not answer within ``timeout``; names each one and why.
+    ConfigError
+        this worker's own port cannot be listened on, or an address is not HOST:PORT.
     """
     me = own_task(tf_config)
     pending = [task for task in cluster_tasks(tf_config) if task != me]

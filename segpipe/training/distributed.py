@@ -64,8 +64,10 @@ class WorkerInfo:
 def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The validated ``TF_CONFIG`` of a multi-worker run: ``{"cluster": {...}, "task": {...}}``.
 
-    Raises:
-        ConfigError: ``TF_CONFIG`` is unset, not JSON, or names a task that is not in the cluster.
+    Raises
+    ------
+    ConfigError
+        ``TF_CONFIG`` is unset, not JSON, or names a task that is not in the cluster.
     """
     raw = (os.environ if environ is None else environ).get("TF_CONFIG")
     # the environment variable is the key; train.distribute=multi_worker is why it is read
@@ -102,8 +104,10 @@ def make_strategy(distribute: str, collective_timeout_seconds: float | None = No
     (:func:`segpipe.training.cluster.wait_for_workers`), and every collective operation of the
     strategy then fails after that long without all workers (``CommunicationOptions``).
 
-    Raises:
-        WorkerLost: another worker did not start within the timeout (named).
+    Raises
+    ------
+    WorkerLost
+        another worker did not start within the timeout (named).
     """
     import tensorflow as tf
 

@@ -54,15 +54,22 @@ class LoopPosition:
 class TrainingLoop:
     """Train ``model`` (compiled, built in ``strategy.scope()``) under ``strategy``.
 
-    Args:
-        model: the compiled model; its optimizer must already be built (``optimizer.build``), because
-            optimizer variables cannot be created inside ``strategy.run``.
-        strategy: the run's strategy (the default strategy for ``train.distribute: none``).
-        worker: this process's role; several workers agree on stop requests every step.
-        class_names: one per output channel, background first (keys of the Dice logs); the regions'
-            names with ``regions`` (sigmoid outputs, region Dice).
-        verbose: 0 silent, 1 progress bar, 2 one line per epoch (as ``fit``).
-        stop: a :class:`StopRequest` checked after every step, or None.
+    Parameters
+    ----------
+    model
+        the compiled model; its optimizer must already be built (``optimizer.build``), because
+        optimizer variables cannot be created inside ``strategy.run``.
+    strategy
+        the run's strategy (the default strategy for ``train.distribute: none``).
+    worker
+        this process's role; several workers agree on stop requests every step.
+    class_names
+        one per output channel, background first (keys of the Dice logs); the regions'
+        names with ``regions`` (sigmoid outputs, region Dice).
+    verbose
+        0 silent, 1 progress bar, 2 one line per epoch (as ``fit``).
+    stop
+        a :class:`StopRequest` checked after every step, or None.
     """
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, worker: WorkerInfo,

@@ -53,18 +53,26 @@ def plan_runs(configs: Sequence[Config], *, folds: int | None = None,
               only_folds: Sequence[int] | None = None) -> list[Config]:
     """The runs of a sweep, in order: every config, times every fold when k-fold is on.
 
-    Args:
-        configs: loaded configs (``--experiment`` and other overrides already applied).
-        folds: number of folds for every config (``--folds``); ``None`` keeps each config's ``data.folds``.
-        only_folds: train only these folds (``--fold``); ``None`` trains all.
+    Parameters
+    ----------
+    configs
+        loaded configs (``--experiment`` and other overrides already applied).
+    folds
+        number of folds for every config (``--folds``); ``None`` keeps each config's ``data.folds``.
+    only_folds
+        train only these folds (``--fold``); ``None`` trains all.
 
-    Returns:
+    Returns
+    -------
+    list[Config]
         One config per run. With k folds, config ``x`` becomes ``x_fold0`` ... ``x_fold<k-1>`` with
         ``data.folds = k`` and ``data.fold`` set.
 
-    Raises:
-        ConfigError: fewer than 2 folds, ``only_folds`` without k-fold, a fold out of range, or two
-            runs that would share a run directory.
+    Raises
+    ------
+    ConfigError
+        fewer than 2 folds, ``only_folds`` without k-fold, a fold out of range, or two
+        runs that would share a run directory.
     """
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise ConfigError(expected("a number of folds >= 2", key="--folds", received=folds))
@@ -120,17 +128,25 @@ def run_sweep(
 ) -> tuple[list[RunOutcome], int]:
     """Train ``runs`` in turn; returns the outcomes and the exit code (0, 1 if any failed, 130/143 on a stop signal).
 
-    Args:
-        runs: from :func:`plan_runs`.
-        resume: continue unfinished runs from their last checkpoint (runs not started yet start).
-        overwrite: train every run anew, finished or not.
-        train_fn: :func:`segpipe.training.train.train` (replaceable in tests).
-        out, err: where progress and errors go (default stdout, stderr).
-        run_dirs: the run directory of each run (``train.py --resume RUN_DIR``: the folder itself, not
-            ``RunDir.of(config)``, which resolves a relative ``output_dir`` against the current folder).
-        before_run: called with each run's config and its index just before it trains (a run not
-            finished before); returns the config to train (``train.py --folds K`` with a time budget
-            shortens a fold's allowance when earlier folds ran late).
+    Parameters
+    ----------
+    runs
+        from :func:`plan_runs`.
+    resume
+        continue unfinished runs from their last checkpoint (runs not started yet start).
+    overwrite
+        train every run anew, finished or not.
+    train_fn
+        :func:`segpipe.training.train.train` (replaceable in tests).
+    out, err
+        where progress and errors go (default stdout, stderr).
+    run_dirs
+        the run directory of each run (``train.py --resume RUN_DIR``: the folder itself, not
+        ``RunDir.of(config)``, which resolves a relative ``output_dir`` against the current folder).
+    before_run
+        called with each run's config and its index just before it trains (a run not
+        finished before); returns the config to train (``train.py --folds K`` with a time budget
+        shortens a fold's allowance when earlier folds ran late).
     """
     from segpipe.training.train import train  # TensorFlow: planning and summarising a sweep do not need it
 

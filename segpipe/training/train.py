@@ -174,13 +174,19 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, verb
     directory. With ``train.export_bundle`` the chief writes ``RUN_DIR/bundle`` after the final
     model, before the run is marked finished (a failed export leaves the run resumable).
 
-    Raises:
-        TrainingInterrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
-        StorageError: the run directory cannot be written (checked before any work).
-        FileExistsError: ``overwrite`` of a folder without segpipe's run marker, or an unfinished run
-            without ``resume`` (before any work).
-        LockHeldError: another process is training this run (names it).
-        WorkerLost: multi_worker: another worker died, hung or never joined (train.collective_timeout_seconds).
+    Raises
+    ------
+    TrainingInterrupted
+        SIGINT/SIGTERM stopped training after a checkpoint was saved.
+    StorageError
+        the run directory cannot be written (checked before any work).
+    FileExistsError
+        ``overwrite`` of a folder without segpipe's run marker, or an unfinished run
+        without ``resume`` (before any work).
+    LockHeldError
+        another process is training this run (names it).
+    WorkerLost
+        multi_worker: another worker died, hung or never joined (train.collective_timeout_seconds).
     """
 
     run = RunDir(run_dir) if run_dir is not None else RunDir.of(config)
