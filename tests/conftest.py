@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_run_overrides
 
 import segpipe  # noqa: F401  (sets TensorFlow's environment before any test imports it)
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
@@ -20,27 +21,8 @@ def phantom_root(tmp_path_factory):
 
 
 def _tiny(phantom_root: Path, output_dir: Path) -> list[str]:
-    """The overrides of ``tiny_overrides`` with the runs in ``output_dir``."""
-    return [
-        f"data.root={phantom_root}",
-        "data.phantoms=null",
-        "data.patch_size=[16, 16, 16]",
-        "data.batch_size=2",
-        "data.val_fraction=0.34",
-        # 6 tiny cases: spawning worker processes costs more than it saves (the parallel paths have
-        # their own tests: tests/data/test_cache.py, test_evaluation.py, and the distribution tests)
-        "data.preprocess_workers=1",
-        "model.depth=2",
-        "model.base_filters=4",
-        "train.epochs=2",
-        "train.steps_per_epoch=3",
-        # no bundle (SavedModel + segment signature + OpenVINO, each verified: most of a tiny run's
-        # time); the export after training is tested by tests/test_train_e2e.py (tiny_run) and
-        # planning/test_plan_e2e.py, the formats by tests/test_export.py. Add
-        # "train.export_bundle=true" after these overrides to get one.
-        "train.export_bundle=false",
-        f"output_dir={output_dir}",
-    ]
+    """The overrides of ``tiny_overrides`` with the runs in ``output_dir`` (:mod:`tiny_runs`)."""
+    return tiny_run_overrides(phantom_root, output_dir)
 
 
 @pytest.fixture
@@ -129,11 +111,11 @@ def uninterrupted_run(crash_overrides, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    """A compiled one-level U-Net with a built optimizer: what checkpoint writers save."""
-    from segpipe.models.unet3d import build_unet3d
+def compiled_model():
+    """:func:`inference_helpers.tiny_model` compiled, with a built optimizer: what checkpoint writers save."""
+    from inference_helpers import tiny_model
 
-    model = build_unet3d(1, 2, depth=1, base_filters=2)
+    model = tiny_model(depth=2, deep_supervision=False)
     model.compile(optimizer="adam", loss="mse")
     model.optimizer.build(model.trainable_variables)
     return model

@@ -123,30 +123,30 @@ def test_unwritable_output_dir_fails_before_any_work(overrides, tmp_path, capsys
 # ---------------------------------------------------------------- checkpoint files
 
 
-def test_a_failed_save_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+def test_a_failed_save_leaves_the_previous_checkpoint(compiled_model, tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints" / "last"
-    save_checkpoint(folder, tiny_model, {"epoch": 1})
+    save_checkpoint(folder, compiled_model, {"epoch": 1})
 
     def disk_full(path, *args, **kwargs):
         with open(path, "wb") as f:
             f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tiny_model, "save", disk_full)
+    monkeypatch.setattr(compiled_model, "save", disk_full)
     with pytest.raises(StorageError, match="No space left on device.*--resume"):
-        save_checkpoint(folder, tiny_model, {"epoch": 2})
+        save_checkpoint(folder, compiled_model, {"epoch": 2})
     assert read_state(find_last_checkpoint(folder)) == {"epoch": 1}
     assert not folder.with_name("last.tmp").exists()
 
 
-def test_a_crash_between_the_renames_falls_back_to_the_old_checkpoint(tiny_model, tmp_path):
+def test_a_crash_between_the_renames_falls_back_to_the_old_checkpoint(compiled_model, tmp_path):
     folder = tmp_path / "last"
-    save_checkpoint(folder, tiny_model, {"epoch": 3})
+    save_checkpoint(folder, compiled_model, {"epoch": 3})
     folder.rename(folder.with_name("last.old"))  # "last" renamed away, the new one not yet in place
     assert find_last_checkpoint(folder) == folder.with_name("last.old")
 
 
-def test_too_little_disk_space_fails_before_training(tiny_model, tmp_path, monkeypatch):
+def test_too_little_disk_space_fails_before_training(compiled_model, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
@@ -156,7 +156,7 @@ def test_too_little_disk_space_fails_before_training(tiny_model, tmp_path, monke
                        match=r"^Expected at least \d+ MiB of free disk space for the checkpoints "
                              rf"\({CHECKPOINT_COPIES} copies of weights \+ optimizer state\)\. Received: "
                              r"output_dir=.*/run \(1 MiB free on "):
-        check_free_space(tmp_path / "run", tiny_model)
+        check_free_space(tmp_path / "run", compiled_model)
 
 
 # ---------------------------------------------------------------- periodic checkpoints

@@ -21,6 +21,7 @@ from process_helpers import (
     start,
     tf_config,
 )
+from tiny_runs import tiny_run_overrides
 
 import train
 from segpipe.config import ConfigError, load_config
@@ -92,9 +93,8 @@ sys.exit(train.main(sys.argv[1:]))
 def base_overrides(phantom_root, tmp_path_factory):
     """Tiny-run overrides sharing one data cache, so subprocesses skip preprocessing."""
     cache = shared_cache_dir(tmp_path_factory)
-    return [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
-            "data.val_fraction=0.34", f"data.cache_dir={cache}", "model.depth=2", "model.base_filters=4",
-            "train.epochs=2", "train.steps_per_epoch=3", "train.export_bundle=false"]
+    # the default two preprocessing workers: the parallel cache path runs here too
+    return tiny_run_overrides(phantom_root, None, f"data.cache_dir={cache}", "data.preprocess_workers=2")
 
 
 @pytest.fixture(scope="module")

@@ -178,13 +178,13 @@ def test_a_cache_entry_is_durable(tmp_path, monkeypatch):
     recorder.assert_durable([case / "image.npy", case / "label.npy", case / "locations.npy", case / "meta.json"])
 
 
-def test_a_checkpoint_and_the_best_model_are_durable(tiny_model, tmp_path, recorder):
+def test_a_checkpoint_and_the_best_model_are_durable(compiled_model, tmp_path, recorder):
     from segpipe.training.checkpoints import save_checkpoint, save_model_atomic
 
     last = tmp_path / "checkpoints" / "last"
-    save_checkpoint(last, tiny_model, {"epoch": 1})
-    save_checkpoint(last, tiny_model, {"epoch": 2})  # the swap: last -> last.old, last.tmp -> last
-    save_model_atomic(tiny_model, tmp_path / "best.keras")
+    save_checkpoint(last, compiled_model, {"epoch": 1})
+    save_checkpoint(last, compiled_model, {"epoch": 2})  # the swap: last -> last.old, last.tmp -> last
+    save_model_atomic(compiled_model, tmp_path / "best.keras")
     recorder.assert_durable([last, last.with_name("last.old"), last.with_name("last.tmp") / "state.json",
                              tmp_path / "best.keras"])
     # each checkpoint's folder swap moved a folder holding model.keras, each flushed beforehand

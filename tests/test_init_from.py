@@ -190,3 +190,23 @@ def test_freezing_needs_a_source():
     with pytest.raises(ConfigError,
                        match=r"Expected 0 without train\.init_from .* Received: train\.freeze_encoder_epochs=2"):
         Config.from_dict({"train": {"freeze_encoder_epochs": 2}})
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_float32_weights_load_into_a_mixed_precision_network(precision):
+    """A mixed policy keeps float32 variables: every source weight loads unchanged, and the network computes in
+    the policy's dtype with float32 probabilities."""
+    import keras
+
+    from segpipe.models.precision import model_dtype
+
+    keras.utils.set_random_seed(1)
+    arrays = variable_arrays(build_network(_spec(1, 3)))
+    target = build_network(_spec(1, 3), dtype=model_dtype(precision))
+    report = transfer_weights(target, arrays)
+    assert report["new"] == [] and report["adapted"] == [] and len(report["loaded"]) == len(arrays)
+    after = variable_arrays(target)
+    for path in arrays:
+        np.testing.assert_array_equal(after[path], arrays[path])
+    out = target(np.zeros((1, 8, 8, 8, 1), np.float32))
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"

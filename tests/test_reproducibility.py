@@ -8,6 +8,7 @@ import re
 import pytest
 import yaml
 from process_helpers import TRAIN, running, shared_cache_dir, start, wait_until
+from tiny_runs import tiny_run_overrides
 
 from segpipe.training.run_info import PROJECT_ROOT
 
@@ -22,10 +23,8 @@ def two_runs(phantom_root, tmp_path_factory):
     says "running"), so its TensorFlow start and tracing overlap the first one's training; neither
     writes a bundle (export has its own tests, and is not part of the history)."""
     out = tmp_path_factory.mktemp("repro")
-    overrides = [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
-                 "data.val_fraction=0.34", f"data.cache_dir={shared_cache_dir(tmp_path_factory)}", "model.depth=2",
-                 "model.base_filters=4", "train.epochs=2", "train.steps_per_epoch=3", "train.deterministic=true",
-                 "train.export_bundle=false", "seed=7", f"output_dir={out}"]
+    overrides = tiny_run_overrides(phantom_root, out, f"data.cache_dir={shared_cache_dir(tmp_path_factory)}",
+                                   "data.preprocess_workers=2", "train.deterministic=true", "seed=7")
     first = start([str(TRAIN), "--set", *overrides, "name=first"], out / "first.log")
     with running(first):
         try:

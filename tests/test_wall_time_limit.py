@@ -1,6 +1,7 @@
 """train.max_train_minutes: the callback that ends a run before its time allowance is overrun."""
 import keras
 import pytest
+from tiny_runs import tiny_run_overrides
 
 from segpipe.training.budget import WallTimeLimit
 
@@ -69,10 +70,8 @@ def test_a_run_past_its_allowance_ends_early_with_complete_checkpoints(phantom_r
     import train
     from segpipe.runs.rundir import RunDir
 
-    overrides = [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
-                 "data.val_fraction=0.34", "model.depth=2", "model.base_filters=4", "train.epochs=5",
-                 "train.steps_per_epoch=2", "train.export_bundle=false",
-                 "train.max_train_minutes=0.0001", f"output_dir={tmp_path}", "name=limited"]
+    overrides = tiny_run_overrides(phantom_root, tmp_path, "train.epochs=5", "train.steps_per_epoch=2",
+                                   "train.max_train_minutes=0.0001", "name=limited")
     assert train.main(["--set", *overrides]) == 0
     assert "train.max_train_minutes=0.0001: stopped after epoch 1 of 5" in capsys.readouterr().out
     run = RunDir(tmp_path / "limited")
@@ -201,10 +200,7 @@ def test_a_time_limited_run_ends_its_schedule_and_resumes_identically(phantom_ro
             super().__init__(*args, **{**kwargs, "clock": lambda: 10.0 * int(self.model.optimizer.iterations)})
 
     monkeypatch.setattr(training, "WallTimeLimit", StepClock)
-    overrides = [f"data.root={phantom_root}", "data.phantoms=null", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
-                 "data.val_fraction=0.34", "model.depth=2", "model.base_filters=4", "train.epochs=6",
-                 "train.steps_per_epoch=3", "train.export_bundle=false", "train.max_train_minutes=2.25",
-                 f"output_dir={tmp_path}"]
+    overrides = tiny_run_overrides(phantom_root, tmp_path, "train.epochs=6", "train.max_train_minutes=2.25")
     assert train.main(["--set", *overrides, "name=straight"]) == 0
     straight = read_history(tmp_path / "straight")
     assert len(straight) == 4 and float(straight[-1]["learning_rate"]) == 0.0  # cut at 4 of 6, schedule ended

@@ -46,8 +46,11 @@ def largest_component_mask(mask):
     inside = tf.boolean_mask(labels, mask)
     components, index = tf.unique(inside)  # in order of first occurrence: the raster order of first voxels
     sizes = tf.math.unsorted_segment_sum(tf.ones_like(index), index, tf.size(components))
+    # a last, empty candidate (label -1: no voxel has it) keeps argmax defined for an empty mask
+    components = tf.concat([components, [-1]], axis=0)
+    sizes = tf.concat([sizes, [0]], axis=0)
     largest = tf.gather(components, tf.argmax(sizes, output_type=tf.int32))
-    return tf.cond(tf.reduce_any(mask), lambda: tf.equal(labels, largest), lambda: tf.zeros_like(mask))
+    return tf.logical_and(mask, tf.equal(labels, largest))
 
 
 def largest_component_steps(labels, *, largest_foreground: bool = False, classes: Iterable[int] = ()):
