@@ -174,11 +174,11 @@ def test_a_read_only_cache_folder_is_one_error_naming_it(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- checkpoints (segpipe.training.checkpoints)
 
 
-def test_a_read_only_folder_while_saving_the_best_model_keeps_the_previous_one(tiny_model, tmp_path, monkeypatch):
+def test_a_read_only_folder_while_saving_the_best_model_keeps_the_previous_one(compiled_model, tmp_path, monkeypatch):
     from segpipe.training.checkpoints import save_model_atomic
 
     best = tmp_path / "checkpoints" / "best.keras"
-    save_model_atomic(tiny_model, best)
+    save_model_atomic(compiled_model, best)
     before = best.read_bytes()
 
     def read_only_midway(path, *args, **kwargs):
@@ -186,14 +186,14 @@ def test_a_read_only_folder_while_saving_the_best_model_keeps_the_previous_one(t
             f.write(b"half a model")
         raise OSError(errno.EROFS, READ_ONLY)
 
-    monkeypatch.setattr(tiny_model, "save", read_only_midway)
+    monkeypatch.setattr(compiled_model, "save", read_only_midway)
     with pytest.raises(StorageError, match=re.escape(f"Received: output_dir={best} ({READ_ONLY}).") + ".*--resume"):
-        save_model_atomic(tiny_model, best)
+        save_model_atomic(compiled_model, best)
     assert best.read_bytes() == before
     assert [p.name for p in best.parent.iterdir()] == ["best.keras"]
 
 
-def test_a_full_disk_while_writing_the_checkpoint_state_keeps_the_previous_checkpoint(tiny_model, tmp_path,
+def test_a_full_disk_while_writing_the_checkpoint_state_keeps_the_previous_checkpoint(compiled_model, tmp_path,
                                                                                       monkeypatch):
     from pathlib import Path
 
@@ -201,7 +201,7 @@ def test_a_full_disk_while_writing_the_checkpoint_state_keeps_the_previous_check
     from segpipe.training.checkpoints import read_state, save_checkpoint
 
     folder = tmp_path / "checkpoints" / "last"
-    save_checkpoint(folder, tiny_model, {"epoch": 1})
+    save_checkpoint(folder, compiled_model, {"epoch": 1})
     real_write_text = Path.write_text
 
     def full_on_state(self, text, *args, **kwargs):
@@ -212,7 +212,7 @@ def test_a_full_disk_while_writing_the_checkpoint_state_keeps_the_previous_check
 
     monkeypatch.setattr(Path, "write_text", full_on_state)
     with pytest.raises(StorageError, match=rf"{NO_SPACE}.*--resume"):
-        save_checkpoint(folder, tiny_model, {"epoch": 2})
+        save_checkpoint(folder, compiled_model, {"epoch": 2})
     monkeypatch.undo()
     assert read_state(find_last_checkpoint(folder)) == {"epoch": 1}
     assert sorted(p.name for p in folder.parent.iterdir()) == ["last"]

@@ -18,6 +18,7 @@ from segpipe.errors import Received, StorageError, expected
 from segpipe.io import read_json, write_json
 from segpipe.ownership import check_replaceable
 from segpipe.planning.output import budget_line, budget_report
+from segpipe.planning.planner import MARGIN_SECONDS
 from segpipe.runs.rundir import RunDir
 from segpipe.tables import read_csv
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
@@ -153,8 +154,6 @@ def _fold_deadline(plan: dict, runs: list[Config], started: float):
     """``run_sweep``'s ``before_run`` for k-fold under one time budget: a fold's training allowance is the
     plan's, or less when earlier folds ran late (what is left of the budget, less the ensemble and each
     remaining fold's evaluation and start-up, shared by the remaining folds)."""
-    from segpipe.planning.planner import MARGIN_SECONDS
-
     budget = float(runs[0].train.time_budget_minutes) * 60.0
     per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + MARGIN_SECONDS
     ensemble = float(plan["predicted"].get("ensemble_seconds", 0.0))
