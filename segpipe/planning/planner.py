@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from segpipe.errors import expected
+from segpipe.errors import Received, expected
 from segpipe.planning import network, rules
 from segpipe.planning.rules import Choice
 
@@ -212,8 +212,20 @@ def make_plan(
         run_budget, spent = time_budget_minutes, timers_seconds[0]
         if folds is not None:
             run_budget, spent = _plan_folds(plan, time_budget_minutes, folds, spent), 0.0
-        _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=run_budget, batch=batch,
-                   timer_batch=batch_size or 2, case=case, spent_seconds=spent)
+        try:
+            _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=run_budget, batch=batch,
+                       timer_batch=batch_size or 2, case=case, spent_seconds=spent)
+        except ValueError as exc:
+            if folds is None:
+                raise
+            # the schedule's message names a fold's share as if it were the budget: name the budget
+            need = str(exc).split(" minutes", 1)[0].rsplit(" ", 1)[-1]
+            raise ValueError(expected(
+                f"at least {need} minutes per fold for one step, one validation and the fold's evaluation",
+                key="train.time_budget_minutes",
+                received=Received(f"{time_budget_minutes:g} ({run_budget:.1f} min per fold of {folds}, after the "
+                                  f"timings and the ensemble)"),
+                hint=f"Give a larger budget, or fewer folds than {folds}.")) from exc
     elif time_budget_minutes is not None:
         raise ValueError(expected("a step timer with a time budget (the schedule is fitted to measured steps)",
                                   key="step_timer", received=None))

@@ -76,3 +76,12 @@ def test_a_fold_starting_late_gets_what_is_left(monkeypatch):
     # past the budget: a minimal allowance (the run still saves a checkpoint), never zero or negative
     now[0] = 1000.0 + 1800
     assert before_run(runs[2], 2).train.max_train_minutes == 0.5
+
+
+def test_a_fold_share_too_small_for_one_epoch_names_the_budget_and_the_share():
+    fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[48, 48, 48]] * 20)
+    timer, _ = flop_timer(gflops_per_second=0.02)  # a very slow machine: one epoch does not fit a fold's share
+    with pytest.raises(ValueError, match=r"^Expected at least [\d.]+ minutes per fold .* Received: "
+                                         r"train\.time_budget_minutes=8 \([\d.]+ min per fold of 4, after the timings"):
+        make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=8, step_timer=timer, folds=4,
+                  patch_size=[32, 32, 32])
