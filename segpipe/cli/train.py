@@ -18,7 +18,7 @@ from segpipe.errors import Received, StorageError, expected
 from segpipe.io import read_json, write_json
 from segpipe.ownership import check_replaceable
 from segpipe.planning.output import budget_line, budget_report
-from segpipe.planning.planner import MARGIN_SECONDS
+from segpipe.planning.planner import FOLD_MARGIN_SECONDS
 from segpipe.runs.rundir import RunDir
 from segpipe.tables import read_csv
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluated = time.monotonic()
             code = max(code, evaluate.main([str(RunDir.of(config).path), "--model", "best"]))
             evaluation_seconds[config.name] = time.monotonic() - evaluated
-            if result is not None:
+            if result is not None and folds_plan is None:  # k-fold: one report for the command, after the ensemble
                 _report_budget(RunDir.of(config), result.json_path, config.train.time_budget_minutes,
                                final_seconds=evaluation_seconds[config.name],
-                               command_seconds=time.monotonic() - started, plan=folds_plan)
+                               command_seconds=time.monotonic() - started)
     if code == 0:
         ensembled = time.monotonic()
         code = build_fold_ensembles(runs)
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 def _fold_deadline(plan: dict, runs: list[Config], started: float):
     """``run_sweep``'s ``before_run`` for k-fold under one time budget: a fold's training allowance is the
     plan's, or less when earlier folds ran late (what is left of the budget, less the ensemble and each
-    remaining fold's evaluation and start-up, shared by the remaining folds)."""
+    remaining fold's evaluation and export, shared by the remaining folds)."""
     budget = float(runs[0].train.time_budget_minutes) * 60.0
-    per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + MARGIN_SECONDS
+    per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + FOLD_MARGIN_SECONDS
     ensemble = float(plan["predicted"].get("ensemble_seconds", 0.0))
 
     def before_run(config: Config, index: int) -> Config:
@@ -205,11 +205,8 @@ def _report_folds_budget(plan: dict, runs: list[Config], evaluation_seconds: dic
 
 
 def _report_budget(run: RunDir, plan_json: Path, budget_minutes: float, *, final_seconds: float,
-                   command_seconds: float, plan: dict | None = None) -> None:
-    """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line
-    (with ``plan``, a k-fold plan: one fold's share of the budget, and the command's time so far)."""
-    if plan is not None:
-        budget_minutes = float(plan["choices"]["budget_division"]["value"]["fold_minutes"])
+                   command_seconds: float) -> None:
+    """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line."""
     seconds = [float(row["seconds"]) for row in read_csv(run.epoch_times_csv)] if run.epoch_times_csv.is_file() else []
     report = budget_report(read_json(plan_json), epoch_seconds=seconds,
                            final_evaluation_seconds=final_seconds, command_seconds=command_seconds,

@@ -31,6 +31,9 @@ MARGIN_SECONDS = 120.0  # start-up, preprocessing of a cached dataset, export: k
 # predictions, choosing post-processing on them, one bundle of every fold) is kept free too
 ENSEMBLE_SECONDS = 60.0
 ENSEMBLE_SECONDS_PER_FOLD = 20.0
+# each fold after the first trains in the same process (no new start-up, the cache is built): only its
+# bundle export is kept free per fold; the command's start-up margin is kept once
+FOLD_MARGIN_SECONDS = 30.0
 # The training loop's step is slower than an isolated train_on_batch (the tf.data loader sampling and
 # augmenting on the same cores, metrics, per-step bookkeeping): measured here 0.27 s per loop step
 # (median of epochs 2-8) against 0.13 s timed in isolation for a 40×40×10 patch; 0.40 against
@@ -214,7 +217,8 @@ def make_plan(
             run_budget, spent = _plan_folds(plan, time_budget_minutes, folds, spent), 0.0
         try:
             _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=run_budget, batch=batch,
-                       timer_batch=batch_size or 2, case=case, spent_seconds=spent)
+                       timer_batch=batch_size or 2, case=case, spent_seconds=spent,
+                       margin_seconds=MARGIN_SECONDS if folds is None else FOLD_MARGIN_SECONDS)
         except ValueError as exc:
             if folds is None:
                 raise
@@ -481,7 +485,7 @@ def _run_budget_minutes(budget_minutes: float, folds: int | None, spent_seconds:
     (``spent_seconds``) and the ensemble leave."""
     if folds is None:
         return budget_minutes
-    return (budget_minutes * 60 - spent_seconds - _ensemble_seconds(folds)) / folds / 60
+    return (budget_minutes * 60 - spent_seconds - _ensemble_seconds(folds) - MARGIN_SECONDS) / folds / 60
 
 
 def _plan_folds(plan: Plan, budget_minutes: float, folds: int, spent_seconds: float) -> float:
@@ -489,22 +493,25 @@ def _plan_folds(plan: Plan, budget_minutes: float, folds: int, spent_seconds: fl
     share = _run_budget_minutes(budget_minutes, folds, spent_seconds)
     ensemble = _ensemble_seconds(folds)
     if share <= 0:
-        raise ValueError(expected(f"more than {(spent_seconds + ensemble) / 60:.1f} minutes for {folds} folds (the "
+        raise ValueError(expected(f"more than {(spent_seconds + ensemble + MARGIN_SECONDS) / 60:.1f} minutes for "
+                                  f"{folds} folds (the "
                                   f"timings and the ensemble come first)", key="train.time_budget_minutes",
                                   received=budget_minutes))
     plan.choices["budget_division"] = Choice(
         {"folds": folds, "fold_minutes": round(share, 2), "timings_minutes": round(spent_seconds / 60, 2),
          "ensemble_minutes": round(ensemble / 60, 2)},
-        f"{budget_minutes:g} min for the whole command: {spent_seconds / 60:.1f} min of timings, {folds} folds × "
-        f"{share:.1f} min (training, evaluation of the fold's validation cases, start-up and export), "
-        f"{ensemble / 60:.1f} min for the ensemble (out-of-fold post-processing, one bundle)")
+        f"{budget_minutes:g} min for the whole command: {spent_seconds / 60:.1f} min of timings, "
+        f"{MARGIN_SECONDS / 60:.1f} min for start-up, {folds} folds × {share:.1f} min (training, evaluation of the "
+        f"fold's validation cases, its export), {ensemble / 60:.1f} min for the ensemble (out-of-fold "
+        f"post-processing, one bundle)")
     plan.predicted["ensemble_seconds"] = ensemble
     return share
 
 
 def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],
                timed: dict[str, float], *, budget_minutes: float, batch: int, timer_batch: int,
-               case: dict[str, Any] | None = None, spent_seconds: float = 0.0) -> None:
+               case: dict[str, Any] | None = None, spent_seconds: float = 0.0,
+               margin_seconds: float = MARGIN_SECONDS) -> None:
     """Step 6, with a time budget: the schedule and the inference settings from the measured step (and,
     with ``case``, the final evaluation from a whole timed case: its windows' time and everything else)."""
     c = plan.choices
@@ -534,8 +541,8 @@ def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, media
     c["inference_overlap"], c["inference_mirror_axes"] = overlap, mirror
     c["schedule"] = rules.plan_schedule(budget_minutes=budget_minutes, step_seconds=step_seconds,
                                         validation_seconds=val_seconds, final_seconds=final_seconds,
-                                        overhead_seconds=MARGIN_SECONDS + spent_seconds)
-    limit = max(budget_minutes - (final_seconds + MARGIN_SECONDS + spent_seconds) / 60, 0.1 * budget_minutes)
+                                        overhead_seconds=margin_seconds + spent_seconds)
+    limit = max(budget_minutes - (final_seconds + margin_seconds + spent_seconds) / 60, 0.1 * budget_minutes)
     c["time_limit"] = Choice(round(limit, 2), f"{limit:.1f} min: the budget minus the final evaluation, the margin and "
                                               f"the {spent_seconds / 60:.1f} min of timings; training stops before an "
                                               f"epoch that would end later")

@@ -309,4 +309,4 @@ def plan_schedule(
                   f"{epochs} × {steps} steps at {step_seconds:.2f} s + {validation_seconds:.0f} s "
                   "validation per epoch, "
                   f"{final_seconds / 60:.1f} min final evaluation, {overhead_seconds / 60:.1f} min overhead: "
-                  f"{used / 60:.1f} of {budget_minutes:g} min")
+                  f"{used / 60:.1f} of {round(budget_minutes, 2):g} min")

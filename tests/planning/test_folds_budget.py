@@ -6,6 +6,7 @@ from segpipe.config import Config
 from segpipe.planning.planner import (
     ENSEMBLE_SECONDS,
     ENSEMBLE_SECONDS_PER_FOLD,
+    FOLD_MARGIN_SECONDS,
     MARGIN_SECONDS,
     Hardware,
     make_plan,
@@ -25,23 +26,25 @@ def test_the_budget_is_divided_over_the_folds_and_the_ensemble():
     division = folded.choices["budget_division"].value
     spent = folded.measured["timing_seconds"]
     ensemble = ENSEMBLE_SECONDS + 5 * ENSEMBLE_SECONDS_PER_FOLD
-    assert division["fold_minutes"] == pytest.approx((3600 - spent - ensemble) / 5 / 60, abs=0.01)
+    # the command's start-up margin once, then five equal shares
+    assert division["fold_minutes"] == pytest.approx((3600 - spent - ensemble - MARGIN_SECONDS) / 5 / 60, abs=0.01)
     assert folded.predicted["ensemble_seconds"] == ensemble
     # a fold validates on its share of the cases: 20 / 5 = 4 (the single run: 20 % = 4 too) ...
     assert folded.predicted["final_evaluation"]["cases"] == 4
     # ... and its schedule and allowance fit the fold's share, not the whole hour
     limit = folded.choices["time_limit"].value
     final = folded.predicted["final_evaluation_seconds"]
-    assert limit == pytest.approx(division["fold_minutes"] - (final + MARGIN_SECONDS) / 60, abs=0.01)
+    assert limit == pytest.approx(division["fold_minutes"] - (final + FOLD_MARGIN_SECONDS) / 60, abs=0.01)
     schedule = folded.choices["schedule"].value
     epoch = schedule["steps_per_epoch"] * folded.predicted["loop_step_seconds"] + folded.predicted["validation_seconds"]
     training = schedule["epochs"] * epoch
-    assert division["fold_minutes"] * 60 - epoch < training + final + MARGIN_SECONDS <= division["fold_minutes"] * 60
+    share = division["fold_minutes"] * 60
+    assert share - epoch < training + final + FOLD_MARGIN_SECONDS <= share
     single_epoch = (single.choices["schedule"].value["steps_per_epoch"] * single.predicted["loop_step_seconds"]
                     + single.predicted["validation_seconds"])
     assert single.choices["schedule"].value["epochs"] * single_epoch > 4 * training
     # the whole command: timings + 5 folds (training, evaluation, margin) + ensemble within 60 minutes
-    assert spent + 5 * (limit * 60 + final + MARGIN_SECONDS) + ensemble <= 3600 + 1e-6
+    assert spent + MARGIN_SECONDS + 5 * (limit * 60 + final + FOLD_MARGIN_SECONDS) + ensemble <= 3600 + 1e-6
     assert "budget_division" not in single.choices
     assert "5 folds" in folded.choices["budget_division"].reason
 
@@ -69,10 +72,10 @@ def test_a_fold_starting_late_gets_what_is_left(monkeypatch):
     before_run = cli._fold_deadline(plan, runs, started=1000.0)
     # on time: the plan's allowance stands (the same object: nothing to change)
     assert before_run(runs[0], 0) is runs[0]
-    # 20 of 30 minutes gone before fold 1: (1800 - 1200 - 120 - 2 × (30 + 120)) / 2 = 90 s each
+    # 20 of 30 minutes gone before fold 1: (1800 - 1200 - 120 - 2 × (30 + 30)) / 2 = 180 s each
     now[0] = 1000.0 + 1200
     late = before_run(runs[1], 1)
-    assert late.train.max_train_minutes == pytest.approx(1.5) and runs[1].train.max_train_minutes == 6.0
+    assert late.train.max_train_minutes == pytest.approx(3.0) and runs[1].train.max_train_minutes == 6.0
     # past the budget: a minimal allowance (the run still saves a checkpoint), never zero or negative
     now[0] = 1000.0 + 1800
     assert before_run(runs[2], 2).train.max_train_minutes == 0.5
