@@ -20,7 +20,6 @@ from segpipe.ownership import check_replaceable
 from segpipe.planning.output import budget_line, budget_report
 from segpipe.planning.planner import FOLD_MARGIN_SECONDS
 from segpipe.runs.rundir import RunDir
-from segpipe.tables import read_csv
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
@@ -177,38 +176,38 @@ def _report_folds_budget(plan: dict, runs: list[Config], evaluation_seconds: dic
                          ensemble_seconds: float, command_seconds: float) -> None:
     """``<name>_ensemble/budget.json`` for ``--folds K`` under one budget: the plan's division against the
     measured parts (each fold's training and evaluation, the ensemble, the whole command), and one line."""
+    from segpipe.evaluation.ensemble import ensemble_dir  # TensorFlow: loaded by the ensemble already
+
     division = plan["choices"]["budget_division"]["value"]
     budget_minutes = float(runs[0].train.time_budget_minutes)
     folds = []
     for config in runs:
-        run = RunDir.of(config)
-        seconds = [float(r["seconds"]) for r in read_csv(run.epoch_times_csv)] if run.epoch_times_csv.is_file() else []
+        seconds = RunDir.of(config).epoch_seconds()
+        evaluation = evaluation_seconds.get(config.name)
         folds.append({"run": config.name, "training_seconds": float(sum(seconds)), "epochs": len(seconds),
-                      "evaluation_seconds": evaluation_seconds.get(config.name)})
+                      "evaluation_seconds": evaluation, "seconds": float(sum(seconds)) + (evaluation or 0.0)})
     report = {"budget_minutes": budget_minutes, "within_budget": command_seconds <= budget_minutes * 60.0,
               "division": division, "folds": folds,
               "parts": {"timings_seconds": {"predicted": division["timings_minutes"] * 60.0,
                                             "measured": plan.get("measured", {}).get("timing_seconds")},
                         "fold_seconds": {"predicted": division["fold_minutes"] * 60.0,
-                                         "measured": [f["training_seconds"] + (f["evaluation_seconds"] or 0.0)
-                                                      for f in folds]},
+                                         "measured": [f["seconds"] for f in folds]},
                         "ensemble_seconds": {"predicted": division["ensemble_minutes"] * 60.0,
                                              "measured": ensemble_seconds},
                         "command_seconds": {"predicted": budget_minutes * 60.0, "measured": command_seconds}}}
-    out = RunDir.of(runs[0]).path.with_name(re.sub(r"_fold\d+$", "", runs[0].name) + "_ensemble")
+    out = ensemble_dir([RunDir.of(config).path for config in runs])
     if out.is_dir():
         write_json(out / "budget.json", report)
     print(f"Time budget: {command_seconds / 60:.1f} of {budget_minutes:g} min for {len(runs)} folds and their "
           f"ensemble{'' if report['within_budget'] else ' — OVER BUDGET'} (training + evaluation per fold: "
-          + ", ".join(f"{(f['training_seconds'] + (f['evaluation_seconds'] or 0.0)) / 60:.1f}" for f in folds)
+          + ", ".join(f"{f['seconds'] / 60:.1f}" for f in folds)
           + f" min, planned {division['fold_minutes']:.1f}; ensemble {ensemble_seconds / 60:.1f} min)")
 
 
 def _report_budget(run: RunDir, plan_json: Path, budget_minutes: float, *, final_seconds: float,
                    command_seconds: float) -> None:
     """``RUN_DIR/budget.json``: the plan's predictions against this command's measured times, and one line."""
-    seconds = [float(row["seconds"]) for row in read_csv(run.epoch_times_csv)] if run.epoch_times_csv.is_file() else []
-    report = budget_report(read_json(plan_json), epoch_seconds=seconds,
+    report = budget_report(read_json(plan_json), epoch_seconds=run.epoch_seconds(),
                            final_evaluation_seconds=final_seconds, command_seconds=command_seconds,
                            budget_minutes=budget_minutes)
     write_json(run.budget_json, report)

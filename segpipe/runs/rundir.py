@@ -149,6 +149,12 @@ class RunDir:
             return []
         return read_csv(self.history_csv)
 
+    def epoch_seconds(self) -> list[float]:
+        """The wall-clock seconds of each finished epoch (``epoch_times.csv``), or [] before the first ended."""
+        if not self.epoch_times_csv.is_file():
+            return []
+        return [float(row["seconds"]) for row in read_csv(self.epoch_times_csv)]
+
     def model_file(self, which: str | os.PathLike | None = None) -> tuple[str, Path]:
         """The one checkpoint resolver: ``(name, path)`` of the model a run is evaluated or exported with.
 
