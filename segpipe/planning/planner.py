@@ -161,7 +161,8 @@ def make_plan(
         parts; the final evaluation is then costed as windows + the case's other costs (blending, mapping
         back, writing) instead of windows alone.
     folds : k-fold training (``--folds K``): the time budget is for the whole command, so each fold is
-        planned for its share (the budget less the timings and the ensemble, divided by ``folds``), and
+        planned for its share (the budget less the timings, the start-up margin and the ensemble, divided
+        by ``folds``), and
         the validation cases are a fold's (``num_val_cases`` default: ``round(num_cases / folds)``).
     """
     if model not in MODELS:
@@ -219,13 +220,13 @@ def make_plan(
             _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=run_budget, batch=batch,
                        timer_batch=batch_size or 2, case=case, spent_seconds=spent,
                        margin_seconds=MARGIN_SECONDS if folds is None else FOLD_MARGIN_SECONDS)
-        except ValueError as exc:
+        except rules.BudgetTooSmall as exc:
             if folds is None:
                 raise
             # the schedule's message names a fold's share as if it were the budget: name the budget
-            need = str(exc).split(" minutes", 1)[0].rsplit(" ", 1)[-1]
             raise ValueError(expected(
-                f"at least {need} minutes per fold for one step, one validation and the fold's evaluation",
+                f"at least {exc.need_minutes:.1f} minutes per fold for one step, one validation and the fold's "
+                "evaluation",
                 key="train.time_budget_minutes",
                 received=Received(f"{time_budget_minutes:g} ({run_budget:.1f} min per fold of {folds}, after the "
                                   f"timings and the ensemble)"),

@@ -283,6 +283,14 @@ def plan_precision(step_seconds: dict[str, float], *, supported_reason: str,
     return Choice(fastest, f"{fastest}: {why} (timed steps: {times}); {supported_reason}".rstrip("; "))
 
 
+class BudgetTooSmall(ValueError):
+    """:func:`plan_schedule`'s error: not even one epoch fits; ``need_minutes`` is what one would need."""
+
+    def __init__(self, message: str, need_minutes: float):
+        super().__init__(message)
+        self.need_minutes = need_minutes
+
+
 def plan_schedule(
     *, budget_minutes: float, step_seconds: float, validation_seconds: float, final_seconds: float,
     overhead_seconds: float = 0.0, max_steps_per_epoch: int = 250, min_epochs: int = 4,
@@ -292,7 +300,7 @@ def plan_schedule(
     Steps per epoch: enough that validation costs about 10 % of an epoch (9 × validation / step),
     between 10 and ``max_steps_per_epoch`` (nnU-Net: 250), fewer if that leaves under
     ``min_epochs`` epochs. Epochs: as many as fit in what remains after the final evaluation and
-    ``overhead_seconds``. Raises ValueError if not even one epoch fits.
+    ``overhead_seconds``. Raises :class:`BudgetTooSmall` (a ValueError) if not even one epoch fits.
     """
     available = budget_minutes * 60.0 - final_seconds - overhead_seconds
     steps = int(min(max_steps_per_epoch, max(10, math.ceil(9 * validation_seconds / step_seconds))))
@@ -302,8 +310,8 @@ def plan_schedule(
         epochs = int(available // (steps * step_seconds + validation_seconds)) if available > 0 else 0
     if epochs < 1:
         need = (step_seconds + validation_seconds + final_seconds + overhead_seconds) / 60
-        raise ValueError(expected(f"at least {need:.1f} minutes for one step, one validation and the final evaluation",
-                                  key="train.time_budget_minutes", received=budget_minutes))
+        raise BudgetTooSmall(expected(f"at least {need:.1f} minutes for one step, one validation and the final "
+                                      "evaluation", key="train.time_budget_minutes", received=budget_minutes), need)
     used = epochs * (steps * step_seconds + validation_seconds) + final_seconds + overhead_seconds
     return Choice({"epochs": epochs, "steps_per_epoch": steps},
                   f"{epochs} × {steps} steps at {step_seconds:.2f} s + {validation_seconds:.0f} s "
