@@ -39,7 +39,7 @@ from segpipe.data.pipeline import (
 )
 from segpipe.errors import expected
 from segpipe.planning.hardware import detect_hardware
-from segpipe.planning.output import apply_plan, write_plan
+from segpipe.planning.output import apply_keys, apply_plan, write_plan
 from segpipe.planning.planner import Plan, make_plan
 from segpipe.planning.rules import Choice
 from segpipe.planning.timing import time_steps
@@ -116,7 +116,7 @@ def plan_config(
 
     source = source_plan_keys(_get(config, "train.init_from"), explicit)
     explicit |= set(source)  # the source's network and normalisation are fixed inputs of this plan
-    config = apply_plan(config, _KeysOnly(source))
+    config = apply_keys(config, source)
 
     budget = _get(config, "train.time_budget_minutes")
     timer = step_timer
@@ -155,13 +155,6 @@ SOURCE_MODEL_KEYS = {"depth": "model.depth", "base_filters": "model.base_filters
                      "deep_supervision": "model.deep_supervision"}
 
 
-@dataclass
-class _KeysOnly:
-    """A plan's ``config`` alone (:func:`apply_plan` reads nothing else)."""
-
-    config: dict[str, Any]
-
-
 def source_plan_keys(init_from: str | None, explicit: Iterable[str] = ()) -> dict[str, Any]:
     """"Plan like the source": the config keys of ``train.init_from``'s network (builder, topology, width,
     normalisation layers) and intensity normalisation, when it is a segpipe bundle (or a run with one),
@@ -185,18 +178,16 @@ def source_plan_keys(init_from: str | None, explicit: Iterable[str] = ()) -> dic
     architecture = bundle.architecture
     if architecture is None or architecture["builder"] not in ("unet3d", "resenc_unet"):
         return {}
-    keys = {"model.name": architecture["builder"], "data.normalization": _plain(bundle.preprocessing.normalization)}
+    normalization = bundle.preprocessing.normalization  # one scheme, or a tuple of one per channel
+    keys = {"model.name": architecture["builder"],
+            "data.normalization": list(normalization) if isinstance(normalization, tuple) else normalization}
     for arg, key in SOURCE_MODEL_KEYS.items():
         if arg in architecture["args"]:
-            keys[key] = _plain(architecture["args"][arg])
+            keys[key] = architecture["args"][arg]  # check_architecture made them plain ints and lists
         elif arg in ("strides", "kernel_sizes"):
             keys[key] = None  # the builder's default (stride 2, kernel 3 at every stage), not this plan's
     explicit = set(explicit)
     return {k: v for k, v in keys.items() if k not in explicit and not any(k.startswith(e + ".") for e in explicit)}
-
-
-def _plain(value: Any) -> Any:
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _plan_like_source(plan: Plan, source: dict[str, Any], init_from: str) -> None:

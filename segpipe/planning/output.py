@@ -30,8 +30,13 @@ KEY_REASONS = {
 def apply_plan(config: dict[str, Any], plan: Plan, *, keep: set[str] = frozenset()) -> dict[str, Any]:
     """``config`` (a nested dict) with the plan's keys set, except the dotted keys in ``keep`` (explicit settings
     win)."""
+    return apply_keys(config, plan.config, keep=keep)
+
+
+def apply_keys(config: dict[str, Any], keys: dict[str, Any], *, keep: set[str] = frozenset()) -> dict[str, Any]:
+    """A copy of ``config`` (a nested dict) with the dotted ``keys`` set, except those in or under ``keep``."""
     out = _copy(config)
-    for key, value in plan.config.items():
+    for key, value in keys.items():
         # an explicit key wins over a planned key it lies in or under (loss.name=... keeps the user's loss)
         if key in keep or any(key.startswith(k + ".") or k.startswith(key + ".") for k in keep):
             continue
