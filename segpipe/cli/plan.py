@@ -40,7 +40,8 @@ from segpipe.data.pipeline import (
 from segpipe.errors import expected
 from segpipe.planning.hardware import detect_hardware
 from segpipe.planning.output import apply_keys, apply_plan, write_plan
-from segpipe.planning.planner import Plan, make_plan
+from segpipe.planning.plan import Plan
+from segpipe.planning.planner import make_plan
 from segpipe.planning.rules import Choice
 from segpipe.planning.timing import time_steps
 from segpipe.training.case_timing import time_case

@@ -18,7 +18,7 @@ from segpipe.errors import Received, StorageError, expected
 from segpipe.io import read_json, write_json
 from segpipe.ownership import check_replaceable
 from segpipe.planning.output import budget_line, budget_report
-from segpipe.planning.planner import FOLD_MARGIN_SECONDS
+from segpipe.planning.time_plan import FOLD_MARGIN_SECONDS
 from segpipe.runs.rundir import RunDir
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from segpipe.planning.planner import Hardware
+from segpipe.planning.plan import Hardware
 
 GIB = 2**30
 CPU_MAX_BUDGET = 8 * GIB  # nnU-Net's default target; a CPU step that large would take minutes anyway

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from segpipe.io import write_json, write_text
-from segpipe.planning.planner import Plan
+from segpipe.planning.plan import Plan
 
 # which choice explains which config key
 KEY_REASONS = {

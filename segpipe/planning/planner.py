@@ -9,113 +9,28 @@ and the config keys it sets. Nothing here imports TensorFlow; the timer is passe
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from segpipe.errors import Received, expected
-from segpipe.planning import network, rules
+from segpipe.errors import expected
+from segpipe.planning import network, rules, time_plan
+from segpipe.planning.plan import (
+    CaseTimer,
+    Hardware,
+    Plan,
+    PlanInputs,
+    StepTimer,
+    config_keys,
+    patches_per_case,
+    shape_text,
+)
 from segpipe.planning.rules import Choice
 
-PLAN_VERSION = 1
 MODELS = ("unet3d", "resenc_unet")
 # nnU-Net's residual-encoder presets: residual blocks per encoder stage
 RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6)
-MAX_TIMINGS = 3  # timings of the planned network: a step much slower than predicted re-plans once or twice
-MIN_TOTAL_STEPS = 1000  # a time budget shrinks the patch until at least this many training steps fit
-FINAL_EVAL_SHARE = 0.15  # of the budget for the final sliding-window evaluation of the validation cases
-MARGIN_SECONDS = 120.0  # start-up, preprocessing of a cached dataset, export: kept free in the budget
-# k-fold with a time budget (the whole command): the ensemble at the end (copying the out-of-fold
-# predictions, choosing post-processing on them, one bundle of every fold) is kept free too
-ENSEMBLE_SECONDS = 60.0
-ENSEMBLE_SECONDS_PER_FOLD = 20.0
-# each fold after the first trains in the same process (no new start-up, the cache is built): only its
-# bundle export is kept free per fold; the command's start-up margin is kept once
-FOLD_MARGIN_SECONDS = 30.0
-# The training loop's step is slower than an isolated train_on_batch (the tf.data loader sampling and
-# augmenting on the same cores, metrics, per-step bookkeeping): measured here 0.27 s per loop step
-# (median of epochs 2-8) against 0.13 s timed in isolation for a 40×40×10 patch; 0.40 against
-# 0.36 s for the hippocampus recipe (docs/planning.md, "The time budget").
-LOOP_OVERHEAD_SECONDS = 0.15
-LOOP_STEP_FACTOR = 1.1
-EPOCH_OVERHEAD_SECONDS = 2.0  # per epoch: checkpoint, history row, loader restart
 WHOLE_VALIDATION_MAX_RATIO = 8.0  # whole-volume validation while a median case is at most 8 patches
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """The machine a plan is made for."""
-
-    device: str  # "cpu" or "gpu"
-    memory_bytes: int  # the training memory budget (RAM share on CPU, device memory on GPU)
-    cores: int = 1
-    description: str = ""
-    # the train.precision values worth timing here (float32 first) and why (hardware.supported_precisions)
-    precisions: tuple[str, ...] = ("float32",)
-    precision_reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.device not in ("cpu", "gpu"):
-            raise ValueError(expected("'cpu' or 'gpu'", key="device", received=self.device))
-        if self.memory_bytes <= 0:
-            raise ValueError(expected("a positive memory budget", key="memory_bytes", received=self.memory_bytes))
-
-
-@dataclass
-class Plan:
-    """Every choice (value + reason) and the config keys the plan sets (dotted key -> value)."""
-
-    choices: dict[str, Choice] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    predicted: dict[str, Any] = field(default_factory=dict)
-    measured: dict[str, Any] = field(default_factory=dict)
-    dataset: str = ""
-    fingerprint_key: str = ""
-    hardware: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "plan_version": PLAN_VERSION,
-            "dataset": self.dataset,
-            "fingerprint_key": self.fingerprint_key,
-            "hardware": self.hardware,
-            "choices": {k: {"value": _jsonable(c.value), "reason": c.reason} for k, c in self.choices.items()},
-            "config": {k: _jsonable(v) for k, v in self.config.items()},
-            "predicted": _jsonable(self.predicted),
-            "measured": _jsonable(self.measured),
-        }
-
-    def table(self) -> str:
-        """The printed table: one row per choice with its reason."""
-        width = max(len(k) for k in self.choices) if self.choices else 0
-        lines = []
-        for key, choice in self.choices.items():
-            reason = choice.reason.split("\n")
-            lines.append(f"{key.ljust(width)}  {reason[0]}")
-            lines.extend(f"{' ' * width}  {r}" for r in reason[1:])
-        return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-CaseTimer = Callable[[dict[str, Any]], dict[str, Any]]
-"""Takes the plan's network keys (as :data:`StepTimer`, with ``train.precision`` and ``data.normalization``)
-and returns :func:`segpipe.training.case_timing.case_worker`'s timings of one median case predicted at overlap
-0.5 without mirroring: ``predict_seconds``, ``write_seconds``, ``network_seconds``, ``windows``, ...."""
-
-StepTimer = Callable[[dict[str, Any]], dict[str, float]]
-"""Takes the plan's config keys (dotted) plus ``_in_channels``/``_num_classes`` and returns
-``{"step_seconds", "window_seconds", "peak_bytes", "baseline_bytes"}`` measured on this machine."""
 
 
 def make_plan(
@@ -184,16 +99,16 @@ def make_plan(
     patch_plan = _plan_patch(inputs, spacing, median, patch_size)
     timed = None
     timers_seconds = [0.0]  # the timings' own wall time: spent from the budget before training starts
-    step_timer = _clocked(step_timer, timers_seconds) if step_timer is not None else None
-    case_timer = _clocked(case_timer, timers_seconds) if case_timer is not None else None
+    step_timer = time_plan.clocked(step_timer, timers_seconds) if step_timer is not None else None
+    case_timer = time_plan.clocked(case_timer, timers_seconds) if case_timer is not None else None
     if time_budget_minutes is not None and step_timer is not None:
         fitting = "float32" if precision == "auto" else precision
-        patch_plan, timed = _fit_time_budget(plan, inputs, spacing, median, patch_plan,
-                                             budget_minutes=_run_budget_minutes(time_budget_minutes, folds, 0.0),
-                                             step_timer=step_timer, patch_size=patch_size, timer_batch=batch_size or 2,
-                                             precision=fitting)
-        timed = _plan_precision(plan, inputs, spacing, patch_plan, timed, step_timer=step_timer, setting=precision,
-                                timer_batch=batch_size or 2)
+        patch_plan, timed = time_plan.fit_time_budget(
+            plan, inputs, spacing, median, patch_plan,
+            budget_minutes=time_plan.run_budget_minutes(time_budget_minutes, folds, 0.0), step_timer=step_timer,
+            patch_size=patch_size, timer_batch=batch_size or 2, precision=fitting)
+        timed = time_plan.plan_precision(plan, inputs, spacing, patch_plan, timed, step_timer=step_timer,
+                                         setting=precision, timer_batch=batch_size or 2)
     else:
         plan.choices["precision"] = (
             Choice(precision, f"{precision}: given (train.precision)") if precision != "auto" else
@@ -202,35 +117,9 @@ def make_plan(
     batch = _plan_batch(plan, inputs, patch_plan, median, batch_size)
     _plan_data(plan, inputs, patch_plan, median)
     if timed is not None:
-        case = None
-        if case_timer is not None:
-            keys = {**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=batch),
-                    "train.precision": plan.choices["precision"].value,
-                    "data.normalization": plan.choices["normalization"].value,
-                    "data.foreground_fraction": plan.choices["foreground_fraction"].value,
-                    "data.augment.mirror.axes": list(plan.choices["mirror_axes"].value),
-                    "loss": plan.choices["loss"].value,
-                    "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
-            case = case_timer(keys)
-        plan.measured["timing_seconds"] = timers_seconds[0]
-        run_budget, spent = time_budget_minutes, timers_seconds[0]
-        if folds is not None:
-            run_budget, spent = _plan_folds(plan, time_budget_minutes, folds, spent), 0.0
-        try:
-            _plan_time(plan, inputs, patch_plan, median, timed, budget_minutes=run_budget, batch=batch,
-                       timer_batch=batch_size or 2, case=case, spent_seconds=spent,
-                       margin_seconds=MARGIN_SECONDS if folds is None else FOLD_MARGIN_SECONDS)
-        except rules.BudgetTooSmall as exc:
-            if folds is None:
-                raise
-            # the schedule's message names a fold's share as if it were the budget: name the budget
-            raise ValueError(expected(
-                f"at least {exc.need_minutes:.1f} minutes per fold for one step, one validation and the fold's "
-                "evaluation",
-                key="train.time_budget_minutes",
-                received=Received(f"{time_budget_minutes:g} ({run_budget:.1f} min per fold of {folds}, after the "
-                                  f"timings and the ensemble)"),
-                hint=f"Give a larger budget, or fewer folds than {folds}.")) from exc
+        time_plan.plan_budget(plan, inputs, patch_plan, spacing, median, timed, budget_minutes=time_budget_minutes,
+                              folds=folds, batch=batch, timer_batch=batch_size or 2, case_timer=case_timer,
+                              timers_seconds=timers_seconds)
     elif time_budget_minutes is not None:
         raise ValueError(expected("a step timer with a time budget (the schedule is fitted to measured steps)",
                                   key="step_timer", received=None))
@@ -238,43 +127,8 @@ def make_plan(
     return plan
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """What the planning steps read: the dataset's facts from the fingerprint and the fixed settings."""
-
-    spacings: np.ndarray  # (cases, 3) mm
-    shapes: np.ndarray  # (cases, 3) cropped voxels
-    channel_names: list[str]
-    in_channels: int
-    classes: dict[str, Any]
-    cases: dict[str, Any]  # the fingerprint's per-case entries (class positions: the mirroring rule)
-    num_classes: int
-    num_cases: int
-    num_val: int
-    hardware: Hardware
-    model: str
-    max_stages: int
-    base: int  # features at full resolution
-    width_reason: str
-    blocks: tuple[int, ...] | None  # residual blocks per stage (resenc_unet)
-
-    @property
-    def cpu(self) -> bool:
-        return self.hardware.device == "cpu"
-
-    @property
-    def budget_text(self) -> str:
-        return f"{self.hardware.memory_bytes / 2**30:.1f} GiB"
-
-    def fit_patch(self, spacing: Sequence[float], median: Sequence[float], **options: Any) -> network.PatchPlan:
-        """:func:`network.fit_patch` for this dataset, network and memory budget."""
-        return network.fit_patch(spacing, median, in_channels=self.in_channels, num_classes=self.num_classes,
-                               budget_bytes=self.hardware.memory_bytes, base_features=self.base,
-                               max_stages=self.max_stages, blocks_per_stage=self.blocks, **options)
-
-
 def _read_inputs(fingerprint: dict[str, Any], *, hardware: Hardware, model: str, num_val_cases: int | None,
-                 val_fraction: float, max_stages: int, base_features: int | None) -> _Inputs:
+                 val_fraction: float, max_stages: int, base_features: int | None) -> PlanInputs:
     cases = fingerprint.get("cases") or {}
     if not cases:
         raise ValueError(expected("a fingerprint with per-case entries", key="cases", received=None,
@@ -283,7 +137,7 @@ def _read_inputs(fingerprint: dict[str, Any], *, hardware: Hardware, model: str,
     classes = fingerprint.get("classes") or {}
     num_cases = len(cases)
     cpu = hardware.device == "cpu"
-    return _Inputs(
+    return PlanInputs(
         spacings=np.array([c["spacing_mm"] for c in cases.values()], dtype=np.float64),
         shapes=np.array([c.get("cropped_shape", c["shape"]) for c in cases.values()], dtype=np.float64),
         channel_names=channel_names,
@@ -305,17 +159,18 @@ def _read_inputs(fingerprint: dict[str, Any], *, hardware: Hardware, model: str,
     )
 
 
-def _plan_spacing(plan: Plan, inputs: _Inputs, spacing_mm: Sequence[float] | None) -> tuple[list[float], Any]:
+def _plan_spacing(plan: Plan, inputs: PlanInputs, spacing_mm: Sequence[float] | None) -> tuple[list[float], Any]:
     """Step 1: the target spacing and the median shape at that spacing."""
     c = plan.choices
     c["spacing"] = rules.plan_target_spacing(inputs.spacings, inputs.shapes)
     if spacing_mm is not None:
-        c["spacing"] = Choice([float(v) for v in spacing_mm], f"{_x(spacing_mm)} mm: given (data.target_spacing_mm)")
+        c["spacing"] = Choice([float(v) for v in spacing_mm],
+                              f"{shape_text(spacing_mm)} mm: given (data.target_spacing_mm)")
     spacing = c["spacing"].value
     return spacing, rules.shape_at_spacing(inputs.shapes, inputs.spacings, spacing)
 
 
-def _plan_patch(inputs: _Inputs, spacing: Sequence[float], median: Sequence[float],
+def _plan_patch(inputs: PlanInputs, spacing: Sequence[float], median: Sequence[float],
                 patch_size: Sequence[int] | None) -> network.PatchPlan:
     """Step 2: patch and topology under the memory budget, or the deepest topology of a given patch."""
     # also fails a budget too small for any patch
@@ -326,98 +181,12 @@ def _plan_patch(inputs: _Inputs, spacing: Sequence[float], median: Sequence[floa
     return patch_plan
 
 
-def _fit_time_budget(plan: Plan, inputs: _Inputs, spacing: Sequence[float], median: Sequence[float],
-                     patch_plan: network.PatchPlan, *, budget_minutes: float, step_timer: StepTimer,
-                     patch_size: Sequence[int] | None, timer_batch: int,
-                     precision: str = "float32") -> tuple[network.PatchPlan, dict[str, float]]:
-    """Step 3, with a time budget: calibrate seconds per FLOP on a small reference network, then shrink
-    the patch further until MIN_TOTAL_STEPS predicted steps fit; the final network is timed again.
-
-    Returns the patch plan and the last timing of the planned network.
-    """
-    shape_keys = {"_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes, "train.precision": precision}
-    train_seconds = budget_minutes * 60 * (1 - FINAL_EVAL_SHARE) - MARGIN_SECONDS
-    max_step = max(train_seconds, 1.0) / MIN_TOTAL_STEPS  # an isolated step (the loop's overhead comes on top)
-    ref_topo = network.pool_and_kernels([32, 32, 32], [1.0, 1.0, 1.0], max_stages=4)
-    ref_spec = network.unet_spec(ref_topo, inputs.in_channels, inputs.num_classes, base=16)
-    ref = step_timer({**_config_keys(network.PatchPlan(ref_topo, ref_spec, 0), [1.0, 1.0, 1.0], "unet3d", None,
-                                     batch=2),
-                      **shape_keys})
-    seconds_per_flop = ref["step_seconds"] / (2 * network.training_flops(ref_topo, ref_spec))
-    plan.measured["reference"] = {"network": "unet3d 32³ × 2, 16 base features, 4 stages", **ref}
-    plan.predicted["seconds_per_flop"] = seconds_per_flop
-
-    def fast_enough(topo: network.Topology, spec: network.NetworkSpec) -> bool:
-        return timer_batch * network.training_flops(topo, spec) * seconds_per_flop <= max_step
-
-    attempts = plan.measured.setdefault("attempts", [])
-    for _ in range(MAX_TIMINGS):
-        if patch_size is None:
-            patch_plan = inputs.fit_patch(spacing, median, fits=fast_enough,
-                                          budget_text=f"{inputs.budget_text} and {MIN_TOTAL_STEPS} steps in "
-                                                      f"{budget_minutes:g} min")
-        flops = timer_batch * network.training_flops(patch_plan.topology, patch_plan.spec)
-        predicted_step = flops * seconds_per_flop
-        timed = step_timer({**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch),
-                            **shape_keys})
-        attempts.append({"patch_size": list(patch_plan.topology.patch_size), "predicted_step_seconds": predicted_step,
-                         "step_seconds": timed["step_seconds"]})
-        if patch_size is not None or timed["step_seconds"] <= 1.1 * max_step:
-            break
-        # slower than predicted (a less efficient network, or a busy machine): calibrate on this one
-        seconds_per_flop = timed["step_seconds"] / flops
-    plan.predicted["step_seconds"] = predicted_step
-    return patch_plan, timed
-
-
-def _plan_precision(plan: Plan, inputs: _Inputs, spacing: Sequence[float], patch_plan: network.PatchPlan,
-                    timed: dict[str, float], *, step_timer: StepTimer, setting: str,
-                    timer_batch: int) -> dict[str, float]:
-    """Step 3b, with a time budget: the planned network's step in each precision this machine supports (``auto``),
-    the fastest chosen; returns the timing the schedule is fitted to.
-
-    The final evaluation's windows are costed at the slower of float32 and the chosen precision: a bundle may
-    predict in float32 whatever the training precision.
-    """
-    hardware = inputs.hardware
-    if setting != "auto":
-        plan.choices["precision"] = Choice(setting, f"{setting}: given (train.precision), "
-                                                    f"{timed['step_seconds']:.2f} s per timed step")
-        plan.measured["precision"] = {setting: timed}
-        return timed
-    timings = {"float32": timed}
-    keys = {**_config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=timer_batch),
-            "_in_channels": inputs.in_channels, "_num_classes": inputs.num_classes}
-    for precision in hardware.precisions:
-        if precision not in timings:
-            timings[precision] = step_timer({**keys, "train.precision": precision})
-    choice = rules.plan_precision({p: t["step_seconds"] for p, t in timings.items()},
-                                  supported_reason=hardware.precision_reason)
-    plan.choices["precision"] = choice
-    plan.measured["precision"] = timings
-    chosen = dict(timings[choice.value])
-    chosen["window_seconds"] = max(chosen["window_seconds"], timings["float32"]["window_seconds"])
-    return chosen
-
-
-def _clocked(timer: Callable[[dict[str, Any]], dict[str, Any]], total: list[float]):
-    """``timer`` adding its calls' wall time to ``total[0]``."""
-    def clocked(keys: dict[str, Any]) -> dict[str, Any]:
-        start = time.monotonic()
-        try:
-            return timer(keys)
-        finally:
-            total[0] += time.monotonic() - start
-
-    return clocked
-
-
-def _record_network(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan) -> None:
+def _record_network(plan: Plan, inputs: PlanInputs, patch_plan: network.PatchPlan) -> None:
     """The network's choices: patch, stages, strides, kernels, features (and residual blocks)."""
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
     c["patch_size"] = Choice(list(topo.patch_size), patch_plan.reason)
     c["stages"] = Choice(topo.num_stages, f"{topo.num_stages}: the axes pool while they have >= {2 * network.MIN_EDGE} "
-                                          f"voxels (pools per axis {_x(topo.pools_per_axis)}), "
+                                          f"voxels (pools per axis {shape_text(topo.pools_per_axis)}), "
                                           f"at most {inputs.max_stages}")
     c["strides"] = Choice([list(s) for s in topo.strides],
                           "per stage; an axis halves while its spacing is within 2× of the finest")
@@ -430,7 +199,7 @@ def _record_network(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan) 
                                        "one conv block per decoder stage")
 
 
-def _plan_batch(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],
+def _plan_batch(plan: Plan, inputs: PlanInputs, patch_plan: network.PatchPlan, median: Sequence[float],
                 batch_size: int | None) -> int:
     """Step 4: the batch under the memory budget, and the predicted memory and size of the network."""
     topo, spec, c = patch_plan.topology, patch_plan.spec, plan.choices
@@ -456,16 +225,12 @@ def _plan_batch(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, medi
     return batch
 
 
-def _patches_per_case(median: Sequence[float], patch_plan: network.PatchPlan) -> float:
-    return float(np.prod(median)) / int(np.prod(patch_plan.topology.patch_size))
-
-
-def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float]) -> None:
+def _plan_data(plan: Plan, inputs: PlanInputs, patch_plan: network.PatchPlan, median: Sequence[float]) -> None:
     """Step 5: normalisation, sampling, validation, loss."""
     c = plan.choices
     c["normalization"] = rules.plan_normalization(inputs.channel_names or ["image"] * inputs.in_channels)
     c["foreground_fraction"] = rules.plan_foreground_fraction(inputs.classes)
-    ratio = _patches_per_case(median, patch_plan)
+    ratio = patches_per_case(median, patch_plan)
     if ratio <= WHOLE_VALIDATION_MAX_RATIO:
         c["validation"] = Choice("whole",
                                  f"whole: a median case is {ratio:.1f} patches, cheap to predict whole each epoch")
@@ -477,93 +242,11 @@ def _plan_data(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, media
     c["mirror_axes"] = rules.plan_mirror_axes(inputs.cases, {k: v.get("name", k) for k, v in inputs.classes.items()})
 
 
-def _ensemble_seconds(folds: int) -> float:
-    return ENSEMBLE_SECONDS + ENSEMBLE_SECONDS_PER_FOLD * folds
-
-
-def _run_budget_minutes(budget_minutes: float, folds: int | None, spent_seconds: float) -> float:
-    """The minutes one run is planned for: the whole budget, or a fold's share of what the timings
-    (``spent_seconds``) and the ensemble leave."""
-    if folds is None:
-        return budget_minutes
-    return (budget_minutes * 60 - spent_seconds - _ensemble_seconds(folds) - MARGIN_SECONDS) / folds / 60
-
-
-def _plan_folds(plan: Plan, budget_minutes: float, folds: int, spent_seconds: float) -> float:
-    """Step 5b, k-fold with a time budget: divide the command's budget; returns one fold's minutes."""
-    share = _run_budget_minutes(budget_minutes, folds, spent_seconds)
-    ensemble = _ensemble_seconds(folds)
-    if share <= 0:
-        raise ValueError(expected(f"more than {(spent_seconds + ensemble + MARGIN_SECONDS) / 60:.1f} minutes for "
-                                  f"{folds} folds (the "
-                                  f"timings and the ensemble come first)", key="train.time_budget_minutes",
-                                  received=budget_minutes))
-    plan.choices["budget_division"] = Choice(
-        {"folds": folds, "fold_minutes": round(share, 2), "timings_minutes": round(spent_seconds / 60, 2),
-         "ensemble_minutes": round(ensemble / 60, 2)},
-        f"{budget_minutes:g} min for the whole command: {spent_seconds / 60:.1f} min of timings, "
-        f"{MARGIN_SECONDS / 60:.1f} min for start-up, {folds} folds × {share:.1f} min (training, evaluation of the "
-        f"fold's validation cases, its export), {ensemble / 60:.1f} min for the ensemble (out-of-fold "
-        f"post-processing, one bundle)")
-    plan.predicted["ensemble_seconds"] = ensemble
-    return share
-
-
-def _plan_time(plan: Plan, inputs: _Inputs, patch_plan: network.PatchPlan, median: Sequence[float],
-               timed: dict[str, float], *, budget_minutes: float, batch: int, timer_batch: int,
-               case: dict[str, Any] | None = None, spent_seconds: float = 0.0,
-               margin_seconds: float = MARGIN_SECONDS) -> None:
-    """Step 6, with a time budget: the schedule and the inference settings from the measured step (and,
-    with ``case``, the final evaluation from a whole timed case: its windows' time and everything else)."""
-    c = plan.choices
-    # the timer ran timer_batch; the loop adds its own cost to every step
-    bare_model = timed["step_seconds"] * batch / timer_batch * LOOP_STEP_FACTOR + LOOP_OVERHEAD_SECONDS
-    step_seconds = bare_model
-    if case is not None and case.get("loop_step_seconds") is not None:
-        # measured as training runs it (loader, augmentation, the planned batch); × 1.1 as a margin for the
-        # loop's per-step metrics and bookkeeping (not measured apart)
-        step_seconds = case["loop_step_seconds"] * LOOP_STEP_FACTOR
-        plan.predicted["loop_step_seconds_bare_model"] = bare_model
-    window = timed["window_seconds"]
-    if c["validation"].value == "whole":
-        val_seconds = inputs.num_val * max(1.0, _patches_per_case(median, patch_plan)) * window
-    else:
-        val_seconds = inputs.num_val * 4 * window  # val_patches_per_case
-    val_seconds += EPOCH_OVERHEAD_SECONDS
-    final_window, overhead = window, 0.0
-    if case is not None and case.get("windows"):
-        final_window = case["network_seconds"] / case["windows"]
-        overhead = max(0.0, case["predict_seconds"] + case["write_seconds"] - case["network_seconds"])
-        plan.measured["final_evaluation_case"] = dict(case)
-    overlap, mirror, final_seconds = rules.plan_inference(
-        median_shape=median, patch=patch_plan.topology.patch_size, num_cases=inputs.num_val,
-        window_seconds=final_window, budget_seconds=budget_minutes * 60 * FINAL_EVAL_SHARE,
-        mirror_axes=c["mirror_axes"].value, case_overhead_seconds=overhead)
-    c["inference_overlap"], c["inference_mirror_axes"] = overlap, mirror
-    c["schedule"] = rules.plan_schedule(budget_minutes=budget_minutes, step_seconds=step_seconds,
-                                        validation_seconds=val_seconds, final_seconds=final_seconds,
-                                        overhead_seconds=margin_seconds + spent_seconds)
-    limit = max(budget_minutes - (final_seconds + margin_seconds + spent_seconds) / 60, 0.1 * budget_minutes)
-    c["time_limit"] = Choice(round(limit, 2), f"{limit:.1f} min: the budget minus the final evaluation, the margin and "
-                                              f"the {spent_seconds / 60:.1f} min of timings; training stops before an "
-                                              f"epoch that would end later")
-    plan.predicted.update(validation_seconds=val_seconds, final_evaluation_seconds=final_seconds,
-                          loop_step_seconds=step_seconds)
-    windows = rules.sliding_windows(median, patch_plan.topology.patch_size, overlap.value) * 2 ** len(mirror.value)
-    plan.predicted["final_evaluation"] = {
-        "cases": inputs.num_val, "windows_per_case": windows, "window_seconds": final_window,
-        "network_seconds_per_case": windows * final_window, "other_seconds_per_case": overhead,
-        "timed_case": case is not None}
-    plan.measured.update({k: timed[k] for k in ("step_seconds", "window_seconds", "peak_bytes", "baseline_bytes")
-                          if k in timed})
-    plan.measured["patch_size"] = list(patch_plan.topology.patch_size)
-
-
-def _plan_config(plan: Plan, patch_plan: network.PatchPlan, spacing: Sequence[float], inputs: _Inputs,
+def _plan_config(plan: Plan, patch_plan: network.PatchPlan, spacing: Sequence[float], inputs: PlanInputs,
                  batch: int) -> dict[str, Any]:
     """The config keys the plan sets (dotted key -> value)."""
     c = plan.choices
-    config = _config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=batch)
+    config = config_keys(patch_plan, spacing, inputs.model, inputs.blocks, batch=batch)
     config.update({
         "data.normalization": c["normalization"].value,
         "data.foreground_fraction": c["foreground_fraction"].value,
@@ -590,30 +273,6 @@ def _fixed_patch(patch_size: Sequence[int], spacing: Sequence[float], in_channel
         if list(topo.patch_size) == [int(p) for p in patch_size]:
             spec = network.unet_spec(topo, in_channels, num_classes, base=base, blocks_per_stage=blocks)
             return network.PatchPlan(topo, spec, network.estimate_training_memory(topo, spec, 2), (),
-                                   f"{_x(patch_size)}: given (data.patch_size); {stages} stages divide it")
+                                   f"{shape_text(patch_size)}: given (data.patch_size); {stages} stages divide it")
     raise AssertionError(expected("a stage count that divides the patch (1 stage always does)", key="data.patch_size",
                                   received=list(patch_size)))  # unreachable
-
-
-def _x(values: Sequence[int]) -> str:
-    return "×".join(str(v) for v in values)
-
-
-def _config_keys(patch_plan: network.PatchPlan, spacing: Sequence[float], model: str, blocks: Sequence[int] | None,
-                 *, batch: int) -> dict[str, Any]:
-    topo, spec = patch_plan.topology, patch_plan.spec
-    keys: dict[str, Any] = {
-        "data.target_spacing_mm": list(spacing),
-        "data.patch_size": list(topo.patch_size),
-        "data.batch_size": batch,
-        "model.name": model,
-        "model.depth": topo.num_stages,
-        "model.base_filters": spec.features[0],
-        "model.max_filters": 320,
-        "model.strides": [list(s) for s in topo.strides],
-        "model.kernel_sizes": [list(k) for k in topo.kernel_sizes],
-        "model.init": "he_normal",
-    }
-    if blocks is not None:
-        keys["model.blocks_per_stage"] = list(blocks[: topo.num_stages])
-    return keys

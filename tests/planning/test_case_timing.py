@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from segpipe.planning import rules
-from segpipe.planning.planner import Hardware, make_plan
+from segpipe.planning.plan import Hardware
+from segpipe.planning.planner import make_plan
 
 from .test_precision_plan import precision_timer
 from .test_rules import GIB, fingerprint

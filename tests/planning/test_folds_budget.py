@@ -3,13 +3,13 @@ the ensemble, and a fold that starts late gets a shorter allowance so the comman
 import pytest
 
 from segpipe.config import Config
-from segpipe.planning.planner import (
+from segpipe.planning.plan import Hardware
+from segpipe.planning.planner import make_plan
+from segpipe.planning.time_plan import (
     ENSEMBLE_SECONDS,
     ENSEMBLE_SECONDS_PER_FOLD,
     FOLD_MARGIN_SECONDS,
     MARGIN_SECONDS,
-    Hardware,
-    make_plan,
 )
 
 from .test_rules import GIB, fingerprint, flop_timer

@@ -84,7 +84,9 @@ def test_test_time_mirroring_uses_only_the_trained_axes():
 
 
 def test_the_plan_mirrors_along_the_rule_axes_and_limits_training_time():
-    from segpipe.planning.planner import MARGIN_SECONDS, Hardware, make_plan
+    from segpipe.planning.plan import Hardware
+    from segpipe.planning.planner import make_plan
+    from segpipe.planning.time_plan import MARGIN_SECONDS
     from tests.planning.test_rules import GIB, fingerprint, flop_timer
 
     fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[40, 56, 40]] * 20, fractions=(0.9, 0.05, 0.05))

@@ -5,7 +5,8 @@ import pytest
 
 from segpipe.planning import rules
 from segpipe.planning.hardware import cpu_flags, gpu_compute_capability, supported_precisions
-from segpipe.planning.planner import Hardware, make_plan
+from segpipe.planning.plan import Hardware
+from segpipe.planning.planner import make_plan
 
 from .test_rules import GIB, fingerprint, flop_timer
 

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from segpipe.planning import network, rules
-from segpipe.planning.planner import MARGIN_SECONDS, MIN_TOTAL_STEPS, Hardware, make_plan
+from segpipe.planning.plan import Hardware
+from segpipe.planning.planner import make_plan
+from segpipe.planning.time_plan import MARGIN_SECONDS, MIN_TOTAL_STEPS
 
 GIB = 2**30
 
