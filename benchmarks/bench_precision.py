@@ -49,7 +49,8 @@ PREDICT = """
 import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from segpipe.export.bundle import load_predictor, read_bundle
+from segpipe.inference.bundle import read_bundle
+from segpipe.inference.runtimes import load_predictor
 bundle = read_bundle(sys.argv[2])
 predict = load_predictor(bundle, "keras")
 x = np.random.default_rng(0).normal(size=(1, *bundle.patch_size, bundle.input_channels)).astype(np.float32)

@@ -11,8 +11,8 @@ import pytest
 from inference_helpers import NON_RAS_AFFINE, make_run_dir, phantom_scan, tiny_model, write_scan
 
 import predict
-from segpipe.export.bundle import export_run, load_run_member
 from segpipe.export.ensemble import check_members_agree, export_ensemble
+from segpipe.export.run_export import export_run, load_run_member
 from segpipe.inference.bundle import read_bundle
 from segpipe.inference.runtimes import load_predictor
 from segpipe.io import read_nifti

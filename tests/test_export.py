@@ -17,7 +17,8 @@ from inference_helpers import (
 )
 
 import predict
-from segpipe.export.bundle import export_run, write_bundle
+from segpipe.export.bundle import write_bundle
+from segpipe.export.run_export import export_run
 from segpipe.inference.bundle import BundleError, read_bundle
 from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings

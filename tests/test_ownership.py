@@ -184,7 +184,7 @@ def bundle(tmp_path_factory, phantom_root):
     """A bundle of a tiny untrained model (Keras format only is read before the refusals)."""
     from inference_helpers import make_run_dir, tiny_model
 
-    from segpipe.export.bundle import export_run
+    from segpipe.export.run_export import export_run
 
     root = tmp_path_factory.mktemp("ownership_bundle")
     run_dir = make_run_dir(root, tiny_model(depth=2), phantom_root, depth=2)

@@ -189,8 +189,8 @@ def test_a_bad_regions_key_in_bundle_json_is_a_clear_error(region_run, tmp_path,
 
 
 def test_an_ensemble_refuses_members_with_other_regions():
-    from segpipe.export.bundle import RunMember
     from segpipe.export.ensemble import check_members_agree
+    from segpipe.export.run_export import RunMember
 
     def member(name, regions, order):
         config = types.SimpleNamespace(data=types.SimpleNamespace(patch_size=[16, 16, 16]))

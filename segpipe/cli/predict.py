@@ -118,8 +118,8 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder that segpipe wrote")
     args = parser.parse_args(argv)
 
-    from segpipe.export.bundle import export_run  # TensorFlow: only when exporting
     from segpipe.export.ensemble import export_ensemble  # TensorFlow, as above
+    from segpipe.export.run_export import export_run  # TensorFlow: only when exporting
 
     try:
         if len(args.run_dir) == 1:

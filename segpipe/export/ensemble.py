@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from segpipe.errors import Received, expected
-from segpipe.export.bundle import RunMember, load_run_member, write_bundle
+from segpipe.export.bundle import write_bundle
+from segpipe.export.run_export import RunMember, load_run_member
 from segpipe.inference.settings import InferenceSettings
 from segpipe.models.architecture import ENSEMBLE, MAX_MEMBERS, build_network, check_architecture
 from segpipe.models.unet3d import probability_model

@@ -31,10 +31,16 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from segpipe.data.labels import regions_to_labels
-from segpipe.data.layouts import Case, is_reference_label_folder, read_case_image
+from segpipe.data.layouts import Case, read_case_image
 from segpipe.data.preprocess import PreprocessSettings, preprocess_volume, resample, restore_to_original
 from segpipe.errors import Received, expected
 from segpipe.inference.bundle import Bundle, read_bundle
+from segpipe.inference.outputs import (
+    check_output,
+    checked_probability_format,
+    output_files,
+    write_probabilities,
+)
 from segpipe.inference.postprocess import apply_largest_component_steps
 from segpipe.inference.runtimes import load_predictor
 from segpipe.inference.settings import InferenceSettings
@@ -46,8 +52,6 @@ from segpipe.inference.sliding_window import (
 )
 from segpipe.io import (
     NIFTI_SUFFIXES,
-    atomic_path,
-    explain_write_errors,
     remove_orphaned_temporaries,
     strip_nifti_suffix,
     write_nifti,
@@ -354,7 +358,7 @@ def predict_files(
         a NIfTI file, a folder of them, or a list of either (see :func:`find_cases`).
     output_dir
         where label maps go; must not be a folder holding an input scan or a dataset's
-        reference label maps (:func:`check_output`).
+        reference label maps (:func:`segpipe.inference.outputs.check_output`).
     format
         a runtime (``"keras"``, ``"savedmodel"``, ``"onnx"``, ``"openvino"``,
         ``"openvino-bf16"``) or ``"auto"``, the fastest that the bundle holds and this machine
@@ -366,7 +370,7 @@ def predict_files(
         also write the per-class probabilities (X, Y, Z, C) on the scan's grid
         (an ensemble's: the members' average; a region bundle's: one channel per region), as ``"nifti"``
         (or True): ``CASE_probabilities.nii.gz``, or ``"npz"``: ``CASE_probabilities.npz``
-        (:func:`write_probabilities`).
+        (:func:`segpipe.inference.outputs.write_probabilities`).
     probabilities_dtype
         ``"float16"`` (half the size; ~1e-3 resolution) or ``"float32"``.
     progress
@@ -392,7 +396,7 @@ def predict_files(
     """
     from tqdm import tqdm
 
-    probabilities_format = _probabilities_format(save_probabilities, probabilities_dtype)
+    probabilities_format = checked_probability_format(save_probabilities, probabilities_dtype)
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     cases = find_cases(inputs, bundle.input_channels)
     output_dir = Path(output_dir)
@@ -418,99 +422,3 @@ def predict_files(
                                 class_names=bundle.output_names, dtype=probabilities_dtype)
         written.append(path)
     return written
-
-
-PROBABILITY_FORMATS = ("nifti", "npz")
-PROBABILITY_DTYPES = ("float16", "float32")
-
-
-def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarray, *, class_names: Sequence[str],
-                        dtype: str = "float16") -> Path:
-    """Write per-class probabilities (X, Y, Z, C) on the scan's grid, atomically; the format by the suffix.
-
-    ``.nii.gz``: a 4-D image with the scan's affine, channel c = class c; NIfTI-1 has no float16, so
-    ``dtype="float16"`` stores 16-bit unsigned integers with the header's scale factor (about
-    1/65535: finer than float16, read back as floating point).
-    ``.npz`` (compressed): ``probabilities`` (X, Y, Z, C) in ``dtype``, ``affine`` (4×4 float64) and
-    ``class_names``. float16 halves the size; its resolution is ~5e-4 near 1, so the argmax of stored
-    probabilities can differ from the label map only where two classes are within that.
-    """
-    if not path.name.endswith(".npz"):
-        write_nifti(path, np.asarray(probabilities, np.float32), affine,
-                    dtype=np.uint16 if dtype == "float16" else None)
-        return path
-    array = np.asarray(probabilities).astype(dtype, copy=False)
-    with explain_write_errors(path), atomic_path(path) as tmp:
-        np.savez_compressed(tmp, probabilities=array, affine=np.asarray(affine, np.float64),
-                            class_names=np.asarray(list(class_names)))
-    return path
-
-
-def _probabilities_format(save: bool | str, dtype: str) -> str | None:
-    if dtype not in PROBABILITY_DTYPES:
-        raise ValueError(expected(f"one of {PROBABILITY_DTYPES}", key="probabilities_dtype", received=dtype))
-    if save is False or save is None:
-        return None
-    if save is True:
-        return "nifti"
-    if save not in PROBABILITY_FORMATS:
-        raise ValueError(expected(f"one of {PROBABILITY_FORMATS}", key="--save-probabilities", received=save))
-    return save
-
-
-def output_files(case: Case, output_dir: Path, *, save_probabilities: str | None = None) -> list[Path]:
-    """The files :func:`predict_files` writes for ``case``: ``CASE.nii.gz`` (and ``CASE_probabilities.nii.gz``
-    or ``.npz`` for ``save_probabilities`` ``"nifti"`` / ``"npz"``)."""
-    suffix = {"nifti": ".nii.gz", "npz": ".npz"}.get(save_probabilities or "")
-    return [output_dir / f"{case.case_id}.nii.gz",
-            *([output_dir / f"{case.case_id}_probabilities{suffix}"] if suffix else [])]
-
-
-def check_output(cases: Sequence[Case], output_dir: str | os.PathLike, *, overwrite: bool = False,
-                 save_probabilities: str | None = None) -> None:
-    """Refuse an output folder prediction must not write into, before any scan is segmented.
-
-    Parameters
-    ----------
-    cases : sequence of Case
-        The scans to segment (:func:`find_cases`).
-    output_dir : path
-        Where the label maps would go.
-    overwrite : bool
-        Whether existing label maps of these cases may be replaced.
-    save_probabilities : str or None
-        Whether probability maps are written too (their files are checked as well).
-
-    Raises
-    ------
-    ValueError
-        ``output_dir`` holds an input scan, or is a dataset's reference label folder
-        (:func:`segpipe.data.layouts.is_reference_label_folder`); ``overwrite`` does not change this.
-    FileExistsError
-        Without ``overwrite``: an output file exists (the first few named, and their count).
-    """
-    output_dir = Path(output_dir)
-    inputs = {p.resolve() for c in cases for p in c.image_paths}
-    held = sorted(str(p) for p in inputs if p.parent == output_dir.resolve())
-    if held:
-        raise ValueError(expected(
-            "an output folder other than an input folder (outputs would replace inputs)",
-            key="--output", received=Received(f"{output_dir} (holds {len(held)} input(s): {', '.join(held[:3])}"
-                                              f"{', ...' if len(held) > 3 else ''})")))
-    if is_reference_label_folder(output_dir):
-        raise ValueError(expected(
-            "an output folder other than a dataset's reference label maps", key="--output",
-            received=Received(f"{output_dir} (a dataset's label folder)"),
-            hint="Predictions would replace the reference label maps of the same name: choose another folder.",
-        ))
-    if overwrite:
-        return
-    existing = [str(p) for c in cases for p in output_files(c, output_dir, save_probabilities=save_probabilities)
-                if p.exists() or p.is_symlink()]
-    if existing:
-        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
-        raise FileExistsError(expected(
-            "output files that do not exist yet", key="--output",
-            received=Received(f"{output_dir} (holds {len(existing)} of them: {shown})"),
-            hint="Nothing was written. Pass --overwrite (overwrite=True) to replace them, or choose another folder.",
-        ))

@@ -17,7 +17,7 @@ from segpipe.config import Config, ConfigError, check_inference_classes, check_p
 from segpipe.data.loader import make_datasets, targets_of, train_dataset, train_sampler, with_output_targets
 from segpipe.data.pipeline import PreparedData, open_dataset, prepare_data
 from segpipe.errors import Received, SettingError, expected
-from segpipe.export.bundle import export_run
+from segpipe.export.run_export import export_run
 from segpipe.locks import hold
 from segpipe.losses import deep_supervision_losses, get_loss
 from segpipe.metrics.streaming import PerClassDice

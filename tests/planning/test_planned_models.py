@@ -103,7 +103,7 @@ def test_resenc_trains_one_step():
 def test_resenc_bundle_exports_and_formats_agree(tmp_path, phantom_root):
     from inference_helpers import make_run_dir
 
-    from segpipe.export.bundle import export_run
+    from segpipe.export.run_export import export_run
     from segpipe.inference.runtimes import load_predictor
 
     keras.utils.set_random_seed(0)
