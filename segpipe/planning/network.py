@@ -88,8 +88,8 @@ def pool_and_kernels(
     (((1, 1, 1), (2, 2, 1), (2, 2, 2)), ((3, 3, 1), (3, 3, 3)))
     """
     if len(patch_size) != 3 or len(spacing_mm) != 3 or min(spacing_mm) <= 0:
-        raise ValueError(f"Expected 3 sizes and 3 positive spacings. Received: patch_size={list(patch_size)}, "
-                         f"spacing_mm={list(spacing_mm)}")
+        raise ValueError(expected("3 sizes and 3 positive spacings", key="patch_size",
+                                  received=Received(f"{list(patch_size)}, spacing_mm={list(spacing_mm)}")))
     spacing = [float(s) for s in spacing_mm]
     size = [float(s) for s in patch_size]
     pools = [0, 0, 0]
@@ -150,8 +150,8 @@ def unet_spec(topology: Topology, in_channels: int, num_classes: int, *, base: i
         return NetworkSpec(in_channels, num_classes, features, (convs_per_stage,) * n, convs_per_stage)
     blocks = list(blocks_per_stage)[:n]
     if len(blocks) < n:
-        raise ValueError(f"Expected a block count for each of {n} stages. Received: "
-                         f"blocks_per_stage={list(blocks_per_stage)}")
+        raise ValueError(expected(f"a block count for each of {n} stages", key="blocks_per_stage",
+                                  received=list(blocks_per_stage)))
     # stage 0 has a stem convolution; every residual block has two 3x3x3 convs (and a 1x1x1 skip
     # projection where the shape changes, counted as one more feature map)
     convs = tuple(2 * b + 1 for b in blocks)
