@@ -4,13 +4,17 @@
     python benchmarks/hippocampus_ablation.py --only base depth3    # some of them
     python benchmarks/hippocampus_ablation.py --table               # print the table of finished variants
 
-Each variant is ``configs/hippocampus_recipe.yaml`` turned back into the starting point (``BASE``)
+Each variant is ``configs/hippocampus_recipe.yaml`` turned back into the starting point (``base``)
 plus a few ``--set`` overrides of its own, with a shorter schedule (``--steps`` training steps at
 batch 2; variants with a costlier step get fewer steps so that each trains for about the same wall
 time). A variant trains into ``runs/hippocampus_ablation/<name>``
 and is then evaluated like the recipe (sliding window, mirroring) on the same 40 validation cases.
 Wall times (training incl. per-epoch validation, and evaluation) are written next to the run in
 ``ablation_time.json``; the table (docs/hippocampus.md) is printed at the end.
+
+The starting point and the variants (each: what changes, its overrides, its step cost) are data,
+``configs/hippocampus_ablation.json``, read by :func:`load_ablation`; ``tests/test_recipe.py`` reads
+the same file to check that every variant is a valid config and the combined one is the recipe.
 """
 from __future__ import annotations
 
@@ -22,39 +26,60 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from segpipe.io import read_json, write_json  # noqa: E402  (no TensorFlow: the runs are subprocesses)
+from segpipe.errors import expected  # noqa: E402  (no TensorFlow: the runs are subprocesses)
+from segpipe.io import read_json, write_json  # noqa: E402
+from segpipe.settings import is_number  # noqa: E402
 
 CONFIG = ROOT / "configs" / "hippocampus_recipe.yaml"
+ABLATION = ROOT / "configs" / "hippocampus_ablation.json"  # the starting point and the variants
 EXPERIMENT = "hippocampus_ablation"
 
-# The starting point, written out against the recipe (which holds the winning settings): nnU-Net's
-# choices for this dataset where they apply, and segpipe's default (nnU-Net-style) augmentation.
-NNUNET_STYLE_AUGMENT = {"rotation": 0.2, "scaling": 0.2, "gamma": 0.3, "brightness": 0.15, "contrast": 0.15,
-                        "noise": 0.1, "blur": 0.2}
-BASE = ["data.patch_size=[40, 56, 40]", "data.augment.mirror.axes=[0, 1, 2]", "inference.mirror_axes=[0, 1, 2]",
-        *(f"data.augment.{t}.p={p}" for t, p in NNUNET_STYLE_AUGMENT.items())]
-MIRROR_ONLY = [f"data.augment.{t}.p=0.0" for t in NNUNET_STYLE_AUGMENT]
-MIRROR_X = ["data.augment.mirror.axes=[0]", "inference.mirror_axes=[0]"]
 
-# name -> (what changes, overrides after BASE, step-cost factor relative to the base step; measured with
-# bench_train_step.py: batch 4 0.95 s, 32 filters 1.67 s against 0.50 s; 32×48×32 patches 0.66×)
-VARIANTS: dict[str, tuple[str, list[str], float]] = {
-    "base": ("starting point: 40×56×40 patches, Dice + CE, batch norm, 4 levels, 16 filters, batch 2, "
-             "nnU-Net-style augmentation", [], 1.0),
-    "norm_instance": ("instance norm instead of batch norm", ["model.norm=instance"], 1.0),
-    "depth3": ("3 levels instead of 4", ["model.depth=3"], 1.0),
-    "lr_3e-3": ("learning rate 3e-3 instead of 1e-3", ["train.learning_rate=0.003"], 1.0),
-    "loss_dice": ("loss: Dice only", ["loss={name: dice, include_background: false}"], 1.0),
-    "patch_32x48x32": ("patch 32×48×32, random crops of the volume (same wall time: more steps)",
-                       ["data.patch_size=[32, 48, 32]"], 0.55),  # measured afterwards: 0.66
-    "aug_mirror_only": ("augmentation: mirroring only", MIRROR_ONLY, 1.0),
-    "mirror_x_only": ("augmentation: mirroring along x (left-right) only, at training and test time",
-                      MIRROR_ONLY + MIRROR_X, 1.0),
-    "batch4": ("batch 4 (same wall time: half the steps)", ["data.batch_size=4"], 2.0),
-    "filters32": ("32 base filters (same wall time: 0.3× the steps)", ["model.base_filters=32"], 3.3),
-    "mirror_x_patch": ("mirror_x_only and patch_32x48x32 together (the recipe's settings)",
-                       MIRROR_ONLY + MIRROR_X + ["data.patch_size=[32, 48, 32]"], 0.66),
-}
+def load_ablation(path: Path = ABLATION) -> tuple[list[str], dict[str, tuple[str, list[str], float]]]:
+    """The starting point and the variants of the ablation, from its JSON file.
+
+    Parameters
+    ----------
+    path : Path
+        The file: ``{"base": [override, ...], "variants": {name: {"what": str, "overrides": [override, ...],
+        "cost": number > 0, "note": str (optional)}}}`` (an ``"about"`` key is free text).
+
+    Returns
+    -------
+    tuple
+        ``(base, variants)``: the ``--set`` overrides that turn the recipe into the starting point, and
+        ``name -> (what changes, overrides after base, step-cost factor relative to the base step)``.
+
+    Raises
+    ------
+    ValueError
+        When the file is not valid JSON or a key is missing or of the wrong type (the message names the
+        file and the key).
+    """
+    data = read_json(path)
+
+    def overrides(value: object, key: str) -> list[str]:
+        if not (isinstance(value, list) and all(isinstance(o, str) for o in value)):
+            raise ValueError(expected("a list of --set overrides (strings)", key=key, received=value, where=str(path)))
+        return value
+
+    if not (isinstance(data, dict) and isinstance(data.get("variants"), dict) and data["variants"]):
+        raise ValueError(expected('an object with "base" and a non-empty "variants" object', key="variants",
+                                  received=data.get("variants") if isinstance(data, dict) else data, where=str(path)))
+    base = overrides(data.get("base"), "base")
+    variants = {}
+    for name, variant in data["variants"].items():
+        if not (isinstance(variant, dict) and set(variant) <= {"what", "overrides", "cost", "note"}
+                and isinstance(variant.get("what"), str) and is_number(variant.get("cost"), finite=True)
+                and variant["cost"] > 0):
+            shape = '{"what": text, "overrides": [...], "cost": number > 0} (and optionally "note": text)'
+            raise ValueError(expected(shape, key=f"variants.{name}", received=variant, where=str(path)))
+        variants[name] = (variant["what"], overrides(variant.get("overrides"), f"variants.{name}.overrides"),
+                          float(variant["cost"]))
+    return base, variants
+
+
+BASE, VARIANTS = load_ablation()
 
 
 def run_variant(name: str, steps: int, epochs: int, output_dir: str) -> None:

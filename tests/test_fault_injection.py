@@ -1,26 +1,23 @@
 """Fault injection, bounded: ``train.py`` and ``evaluate.py`` killed with SIGKILL once in each phase
 (cache writes, a checkpoint swap, inside an epoch, the bundle export, evaluation writes), each
 restart continuing with ``--resume``; after every kill nothing half-written is trusted, and the run
-ends with the uninterrupted run's history and evaluation. The harness, with many more kill points,
-is ``benchmarks/fault_injection.py`` (its figures: docs/training.md, "Fault injection")."""
+ends with the uninterrupted run's history and evaluation. The harness is ``tests/fault_harness.py``;
+``benchmarks/fault_injection.py`` runs it with many more kill points (its figures: docs/training.md,
+"Fault injection")."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import signal
 import subprocess
 import sys
 
+import fault_harness as fi
 import pytest
 from process_helpers import REPO, read_history, shared_cache_dir
 
 import evaluate
 import train
-
-_spec = importlib.util.spec_from_file_location("fault_injection", REPO / "benchmarks" / "fault_injection.py")
-fi = sys.modules["fault_injection"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
-_spec.loader.exec_module(fi)
 
 
 def test_a_failpoint_kills_the_program_with_the_file_complete_under_its_temporary_name(tmp_path):

@@ -1,6 +1,7 @@
-"""The hippocampus recipe and its ablation script stay consistent with each other (no training here)."""
+"""The hippocampus recipe and its ablation's variants (``configs/hippocampus_ablation.json``, which
+``benchmarks/hippocampus_ablation.py`` runs) stay consistent with each other (no training here)."""
 import dataclasses
-import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,8 @@ from segpipe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "hippocampus_recipe.yaml"
-
-
-def ablation():
-    spec = importlib.util.spec_from_file_location("hippocampus_ablation",
-                                                  ROOT / "benchmarks" / "hippocampus_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ABLATION = json.loads((ROOT / "configs" / "hippocampus_ablation.json").read_text(encoding="utf-8"))
+BASE, VARIANTS = ABLATION["base"], ABLATION["variants"]
 
 
 def sections(config):
@@ -25,17 +20,15 @@ def sections(config):
 
 
 def test_the_combined_ablation_variant_is_the_recipe():
-    module = ablation()
-    _, overrides, _ = module.VARIANTS["mirror_x_patch"]
-    assert sections(load_config(RECIPE, module.BASE + overrides)) == sections(load_config(RECIPE))
+    overrides = VARIANTS["mirror_x_patch"]["overrides"]
+    assert sections(load_config(RECIPE, BASE + overrides)) == sections(load_config(RECIPE))
 
 
-@pytest.mark.parametrize("name", list(ablation().VARIANTS))
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_is_a_valid_config_that_differs_from_the_starting_point(name):
-    module = ablation()
-    _, overrides, cost = module.VARIANTS[name]
-    config = load_config(RECIPE, module.BASE + overrides)
-    base = load_config(RECIPE, module.BASE)
+    overrides, cost = VARIANTS[name]["overrides"], VARIANTS[name]["cost"]
+    config = load_config(RECIPE, BASE + overrides)
+    base = load_config(RECIPE, BASE)
     differs = sections(config) != sections(base) or config.train != base.train
     assert cost > 0 and differs == (name != "base")
 
