@@ -233,7 +233,7 @@ def _inference(**values):
 def _inference_mapping(values):
     from segpipe.inference.settings import InferenceSettings
 
-    return lambda tmp_path: InferenceSettings.from_mapping(values)
+    return lambda tmp_path: InferenceSettings.from_dict(values)
 
 
 def _model_file(which):

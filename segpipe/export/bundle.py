@@ -259,7 +259,7 @@ def _checked_settings(preprocessing: Any, inference: InferenceSettings | Mapping
         raise TypeError(expected("a PreprocessSettings", key="preprocessing",
                                  received=Received(f"a {type(preprocessing).__name__}")))
     inference = (inference if isinstance(inference, InferenceSettings)
-                 else InferenceSettings.from_mapping(inference or {}))
+                 else InferenceSettings.from_dict(inference or {}))
     patch_size = tuple(int(s) for s in patch_size)
     if len(patch_size) != 3 or min(patch_size) < 1:
         raise ValueError(expected("3 positive sizes", key="patch_size", received=list(patch_size)))

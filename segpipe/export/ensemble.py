@@ -81,7 +81,7 @@ def export_ensemble(
     for k, member in enumerate(members):
         ensemble.get_layer(f"member_{k}").set_weights(probability_model(member.model).get_weights())
     settings = inference if inference is not None else first.config.inference
-    settings = settings if isinstance(settings, InferenceSettings) else InferenceSettings.from_mapping(settings or {})
+    settings = settings if isinstance(settings, InferenceSettings) else InferenceSettings.from_dict(settings or {})
     if postprocessing is not None:
         settings = dataclasses.replace(settings, postprocess_largest_component=tuple(
             int(v) for v in postprocessing.get("postprocess_largest_component", ())),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from segpipe.errors import SettingError
 from segpipe.settings import Settings, is_number
@@ -91,12 +91,6 @@ class InferenceSettings(Settings):
         object.__setattr__(self, "mirror_axes", check_mirror_axes(self.mirror_axes))
         object.__setattr__(self, "sigma_scale", float(self.sigma_scale))
         object.__setattr__(self, "postprocess_largest_component", tuple(sorted(classes)))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, where: str | None = None,
-                     prefix: str = "") -> "InferenceSettings":
-        """The same as :meth:`from_dict` (the name ``export.bundle`` reads ``bundle.json``'s ``inference`` with)."""
-        return cls.from_dict(values, where=where, prefix=prefix)
 
     def replace(self, **changes: Any) -> "InferenceSettings":
         """A copy with the given fields changed; ``None`` values keep the current one (CLI overrides)."""

@@ -50,7 +50,7 @@ def case_worker(job: dict[str, Any]) -> dict[str, Any]:
     patch = [int(p) for p in keys["data.patch_size"]]
     keras.utils.set_random_seed(0)
     predict = keras_predict_fn(probability_model(build_from_keys(keys, in_channels, num_classes)))
-    inference = InferenceSettings.from_mapping(job["inference"])
+    inference = InferenceSettings.from_dict(job["inference"])
     predict(np.zeros((inference.batch_size, *patch, in_channels), np.float32))  # tracing: not part of a case
     network = {"seconds": 0.0, "windows": 0}
 
