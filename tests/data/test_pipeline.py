@@ -239,7 +239,7 @@ def test_predict_run_writes_the_original_shape_and_affine(tmp_path, fit_skipped)
     overrides = [f"data.root={root}", "data.phantoms={num_cases: 4, shape: [20, 20, 10], spacing_mm: [1, 1, 2.5]}",
                  f"output_dir={tmp_path / 'runs'}", "data.target_spacing_mm=[1.5, 1.5, 1.5]",
                  "data.patch_size=[16, 16, 16]", "data.val_fraction=0.5", "model.depth=2", "model.base_filters=4",
-                 "data.preprocess_workers=1", "name=aniso",
+                 "train.epochs=1", "train.steps_per_epoch=2", "data.preprocess_workers=1", "name=aniso",
                  "train.export_bundle=false"]  # predict_run uses the run's model; bundles: test_export.py
     # no epochs (fit_skipped): the untrained model.keras is predicted with; what is checked is the geometry
     assert train.main(["--set", *overrides]) == 0
