@@ -47,7 +47,8 @@ def test_the_unet_learns_a_voxelwise_rule_that_needs_its_context():
     before = float(model.evaluate(x, y, verbose=0))
     # At most 60 epochs (one full-batch step each), as before, checked every 5: the test ends as soon as
     # both goals are met instead of always running all 60. Successive fit calls continue the same optimizer
-    # state, so the trajectory is that of one 60-epoch fit.
+    # state (Adam's step count included), so the trajectory is that of one 60-epoch fit, up to the order
+    # of the four samples in the batch, which fit shuffles every epoch either way.
     for _ in range(12):
         model.fit(x, y, epochs=5, batch_size=4, verbose=0)
         predicted = model.predict_on_batch(x).argmax(-1).astype(bool)
