@@ -32,6 +32,27 @@ def tiny_overrides(phantom_root, tmp_path):
     return _tiny(phantom_root, tmp_path / "runs")
 
 
+@pytest.fixture
+def fit_skipped(monkeypatch):
+    """``train.py`` without its epochs: ``TrainingLoop.fit`` returns at once, so a run does everything else
+    (data check, cache, split, splits.json, preprocessing.json, model built and saved untrained as
+    model.keras, status ``finished``) in a fraction of a tiny run's time. For tests of what a run
+    decides and writes around training, not of training itself.
+
+    Returns the names of the run directories whose fit was skipped, in the order train.py reached them.
+    """
+    from segpipe.training.loop import TrainingLoop
+
+    fitted: list[str] = []
+
+    def skip(self, train_data, val_data, *, epochs, steps_per_epoch, start, callbacks, checkpoint):
+        fitted.append(checkpoint.run.path.name)
+        return None  # "done": what the loop returns when no stop request ended training
+
+    monkeypatch.setattr(TrainingLoop, "fit", skip)
+    return fitted
+
+
 def _history(run_dir: Path) -> list[dict]:
     with open(run_dir / "history.csv") as f:
         return list(csv.DictReader(f))

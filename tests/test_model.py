@@ -45,10 +45,18 @@ def test_the_unet_learns_a_voxelwise_rule_that_needs_its_context():
     model = build_unet3d(1, 2, depth=2, base_filters=8, norm="instance")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
     before = float(model.evaluate(x, y, verbose=0))
-    model.fit(x, y, epochs=60, batch_size=4, verbose=0)
-    predicted = model.predict_on_batch(x).argmax(-1).astype(bool)
-    dice = 2 * np.sum(predicted & target) / (predicted.sum() + target.sum())
-    assert float(model.evaluate(x, y, verbose=0)) < 0.5 * before
+    # At most 60 epochs (one full-batch step each), as before, checked every 5: the test ends as soon as
+    # both goals are met instead of always running all 60. Successive fit calls continue the same optimizer
+    # state (Adam's step count included), so the trajectory is that of one 60-epoch fit, up to the order
+    # of the four samples in the batch, which fit shuffles every epoch either way.
+    for _ in range(12):
+        model.fit(x, y, epochs=5, batch_size=4, verbose=0)
+        predicted = model.predict_on_batch(x).argmax(-1).astype(bool)
+        dice = 2 * np.sum(predicted & target) / (predicted.sum() + target.sum())
+        loss = float(model.evaluate(x, y, verbose=0))
+        if loss < 0.5 * before and dice > 0.85:
+            break
+    assert loss < 0.5 * before, (loss, before)
     assert dice > 0.85, dice
 
 

@@ -119,7 +119,7 @@ def test_a_run_resumes_only_with_the_config_it_was_started_with(tmp_path):
         check_resumed_config(tmp_path / "r", edited)
 
 
-# ---------------------------------------------------------------- real tiny runs
+# ---------------------------------------------------------------- train.py on the tiny phantoms
 
 
 def test_interrupted_and_failed_runs_in_a_sweep(tiny_overrides, tmp_path, monkeypatch, capsys):
@@ -157,15 +157,18 @@ def test_interrupted_and_failed_runs_in_a_sweep(tiny_overrides, tmp_path, monkey
     assert "error: bad: " in err and "loss.class_weights" in err
 
 
-def test_folds_sweep_then_compare_the_experiment(tiny_overrides, tmp_path, phantom_root, capsys):
+def test_folds_sweep_then_compare_the_experiment(tiny_overrides, tmp_path, phantom_root, capsys, fit_skipped):
     configs = [str(write_config(tmp_path / "configs", "dice")),
                str(write_config(tmp_path / "configs", "iou", {"name": "iou", "include_background": False}))]
-    # one short epoch per run: what is checked is the runs' names and splits, and their comparison
+    # no epochs (fit_skipped): what is checked is the runs' names, order and splits, and that the experiment
+    # folder they make can be compared; each run still prepares its data, writes its split and saves its
+    # (untrained) model, which evaluate.py --compare predicts with. Training itself: test_train_e2e.py.
     assert train.main(["--config", *configs, "--set", *tiny_overrides, "train.export_bundle=false",
-                       "train.epochs=1", "train.steps_per_epoch=2",
                        "inference.mirror_axes=[]", "--experiment", "exp", "--folds", "2"]) == 0
     exp = tmp_path / "runs" / "exp"
     assert sorted(p.name for p in exp.iterdir()) == ["dice_fold0", "dice_fold1", "iou_fold0", "iou_fold1"]
+    assert fit_skipped == ["dice_fold0", "dice_fold1", "iou_fold0", "iou_fold1"]  # config by config, folds in order
+    assert all(status(exp / name) == "finished" for name in fit_skipped)
     cases = {p.name.split(".")[0] for p in (phantom_root / "imagesTr").iterdir()}
     for name in ("dice", "iou"):
         splits = [json.loads((exp / f"{name}_fold{k}" / "splits.json").read_text()) for k in (0, 1)]
