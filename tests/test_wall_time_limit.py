@@ -152,6 +152,14 @@ def test_a_run_cut_by_the_time_limit_still_ends_its_schedule():
     assert "re-fitted to end with it" in limit.message(6)
 
 
+def test_a_run_whose_last_planned_epoch_ends_near_the_limit_is_not_reported_as_cut():
+    clock = Clock()
+    # 6 planned epochs of 30 s in 190 s: after epoch 6 (180 s) another would end past the limit, but none is planned
+    model, schedule, limit = _anytime_limit(clock, minutes=190 / 60)
+    _run_anytime(limit, clock, [30.0] * 6, 3, model=model)
+    assert limit.stopped_after_epoch is None and limit.message(6) is None and limit.final_epoch == 6
+
+
 def test_a_run_within_its_limit_keeps_the_planned_schedule():
     clock = Clock()
     model, schedule, limit = _anytime_limit(clock, minutes=10.0)

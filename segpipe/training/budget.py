@@ -203,7 +203,8 @@ class WallTimeLimit(keras.callbacks.Callback):
         fit = math.floor((self.limit_seconds - elapsed) / next_epoch) if next_epoch > 0 else math.inf
         if self.schedule is not None:
             self._refit(epoch + 1, fit)
-        if elapsed + next_epoch > self.limit_seconds:
+        last_planned = self.planned_epochs is not None and epoch + 1 >= self.planned_epochs
+        if elapsed + next_epoch > self.limit_seconds and not last_planned:  # after the last epoch nothing is cut
             self.stopped_after_epoch = epoch + 1
             self.model.stop_training = True
 
