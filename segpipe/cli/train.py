@@ -22,6 +22,8 @@ from segpipe.planning.time_plan import FOLD_MARGIN_SECONDS
 from segpipe.runs.rundir import RunDir
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
+FOLD_ALLOWANCE_STEP_MINUTES = 0.05  # a fold's allowance changes only by more than 3 s
+
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
     python train.py                                  # configs/default.yaml (generated phantoms)
@@ -150,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fold_deadline(plan: dict, runs: list[Config], started: float):
-    """``run_sweep``'s ``before_run`` for k-fold under one time budget: a fold's training allowance is the
-    plan's, or less when earlier folds ran late (what is left of the budget, less the ensemble and each
-    remaining fold's evaluation and export, shared by the remaining folds)."""
+    """``run_sweep``'s ``before_run`` for k-fold under one time budget: a fold's training allowance is what is
+    left of the budget, less the ensemble and each remaining fold's evaluation and export, shared by the
+    remaining folds. It is shorter than the plan's when earlier folds ran late, and longer when they finished
+    early (their last epoch stopped short of the allowance, a start-up quicker than its margin): the time is
+    not lost, and the planned schedule still caps a fold's epochs."""
     budget = float(runs[0].train.time_budget_minutes) * 60.0
     per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + FOLD_MARGIN_SECONDS
     ensemble = float(plan["predicted"].get("ensemble_seconds", 0.0))
@@ -161,13 +165,15 @@ def _fold_deadline(plan: dict, runs: list[Config], started: float):
         left = len(runs) - index  # this fold and the ones after it
         minutes = (budget - (time.monotonic() - started) - ensemble - left * per_fold) / left / 60.0
         planned = config.train.max_train_minutes
-        if planned is None or minutes >= planned:
+        minutes = round(max(minutes, 0.5), 2)  # past the budget: a minimal allowance, the run saves a checkpoint
+        if planned is None or abs(minutes - planned) < FOLD_ALLOWANCE_STEP_MINUTES:
             return config
-        shortened = copy.deepcopy(config)
-        shortened.train.max_train_minutes = round(max(minutes, 0.5), 2)
-        print(f"{config.name}: train.max_train_minutes {planned:g} -> {shortened.train.max_train_minutes:g} "
-              f"(earlier folds took longer than planned; the command's budget holds)")
-        return shortened
+        changed = copy.deepcopy(config)
+        changed.train.max_train_minutes = minutes
+        why = "took longer than planned" if minutes < planned else "left time unused"
+        print(f"{config.name}: train.max_train_minutes {planned:g} -> {minutes:g} (the command so far {why}; "
+              f"the budget holds)")
+        return changed
 
     return before_run
 

@@ -9,16 +9,17 @@ from segpipe.planning.time_plan import (
     ENSEMBLE_SECONDS,
     ENSEMBLE_SECONDS_PER_FOLD,
     FOLD_MARGIN_SECONDS,
+    FOLD_STEPS_ADVISED,
     MARGIN_SECONDS,
 )
 
 from .test_rules import GIB, fingerprint, flop_timer
 
 
-def _plan(**kwargs):
+def _plan(minutes=60, **kwargs):
     fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[48, 48, 48]] * 20)
     timer, _ = flop_timer()
-    return make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=60, step_timer=timer, **kwargs)
+    return make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=minutes, step_timer=timer, **kwargs)
 
 
 def test_the_budget_is_divided_over_the_folds_and_the_ensemble():
@@ -58,13 +59,14 @@ def test_a_budget_too_small_for_the_folds_is_refused_by_name():
         make_plan(fp, hardware=Hardware("cpu", 8 * GIB), folds=1)
 
 
-def test_a_fold_starting_late_gets_what_is_left(monkeypatch):
+def test_a_fold_starting_late_or_early_gets_what_is_left(monkeypatch, capsys):
     from segpipe.cli import train as cli
 
     runs = []
     for fold in range(3):
+        # the plan's allowance: (1800 - 120 - 3 × (30 + 30)) / 3 = 500 s
         config = Config.from_dict({"name": f"x_fold{fold}", "data": {"folds": 3, "fold": fold},
-                                   "train": {"time_budget_minutes": 30, "max_train_minutes": 6.0}})
+                                   "train": {"time_budget_minutes": 30, "max_train_minutes": 8.33}})
         runs.append(config)
     plan = {"predicted": {"final_evaluation_seconds": 30.0, "ensemble_seconds": 120.0}}
     now = [1000.0]
@@ -75,7 +77,13 @@ def test_a_fold_starting_late_gets_what_is_left(monkeypatch):
     # 20 of 30 minutes gone before fold 1: (1800 - 1200 - 120 - 2 × (30 + 30)) / 2 = 180 s each
     now[0] = 1000.0 + 1200
     late = before_run(runs[1], 1)
-    assert late.train.max_train_minutes == pytest.approx(3.0) and runs[1].train.max_train_minutes == 6.0
+    assert late.train.max_train_minutes == pytest.approx(3.0) and runs[1].train.max_train_minutes == 8.33
+    assert "8.33 -> 3 (the command so far took longer than planned" in capsys.readouterr().out
+    # fold 0 ended early, after 400 s: the time it left is shared, (1800 - 400 - 120 - 120) / 2 = 580 s each
+    now[0] = 1000.0 + 400
+    early = before_run(runs[1], 1)
+    assert early.train.max_train_minutes == pytest.approx(9.67) and runs[1].train.max_train_minutes == 8.33
+    assert "8.33 -> 9.67 (the command so far left time unused" in capsys.readouterr().out
     # past the budget: a minimal allowance (the run still saves a checkpoint), never zero or negative
     now[0] = 1000.0 + 1800
     assert before_run(runs[2], 2).train.max_train_minutes == 0.5
@@ -88,3 +96,18 @@ def test_a_fold_share_too_small_for_one_epoch_names_the_budget_and_the_share():
                                          r"train\.time_budget_minutes=8 \([\d.]+ min per fold of 4, after the timings"):
         make_plan(fp, hardware=Hardware("cpu", 8 * GIB), time_budget_minutes=8, step_timer=timer, folds=4,
                   patch_size=[32, 32, 32])
+
+
+def test_folds_with_few_steps_each_are_advised_against_with_the_measured_reason():
+    small, large = _plan(folds=5), _plan(minutes=6000, folds=5)
+
+    def steps(plan):
+        return plan.choices["schedule"].value["epochs"] * plan.choices["schedule"].value["steps_per_epoch"]
+
+    assert steps(small) < FOLD_STEPS_ADVISED <= steps(large)
+    advice = small.choices["folds_advice"]
+    assert advice.value == "one network" and f"5 folds of {steps(small)} planned steps each in 60 min" in advice.reason
+    assert "0.877" in advice.reason and "0.884" in advice.reason  # the measurement it rests on
+    assert large.choices["folds_advice"].value == "folds"
+    assert "folds_advice" not in _plan().choices  # a single run gets no advice about folds
+    assert small.to_dict()["choices"]["folds_advice"]["value"] == "one network"  # plan.json carries it
