@@ -13,6 +13,19 @@ from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 
 TINY_PHANTOMS = PhantomSettings(num_cases=6, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 1.5), seed=3)
 
+# The files that train or export end to end (20-60 s tests, `--durations`), collected first: pytest-xdist hands
+# files to its workers in collection order, so the long ones start early and the short ones fill in at the end
+# and both workers finish together (longest first)
+LONG_FILES = ("test_fold_ensemble.py", "test_ensemble.py", "test_distributed.py", "test_fault_injection.py",
+              "test_precision.py", "test_region_training.py", "test_export.py", "test_planned_models.py",
+              "test_crash_safety.py", "test_init_from.py", "test_plan_e2e.py", "test_reproducibility.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Collect :data:`LONG_FILES` first, in that order; the other tests keep their order."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
+
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory):
