@@ -66,3 +66,23 @@ def test_google_style_check_finds_a_header():
     assert google_style_headers(source, "m.py") == (1, ["m.py:4: Args:"])
     numpydoc = 'def f(x):\n    """Do it.\n\n    Parameters\n    ----------\n    x\n        a number.\n    """\n'
     assert google_style_headers(numpydoc, "m.py") == (1, [])
+
+
+MAX_MODULE_LINES = 500  # a module over this holds several concepts: split it by concept (docs/architecture.md)
+
+
+def long_modules(folder, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """``path: N lines`` for every .py file under ``folder`` longer than ``limit`` lines."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > limit:
+            found.append(f"{path.relative_to(folder)}: {lines} lines")
+    return found
+
+
+def test_no_package_module_is_over_500_lines(tmp_path):
+    assert long_modules(REPO / "segpipe") == []
+    (tmp_path / "big.py").write_text("x = 1\n" * 501)  # the check itself can fail
+    (tmp_path / "small.py").write_text("x = 1\n" * 500)
+    assert long_modules(tmp_path) == ["big.py: 501 lines"]
