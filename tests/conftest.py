@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
 from tiny_runs import tiny_run_overrides
 
-import segpipe  # noqa: F401  (sets TensorFlow's environment before any test imports it)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker process per core (-n auto): one TensorFlow thread each (their subprocesses inherit it), so the
+    # two workers do not fight over both cores with two thread pools each (inter-op threads stay: collectives need them)
+    for _variable in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+
+import segpipe  # noqa: E402, F401  (sets TensorFlow's environment before any test imports it)
 from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 
 TINY_PHANTOMS = PhantomSettings(num_cases=6, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 1.5), seed=3)
