@@ -107,8 +107,8 @@ def make_plan(
             plan, inputs, spacing, median, patch_plan,
             budget_minutes=time_plan.run_budget_minutes(time_budget_minutes, folds, 0.0), step_timer=step_timer,
             patch_size=patch_size, timer_batch=batch_size or 2, precision=fitting)
-        timed = time_plan.plan_precision(plan, inputs, spacing, patch_plan, timed, step_timer=step_timer,
-                                         setting=precision, timer_batch=batch_size or 2)
+        timed = time_plan.time_precisions(plan, inputs, spacing, patch_plan, timed, step_timer=step_timer,
+                                          setting=precision, timer_batch=batch_size or 2)
     else:
         plan.choices["precision"] = (
             Choice(precision, f"{precision}: given (train.precision)") if precision != "auto" else

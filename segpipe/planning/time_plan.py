@@ -39,9 +39,9 @@ EPOCH_OVERHEAD_SECONDS = 2.0  # per epoch: checkpoint, history row, loader resta
 
 
 def fit_time_budget(plan: Plan, inputs: PlanInputs, spacing: Sequence[float], median: Sequence[float],
-                     patch_plan: network.PatchPlan, *, budget_minutes: float, step_timer: StepTimer,
-                     patch_size: Sequence[int] | None, timer_batch: int,
-                     precision: str = "float32") -> tuple[network.PatchPlan, dict[str, float]]:
+                    patch_plan: network.PatchPlan, *, budget_minutes: float, step_timer: StepTimer,
+                    patch_size: Sequence[int] | None, timer_batch: int,
+                    precision: str = "float32") -> tuple[network.PatchPlan, dict[str, float]]:
     """Step 3, with a time budget: calibrate seconds per FLOP on a small reference network, then shrink
     the patch further until MIN_TOTAL_STEPS predicted steps fit; the final network is timed again.
 
@@ -82,7 +82,7 @@ def fit_time_budget(plan: Plan, inputs: PlanInputs, spacing: Sequence[float], me
     return patch_plan, timed
 
 
-def plan_precision(plan: Plan, inputs: PlanInputs, spacing: Sequence[float], patch_plan: network.PatchPlan,
+def time_precisions(plan: Plan, inputs: PlanInputs, spacing: Sequence[float], patch_plan: network.PatchPlan,
                     timed: dict[str, float], *, step_timer: StepTimer, setting: str,
                     timer_batch: int) -> dict[str, float]:
     """Step 3b, with a time budget: the planned network's step in each precision this machine supports (``auto``),
