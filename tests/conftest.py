@@ -20,12 +20,15 @@ from segpipe.data.phantoms import PhantomSettings, write_phantom_dataset
 
 TINY_PHANTOMS = PhantomSettings(num_cases=6, shape=(24, 24, 16), spacing_mm=(1.0, 1.0, 1.5), seed=3)
 
-# The files that train or export end to end (20-60 s tests, `--durations`), collected first: pytest-xdist hands
-# files to its workers in collection order, so the long ones start early and the short ones fill in at the end
-# and both workers finish together (longest first)
-LONG_FILES = ("test_fold_ensemble.py", "test_ensemble.py", "test_distributed.py", "test_fault_injection.py",
-              "test_precision.py", "test_region_training.py", "test_export.py", "test_planned_models.py",
-              "test_crash_safety.py", "test_init_from.py", "test_plan_e2e.py", "test_reproducibility.py")
+# The files that train or export end to end (15-180 s a file on 2 busy cores), collected first, longest first:
+# pytest-xdist hands files to its workers in collection order (with --no-loadscope-reorder, in pyproject's
+# addopts; by default it would start with the files with the most tests), so the long ones start early, the
+# short ones fill in at the end and both workers finish together
+LONG_FILES = ("test_distributed.py", "test_ensemble.py", "test_precision.py", "test_training_losses.py",
+              "test_fold_ensemble.py", "test_export.py", "test_fault_injection.py", "test_region_training.py",
+              "test_init_from.py", "test_wall_time_limit.py", "test_losses.py", "test_crash_safety.py",
+              "test_plan_e2e.py", "test_planned_models.py", "test_train_e2e.py", "test_timing.py", "test_predict.py",
+              "test_reproducibility.py", "test_locks.py", "test_sweep.py")
 
 
 def pytest_collection_modifyitems(items):
