@@ -203,9 +203,9 @@ def write_bundle(
                             regions_class_order=regions_class_order, ignore_label=ignore_label)
         meta["verification"] = {"run": False}
         if verify:
-            meta["verification"], savedmodel = verify_formats(net, tmp, files, patch_size, architecture)
+            meta["verification"], predictors = verify_formats(net, tmp, files, patch_size, architecture)
             if SEGMENT_SIGNATURE in signatures:
-                segment_signature = savedmodel.signatures[SEGMENT_SIGNATURE]
+                segment_signature = predictors["savedmodel"].signatures[SEGMENT_SIGNATURE]
                 meta["verification"].update(verify_segment(net, segment_signature, preprocessing, patch_size,
                                                            inference, regions_class_order=regions_class_order))
         meta.update(extra_meta or {})

@@ -26,11 +26,11 @@ SEGMENT_AGREEMENT = 0.999  # least share of equal labels between the segment sig
 
 
 def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tuple[int, ...],
-                   architecture: Mapping[str, Any] | None) -> tuple[dict[str, Any], PredictFn | None]:
+                   architecture: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, PredictFn]]:
     """Max abs probability difference of each written format against ``net`` on a random patch.
 
-    Returns the report and the loaded SavedModel predictor (with its ``signatures``: it serves
-    :func:`verify_segment` too, as loading the SavedModel is most of a small bundle's check).
+    Returns the report and the loaded predictors by format (the SavedModel's, with its
+    ``signatures``, serves :func:`verify_segment` too: loading it is most of a small bundle's check).
     Raises :class:`BundleError` for a format out of tolerance; an out-of-tolerance bfloat16 is
     recorded (``openvino-bf16_within_tolerance``) and refused only when asked for by name.
     """
@@ -43,12 +43,10 @@ def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tupl
     if "openvino" in files:
         checks.append(("openvino-bf16", BF16_TOLERANCE))
     report: dict[str, Any] = {"run": True, "tolerance": VERIFY_TOLERANCE}
-    savedmodel = None
+    predictors: dict[str, PredictFn] = {}
     for fmt, tolerance in checks:
-        predict_fn = load_predictor(written, fmt, trust_bundle=True)
-        diff = float(np.abs(predict_fn(x) - reference).max())
-        if fmt == "savedmodel":
-            savedmodel = predict_fn
+        predictors[fmt] = load_predictor(written, fmt, trust_bundle=True)
+        diff = float(np.abs(predictors[fmt](x) - reference).max())
         report[f"{fmt}_max_abs_diff"] = diff
         if fmt == "openvino-bf16":
             # a precision mode of the openvino file, not a file: out of tolerance it is refused when
@@ -57,7 +55,7 @@ def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tupl
         elif not diff <= tolerance:
             raise BundleError(expected(f"the exported {fmt} model within {tolerance} of Keras (max abs probability "
                                        "difference on a random patch)", key=f"{fmt}_max_abs_diff", received=diff))
-    return report, savedmodel
+    return report, predictors
 
 
 def verify_segment(net, segment: Callable[..., Mapping[str, Any]], preprocessing: PreprocessSettings,
