@@ -37,7 +37,7 @@ from segpipe.errors import Received, expected
 from segpipe.export.formats import write_model_files
 from segpipe.export.verify import verify_formats, verify_segment
 from segpipe.inference import runtimes
-from segpipe.inference.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, INPUT_NAME, SEGMENT_SIGNATURE, SIGNATURE
+from segpipe.inference.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, FILES, INPUT_NAME, SEGMENT_SIGNATURE, SIGNATURE
 from segpipe.inference.integrity import file_manifest
 from segpipe.inference.settings import InferenceSettings
 from segpipe.io import durable_replace, process_alive, write_json
@@ -201,13 +201,10 @@ def write_bundle(
                             signatures=signatures, onnx=onnx, openvino=openvino, source=source,
                             training_config=training_config, architecture=architecture, regions=regions,
                             regions_class_order=regions_class_order, ignore_label=ignore_label)
-        meta["verification"] = {"run": False}
-        if verify:
-            meta["verification"], predictors = verify_formats(net, tmp, files, patch_size, architecture)
-            if SEGMENT_SIGNATURE in signatures:
-                segment_signature = predictors["savedmodel"].signatures[SEGMENT_SIGNATURE]
-                meta["verification"].update(verify_segment(net, segment_signature, preprocessing, patch_size,
-                                                           inference, regions_class_order=regions_class_order))
+        meta["verification"] = verify_formats(net, tmp, files, patch_size, architecture) if verify else {"run": False}
+        if verify and SEGMENT_SIGNATURE in signatures:
+            meta["verification"].update(verify_segment(net, tmp / FILES["savedmodel"], preprocessing, patch_size,
+                                                       inference, regions_class_order=regions_class_order))
         meta.update(extra_meta or {})
         meta["manifest"] = file_manifest(tmp)
         write_json(tmp / "bundle.json", meta)  # last: its presence marks the bundle complete

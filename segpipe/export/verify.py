@@ -9,7 +9,7 @@ scan: at least :data:`SEGMENT_AGREEMENT` of the labels equal.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -19,18 +19,16 @@ from segpipe.inference.bundle import SEGMENT_SIGNATURE, Bundle, BundleError
 from segpipe.inference.runtimes import BF16_TOLERANCE, load_predictor
 from segpipe.inference.segment import segment_volume
 from segpipe.inference.settings import InferenceSettings
-from segpipe.inference.sliding_window import PredictFn, keras_predict_fn
+from segpipe.inference.sliding_window import keras_predict_fn
 
 VERIFY_TOLERANCE = 1e-4
 SEGMENT_AGREEMENT = 0.999  # least share of equal labels between the segment signature and predict.py
 
 
 def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tuple[int, ...],
-                   architecture: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, PredictFn]]:
+                   architecture: Mapping[str, Any] | None) -> dict[str, Any]:
     """Max abs probability difference of each written format against ``net`` on a random patch.
 
-    Returns the report and the loaded predictors by format (the SavedModel's, with its
-    ``signatures``, serves :func:`verify_segment` too: loading it is most of a small bundle's check).
     Raises :class:`BundleError` for a format out of tolerance; an out-of-tolerance bfloat16 is
     recorded (``openvino-bf16_within_tolerance``) and refused only when asked for by name.
     """
@@ -43,10 +41,8 @@ def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tupl
     if "openvino" in files:
         checks.append(("openvino-bf16", BF16_TOLERANCE))
     report: dict[str, Any] = {"run": True, "tolerance": VERIFY_TOLERANCE}
-    predictors: dict[str, PredictFn] = {}
     for fmt, tolerance in checks:
-        predictors[fmt] = load_predictor(written, fmt, trust_bundle=True)
-        diff = float(np.abs(predictors[fmt](x) - reference).max())
+        diff = float(np.abs(load_predictor(written, fmt, trust_bundle=True)(x) - reference).max())
         report[f"{fmt}_max_abs_diff"] = diff
         if fmt == "openvino-bf16":
             # a precision mode of the openvino file, not a file: out of tolerance it is refused when
@@ -55,15 +51,13 @@ def verify_formats(net, folder: Path, files: Mapping[str, str], patch_size: tupl
         elif not diff <= tolerance:
             raise BundleError(expected(f"the exported {fmt} model within {tolerance} of Keras (max abs probability "
                                        "difference on a random patch)", key=f"{fmt}_max_abs_diff", received=diff))
-    return report, predictors
+    return report
 
 
-def verify_segment(net, segment: Callable[..., Mapping[str, Any]], preprocessing: PreprocessSettings,
-                   patch_size: tuple[int, ...], inference: InferenceSettings,
-                   regions_class_order: Sequence[int] | None = None) -> dict[str, float]:
-    """Labels of the ``segment`` signature (``segment``, loaded from the written SavedModel) against
-    :func:`segment_volume` with Keras, the bundle's post-processing in both; a region network's labels
-    by ``regions_class_order`` in both.
+def verify_segment(net, savedmodel: Path, preprocessing: PreprocessSettings, patch_size: tuple[int, ...],
+                   inference: InferenceSettings, regions_class_order: Sequence[int] | None = None) -> dict[str, float]:
+    """Labels of the ``segment`` signature against :func:`segment_volume` with Keras, the bundle's
+    post-processing in both; a region network's labels by ``regions_class_order`` in both.
 
     The scan is random (2 windows per axis at the training spacing, with a zero margin to crop);
     with a target spacing it comes 20 % finer along one axis, so resampling there and back runs.
@@ -79,7 +73,8 @@ def verify_segment(net, segment: Callable[..., Mapping[str, Any]], preprocessing
     reference = segment_volume(keras_predict_fn(net), image, np.diag([*spacing, 1.0]), preprocessing=preprocessing,
                                patch_size=patch_size, settings=inference, return_probabilities=True,
                                regions_class_order=regions_class_order).labels
-    labels = segment(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
+    signature = tf.saved_model.load(str(savedmodel)).signatures[SEGMENT_SIGNATURE]
+    labels = signature(image=tf.constant(image), spacing_mm=tf.constant(spacing, tf.float64))["labels"].numpy()
     agreement = float((labels == reference).mean()) if labels.shape == reference.shape else 0.0
     if agreement < SEGMENT_AGREEMENT:
         raise BundleError(expected(

@@ -287,15 +287,13 @@ def check_weights_file(path: Path, *, expected_values: int) -> None:
 def load_savedmodel(path: Path, signature_name: str, input_name: str) -> tuple[PredictFn, tuple[Any, Any]]:
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures[signature_name]
+    signature = tf.saved_model.load(str(path)).signatures[signature_name]
     (input_spec,) = signature.structured_input_signature[1].values()
     ((output_name, output_spec),) = signature.structured_outputs.items()
 
     def predict_savedmodel(x: np.ndarray) -> np.ndarray:
         return signature(**{input_name: tf.constant(x, tf.float32)})[output_name].numpy()
 
-    predict_savedmodel.signatures = loaded.signatures  # the others (segment) without loading the file again
     return predict_savedmodel, (input_spec.shape[-1], output_spec.shape[-1])
 
 
