@@ -46,29 +46,30 @@ def write_model_files(net, folder: Path, *, keras_weights: bool, onnx: bool, ope
 def write_savedmodel(net, path: Path, signature: list, *, segment: bool, not_written: dict[str, str],
                      preprocessing: PreprocessSettings, patch_size: tuple[int, ...], inference: InferenceSettings,
                      regions_class_order: Sequence[int] | None = None) -> list[str]:
-    """The SavedModel: ``serving_default`` (windows) and, if possible, ``segment`` (raw scan -> labels)."""
-    import keras
+    """The SavedModel: ``serving_default`` (windows) and, if possible, ``segment`` (raw scan -> labels).
 
-    archive = keras.export.ExportArchive()
-    archive.track(net)
-    archive.add_endpoint(SIGNATURE, lambda image: net(image, training=False), input_signature=signature)
-    names = [SIGNATURE]
+    Written with ``tf.saved_model.save`` rather than ``keras.export.ExportArchive``: the archive traces
+    every endpoint once to list its variables and the save traces it again (in its own context), and
+    ``segment``'s graph takes seconds to trace. Here each signature is traced once, inside the save."""
+    import tensorflow as tf
+
+    root = tf.Module()
+    root.network_variables = list(net.variables)  # what the signatures read, reachable for the saver
+    signatures = {SIGNATURE: tf.function(lambda image: net(image, training=False), input_signature=signature,
+                                         autograph=False)}
     reason = serving_graph.unsupported_reason(preprocessing) if segment else "segment=False"
     if reason is None:
-        fn = serving_graph.build_segment_function(
+        signatures[SEGMENT_SIGNATURE] = serving_graph.build_segment_function(
             net, preprocessing=preprocessing, patch_size=patch_size, overlap=inference.overlap,
             mirror_axes=inference.mirror_axes, batch_size=inference.batch_size, sigma_scale=inference.sigma_scale,
             in_channels=int(net.inputs[0].shape[-1]), regions_class_order=regions_class_order,
             largest_foreground=inference.postprocess_largest_foreground,
             largest_component=inference.postprocess_largest_component,
         )
-        archive.add_endpoint(SEGMENT_SIGNATURE, fn)
-        names.append(SEGMENT_SIGNATURE)
     else:
         not_written[f"savedmodel:{SEGMENT_SIGNATURE}"] = reason
-    archive.write_out(str(path), verbose=False)
-    return names
-
+    tf.saved_model.save(root, str(path), signatures=signatures)
+    return list(signatures)
 
 
 def export_onnx(net, path: Path, input_signature: list) -> None:
