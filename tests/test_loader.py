@@ -87,3 +87,33 @@ def test_make_datasets_follows_the_config(prepared, mode):
     assert images.shape == (2, 16, 16, 8, 1) and labels.shape == (2, 16, 16, 8, 3)
     val_images, _ = next(iter(val))
     assert val_images.shape[1:4] == ((16, 16, 8) if mode == "patches" else tuple(data.subset("val")[0].meta["shape"]))
+
+
+def test_the_loader_threads_never_open_a_file(prepared, monkeypatch):
+    """The sampler and the validation data open every case where they are built: numpy parses a .npy
+    header with ast.literal_eval, which CPython 3.11 does not make safe in a tf.data thread while the
+    main thread traces ("SystemError: AST constructor recursion depth mismatch", seen in a run)."""
+    import pickle
+
+    from segpipe.data.cache import load_cached_case
+
+    _, data = prepared
+    train = [load_cached_case(case.directory) for case in data.subset("train")]  # nothing opened yet
+    val = [load_cached_case(case.directory) for case in data.subset("val")]
+    sampler = PatchSampler(train, (16, 16, 8), batch_size=2, augmenter=Augmenter(), seed=0)
+    train_ds = train_dataset(sampler, data.dataset.num_classes, num_workers=2)
+    val_ds = validation_dataset(val, data.dataset.num_classes, divisor=8)
+    patches = validation_patch_dataset(val, 3, (16, 16, 8), patches_per_case=2, batch_size=2,
+                                       foreground_fraction=0.5, seed=0)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError(f"np.load in a loader thread: {args}")
+
+    monkeypatch.setattr(np, "load", no_load)
+    assert len(list(train_ds.take(3))) == 3
+    assert len(list(val_ds)) == len(val) and len(list(patches)) == len(val)
+    monkeypatch.undo()
+    # the maps stay in their process: a pickled case is small and opens its files again
+    copy = pickle.loads(pickle.dumps(train[0]))
+    assert len(pickle.dumps(train[0])) < train[0].load_image().nbytes / 2  # 7 KB (the locations) vs 36 KB
+    np.testing.assert_array_equal(copy.load_label(), train[0].load_label())

@@ -45,23 +45,31 @@ ENTRY_WAIT_SECONDS = 3600.0
 
 @dataclass
 class CachedCase:
-    """A preprocessed case in the cache; arrays are opened on demand (memory-mapped by default)."""
+    """A preprocessed case in the cache; arrays are opened on demand (memory-mapped by default).
+
+    Each array is memory-mapped once and the map kept (it holds no file descriptor): the loader's
+    threads then only read pages, never a ``.npy`` header, which numpy parses with
+    ``ast.literal_eval``; on CPython 3.11 that can fail in a thread while the main thread traces a
+    graph ("SystemError: AST constructor recursion depth mismatch"). The sampler and the validation
+    data open their cases in the thread that builds them (:func:`segpipe.data.sampling.open_cases`).
+    """
 
     case_id: str
     directory: Path
     meta: dict[str, Any]
     _locations: dict[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.npy"
 
     def load_image(self, *, mmap: bool = True) -> np.ndarray:
         """Image (X, Y, Z, C) float32."""
-        return np.load(self.path("image"), mmap_mode="r" if mmap else None)
+        return self._map("image") if mmap else np.load(self.path("image"))
 
     def load_label(self, *, mmap: bool = True) -> np.ndarray:
         """Label map (X, Y, Z) uint8."""
-        return np.load(self.path("label"), mmap_mode="r" if mmap else None)
+        return self._map("label") if mmap else np.load(self.path("label"))
 
     @property
     def locations(self) -> dict[int, np.ndarray]:
@@ -69,6 +77,14 @@ class CachedCase:
         if self._locations is None:
             self._locations = unpack_locations(np.load(self.path("locations")))
         return self._locations
+
+    def _map(self, name: str) -> np.ndarray:
+        if name not in self._maps:
+            self._maps[name] = np.load(self.path(name), mmap_mode="r")
+        return self._maps[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}  # a pickled map would carry its whole array
 
 
 def build_cache(

@@ -21,7 +21,7 @@ import numpy as np
 
 from segpipe.data.augment import Augmenter, AugmentSettings
 from segpipe.data.labels import target_table
-from segpipe.data.sampling import PatchSampler, SamplingCase
+from segpipe.data.sampling import PatchSampler, SamplingCase, open_cases
 from segpipe.errors import expected
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ def validation_dataset(cases: Sequence[SamplingCase], num_classes: "int | np.nda
 
     if not cases:
         raise ValueError(expected("at least one validation case", key="cases", received=list(cases)))
+    cases = open_cases(cases)  # here: the generator runs in a tf.data thread
     channels = _channels(cases[0])
 
     def generate():

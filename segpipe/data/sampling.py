@@ -40,6 +40,17 @@ class SamplingCase(Protocol):
     def load_label(self) -> np.ndarray: ...
 
 
+def open_cases(cases: Sequence[SamplingCase]) -> list[SamplingCase]:
+    """``cases`` as a list, each one's image, label and locations opened in the calling thread.
+
+    A :class:`segpipe.data.cache.CachedCase` keeps what it opened, so the data loader's threads
+    read pages only and never parse a file header (see there why that matters)."""
+    cases = list(cases)
+    for case in cases:
+        case.load_image(), case.load_label(), case.locations
+    return cases
+
+
 @dataclass
 class ArrayCase:
     """An in-memory case for the sampler: image (X, Y, Z, C), label (X, Y, Z), class locations."""
@@ -179,7 +190,7 @@ class PatchSampler:
             raise ValueError(expected("3 positive integers", key="patch_size", received=patch_size))
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(expected("a value in [0, 1]", key="foreground_fraction", received=foreground_fraction))
-        self.cases = list(cases)
+        self.cases = open_cases(cases)
         self.patch_size = patch_size
         self.foreground_fraction = foreground_fraction
         self.batch_size = batch_size
