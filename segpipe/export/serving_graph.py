@@ -72,7 +72,7 @@ def build_segment_function(
     largest_foreground: bool = False,
     largest_component: Sequence[int] = (),
 ):
-    """A ``tf.function`` (image, spacing_mm) -> {"labels"} for ``keras.export.ExportArchive``.
+    """A ``tf.function`` (image, spacing_mm) -> {"labels"}, a signature for ``tf.saved_model.save``.
 
     Parameters
     ----------
