@@ -22,7 +22,7 @@ from segpipe.planning.time_plan import FOLD_MARGIN_SECONDS
 from segpipe.runs.rundir import RunDir
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
-FOLD_ALLOWANCE_STEP_MINUTES = 0.05  # a fold's allowance changes only by more than 3 s
+ALLOWANCE_STEP_MINUTES = 0.05  # a run's allowance changes only by more than 3 s
 
 TRAIN_HELP = """Train a 3D segmentation model from a config file, or several in turn (a sweep).
 
@@ -124,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     warning = comparability_warning(runs) if len(runs) > 1 else None
     if warning:
         print(warning, file=sys.stderr)
-    folds_plan = read_json(result.json_path) if result is not None and len(runs) > 1 else None
-    if folds_plan is not None and "budget_division" not in folds_plan.get("choices", {}):
-        folds_plan = None
-    before_run = _fold_deadline(folds_plan, runs, started) if folds_plan is not None else None
+    plan = read_json(result.json_path) if result is not None else None
+    if plan is not None and "time_limit" not in plan.get("choices", {}):
+        plan = None  # no time budget
+    folds_plan = plan if plan is not None and "budget_division" in plan["choices"] else None
+    before_run = _training_deadline(plan, runs, started) if plan is not None else None
     code = run_sweep(runs, resume=bool(args.resume), overwrite=args.overwrite, run_dirs=run_dirs,
                      before_run=before_run)[1]
     budgeted = [c for c in runs if c.train.time_budget_minutes is not None]
@@ -151,22 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _fold_deadline(plan: dict, runs: list[Config], started: float):
-    """``run_sweep``'s ``before_run`` for k-fold under one time budget: a fold's training allowance is what is
-    left of the budget, less the ensemble and each remaining fold's evaluation and export, shared by the
-    remaining folds. It is shorter than the plan's when earlier folds ran late, and longer when they finished
-    early (their last epoch stopped short of the allowance, a start-up quicker than its margin): the time is
-    not lost, and the planned schedule still caps a fold's epochs."""
+def _training_deadline(plan: dict, runs: list[Config], started: float):
+    """``run_sweep``'s ``before_run`` for a planned time budget (one run, or k folds under one budget): a run's
+    training allowance is what is left of the budget when it starts, less the ensemble (k-fold) and each
+    remaining run's final evaluation and export, shared by the remaining runs. It is shorter than the plan's
+    when the start-up or earlier folds ran late, and longer when they finished early (a fold's last epoch
+    stopped short of its allowance, a start-up quicker than its margin): the time is not lost, and the
+    planned schedule still caps a run's epochs."""
     budget = float(runs[0].train.time_budget_minutes) * 60.0
     per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + FOLD_MARGIN_SECONDS
     ensemble = float(plan["predicted"].get("ensemble_seconds", 0.0))
 
     def before_run(config: Config, index: int) -> Config:
-        left = len(runs) - index  # this fold and the ones after it
+        left = len(runs) - index  # this run and the ones after it
         minutes = (budget - (time.monotonic() - started) - ensemble - left * per_fold) / left / 60.0
         planned = config.train.max_train_minutes
         minutes = round(max(minutes, 0.5), 2)  # past the budget: a minimal allowance, the run saves a checkpoint
-        if planned is None or abs(minutes - planned) < FOLD_ALLOWANCE_STEP_MINUTES:
+        if planned is None or abs(minutes - planned) < ALLOWANCE_STEP_MINUTES:
             return config
         changed = copy.deepcopy(config)
         changed.train.max_train_minutes = minutes

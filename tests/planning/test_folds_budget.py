@@ -71,7 +71,7 @@ def test_a_fold_starting_late_or_early_gets_what_is_left(monkeypatch, capsys):
     plan = {"predicted": {"final_evaluation_seconds": 30.0, "ensemble_seconds": 120.0}}
     now = [1000.0]
     monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
-    before_run = cli._fold_deadline(plan, runs, started=1000.0)
+    before_run = cli._training_deadline(plan, runs, started=1000.0)
     # on time: the plan's allowance stands (the same object: nothing to change)
     assert before_run(runs[0], 0) is runs[0]
     # 20 of 30 minutes gone before fold 1: (1800 - 1200 - 120 - 2 × (30 + 30)) / 2 = 180 s each
@@ -87,6 +87,25 @@ def test_a_fold_starting_late_or_early_gets_what_is_left(monkeypatch, capsys):
     # past the budget: a minimal allowance (the run still saves a checkpoint), never zero or negative
     now[0] = 1000.0 + 1800
     assert before_run(runs[2], 2).train.max_train_minutes == 0.5
+
+
+def test_a_single_run_gets_what_its_start_up_left(monkeypatch, capsys):
+    """One planned run: its allowance is the budget less the command so far, its final evaluation and its
+    export, measured when it starts (the plan kept RUN_MARGIN_SECONDS for start-up and export)."""
+    from segpipe.cli import train as cli
+
+    # the plan's allowance: 600 - 48 (timings) - 20 (final evaluation) - 60 = 472 s
+    config = Config.from_dict({"name": "one", "train": {"time_budget_minutes": 10, "max_train_minutes": 7.87}})
+    plan = {"predicted": {"final_evaluation_seconds": 20.0}}
+    now = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    before_run = cli._training_deadline(plan, [config], started=1000.0)
+    now[0] = 1000.0 + 60  # 60 s of start-up and timings: (600 - 60 - 20 - 30) / 60 = 8.17 min
+    assert before_run(config, 0).train.max_train_minutes == pytest.approx(8.17)
+    assert "one: train.max_train_minutes 7.87 -> 8.17 (the command so far left time unused" in capsys.readouterr().out
+    now[0] = 1000.0 + 300  # a slow start-up (a large dataset's fingerprint): (600 - 300 - 50) / 60
+    assert before_run(config, 0).train.max_train_minutes == pytest.approx(4.17)
+    assert config.train.max_train_minutes == 7.87
 
 
 def test_a_fold_share_too_small_for_one_epoch_names_the_budget_and_the_share():

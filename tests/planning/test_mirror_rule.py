@@ -86,7 +86,7 @@ def test_test_time_mirroring_uses_only_the_trained_axes():
 def test_the_plan_mirrors_along_the_rule_axes_and_limits_training_time():
     from segpipe.planning.plan import Hardware
     from segpipe.planning.planner import make_plan
-    from segpipe.planning.time_plan import MARGIN_SECONDS
+    from segpipe.planning.time_plan import RUN_MARGIN_SECONDS
     from tests.planning.test_rules import GIB, fingerprint, flop_timer
 
     fp = fingerprint([[1.0, 1.0, 1.0]] * 20, [[40, 56, 40]] * 20, fractions=(0.9, 0.05, 0.05))
@@ -97,5 +97,5 @@ def test_the_plan_mirrors_along_the_rule_axes_and_limits_training_time():
     assert plan.config["data.augment.mirror.axes"] == [0, 2]
     assert set(plan.config["inference.mirror_axes"]) <= {0, 2}
     final = plan.predicted["final_evaluation_seconds"]
-    assert plan.config["train.max_train_minutes"] == pytest.approx(30 - (final + MARGIN_SECONDS) / 60, abs=0.01)
+    assert plan.config["train.max_train_minutes"] == pytest.approx(30 - (final + RUN_MARGIN_SECONDS) / 60, abs=0.01)
     assert "mirror_axes" in plan.table() and "time_limit" in plan.table()

@@ -5,7 +5,7 @@ import pytest
 from segpipe.planning import network, rules
 from segpipe.planning.plan import Hardware
 from segpipe.planning.planner import make_plan
-from segpipe.planning.time_plan import MARGIN_SECONDS, MIN_TOTAL_STEPS
+from segpipe.planning.time_plan import MARGIN_SECONDS, MIN_TOTAL_STEPS, RUN_MARGIN_SECONDS
 
 GIB = 2**30
 
@@ -309,7 +309,7 @@ def test_time_budget_schedule_fits_and_shrinks_the_patch():
     step = plan.measured["step_seconds"] * 1.1 + 0.15
     assert plan.predicted["loop_step_seconds"] == pytest.approx(step)
     val, final = plan.predicted["validation_seconds"], plan.predicted["final_evaluation_seconds"]
-    used = sched["epochs"] * (sched["steps_per_epoch"] * step + val) + final + MARGIN_SECONDS
+    used = sched["epochs"] * (sched["steps_per_epoch"] * step + val) + final + RUN_MARGIN_SECONDS
     assert used <= budget * 60 < used + sched["steps_per_epoch"] * step + val  # fits; one more epoch would not
     # the memory-fitted patch was too slow for 1000 steps in the budget: the time rule shrank it further
     untimed = make_plan(fp, hardware=Hardware("cpu", 8 * GIB))
