@@ -95,11 +95,11 @@ def test_the_loader_threads_never_open_a_file(prepared, monkeypatch):
     main thread traces ("SystemError: AST constructor recursion depth mismatch", seen in a run)."""
     import pickle
 
-    from segpipe.data.cache import load_cached_case
+    from segpipe.data.cache import CachedCase
 
     _, data = prepared
-    train = [load_cached_case(case.directory) for case in data.subset("train")]  # nothing opened yet
-    val = [load_cached_case(case.directory) for case in data.subset("val")]
+    train = [CachedCase(case.case_id, case.directory, case.meta) for case in data.subset("train")]  # none opened
+    val = [CachedCase(case.case_id, case.directory, case.meta) for case in data.subset("val")]
     sampler = PatchSampler(train, (16, 16, 8), batch_size=2, augmenter=Augmenter(), seed=0)
     train_ds = train_dataset(sampler, data.dataset.num_classes, num_workers=2)
     val_ds = validation_dataset(val, data.dataset.num_classes, divisor=8)

@@ -18,7 +18,7 @@ from segpipe.errors import Received, StorageError, expected
 from segpipe.io import read_json, write_json
 from segpipe.ownership import check_replaceable
 from segpipe.planning.output import budget_line, budget_report
-from segpipe.planning.time_plan import FOLD_MARGIN_SECONDS
+from segpipe.planning.time_plan import EXPORT_SECONDS
 from segpipe.runs.rundir import RunDir
 from segpipe.training.sweep import comparability_warning, plan_runs, run_sweep
 
@@ -160,12 +160,12 @@ def _training_deadline(plan: dict, runs: list[Config], started: float):
     stopped short of its allowance, a start-up quicker than its margin): the time is not lost, and the
     planned schedule still caps a run's epochs."""
     budget = float(runs[0].train.time_budget_minutes) * 60.0
-    per_fold = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + FOLD_MARGIN_SECONDS
+    per_run = float(plan["predicted"].get("final_evaluation_seconds", 0.0)) + EXPORT_SECONDS
     ensemble = float(plan["predicted"].get("ensemble_seconds", 0.0))
 
     def before_run(config: Config, index: int) -> Config:
         left = len(runs) - index  # this run and the ones after it
-        minutes = (budget - (time.monotonic() - started) - ensemble - left * per_fold) / left / 60.0
+        minutes = (budget - (time.monotonic() - started) - ensemble - left * per_run) / left / 60.0
         planned = config.train.max_train_minutes
         minutes = round(max(minutes, 0.5), 2)  # past the budget: a minimal allowance, the run saves a checkpoint
         if planned is None or abs(minutes - planned) < ALLOWANCE_STEP_MINUTES:

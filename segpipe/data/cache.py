@@ -167,6 +167,7 @@ def load_cached_case(directory: str | os.PathLike, *, key: str | None = None) ->
         return None
     if meta.get("cache_version") != CACHE_VERSION or (key is not None and meta.get("key") != key):
         return None
+    maps = {}
     for name, (dtype, ndim) in _ARRAYS.items():
         try:
             array = np.load(directory / f"{name}.npy", mmap_mode="r")  # reads the header only
@@ -174,7 +175,10 @@ def load_cached_case(directory: str | os.PathLike, *, key: str | None = None) ->
             return None
         if array.dtype != dtype or array.ndim != ndim or list(array.shape) != meta.get("arrays", {}).get(name):
             return None
-    return CachedCase(case_id=meta["case_id"], directory=directory, meta=meta)
+        maps[name] = array
+    # the checked image and label maps are the case's (the locations are read whole when first needed)
+    return CachedCase(case_id=meta["case_id"], directory=directory, meta=meta,
+                      _maps={"image": maps["image"], "label": maps["label"]})
 
 
 def case_key(

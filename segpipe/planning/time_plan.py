@@ -23,15 +23,17 @@ MARGIN_SECONDS = 120.0
 # predictions, choosing post-processing on them, one bundle of every fold) is kept free too
 ENSEMBLE_SECONDS = 60.0
 ENSEMBLE_SECONDS_PER_FOLD = 20.0
+EXPORT_SECONDS = 30.0  # a run's bundle export, kept free after its training
 # each fold after the first trains in the same process (no new start-up, the cache is built): only its
 # bundle export is kept free per fold; the command's start-up margin is kept once
-FOLD_MARGIN_SECONDS = 30.0
+FOLD_MARGIN_SECONDS = EXPORT_SECONDS
 # A single run's schedule keeps free its start-up besides the timings (imports, the dataset's fingerprint, a
 # cached dataset's check, the model's build) and its export: 30 s each. The whole MARGIN_SECONDS left a
 # 10-minute hippocampus run at 75 % of its budget (start-up, caching and export took 23 s of the 120 kept).
 # Training's allowance is measured again when the run starts (segpipe.cli.train), so a start-up slower
 # than this (a large dataset's fingerprint) shortens training instead of overrunning the budget.
-RUN_MARGIN_SECONDS = 30.0 + FOLD_MARGIN_SECONDS
+START_UP_SECONDS = 30.0
+RUN_MARGIN_SECONDS = START_UP_SECONDS + EXPORT_SECONDS
 # k-fold under a small budget trains K short networks: measured on the hippocampus (docs/planning.md, "Folds
 # or one network"), 5 folds of ~1,700 steps each in 60 min (CPU) predicted the held-out cases worse than one
 # network trained for the whole 60 min (~8,600 steps). Below this many planned steps per fold the plan advises
